@@ -1,0 +1,555 @@
+"""Run the same Dask workloads on daskray and on the schedulers it competes with.
+
+The workloads W1-W5 match ``/work/shared/bench/anchors.py`` (same sizes, seeds
+and expressions), so the ratios printed here can be compared with
+``/work/shared/ANCHORS.md``. Absolute times are noisy on a shared 2-core
+machine; only the ratios from one run mean much.
+
+Usage::
+
+    python benchmarks/dask_workloads.py [--only W1,W3] [--schedulers daskray,sync,...]
+                                        [--repeat 3] [--json out.json]
+
+Each scheduler is started once, runs every selected workload, and is shut down
+before the next one starts, so two schedulers never compete for the cores.
+Graph construction is not timed: only ``dask.compute(obj, scheduler=...)`` is.
+Every result is checked against the sync scheduler's value. Failures and wrong
+results become ERROR rows; they never abort the run.
+
+The workload builders (``WORKLOADS``) can be imported by tests:
+``from benchmarks.dask_workloads import WORKLOADS``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator
+
+import dask
+import dask.array as da
+import dask.dataframe as dd
+import numpy as np
+import pandas as pd
+
+# --------------------------------------------------------------------------
+# Task functions. Module-level so every scheduler can pickle them.
+# --------------------------------------------------------------------------
+
+
+def inc(x: int) -> int:
+    """Add one: the leaf task of W1, as small as a task can be."""
+    return x + 1
+
+
+def add(*xs: Any) -> Any:
+    """Sum the arguments: the fan-in task of W1 and W2."""
+    return sum(xs)
+
+
+def pyloop(n: int) -> int:
+    """Pure-Python loop that holds the GIL for its whole run (W2)."""
+    s = 0
+    for i in range(n):
+        s += i % 7
+    return s
+
+
+def partition_score(part: pd.DataFrame) -> float:
+    """Per-partition statistic for W5: sum of v times the number of distinct keys.
+
+    Depends on which rows land in which partition, so it checks that the
+    shuffle really happened the same way on every scheduler.
+    """
+    return part["v"].sum() * len(part["k"].unique())
+
+
+# --------------------------------------------------------------------------
+# Workloads. Each builder returns a fresh, not-yet-computed dask object.
+# --------------------------------------------------------------------------
+
+
+def build_overhead(n: int = 20_000, fan_in: int = 8) -> Any:
+    """W1: ``n`` tiny ``inc`` leaves tree-summed ``fan_in`` at a time (~22.8k tasks).
+
+    Measures per-task scheduling overhead; the work itself is negligible.
+    """
+    level = [dask.delayed(inc)(i) for i in range(n)]
+    while len(level) > 1:
+        level = [dask.delayed(add)(*level[i:i + fan_in]) for i in range(0, len(level), fan_in)]
+    return level[0]
+
+
+def build_gil(tasks: int = 8, iterations: int = 8_000_000) -> Any:
+    """W2: ``tasks`` independent GIL-bound Python loops, then their sum.
+
+    Threads cannot run these in parallel; processes can (best case 2x on 2 cores).
+    """
+    parts = [dask.delayed(pyloop)(iterations) for _ in range(tasks)]
+    return dask.delayed(add)(*parts)
+
+
+def build_array(size: int = 8000, chunk: int = 1000) -> Any:
+    """W3: ``(x + x.T).mean(axis=0).sum()`` on a random ``size``x``size`` array.
+
+    NumPy releases the GIL, and the transpose moves whole chunks between tasks,
+    so this measures data movement as much as compute.
+    """
+    x = da.random.RandomState(0).random_sample((size, size), chunks=(chunk, chunk))
+    return (x + x.T).mean(axis=0).sum()
+
+
+def build_frame(rows: int = 4_000_000, npartitions: int = 16) -> Any:
+    """W4: groupby-aggregate (mean of v, sum of w by k) over a random DataFrame."""
+    rs = np.random.RandomState(0)
+    pdf = pd.DataFrame({
+        "k": rs.randint(0, 1000, rows),
+        "v": rs.random_sample(rows),
+        "w": rs.random_sample(rows),
+    })
+    df = dd.from_pandas(pdf, npartitions=npartitions)
+    g = df.groupby("k").agg({"v": "mean", "w": "sum"})
+    return g["v"].sum() + g["w"].sum()
+
+
+def build_shuffle(rows: int = 2_000_000, npartitions: int = 16) -> Any:
+    """W5: hash-shuffle a random DataFrame on its key, then a per-partition statistic."""
+    rs = np.random.RandomState(1)
+    pdf = pd.DataFrame({"k": rs.randint(0, 100_000, rows), "v": rs.random_sample(rows)})
+    df = dd.from_pandas(pdf, npartitions=npartitions)
+    shuffled = df.shuffle("k", npartitions=npartitions)
+    return shuffled.map_partitions(partition_score).sum()
+
+
+#: Workload name -> builder. Names (and their order) are those of anchors.py.
+WORKLOADS: dict[str, Callable[[], Any]] = {
+    "W1_overhead_20k_tasks": build_overhead,
+    "W2_gil_bound_8x": build_gil,
+    "W3_array_8k": build_array,
+    "W4_frame_groupby_4M": build_frame,
+    "W5_shuffle_2M": build_shuffle,
+}
+
+#: Issue targets: workload id -> [(competitor, highest allowed daskray/competitor ratio)].
+TARGETS: dict[str, list[tuple[str, float]]] = {
+    "W1": [("sync", 3.0)],
+    "W2": [("sync", 0.7)],
+    "W3": [("threads", 1.25), ("distributed", 0.5)],
+    "W4": [("threads", 1.25), ("distributed", 0.5)],
+    "W5": [("threads", 1.25), ("distributed", 0.5)],
+}
+
+
+def workload_id(name: str) -> str:
+    """Short id of a workload name: ``"W3_array_8k"`` -> ``"W3"``."""
+    return name.split("_", 1)[0]
+
+
+def select_workloads(only: list[str] | None) -> list[str]:
+    """Workload names matching ``only`` (ids like "W1" or name prefixes); all if None."""
+    if not only:
+        return list(WORKLOADS)
+    chosen = [w for w in WORKLOADS if any(w.startswith(o) for o in only)]
+    unknown = [o for o in only if not any(w.startswith(o) for w in WORKLOADS)]
+    if unknown:
+        raise ValueError(f"unknown workload(s) {unknown}; known: {list(WORKLOADS)}")
+    return chosen
+
+
+# --------------------------------------------------------------------------
+# Schedulers. Each is a context manager: start on enter, yield the value to
+# pass as ``dask.compute(..., scheduler=...)``, shut down on exit.
+# --------------------------------------------------------------------------
+
+
+def _quietly(label: str, stop: Callable[[], Any]) -> None:
+    """Call a shutdown function; report (don't raise) if it fails, so the run goes on."""
+    try:
+        stop()
+    except Exception as exc:  # a failing shutdown must not hide the results
+        print(f"note: {label} failed: {type(exc).__name__}: {exc}", flush=True)
+
+
+@contextlib.contextmanager
+def _local_scheduler(name: str) -> Iterator[str]:
+    """Dask's built-in schedulers ("sync", "threads", "processes"): nothing to start."""
+    yield name
+
+
+@contextlib.contextmanager
+def _daskray_scheduler() -> Iterator[Callable[..., Any]]:
+    """daskray with two workers (``daskray.init`` / ``daskray.get`` / ``daskray.shutdown``)."""
+    import daskray
+
+    try:
+        daskray.init(num_workers=2)
+    except BaseException:
+        if hasattr(daskray, "shutdown"):  # clean up whatever init managed to start
+            _quietly("daskray.shutdown after a failed init", daskray.shutdown)
+        raise
+    try:
+        yield daskray.get
+    finally:
+        _quietly("daskray.shutdown", daskray.shutdown)
+
+
+@contextlib.contextmanager
+def _distributed_scheduler() -> Iterator[Callable[..., Any]]:
+    """distributed.LocalCluster: 2 worker processes with 1 thread each, no dashboard."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                           dashboard_address=None)
+    try:
+        client = Client(cluster)
+    except BaseException:
+        _quietly("LocalCluster.close", cluster.close)
+        raise
+    try:
+        yield client.get
+    finally:
+        _quietly("Client.close", client.close)
+        _quietly("LocalCluster.close", cluster.close)
+
+
+@contextlib.contextmanager
+def _ray_scheduler() -> Iterator[Callable[..., Any]]:
+    """Ray's Dask scheduler (``ray.util.dask.ray_dask_get``) on a 2-CPU local Ray."""
+    import ray
+    from ray.util.dask import ray_dask_get
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield ray_dask_get
+    finally:
+        _quietly("ray.shutdown", ray.shutdown)
+
+
+#: Scheduler name -> context-manager factory, in default run order.
+#: "sync" comes first: its values are the reference for every other scheduler.
+SCHEDULERS: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
+    "sync": lambda: _local_scheduler("sync"),
+    "daskray": _daskray_scheduler,
+    "threads": lambda: _local_scheduler("threads"),
+    "processes": lambda: _local_scheduler("processes"),
+    "distributed": _distributed_scheduler,
+    "ray": _ray_scheduler,
+}
+
+
+def ray_available() -> bool:
+    """True when ``import ray`` works (Ray is optional and usually not installed)."""
+    try:
+        import ray  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+# --------------------------------------------------------------------------
+# Running and checking.
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    """Outcome of one workload on one scheduler."""
+
+    workload: str
+    scheduler: str
+    times: list[float] = field(default_factory=list)
+    value: float | None = None
+    error: str | None = None
+
+    @property
+    def median(self) -> float | None:
+        """Median seconds over the repeats, or None if the row is an error."""
+        if self.error or not self.times:
+            return None
+        return statistics.median(self.times)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-dict form for ``--json``."""
+        row = asdict(self)
+        row["median_s"] = self.median
+        row["min_s"] = min(self.times) if self.times else None
+        return row
+
+
+def _short_error(exc: BaseException) -> str:
+    """One-line description of an exception, for an ERROR row."""
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:200]
+
+
+def _as_number(value: Any) -> float:
+    """The scalar a workload computes, as a float (raises if it is not a scalar)."""
+    return float(np.asarray(value).item())
+
+
+def time_compute(obj: Any, scheduler: Any) -> tuple[float, Any]:
+    """Seconds taken by ``dask.compute(obj, scheduler=scheduler)``, and its value."""
+    start = time.perf_counter()
+    (value,) = dask.compute(obj, scheduler=scheduler)
+    return time.perf_counter() - start, value
+
+
+def run_workload(name: str, scheduler_name: str, scheduler: Any, repeat: int,
+                 reference: float | None) -> Result:
+    """Time one workload ``repeat`` times on a started scheduler and check its value.
+
+    The dask object is built fresh before each repeat (untimed), as in anchors.py.
+    An exception or a value differing from ``reference`` makes the result an error.
+    """
+    result = Result(name, scheduler_name)
+    for _ in range(repeat):
+        try:
+            obj = WORKLOADS[name]()
+            gc.collect()  # keep the previous repeat's garbage out of the timing
+            seconds, value = time_compute(obj, scheduler)
+            del obj
+            result.value = _as_number(value)
+        except Exception as exc:
+            result.error = _short_error(exc)
+            return result
+        result.times.append(seconds)
+        if reference is not None and not np.isclose(result.value, reference):
+            result.error = f"wrong result: got {result.value!r}, sync gave {reference!r}"
+            return result
+    return result
+
+
+def compute_references(workloads: list[str]) -> dict[str, float]:
+    """Values of the workloads on the sync scheduler (untimed), for checking others.
+
+    Used only when "sync" is not among the benchmarked schedulers.
+    """
+    refs: dict[str, float] = {}
+    for name in workloads:
+        try:
+            refs[name] = _as_number(dask.compute(WORKLOADS[name](), scheduler="sync")[0])
+        except Exception as exc:
+            print(f"note: no sync reference for {name}: {_short_error(exc)}", flush=True)
+    return refs
+
+
+def run_scheduler(scheduler_name: str, workloads: list[str], repeat: int,
+                  references: dict[str, float]) -> list[Result]:
+    """Start one scheduler, run every workload on it, shut it down.
+
+    A scheduler that fails to start yields an ERROR row for every workload.
+    Values from the sync scheduler are added to ``references`` as they appear.
+    """
+    with contextlib.ExitStack() as stack:
+        try:
+            scheduler = stack.enter_context(SCHEDULERS[scheduler_name]())
+        except Exception as exc:
+            error = f"could not start: {_short_error(exc)}"
+            results = [Result(w, scheduler_name, error=error) for w in workloads]
+            for r in results:
+                print_progress(r)
+            return results
+        results = []
+        for name in workloads:
+            result = run_workload(name, scheduler_name, scheduler, repeat, references.get(name))
+            if scheduler_name == "sync" and result.error is None:
+                references[name] = result.value
+            print_progress(result)
+            results.append(result)
+        return results
+
+
+def print_progress(result: Result) -> None:
+    """Print one result as soon as it is known."""
+    if result.error:
+        status = f"ERROR {result.error}"
+    else:
+        status = (f"median {result.median:8.3f}s  min {min(result.times):8.3f}s  "
+                  f"value {result.value:.10g}")
+    print(f"{result.workload:<24} {result.scheduler:<12} {status}", flush=True)
+
+
+# --------------------------------------------------------------------------
+# Summary table.
+# --------------------------------------------------------------------------
+
+
+def ratio(results: dict[tuple[str, str], Result], workload: str, competitor: str) -> float | None:
+    """daskray median / competitor median for one workload, or None if either is missing."""
+    ours = results.get((workload, "daskray"))
+    theirs = results.get((workload, competitor))
+    if ours is None or theirs is None or ours.median is None or not theirs.median:
+        return None
+    return ours.median / theirs.median
+
+
+def check_targets(results: dict[tuple[str, str], Result],
+                  workload: str) -> list[dict[str, Any]]:
+    """The issue targets of one workload with their measured ratio and PASS/FAIL/n/a.
+
+    n/a if daskray or the competitor was not run, or the competitor errored (nothing to
+    compare with); FAIL if daskray errored or is too slow.
+    """
+    checks = []
+    ours = results.get((workload, "daskray"))
+    for competitor, limit in TARGETS.get(workload_id(workload), []):
+        r = ratio(results, workload, competitor)
+        theirs = results.get((workload, competitor))
+        if ours is None or theirs is None or theirs.error is not None:
+            status = "n/a"
+        elif ours.error is not None:
+            status = "FAIL"
+        else:
+            status = "PASS" if r <= limit else "FAIL"
+        checks.append({"workload": workload, "competitor": competitor, "limit": limit,
+                       "ratio": r, "status": status})
+    return checks
+
+
+def _format_table(header: list[str], rows: list[list[str]]) -> str:
+    """Left-align the first column, right-align the others, pad to common widths."""
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        parts = [cells[0].ljust(widths[0])]
+        parts += [c.rjust(w) for c, w in zip(cells[1:-1], widths[1:-1])]
+        parts.append(cells[-1].ljust(widths[-1]) if len(cells) > 1 else "")
+        return "  ".join(parts).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), sep, *(line(r) for r in rows)])
+
+
+def summary_table(results: list[Result], workloads: list[str], schedulers: list[str]) -> str:
+    """Rows = workloads; columns = median seconds per scheduler, daskray/competitor
+    ratios, and the issue targets with PASS/FAIL."""
+    by_key = {(r.workload, r.scheduler): r for r in results}
+    competitors = [s for s in schedulers if s != "daskray"] if "daskray" in schedulers else []
+    header = ["workload", *schedulers, *(f"daskray/{c}" for c in competitors), "targets"]
+    rows = []
+    for w in workloads:
+        cells = [w]
+        for s in schedulers:
+            r = by_key.get((w, s))
+            cells.append("ERROR" if r is None or r.median is None else f"{r.median:.3f}")
+        for c in competitors:
+            x = ratio(by_key, w, c)
+            cells.append("n/a" if x is None else f"{x:.2f}x")
+        targets = [f"{t['competitor']}<={t['limit']:g}x {t['status']}"
+                   for t in check_targets(by_key, w)]
+        cells.append(", ".join(targets))
+        rows.append(cells)
+    return _format_table(header, rows)
+
+
+def print_errors(results: list[Result]) -> None:
+    """List every ERROR row in full below the table."""
+    errors = [r for r in results if r.error]
+    if errors:
+        print("\nErrors:")
+        for r in errors:
+            print(f"  {r.workload} on {r.scheduler}: {r.error}")
+
+
+# --------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse the command line (see the module docstring)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--only", default="",
+                   help="comma-separated workload ids or name prefixes, e.g. W1,W3 (default: all)")
+    p.add_argument("--schedulers", default=",".join(SCHEDULERS),
+                   help=f"comma-separated subset of {','.join(SCHEDULERS)} (default: all)")
+    p.add_argument("--repeat", type=int, default=3, help="timed runs per workload (median reported)")
+    p.add_argument("--json", metavar="PATH", help="also write all results to this JSON file")
+    args = p.parse_args(argv)
+    args.schedulers = [s for s in args.schedulers.split(",") if s]
+    unknown = [s for s in args.schedulers if s not in SCHEDULERS]
+    if unknown:
+        p.error(f"unknown scheduler(s) {unknown}; known: {','.join(SCHEDULERS)}")
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    try:
+        args.workloads = select_workloads([o for o in args.only.split(",") if o])
+    except ValueError as exc:
+        p.error(str(exc))
+    return args
+
+
+def order_schedulers(names: list[str]) -> list[str]:
+    """Put "sync" first (it provides the reference values); keep the rest in given order.
+
+    Drops "ray" with a printed note when Ray is not installed.
+    """
+    names = list(dict.fromkeys(names))  # de-duplicate, keep order
+    if "ray" in names and not ray_available():
+        print("note: ray is not installed; skipping the ray_dask_get scheduler", flush=True)
+        names.remove("ray")
+    if "sync" in names:
+        names.remove("sync")
+        names.insert(0, "sync")
+    return names
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts stored with ``--json`` results."""
+    import distributed
+
+    return {"python": platform.python_version(), "dask": dask.__version__,
+            "distributed": distributed.__version__, "numpy": np.__version__,
+            "pandas": pd.__version__, "cpus": os.cpu_count(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark; return 1 if any ERROR row was recorded, else 0."""
+    args = parse_args(argv)
+    schedulers = order_schedulers(args.schedulers)
+    references: dict[str, float] = {}
+    if "sync" not in schedulers:
+        print("note: sync not selected; computing reference values with sync (untimed)",
+              flush=True)
+        references = compute_references(args.workloads)
+
+    results: list[Result] = []
+    for name in schedulers:
+        try:
+            results += run_scheduler(name, args.workloads, args.repeat, references)
+        except Exception:  # an unexpected bug with one scheduler must not lose the others
+            traceback.print_exc()
+            results += [Result(w, name, error="benchmark crashed (see traceback above)")
+                        for w in args.workloads]
+
+    print(f"\nMedian seconds of {args.repeat} run(s); ratios are daskray time / competitor time.")
+    print(summary_table(results, args.workloads, schedulers))
+    print_errors(results)
+
+    if args.json:
+        by_key = {(r.workload, r.scheduler): r for r in results}
+        doc = {"environment": environment(), "repeat": args.repeat,
+               "results": [r.to_json() for r in results],
+               "targets": [t for w in args.workloads for t in check_targets(by_key, w)]}
+        with open(args.json, "w") as f:
+            json.dump(doc, f, indent=2)
+        print(f"\nwrote {args.json}")
+    return 1 if any(r.error for r in results) else 0
+
+
+if __name__ == "__main__":
+    # Run as a script, sys.path[0] is benchmarks/; add the checkout root so the
+    # daskray being developed here is importable without installing it.
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if _root not in sys.path:
+        sys.path.insert(1, _root)
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""``daskray.get`` for dask graphs: dask's scheduler contract on a daskray cluster.
+
+One call = one graph message to the head, then results (and, when dask callbacks
+are active, task start/finish notices) stream back on the caller's own queue.
+The caller's thread runs the callbacks, as dask's local schedulers do, with a
+``state`` dict kept in dask's own shape (``dask.local.start_state_from_dask``,
+``finish_task``), so ``ProgressBar``, ``Profiler`` and friends work unchanged.
+
+Choices where dask's contract is silent:
+
+* ``posttask`` callbacks receive the task's real value.  To make that possible a
+  graph run with callbacks sends every result to the driver -- a diagnostics
+  mode, slower for large intermediates.
+* ``Alias`` nodes never run on the cluster (an alias *is* its target); for
+  callbacks they start and finish right after their target.
+* ``num_workers``, ``pool`` and any other keyword dask or a user passes are
+  accepted and ignored: the cluster's size was fixed at ``daskray.init``.
+"""
+
+from __future__ import annotations
+
+import queue
+from typing import Any
+
+from dask.callbacks import local_callbacks, unpack_callbacks
+from dask.local import finish_task, start_state_from_dask
+from dask.utils import key_split
+
+from . import errors
+from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
+from .runtime import protocol as P
+from .runtime.client import Client
+from .runtime.serialization import loads, loads_exception
+
+POLL_SECONDS = 0.1
+
+
+def get(client: Client, dsk: Any, keys: Any, cache: Any = None, callbacks: Any = None,
+        **kwargs: Any) -> Any:
+    """Compute ``keys`` of ``dsk`` on the cluster behind ``client``."""
+    graph = convert(dsk, cache)
+    with local_callbacks(callbacks) as cbs:
+        _, _, pretask, posttask, _ = unpack_callbacks(cbs)
+        started: list = []
+        state: dict = {}
+        succeeded = False
+        try:
+            for cb in cbs:
+                if cb[0]:
+                    cb[0](graph)
+                started.append(cb)
+            spec = build_graph(graph, keys, cache)
+            if cbs:
+                state = start_state_from_dask(
+                    graph, cache=dict(cache or {}),
+                    sortkey=_priority_of(spec).get, keys=flatten_keys(keys))
+                for cb in cbs:
+                    if cb[1]:
+                        cb[1](graph, state)
+            values = _run(client, spec, state, pretask, posttask, bool(pretask or posttask))
+            succeeded = True
+            return _pack(spec.outputs, values)
+        finally:
+            for cb in started:
+                if cb[4]:
+                    cb[4](graph, state, not succeeded)
+
+
+def _priority_of(spec: GraphSpec) -> dict:
+    prio = dict(zip(spec.keys, spec.priorities))
+    for alias, node in spec.aliases.items():
+        prio.setdefault(alias, spec.priorities[node])
+    return prio
+
+
+def _pack(outputs: Any, values: dict[int, Any]) -> Any:
+    """``nested_get``: the requested structure, lists turned into tuples."""
+    if isinstance(outputs, list):
+        return tuple(_pack(o, values) for o in outputs)
+    return values[outputs]
+
+
+def _run(client: Client, spec: GraphSpec, state: dict, pretask: list, posttask: list,
+         notify: bool) -> dict[int, Any]:
+    values: dict[int, Any] = dict(spec.local_values)
+    wanted = sorted({n for n in flatten_keys(spec.outputs) if n not in values})
+    if not wanted:
+        return values
+    number, inbox = client.new_graph()
+    client.send(P.SubmitGraph(
+        number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
+        spec.data_blobs, wanted, [key_split(k) for k in spec.keys], spec.function_table,
+        True, notify,
+    ))
+    tracker = _CallbackTracker(spec, state, pretask, posttask) if notify else None
+    outstanding = set(wanted)
+    done = False
+    try:
+        while outstanding:
+            try:
+                msg = inbox.get(timeout=POLL_SECONDS)
+            except queue.Empty:
+                continue
+            t = type(msg)
+            if t is P.Result:
+                if msg.node in outstanding:
+                    outstanding.discard(msg.node)
+                    values[msg.node] = (
+                        loads(msg.inline) if msg.inline is not None
+                        else client.fetch(msg.holder, msg.object_id))
+            elif t is P.Started:
+                if tracker:
+                    tracker.started(msg.node, msg.worker)
+            elif t is P.Finished:
+                if tracker:
+                    tracker.finished(msg.node, msg.worker, msg.inline)
+            elif t is P.Error:
+                done = True  # the head dropped the graph already
+                raise _error_of(msg, spec)
+            elif isinstance(msg, Exception):
+                done = True
+                raise msg
+        return values
+    except BaseException:
+        if not done:
+            _quietly(client.send, P.CancelGraph(number))
+        raise
+    finally:
+        if not done:
+            _quietly(client.send, P.ReleaseGraph(number))
+        client.forget(number)
+
+
+def _quietly(fn: Any, *args: Any) -> None:
+    try:
+        fn(*args)
+    except errors.ClusterError:
+        pass
+
+
+def _error_of(msg: P.Error, spec: GraphSpec) -> BaseException:
+    if msg.error is not None:
+        return loads_exception(msg.error)
+    kind = getattr(errors, msg.kind or "", None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.DaskrayError)):
+        kind = errors.DaskrayError
+    return kind(msg.message or f"task {spec.keys[msg.node]!r} failed")
+
+
+class _CallbackTracker:
+    """Keeps dask's callback ``state`` in step with what the cluster reports."""
+
+    def __init__(self, spec: GraphSpec, state: dict, pretask: list, posttask: list) -> None:
+        self.spec = spec
+        self.state = state
+        self.pretask = pretask
+        self.posttask = posttask
+        self.results = set(spec.requested)
+        self.sortkey = _priority_of(spec).get
+        self.alias_of: dict[Any, list] = {}
+        for alias, node in spec.aliases.items():
+            self.alias_of.setdefault(spec.keys[node], []).append(alias)
+
+    def started(self, node: int, worker: str) -> None:
+        key = self.spec.keys[node]
+        ready = self.state["ready"]
+        for i in range(len(ready) - 1, -1, -1):  # usually at the end: dask's pop order
+            if ready[i] == key:
+                del ready[i]
+                break
+        self.state["running"].add(key)
+        for f in self.pretask:
+            f(key, self.spec.dsk, self.state)
+
+    def finished(self, node: int, worker: str, inline: bytes | None) -> None:
+        key = self.spec.keys[node]
+        value = loads(inline) if inline is not None else None
+        self._finish(key, value, worker)
+        pending = list(self.alias_of.get(key, ()))
+        progress = True
+        while pending and progress:  # an alias of an alias waits for the inner one
+            progress = False
+            for alias in list(pending):
+                if alias in self.state["waiting"]:
+                    continue
+                pending.remove(alias)
+                progress = True
+                if alias not in self.state["finished"]:
+                    self.started_alias(alias)
+                    self._finish(alias, value, worker)
+
+    def started_alias(self, key: Any) -> None:
+        ready = self.state["ready"]
+        if key in ready:
+            ready.remove(key)
+        self.state["running"].add(key)
+        for f in self.pretask:
+            f(key, self.spec.dsk, self.state)
+
+    def _finish(self, key: Any, value: Any, worker: str) -> None:
+        state = self.state
+        if key not in state["dependents"]:
+            return
+        state["running"].add(key)
+        state["cache"][key] = value
+        finish_task(self.spec.dsk, key, state, self.results, self.sortkey)
+        for f in self.posttask:
+            f(key, value, self.spec.dsk, state, worker)
+

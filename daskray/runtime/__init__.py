@@ -1,0 +1,1 @@
+"""The processes and plumbing: head loop, worker loop, client, transport, serialization."""

@@ -1,0 +1,177 @@
+"""The driver's side of the cluster: submit graphs, receive their results.
+
+::
+
+    user threads ──submit (lock-guarded inproc PUSH)──> I/O thread ──DEALER──> head
+    user threads <──per-graph SimpleQueue── I/O thread <── results, errors, notices
+
+One I/O thread owns the socket to the head (ZeroMQ sockets are not thread-safe);
+any number of user threads may run graphs at once, each waiting on its own
+queue.  Large results are fetched by the waiting thread straight from the
+worker that holds them.  If the head process dies, every waiting graph fails
+with :class:`~daskray.errors.ClusterError` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Any, Callable
+
+import zmq
+
+from ..errors import ClusterError
+from . import protocol as P
+from . import transport
+from .process import pidfd
+from .worker import fetch_object
+
+FETCH_TIMEOUT_MS = 60_000
+
+
+class Client:
+    """A connection from this process to a cluster's head."""
+
+    def __init__(self, head_address: str, token: bytes, head_pid: int | None = None) -> None:
+        self.token = token
+        self.ctx = zmq.Context()
+        self._graph_numbers = itertools.count(1)
+        self._queues: dict[int, queue.SimpleQueue] = {}
+        self._lock = threading.Lock()
+        self._wake_address = f"inproc://daskray-client-{id(self)}"
+        self._wake_pull = self.ctx.socket(zmq.PULL)
+        self._wake_pull.bind(self._wake_address)
+        self._push = self.ctx.socket(zmq.PUSH)
+        self._push.connect(self._wake_address)
+        self._head = transport.dealer(self.ctx, head_address)
+        self._head_pid = head_pid
+        self._welcome: queue.SimpleQueue = queue.SimpleQueue()
+        self.workers: dict[str, str] = {}
+        self.closed = False
+        self.failure: str | None = None
+        self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, "driver"))
+        self._thread = threading.Thread(target=self._io_loop, name="daskray-client-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ public
+
+    def wait_ready(self, timeout: float) -> dict[str, str]:
+        """Block until the head says all its workers are up; their addresses."""
+        try:
+            msg = self._welcome.get(timeout=timeout)
+        except queue.Empty:
+            raise ClusterError(
+                f"the daskray cluster did not start within {timeout:.0f} s"
+            ) from None
+        if isinstance(msg, Exception):
+            raise msg
+        self.workers = dict(msg.workers)
+        return self.workers
+
+    def new_graph(self) -> tuple[int, queue.SimpleQueue]:
+        """A fresh graph number and the queue its messages will arrive on."""
+        number = next(self._graph_numbers)
+        q: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            if self.failure is not None:
+                raise ClusterError(self.failure)
+            self._queues[number] = q
+        return number, q
+
+    def send(self, msg: Any) -> None:
+        data = P.encode(msg)
+        with self._lock:
+            if self.closed:
+                raise ClusterError("the daskray client is closed; call daskray.init() first")
+            self._push.send(data, copy=False)
+
+    def forget(self, number: int) -> None:
+        with self._lock:
+            self._queues.pop(number, None)
+
+    def fetch(self, address: str, object_id: int) -> Any:
+        """Read an object straight from the worker holding it."""
+        sock = transport.dealer(self.ctx, address)
+        try:
+            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS)
+        finally:
+            sock.close(0)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            self._push.send(b"")  # wakes the I/O thread, which then exits
+        self._thread.join(5)
+        self._push.close(0)
+        self.ctx.term() if not self._thread.is_alive() else None
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _io_loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._head, zmq.POLLIN)
+        poller.register(self._wake_pull, zmq.POLLIN)
+        head_fd = pidfd(self._head_pid) if self._head_pid else None
+        if head_fd is not None:
+            poller.register(head_fd, zmq.POLLIN)
+        try:
+            while True:
+                ready = dict(poller.poll(1000))
+                if self._wake_pull in ready:
+                    while True:
+                        try:
+                            data = self._wake_pull.recv(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        if not len(data.buffer):
+                            return
+                        self._head.send(data, copy=False)
+                if self._head in ready:
+                    while True:
+                        try:
+                            frame = self._head.recv(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self._deliver(frame)
+                if head_fd is not None and head_fd in ready:
+                    self._fail_all("the daskray head process died; the cluster is gone. "
+                                   "Call daskray.shutdown() and daskray.init() to start a new one.")
+                    poller.unregister(head_fd)
+                    head_fd = None
+        finally:
+            self._head.close(0)
+            self._wake_pull.close(0)
+
+    def _deliver(self, frame: zmq.Frame) -> None:
+        try:
+            msg = P.decode(frame.buffer)
+        except P.ProtocolError:
+            return
+        t = type(msg)
+        if t is P.Welcome:
+            self._welcome.put(msg)
+        elif t is P.WorkersChanged:
+            self.workers = dict(msg.workers)
+        elif t is P.Rejected:
+            self._fail_all(f"the head rejected a message: {msg.reason}")
+        else:
+            q = self._queues.get(msg.graph)
+            if q is not None:
+                q.put(msg)
+
+    def _fail_all(self, reason: str) -> None:
+        with self._lock:
+            self.failure = reason
+            queues = list(self._queues.values())
+        error = ClusterError(reason)
+        self._welcome.put(error)
+        for q in queues:
+            q.put(error)
+
+
+def call_all(funcs: list[Callable], *args: Any) -> None:
+    for f in funcs:
+        f(*args)

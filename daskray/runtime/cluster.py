@@ -1,0 +1,97 @@
+"""A cluster on this machine: one head process, which starts the workers.
+
+Everything of a session lives in one private directory (mode 0700, under the
+system temp directory): the ipc sockets and the file naming the driver that
+owns it.  ``close()`` removes it; a session whose driver, head and workers were
+all SIGKILLed leaves it behind, and the next :class:`LocalCluster` on the host
+sweeps it (only sessions whose driver is gone).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import secrets
+import shutil
+import tempfile
+import time
+
+from ..errors import ClusterError
+from . import protocol as P
+from .client import Client
+from .process import alive, describe_exit, spawn
+from .transport import ipc_address
+
+SESSION_PREFIX = "daskray-"
+OWNER_FILE = "driver.pid"
+START_TIMEOUT_SECONDS = 60.0
+STOP_TIMEOUT_SECONDS = 5.0
+
+
+def sweep_stale_sessions() -> list[str]:
+    """Remove session directories whose driver process is gone; their paths."""
+    removed = []
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), SESSION_PREFIX + "*")):
+        try:
+            with open(os.path.join(path, OWNER_FILE)) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            # no owner file: a session still starting, or not ours -- only very old ones go
+            try:
+                if time.time() - os.path.getmtime(path) < 3600:
+                    continue
+            except OSError:
+                continue
+            pid = -1
+        if pid > 0 and alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+class LocalCluster:
+    """Head and workers on this machine, bound to a private ipc directory."""
+
+    def __init__(self, num_workers: int, validate: bool = False) -> None:
+        sweep_stale_sessions()
+        self.num_workers = num_workers
+        self.session_dir = tempfile.mkdtemp(prefix=SESSION_PREFIX)
+        with open(os.path.join(self.session_dir, OWNER_FILE), "w") as f:
+            f.write(str(os.getpid()))
+        self.token = secrets.token_bytes(32)
+        self.head_address = ipc_address(self.session_dir, "head.sock")
+        self.head = spawn("daskray.runtime.start_head", {
+            "token": self.token.hex(),
+            "session_dir": self.session_dir,
+            "head_address": self.head_address,
+            "num_workers": num_workers,
+            "validate": validate,
+        })
+        self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
+        try:
+            self.client.wait_ready(START_TIMEOUT_SECONDS)
+        except ClusterError as exc:
+            code = self.head.poll()
+            self.close()
+            if code is not None:
+                raise ClusterError(
+                    f"the daskray head process {describe_exit(code)} during start-up; "
+                    "its error output is above"
+                ) from exc
+            raise
+
+    def close(self) -> None:
+        """Stop head and workers and remove the session directory. Safe to call twice."""
+        if self.head.poll() is None:
+            try:
+                self.client.send(P.StopCluster())
+            except ClusterError:
+                pass
+            try:
+                self.head.wait(STOP_TIMEOUT_SECONDS)
+            except Exception:
+                self.head.kill()
+                self.head.wait()
+        self.client.close()
+        shutil.rmtree(self.session_dir, ignore_errors=True)

@@ -1,0 +1,354 @@
+"""The head process: a thin loop around the scheduler core.
+
+::
+
+    receive (ROUTER) ──decode──> events ──SchedulerState.handle──> instructions
+        ──batch per destination──> send
+
+The head also supervises the worker processes it started: each worker's pidfd
+sits in the same poll as the socket, so a dead worker is noticed at once, its
+work is failed (or, later, retried) and a replacement is started.  When the
+driver that started the cluster exits, however it exits, the head stops the
+workers and removes the session directory.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from ..scheduler import events as E
+from ..scheduler import instructions as I
+from ..scheduler.state import SchedulerState
+from . import protocol as P
+from . import transport
+from .process import child_setup, describe_exit, pidfd, spawn
+
+STOP_GRACE_SECONDS = 2.0
+MAX_RESPAWNS_PER_MINUTE = 10
+
+
+class Head:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.config = config
+        self.token = bytes.fromhex(config["token"])
+        self.session_dir: str = config["session_dir"]
+        self.num_workers: int = config["num_workers"]
+        self.parent_pid: int = config["parent_pid"]
+        self.ctx = zmq.Context()
+        self.address = config["head_address"]
+        self.sock = transport.router(self.ctx, self.address)
+        self.state = SchedulerState(validate=config.get("validate", False))
+        self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
+        self.procs: dict[str, Any] = {}  # worker id -> Popen
+        self.worker_fds: dict[int, str] = {}
+        self.worker_address: dict[str, str] = {}
+        self.worker_control: dict[str, zmq.Socket] = {}
+        self.tables: dict[Any, bytes] = {}
+        self.tables_sent: dict[str, set] = {}
+        self.waiting_clients: list[bytes] = []
+        self.next_worker = 0
+        self.respawns: list[float] = []
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.running = True
+        # per-destination batches, flushed once per loop turn
+        self.runs: dict[str, list] = {}
+        self.run_tables: dict[str, dict] = {}
+        self.client_out: dict[bytes, list] = {}
+        self.worker_out: dict[str, list] = {}
+        self._instruction_handlers = {
+            I.Dispatch: self._do_dispatch,
+            I.FreeObjects: self._do_free,
+            I.CancelTasks: self._do_cancel,
+            I.ForgetGraph: self._do_forget,
+            I.ReportResult: self._do_result,
+            I.ReportError: self._do_error,
+            I.ReportStarted: self._do_started,
+            I.ReportFinished: self._do_finished,
+        }
+
+    # ------------------------------------------------------------------ workers
+
+    def spawn_worker(self) -> None:
+        self.next_worker += 1
+        wid = f"w{self.next_worker}"
+        proc = spawn("daskray.runtime.start_worker", {
+            "worker_id": wid,
+            "token": self.token.hex(),
+            "session_dir": self.session_dir,
+            "head_address": self.address,
+        })
+        self.procs[wid] = proc
+        fd = pidfd(proc.pid)
+        if fd is not None:
+            self.worker_fds[fd] = wid
+            self.poller.register(fd, zmq.POLLIN)
+
+    def worker_exited(self, wid: str) -> None:
+        proc = self.procs.pop(wid, None)
+        for fd, w in list(self.worker_fds.items()):
+            if w == wid:
+                self.poller.unregister(fd)
+                os.close(fd)
+                del self.worker_fds[fd]
+        returncode = proc.wait() if proc is not None else None
+        control = self.worker_control.pop(wid, None)
+        if control is not None:
+            control.close(0)
+        self.worker_address.pop(wid, None)
+        self.tables_sent.pop(wid, None)
+        self.runs.pop(wid, None)
+        self.run_tables.pop(wid, None)
+        self.worker_out.pop(wid, None)
+        if not self.running:
+            return
+        reason = f"pid {proc.pid if proc else '?'} {describe_exit(returncode)}"
+        print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
+        self.apply(E.WorkerLost(wid, reason))
+        self.broadcast_workers()
+        now = time.monotonic()
+        self.respawns = [t for t in self.respawns if now - t < 60] + [now]
+        if len(self.respawns) <= MAX_RESPAWNS_PER_MINUTE:
+            self.spawn_worker()
+        else:
+            print("daskray: workers keep dying; not starting more", file=sys.stderr)
+
+    def broadcast_workers(self) -> None:
+        msg = P.WorkersChanged(dict(self.worker_address))
+        for ident, (role, _) in self.peers.items():
+            if role == P.ROLE_CLIENT:
+                self.client_out.setdefault(ident, []).append(msg)
+
+    # ------------------------------------------------------------------ receiving
+
+    def on_frames(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0].bytes
+        peer = self.peers.get(ident)
+        if peer is None:
+            hello = P.check_hello([f.bytes for f in frames[1:]], self.token)
+            if hello is None:
+                print("daskray head: refused a peer that did not authenticate", file=sys.stderr)
+                return
+            self.peers[ident] = hello
+            if hello[0] == P.ROLE_CLIENT:
+                self.waiting_clients.append(ident)
+                self.welcome_clients()
+            return
+        if len(frames) != 2:
+            self.reject(ident, peer, f"expected one frame after the identity, got {len(frames) - 1}")
+            return
+        try:
+            msg = P.decode(frames[1].buffer)
+        except P.ProtocolError as exc:
+            self.reject(ident, peer, str(exc))
+            return
+        role, name = peer
+        if role == P.ROLE_WORKER:
+            self.on_worker_message(name, msg)
+        else:
+            self.on_client_message(ident, msg)
+
+    def reject(self, ident: bytes, peer: tuple, reason: str) -> None:
+        print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
+        if peer[0] == P.ROLE_CLIENT:
+            self.client_out.setdefault(ident, []).append(P.Rejected(reason))
+
+    def on_worker_message(self, wid: str, msg: Any) -> None:
+        if type(msg) is P.Reports:
+            apply = self.apply
+            for item in msg.items:
+                kind = item[0]
+                if kind == "f":
+                    apply(E.TaskFinished(item[1], wid, item[2], item[3], item[4]))
+                elif kind == "e":
+                    apply(E.TaskErred(item[1], wid, item[2]))
+                elif kind == "s":
+                    apply(E.TaskStarted(item[1], wid))
+                elif kind == "r":
+                    apply(E.TaskReleased(item[1], wid))
+        elif type(msg) is P.WorkerReady:
+            if wid not in self.procs:
+                return
+            self.worker_address[wid] = msg.address
+            self.worker_control[wid] = transport.dealer(self.ctx, msg.address)
+            self.tables_sent[wid] = set()
+            self.apply(E.WorkerJoined(wid, msg.slots))
+            self.broadcast_workers()
+            self.welcome_clients()
+
+    def on_client_message(self, ident: bytes, msg: Any) -> None:
+        t = type(msg)
+        if t is P.SubmitGraph:
+            gid = (ident, msg.graph)
+            if gid in self.state.graphs:
+                self.client_out.setdefault(ident, []).append(
+                    P.Rejected(f"graph {msg.graph} was submitted twice"))
+                return
+            self.tables[gid] = msg.function_table
+            self.apply(E.GraphSubmitted(
+                gid, msg.names, msg.deps, msg.priorities, msg.bodies, msg.data,
+                msg.wanted, msg.groups, msg.fail_fast, msg.notify,
+            ))
+        elif t is P.ReleaseGraph:
+            self.apply(E.GraphReleased((ident, msg.graph)))
+        elif t is P.CancelGraph:
+            self.apply(E.GraphCancelled((ident, msg.graph)))
+        elif t is P.StopCluster:
+            self.running = False
+
+    def welcome_clients(self) -> None:
+        if len(self.worker_address) < self.num_workers:
+            return
+        for ident in self.waiting_clients:
+            self.client_out.setdefault(ident, []).append(
+                P.Welcome(dict(self.worker_address), self.session_dir))
+        self.waiting_clients = []
+
+    # ------------------------------------------------------------------ instructions
+
+    def apply(self, event: Any) -> None:
+        handlers = self._instruction_handlers
+        for ins in self.state.handle(event):
+            handlers[type(ins)](ins)
+        if type(event) in (E.GraphReleased, E.GraphCancelled, E.ClientLost, E.TaskErred,
+                           E.WorkerLost):
+            for gid in [g for g in self.tables if g not in self.state.graphs]:
+                del self.tables[gid]
+
+    def _do_dispatch(self, ins: I.Dispatch) -> None:
+        wid = ins.worker
+        deps = ins.deps
+        if any(src[0] == "peer" for _, src in deps):
+            deps = tuple(
+                (oid, ("peer", self.worker_address[src[1]]) if src[0] == "peer" else src)
+                for oid, src in deps
+            )
+        sent = self.tables_sent[wid]
+        if ins.graph not in sent:
+            sent.add(ins.graph)
+            self.run_tables.setdefault(wid, {})[ins.graph] = self.tables[ins.graph]
+        self.runs.setdefault(wid, []).append((ins.task, ins.graph, ins.body, deps, ins.notify))
+
+    def _do_free(self, ins: I.FreeObjects) -> None:
+        self._flush_runs(ins.worker)
+        self.worker_out.setdefault(ins.worker, []).append(P.Free(ins.objects))
+
+    def _do_cancel(self, ins: I.CancelTasks) -> None:
+        self._flush_runs(ins.worker)
+        self.worker_out.setdefault(ins.worker, []).append(P.Cancel(ins.tasks))
+        control = self.worker_control.get(ins.worker)
+        if control is not None:
+            control.send_multipart(
+                [self.token, P.INTERRUPT, b",".join(str(t).encode() for t in ins.tasks)])
+
+    def _do_forget(self, ins: I.ForgetGraph) -> None:
+        sent = self.tables_sent.get(ins.worker)
+        if sent is not None and ins.graph in sent:
+            sent.discard(ins.graph)
+            self._flush_runs(ins.worker)
+            self.worker_out.setdefault(ins.worker, []).append(P.Forget((ins.graph,)))
+
+    def _do_result(self, ins: I.ReportResult) -> None:
+        holder = self.worker_address.get(ins.holder) if ins.holder else None
+        self.client_out.setdefault(ins.graph[0], []).append(
+            P.Result(ins.graph[1], ins.node, ins.inline, holder, ins.object_id))
+
+    def _do_error(self, ins: I.ReportError) -> None:
+        self.client_out.setdefault(ins.graph[0], []).append(
+            P.Error(ins.graph[1], ins.node, ins.error, ins.kind, ins.message))
+
+    def _do_started(self, ins: I.ReportStarted) -> None:
+        self.client_out.setdefault(ins.graph[0], []).append(
+            P.Started(ins.graph[1], ins.node, ins.worker))
+
+    def _do_finished(self, ins: I.ReportFinished) -> None:
+        self.client_out.setdefault(ins.graph[0], []).append(
+            P.Finished(ins.graph[1], ins.node, ins.worker, ins.inline))
+
+    # ------------------------------------------------------------------ sending
+
+    def _flush_runs(self, wid: str) -> None:
+        """Queue pending Run items before a later message to the same worker,
+        so the worker sees them in the order the scheduler decided."""
+        items = self.runs.pop(wid, None)
+        if items:
+            tables = self.run_tables.pop(wid, {})
+            self.worker_out.setdefault(wid, []).append(P.Run(items, tables))
+
+    def _send(self, ident: bytes, msg: Any) -> None:
+        try:
+            self.sock.send_multipart([ident, P.encode(msg)], copy=False)
+        except zmq.ZMQError as exc:  # the peer is gone; its loss is handled elsewhere
+            print(f"daskray head: could not send to {ident!r}: {exc}", file=sys.stderr)
+
+    def flush(self) -> None:
+        for wid in list(self.runs):
+            self._flush_runs(wid)
+        for wid, msgs in self.worker_out.items():
+            ident = wid.encode()
+            for msg in msgs:
+                self._send(ident, msg)
+        self.worker_out = {}
+        for ident, msgs in self.client_out.items():
+            for msg in msgs:
+                self._send(ident, msg)
+        self.client_out = {}
+
+    # ------------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        for _ in range(self.num_workers):
+            self.spawn_worker()
+        parent_fd = pidfd(self.parent_pid)
+        if parent_fd is not None:
+            self.poller.register(parent_fd, zmq.POLLIN)
+        sock = self.sock
+        while self.running:
+            ready = dict(self.poller.poll(1000))
+            if sock in ready:
+                for _ in range(1000):
+                    try:
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.on_frames(frames)
+            for fd in [fd for fd in ready if fd in self.worker_fds]:
+                self.worker_exited(self.worker_fds[fd])
+            if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:
+                self.running = False
+            self.flush()
+
+    def stop(self) -> None:
+        """Stop every worker (politely, then by force) and remove the session files."""
+        self.running = False
+        for wid in list(self.procs):
+            self._send(wid.encode(), P.Stop())
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except Exception:
+                proc.kill()
+                proc.wait()
+        for sock in self.worker_control.values():
+            sock.close(0)
+        self.sock.close(0)
+        self.ctx.term()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def main() -> None:
+    config = child_setup()
+    head = Head(config)
+    try:
+        head.run()
+    finally:
+        head.stop()
+        os._exit(0)
+

@@ -1,0 +1,70 @@
+"""Where a worker keeps the objects it computed or received.
+
+The interface is what the rest of the runtime relies on; this implementation keeps
+objects in the process's own memory.  A shared-memory store (one copy per host,
+zero-copy readers) slots in behind the same methods.
+
+Entries are either live Python values or the pickled bytes an object arrived as;
+bytes are unpickled on first use, so an input that is never read costs nothing.
+Called from the worker's main thread and from its data-server thread: every
+method is a single dict operation or guards its read-modify-write with a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from .serialization import dumps_frames, loads
+
+
+class _Pickled:
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+class ObjectStore:
+    """Objects by id, in this process."""
+
+    def __init__(self) -> None:
+        self._objects: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def __contains__(self, object_id: int) -> bool:
+        return object_id in self._objects
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    def put(self, object_id: int, value: Any) -> None:
+        self._objects[object_id] = value
+
+    def put_pickled(self, object_id: int, data: bytes) -> None:
+        """Keep an object that arrived pickled; it is unpickled when first read."""
+        self._objects.setdefault(object_id, _Pickled(data))
+
+    def get(self, object_id: int) -> Any:
+        """The value; ``KeyError`` if this store does not hold it."""
+        value = self._objects[object_id]
+        if type(value) is _Pickled:
+            with self._lock:
+                value = self._objects[object_id]
+                if type(value) is _Pickled:
+                    value = loads(value.data)
+                    self._objects[object_id] = value
+        return value
+
+    def frames(self, object_id: int) -> list[Any]:
+        """The object as frames for another process (see ``dumps_frames``)."""
+        value = self._objects[object_id]
+        if type(value) is _Pickled:
+            return [value.data]
+        return dumps_frames(value)
+
+    def delete(self, object_id: int) -> None:
+        self._objects.pop(object_id, None)
+
+    def clear(self) -> None:
+        self._objects.clear()

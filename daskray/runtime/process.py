@@ -1,0 +1,83 @@
+"""Starting daskray's own processes and making sure none outlives its parent.
+
+Processes are fresh interpreters (``python -m daskray.runtime.<role>``), never
+forks: a forked child would inherit the driver's threads, locks and ZeroMQ
+context.  Unlike ``multiprocessing``'s spawn they do not re-import the user's
+``__main__``, so scripts need no ``if __name__ == "__main__"`` guard.
+
+Configuration travels in the environment (``DASKRAY_CONFIG``, JSON), which only
+the same user can read -- the session token is in it.  Every child watches its
+parent through a pidfd and exits when the parent is gone, so a killed driver
+leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+CONFIG_ENV = "DASKRAY_CONFIG"
+
+
+def spawn(module: str, config: dict[str, Any]) -> subprocess.Popen:
+    """Start ``python -m module`` with ``config`` and this process's ``sys.path``."""
+    env = dict(os.environ)
+    config = dict(config, sys_path=[p for p in sys.path if p], parent_pid=os.getpid())
+    env[CONFIG_ENV] = json.dumps(config)
+    return subprocess.Popen(
+        [sys.executable, "-m", module],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # the terminal's Ctrl-C is the driver's business
+        close_fds=True,
+    )
+
+
+def child_setup() -> dict[str, Any]:
+    """Read the config, adopt the parent's ``sys.path``; call first thing in a child."""
+    config = json.loads(os.environ.pop(CONFIG_ENV))
+    for path in reversed(config.get("sys_path", [])):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return config
+
+
+def pidfd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when process ``pid`` exits.
+
+    ``None`` if the process is already gone or pidfds are not supported; callers
+    then fall back to :func:`alive`.
+    """
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def describe_exit(returncode: int | None) -> str:
+    """'exited with code 3' / 'was killed by SIGKILL' for error messages."""
+    if returncode is None:
+        return "stopped responding"
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        hint = " (out of memory?)" if name == "SIGKILL" else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {returncode}"

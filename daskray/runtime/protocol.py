@@ -1,0 +1,230 @@
+"""The wire protocol, sans I/O: typed messages <-> lists of frames.
+
+Every connection starts with a *hello* that is checked before a single byte of
+the peer's payload is unpickled::
+
+    [b"daskray-hello", token, role, name]          role: b"client" | b"worker"
+
+After that a message is one frame, a pickled tuple ``(tag, field, field, ...)``.
+Object transfers between processes (``GET`` on a worker's data server) are raw
+frames: ``[token, b"get", object id]`` → ``[b"ok", header, buffer, ...]``, the
+buffers sent without a copy.
+
+Decoding never raises anything but :class:`ProtocolError`, so a malformed
+message is reported and dropped instead of killing the receiver.
+"""
+
+from __future__ import annotations
+
+import hmac
+import pickle
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
+
+HELLO = b"daskray-hello"
+ROLE_CLIENT = b"client"
+ROLE_WORKER = b"worker"
+GET = b"get"
+INTERRUPT = b"interrupt"
+OK = b"ok"
+MISSING = b"missing"
+
+
+class ProtocolError(Exception):
+    """A message that does not follow the protocol."""
+
+
+def hello_frames(token: bytes, role: bytes, name: str) -> list[bytes]:
+    return [HELLO, token, role, name.encode()]
+
+
+def check_hello(frames: list[bytes], token: bytes) -> tuple[bytes, str] | None:
+    """``(role, name)`` if ``frames`` is a hello carrying ``token``, else None."""
+    if len(frames) != 4 or frames[0] != HELLO:
+        return None
+    if not hmac.compare_digest(bytes(frames[1]), token):
+        return None
+    role = bytes(frames[2])
+    if role not in (ROLE_CLIENT, ROLE_WORKER):
+        return None
+    try:
+        return role, bytes(frames[3]).decode()
+    except UnicodeDecodeError:
+        return None
+
+
+_REGISTRY: dict[int, type] = {}
+
+
+def message(tag: int):
+    """Class decorator: a frozen, slotted dataclass registered under ``tag``."""
+
+    def wrap(cls: type) -> type:
+        cls = dataclass(frozen=True, slots=True)(cls)
+        if tag in _REGISTRY:
+            raise ValueError(f"message tag {tag} used twice")
+        cls.TAG = tag
+        cls._FIELDS = tuple(f.name for f in fields(cls))
+        _REGISTRY[tag] = cls
+        return cls
+
+    return wrap
+
+
+def encode(msg: Any) -> bytes:
+    return pickle.dumps((msg.TAG, *[getattr(msg, f) for f in msg._FIELDS]), protocol=5)
+
+
+def decode(frame: bytes | memoryview) -> Any:
+    try:
+        data = pickle.loads(frame)
+    except Exception as exc:
+        raise ProtocolError(f"undecodable message ({len(frame)} bytes): {exc!r}") from None
+    if not isinstance(data, tuple) or not data or data[0] not in _REGISTRY:
+        raise ProtocolError(f"unknown message: {str(data)[:100]}")
+    cls = _REGISTRY[data[0]]
+    if len(data) - 1 != len(cls._FIELDS):
+        raise ProtocolError(
+            f"message {cls.__name__} has {len(data) - 1} fields, expected {len(cls._FIELDS)}"
+        )
+    return cls(*data[1:])
+
+
+# ------------------------------------------------------------------ client -> head
+
+
+@message(1)
+class SubmitGraph:
+    TAG: ClassVar[int]
+    graph: int
+    names: list
+    deps: list
+    priorities: list
+    bodies: list
+    data: dict
+    wanted: list
+    groups: list
+    function_table: bytes
+    fail_fast: bool
+    notify: bool
+
+
+@message(2)
+class CancelGraph:
+    graph: int
+
+
+@message(3)
+class ReleaseGraph:
+    graph: int
+
+
+@message(4)
+class StopCluster:
+    pass
+
+
+# ------------------------------------------------------------------ head -> client
+
+
+@message(10)
+class Welcome:
+    #: {worker id: data server address}
+    workers: dict
+    session: str
+
+
+@message(11)
+class Result:
+    graph: int
+    node: int
+    inline: bytes | None
+    #: data server address of the worker holding a large result
+    holder: str | None
+    object_id: int
+
+
+@message(12)
+class Error:
+    graph: int
+    node: int
+    error: bytes | None
+    kind: str | None
+    message: str | None
+
+
+@message(13)
+class Started:
+    graph: int
+    node: int
+    worker: str
+
+
+@message(14)
+class Finished:
+    graph: int
+    node: int
+    worker: str
+    inline: bytes | None
+
+
+@message(15)
+class WorkersChanged:
+    workers: dict
+
+
+@message(16)
+class Rejected:
+    """The head could not accept a message; ``reason`` says why."""
+
+    reason: str
+
+
+# ------------------------------------------------------------------ worker <-> head
+
+
+@message(20)
+class WorkerReady:
+    address: str
+    pid: int
+    slots: int
+
+
+@message(21)
+class Reports:
+    """A batch of task reports from a worker; each item a tuple:
+
+    ``("f", task, nbytes, inline, duration)`` finished, ``("e", task, error)``
+    erred, ``("s", task)`` started, ``("r", task)`` released unrun.
+    """
+
+    items: list
+
+
+@message(22)
+class Run:
+    """Tasks to run, in order: ``(task, graph, body, deps, notify)`` each, plus the
+    function tables of graphs this worker has not seen yet."""
+
+    tasks: list
+    tables: dict
+
+
+@message(23)
+class Free:
+    objects: tuple
+
+
+@message(24)
+class Cancel:
+    tasks: tuple
+
+
+@message(25)
+class Forget:
+    graphs: tuple
+
+
+@message(26)
+class Stop:
+    pass

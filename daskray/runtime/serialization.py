@@ -1,0 +1,227 @@
+"""Turning user objects into bytes and back.
+
+Three kinds of payload cross process boundaries:
+
+* **values** (task results, graph data): pickle protocol 5.  Small values are one
+  in-band ``bytes``; large ones are a header plus out-of-band buffers that travel
+  as their own ZeroMQ frames without a copy (:func:`dumps_frames`).  Plain
+  ``pickle`` is tried first because it is 10x faster than cloudpickle; objects it
+  cannot handle (lambdas, classes defined in ``__main__``) go through cloudpickle.
+* **task bodies** of a graph: every task is pickled on its own, so the head can send
+  a worker only the tasks it runs, but the functions they call are pulled out into
+  one *function table* per graph that is cloudpickled once (:class:`GraphEncoder`).
+  A 20,000-task graph calling one ``__main__`` function pays cloudpickle once, not
+  20,000 times.
+* **exceptions**: the original exception object when it survives a pickle round
+  trip, otherwise its type name, message and traceback as text
+  (:func:`dumps_exception`, :func:`loads_exception`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import traceback
+import types
+from typing import Any, Iterable, Sequence
+
+import cloudpickle
+
+from ..errors import RemoteTraceback, SerializationError, TaskError
+
+PROTOCOL = 5
+_PICKLE_FAILURES = (pickle.PicklingError, TypeError, AttributeError, ValueError)
+
+
+def describe(obj: Any, limit: int = 80) -> str:
+    """A short, safe description of ``obj`` for error messages."""
+    try:
+        text = repr(obj)
+    except Exception:
+        text = f"<{type(obj).__name__} object>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- values
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj`` in-band; raise :class:`SerializationError` naming it if impossible."""
+    try:
+        return pickle.dumps(obj, protocol=PROTOCOL)
+    except _PICKLE_FAILURES:
+        pass
+    try:
+        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+    except Exception as exc:
+        raise SerializationError(
+            f"cannot pickle {describe(obj)} of type {type(obj).__qualname__}: {exc}. "
+            "daskray sends values between processes with pickle; return or pass "
+            "picklable objects (open files, locks, sockets and generators are not)."
+        ) from exc
+
+
+def loads(data: bytes | memoryview, buffers: Sequence[Any] = ()) -> Any:
+    """Inverse of :func:`dumps` and :func:`dumps_frames`."""
+    return pickle.loads(data, buffers=buffers)
+
+
+def dumps_frames(obj: Any) -> list[Any]:
+    """Pickle ``obj`` with out-of-band buffers: ``[header, buffer, buffer, ...]``.
+
+    The buffers are memoryviews of the object's own memory (a numpy array's data,
+    a pandas block), so no copy is made here; ZeroMQ sends them with ``copy=False``.
+    """
+    buffers: list[pickle.PickleBuffer] = []
+    try:
+        header = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+    except _PICKLE_FAILURES:
+        buffers = []
+        try:
+            header = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        except Exception as exc:
+            raise SerializationError(
+                f"cannot pickle {describe(obj)} of type {type(obj).__qualname__}: {exc}"
+            ) from exc
+    return [header, *(b.raw() for b in buffers)]
+
+
+def frames_nbytes(frames: Iterable[Any]) -> int:
+    """Total size in bytes of a list of frames as made by :func:`dumps_frames`."""
+    return sum(memoryview(f).nbytes for f in frames)
+
+
+# ---------------------------------------------------------------------- exceptions
+
+
+def dumps_exception(exc: BaseException, key: Any) -> bytes:
+    """Pack an exception raised by task ``key`` for the trip to the driver.
+
+    The exception object itself travels when it pickles *and* unpickles (checked
+    here, where the failure can still be reported); otherwise only text does.
+    """
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    blob: bytes | None
+    try:
+        blob = dumps(exc)
+        loads(blob)
+    except Exception:
+        blob = None
+    try:
+        message = str(exc)
+    except Exception:
+        message = f"<unprintable {type(exc).__name__}>"
+    return pickle.dumps(
+        (blob, type(exc).__qualname__, message, tb_text, describe(key)), protocol=PROTOCOL
+    )
+
+
+def loads_exception(data: bytes) -> BaseException:
+    """Inverse of :func:`dumps_exception`: the original exception, cause attached."""
+    blob, type_name, message, tb_text, key = pickle.loads(data)
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = loads(blob)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        return TaskError(key, type_name, message, tb_text)
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb_text}"""')
+    return exc
+
+
+# ---------------------------------------------------------------------- task bodies
+
+
+def _needs_cloudpickle(obj: Any) -> bool:
+    """Objects plain pickle would write as a reference the workers cannot resolve."""
+    if isinstance(obj, types.FunctionType):
+        return True
+    if isinstance(obj, type):
+        return obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
+    cls = type(obj)
+    return cls.__module__ == "__main__" or "<locals>" in cls.__qualname__
+
+
+class _TablePickler(pickle.Pickler):
+    """A C pickler that moves functions and ``__main__`` objects into a shared table."""
+
+    def __init__(self, file: io.BytesIO, table: list[Any], index: dict[int, int]) -> None:
+        super().__init__(file, protocol=PROTOCOL)
+        self._table = table
+        self._index = index
+
+    def persistent_id(self, obj: Any) -> int | None:
+        if not _needs_cloudpickle(obj):
+            return None
+        slot = self._index.get(id(obj))
+        if slot is None:
+            slot = self._index[id(obj)] = len(self._table)
+            self._table.append(obj)
+        return slot
+
+
+class GraphEncoder:
+    """Pickles the task bodies of one graph, sharing one function table.
+
+    >>> enc = GraphEncoder()
+    >>> blobs = [enc.encode_task(t, name) for name, t in tasks]   # doctest: +SKIP
+    >>> table = enc.encode_table()                                # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self._table: list[Any] = []
+        self._index: dict[int, int] = {}
+        self._buffer = io.BytesIO()
+
+    def encode_task(self, body: Any, name: str) -> bytes:
+        """Pickle one task body; ``name`` appears in the error if it cannot be pickled."""
+        buf = self._buffer
+        buf.seek(0)
+        buf.truncate()
+        try:
+            _TablePickler(buf, self._table, self._index).dump(body)
+        except Exception as exc:
+            raise SerializationError(
+                f"task {name} cannot be pickled: {exc}. Its arguments are sent to "
+                "worker processes, so they must be picklable (open files, locks, "
+                "sockets and generators are not); create such objects inside the task."
+            ) from exc
+        return buf.getvalue()
+
+    def encode_table(self) -> bytes:
+        """Cloudpickle the function table; name the culprit when that fails."""
+        try:
+            return cloudpickle.dumps(self._table, protocol=PROTOCOL)
+        except Exception:
+            for obj in self._table:
+                try:
+                    cloudpickle.dumps(obj, protocol=PROTOCOL)
+                except Exception as exc:
+                    raise SerializationError(
+                        f"cannot pickle {describe(obj)}: {exc}. Functions and the "
+                        "objects they refer to (globals, closure variables) are "
+                        "sent to worker processes; make them picklable, or create "
+                        "the unpicklable object inside the function."
+                    ) from exc
+            raise
+
+
+class _TableUnpickler(pickle.Unpickler):
+    def __init__(self, file: io.BytesIO, table: list[Any]) -> None:
+        super().__init__(file)
+        self._table = table
+
+    def persistent_load(self, pid: int) -> Any:
+        return self._table[pid]
+
+
+def decode_table(data: bytes) -> list[Any]:
+    """Inverse of :meth:`GraphEncoder.encode_table`."""
+    return cloudpickle.loads(data)
+
+
+def decode_task(blob: bytes, table: list[Any]) -> Any:
+    """Inverse of :meth:`GraphEncoder.encode_task`."""
+    return _TableUnpickler(io.BytesIO(blob), table).load()

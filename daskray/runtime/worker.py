@@ -1,0 +1,281 @@
+"""A worker process: runs tasks one at a time and keeps their results.
+
+::
+
+    head ──Run/Free/Cancel/Forget──>  main thread  ──Reports (batched)──> head
+                                      │  runs tasks, talks to the head
+                                      │  fetches large inputs from peers
+    peers, driver ──get──────────>  data-server thread ──frames──> requester
+    head ──interrupt─────────────>  (signals the main thread to cancel its task)
+
+The main thread does all of its head I/O between tasks, so a report costs no
+thread hand-off; reports are batched and flushed when the queue runs dry, when
+a batch is big, or when the oldest report has waited ``FLUSH_SECONDS``.  The
+data-server thread answers other processes while a task runs, and ends the
+process when the head is gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from ..errors import ObjectLostError, TaskCancelledError
+from ..scheduler.policy import INLINE_THRESHOLD
+from . import protocol as P
+from . import transport
+from .object_store import ObjectStore
+from .process import child_setup, pidfd
+from .serialization import (
+    decode_table, decode_task, dumps, dumps_exception, dumps_frames, frames_nbytes, loads,
+)
+
+FLUSH_SECONDS = 0.001
+FLUSH_COUNT = 256
+FETCH_TIMEOUT_MS = 60_000
+
+
+def fetch_object(sock: zmq.Socket, token: bytes, object_id: int, timeout_ms: int) -> Any:
+    """Ask the data server behind ``sock`` for an object; ``ObjectLostError`` if it is gone."""
+    sock.send_multipart([token, P.GET, str(object_id).encode()])
+    if not sock.poll(timeout_ms):
+        raise ObjectLostError(f"object {object_id}: its holder did not answer within {timeout_ms} ms")
+    reply = sock.recv_multipart(copy=False)
+    if reply[0].bytes != P.OK:
+        raise ObjectLostError(f"object {object_id} is no longer held by the process asked for it")
+    return loads(reply[1].buffer, buffers=[f.buffer for f in reply[2:]])
+
+
+class DataServer(threading.Thread):
+    """Serves this process's objects to other processes; watches the parent."""
+
+    def __init__(
+        self, ctx: zmq.Context, address: str, token: bytes, store: ObjectStore,
+        parent_pid: int, on_interrupt: Any,
+    ) -> None:
+        super().__init__(name="daskray-data-server", daemon=True)
+        self.sock = transport.router(ctx, address)
+        self.token = token
+        self.store = store
+        self.parent_pid = parent_pid
+        self.on_interrupt = on_interrupt
+
+    def run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        parent_fd = pidfd(self.parent_pid)
+        if parent_fd is not None:
+            poller.register(parent_fd, zmq.POLLIN)
+        while True:
+            events = dict(poller.poll(1000))
+            if parent_fd is not None and parent_fd in events or os.getppid() != self.parent_pid:
+                os._exit(0)  # the head is gone: nobody will ever need us again
+            if self.sock in events:
+                self._serve(self.sock.recv_multipart(copy=False))
+
+    def _serve(self, frames: list[zmq.Frame]) -> None:
+        ident = frames[0]
+        if len(frames) < 4 or not P.hmac.compare_digest(frames[1].bytes, self.token):
+            return  # unauthenticated: not a byte of it is looked at further
+        verb, arg = frames[2].bytes, frames[3].bytes
+        try:
+            if verb == P.GET:
+                object_id = int(arg)
+                try:
+                    out = self.store.frames(object_id)
+                except KeyError:
+                    self.sock.send_multipart([ident, P.MISSING])
+                    return
+                self.sock.send_multipart([ident, P.OK, *out], copy=False)
+            elif verb == P.INTERRUPT:
+                self.on_interrupt([int(x) for x in arg.split(b",") if x])
+        except (ValueError, zmq.ZMQError) as exc:
+            print(f"daskray worker: bad request {verb!r}: {exc}", file=sys.stderr)
+
+
+class Worker:
+    """The main thread's state: queued tasks, function tables, pending reports."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.id: str = config["worker_id"]
+        self.token = bytes.fromhex(config["token"])
+        self.ctx = zmq.Context()
+        self.store = ObjectStore()
+        self.address = transport.ipc_address(config["session_dir"], f"w-{self.id}.sock")
+        self.server = DataServer(
+            self.ctx, self.address, self.token, self.store, config["parent_pid"],
+            self._interrupt,
+        )
+        self.head = transport.dealer(self.ctx, config["head_address"], identity=self.id)
+        self.queue: deque = deque()
+        self.tables: dict[Any, Any] = {}
+        self.raw_tables: dict[Any, bytes] = {}
+        self.reports: list[tuple] = []
+        self.first_report_at = 0.0
+        self.current: int | None = None
+        self.cancelled: set[int] = set()
+        self.peers: dict[str, zmq.Socket] = {}
+        self.running = True
+
+    # -------------------------------------------------------------- setup
+
+    def start(self) -> None:
+        signal.signal(signal.SIGUSR1, self._on_sigusr1)
+        self.server.start()
+        self.head.send_multipart(P.hello_frames(self.token, P.ROLE_WORKER, self.id))
+        self.head.send(P.encode(P.WorkerReady(self.address, os.getpid(), 1)))
+
+    def _interrupt(self, task_ids: list[int]) -> None:
+        """Called in the data-server thread: cancel the running task if it is listed."""
+        current = self.current
+        if current is not None and current in task_ids:
+            self.cancelled.add(current)
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+    def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        current = self.current
+        if current is not None and current in self.cancelled:
+            raise TaskCancelledError(f"task {current} was cancelled while running")
+
+    # -------------------------------------------------------------- loop
+
+    def run(self) -> None:
+        head = self.head
+        while self.running:
+            if not self.queue:
+                self._flush()
+                while not head.poll(1000):
+                    pass
+            while True:
+                try:
+                    frame = head.recv(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                self._on_message(frame)
+            if self.queue:
+                self._run_one(*self.queue.popleft())
+                if (
+                    len(self.reports) >= FLUSH_COUNT
+                    or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
+                ):
+                    self._flush()
+        self._flush()
+
+    def _on_message(self, frame: zmq.Frame) -> None:
+        try:
+            msg = P.decode(frame.buffer)
+        except P.ProtocolError as exc:
+            print(f"daskray worker {self.id}: dropped a message: {exc}", file=sys.stderr)
+            return
+        if type(msg) is P.Run:
+            self.raw_tables.update(msg.tables)
+            for item in msg.tasks:
+                for object_id, source in item[3]:
+                    if source[0] == "inline":
+                        self.store.put_pickled(object_id, source[1])
+                self.queue.append(item)
+        elif type(msg) is P.Free:
+            for object_id in msg.objects:
+                self.store.delete(object_id)
+        elif type(msg) is P.Cancel:
+            drop = set(msg.tasks)
+            kept = deque()
+            for item in self.queue:
+                if item[0] in drop:
+                    self._report(("r", item[0]))
+                else:
+                    kept.append(item)
+            self.queue = kept
+        elif type(msg) is P.Forget:
+            for graph in msg.graphs:
+                self.tables.pop(graph, None)
+                self.raw_tables.pop(graph, None)
+        elif type(msg) is P.Stop:
+            self.running = False
+
+    def _report(self, item: tuple) -> None:
+        if not self.reports:
+            self.first_report_at = time.perf_counter()
+        self.reports.append(item)
+
+    def _flush(self) -> None:
+        if self.reports:
+            self.head.send(P.encode(P.Reports(self.reports)), copy=False)
+            self.reports = []
+
+    # -------------------------------------------------------------- running a task
+
+    def _table(self, graph: Any) -> list[Any]:
+        table = self.tables.get(graph)
+        if table is None:
+            table = self.tables[graph] = decode_table(self.raw_tables[graph])
+        return table
+
+    def _input(self, object_id: int, source: tuple) -> Any:
+        if source[0] == "peer":
+            sock = self.peers.get(source[1])
+            if sock is None:
+                sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1])
+            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS)
+        try:
+            return self.store.get(object_id)
+        except KeyError:
+            raise ObjectLostError(
+                f"input object {object_id} is not held by worker {self.id}"
+            ) from None
+
+    def _run_one(self, task_id: int, graph: Any, body: bytes, deps: tuple, notify: bool) -> None:
+        if notify:
+            self._report(("s", task_id))
+            self._flush()
+        start = time.perf_counter()
+        node = None
+        try:
+            node, dep_keys = decode_task(body, self._table(graph))
+            values = {key: self._input(oid, src) for key, (oid, src) in zip(dep_keys, deps)}
+            self.current = task_id
+            result = node(values)
+            self.current = None
+        except BaseException as exc:  # noqa: BLE001 - every failure is the task's
+            self.current = None
+            self.cancelled.discard(task_id)
+            self._report(("e", task_id, dumps_exception(exc, getattr(node, "key", task_id))))
+            return
+        duration = time.perf_counter() - start
+        try:
+            frames = dumps_frames(result)
+            nbytes = frames_nbytes(frames)
+            inline = None
+            if notify:  # dask callbacks in the driver want every value
+                inline = frames[0] if len(frames) == 1 else dumps(result)
+            elif nbytes <= INLINE_THRESHOLD:
+                inline = frames[0] if len(frames) == 1 else dumps(result)
+        except BaseException as exc:  # noqa: BLE001
+            self._report(("e", task_id, dumps_exception(exc, getattr(node, "key", task_id))))
+            return
+        self.store.put(task_id, result)
+        self._report(("f", task_id, nbytes, inline, duration))
+
+    def close(self) -> None:
+        for sock in self.peers.values():
+            sock.close(0)
+        self.head.close(0)
+
+
+def main() -> None:
+    config = child_setup()
+    worker = Worker(config)
+    worker.start()
+    try:
+        worker.run()
+    finally:
+        worker.close()
+        os._exit(0)
+

@@ -1,0 +1,109 @@
+"""Events: everything that can happen to the scheduler, as plain data.
+
+The head loop decodes messages and process notifications into these and feeds
+them to :meth:`SchedulerState.handle`.  They carry no sockets, no clocks, no
+unpickled user data: task bodies and results are opaque ``bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+WorkerId = str
+ClientId = str
+GraphId = tuple  # (client id, the client's own graph number)
+TaskId = int
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerJoined:
+    worker: WorkerId
+    slots: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerLost:
+    worker: WorkerId
+    #: why, in words for the user: "exited with signal SIGKILL", "stopped answering"
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GraphSubmitted:
+    """A whole graph, numbered ``0..n-1`` in dependency order (see ``GraphSpec``)."""
+
+    graph: GraphId
+    #: one name per node, for messages ("task 'inc-3' ...")
+    names: list[str]
+    #: per node: the numbers of the nodes it reads
+    deps: list[tuple[int, ...]]
+    #: per node: dask.order priority (lower runs first)
+    priorities: list[int]
+    #: per node: the pickled task body, or None for a data node
+    bodies: list[bytes | None]
+    #: per data node: its pickled value
+    data: dict[int, bytes]
+    #: the nodes whose values go back to the client
+    wanted: list[int]
+    #: per node: a duration group (tasks of one group take similar time)
+    groups: list[str] = field(default_factory=list)
+    #: stop the whole graph at the first error (dask semantics)
+    fail_fast: bool = True
+    #: tell the client when each task starts and finishes (dask callbacks)
+    notify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TaskStarted:
+    task: TaskId
+    worker: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFinished:
+    task: TaskId
+    worker: WorkerId
+    nbytes: int
+    #: the pickled result when it is small enough to travel inside messages
+    inline: bytes | None
+    duration: float
+
+
+@dataclass(frozen=True, slots=True)
+class TaskErred:
+    task: TaskId
+    worker: WorkerId
+    #: the pickled exception (see serialization.dumps_exception)
+    error: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class TaskReleased:
+    """A worker dropped a dispatched task without running it (it was cancelled)."""
+
+    task: TaskId
+    worker: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class GraphReleased:
+    """The client has every result it wanted (or gave up): forget the graph."""
+
+    graph: GraphId
+
+
+@dataclass(frozen=True, slots=True)
+class GraphCancelled:
+    graph: GraphId
+
+
+@dataclass(frozen=True, slots=True)
+class ClientLost:
+    client: Any
+
+
+Event = (
+    WorkerJoined | WorkerLost | GraphSubmitted | TaskStarted | TaskFinished | TaskErred
+    | TaskReleased | GraphReleased | GraphCancelled | ClientLost
+)

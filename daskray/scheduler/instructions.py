@@ -1,0 +1,97 @@
+"""Instructions: what the scheduler wants done, as plain data.
+
+:meth:`SchedulerState.handle` returns a list of these; the head loop carries them
+out (batching messages per destination).  Workers and clients are named by id;
+turning an id into a socket address is the head loop's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .events import GraphId, TaskId, WorkerId
+
+#: How a dispatched task gets one of its inputs.
+#:   ("local",)             the worker already holds it
+#:   ("inline", bytes)      the pickled value travels inside the dispatch
+#:   ("peer", worker_id)    fetch it from that worker
+DepSource = tuple
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatch:
+    worker: WorkerId
+    task: TaskId
+    graph: GraphId
+    body: bytes
+    #: one (object id, source) per input, in the order of the graph's deps
+    deps: tuple[tuple[TaskId, DepSource], ...]
+    #: report TaskStarted for this task
+    notify: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FreeObjects:
+    worker: WorkerId
+    objects: tuple[TaskId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CancelTasks:
+    """Drop these dispatched tasks; interrupt the one running, if it is among them."""
+
+    worker: WorkerId
+    tasks: tuple[TaskId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetGraph:
+    """The worker may drop what it cached for this graph (its function table)."""
+
+    worker: WorkerId
+    graph: GraphId
+
+
+@dataclass(frozen=True, slots=True)
+class ReportResult:
+    graph: GraphId
+    node: int
+    #: the pickled value, or None when it is large and stays on ``holder``
+    inline: bytes | None
+    holder: WorkerId | None
+    object_id: TaskId
+
+
+@dataclass(frozen=True, slots=True)
+class ReportError:
+    """The graph failed.  Either ``error`` (a pickled exception) or ``kind`` + ``message``."""
+
+    graph: GraphId
+    node: int
+    error: bytes | None = None
+    #: name of a daskray error type (``"WorkerCrashedError"``) when the runtime failed
+    kind: str | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReportStarted:
+    graph: GraphId
+    node: int
+    worker: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class ReportFinished:
+    """A task of a ``notify`` graph finished (for dask's posttask callbacks)."""
+
+    graph: GraphId
+    node: int
+    worker: WorkerId
+    inline: bytes | None
+
+
+Instruction = (
+    Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
+    | ReportStarted | ReportFinished
+)
