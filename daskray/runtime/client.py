@@ -106,7 +106,8 @@ class Client:
             self._push.send(b"")  # wakes the I/O thread, which then exits
         self._thread.join(5)
         self._push.close(0)
-        self.ctx.term() if not self._thread.is_alive() else None
+        if not self._thread.is_alive():  # else a socket is still open and term() would block
+            self.ctx.term()
 
     # ------------------------------------------------------------------ I/O thread
 

@@ -109,6 +109,14 @@ class Head:
         if not self.running:
             return
         reason = f"pid {proc.pid if proc else '?'} {describe_exit(returncode)}"
+        if wid not in self.state.workers and self.waiting_clients:
+            # died before it ever joined: a start-up failure, not bad luck
+            for ident in self.waiting_clients:
+                self.client_out.setdefault(ident, []).append(P.Rejected(
+                    f"worker {wid} ({reason}) during start-up; its error output is above"))
+            self.waiting_clients = []
+            self.running = False
+            return
         print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
         self.apply(E.WorkerLost(wid, reason))
         self.broadcast_workers()

@@ -130,6 +130,8 @@ class SchedulerState:
         self._out: list[Instruction] = []
         #: the global ready heap got tasks during this event: fill workers at its end
         self._ready_grew = False
+        #: workers that got room or work during this event: filled at its end
+        self._room: set[WorkerId] = set()
         self._handlers = {
             WorkerJoined: self._worker_joined,
             WorkerLost: self._worker_lost,
@@ -151,10 +153,13 @@ class SchedulerState:
         self._handlers[type(event)](event)
         if self._ready_grew:
             self._ready_grew = False
-            for ws in self.workers.values():
-                self._fill(ws)
-                if not self.ready:
-                    break
+            self._fill_round_robin()
+        if self._room:
+            for wid in self._room:
+                ws = self.workers.get(wid)
+                if ws is not None:
+                    self._fill(ws)
+            self._room = set()
         if self.validate:
             self.validate_state()
         return out
@@ -165,7 +170,7 @@ class SchedulerState:
         if ev.worker in self.workers:
             return
         self.workers[ev.worker] = WorkerState(ev.worker, ev.slots)
-        self._fill(self.workers[ev.worker])
+        self._room.add(ev.worker)
 
     def _worker_lost(self, ev: WorkerLost) -> None:
         ws = self.workers.pop(ev.worker, None)
@@ -312,7 +317,7 @@ class SchedulerState:
             # a task of a forgotten graph: its result is of no use
             if ws is not None:
                 self._out.append(FreeObjects(ws.id, (ev.task,)))
-                self._fill(ws)
+                self._room.add(ws.id)
             return
         self.durations.observe(ts.group, ev.duration)
         self._transition(ts, MEMORY)
@@ -340,7 +345,7 @@ class SchedulerState:
         if not ts.dependents and not ts.wanted:
             self._free(ts)
         if ws is not None:
-            self._fill(ws)
+            self._room.add(ws.id)
 
     def _task_erred(self, ev: TaskErred) -> None:
         ws = self.workers.get(ev.worker)
@@ -354,7 +359,7 @@ class SchedulerState:
             if gs.fail_fast:
                 self._cancel_graph(gs)
         if ws is not None:
-            self._fill(ws)
+            self._room.add(ws.id)
 
     def _task_released(self, ev: TaskReleased) -> None:
         ws = self.workers.get(ev.worker)
@@ -368,7 +373,7 @@ class SchedulerState:
             ts.worker = None
             heapq.heappush(self.ready, (ts.priority, ts.id))
             self._ready_grew = True
-        self._fill(ws)
+        self._room.add(ws.id)
 
     # ------------------------------------------------------------------ helpers
 
@@ -398,9 +403,8 @@ class SchedulerState:
             heapq.heappush(self.ready, (ts.priority, ts.id))
             self._ready_grew = True
             return
-        ws = self.workers[target]
-        heapq.heappush(ws.queue, (ts.priority, ts.id))
-        self._fill(ws)
+        heapq.heappush(self.workers[target].queue, (ts.priority, ts.id))
+        self._room.add(target)
 
     def _next_task(self, ws: WorkerState) -> TaskState | None:
         """Pop the best ready task for ``ws``: its own queue or the global one,
@@ -427,6 +431,19 @@ class SchedulerState:
                 if ts is not None and ts.state == READY:
                     return ts
         return None
+
+    def _fill_round_robin(self) -> None:
+        """Share new ready work out one task per worker per round, least loaded first."""
+        while self.ready:
+            progressed = False
+            for ws in sorted(self.workers.values(), key=lambda w: len(w.processing)):
+                if policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
+                    ts = self._next_task(ws)
+                    if ts is not None:
+                        self._dispatch(ts, ws)
+                        progressed = True
+            if not progressed:
+                return
 
     def _fill(self, ws: WorkerState) -> None:
         """Dispatch tasks to ``ws`` while it has room."""

@@ -1,0 +1,220 @@
+"""The scheduler core as plain data: events in, exact instructions out. No processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from daskray.scheduler import SchedulerState
+from daskray.scheduler.events import (
+    ClientLost, GraphCancelled, GraphReleased, GraphSubmitted, TaskErred, TaskFinished,
+    TaskReleased, TaskStarted, WorkerJoined, WorkerLost,
+)
+from daskray.scheduler.instructions import (
+    CancelTasks, Dispatch, ForgetGraph, FreeObjects, ReportError, ReportFinished,
+    ReportResult, ReportStarted,
+)
+from daskray.scheduler.policy import INLINE_THRESHOLD
+
+G = ("client", 1)
+
+
+def graph(deps, wanted, gid=G, priorities=None, data=None, notify=False, groups=None):
+    n = len(deps)
+    data = data or {}
+    return GraphSubmitted(
+        gid, [f"t{i}" for i in range(n)], deps, priorities or list(range(n)),
+        [None if i in data else f"body{i}".encode() for i in range(n)],
+        data, wanted, groups or ["g"] * n, True, notify,
+    )
+
+
+def of(kind, instructions):
+    return [i for i in instructions if isinstance(i, kind)]
+
+
+def finish(s, task, worker, nbytes=8, inline=b"v", duration=0.001):
+    return s.handle(TaskFinished(task, worker, nbytes, inline, duration))
+
+
+@pytest.fixture
+def s():
+    state = SchedulerState(validate=True)
+    state.handle(WorkerJoined("a"))
+    return state
+
+
+def test_chain_runs_in_order_and_frees_intermediates(s):
+    out = s.handle(graph([(), (0,), (1,)], wanted=[2]))
+    assert [(d.worker, d.task, d.deps) for d in of(Dispatch, out)] == [("a", 0, ())]
+    out = finish(s, 0, "a")
+    assert of(Dispatch, out) == [Dispatch("a", 1, G, b"body1", ((0, ("local",)),))]
+    out = finish(s, 1, "a")
+    # t0's last dependent finished: freed on the worker holding it
+    assert FreeObjects("a", (0,)) in out
+    assert of(Dispatch, out)[0].task == 2
+    out = finish(s, 2, "a", inline=b"result")
+    assert FreeObjects("a", (1,)) in out
+    assert of(ReportResult, out) == [ReportResult(G, 2, b"result", None, 2)]
+    out = s.handle(GraphReleased(G))
+    assert FreeObjects("a", (2,)) in out
+    assert ForgetGraph("a", G) in out
+    assert s.tasks == {} and s.graphs == {}
+
+
+def test_priorities_decide_dispatch_order(s):
+    s.handle(WorkerJoined("b"))
+    s.workers.pop("b")  # one worker, so the order is visible
+    out = s.handle(graph([(), (), ()], wanted=[0, 1, 2], priorities=[5, 1, 3]))
+    assert [d.task for d in of(Dispatch, out)] == [1, 2]  # 1 running + 1 queued
+    out = finish(s, 1, "a")
+    assert [d.task for d in of(Dispatch, out)] == [0]
+
+
+def test_large_input_places_dependent_on_its_holder():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    s.handle(graph([(), (), (0,)], wanted=[2]))
+    big = INLINE_THRESHOLD * 10
+    # t0 ran on b, t1 on a (dispatch alternates by load); t0's result is large
+    holder_of_0 = s.tasks[0].worker
+    other = "a" if holder_of_0 == "b" else "b"
+    out = s.handle(TaskFinished(0, holder_of_0, big, None, 0.001))
+    (d,) = of(Dispatch, out)
+    assert d.worker == holder_of_0 and d.deps == ((0, ("local",)),)
+    assert other != holder_of_0
+
+
+def test_small_input_travels_inline_to_another_worker():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(graph([(), (0,), (0,)], wanted=[1, 2]))
+    s.handle(WorkerJoined("b"))
+    out = s.handle(TaskFinished(0, "a", 8, b"zero", 0.001))
+    # two ready tasks, two idle workers: one each; b gets the input inline
+    by_worker = {d.worker: d.deps for d in of(Dispatch, out)}
+    assert by_worker == {"a": ((0, ("local",)),), "b": ((0, ("inline", b"zero")),)}
+
+
+def test_prefetch_follows_duration_estimates(s):
+    s.handle(graph([()] * 300, wanted=list(range(300)), groups=["fast"] * 300))
+    # unknown durations: one running + one queued
+    assert len(s.workers["a"].processing) == 2
+    for tid in sorted(s.workers["a"].processing):
+        finish(s, tid, "a", duration=0.00001)
+    # now known to be fast: many tasks are queued on the worker at once
+    assert len(s.workers["a"].processing) > 50
+
+
+def test_error_fails_graph_and_cancels_the_rest():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    s.handle(graph([(), (), (0, 1)], wanted=[2]))
+    where = {tid: s.tasks[tid].worker for tid in (0, 1)}
+    out = s.handle(TaskErred(0, where[0], b"boom"))
+    assert of(ReportError, out) == [ReportError(G, 0, error=b"boom")]
+    assert of(CancelTasks, out) == [CancelTasks(where[1], (1,))]
+    assert s.tasks == {} and s.graphs == {}
+    # the cancelled task's late report frees its result and dispatches nothing
+    out = s.handle(TaskFinished(1, where[1], 8, b"x", 0.1))
+    assert out == [FreeObjects(where[1], (1,))]
+    assert not s.workers[where[1]].processing
+
+
+def test_worker_lost_fails_graphs_it_touched_only():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    s.handle(graph([()], wanted=[0], gid=("c", 1)))
+    s.handle(graph([()], wanted=[0], gid=("c", 2)))
+    victim = s.tasks[0].worker
+    survivor_task = 1 if s.tasks[1].worker != victim else None
+    out = s.handle(WorkerLost(victim, "was killed by SIGKILL"))
+    (err,) = of(ReportError, out)
+    assert err.graph == ("c", 1) and err.kind == "WorkerCrashedError"
+    assert "SIGKILL" in err.message and "t0" in err.message
+    assert ("c", 1) not in s.graphs
+    if survivor_task is not None:
+        assert ("c", 2) in s.graphs
+
+
+def test_lost_large_result_still_needed_fails_graph():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(graph([(), (0,)], wanted=[1]))
+    s.handle(TaskFinished(0, "a", INLINE_THRESHOLD * 2, None, 0.001))
+    # t1 is now processing on a too; a second worker joins, then a dies
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "exited with code 1"))
+    assert of(ReportError, out)[0].kind == "WorkerCrashedError"
+
+
+def test_small_result_survives_its_worker():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(graph([(), (0,)], wanted=[1]))
+    s.handle(TaskFinished(0, "a", 8, b"zero", 0.001))
+    s.handle(WorkerJoined("b"))
+    # t1 was dispatched to a before b joined; a finishes it then dies before the client reads
+    s.handle(TaskFinished(1, "a", 8, b"one", 0.001))
+    out = s.handle(WorkerLost("a", "exited with code 1"))
+    assert of(ReportError, out) == []
+
+
+def test_data_nodes_are_in_memory_from_the_start(s):
+    out = s.handle(graph([(), (0,)], wanted=[1], data={0: b"data"}))
+    (d,) = of(Dispatch, out)
+    assert d.task == 1 and d.deps == ((0, ("inline", b"data")),)
+
+
+def test_cancel_graph_and_client_lost(s):
+    s.handle(graph([(), ()], wanted=[0, 1]))
+    out = s.handle(GraphCancelled(G))
+    assert of(CancelTasks, out) == [CancelTasks("a", (0, 1))]
+    out = s.handle(TaskReleased(0, "a"))
+    out += s.handle(TaskReleased(1, "a"))
+    assert not s.workers["a"].processing
+    s.handle(graph([()], wanted=[0], gid=("other", 1)))
+    out = s.handle(ClientLost("other"))
+    assert of(CancelTasks, out) and not s.graphs
+
+
+def test_notify_graph_reports_starts_and_finishes(s):
+    s.handle(graph([()], wanted=[0], notify=True))
+    assert of(ReportStarted, s.handle(TaskStarted(0, "a"))) == [ReportStarted(G, 0, "a")]
+    out = finish(s, 0, "a", inline=b"v")
+    assert of(ReportFinished, out) == [ReportFinished(G, 0, "a", b"v")]
+
+
+def test_idle_worker_takes_queued_work_of_another():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(graph([(), (0,), (0,), (0,), (0,)], wanted=[1, 2, 3, 4],
+                   groups=["load", "slow", "slow", "slow", "slow"]))
+    s.handle(TaskFinished(0, "a", INLINE_THRESHOLD * 2, None, 0.001))
+    # all four read a's large result, so they are placed on a; a runs one, queues one
+    assert len(s.workers["a"].processing) == 2 and len(s.workers["a"].queue) == 2
+    out = s.handle(WorkerJoined("b"))
+    # b had nothing to do: it took one of a's waiting tasks and reads the input from a
+    (d,) = of(Dispatch, out)
+    assert d.worker == "b" and d.deps == ((0, ("peer", "a")),)
+
+
+def test_released_task_is_rescheduled(s):
+    s.handle(graph([()], wanted=[0]))
+    out = s.handle(TaskReleased(0, "a"))
+    assert of(Dispatch, out) == [Dispatch("a", 0, G, b"body0", ())]
+
+
+def test_many_graphs_share_workers_and_keep_ids_apart(s):
+    s.handle(graph([(), (0,)], wanted=[1], gid=("c", 1)))
+    s.handle(graph([(), (0,)], wanted=[1], gid=("c", 2)))
+    assert set(s.tasks) == {0, 1, 2, 3}
+    assert s.tasks[2].graph.id == ("c", 2) and s.tasks[3].deps == (2,)
+
+
+def test_submitting_a_graph_twice_is_an_error(s):
+    s.handle(graph([()], wanted=[0]))
+    with pytest.raises(ValueError, match="twice"):
+        s.handle(graph([()], wanted=[0]))
