@@ -93,42 +93,51 @@ def _run(client: Client, spec: GraphSpec, state: dict, pretask: list, posttask: 
         True, notify,
     ))
     tracker = _CallbackTracker(spec, state, pretask, posttask) if notify else None
-    outstanding = set(wanted)
-    done = False
     try:
-        while outstanding:
-            try:
-                msg = inbox.get(timeout=POLL_SECONDS)
-            except queue.Empty:
-                continue
-            t = type(msg)
-            if t is P.Result:
-                if msg.node in outstanding:
-                    outstanding.discard(msg.node)
-                    values[msg.node] = (
-                        loads(msg.inline) if msg.inline is not None
-                        else client.fetch(msg.holder, msg.object_id))
-            elif t is P.Started:
-                if tracker:
-                    tracker.started(msg.node, msg.worker)
-            elif t is P.Finished:
-                if tracker:
-                    tracker.finished(msg.node, msg.worker, msg.inline)
-            elif t is P.Error:
-                done = True  # the head dropped the graph already
-                raise _error_of(msg, spec)
-            elif isinstance(msg, Exception):
-                done = True
-                raise msg
-        return values
+        # a function of its own: on CPython 3.11-3.12 a KeyboardInterrupt raised at a
+        # `continue` inside this try would skip the handler below (cpython#108214)
+        failure = _receive(client, spec, inbox, set(wanted), values, tracker)
     except BaseException:
-        if not done:
-            _quietly(client.send, P.CancelGraph(number))
-        raise
-    finally:
-        if not done:
-            _quietly(client.send, P.ReleaseGraph(number))
+        _quietly(client.send, P.CancelGraph(number))
         client.forget(number)
+        raise
+    client.forget(number)
+    if failure is not None:
+        raise failure  # the head has dropped the graph already
+    _quietly(client.send, P.ReleaseGraph(number))
+    return values
+
+
+def _receive(client: Client, spec: GraphSpec, inbox: queue.SimpleQueue, outstanding: set,
+             values: dict, tracker: "_CallbackTracker | None") -> BaseException | None:
+    """Take messages for one graph until every wanted value is in ``values``.
+
+    Returns the graph's error when it failed on the cluster (the head then has
+    forgotten it); raises only for failures here in the driver.
+    """
+    while outstanding:
+        try:
+            msg = inbox.get(timeout=POLL_SECONDS)
+        except queue.Empty:
+            continue
+        t = type(msg)
+        if t is P.Result:
+            if msg.node in outstanding:
+                outstanding.discard(msg.node)
+                values[msg.node] = (
+                    loads(msg.inline) if msg.inline is not None
+                    else client.fetch(msg.holder, msg.object_id))
+        elif t is P.Started:
+            if tracker:
+                tracker.started(msg.node, msg.worker)
+        elif t is P.Finished:
+            if tracker:
+                tracker.finished(msg.node, msg.worker, msg.inline)
+        elif t is P.Error:
+            return _error_of(msg, spec)
+        elif isinstance(msg, Exception):
+            return msg
+    return None
 
 
 def _quietly(fn: Any, *args: Any) -> None:

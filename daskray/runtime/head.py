@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from typing import Any
 
 import zmq
@@ -157,10 +158,13 @@ class Head:
             self.reject(ident, peer, str(exc))
             return
         role, name = peer
-        if role == P.ROLE_WORKER:
-            self.on_worker_message(name, msg)
-        else:
-            self.on_client_message(ident, msg)
+        try:
+            if role == P.ROLE_WORKER:
+                self.on_worker_message(name, msg)
+            else:
+                self.on_client_message(ident, msg)
+        except P.ProtocolError as exc:
+            self.reject(ident, peer, str(exc))
 
     def reject(self, ident: bytes, peer: tuple, reason: str) -> None:
         print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
@@ -195,14 +199,14 @@ class Head:
         if t is P.SubmitGraph:
             gid = (ident, msg.graph)
             if gid in self.state.graphs:
-                self.client_out.setdefault(ident, []).append(
-                    P.Rejected(f"graph {msg.graph} was submitted twice"))
-                return
-            self.tables[gid] = msg.function_table
-            self.apply(E.GraphSubmitted(
+                raise P.ProtocolError(f"graph {msg.graph} was submitted twice")
+            event = E.GraphSubmitted(
                 gid, msg.names, msg.deps, msg.priorities, msg.bodies, msg.data,
                 msg.wanted, msg.groups, msg.fail_fast, msg.notify,
-            ))
+            )
+            check_graph(event)
+            self.tables[gid] = msg.function_table
+            self.apply(event)
         elif t is P.ReleaseGraph:
             self.apply(E.GraphReleased((ident, msg.graph)))
         elif t is P.CancelGraph:
@@ -351,12 +355,40 @@ class Head:
         shutil.rmtree(self.session_dir, ignore_errors=True)
 
 
+def check_graph(ev: E.GraphSubmitted) -> None:
+    """Reject a graph message whose parts do not fit together, before the
+    scheduler sees it: a malformed message must not take the cluster down."""
+    n = len(ev.names) if isinstance(ev.names, list) else -1
+    if n < 0 or not all(isinstance(x, list) and len(x) == n
+                        for x in (ev.deps, ev.priorities, ev.bodies)):
+        raise P.ProtocolError("graph message: names, deps, priorities and bodies must be lists of one length")
+    if ev.groups and (not isinstance(ev.groups, list) or len(ev.groups) != n):
+        raise P.ProtocolError("graph message: groups must be a list as long as names")
+    if not isinstance(ev.data, dict) or not isinstance(ev.wanted, list):
+        raise P.ProtocolError("graph message: data must be a dict and wanted a list")
+    for i, (deps, body) in enumerate(zip(ev.deps, ev.bodies)):
+        if not isinstance(deps, (tuple, list)) or not all(
+                type(d) is int and 0 <= d < i for d in deps):
+            raise P.ProtocolError(f"graph message: node {i} has bad dependencies {deps!r:.80}")
+        if body is None and deps or body is not None and not isinstance(body, bytes):
+            raise P.ProtocolError(f"graph message: node {i} has a bad body (bytes, or None for data)")
+    if not all(type(i) is int and 0 <= i < n for i in ev.wanted):
+        raise P.ProtocolError("graph message: wanted names a node that does not exist")
+    if not all(type(p) is int for p in ev.priorities):
+        raise P.ProtocolError("graph message: priorities must be integers")
+
+
 def main() -> None:
     config = child_setup()
     head = Head(config)
+    code = 0
     try:
         head.run()
+    except BaseException:
+        traceback.print_exc()
+        print("daskray: the head process failed; the cluster is stopping", file=sys.stderr)
+        code = 1
     finally:
         head.stop()
-        os._exit(0)
+        os._exit(code)
 

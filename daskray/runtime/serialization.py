@@ -23,9 +23,11 @@ import io
 import pickle
 import traceback
 import types
+from collections import ChainMap
 from typing import Any, Iterable, Sequence
 
 import cloudpickle
+import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from ..errors import RemoteTraceback, SerializationError, TaskError
 
@@ -34,12 +36,43 @@ _PICKLE_FAILURES = (pickle.PicklingError, TypeError, AttributeError, ValueError)
 
 
 def describe(obj: Any, limit: int = 80) -> str:
-    """A short, safe description of ``obj`` for error messages."""
+    """A short, safe description of ``obj`` for error messages.
+
+    Functions and classes are named by module and qualified name, in full: that
+    is what tells the user which one it is.
+    """
+    if isinstance(obj, (types.FunctionType, types.BuiltinFunctionType, type)):
+        module = getattr(obj, "__module__", None)
+        name = getattr(obj, "__qualname__", getattr(obj, "__name__", "?"))
+        kind = "class" if isinstance(obj, type) else "function"
+        return f"{kind} {module}.{name}" if module else f"{kind} {name}"
     try:
         text = repr(obj)
     except Exception:
         text = f"<{type(obj).__name__} object>"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _code_reduce_keeping_filename(code: types.CodeType) -> tuple:
+    """cloudpickle's reducer for code objects, minus its ``<dynamic-code>`` file name.
+
+    Keeping the real file name is what lets a worker's traceback show the user's
+    file and line for functions defined in a script or notebook-free module.
+    """
+    cls, args = _cloudpickle_impl._code_reduce(code)
+    return cls, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
+
+
+class _Pickler(cloudpickle.Pickler):
+    dispatch_table = ChainMap(
+        {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
+    )
+
+
+def _cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return buf.getvalue()
 
 
 # --------------------------------------------------------------------------- values
@@ -52,7 +85,7 @@ def dumps(obj: Any) -> bytes:
     except _PICKLE_FAILURES:
         pass
     try:
-        return cloudpickle.dumps(obj, protocol=PROTOCOL)
+        return _cloudpickle_dumps(obj)
     except Exception as exc:
         raise SerializationError(
             f"cannot pickle {describe(obj)} of type {type(obj).__qualname__}: {exc}. "
@@ -78,7 +111,7 @@ def dumps_frames(obj: Any) -> list[Any]:
     except _PICKLE_FAILURES:
         buffers = []
         try:
-            header = cloudpickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+            header = _cloudpickle_dumps(obj, buffer_callback=buffers.append)
         except Exception as exc:
             raise SerializationError(
                 f"cannot pickle {describe(obj)} of type {type(obj).__qualname__}: {exc}"
@@ -193,11 +226,11 @@ class GraphEncoder:
     def encode_table(self) -> bytes:
         """Cloudpickle the function table; name the culprit when that fails."""
         try:
-            return cloudpickle.dumps(self._table, protocol=PROTOCOL)
+            return _cloudpickle_dumps(self._table)
         except Exception:
             for obj in self._table:
                 try:
-                    cloudpickle.dumps(obj, protocol=PROTOCOL)
+                    _cloudpickle_dumps(obj)
                 except Exception as exc:
                     raise SerializationError(
                         f"cannot pickle {describe(obj)}: {exc}. Functions and the "

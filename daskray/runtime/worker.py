@@ -27,7 +27,7 @@ from typing import Any
 
 import zmq
 
-from ..errors import ObjectLostError, TaskCancelledError
+from ..errors import ObjectLostError, SerializationError, TaskCancelledError
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import transport
@@ -258,7 +258,10 @@ class Worker:
             elif nbytes <= INLINE_THRESHOLD:
                 inline = frames[0] if len(frames) == 1 else dumps(result)
         except BaseException as exc:  # noqa: BLE001
-            self._report(("e", task_id, dumps_exception(exc, getattr(node, "key", task_id))))
+            key = getattr(node, "key", task_id)
+            error = SerializationError(
+                f"the result of task {key!r} cannot be sent to other processes: {exc}")
+            self._report(("e", task_id, dumps_exception(error, key)))
             return
         self.store.put(task_id, result)
         self._report(("f", task_id, nbytes, inline, duration))
