@@ -7,7 +7,8 @@
 >>> daskray.shutdown()                               # doctest: +SKIP
 """
 
-from .api import get, init, is_initialized, shutdown
+from .api import cancel, get, init, is_initialized, put, remote, shutdown, wait
+from .refs import ObjectRef
 from .errors import (
     ClusterError, DaskrayError, GetTimeoutError, GraphError, ObjectLostError,
     RemoteTraceback, SerializationError, TaskCancelledError, TaskError, WorkerCrashedError,
@@ -16,7 +17,8 @@ from .errors import (
 __version__ = "0.1.0"
 
 __all__ = [
-    "init", "shutdown", "is_initialized", "get",
+    "init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
+    "ObjectRef",
     "DaskrayError", "ClusterError", "GraphError", "SerializationError", "TaskError",
     "RemoteTraceback", "WorkerCrashedError", "ObjectLostError", "TaskCancelledError",
     "GetTimeoutError",

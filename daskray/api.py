@@ -1,4 +1,4 @@
-"""The public entry points: ``init``, ``shutdown``, ``is_initialized``, ``get``.
+"""The public entry points: ``init``, ``shutdown``, ``get``, ``put``, ``wait``, ``remote``...
 
 One runtime per driver process, held here.  ``init`` starts a local cluster (or,
 with ``local_mode=True``, nothing: graphs then run serially in this process) and
@@ -19,11 +19,17 @@ import dask.local
 
 from . import dask_scheduler
 from .errors import ClusterError
+from .refs import ObjectRef, tracker
+from .remote import RemoteFunction, check_options
 from .runtime.cluster import LocalCluster
+from .runtime.local_session import LocalSession
+from .runtime.session import Session
 
 _UNSET = object()
 _lock = threading.RLock()
 _runtime: "_Runtime | None" = None
+#: inside a worker process: the session tasks use to call .remote(), get(), put()
+_worker_session: Session | None = None
 
 
 class _Runtime:
@@ -32,6 +38,9 @@ class _Runtime:
     def __init__(self, cluster: LocalCluster | None, set_dask_scheduler: bool) -> None:
         self.cluster = cluster
         self.local_mode = cluster is None
+        self.session: Session | LocalSession = (
+            LocalSession() if cluster is None else Session(cluster.client))
+        tracker.on_drop = self.session.forget
         self.saved_config: dict[str, Any] = {}
         if set_dask_scheduler:
             self._set_config("scheduler", get)
@@ -61,6 +70,7 @@ def init(
     local_mode: bool = False,
     set_dask_scheduler: bool = True,
     ignore_reinit_error: bool = False,
+    resources: dict | list | None = None,
     _validate: bool = False,
 ) -> None:
     """Start daskray on this machine: a head process and ``num_workers`` workers.
@@ -71,6 +81,10 @@ def init(
     ``set_dask_scheduler=False``, daskray becomes dask's default scheduler until
     :func:`shutdown`.  Calling ``init`` twice raises :class:`ClusterError` unless
     ``ignore_reinit_error=True``.
+
+    ``resources`` declares custom resources for tasks to ask for with
+    ``.options(resources=...)``: a dict gives every worker the same, a list of
+    dicts gives worker *i* the *i*-th.
     """
     global _runtime
     with _lock:
@@ -84,8 +98,14 @@ def init(
         if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         cluster = None
+        n = num_workers or os.cpu_count() or 1
+        if isinstance(resources, dict):
+            resources = [resources] * n
+        if resources is not None and (
+                len(resources) != n or not all(isinstance(r, dict) for r in resources)):
+            raise ValueError("resources must be a dict, or a list of one dict per worker")
         if not local_mode:
-            cluster = LocalCluster(num_workers or os.cpu_count() or 1, validate=_validate)
+            cluster = LocalCluster(n, validate=_validate, resources=resources)
         _runtime = _Runtime(cluster, set_dask_scheduler)
 
 
@@ -102,6 +122,7 @@ def shutdown() -> None:
         if runtime is None:
             return
         runtime.restore_config()
+        tracker.on_drop = None
         if runtime.cluster is not None:
             runtime.cluster.close()
 
@@ -116,19 +137,103 @@ def _current() -> _Runtime:
     return runtime
 
 
-def get(dsk: Any, keys: Any = None, **kwargs: Any) -> Any:
-    """Compute ``keys`` of the dask graph ``dsk``: dask's scheduler ``get``.
+def _session() -> Session | LocalSession:
+    """The session remote calls go through: the driver's, or the worker's inside a task."""
+    if _worker_session is not None:
+        return _worker_session
+    return _current().session
 
-    Use it as ``dask.compute(x, scheduler=daskray.get)``, ``scheduler="daskray"``,
-    or just ``x.compute()`` after :func:`init`.  ``keys`` may be one key, a list
-    or nested lists of keys; lists come back as tuples.  Unknown keyword
-    arguments are accepted and ignored.
+
+def _attach_worker(worker: Any) -> None:
+    """Called once in each worker process: tasks may use the cluster from there."""
+    global _worker_session
+    _worker_session = Session(worker)
+    tracker.on_drop = _worker_session.forget
+
+
+def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Any:
+    """The values of ObjectRefs, or the results of a dask graph.
+
+    ``get(ref)`` / ``get([ref, ...])`` returns the object's value / a list of them
+    (Ray's ``get``), waiting at most ``timeout`` seconds (``GetTimeoutError``).
+
+    ``get(dsk, keys, **kwargs)`` is dask's scheduler entry point: use it as
+    ``dask.compute(x, scheduler=daskray.get)``, ``scheduler="daskray"``, or just
+    ``x.compute()`` after :func:`init`.  ``keys`` may be one key, a list or nested
+    lists of keys; lists come back as tuples.  Unknown keyword arguments are
+    accepted and ignored.
+
+    Which one is meant is decided by the type of the first argument alone.
     """
+    if isinstance(obj, ObjectRef):
+        return _session().get([obj], timeout)[0]
+    if isinstance(obj, (list, tuple)):
+        bad = next((x for x in obj if not isinstance(x, ObjectRef)), None)
+        if bad is not None:
+            raise TypeError(
+                f"daskray.get() of a list expects ObjectRefs, found {type(bad).__name__}; "
+                "to compute a dask graph pass the graph and its keys")
+        return _session().get(list(obj), timeout)
+    if keys is None:
+        raise TypeError(
+            "daskray.get() takes an ObjectRef, a list of ObjectRefs, or a dask graph "
+            f"and its keys; got {type(obj).__name__} and no keys")
+    return _get_dask(obj, keys, **kwargs)
+
+
+def _get_dask(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     runtime = _current()
     if runtime.local_mode:
         kwargs.pop("num_workers", None)
         return dask.local.get_sync(dsk, keys, **kwargs)
     return dask_scheduler.get(runtime.cluster.client, dsk, keys, **kwargs)
+
+
+def put(value: Any) -> ObjectRef:
+    """Store ``value`` in the cluster once; tasks given the ref read it there."""
+    return _session().put(value)
+
+
+def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
+         fetch_local: bool = True) -> tuple[list, list]:
+    """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready or
+    ``timeout`` seconds passed; both lists keep the input order."""
+    refs = list(refs)
+    if not all(isinstance(r, ObjectRef) for r in refs):
+        raise TypeError("daskray.wait() expects a list of ObjectRefs")
+    if len(set(refs)) != len(refs):
+        raise ValueError("daskray.wait() expects distinct ObjectRefs")
+    return _session().wait(refs, num_returns, timeout)
+
+
+def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
+    """Cancel the task behind ``ref``: dropped if queued, interrupted if running;
+    ``get`` then raises ``TaskCancelledError``.  A finished task is left alone."""
+    if not isinstance(ref, ObjectRef):
+        raise TypeError(f"daskray.cancel() expects an ObjectRef, got {type(ref).__name__}")
+    _session().cancel([ref])
+
+
+def remote(*args: Any, **options: Any) -> Any:
+    """Make a function a remote function: ``@daskray.remote`` or ``@daskray.remote(num_cpus=1, ...)``.
+
+    Options: ``num_cpus``, ``num_gpus``, ``resources``, ``num_returns``,
+    ``max_retries`` (re-runs after a worker died; default 3), ``retry_exceptions``
+    (also re-run after the task raised), ``name``.  Invalid ones raise here.
+    """
+    if len(args) == 1 and not options and callable(args[0]):
+        return _make_remote(args[0], {})
+    if args:
+        raise TypeError("use @daskray.remote or @daskray.remote(option=value, ...)")
+    check_options(options)
+    return lambda obj: _make_remote(obj, options)
+
+
+def _make_remote(obj: Any, options: dict) -> Any:
+    if isinstance(obj, type):
+        raise NotImplementedError(
+            "remote classes (actors) are not available yet in this version of daskray")
+    return RemoteFunction(obj, options)
 
 
 dask.base.named_schedulers["daskray"] = get

@@ -31,6 +31,7 @@ from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
 from dask.order import order
 
 from .errors import GraphError
+from .refs import ref_key_of
 from .runtime.serialization import GraphEncoder, describe, dumps
 
 Key = Hashable
@@ -63,6 +64,8 @@ class GraphSpec:
     aliases: dict[Key, int] = field(default_factory=dict)
     #: the requested keys, flattened
     requested: list[Key] = field(default_factory=list)
+    #: nodes that are ObjectRefs (objects already in the cluster): {node: ref key}
+    external: dict[int, tuple] = field(default_factory=dict)
 
     @property
     def num_tasks(self) -> int:
@@ -117,7 +120,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     cache = dict(cache or {})
     wanted = flatten_keys(keys)
     for key in wanted:
-        if key not in graph and key not in cache:
+        if key not in graph and key not in cache and ref_key_of(key) is None:
             raise KeyError(key)
 
     nodes, aliases = _cull(graph, cache, wanted)
@@ -131,7 +134,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     topo = _toposort(nodes, graph, cache, node_of)
     culled = {k: graph[k] for k in nodes if k in graph and k not in cache}
     culled.update((a, graph[a]) for a in aliases)
-    culled.update((k, DataNode(k, None)) for k in nodes if k in cache)
+    culled.update((k, DataNode(k, None)) for k in nodes if k in cache or k not in graph)
     priority = order(culled) if culled else {}
 
     encoder = GraphEncoder()
@@ -144,10 +147,11 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     renumber = {old: new for new, old in enumerate(topo)}
     wanted_nodes = {node_of(k) for k in wanted}
     needed_data = set()
+    external: dict[int, tuple] = {}
     for old in topo:
         key = nodes[old]
         node = graph.get(key, _NO_VALUE)
-        if key in cache or isinstance(node, DataNode):
+        if key in cache or isinstance(node, DataNode) or node is _NO_VALUE:
             continue
         needed_data.update(node_of(d) for d in node.dependencies)
     for old in topo:
@@ -156,6 +160,11 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
         keys_out.append(key)
         prio.append(priority.get(key, 0))
         node = graph.get(key, _NO_VALUE)
+        if node is _NO_VALUE and key not in cache:  # an ObjectRef
+            external[new] = ref_key_of(key)
+            blobs.append(None)
+            deps.append(())
+            continue
         if key in cache or isinstance(node, DataNode):
             value = cache[key] if key in cache else node.value
             blobs.append(None)
@@ -181,6 +190,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
         dsk=graph,
         aliases={a: renumber[i] for a, i in alias_index.items()},
         requested=wanted,
+        external=external,
     )
 
 
@@ -204,6 +214,9 @@ def _cull(graph: Mapping, cache: Mapping, wanted: list[Key]) -> tuple[list[Key],
             nodes.append(key)
             continue
         node = graph.get(key)
+        if node is None and ref_key_of(key) is not None:
+            nodes.append(key)  # an ObjectRef: an object already in the cluster
+            continue
         if node is None:
             raise GraphError(
                 f"Missing dependency {key!r} for dependents "

@@ -19,6 +19,7 @@ Choices where dask's contract is silent:
 
 from __future__ import annotations
 
+import hashlib
 import queue
 from typing import Any
 
@@ -27,10 +28,12 @@ from dask.local import finish_task, start_state_from_dask
 from dask.utils import key_split
 
 from . import errors
+from .refs import ObjectRef
 from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
 from .runtime import protocol as P
 from .runtime.client import Client
-from .runtime.serialization import loads, loads_exception
+from .runtime.serialization import loads
+from .runtime.session import error_of
 
 POLL_SECONDS = 0.1
 
@@ -83,14 +86,27 @@ def _pack(outputs: Any, values: dict[int, Any]) -> Any:
 def _run(client: Client, spec: GraphSpec, state: dict, pretask: list, posttask: list,
          notify: bool) -> dict[int, Any]:
     values: dict[int, Any] = dict(spec.local_values)
-    wanted = sorted({n for n in flatten_keys(spec.outputs) if n not in values})
-    if not wanted:
-        return values
+    outputs = {n for n in flatten_keys(spec.outputs) if n not in values}
+    refs_wanted = [n for n in outputs if n in spec.external]
+    wanted = sorted(outputs.difference(refs_wanted))
+    if wanted:
+        _run_on_cluster(client, spec, state, pretask, posttask, notify, wanted, values)
+    if refs_wanted:
+        keep = [ObjectRef(spec.external[n]) for n in refs_wanted]
+        for n, value in zip(refs_wanted, session_get(keep)):
+            values[n] = value
+    return values
+
+
+def _run_on_cluster(client: Client, spec: GraphSpec, state: dict, pretask: list,
+                    posttask: list, notify: bool, wanted: list, values: dict) -> None:
     number, inbox = client.new_graph()
+    table = spec.function_table
     client.send(P.SubmitGraph(
         number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
-        spec.data_blobs, wanted, [key_split(k) for k in spec.keys], spec.function_table,
-        True, notify,
+        spec.data_blobs, wanted, [key_split(k) for k in spec.keys], table,
+        hashlib.blake2b(table, digest_size=16).digest(), True, notify, spec.external, [],
+        0, False, None,
     ))
     tracker = _CallbackTracker(spec, state, pretask, posttask) if notify else None
     try:
@@ -105,7 +121,6 @@ def _run(client: Client, spec: GraphSpec, state: dict, pretask: list, posttask: 
     if failure is not None:
         raise failure  # the head has dropped the graph already
     _quietly(client.send, P.ReleaseGraph(number))
-    return values
 
 
 def _receive(client: Client, spec: GraphSpec, inbox: queue.SimpleQueue, outstanding: set,
@@ -140,6 +155,12 @@ def _receive(client: Client, spec: GraphSpec, inbox: queue.SimpleQueue, outstand
     return None
 
 
+def session_get(refs: list) -> list:
+    from .api import _session
+
+    return _session().get(refs)
+
+
 def _quietly(fn: Any, *args: Any) -> None:
     try:
         fn(*args)
@@ -148,12 +169,7 @@ def _quietly(fn: Any, *args: Any) -> None:
 
 
 def _error_of(msg: P.Error, spec: GraphSpec) -> BaseException:
-    if msg.error is not None:
-        return loads_exception(msg.error)
-    kind = getattr(errors, msg.kind or "", None)
-    if not (isinstance(kind, type) and issubclass(kind, errors.DaskrayError)):
-        kind = errors.DaskrayError
-    return kind(msg.message or f"task {spec.keys[msg.node]!r} failed")
+    return error_of(msg)
 
 
 class _CallbackTracker:

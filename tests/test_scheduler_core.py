@@ -57,7 +57,7 @@ def test_chain_runs_in_order_and_frees_intermediates(s):
     assert of(ReportResult, out) == [ReportResult(G, 2, b"result", None, 2)]
     out = s.handle(GraphReleased(G))
     assert FreeObjects("a", (2,)) in out
-    assert ForgetGraph("a", G) in out
+    assert ForgetGraph(G) in out
     assert s.tasks == {} and s.graphs == {}
 
 

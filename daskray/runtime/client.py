@@ -15,13 +15,16 @@ with :class:`~daskray.errors.ClusterError` instead of hanging.
 from __future__ import annotations
 
 import itertools
+import os
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 import zmq
 
 from ..errors import ClusterError
+from ..refs import tracker
 from . import protocol as P
 from . import transport
 from .process import pidfd
@@ -44,8 +47,13 @@ class Client:
         self._wake_pull.bind(self._wake_address)
         self._push = self.ctx.socket(zmq.PUSH)
         self._push.connect(self._wake_address)
-        self._head = transport.dealer(self.ctx, head_address)
+        self.client_id = b"c" + os.urandom(7)
+        self._head = transport.dealer(self.ctx, head_address, identity=self.client_id)
         self._head_pid = head_pid
+        #: what is known of ObjectRefs: {ref key: RefResult}, filed by the I/O thread
+        self.results: dict = {}
+        self._results_changed = threading.Condition()
+        self._next_store = 0
         self._welcome: queue.SimpleQueue = queue.SimpleQueue()
         self.workers: dict[str, str] = {}
         self.closed = False
@@ -68,6 +76,38 @@ class Client:
             raise msg
         self.workers = dict(msg.workers)
         return self.workers
+
+    def next_number(self) -> int:
+        return next(self._graph_numbers)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
+        """Block until ``predicate()`` holds (checked as results arrive) or timeout."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._results_changed:
+            while not predicate():
+                if self.failure is not None:
+                    raise ClusterError(self.failure)
+                remaining = 0.1 if deadline is None else min(0.1, deadline - time.monotonic())
+                if remaining <= 0:
+                    return False
+                self._results_changed.wait(remaining)
+        return True
+
+    def store_large(self, key: str, frames: list) -> str:
+        """Store a large ``put`` value on a worker (round robin); that worker's id."""
+        workers = sorted(self.workers.items())
+        if not workers:
+            raise ClusterError("no worker is running to hold the object")
+        wid, address = workers[self._next_store % len(workers)]
+        self._next_store += 1
+        sock = transport.dealer(self.ctx, address)
+        try:
+            sock.send_multipart([self.token, P.PUT, key.encode(), *frames], copy=False)
+            if not sock.poll(FETCH_TIMEOUT_MS) or sock.recv() != P.OK:
+                raise ClusterError(f"worker {wid} did not store the object")
+        finally:
+            sock.close(0)
+        return wid
 
     def new_graph(self) -> tuple[int, queue.SimpleQueue]:
         """A fresh graph number and the queue its messages will arrive on."""
@@ -120,8 +160,11 @@ class Client:
             poller.register(head_fd, zmq.POLLIN)
         try:
             while True:
-                ready = dict(poller.poll(1000))
-                if self._wake_pull in ready:
+                ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+                # taken before draining the queue below: a drop recorded after a
+                # submission that pins the same ref is then sent after it
+                added, dropped = tracker.take_changes()
+                if self._wake_pull in ready or added or dropped:
                     while True:
                         try:
                             data = self._wake_pull.recv(zmq.NOBLOCK, copy=False)
@@ -130,6 +173,8 @@ class Client:
                         if not len(data.buffer):
                             return
                         self._head.send(data, copy=False)
+                    if added or dropped:
+                        self._head.send(P.encode(P.RefsUpdate(added, dropped)))
                 if self._head in ready:
                     while True:
                         try:
@@ -156,6 +201,11 @@ class Client:
             self._welcome.put(msg)
         elif t is P.WorkersChanged:
             self.workers = dict(msg.workers)
+        elif t is P.RefResult:
+            if msg.ref in tracker.counts:
+                with self._results_changed:
+                    self.results[msg.ref] = msg
+                    self._results_changed.notify_all()
         elif t is P.Rejected:
             self._fail_all(f"the head rejected a message: {msg.reason}")
         else:
@@ -171,6 +221,8 @@ class Client:
         self._welcome.put(error)
         for q in queues:
             q.put(error)
+        with self._results_changed:
+            self._results_changed.notify_all()
 
 
 def call_all(funcs: list[Callable], *args: Any) -> None:

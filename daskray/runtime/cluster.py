@@ -53,7 +53,8 @@ def sweep_stale_sessions() -> list[str]:
 class LocalCluster:
     """Head and workers on this machine, bound to a private ipc directory."""
 
-    def __init__(self, num_workers: int, validate: bool = False) -> None:
+    def __init__(self, num_workers: int, validate: bool = False,
+                 resources: list | None = None) -> None:
         sweep_stale_sessions()
         self.num_workers = num_workers
         self.session_dir = tempfile.mkdtemp(prefix=SESSION_PREFIX)
@@ -67,6 +68,7 @@ class LocalCluster:
             "head_address": self.head_address,
             "num_workers": num_workers,
             "validate": validate,
+            "resources": resources,
         })
         self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
         try:

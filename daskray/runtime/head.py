@@ -50,10 +50,13 @@ class Head:
         self.worker_fds: dict[int, str] = {}
         self.worker_address: dict[str, str] = {}
         self.worker_control: dict[str, zmq.Socket] = {}
-        self.tables: dict[Any, bytes] = {}
-        self.tables_sent: dict[str, set] = {}
+        self.tables: dict[bytes, bytes] = {}  # table id -> cloudpickled function table
+        self.table_users: dict[bytes, int] = {}  # table id -> live graphs using it
+        self.graph_table: dict[Any, bytes] = {}  # graph id -> its table id
+        self.tables_sent: dict[str, set] = {}  # worker id -> table ids it has
         self.waiting_clients: list[bytes] = []
         self.next_worker = 0
+        self.slot_of: dict[str, int] = {}
         self.respawns: list[float] = []
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
@@ -72,14 +75,19 @@ class Head:
             I.ReportError: self._do_error,
             I.ReportStarted: self._do_started,
             I.ReportFinished: self._do_finished,
+            I.NotifyRef: self._do_notify_ref,
         }
 
     # ------------------------------------------------------------------ workers
 
-    def spawn_worker(self) -> None:
+    def spawn_worker(self, slot: int) -> None:
+        """Start the worker for ``slot`` (0..num_workers-1: which resources it has)."""
         self.next_worker += 1
         wid = f"w{self.next_worker}"
+        self.slot_of[wid] = slot
+        resources = self.config.get("resources") or []
         proc = spawn("daskray.runtime.start_worker", {
+            "resources": resources[slot] if slot < len(resources) else {},
             "worker_id": wid,
             "token": self.token.hex(),
             "session_dir": self.session_dir,
@@ -124,7 +132,7 @@ class Head:
         now = time.monotonic()
         self.respawns = [t for t in self.respawns if now - t < 60] + [now]
         if len(self.respawns) <= MAX_RESPAWNS_PER_MINUTE:
-            self.spawn_worker()
+            self.spawn_worker(self.slot_of.get(wid, 0))
         else:
             print("daskray: workers keep dying; not starting more", file=sys.stderr)
 
@@ -177,22 +185,28 @@ class Head:
             for item in msg.items:
                 kind = item[0]
                 if kind == "f":
-                    apply(E.TaskFinished(item[1], wid, item[2], item[3], item[4]))
+                    apply(E.TaskFinished(item[1], wid, item[2], item[3], item[4], item[5]))
                 elif kind == "e":
                     apply(E.TaskErred(item[1], wid, item[2]))
                 elif kind == "s":
                     apply(E.TaskStarted(item[1], wid))
                 elif kind == "r":
                     apply(E.TaskReleased(item[1], wid))
+                elif kind == "refs":
+                    apply(E.RefsChanged(item[1], item[2]))
+                elif kind == "blocked":
+                    apply(E.WorkerBlocked(wid, item[1]))
         elif type(msg) is P.WorkerReady:
             if wid not in self.procs:
                 return
             self.worker_address[wid] = msg.address
             self.worker_control[wid] = transport.dealer(self.ctx, msg.address)
             self.tables_sent[wid] = set()
-            self.apply(E.WorkerJoined(wid, msg.slots))
+            self.apply(E.WorkerJoined(wid, msg.slots, msg.resources))
             self.broadcast_workers()
             self.welcome_clients()
+        else:  # code running in a worker may use the cluster like any client
+            self.on_client_message(wid.encode(), msg)
 
     def on_client_message(self, ident: bytes, msg: Any) -> None:
         t = type(msg)
@@ -202,11 +216,29 @@ class Head:
                 raise P.ProtocolError(f"graph {msg.graph} was submitted twice")
             event = E.GraphSubmitted(
                 gid, msg.names, msg.deps, msg.priorities, msg.bodies, msg.data,
-                msg.wanted, msg.groups, msg.fail_fast, msg.notify,
+                msg.wanted, msg.groups, msg.fail_fast, msg.notify, msg.external,
+                msg.pinned, msg.max_retries, msg.retry_exceptions, msg.resources,
             )
             check_graph(event)
-            self.tables[gid] = msg.function_table
+            self.tables.setdefault(msg.table_id, msg.function_table)
+            self.table_users[msg.table_id] = self.table_users.get(msg.table_id, 0) + 1
+            self.graph_table[gid] = msg.table_id
             self.apply(event)
+        elif t is P.PutObject:
+            gid = (ident, msg.graph)
+            if gid in self.state.graphs:
+                raise P.ProtocolError(f"object {msg.graph} was put twice")
+            if msg.holder is not None and msg.holder not in self.worker_address:
+                raise P.ProtocolError(f"put: no worker {msg.holder!r}")
+            self.apply(E.ObjectPut(gid, msg.name, msg.inline, msg.holder, msg.nbytes,
+                                   msg.store_key))
+        elif t is P.RefsUpdate:
+            self.apply(E.RefsChanged(msg.added, msg.dropped))
+        elif t is P.SubscribeRefs:
+            self.apply(E.Subscribe(ident, msg.refs))
+        elif t is P.CancelRefs:
+            for ref in msg.refs:
+                self.apply(E.CancelRef(ref))
         elif t is P.ReleaseGraph:
             self.apply(E.GraphReleased((ident, msg.graph)))
         elif t is P.CancelGraph:
@@ -228,10 +260,6 @@ class Head:
         handlers = self._instruction_handlers
         for ins in self.state.handle(event):
             handlers[type(ins)](ins)
-        if type(event) in (E.GraphReleased, E.GraphCancelled, E.ClientLost, E.TaskErred,
-                           E.WorkerLost):
-            for gid in [g for g in self.tables if g not in self.state.graphs]:
-                del self.tables[gid]
 
     def _do_dispatch(self, ins: I.Dispatch) -> None:
         wid = ins.worker
@@ -241,11 +269,12 @@ class Head:
                 (oid, ("peer", self.worker_address[src[1]]) if src[0] == "peer" else src)
                 for oid, src in deps
             )
+        table_id = self.graph_table[ins.graph]
         sent = self.tables_sent[wid]
-        if ins.graph not in sent:
-            sent.add(ins.graph)
-            self.run_tables.setdefault(wid, {})[ins.graph] = self.tables[ins.graph]
-        self.runs.setdefault(wid, []).append((ins.task, ins.graph, ins.body, deps, ins.notify))
+        if table_id not in sent:
+            sent.add(table_id)
+            self.run_tables.setdefault(wid, {})[table_id] = self.tables[table_id]
+        self.runs.setdefault(wid, []).append((ins.task, table_id, ins.body, deps, ins.notify))
 
     def _do_free(self, ins: I.FreeObjects) -> None:
         self._flush_runs(ins.worker)
@@ -260,11 +289,24 @@ class Head:
                 [self.token, P.INTERRUPT, b",".join(str(t).encode() for t in ins.tasks)])
 
     def _do_forget(self, ins: I.ForgetGraph) -> None:
-        sent = self.tables_sent.get(ins.worker)
-        if sent is not None and ins.graph in sent:
-            sent.discard(ins.graph)
-            self._flush_runs(ins.worker)
-            self.worker_out.setdefault(ins.worker, []).append(P.Forget((ins.graph,)))
+        table_id = self.graph_table.pop(ins.graph, None)
+        if table_id is None:
+            return
+        self.table_users[table_id] -= 1
+        if self.table_users[table_id] > 0:
+            return
+        del self.table_users[table_id]
+        del self.tables[table_id]
+        for wid, sent in self.tables_sent.items():
+            if table_id in sent:
+                sent.discard(table_id)
+                self._flush_runs(wid)
+                self.worker_out.setdefault(wid, []).append(P.Forget((table_id,)))
+
+    def _do_notify_ref(self, ins: I.NotifyRef) -> None:
+        holder = self.worker_address.get(ins.holder) if ins.holder else None
+        self.client_out.setdefault(ins.to, []).append(P.RefResult(
+            ins.ref, ins.inline, holder, ins.object_id, ins.error, ins.kind, ins.message))
 
     def _do_result(self, ins: I.ReportResult) -> None:
         holder = self.worker_address.get(ins.holder) if ins.holder else None
@@ -315,8 +357,8 @@ class Head:
     # ------------------------------------------------------------------ main loop
 
     def run(self) -> None:
-        for _ in range(self.num_workers):
-            self.spawn_worker()
+        for slot in range(self.num_workers):
+            self.spawn_worker(slot)
         parent_fd = pidfd(self.parent_pid)
         if parent_fd is not None:
             self.poller.register(parent_fd, zmq.POLLIN)

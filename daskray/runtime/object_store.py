@@ -19,10 +19,20 @@ from .serialization import dumps_frames, loads
 
 
 class _Pickled:
+    """An object as it arrived: in-band ``bytes``, or ``[header, buffer, ...]``."""
+
     __slots__ = ("data",)
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: Any) -> None:
         self.data = data
+
+    def load(self) -> Any:
+        if isinstance(self.data, list):
+            return loads(self.data[0], buffers=self.data[1:])
+        return loads(self.data)
+
+    def frames(self) -> list:
+        return self.data if isinstance(self.data, list) else [self.data]
 
 
 class ObjectStore:
@@ -45,6 +55,10 @@ class ObjectStore:
         """Keep an object that arrived pickled; it is unpickled when first read."""
         self._objects.setdefault(object_id, _Pickled(data))
 
+    def put_frames(self, object_id: Any, frames: list) -> None:
+        """Keep an object that arrived as out-of-band frames (a large ``put``)."""
+        self._objects[object_id] = _Pickled(frames)
+
     def get(self, object_id: int) -> Any:
         """The value; ``KeyError`` if this store does not hold it."""
         value = self._objects[object_id]
@@ -52,7 +66,7 @@ class ObjectStore:
             with self._lock:
                 value = self._objects[object_id]
                 if type(value) is _Pickled:
-                    value = loads(value.data)
+                    value = value.load()
                     self._objects[object_id] = value
         return value
 
@@ -60,7 +74,7 @@ class ObjectStore:
         """The object as frames for another process (see ``dumps_frames``)."""
         value = self._objects[object_id]
         if type(value) is _Pickled:
-            return [value.data]
+            return value.frames()
         return dumps_frames(value)
 
     def delete(self, object_id: int) -> None:

@@ -25,6 +25,7 @@ HELLO = b"daskray-hello"
 ROLE_CLIENT = b"client"
 ROLE_WORKER = b"worker"
 GET = b"get"
+PUT = b"put"
 INTERRUPT = b"interrupt"
 OK = b"ok"
 MISSING = b"missing"
@@ -105,8 +106,17 @@ class SubmitGraph:
     wanted: list
     groups: list
     function_table: bytes
+    #: content hash of ``function_table``: workers keep tables by it
+    table_id: bytes
     fail_fast: bool
     notify: bool
+    #: {node: ref key} for nodes standing for existing objects
+    external: dict
+    #: ref keys pickled inside task arguments
+    pinned: list
+    max_retries: int
+    retry_exceptions: bool
+    resources: dict | None
 
 
 @message(2)
@@ -122,6 +132,36 @@ class ReleaseGraph:
 @message(4)
 class StopCluster:
     pass
+
+
+@message(5)
+class PutObject:
+    """``daskray.put``: a small value inline, or a large one already stored on a worker."""
+
+    graph: int
+    name: str
+    inline: bytes | None
+    holder: str | None
+    nbytes: int
+    store_key: str | None
+
+
+@message(6)
+class RefsUpdate:
+    """This process started (``added``) or stopped (``dropped``) holding these refs."""
+
+    added: list
+    dropped: list
+
+
+@message(7)
+class SubscribeRefs:
+    refs: list
+
+
+@message(8)
+class CancelRefs:
+    refs: list
 
 
 # ------------------------------------------------------------------ head -> client
@@ -168,6 +208,19 @@ class Finished:
     inline: bytes | None
 
 
+@message(17)
+class RefResult:
+    """A remote object is ready (``inline`` or on ``holder``) or failed."""
+
+    ref: tuple
+    inline: bytes | None
+    holder: str | None
+    object_id: int
+    error: bytes | None
+    kind: str | None
+    message: str | None
+
+
 @message(15)
 class WorkersChanged:
     workers: dict
@@ -188,6 +241,7 @@ class WorkerReady:
     address: str
     pid: int
     slots: int
+    resources: dict
 
 
 @message(21)
@@ -195,7 +249,8 @@ class Reports:
     """A batch of task reports from a worker; each item a tuple:
 
     ``("f", task, nbytes, inline, duration)`` finished, ``("e", task, error)``
-    erred, ``("s", task)`` started, ``("r", task)`` released unrun.
+    erred, ``("s", task)`` started, ``("r", task)`` released unrun,
+    ``("refs", added, dropped)`` ObjectRefs this process started or stopped holding.
     """
 
     items: list
@@ -203,8 +258,8 @@ class Reports:
 
 @message(22)
 class Run:
-    """Tasks to run, in order: ``(task, graph, body, deps, notify)`` each, plus the
-    function tables of graphs this worker has not seen yet."""
+    """Tasks to run, in order: ``(task, table id, body, deps, notify)`` each, plus the
+    function tables this worker has not been sent yet, by id."""
 
     tasks: list
     tables: dict
@@ -222,7 +277,9 @@ class Cancel:
 
 @message(25)
 class Forget:
-    graphs: tuple
+    """Function tables no graph uses any more, by id."""
+
+    tables: tuple
 
 
 @message(26)

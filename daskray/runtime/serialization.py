@@ -203,10 +203,15 @@ class GraphEncoder:
     >>> table = enc.encode_table()                                # doctest: +SKIP
     """
 
-    def __init__(self) -> None:
-        self._table: list[Any] = []
-        self._index: dict[int, int] = {}
+    def __init__(self, preload: Sequence[Any] = ()) -> None:
+        self._table: list[Any] = list(preload)
+        self._index: dict[int, int] = {id(obj): i for i, obj in enumerate(self._table)}
         self._buffer = io.BytesIO()
+
+    @property
+    def table_size(self) -> int:
+        """Entries in the function table so far."""
+        return len(self._table)
 
     def encode_task(self, body: Any, name: str) -> bytes:
         """Pickle one task body; ``name`` appears in the error if it cannot be pickled."""

@@ -36,11 +36,11 @@ def router(ctx: zmq.Context, address: str) -> zmq.Socket:
     return sock
 
 
-def dealer(ctx: zmq.Context, address: str, identity: str | None = None) -> zmq.Socket:
+def dealer(ctx: zmq.Context, address: str, identity: str | bytes | None = None) -> zmq.Socket:
     """A DEALER connected to ``address``."""
     sock = _configure(ctx.socket(zmq.DEALER))
     if identity is not None:
-        sock.setsockopt(zmq.IDENTITY, identity.encode())
+        sock.setsockopt(zmq.IDENTITY, identity.encode() if isinstance(identity, str) else identity)
     sock.connect(address)
     return sock
 

@@ -17,6 +17,7 @@ process when the head is gone.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -27,7 +28,8 @@ from typing import Any
 
 import zmq
 
-from ..errors import ObjectLostError, SerializationError, TaskCancelledError
+from ..errors import ClusterError, ObjectLostError, SerializationError, TaskCancelledError
+from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import transport
@@ -42,7 +44,13 @@ FLUSH_COUNT = 256
 FETCH_TIMEOUT_MS = 60_000
 
 
-def fetch_object(sock: zmq.Socket, token: bytes, object_id: int, timeout_ms: int) -> Any:
+def decode_object_id(arg: bytes) -> int | str:
+    """Objects are kept under a task id (digits) or a put's key (a string)."""
+    text = arg.decode()
+    return int(text) if text.isdigit() else text
+
+
+def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int) -> Any:
     """Ask the data server behind ``sock`` for an object; ``ObjectLostError`` if it is gone."""
     sock.send_multipart([token, P.GET, str(object_id).encode()])
     if not sock.poll(timeout_ms):
@@ -87,13 +95,16 @@ class DataServer(threading.Thread):
         verb, arg = frames[2].bytes, frames[3].bytes
         try:
             if verb == P.GET:
-                object_id = int(arg)
+                object_id = decode_object_id(arg)
                 try:
                     out = self.store.frames(object_id)
                 except KeyError:
                     self.sock.send_multipart([ident, P.MISSING])
                     return
                 self.sock.send_multipart([ident, P.OK, *out], copy=False)
+            elif verb == P.PUT:
+                self.store.put_frames(decode_object_id(arg), [f.buffer for f in frames[4:]])
+                self.sock.send_multipart([ident, P.OK])
             elif verb == P.INTERRUPT:
                 self.on_interrupt([int(x) for x in arg.split(b",") if x])
         except (ValueError, zmq.ZMQError) as exc:
@@ -114,6 +125,12 @@ class Worker:
             self._interrupt,
         )
         self.head = transport.dealer(self.ctx, config["head_address"], identity=self.id)
+        self.resources: dict = config.get("resources") or {}
+        #: as a client of the cluster (tasks calling .remote() and get()): see session
+        self.client_id = self.id.encode()
+        self.results: dict = {}
+        self._numbers = itertools.count(1)
+        self.blocked_depth = 0
         self.queue: deque = deque()
         self.tables: dict[Any, Any] = {}
         self.raw_tables: dict[Any, bytes] = {}
@@ -130,7 +147,7 @@ class Worker:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         self.server.start()
         self.head.send_multipart(P.hello_frames(self.token, P.ROLE_WORKER, self.id))
-        self.head.send(P.encode(P.WorkerReady(self.address, os.getpid(), 1)))
+        self.head.send(P.encode(P.WorkerReady(self.address, os.getpid(), 1, self.resources)))
 
     def _interrupt(self, task_ids: list[int]) -> None:
         """Called in the data-server thread: cancel the running task if it is listed."""
@@ -151,22 +168,79 @@ class Worker:
         while self.running:
             if not self.queue:
                 self._flush()
-                while not head.poll(1000):
-                    pass
-            while True:
-                try:
-                    frame = head.recv(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self._on_message(frame)
-            if self.queue:
-                self._run_one(*self.queue.popleft())
-                if (
-                    len(self.reports) >= FLUSH_COUNT
-                    or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
-                ):
-                    self._flush()
+                while not head.poll(50 if tracker.has_changes() else 1000):
+                    if tracker.has_changes():
+                        self._flush()
+            self._step()
         self._flush()
+
+    def _step(self) -> None:
+        """Take every message waiting, then run one queued task."""
+        while True:
+            try:
+                frame = self.head.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self._on_message(frame)
+        if self.queue and self.running:
+            self._run_one(*self.queue.popleft())
+            if (
+                len(self.reports) >= FLUSH_COUNT
+                or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
+            ):
+                self._flush()
+
+    # -------------------------------------------------------------- as a client
+
+    def next_number(self) -> int:
+        return next(self._numbers)
+
+    def send(self, msg: Any) -> None:
+        self._require_main_thread()
+        self._flush()  # reports and ref changes first: they may be what msg relies on
+        self.head.send(P.encode(msg))
+
+    def wait_for(self, predicate: Any, timeout: float | None) -> bool:
+        """Block a task until ``predicate()`` holds, running other queued tasks
+        meanwhile; the head lends this task's slot out while it waits."""
+        self._require_main_thread()
+        if predicate():
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._report(("blocked", True))
+        self._flush()
+        try:
+            while not predicate():
+                if not self.running:
+                    raise ClusterError("the worker is stopping")
+                if self.queue:
+                    self._step()
+                    continue
+                self._flush()
+                wait_ms = 1000 if deadline is None else int((deadline - time.monotonic()) * 1000)
+                if wait_ms <= 0:
+                    return False
+                if self.head.poll(min(wait_ms, 1000)):
+                    self._step()
+            return True
+        finally:
+            self._report(("blocked", False))
+            self._flush()
+
+    def fetch(self, address: str, object_id: Any) -> Any:
+        if address == self.address:
+            return self.store.get(object_id)
+        return self._input(object_id, ("peer", address))
+
+    def store_large(self, key: str, frames: list) -> str:
+        self.store.put_frames(key, [memoryview(f) for f in frames])
+        return self.id
+
+    def _require_main_thread(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise ClusterError(
+                "daskray calls from a thread a task started are not supported; "
+                "call .remote(), get(), put() and wait() from the task's own thread")
 
     def _on_message(self, frame: zmq.Frame) -> None:
         try:
@@ -194,11 +268,17 @@ class Worker:
                     kept.append(item)
             self.queue = kept
         elif type(msg) is P.Forget:
-            for graph in msg.graphs:
-                self.tables.pop(graph, None)
-                self.raw_tables.pop(graph, None)
+            for table_id in msg.tables:
+                self.tables.pop(table_id, None)
+                self.raw_tables.pop(table_id, None)
+        elif type(msg) is P.RefResult:
+            if msg.ref in tracker.counts:
+                self.results[msg.ref] = msg
         elif type(msg) is P.Stop:
             self.running = False
+        elif type(msg) is P.Rejected:
+            print(f"daskray worker {self.id}: the head rejected a message: {msg.reason}",
+                  file=sys.stderr)
 
     def _report(self, item: tuple) -> None:
         if not self.reports:
@@ -206,6 +286,9 @@ class Worker:
         self.reports.append(item)
 
     def _flush(self) -> None:
+        added, dropped = tracker.take_changes()
+        if added or dropped:  # first: a finish report may release a pin they rely on
+            self.reports.insert(0, ("refs", added, dropped))
         if self.reports:
             self.head.send(P.encode(P.Reports(self.reports)), copy=False)
             self.reports = []
@@ -231,26 +314,29 @@ class Worker:
                 f"input object {object_id} is not held by worker {self.id}"
             ) from None
 
-    def _run_one(self, task_id: int, graph: Any, body: bytes, deps: tuple, notify: bool) -> None:
+    def _run_one(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
+                 notify: bool) -> None:
         if notify:
             self._report(("s", task_id))
             self._flush()
         start = time.perf_counter()
         node = None
+        outer = self.current  # a task waiting in get() runs others meanwhile
         try:
-            node, dep_keys = decode_task(body, self._table(graph))
+            node, dep_keys = decode_task(body, self._table(table_id))
             values = {key: self._input(oid, src) for key, (oid, src) in zip(dep_keys, deps)}
             self.current = task_id
             result = node(values)
-            self.current = None
+            self.current = outer
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's
-            self.current = None
+            self.current = outer
             self.cancelled.discard(task_id)
             self._report(("e", task_id, dumps_exception(exc, getattr(node, "key", task_id))))
             return
         duration = time.perf_counter() - start
         try:
-            frames = dumps_frames(result)
+            with collect_pickled_refs() as contained:
+                frames = dumps_frames(result)
             nbytes = frames_nbytes(frames)
             inline = None
             if notify:  # dask callbacks in the driver want every value
@@ -264,7 +350,7 @@ class Worker:
             self._report(("e", task_id, dumps_exception(error, key)))
             return
         self.store.put(task_id, result)
-        self._report(("f", task_id, nbytes, inline, duration))
+        self._report(("f", task_id, nbytes, inline, duration, tuple(contained)))
 
     def close(self) -> None:
         for sock in self.peers.values():
@@ -276,6 +362,9 @@ def main() -> None:
     config = child_setup()
     worker = Worker(config)
     worker.start()
+    from .. import api
+
+    api._attach_worker(worker)
     try:
         worker.run()
     finally:

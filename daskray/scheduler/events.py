@@ -13,6 +13,7 @@ from typing import Any
 WorkerId = str
 ClientId = str
 GraphId = tuple  # (client id, the client's own graph number)
+RefKey = tuple  # (client id, graph number, node): what an ObjectRef names
 TaskId = int
 
 
@@ -20,6 +21,16 @@ TaskId = int
 class WorkerJoined:
     worker: WorkerId
     slots: int = 1
+    #: custom resources the worker offers, e.g. {"GPU": 1}
+    resources: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerBlocked:
+    """A task on ``worker`` started (``blocked``) or stopped waiting in ``get``."""
+
+    worker: WorkerId
+    blocked: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +63,53 @@ class GraphSubmitted:
     fail_fast: bool = True
     #: tell the client when each task starts and finishes (dask callbacks)
     notify: bool = False
+    #: nodes that stand for existing objects (ObjectRefs): {node: ref key}
+    external: dict | None = None
+    #: ObjectRefs carried inside task arguments: kept alive until the tasks are done
+    pinned: list | None = None
+    #: times a task is re-run after its worker died (and, with
+    #: ``retry_exceptions``, after it raised)
+    max_retries: int = 0
+    retry_exceptions: bool = False
+    #: resources every task of the graph needs, e.g. {"CPU": 1, "GPU": 1}
+    resources: dict | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectPut:
+    """``daskray.put``: an object that exists before anything runs, as graph ``graph``."""
+
+    graph: GraphId
+    name: str
+    #: the pickled value when small; else it lives on ``holder``
+    inline: bytes | None
+    holder: WorkerId | None
+    nbytes: int
+    #: the name the holder keeps it under
+    store_key: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RefsChanged:
+    """A process started or stopped holding ObjectRefs to these objects."""
+
+    added: list
+    dropped: list
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """``client`` wants to know when these objects are ready (or failed)."""
+
+    client: ClientId
+    refs: list
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRef:
+    """``daskray.cancel``: drop the task if queued, interrupt it if running."""
+
+    ref: RefKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +126,8 @@ class TaskFinished:
     #: the pickled result when it is small enough to travel inside messages
     inline: bytes | None
     duration: float
+    #: ObjectRefs pickled inside the result
+    contained: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +164,7 @@ class ClientLost:
 
 
 Event = (
-    WorkerJoined | WorkerLost | GraphSubmitted | TaskStarted | TaskFinished | TaskErred
-    | TaskReleased | GraphReleased | GraphCancelled | ClientLost
+    WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
+    | CancelRef | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
+    | GraphCancelled | ClientLost
 )

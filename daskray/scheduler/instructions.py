@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .events import GraphId, TaskId, WorkerId
+from typing import Any
+
+from .events import GraphId, RefKey, TaskId, WorkerId
 
 #: How a dispatched task gets one of its inputs.
 #:   ("local",)             the worker already holds it
@@ -46,9 +48,8 @@ class CancelTasks:
 
 @dataclass(frozen=True, slots=True)
 class ForgetGraph:
-    """The worker may drop what it cached for this graph (its function table)."""
+    """The graph is gone: what was kept for it (its function table) may go."""
 
-    worker: WorkerId
     graph: GraphId
 
 
@@ -91,7 +92,22 @@ class ReportFinished:
     inline: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class NotifyRef:
+    """Tell client ``to`` that a remote object is ready (``inline`` or on ``holder``)
+    or failed (``error`` or ``kind`` + ``message``)."""
+
+    to: Any
+    ref: RefKey
+    inline: bytes | None
+    holder: WorkerId | None
+    object_id: TaskId
+    error: bytes | None
+    kind: str | None
+    message: str | None
+
+
 Instruction = (
     Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
-    | ReportStarted | ReportFinished
+    | ReportStarted | ReportFinished | NotifyRef
 )

@@ -8,61 +8,73 @@ State
 -----
 ::
 
-    tasks        :: {task id: TaskState}        every node of every live graph
+    tasks        :: {task id: TaskState}        every live node of every graph
     graphs       :: {graph id: GraphState}
+    refs         :: {ref key: task id}          objects of remote graphs, by ObjectRef key
     workers      :: {worker id: WorkerState}
     ready        :: heap[(priority, task id)]   ready tasks free to run anywhere
     durations    :: DurationEstimates           per task group
 
     TaskState.state in  waiting ─> ready ─> processing ─> memory ─> (forgotten)
-                                      ^          │
-                                      └──────────┘  (worker lost before it ran)
-                        any ─> erred / cancelled ─> (forgotten)
+                          │          ^          │  │
+                          │          └──────────┘  └─> erred ─> (forgotten)
+                          └─────────────────────────────┘   (an input failed)
 
     WorkerState.processing :: {task id}     dispatched, not yet reported back
     WorkerState.queue      :: heap          ready tasks placed on this worker
-                                            (their large inputs live there)
+                                            (their large inputs live there, or
+                                            only it has the resources they need)
     WorkerState.holds      :: {task id}     results kept by the worker
 
+Two kinds of graph share the machinery:
+
+* **dask graphs** (``fail_fast``): the first error fails the whole graph; the
+  wanted results are held until the client releases the graph.
+* **remote graphs** (one ``f.remote()`` call, or a ``put``): every node is an
+  object behind an ``ObjectRef``.  An error fails that task and, with the same
+  error, everything depending on it.  An object lives while ``refs > 0`` (one per
+  process holding an ObjectRef to it, plus pins by pending tasks that carry it
+  inside their arguments) or while a dependent has not finished.
+
 A task id is also the id of the object holding its result.  Data nodes are born
-in ``memory`` with their value inline.  An object is freed as soon as its last
-dependent has finished, unless the client asked for it; the client's results go
-when it releases the graph.
+in ``memory`` with their value inline.
 
 Invariants (checked after every event when ``validate=True``):
 
 * a ``processing`` task is in exactly its worker's ``processing`` set;
 * ``waiting_on`` counts the task's inputs not in memory;
-* a ``memory`` object has its value inline or at least one holder;
-* a worker holds only objects that are in memory (or about to be freed).
+* a ``memory`` object still needed has its value inline or at least one holder;
+* a worker holds only objects whose task lists it as a holder.
 """
 
 from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from typing import Any
+
 from . import policy
 from .events import (
-    ClientLost, Event, GraphCancelled, GraphId, GraphReleased, GraphSubmitted,
-    TaskErred, TaskFinished, TaskId, TaskReleased, TaskStarted, WorkerId,
-    WorkerJoined, WorkerLost,
+    CancelRef, ClientLost, Event, GraphCancelled, GraphId, GraphReleased, GraphSubmitted,
+    ObjectPut, RefKey, RefsChanged, Subscribe, TaskErred, WorkerBlocked, TaskFinished, TaskId,
+    TaskReleased, TaskStarted, WorkerId, WorkerJoined, WorkerLost,
 )
 from .instructions import (
-    CancelTasks, Dispatch, ForgetGraph, FreeObjects, Instruction, ReportError,
+    CancelTasks, Dispatch, ForgetGraph, FreeObjects, Instruction, NotifyRef, ReportError,
     ReportFinished, ReportResult, ReportStarted,
 )
 
-WAITING, READY, PROCESSING, MEMORY, ERRED, CANCELLED = (
-    "waiting", "ready", "processing", "memory", "erred", "cancelled",
-)
+WAITING, READY, PROCESSING, MEMORY, ERRED = "waiting", "ready", "processing", "memory", "erred"
 
 #: allowed (from, to) transitions; anything else is a bug and raises
 TRANSITIONS = {
     (WAITING, READY), (READY, PROCESSING), (PROCESSING, MEMORY), (PROCESSING, READY),
-    (PROCESSING, ERRED),
-    (WAITING, CANCELLED), (READY, CANCELLED), (PROCESSING, CANCELLED), (MEMORY, CANCELLED),
-    (ERRED, CANCELLED),
+    (PROCESSING, ERRED), (WAITING, ERRED), (READY, ERRED),
+    (MEMORY, ERRED),  # its only copy was lost
 }
+
+#: a failure: (pickled exception or None, daskray error type name or None, message)
+Failure = tuple
 
 
 class InvalidTransition(RuntimeError):
@@ -82,14 +94,29 @@ class TaskState:
     state: str = WAITING
     dependents: list[TaskId] = field(default_factory=list)
     waiting_on: int = 0
-    #: dependents that have not finished yet; at 0 the object may be freed
+    #: dependents that have not finished yet; while > 0 the object is kept
     pending_dependents: int = 0
-    wanted: bool = False
+    #: references from outside the graph machinery (client, ObjectRefs, pins)
+    refs: int = 0
     worker: WorkerId | None = None
     est: float = 0.0
     holders: set[WorkerId] = field(default_factory=set)
     inline: bytes | None = None
     nbytes: int = 0
+    #: the name workers keep the object under (the task id, or a put's own key)
+    store_key: Any = None
+    failure: Failure | None = None
+    retries_left: int = 0
+    cancel_requested: bool = False
+    #: the owner holds an ObjectRef to it: tell the owner when it is done
+    report_owner: bool = False
+    #: clients to tell when the object is ready or failed (besides the owner)
+    subscribers: set = field(default_factory=set)
+    #: its dependencies' counts were released (it finished, failed or was dropped)
+    deps_released: bool = False
+    resources: dict | None = None
+    #: objects referenced by ObjectRefs inside this one's value: kept while it is
+    contained: list[TaskId] = field(default_factory=list)
     history: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -101,18 +128,30 @@ class GraphState:
     size: int
     fail_fast: bool
     notify: bool
-    #: wanted nodes not yet reported
-    outstanding: int = 0
+    retry_exceptions: bool = False
+    #: nodes of this graph still in ``tasks``
+    live: int = 0
+    #: nodes not yet finished or failed
+    unfinished: int = 0
+    #: objects of other graphs kept alive until this graph's tasks are done
+    pinned: list[TaskId] = field(default_factory=list)
 
 
 @dataclass(slots=True, eq=False)
 class WorkerState:
     id: WorkerId
     slots: int
+    resources: dict = field(default_factory=dict)
     processing: set[TaskId] = field(default_factory=set)
     queue: list[tuple[tuple, TaskId]] = field(default_factory=list)
     holds: set[TaskId] = field(default_factory=set)
     queued_estimate: float = 0.0
+
+
+def _fits(needed: dict | None, ws: WorkerState) -> bool:
+    if not needed:
+        return True
+    return all(ws.resources.get(name, 0) >= amount for name, amount in needed.items())
 
 
 class SchedulerState:
@@ -121,6 +160,7 @@ class SchedulerState:
     def __init__(self, validate: bool = False) -> None:
         self.tasks: dict[TaskId, TaskState] = {}
         self.graphs: dict[GraphId, GraphState] = {}
+        self.refs: dict[RefKey, TaskId] = {}
         self.workers: dict[WorkerId, WorkerState] = {}
         self.ready: list[tuple[tuple, TaskId]] = []
         self.durations = policy.DurationEstimates()
@@ -136,6 +176,11 @@ class SchedulerState:
             WorkerJoined: self._worker_joined,
             WorkerLost: self._worker_lost,
             GraphSubmitted: self._graph_submitted,
+            ObjectPut: self._object_put,
+            RefsChanged: self._refs_changed,
+            Subscribe: self._subscribe,
+            CancelRef: self._cancel_ref,
+            WorkerBlocked: self._worker_blocked,
             TaskStarted: self._task_started,
             TaskFinished: self._task_finished,
             TaskErred: self._task_erred,
@@ -169,45 +214,72 @@ class SchedulerState:
     def _worker_joined(self, ev: WorkerJoined) -> None:
         if ev.worker in self.workers:
             return
-        self.workers[ev.worker] = WorkerState(ev.worker, ev.slots)
+        resources = {"CPU": ev.slots, **(ev.resources or {})}
+        self.workers[ev.worker] = WorkerState(ev.worker, ev.slots, resources)
         self._room.add(ev.worker)
+
+    def _worker_blocked(self, ev: WorkerBlocked) -> None:
+        """A task on the worker waits for other tasks: lend its slot out meanwhile."""
+        ws = self.workers.get(ev.worker)
+        if ws is not None:
+            ws.slots = max(1, ws.slots + (1 if ev.blocked else -1))
+            self._room.add(ws.id)
 
     def _worker_lost(self, ev: WorkerLost) -> None:
         ws = self.workers.pop(ev.worker, None)
         if ws is None:
             return
-        failed: dict[GraphId, tuple[TaskState, str]] = {}
-        for tid in ws.processing:
+        crashed: list[tuple[TaskState, str]] = []
+        for tid in sorted(ws.processing):
             ts = self.tasks.get(tid)
             if ts is None or ts.state != PROCESSING or ts.worker != ws.id:
                 continue
-            failed.setdefault(ts.graph.id, (ts, (
-                f"worker {ws.id} died ({ev.reason}) while running task {ts.name}. "
-                "The task may have used too much memory or crashed the interpreter; "
-                "run it with daskray.init(local_mode=True) to debug it."
-            )))
+            ts.worker = None
+            if ts.retries_left > 0 and not ts.cancel_requested:
+                ts.retries_left -= 1
+                self._transition(ts, READY)
+                self._place(ts)
+            else:
+                crashed.append((ts, (
+                    f"worker {ws.id} died ({ev.reason}) while running task {ts.name}. "
+                    "The task may have used too much memory or crashed the interpreter; "
+                    "run it with daskray.init(local_mode=True) to debug it."
+                )))
+        lost: list[tuple[TaskState, str]] = []
         for tid in ws.holds:
             ts = self.tasks.get(tid)
             if ts is None or ts.state != MEMORY:
                 continue
             ts.holders.discard(ws.id)
-            if not ts.holders and ts.inline is None and (ts.pending_dependents or ts.wanted):
-                failed.setdefault(ts.graph.id, (ts, (
+            if not ts.holders and ts.inline is None and (ts.pending_dependents or ts.refs):
+                lost.append((ts, (
                     f"worker {ws.id} died ({ev.reason}) holding the result of task "
                     f"{ts.name}, which is still needed."
                 )))
         for _, tid in ws.queue:
             ts = self.tasks.get(tid)
             if ts is not None and ts.state == READY:
-                heapq.heappush(self.ready, (ts.priority, tid))
-                self._ready_grew = True
-        for gid, (ts, message) in failed.items():
-            gs = self.graphs.get(gid)
-            if gs is None:
-                continue
-            self._out.append(ReportError(gid, ts.node, kind="WorkerCrashedError", message=message))
-            self._cancel_graph(gs)
+                self._place(ts)
+        for ts, message in crashed:
+            if ts.id in self.tasks and ts.state == PROCESSING:
+                self._fail(ts, (None, "WorkerCrashedError", message))
+        for ts, message in lost:
+            if ts.id in self.tasks:
+                self._object_lost(ts, message)
         self._ready_grew = True
+
+    def _object_lost(self, ts: TaskState, message: str) -> None:
+        """A finished object is gone: fail what still needs it."""
+        failure = (None, "ObjectLostError", message)
+        gs = ts.graph
+        if gs.fail_fast:
+            self._fail_graph(gs, ts, failure)
+            return
+        self._transition(ts, ERRED)
+        ts.failure = failure
+        self._notify(ts)
+        self._fail_dependents(ts, failure)
+        self._release_if_unused(ts)
 
     # ------------------------------------------------------------------ graphs
 
@@ -217,41 +289,133 @@ class SchedulerState:
         n = len(ev.names)
         base = self._next_task_id
         self._next_task_id += n
-        gs = GraphState(ev.graph, self._next_graph_seq, base, n, ev.fail_fast, ev.notify)
+        gs = GraphState(ev.graph, self._next_graph_seq, base, n, ev.fail_fast, ev.notify,
+                        ev.retry_exceptions)
         self._next_graph_seq += 1
         self.graphs[ev.graph] = gs
         groups = ev.groups or ev.names
         tasks = self.tasks
+        external: dict[int, TaskState | None] = {
+            i: self._lookup(ref) for i, ref in (ev.external or {}).items()
+        }
+        for ref in ev.pinned or ():
+            pin = self._lookup(ref)
+            if pin is not None:
+                pin.refs += 1
+                gs.pinned.append(pin.id)
         new: list[TaskState] = []
         for i in range(n):
-            deps = tuple(base + d for d in ev.deps[i])
+            if i in external:
+                continue
+            deps = tuple(
+                (external[d].id if external[d] is not None else -1) if d in external else base + d
+                for d in ev.deps[i]
+            )
             ts = TaskState(
                 base + i, gs, i, ev.names[i], groups[i], ev.bodies[i],
                 (gs.seq, ev.priorities[i]), deps,
+                retries_left=ev.max_retries,
+                resources=ev.resources or None,
             )
+            ts.store_key = ts.id
             tasks[ts.id] = ts
             new.append(ts)
+            gs.live += 1
             if ts.body is None:
                 ts.state = MEMORY
                 ts.inline = ev.data.get(i)
                 ts.nbytes = len(ts.inline or b"")
+            else:
+                gs.unfinished += 1
+            if not gs.fail_fast:
+                self.refs[(gs.id[0], gs.id[1], i)] = ts.id
+        for i in ev.wanted:
+            if i not in external:
+                tasks[base + i].refs += 1  # the client's own reference
+                tasks[base + i].report_owner = not gs.fail_fast
+        missing: list[TaskState] = []
         for ts in new:
             for d in ts.deps:
-                dep = tasks[d]
+                dep = tasks.get(d)
+                if dep is None:
+                    missing.append(ts)
+                    continue
                 dep.dependents.append(ts.id)
                 dep.pending_dependents += 1
                 if dep.state != MEMORY:
                     ts.waiting_on += 1
-        for i in ev.wanted:
-            ts = tasks[base + i]
-            if not ts.wanted:
-                ts.wanted = True
-                gs.outstanding += 1
         for ts in new:
-            if ts.state == MEMORY and ts.wanted:
-                self._report_result(ts)
-            elif ts.state == WAITING and ts.waiting_on == 0:
+            if ts.id not in tasks or ts.state != WAITING:
+                continue
+            if ts in missing:
+                self._fail(ts, (None, "ObjectLostError",
+                                f"task {ts.name} depends on an object that was already freed"))
+                continue
+            failed = next((tasks[d] for d in ts.deps if tasks[d].state == ERRED), None)
+            if failed is not None:
+                self._fail(ts, failed.failure)
+            elif ts.waiting_on == 0:
                 self._make_ready(ts)
+        for i in ev.wanted:
+            ts = tasks.get(base + i)
+            if ts is not None and ts.state == MEMORY:
+                self._report_result(ts) if gs.fail_fast else self._notify(ts)
+        if not gs.fail_fast and gs.unfinished == 0:
+            self._unpin(gs)
+
+    def _lookup(self, ref: RefKey) -> TaskState | None:
+        tid = self.refs.get(ref)
+        return None if tid is None else self.tasks.get(tid)
+
+    def _object_put(self, ev: ObjectPut) -> None:
+        self._graph_submitted(GraphSubmitted(
+            ev.graph, [ev.name], [()], [0], [None],
+            {0: ev.inline} if ev.inline is not None else {}, [0], fail_fast=False,
+        ))
+        ts = self.tasks[self.refs[(ev.graph[0], ev.graph[1], 0)]]
+        ts.nbytes = ev.nbytes
+        if ev.store_key is not None:
+            ts.store_key = ev.store_key
+        if ev.holder is not None and ev.holder in self.workers:
+            ts.holders.add(ev.holder)
+            self.workers[ev.holder].holds.add(ts.id)
+            self._notify(ts)
+        elif ev.inline is None:
+            self._object_lost(ts, f"the worker that stored {ev.name} is gone")
+
+    def _refs_changed(self, ev: RefsChanged) -> None:
+        for ref in ev.added:
+            ts = self._lookup(ref)
+            if ts is not None:
+                ts.refs += 1
+        for ref in ev.dropped:
+            ts = self._lookup(ref)
+            if ts is not None:
+                ts.refs -= 1
+                self._release_if_unused(ts)
+
+    def _subscribe(self, ev: Subscribe) -> None:
+        for ref in ev.refs:
+            ts = self._lookup(ref)
+            if ts is None:
+                self._out.append(NotifyRef(ev.client, ref, None, None, -1, None, "ObjectLostError",
+                                           f"object {ref} does not exist (any more): every "
+                                           "reference to it was dropped, or its cluster ended"))
+            elif ts.state in (MEMORY, ERRED):
+                self._notify_one(ts, ev.client)
+            else:
+                ts.subscribers.add(ev.client)
+
+    def _cancel_ref(self, ev: CancelRef) -> None:
+        ts = self._lookup(ev.ref)
+        if ts is None or ts.state in (MEMORY, ERRED):
+            return
+        ts.cancel_requested = True
+        if ts.state == PROCESSING:
+            self._out.append(CancelTasks(ts.worker, (ts.id,)))
+        else:
+            self._fail(ts, (None, "TaskCancelledError",
+                            f"task {ts.name} was cancelled before it ran"))
 
     def _graph_released(self, ev: GraphReleased) -> None:
         gs = self.graphs.get(ev.graph)
@@ -264,11 +428,20 @@ class SchedulerState:
             self._cancel_graph(gs)
 
     def _client_lost(self, ev: ClientLost) -> None:
+        """The client's process is gone: cancel its dask graphs, drop its ObjectRefs
+        (references it passed on to other processes keep their objects alive)."""
         for gs in [g for g in self.graphs.values() if g.id[0] == ev.client]:
-            self._cancel_graph(gs)
+            if gs.fail_fast:
+                self._cancel_graph(gs)
+                continue
+            for tid in range(gs.base, gs.base + gs.size):
+                ts = self.tasks.get(tid)
+                if ts is not None:
+                    ts.refs -= 1
+                    self._release_if_unused(ts)
 
     def _cancel_graph(self, gs: GraphState) -> None:
-        """Stop everything of a graph: cancel dispatched tasks, free its objects."""
+        """Stop everything of a dask graph: cancel dispatched tasks, free its objects."""
         to_cancel: dict[WorkerId, list[TaskId]] = {}
         for tid in range(gs.base, gs.base + gs.size):
             ts = self.tasks.get(tid)
@@ -281,25 +454,38 @@ class SchedulerState:
     def _forget_graph(self, gs: GraphState) -> None:
         """Drop every trace of a graph.  Dispatched tasks stay counted on their
         worker until it reports them back (finished, erred or released)."""
-        self.graphs.pop(gs.id, None)
+        if self.graphs.pop(gs.id, None) is None:
+            return
         frees: dict[WorkerId, list[TaskId]] = {}
-        for tid in range(gs.base, gs.base + gs.size):
-            ts = self.tasks.pop(tid, None)
-            if ts is None:
-                continue
+        dropped = [self.tasks.pop(tid) for tid in range(gs.base, gs.base + gs.size)
+                   if tid in self.tasks]
+        for ts in dropped:
             for wid in ts.holders:
                 ws = self.workers.get(wid)
-                if ws is not None and tid in ws.holds:
-                    ws.holds.discard(tid)
-                    frees.setdefault(wid, []).append(tid)
-            if ts.state == PROCESSING:
-                # stays in ws.processing until the worker answers; its estimate too
-                pass
-            ts.state = CANCELLED
+                if ws is not None and ts.id in ws.holds:
+                    ws.holds.discard(ts.id)
+                    frees.setdefault(wid, []).append(ts.store_key)
+            ts.holders = set()
+        for ts in dropped:
+            self._release_deps(ts)
+            contained, ts.contained = ts.contained, []
+            for tid in contained:
+                inner = self.tasks.get(tid)
+                if inner is not None:
+                    inner.refs -= 1
+                    self._release_if_unused(inner)
+        self._unpin(gs)
         for wid, tids in frees.items():
             self._out.append(FreeObjects(wid, tuple(tids)))
-        for ws in self.workers.values():
-            self._out.append(ForgetGraph(ws.id, gs.id))
+        self._out.append(ForgetGraph(gs.id))
+
+    def _unpin(self, gs: GraphState) -> None:
+        pinned, gs.pinned = gs.pinned, []
+        for tid in pinned:
+            ts = self.tasks.get(tid)
+            if ts is not None:
+                ts.refs -= 1
+                self._release_if_unused(ts)
 
     # ------------------------------------------------------------------ tasks
 
@@ -313,11 +499,11 @@ class SchedulerState:
         ts = self.tasks.get(ev.task)
         if ws is not None:
             self._unqueue(ws, ev.task)
+            self._room.add(ws.id)
         if ts is None or ts.state != PROCESSING or ts.worker != ev.worker:
             # a task of a forgotten graph: its result is of no use
             if ws is not None:
                 self._out.append(FreeObjects(ws.id, (ev.task,)))
-                self._room.add(ws.id)
             return
         self.durations.observe(ts.group, ev.duration)
         self._transition(ts, MEMORY)
@@ -327,55 +513,133 @@ class SchedulerState:
         if ws is not None:
             ts.holders.add(ws.id)
             ws.holds.add(ts.id)
+        for ref in ev.contained:
+            inner = self._lookup(ref)
+            if inner is not None:
+                inner.refs += 1
+                ts.contained.append(inner.id)
         gs = ts.graph
+        gs.unfinished -= 1
         if gs.notify:
             self._out.append(ReportFinished(gs.id, ts.node, ev.worker, ev.inline))
-        if ts.wanted:
-            self._report_result(ts)
-        for d in ts.deps:
-            dep = self.tasks[d]
-            dep.pending_dependents -= 1
-            if dep.pending_dependents == 0 and not dep.wanted:
-                self._free(dep)
+        if gs.fail_fast:
+            if ts.refs:
+                self._report_result(ts)
+        else:
+            self._notify(ts)
+        self._release_deps(ts)
         for d in ts.dependents:
-            dependent = self.tasks[d]
+            dependent = self.tasks.get(d)
+            if dependent is None:
+                continue
             dependent.waiting_on -= 1
             if dependent.waiting_on == 0 and dependent.state == WAITING:
                 self._make_ready(dependent)
-        if not ts.dependents and not ts.wanted:
-            self._free(ts)
-        if ws is not None:
-            self._room.add(ws.id)
+        if not gs.fail_fast and gs.unfinished == 0:
+            self._unpin(gs)
+        self._release_if_unused(ts)
 
     def _task_erred(self, ev: TaskErred) -> None:
         ws = self.workers.get(ev.worker)
         if ws is not None:
             self._unqueue(ws, ev.task)
-        ts = self.tasks.get(ev.task)
-        if ts is not None and ts.state == PROCESSING and ts.worker == ev.worker:
-            self._transition(ts, ERRED)
-            gs = ts.graph
-            self._out.append(ReportError(gs.id, ts.node, error=ev.error))
-            if gs.fail_fast:
-                self._cancel_graph(gs)
-        if ws is not None:
             self._room.add(ws.id)
+        ts = self.tasks.get(ev.task)
+        if ts is None or ts.state != PROCESSING or ts.worker != ev.worker:
+            return
+        ts.worker = None
+        if ts.graph.retry_exceptions and ts.retries_left > 0 and not ts.cancel_requested:
+            ts.retries_left -= 1
+            self._transition(ts, READY)
+            self._place(ts)
+            return
+        self._fail(ts, (ev.error, None, None))
 
     def _task_released(self, ev: TaskReleased) -> None:
         ws = self.workers.get(ev.worker)
         if ws is None:
             return
         self._unqueue(ws, ev.task)
+        self._room.add(ws.id)
         ts = self.tasks.get(ev.task)
         if ts is not None and ts.state == PROCESSING and ts.worker == ev.worker:
-            # released without being cancelled by us: run it elsewhere
-            self._transition(ts, READY)
             ts.worker = None
-            heapq.heappush(self.ready, (ts.priority, ts.id))
-            self._ready_grew = True
-        self._room.add(ws.id)
+            if ts.cancel_requested:
+                self._fail(ts, (None, "TaskCancelledError",
+                                f"task {ts.name} was cancelled before it ran"))
+            else:  # released without being cancelled by us: run it elsewhere
+                self._transition(ts, READY)
+                self._place(ts)
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ failures
+
+    def _fail(self, ts: TaskState, failure: Failure) -> None:
+        """Task ``ts`` failed: report it; fail its graph (dask) or its dependents."""
+        if ts.graph.fail_fast:
+            self._fail_graph(ts.graph, ts, failure)
+            return
+        self._fail_one(ts, failure)
+        self._fail_dependents(ts, failure)
+        self._release_if_unused(ts)
+
+    def _fail_one(self, ts: TaskState, failure: Failure) -> None:
+        gs = ts.graph
+        self._transition(ts, ERRED)
+        ts.failure = failure
+        gs.unfinished -= 1
+        self._notify(ts)
+        self._release_deps(ts)
+        if gs.unfinished == 0:
+            self._unpin(gs)
+
+    def _fail_dependents(self, ts: TaskState, failure: Failure) -> None:
+        """Fail, with the same error, everything waiting on ``ts`` (iteratively)."""
+        stack = list(ts.dependents)
+        failed: list[TaskState] = []
+        while stack:
+            dep = self.tasks.get(stack.pop())
+            if dep is None or dep.state not in (WAITING, READY):
+                continue
+            if dep.graph.fail_fast:
+                if dep.graph.id in self.graphs:
+                    self._fail_graph(dep.graph, dep, failure)
+                continue
+            self._fail_one(dep, failure)
+            failed.append(dep)
+            stack.extend(dep.dependents)
+        for dep in failed:
+            self._release_if_unused(dep)
+
+    def _fail_graph(self, gs: GraphState, ts: TaskState, failure: Failure) -> None:
+        blob, kind, message = failure
+        self._out.append(ReportError(gs.id, ts.node, error=blob, kind=kind, message=message))
+        self._cancel_graph(gs)
+
+    # ------------------------------------------------------------------ reporting
+
+    def _notify(self, ts: TaskState) -> None:
+        """Tell the owner of a remote object (and subscribers) it is ready or failed."""
+        if ts.report_owner:
+            self._notify_one(ts, ts.graph.id[0])
+        for client in ts.subscribers:
+            self._notify_one(ts, client)
+        ts.subscribers = set()
+
+    def _notify_one(self, ts: TaskState, client: Any) -> None:
+        ref = (ts.graph.id[0], ts.graph.id[1], ts.node)
+        if ts.state == ERRED:
+            blob, kind, message = ts.failure
+            self._out.append(NotifyRef(client, ref, None, None, ts.store_key, blob, kind, message))
+        else:
+            holder = None if ts.inline is not None else next(iter(ts.holders), None)
+            self._out.append(
+                NotifyRef(client, ref, ts.inline, holder, ts.store_key, None, None, None))
+
+    def _report_result(self, ts: TaskState) -> None:
+        holder = None if ts.inline is not None else next(iter(ts.holders), None)
+        self._out.append(ReportResult(ts.graph.id, ts.node, ts.inline, holder, ts.store_key))
+
+    # ------------------------------------------------------------------ placement
 
     def _transition(self, ts: TaskState, new: str) -> None:
         if (ts.state, new) not in TRANSITIONS:
@@ -389,16 +653,34 @@ class SchedulerState:
 
     def _make_ready(self, ts: TaskState) -> None:
         self._transition(ts, READY)
+        self._place(ts)
+
+    def _place(self, ts: TaskState) -> None:
+        """Queue a ready task: on the worker holding most of its large inputs (or the
+        least loaded one able to run it), else in the global ready heap."""
+        candidates = [w for w in self.workers.values() if _fits(ts.resources, w)]
+        if ts.resources and not candidates:
+            if self.workers:
+                ts.cancel_requested = True  # no retry can help
+                self._fail(ts, (None, "DaskrayError", (
+                    f"task {ts.name} needs resources {ts.resources}, but no worker has "
+                    "them; declare them with daskray.init(resources=...)")))
+            else:
+                heapq.heappush(self.ready, (ts.priority, ts.id))
+            return
         held: dict[WorkerId, int] = {}
         for d in ts.deps:
             dep = self.tasks[d]
             if dep.inline is None:
                 for w in dep.holders:
                     held[w] = held.get(w, 0) + dep.nbytes
+        load = None
         target = None
         if held:
-            load = {w: len(ws.processing) + len(ws.queue) for w, ws in self.workers.items()}
-            target = policy.best_holder(held, load, self.workers)
+            load = {w.id: len(w.processing) + len(w.queue) for w in candidates}
+            target = policy.best_holder(held, load, load.keys())
+        if target is None and ts.resources:
+            target = min(candidates, key=lambda w: len(w.processing) + len(w.queue)).id
         if target is None:
             heapq.heappush(self.ready, (ts.priority, ts.id))
             self._ready_grew = True
@@ -409,7 +691,7 @@ class SchedulerState:
     def _next_task(self, ws: WorkerState) -> TaskState | None:
         """Pop the best ready task for ``ws``: its own queue or the global one,
         whichever has the higher priority; when both are empty and the worker is
-        idle, take the longest other worker's queued work."""
+        idle, take the longest other worker's queued work it can run."""
         tasks = self.tasks
         for heap in (ws.queue, self.ready):
             while heap and (heap[0][1] not in tasks or tasks[heap[0][1]].state != READY):
@@ -425,10 +707,12 @@ class SchedulerState:
             key=lambda w: len(w.queue), reverse=True,
         )
         for victim in victims:
-            while victim.queue:
-                _, tid = heapq.heappop(victim.queue)
+            for i, (_, tid) in enumerate(victim.queue):
                 ts = tasks.get(tid)
-                if ts is not None and ts.state == READY:
+                if ts is not None and ts.state == READY and _fits(ts.resources, ws):
+                    victim.queue[i] = victim.queue[-1]
+                    victim.queue.pop()
+                    heapq.heapify(victim.queue)
                     return ts
         return None
 
@@ -462,12 +746,16 @@ class SchedulerState:
         deps = []
         for d in ts.deps:
             dep = self.tasks[d]
+            key = dep.store_key
             if ws.id in dep.holders:
-                deps.append((d, ("local",)))
+                deps.append((key, ("local",)))
             elif dep.inline is not None:
-                deps.append((d, ("inline", dep.inline)))
+                deps.append((key, ("inline", dep.inline)))
+                # the worker keeps what it was sent, so later tasks read it locally
+                dep.holders.add(ws.id)
+                ws.holds.add(d)
             else:
-                deps.append((d, ("peer", next(iter(dep.holders)))))
+                deps.append((key, ("peer", next(iter(dep.holders)))))
         self._out.append(
             Dispatch(ws.id, ts.id, ts.graph.id, ts.body, tuple(deps), ts.graph.notify)
         )
@@ -480,20 +768,45 @@ class SchedulerState:
             if not ws.processing:
                 ws.queued_estimate = 0.0
 
-    def _report_result(self, ts: TaskState) -> None:
-        ts.graph.outstanding -= 1
-        holder = None if ts.inline is not None else next(iter(ts.holders), None)
-        self._out.append(ReportResult(ts.graph.id, ts.node, ts.inline, holder, ts.id))
+    # ------------------------------------------------------------------ freeing
 
-    def _free(self, ts: TaskState) -> None:
-        """Release the object of a finished task nobody needs any more."""
+    def _release_deps(self, ts: TaskState) -> None:
+        """``ts`` no longer needs its inputs (it finished, failed or was dropped)."""
+        if ts.deps_released:
+            return
+        ts.deps_released = True
+        for d in ts.deps:
+            dep = self.tasks.get(d)
+            if dep is not None:
+                dep.pending_dependents -= 1
+                self._release_if_unused(dep)
+
+    def _release_if_unused(self, ts: TaskState) -> None:
+        """Free the object of ``ts`` when nothing needs it; forget a remote task."""
+        if ts.pending_dependents > 0 or ts.refs > 0 or ts.state not in (MEMORY, ERRED):
+            return
         for wid in ts.holders:
             ws = self.workers.get(wid)
             if ws is not None:
                 ws.holds.discard(ts.id)
-                self._out.append(FreeObjects(wid, (ts.id,)))
+                self._out.append(FreeObjects(wid, (ts.store_key,)))
         ts.holders = set()
         ts.inline = None
+        contained, ts.contained = ts.contained, []
+        for tid in contained:
+            inner = self.tasks.get(tid)
+            if inner is not None:
+                inner.refs -= 1
+                self._release_if_unused(inner)
+        gs = ts.graph
+        if gs.fail_fast or self.tasks.get(ts.id) is not ts:
+            return
+        del self.tasks[ts.id]
+        self.refs.pop((gs.id[0], gs.id[1], ts.node), None)
+        gs.live -= 1
+        if gs.live == 0 and self.graphs.pop(gs.id, None) is not None:
+            self._unpin(gs)
+            self._out.append(ForgetGraph(gs.id))
 
     # ------------------------------------------------------------------ checks
 
@@ -509,7 +822,7 @@ class SchedulerState:
             if ts.state == WAITING:
                 missing = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
                 assert ts.waiting_on == missing, (ts.name, ts.waiting_on, missing)
-            if ts.state == MEMORY and (ts.pending_dependents or ts.wanted):
+            if ts.state == MEMORY and (ts.pending_dependents or ts.refs):
                 assert ts.inline is not None or ts.holders, ts.name
         for ws in self.workers.values():
             for tid in ws.holds:
@@ -526,4 +839,3 @@ class SchedulerState:
         counts["graphs"] = len(self.graphs)
         counts["workers"] = len(self.workers)
         return counts
-

@@ -1,0 +1,197 @@
+"""``ObjectRef``: a handle to an object in the cluster, and the counting that frees it.
+
+An ObjectRef names an object by ``(owner client id, graph number, node)``.  It is
+hashable, picklable (pass it to tasks, actors, other refs' values) and a dask
+collection: ``dask.compute(ref)``, ``dask.delayed(f)(ref)``, and dask graphs that
+mix refs with arrays or DataFrames run as one graph on daskray.
+
+Reference counting (:class:`RefTracker`, one per process): the head keeps an
+object while any process holds an ObjectRef to it.  A process reports only when
+its count for an object goes 0 → 1 ("added") or 1 → 0 ("dropped"), in batches.
+The process that created a ref (by ``.remote()`` or ``put``) starts at one
+without a message: the head counted the owner's reference at submission.  A ref
+pickled into a task's arguments is *pinned* by that task until it finishes, so
+it survives the gap between the sender dropping it and the receiver unpickling
+it.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+RefKey = tuple  # (owner client id: bytes, graph number: int, node: int)
+
+_KEY_PREFIX = "daskray-ref-"
+
+
+def dask_key_of(key: RefKey) -> str:
+    """The string an ObjectRef is known by inside dask graphs."""
+    owner, graph, node = key
+    return f"{_KEY_PREFIX}{owner.hex()}-{graph}-{node}"
+
+
+def ref_key_of(dask_key: Any) -> RefKey | None:
+    """Inverse of :func:`dask_key_of`; ``None`` for any other dask key."""
+    if not isinstance(dask_key, str) or not dask_key.startswith(_KEY_PREFIX):
+        return None
+    try:
+        owner, graph, node = dask_key[len(_KEY_PREFIX):].rsplit("-", 2)
+        return (bytes.fromhex(owner), int(graph), int(node))
+    except ValueError:
+        return None
+
+
+class RefTracker:
+    """This process's ObjectRef counts, and the changes not yet told to the head."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts: dict[RefKey, int] = {}
+        self.added: list[RefKey] = []
+        self.dropped: list[RefKey] = []
+        #: refs whose count fell to zero, for the client to forget what it knew
+        self.on_drop: Any = None
+
+    def incref(self, key: RefKey, owned: bool) -> None:
+        with self.lock:
+            n = self.counts.get(key, 0)
+            self.counts[key] = n + 1
+            if n == 0 and not owned:
+                self.added.append(key)
+
+    def decref(self, key: RefKey) -> None:
+        with self.lock:
+            n = self.counts.get(key, 0) - 1
+            if n > 0:
+                self.counts[key] = n
+                return
+            self.counts.pop(key, None)
+            self.dropped.append(key)
+        if self.on_drop is not None:
+            self.on_drop(key)
+
+    def take_changes(self) -> tuple[list[RefKey], list[RefKey]]:
+        """The changes since the last call (added, dropped), for one message."""
+        with self.lock:
+            added, dropped = self.added, self.dropped
+            self.added, self.dropped = [], []
+        return added, dropped
+
+    def has_changes(self) -> bool:
+        return bool(self.added or self.dropped)
+
+
+tracker = RefTracker()
+
+_collecting = threading.local()
+
+
+@contextmanager
+def collect_pickled_refs() -> Iterator[list[RefKey]]:
+    """Record the keys of ObjectRefs pickled in this thread inside the block."""
+    found: list[RefKey] = []
+    outer = getattr(_collecting, "found", None)
+    _collecting.found = found
+    try:
+        yield found
+    finally:
+        _collecting.found = outer
+
+
+def _rebuild(key: RefKey) -> "ObjectRef":
+    return ObjectRef(key, owned=False)
+
+
+class ObjectRef:
+    """A reference to an object in the cluster; ``get()`` returns its value."""
+
+    __slots__ = ("_key", "__weakref__")
+    __dask_future__ = True  # dask treats it like a distributed Future in graphs
+
+    def __init__(self, key: RefKey, owned: bool = False) -> None:
+        self._key = key
+        tracker.incref(key, owned)
+
+    def __del__(self) -> None:
+        try:
+            tracker.decref(self._key)
+        except Exception:  # interpreter shutdown
+            pass
+
+    def __reduce__(self) -> tuple:
+        found = getattr(_collecting, "found", None)
+        if found is not None:
+            found.append(self._key)
+        return _rebuild, (self._key,)
+
+    def __copy__(self) -> "ObjectRef":
+        return ObjectRef(self._key)
+
+    def __deepcopy__(self, memo: dict) -> "ObjectRef":
+        return ObjectRef(self._key)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ObjectRef) and other._key == self._key
+
+    def __repr__(self) -> str:
+        owner, graph, node = self._key
+        return f"ObjectRef({owner.hex()[:8]}-{graph}-{node})"
+
+    @property
+    def key(self) -> str:
+        """The key this object has in dask graphs."""
+        return dask_key_of(self._key)
+
+    def get(self, timeout: float | None = None) -> Any:
+        """The object's value (``daskray.get(self, timeout=...)``)."""
+        from .api import get
+
+        return get(self, timeout=timeout)
+
+    def __await__(self):
+        import asyncio
+
+        return asyncio.get_running_loop().run_in_executor(None, self.get).__await__()
+
+    # ---------------------------------------------------------------- dask collection
+
+    def __dask_graph__(self) -> dict:
+        return {self.key: self}
+
+    def __dask_keys__(self) -> list:
+        return [self.key]
+
+    def __dask_layers__(self) -> tuple:
+        return (self.key,)
+
+    def __dask_tokenize__(self) -> str:
+        return self.key
+
+    def __dask_postcompute__(self) -> tuple:
+        return _first, ()
+
+    def __dask_postpersist__(self) -> tuple:
+        return _rebuild_persisted, (self._key,)
+
+    @staticmethod
+    def __dask_optimize__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        return dsk
+
+    @staticmethod
+    def __dask_scheduler__(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        from .api import get
+
+        return get(dsk, keys, **kwargs)
+
+
+def _first(results: Any) -> Any:
+    return results[0]
+
+
+def _rebuild_persisted(dsk: Any, key: RefKey, rename: Any = None) -> ObjectRef:
+    return ObjectRef(key)

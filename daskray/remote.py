@@ -1,0 +1,212 @@
+"""``@daskray.remote`` functions and what a call sends to the cluster.
+
+A call ``f.remote(*args, **kwargs)`` becomes a small graph submitted at once: the
+ObjectRefs among the top-level arguments are its external inputs (resolved to
+values before the function runs), refs nested in containers travel as refs and
+are pinned until the task ends, and one node per return value stands behind the
+ObjectRefs handed back.  The function itself is cloudpickled once per function
+(cached here) and cached by the workers under the hash of its bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import itertools
+import numbers
+from typing import Any, Callable
+
+from .refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
+from .runtime.serialization import GraphEncoder, describe
+
+#: option -> check, for functions (actors add their own in actors/)
+TASK_OPTIONS = {
+    "num_cpus": lambda v: isinstance(v, numbers.Real) and v >= 0,
+    "num_gpus": lambda v: isinstance(v, numbers.Real) and v >= 0,
+    "resources": lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and isinstance(x, numbers.Real) and x >= 0 for k, x in v.items()),
+    "num_returns": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "max_retries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+    "retry_exceptions": lambda v: isinstance(v, bool),
+    "name": lambda v: isinstance(v, str),
+}
+DEFAULTS = {"num_cpus": 1, "num_returns": 1, "max_retries": 3, "retry_exceptions": False}
+#: max_retries=-1 means "retry forever" in Ray; bounded here
+INFINITE_RETRIES = 1_000_000
+
+
+def check_options(options: dict, allowed: dict = TASK_OPTIONS) -> dict:
+    """Validate remote options; raise ``ValueError``/``TypeError`` naming the bad one."""
+    for name, value in options.items():
+        if name not in allowed:
+            raise ValueError(
+                f"invalid option {name!r} for a remote function; valid options are "
+                f"{', '.join(sorted(allowed))}")
+        if not allowed[name](value):
+            raise ValueError(f"invalid value {value!r} for option {name!r}")
+    return options
+
+
+class RemoteCall:
+    """The task body of one call: the function, its arguments, where refs go."""
+
+    __slots__ = ("key", "func", "args", "kwargs", "ref_slots")
+
+    def __init__(self, key: str, func: Callable, args: tuple, kwargs: dict,
+                 ref_slots: tuple) -> None:
+        self.key = key
+        self.func = func
+        self.args = args
+        self.kwargs = kwargs
+        #: ((position or keyword, dask key of the ref), ...)
+        self.ref_slots = ref_slots
+
+    def __call__(self, values: dict) -> Any:
+        if not self.ref_slots:
+            return self.func(*self.args, **self.kwargs)
+        args = list(self.args)
+        kwargs = dict(self.kwargs)
+        for slot, key in self.ref_slots:
+            if type(slot) is int:
+                args[slot] = values[key]
+            else:
+                kwargs[slot] = values[key]
+        return self.func(*args, **kwargs)
+
+
+class NthReturn:
+    """Body of the node behind the i-th ObjectRef of a ``num_returns=k`` call."""
+
+    __slots__ = ("key", "index", "count", "source")
+
+    def __init__(self, key: str, index: int, count: int, source: str) -> None:
+        self.key = key
+        self.index = index
+        self.count = count
+        self.source = source
+
+    def __call__(self, values: dict) -> Any:
+        value = values[self.source]
+        try:
+            n = len(value)
+        except TypeError:
+            n = -1
+        if n != self.count:
+            raise ValueError(
+                f"task {self.source} was declared with num_returns={self.count} but "
+                f"returned {'a ' + type(value).__name__ if n < 0 else f'{n} values'}")
+        return value[self.index]
+
+
+class _FunctionTable:
+    """One function's pickled table, made once and reused by every call: (bytes, id)."""
+
+    __slots__ = ("data", "id")
+
+    def __init__(self, func: Callable) -> None:
+        self.data = GraphEncoder(preload=[func]).encode_table()
+        self.id = table_id(self.data)
+
+
+def table_id(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def build_call(func: Callable, table: "_FunctionTable", name: str, args: tuple,
+               kwargs: dict, options: dict, graph_number: int) -> dict:
+    """The parts of a SubmitGraph message for one call (see ``runtime/protocol``)."""
+    external: dict[int, RefKey] = {}
+    ext_node: dict[RefKey, int] = {}
+    ref_slots = []
+    clean_args = list(args)
+    clean_kwargs = dict(kwargs)
+    for slot, value in itertools.chain(enumerate(args), kwargs.items()):
+        if type(value) is ObjectRef:
+            key = value._key
+            if key not in ext_node:
+                ext_node[key] = len(external)
+                external[len(external)] = key
+            ref_slots.append((slot, dask_key_of(key)))
+            if type(slot) is int:
+                clean_args[slot] = None
+            else:
+                clean_kwargs[slot] = None
+    k = len(external)
+    call_key = f"{name}-{graph_number}"
+    call = RemoteCall(call_key, func, tuple(clean_args), clean_kwargs, tuple(ref_slots))
+    enc = GraphEncoder(preload=[func])  # the function is entry 0, as in ``table``
+    with collect_pickled_refs() as pinned:
+        body = enc.encode_task((call, tuple(dask_key_of(r) for r in external.values())),
+                               f"{name} (its arguments)")
+    dep_nodes = tuple(range(k))
+    names = [f"ref-{i}" for i in range(k)] + [call_key]
+    deps: list[tuple] = [() for _ in range(k)] + [dep_nodes]
+    bodies: list[bytes | None] = [None] * k + [body]
+    num_returns = options.get("num_returns", 1)
+    if num_returns == 1:
+        wanted = [k]
+    else:
+        wanted = []
+        for i in range(num_returns):
+            nth = NthReturn(f"{call_key}[{i}]", i, num_returns, call_key)
+            names.append(nth.key)
+            deps.append((k,))
+            bodies.append(enc.encode_task((nth, (call_key,)), nth.key))
+            wanted.append(k + 1 + i)
+    if enc.table_size == 1:
+        table_data, tid = table.data, table.id
+    else:  # the arguments hold functions or __main__ objects of their own
+        table_data = enc.encode_table()
+        tid = table_id(table_data)
+    resources = dict(options.get("resources") or {})
+    if options.get("num_gpus"):
+        resources["GPU"] = options["num_gpus"]
+    if options.get("num_cpus", 1) > 1:
+        resources["CPU"] = options["num_cpus"]
+    max_retries = options.get("max_retries", DEFAULTS["max_retries"])
+    return dict(
+        names=names, deps=deps, priorities=list(range(len(names))), bodies=bodies,
+        data={}, wanted=wanted, groups=[name] * len(names), function_table=table_data,
+        table_id=tid, external=external, pinned=list(dict.fromkeys(pinned)),
+        max_retries=INFINITE_RETRIES if max_retries == -1 else max_retries,
+        retry_exceptions=options.get("retry_exceptions", False),
+        resources=resources or None,
+    )
+
+
+class RemoteFunction:
+    """What ``@daskray.remote`` makes of a function: call it with ``.remote()``."""
+
+    def __init__(self, func: Callable, options: dict) -> None:
+        if inspect.isclass(func):
+            raise TypeError("RemoteFunction wraps functions; classes become actors")
+        self._func = func
+        self._options = check_options(dict(options))
+        self._table: _FunctionTable | None = None
+        self.__name__ = getattr(func, "__name__", "remote_function")
+        self.__qualname__ = getattr(func, "__qualname__", self.__name__)
+        self.__doc__ = getattr(func, "__doc__", None)
+        self.__wrapped__ = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"remote function {self.__name__} cannot be called directly; use "
+            f"{self.__name__}.remote(...) to run it on the cluster (it returns an "
+            "ObjectRef; daskray.get(ref) gives the value)")
+
+    def options(self, **options: Any) -> "RemoteFunction":
+        """A copy with these options changed, for one or more calls."""
+        clone = RemoteFunction(self._func, {**self._options, **check_options(options)})
+        clone._table = self._table
+        return clone
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """Submit a call; return its ObjectRef (a list of them when ``num_returns > 1``)."""
+        from .api import _session
+
+        if self._table is None:
+            self._table = _FunctionTable(self._func)
+        return _session().submit_call(self._func, self._table, args, kwargs, self._options)
+
+    def bind(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError("daskray has no DAG API; call .remote() instead")

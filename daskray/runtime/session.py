@@ -1,0 +1,146 @@
+"""Ray-style calls over one connection to the head: remote calls, put, get, wait, cancel.
+
+The same logic serves the driver and code running inside a worker; what differs
+is the :class:`Connection` underneath:
+
+* in the driver, a :class:`~daskray.runtime.client.Client` whose I/O thread
+  files results as they arrive and wakes waiters;
+* inside a worker, the worker itself: a task that waits in ``get`` pumps the
+  worker's own socket and meanwhile runs other tasks queued on it, and the head
+  lends the waiting task's slot out, so nested parallelism cannot deadlock.
+
+Results of ObjectRefs arrive as ``RefResult`` messages: the owner of a ref is told
+unasked, any other process subscribes on first use.  What is known of a ref is
+forgotten when this process drops its last ObjectRef to it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Callable, Protocol, Sequence
+
+from .. import errors
+from ..refs import ObjectRef, RefKey, dask_key_of, tracker
+from ..remote import build_call
+from ..scheduler.policy import INLINE_THRESHOLD
+from . import protocol as P
+from .serialization import dumps, dumps_frames, frames_nbytes, loads, loads_exception
+
+
+class Connection(Protocol):
+    client_id: bytes
+    results: dict
+
+    def next_number(self) -> int: ...
+    def send(self, msg: Any) -> None: ...
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool: ...
+    def fetch(self, address: str, object_id: Any) -> Any: ...
+    def store_large(self, key: str, frames: list) -> str: ...
+
+
+def error_of(result: P.RefResult | P.Error) -> BaseException:
+    """The exception a failed object raises at ``get``."""
+    if result.error is not None:
+        return loads_exception(result.error)
+    kind = getattr(errors, result.kind or "", None)
+    if not (isinstance(kind, type) and issubclass(kind, errors.DaskrayError)):
+        kind = errors.DaskrayError
+    return kind(result.message or "the task failed")
+
+
+class Session:
+    """Ray's core API over a :class:`Connection`."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._subscribed: set[RefKey] = set()
+        self._names = itertools.count()
+
+    # ---------------------------------------------------------------- submitting
+
+    def submit_call(self, func: Callable, table: Any, args: tuple, kwargs: dict,
+                    options: dict) -> ObjectRef | list[ObjectRef]:
+        number = self.conn.next_number()
+        name = options.get("name") or getattr(func, "__name__", "task")
+        parts = build_call(func, table, name, args, kwargs, options, number)
+        me = self.conn.client_id
+        # made before sending, so the result cannot arrive for a ref not yet counted
+        refs = [ObjectRef((me, number, node), owned=True) for node in parts["wanted"]]
+        self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        return refs[0] if options.get("num_returns", 1) == 1 else refs
+
+    def put(self, value: Any) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError("daskray.put() of an ObjectRef is not allowed; pass the ref itself")
+        number = self.conn.next_number()
+        key = (self.conn.client_id, number, 0)
+        frames = dumps_frames(value)
+        nbytes = frames_nbytes(frames)
+        name = f"put-{number}"
+        ref = ObjectRef(key, owned=True)
+        if nbytes <= INLINE_THRESHOLD:
+            inline = frames[0] if len(frames) == 1 else dumps(value)
+            self.conn.send(P.PutObject(number, name, inline, None, nbytes, None))
+        else:
+            store_key = dask_key_of(key)
+            holder = self.conn.store_large(store_key, frames)
+            self.conn.send(P.PutObject(number, name, None, holder, nbytes, store_key))
+        return ref
+
+    def cancel(self, refs: Sequence[ObjectRef]) -> None:
+        self.conn.send(P.CancelRefs([r._key for r in refs]))
+
+    # ---------------------------------------------------------------- waiting
+
+    def _subscribe(self, keys: Sequence[RefKey]) -> None:
+        me = self.conn.client_id
+        new = [k for k in keys if k[0] != me and k not in self._subscribed
+               and k not in self.conn.results]
+        if new:
+            self._subscribed.update(new)
+            self.conn.send(P.SubscribeRefs(new))
+
+    def forget(self, key: RefKey) -> None:
+        """This process holds no ObjectRef to ``key`` any more."""
+        self._subscribed.discard(key)
+        self.conn.results.pop(key, None)
+
+    def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
+             timeout: float | None = None) -> tuple[list, list]:
+        if not 0 <= num_returns <= len(refs):
+            raise ValueError(f"num_returns must be between 0 and {len(refs)}, got {num_returns}")
+        keys = [r._key for r in refs]
+        self._subscribe(keys)
+        results = self.conn.results
+        self.conn.wait_for(lambda: sum(k in results for k in keys) >= num_returns, timeout)
+        ready: list = []
+        not_ready: list = []
+        for ref in refs:
+            (ready if ref._key in results and len(ready) < num_returns else not_ready).append(ref)
+        return ready, not_ready
+
+    def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
+        keys = [r._key for r in refs]
+        self._subscribe(keys)
+        results = self.conn.results
+        start = time.monotonic()
+        done = self.conn.wait_for(lambda: all(k in results for k in keys), timeout)
+        if not done:
+            missing = sum(1 for k in keys if k not in results)
+            raise errors.GetTimeoutError(
+                f"get timed out after {time.monotonic() - start:.1f} s: {missing} of "
+                f"{len(keys)} objects not ready")
+        return [self._value(results[k]) for k in keys]
+
+    def _value(self, result: P.RefResult) -> Any:
+        if result.error is not None or result.kind is not None:
+            raise error_of(result)
+        if result.inline is not None:
+            return loads(result.inline)
+        return self.conn.fetch(result.holder, result.object_id)
+
+
+def attach_tracker(session: Session) -> None:
+    """Make this process's ref counting forget results when refs are dropped."""
+    tracker.on_drop = session.forget
