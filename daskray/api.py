@@ -64,6 +64,14 @@ class _Runtime:
                 dask.config.set({key: old})
 
 
+#: Ray's init options about things daskray does not have; accepted, no effect
+_IGNORED_RAY_OPTIONS = {
+    "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver",
+    "logging_level", "logging_format", "configure_logging", "namespace", "runtime_env",
+    "_temp_dir", "_system_config", "num_gpus",
+}
+
+
 def init(
     num_workers: int | None = None,
     *,
@@ -71,7 +79,10 @@ def init(
     set_dask_scheduler: bool = True,
     ignore_reinit_error: bool = False,
     resources: dict | list | None = None,
+    num_cpus: int | None = None,
+    address: str | None = None,
     _validate: bool = False,
+    **ray_options: Any,
 ) -> None:
     """Start daskray on this machine: a head process and ``num_workers`` workers.
 
@@ -85,7 +96,22 @@ def init(
     ``resources`` declares custom resources for tasks to ask for with
     ``.options(resources=...)``: a dict gives every worker the same, a list of
     dicts gives worker *i* the *i*-th.
+
+    For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
+    options about its dashboard, logging and namespaces are accepted and have no
+    effect here.  ``address`` other than ``None``/``"local"`` is not supported yet.
     """
+    unknown = set(ray_options) - _IGNORED_RAY_OPTIONS
+    if unknown:
+        raise TypeError(f"daskray.init() got unexpected keyword arguments {sorted(unknown)}")
+    if address not in (None, "local"):
+        raise ClusterError(
+            f"joining a running cluster (address={address!r}) is not supported yet; "
+            "call daskray.init() without an address to start a local cluster")
+    if num_cpus is not None:
+        if num_workers is not None and num_workers != num_cpus:
+            raise ValueError("give num_workers or num_cpus, not both")
+        num_workers = num_cpus
     global _runtime
     with _lock:
         if _runtime is not None:
@@ -179,6 +205,18 @@ def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: A
             "daskray.get() takes an ObjectRef, a list of ObjectRefs, or a dask graph "
             f"and its keys; got {type(obj).__name__} and no keys")
     return _get_dask(obj, keys, **kwargs)
+
+
+def _persist(collections: list, optimize_graph: bool = True, **kwargs: Any) -> list:
+    """``dask.persist(..., scheduler=daskray.get)``: results stay in the cluster."""
+    runtime = _current()
+    if runtime.local_mode:
+        return [dask.persist(c, scheduler="sync", optimize_graph=optimize_graph)[0]
+                for c in collections]
+    return dask_scheduler.persist(runtime.cluster.client, collections, optimize_graph, **kwargs)
+
+
+get.persist = _persist  # dask hands persist to a scheduler get that has this
 
 
 def _get_dask(dsk: Any, keys: Any, **kwargs: Any) -> Any:

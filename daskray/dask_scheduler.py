@@ -232,3 +232,73 @@ class _CallbackTracker:
         for f in self.posttask:
             f(key, value, self.spec.dsk, state, worker)
 
+
+
+def persist(client: Client, collections: list, optimize_graph: bool = True,
+            **kwargs: Any) -> list:
+    """``dask.persist`` on daskray: compute, but leave the results in the cluster.
+
+    dask hands persisting to a scheduler whose ``get`` has a ``persist``
+    attribute.  The results stay where they were computed; the returned
+    collections hold ObjectRefs to them (dask treats those as futures), so a
+    later compute reads them in place and nothing travels to the driver.
+    """
+    from dask._expr import CompositeExpr, _ExprSequence
+    from dask.base import _rebuild_composite_collection, collections_to_expr
+    from dask.core import flatten
+
+    expr = collections_to_expr(collections, optimize_graph)
+    exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    composite = any(isinstance(e, CompositeExpr) for e in exprs)
+    expr = expr.optimize()
+    if composite:
+        exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    if len(exprs) != len(collections):
+        exprs = [None] * len(collections)
+    keys: list = []
+    rebuilds = []
+    for coll, cexpr, ckeys in zip(collections, exprs, expr.__dask_keys__()):
+        flat = list(flatten(ckeys))
+        keys.extend(flat)
+        if isinstance(cexpr, CompositeExpr):
+            rebuilds.append((coll, cexpr, flat, None))
+        else:
+            rebuild, state = coll.__dask_postpersist__()
+            rebuilds.append((rebuild, None, flat, state))
+    spec = build_graph(convert(expr), keys)
+    refs = _submit_persistent(client, spec)
+    held = dict(zip(keys, refs))
+    out = []
+    for rebuild, cexpr, flat, state in rebuilds:
+        if state is None:
+            out.append(_rebuild_composite_collection(rebuild, flat, held, cull_to_child_keys=True))
+        else:
+            out.append(rebuild({k: held[k] for k in flat}, *state))
+    return out
+
+
+def _submit_persistent(client: Client, spec: GraphSpec) -> list:
+    """Submit ``spec`` as a remote graph: its outputs become ObjectRefs, kept alive
+    by them (errors surface when they are read).  One value or ref per requested key."""
+    outputs = [n for n in flatten_keys(spec.outputs)]
+    wanted = sorted({n for n in outputs if n not in spec.local_values and n not in spec.external})
+    number = client.next_number()
+    me = client.client_id
+    made = {n: ObjectRef((me, number, n), owned=True) for n in wanted}
+    if wanted:
+        table = spec.function_table
+        client.send(P.SubmitGraph(
+            number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
+            spec.data_blobs, wanted, [key_split(k) for k in spec.keys], table,
+            hashlib.blake2b(table, digest_size=16).digest(), False, False, spec.external,
+            [], 0, False, None,
+        ))
+    out = []
+    for n in outputs:
+        if n in made:
+            out.append(made[n])
+        elif n in spec.external:
+            out.append(ObjectRef(spec.external[n]))
+        else:
+            out.append(spec.local_values[n])
+    return out
