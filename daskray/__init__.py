@@ -7,10 +7,14 @@
 >>> daskray.shutdown()                               # doctest: +SKIP
 """
 
-from .api import cancel, get, init, is_initialized, put, remote, shutdown, wait
+from .actors import Actor, ActorClass, ActorHandle
+from .actors.pool import ActorPool
+from .api import (
+    cancel, get, get_actor, init, is_initialized, kill, put, remote, shutdown, wait,
+)
 from .refs import ObjectRef
 from .errors import (
-    ClusterError, DaskrayError, GetTimeoutError, GraphError, ObjectLostError,
+    ActorDiedError, ActorError, ClusterError, DaskrayError, GetTimeoutError, GraphError, ObjectLostError,
     RemoteTraceback, SerializationError, TaskCancelledError, TaskError, WorkerCrashedError,
 )
 
@@ -18,7 +22,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
-    "ObjectRef",
+    "ObjectRef", "Actor", "ActorClass", "ActorHandle", "ActorPool", "kill", "get_actor",
+    "ActorDiedError", "ActorError",
     "DaskrayError", "ClusterError", "GraphError", "SerializationError", "TaskError",
     "RemoteTraceback", "WorkerCrashedError", "ObjectLostError", "TaskCancelledError",
     "GetTimeoutError",

@@ -19,6 +19,7 @@ import dask.local
 
 from . import dask_scheduler
 from .errors import ClusterError
+from .actors import ActorClass, ActorHandle
 from .refs import ObjectRef, tracker
 from .remote import RemoteFunction, check_options
 from .runtime.cluster import LocalCluster
@@ -269,9 +270,23 @@ def remote(*args: Any, **options: Any) -> Any:
 
 def _make_remote(obj: Any, options: dict) -> Any:
     if isinstance(obj, type):
-        raise NotImplementedError(
-            "remote classes (actors) are not available yet in this version of daskray")
+        return ActorClass(obj, options)
     return RemoteFunction(obj, options)
+
+
+def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
+    """End the actor now; calls in flight and later calls raise ``ActorDiedError``."""
+    if not isinstance(actor, ActorHandle):
+        raise TypeError(f"daskray.kill() expects an actor handle, got {type(actor).__name__}")
+    _session().kill_actor(actor)
+
+
+def get_actor(name: str, namespace: str | None = None, *, _missing_ok: bool = False) -> Any:
+    """The handle of the actor created with ``name=...``; ``ValueError`` if none."""
+    handle = _session().get_actor(name)
+    if handle is None and not _missing_ok:
+        raise ValueError(f"no actor named {name!r} exists in this cluster")
+    return handle
 
 
 dask.base.named_schedulers["daskray"] = get

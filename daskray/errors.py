@@ -85,3 +85,12 @@ class GetTimeoutError(DaskrayError, TimeoutError):
 
 class ClusterError(DaskrayError, RuntimeError):
     """The cluster could not be started, is not running, or stopped unexpectedly."""
+
+
+class ActorDiedError(DaskrayError):
+    """The actor's process is gone (killed, crashed, or its handles were dropped)
+    and will not come back for this call."""
+
+
+class ActorError(DaskrayError):
+    """The actor could not be used: its constructor raised (traceback attached)."""

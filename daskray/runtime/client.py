@@ -206,6 +206,10 @@ class Client:
                 with self._results_changed:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()
+        elif t is P.ActorReply:
+            with self._results_changed:
+                self.results[("actor-reply", msg.request)] = msg
+                self._results_changed.notify_all()
         elif t is P.Rejected:
             self._fail_all(f"the head rejected a message: {msg.reason}")
         else:

@@ -76,18 +76,30 @@ class Head:
             I.ReportStarted: self._do_started,
             I.ReportFinished: self._do_finished,
             I.NotifyRef: self._do_notify_ref,
+            I.StartActor: self._do_start_actor,
+            I.StopActor: self._do_stop_actor,
+            I.ReplyActor: self._do_reply_actor,
         }
+        self.actor_of: dict[str, str] = {}  # worker id -> the actor it hosts
+        self.worker_of_actor: dict[str, str] = {}  # actor id -> its current process
 
     # ------------------------------------------------------------------ workers
 
-    def spawn_worker(self, slot: int) -> None:
-        """Start the worker for ``slot`` (0..num_workers-1: which resources it has)."""
+    def spawn_worker(self, slot: int, actor: str | None = None,
+                     actor_resources: dict | None = None) -> str:
+        """Start the worker for ``slot`` (0..num_workers-1: which resources it has),
+        or, with ``actor``, the process of that actor."""
         self.next_worker += 1
-        wid = f"w{self.next_worker}"
+        wid = f"w{self.next_worker}" if actor is None else f"a{self.next_worker}"
         self.slot_of[wid] = slot
         resources = self.config.get("resources") or []
+        if actor is not None:
+            self.actor_of[wid] = actor
+            self.worker_of_actor[actor] = wid
         proc = spawn("daskray.runtime.start_worker", {
-            "resources": resources[slot] if slot < len(resources) else {},
+            "actor": actor,
+            "resources": (actor_resources or {}) if actor is not None
+            else resources[slot] if slot < len(resources) else {},
             "worker_id": wid,
             "token": self.token.hex(),
             "session_dir": self.session_dir,
@@ -98,6 +110,7 @@ class Head:
         if fd is not None:
             self.worker_fds[fd] = wid
             self.poller.register(fd, zmq.POLLIN)
+        return wid
 
     def worker_exited(self, wid: str) -> None:
         proc = self.procs.pop(wid, None)
@@ -118,6 +131,15 @@ class Head:
         if not self.running:
             return
         reason = f"pid {proc.pid if proc else '?'} {describe_exit(returncode)}"
+        actor = self.actor_of.pop(wid, None)
+        if actor is not None:  # the scheduler decides whether it restarts
+            if self.worker_of_actor.get(actor) == wid:
+                del self.worker_of_actor[actor]
+            if wid in self.state.workers:
+                self.apply(E.WorkerLost(wid, reason))
+            else:
+                self.apply(E.ActorStartFailed(actor, reason))
+            return
         if wid not in self.state.workers and self.waiting_clients:
             # died before it ever joined: a start-up failure, not bad luck
             for ident in self.waiting_clients:
@@ -137,7 +159,8 @@ class Head:
             print("daskray: workers keep dying; not starting more", file=sys.stderr)
 
     def broadcast_workers(self) -> None:
-        msg = P.WorkersChanged(dict(self.worker_address))
+        msg = P.WorkersChanged(
+            {w: a for w, a in self.worker_address.items() if w not in self.actor_of})
         for ident, (role, _) in self.peers.items():
             if role == P.ROLE_CLIENT:
                 self.client_out.setdefault(ident, []).append(msg)
@@ -202,9 +225,10 @@ class Head:
             self.worker_address[wid] = msg.address
             self.worker_control[wid] = transport.dealer(self.ctx, msg.address)
             self.tables_sent[wid] = set()
-            self.apply(E.WorkerJoined(wid, msg.slots, msg.resources))
-            self.broadcast_workers()
-            self.welcome_clients()
+            self.apply(E.WorkerJoined(wid, msg.slots, msg.resources, msg.actor))
+            if msg.actor is None:
+                self.broadcast_workers()
+                self.welcome_clients()
         else:  # code running in a worker may use the cluster like any client
             self.on_client_message(wid.encode(), msg)
 
@@ -218,6 +242,7 @@ class Head:
                 gid, msg.names, msg.deps, msg.priorities, msg.bodies, msg.data,
                 msg.wanted, msg.groups, msg.fail_fast, msg.notify, msg.external,
                 msg.pinned, msg.max_retries, msg.retry_exceptions, msg.resources,
+                msg.actor, msg.create_actor,
             )
             check_graph(event)
             self.tables.setdefault(msg.table_id, msg.function_table)
@@ -239,6 +264,10 @@ class Head:
         elif t is P.CancelRefs:
             for ref in msg.refs:
                 self.apply(E.CancelRef(ref))
+        elif t is P.KillActorRequest:
+            self.apply(E.KillActor(msg.actor))
+        elif t is P.GetActor:
+            self.apply(E.LookupActor(ident, msg.name, msg.request))
         elif t is P.ReleaseGraph:
             self.apply(E.GraphReleased((ident, msg.graph)))
         elif t is P.CancelGraph:
@@ -247,7 +276,7 @@ class Head:
             self.running = False
 
     def welcome_clients(self) -> None:
-        if len(self.worker_address) < self.num_workers:
+        if len([w for w in self.worker_address if w not in self.actor_of]) < self.num_workers:
             return
         for ident in self.waiting_clients:
             self.client_out.setdefault(ident, []).append(
@@ -302,6 +331,19 @@ class Head:
                 sent.discard(table_id)
                 self._flush_runs(wid)
                 self.worker_out.setdefault(wid, []).append(P.Forget((table_id,)))
+
+    def _do_start_actor(self, ins: I.StartActor) -> None:
+        if self.running:
+            self.spawn_worker(-1, actor=ins.actor, actor_resources=ins.resources)
+
+    def _do_stop_actor(self, ins: I.StopActor) -> None:
+        wid = self.worker_of_actor.get(ins.actor)
+        proc = self.procs.get(wid) if wid else None
+        if proc is not None and proc.poll() is None:
+            proc.kill()  # its exit is noticed through its pidfd, like any death
+
+    def _do_reply_actor(self, ins: I.ReplyActor) -> None:
+        self.client_out.setdefault(ins.to, []).append(P.ActorReply(ins.request, ins.handle))
 
     def _do_notify_ref(self, ins: I.NotifyRef) -> None:
         holder = self.worker_address.get(ins.holder) if ins.holder else None

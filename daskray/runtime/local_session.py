@@ -63,6 +63,9 @@ class LocalSession:
             return [self._store(failure) for _ in range(n)]
         return [self._store(v) for v in values]
 
+    def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
+        raise NotImplementedError("actors are not available in local_mode yet")
+
     def put(self, value: Any) -> ObjectRef:
         return self._store(value)
 

@@ -117,6 +117,10 @@ class SubmitGraph:
     max_retries: int
     retry_exceptions: bool
     resources: dict | None
+    #: a call of this actor's method
+    actor: str | None = None
+    #: the graph is this actor's constructor: {"id", "max_restarts", ...}
+    create_actor: dict | None = None
 
 
 @message(2)
@@ -162,6 +166,19 @@ class SubscribeRefs:
 @message(8)
 class CancelRefs:
     refs: list
+
+
+@message(9)
+class KillActorRequest:
+    actor: str
+
+
+@message(30)
+class GetActor:
+    """Ask for the handle of a named actor; answered by :class:`ActorReply`."""
+
+    name: str
+    request: int
 
 
 # ------------------------------------------------------------------ head -> client
@@ -221,6 +238,12 @@ class RefResult:
     message: str | None
 
 
+@message(18)
+class ActorReply:
+    request: int
+    handle: bytes | None
+
+
 @message(15)
 class WorkersChanged:
     workers: dict
@@ -242,6 +265,8 @@ class WorkerReady:
     pid: int
     slots: int
     resources: dict
+    #: the actor this process hosts, or None for a worker
+    actor: str | None
 
 
 @message(21)

@@ -70,6 +70,51 @@ class Session:
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         return refs[0] if options.get("num_returns", 1) == 1 else refs
 
+    def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
+        from ..actors import (
+            ActorHandle, _methods, actor_options_for_graph, new_actor_id, resources_of)
+
+        number = self.conn.next_number()
+        me = self.conn.client_id
+        cls = actor_class._cls
+        parts = build_call(actor_class._init, actor_class._init_table, f"{cls.__name__}.__init__",
+                           args, kwargs, {"max_retries": 0}, number)
+        creation = ObjectRef((me, number, parts["wanted"][0]), owned=True)
+        handle = ActorHandle(new_actor_id(me), cls.__name__, _methods(cls), creation)
+        parts["create_actor"] = actor_options_for_graph(actor_class, handle._actor_id,
+                                                        dumps(handle))
+        parts["resources"] = resources_of(actor_class._options)
+        self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        return handle
+
+    def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
+                   options: dict) -> ObjectRef | list[ObjectRef]:
+        func, table = handle._call(method)
+        number = self.conn.next_number()
+        opts = {"max_retries": 0, **options}
+        parts = build_call(func, table, f"{handle._class_name}.{method}", args, kwargs, opts,
+                           number)
+        parts["actor"] = handle._actor_id
+        # the call keeps its actor alive even if the caller drops the handle at once
+        parts["pinned"] = parts["pinned"] + [handle._creation._key]
+        me = self.conn.client_id
+        refs = [ObjectRef((me, number, node), owned=True) for node in parts["wanted"]]
+        self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        return refs[0] if opts.get("num_returns", 1) == 1 else refs
+
+    def kill_actor(self, handle: Any) -> None:
+        self.conn.send(P.KillActorRequest(handle._actor_id))
+
+    def get_actor(self, name: str, timeout: float | None = 30.0) -> Any:
+        """The handle of the actor named ``name``, or None."""
+        request = self.conn.next_number()
+        key = ("actor-reply", request)
+        self.conn.send(P.GetActor(name, request))
+        if not self.conn.wait_for(lambda: key in self.conn.results, timeout):
+            raise errors.GetTimeoutError(f"no answer about actor {name!r} within {timeout} s")
+        reply = self.conn.results.pop(key)
+        return None if reply.handle is None else loads(reply.handle)
+
     def put(self, value: Any) -> ObjectRef:
         if isinstance(value, ObjectRef):
             raise TypeError("daskray.put() of an ObjectRef is not allowed; pass the ref itself")

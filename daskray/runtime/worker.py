@@ -126,11 +126,13 @@ class Worker:
         )
         self.head = transport.dealer(self.ctx, config["head_address"], identity=self.id)
         self.resources: dict = config.get("resources") or {}
+        self.actor: str | None = config.get("actor")
         #: as a client of the cluster (tasks calling .remote() and get()): see session
         self.client_id = self.id.encode()
         self.results: dict = {}
         self._numbers = itertools.count(1)
-        self.blocked_depth = 0
+        #: tasks waiting in get() on this worker's stack
+        self.nesting = 0
         self.queue: deque = deque()
         self.tables: dict[Any, Any] = {}
         self.raw_tables: dict[Any, bytes] = {}
@@ -147,7 +149,8 @@ class Worker:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
         self.server.start()
         self.head.send_multipart(P.hello_frames(self.token, P.ROLE_WORKER, self.id))
-        self.head.send(P.encode(P.WorkerReady(self.address, os.getpid(), 1, self.resources)))
+        self.head.send(P.encode(
+            P.WorkerReady(self.address, os.getpid(), 1, self.resources, self.actor)))
 
     def _interrupt(self, task_ids: list[int]) -> None:
         """Called in the data-server thread: cancel the running task if it is listed."""
@@ -174,14 +177,18 @@ class Worker:
             self._step()
         self._flush()
 
-    def _step(self) -> None:
-        """Take every message waiting, then run one queued task."""
+    def _drain(self) -> None:
+        """Take every message waiting."""
         while True:
             try:
                 frame = self.head.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                break
+                return
             self._on_message(frame)
+
+    def _step(self) -> None:
+        """Take every message waiting, then run one queued task."""
+        self._drain()
         if self.queue and self.running:
             self._run_one(*self.queue.popleft())
             if (
@@ -207,25 +214,39 @@ class Worker:
         if predicate():
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._report(("blocked", True))
+        self.nesting += 1
+        lend = self.actor is None and self.nesting <= MAX_NESTING  # an actor's calls stay in order
+        if lend:
+            self._report(("blocked", True))
+        else:
+            self._give_back_queue()
         self._flush()
         try:
             while not predicate():
                 if not self.running:
                     raise ClusterError("the worker is stopping")
-                if self.queue:
+                if self.queue and lend:
                     self._step()
                     continue
+                if self.queue and self.actor is None:
+                    self._give_back_queue()
                 self._flush()
                 wait_ms = 1000 if deadline is None else int((deadline - time.monotonic()) * 1000)
                 if wait_ms <= 0:
                     return False
                 if self.head.poll(min(wait_ms, 1000)):
-                    self._step()
+                    self._drain()
             return True
         finally:
-            self._report(("blocked", False))
+            self.nesting -= 1
+            if lend:
+                self._report(("blocked", False))
             self._flush()
+
+    def _give_back_queue(self) -> None:
+        """Hand every queued task back to the head, to run elsewhere."""
+        while self.queue:
+            self._report(("r", self.queue.popleft()[0]))
 
     def fetch(self, address: str, object_id: Any) -> Any:
         if address == self.address:
@@ -274,6 +295,8 @@ class Worker:
         elif type(msg) is P.RefResult:
             if msg.ref in tracker.counts:
                 self.results[msg.ref] = msg
+        elif type(msg) is P.ActorReply:
+            self.results[("actor-reply", msg.request)] = msg
         elif type(msg) is P.Stop:
             self.running = False
         elif type(msg) is P.Rejected:
@@ -358,7 +381,15 @@ class Worker:
         self.head.close(0)
 
 
+#: nested tasks run on the stack of the task waiting in get(): room for that
+RECURSION_LIMIT = 20_000
+#: tasks run inside a waiting task at most this deep; deeper, the worker gives its
+#: queued tasks back to the head instead, so the stack stays bounded
+MAX_NESTING = 100
+
+
 def main() -> None:
+    sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
     worker.start()

@@ -23,6 +23,8 @@ class WorkerJoined:
     slots: int = 1
     #: custom resources the worker offers, e.g. {"GPU": 1}
     resources: dict | None = None
+    #: the actor this worker process was started for (it runs nothing else)
+    actor: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +75,10 @@ class GraphSubmitted:
     retry_exceptions: bool = False
     #: resources every task of the graph needs, e.g. {"CPU": 1, "GPU": 1}
     resources: dict | None = None
+    #: the graph is a call of this actor's method (runs on its process, in order)
+    actor: str | None = None
+    #: the graph creates an actor: its options (see ActorOptions)
+    create_actor: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +116,30 @@ class CancelRef:
     """``daskray.cancel``: drop the task if queued, interrupt it if running."""
 
     ref: RefKey
+
+
+@dataclass(frozen=True, slots=True)
+class KillActor:
+    """``daskray.kill``: end the actor now, without restarting it."""
+
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActorStartFailed:
+    """The process started for ``actor`` died before it joined."""
+
+    actor: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class LookupActor:
+    """``daskray.get_actor(name)``: ``client`` wants the handle of a named actor."""
+
+    client: ClientId
+    name: str
+    request: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +195,6 @@ class ClientLost:
 
 Event = (
     WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
-    | CancelRef | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
+    | CancelRef | KillActor | ActorStartFailed | LookupActor | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
     | GraphCancelled | ClientLost
 )

@@ -107,7 +107,34 @@ class NotifyRef:
     message: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class StartActor:
+    """Start a process for ``actor`` (again, after a crash, when ``restart``)."""
+
+    actor: str
+    resources: dict | None
+    restart: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StopActor:
+    """End the process of ``actor`` (killed, or its last handle is gone)."""
+
+    actor: str
+    worker: WorkerId | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyActor:
+    """The pickled handle of a named actor (None: no actor has that name)."""
+
+    to: Any
+    request: int
+    handle: bytes | None
+
+
 Instruction = (
     Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
-    | ReportStarted | ReportFinished | NotifyRef
+    | ReportStarted | ReportFinished | NotifyRef | StartActor | StopActor
+    | ReplyActor
 )

@@ -50,18 +50,19 @@ Invariants (checked after every event when ``validate=True``):
 from __future__ import annotations
 
 import heapq
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
 from . import policy
 from .events import (
-    CancelRef, ClientLost, Event, GraphCancelled, GraphId, GraphReleased, GraphSubmitted,
+    ActorStartFailed, CancelRef, ClientLost, Event, GraphCancelled, KillActor, LookupActor, GraphId, GraphReleased, GraphSubmitted,
     ObjectPut, RefKey, RefsChanged, Subscribe, TaskErred, WorkerBlocked, TaskFinished, TaskId,
     TaskReleased, TaskStarted, WorkerId, WorkerJoined, WorkerLost,
 )
 from .instructions import (
-    CancelTasks, Dispatch, ForgetGraph, FreeObjects, Instruction, NotifyRef, ReportError,
-    ReportFinished, ReportResult, ReportStarted,
+    CancelTasks, Dispatch, ForgetGraph, FreeObjects, Instruction, NotifyRef, ReplyActor,
+    ReportError, ReportFinished, ReportResult, ReportStarted, StartActor, StopActor,
 )
 
 WAITING, READY, PROCESSING, MEMORY, ERRED = "waiting", "ready", "processing", "memory", "erred"
@@ -71,6 +72,7 @@ TRANSITIONS = {
     (WAITING, READY), (READY, PROCESSING), (PROCESSING, MEMORY), (PROCESSING, READY),
     (PROCESSING, ERRED), (WAITING, ERRED), (READY, ERRED),
     (MEMORY, ERRED),  # its only copy was lost
+    (MEMORY, READY), (ERRED, READY),  # an actor's constructor, re-run after a crash
 }
 
 #: a failure: (pickled exception or None, daskray error type name or None, message)
@@ -117,6 +119,8 @@ class TaskState:
     resources: dict | None = None
     #: objects referenced by ObjectRefs inside this one's value: kept while it is
     contained: list[TaskId] = field(default_factory=list)
+    #: the actor this task is a call of (or the constructor of)
+    actor: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -138,6 +142,29 @@ class GraphState:
 
 
 @dataclass(slots=True, eq=False)
+class ActorState:
+    """An actor: its process (a worker of its own) and its calls, in order.
+
+    ``calls`` holds the calls not yet dispatched, constructor first; the first
+    one not ready (its ObjectRef arguments are pending) holds back the rest.
+    """
+
+    id: str
+    creation: TaskId
+    resources: dict | None
+    restarts_left: int
+    task_retries: int
+    #: survives its handles (named or ``lifetime="detached"``)
+    detached: bool
+    name: str | None = None
+    worker: WorkerId | None = None
+    state: str = "pending"  # pending -> alive -> (restarting -> alive)* -> dead
+    calls: deque = field(default_factory=deque)
+    in_flight: list[TaskId] = field(default_factory=list)
+    death: str = ""
+
+
+@dataclass(slots=True, eq=False)
 class WorkerState:
     id: WorkerId
     slots: int
@@ -146,6 +173,7 @@ class WorkerState:
     queue: list[tuple[tuple, TaskId]] = field(default_factory=list)
     holds: set[TaskId] = field(default_factory=set)
     queued_estimate: float = 0.0
+    actor: str | None = None
 
 
 def _fits(needed: dict | None, ws: WorkerState) -> bool:
@@ -161,6 +189,9 @@ class SchedulerState:
         self.tasks: dict[TaskId, TaskState] = {}
         self.graphs: dict[GraphId, GraphState] = {}
         self.refs: dict[RefKey, TaskId] = {}
+        self.actors: dict[str, ActorState] = {}
+        #: named actors: {name: (actor id, pickled handle)}
+        self.actor_names: dict[str, tuple[str, bytes]] = {}
         self.workers: dict[WorkerId, WorkerState] = {}
         self.ready: list[tuple[tuple, TaskId]] = []
         self.durations = policy.DurationEstimates()
@@ -180,6 +211,9 @@ class SchedulerState:
             RefsChanged: self._refs_changed,
             Subscribe: self._subscribe,
             CancelRef: self._cancel_ref,
+            KillActor: self._kill_actor,
+            ActorStartFailed: self._actor_start_failed,
+            LookupActor: self._lookup_actor,
             WorkerBlocked: self._worker_blocked,
             TaskStarted: self._task_started,
             TaskFinished: self._task_finished,
@@ -215,8 +249,18 @@ class SchedulerState:
         if ev.worker in self.workers:
             return
         resources = {"CPU": ev.slots, **(ev.resources or {})}
-        self.workers[ev.worker] = WorkerState(ev.worker, ev.slots, resources)
-        self._room.add(ev.worker)
+        ws = self.workers[ev.worker] = WorkerState(ev.worker, ev.slots, resources)
+        if ev.actor is None:
+            self._room.add(ev.worker)
+            return
+        ws.actor = ev.actor
+        actor = self.actors.get(ev.actor)
+        if actor is None or actor.state == "dead":
+            self._out.append(StopActor(ev.actor, ev.worker))
+            return
+        actor.worker = ev.worker
+        actor.state = "alive"
+        self._pump_actor(actor)
 
     def _worker_blocked(self, ev: WorkerBlocked) -> None:
         """A task on the worker waits for other tasks: lend its slot out meanwhile."""
@@ -230,7 +274,9 @@ class SchedulerState:
         if ws is None:
             return
         crashed: list[tuple[TaskState, str]] = []
-        for tid in sorted(ws.processing):
+        if ws.actor is not None:
+            crashed = self._actor_lost(ws, ev.reason)
+        for tid in sorted(ws.processing) if ws.actor is None else ():
             ts = self.tasks.get(tid)
             if ts is None or ts.state != PROCESSING or ts.worker != ws.id:
                 continue
@@ -267,6 +313,116 @@ class SchedulerState:
             if ts.id in self.tasks:
                 self._object_lost(ts, message)
         self._ready_grew = True
+
+    def _actor_lost(self, ws: WorkerState, reason: str) -> list[tuple[TaskState, str]]:
+        """The process of an actor died: restart it, or fail what it was to run."""
+        actor = self.actors.get(ws.actor)
+        if actor is None:
+            return []
+        in_flight = [self.tasks[t] for t in actor.in_flight
+                     if t in self.tasks and self.tasks[t].state == PROCESSING]
+        actor.in_flight = []
+        actor.worker = None
+        if actor.state == "dead":
+            self._fail_calls(in_flight, f"actor {actor.id} is dead ({actor.death}); "
+                                        "the call did not finish")
+            return []
+        message = (f"the process of actor {actor.id} ({ws.id}) died ({reason}) while the "
+                   "call was running or queued")
+        failed: list[TaskState] = []
+        if actor.restarts_left == 0:
+            actor.state = "dead"
+            actor.death = f"its process died ({reason}) and max_restarts is used up"
+            self._fail_calls(in_flight, message)
+            self._fail_actor_calls(actor)
+            creation = self.tasks.get(actor.creation)
+            if creation is not None:
+                self._release_deps(creation)
+            return []
+        actor.restarts_left -= 1
+        actor.state = "restarting"
+        retried = []
+        for ts in in_flight:
+            ts.worker = None
+            if ts.retries_left > 0 and not ts.cancel_requested:
+                ts.retries_left -= 1
+                self._transition(ts, READY)
+                retried.append(ts.id)
+            else:
+                failed.append(ts)
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (MEMORY, ERRED):
+            self._transition(creation, READY)
+            creation.graph.unfinished += 1
+            creation.failure = None
+        actor.calls.extendleft(reversed(([actor.creation] if creation else []) + retried))
+        self._out.append(StartActor(actor.id, actor.resources, True))
+        self._fail_calls(failed, message)
+        return []
+
+    def _actor_start_failed(self, ev: ActorStartFailed) -> None:
+        actor = self.actors.get(ev.actor)
+        if actor is None or actor.state == "dead":
+            return
+        if actor.restarts_left > 0:
+            actor.restarts_left -= 1
+            self._out.append(StartActor(actor.id, actor.resources, True))
+            return
+        actor.state = "dead"
+        actor.death = f"its process died before it started ({ev.reason})"
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (WAITING, READY):
+            self._fail(creation, (None, "ActorDiedError", f"actor {actor.id}: {actor.death}"))
+        self._fail_actor_calls(actor)
+
+    def _fail_calls(self, calls: list[TaskState], message: str) -> None:
+        for ts in calls:
+            if ts.id in self.tasks and ts.state in (PROCESSING, WAITING, READY):
+                ts.worker = None
+                self._fail(ts, (None, "ActorDiedError", message))
+
+    def _fail_actor_calls(self, actor: ActorState) -> None:
+        failure = (None, "ActorDiedError", f"actor {actor.id} is dead: {actor.death}")
+        calls, actor.calls = list(actor.calls), deque()
+        for tid in calls:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts.state in (WAITING, READY) and tid != actor.creation:
+                self._fail(ts, failure)
+
+    def _kill_actor(self, ev: KillActor, reason: str = "it was killed with daskray.kill") -> None:
+        actor = self.actors.get(ev.actor)
+        if actor is None or actor.state == "dead":
+            return
+        actor.state = "dead"
+        actor.death = reason
+        actor.restarts_left = 0
+        if actor.name is not None:
+            self.actor_names.pop(actor.name, None)
+        self._out.append(StopActor(actor.id, actor.worker))
+        self._fail_actor_calls(actor)
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (MEMORY, ERRED):
+            self._release_deps(creation)
+
+    def _lookup_actor(self, ev: LookupActor) -> None:
+        found = self.actor_names.get(ev.name)
+        self._out.append(ReplyActor(ev.client, ev.request, found[1] if found else None))
+
+    def _pump_actor(self, actor: ActorState) -> None:
+        """Dispatch the actor's calls in order, up to the first one not ready."""
+        if actor.state != "alive":
+            return
+        ws = self.workers[actor.worker]
+        while actor.calls:
+            ts = self.tasks.get(actor.calls[0])
+            if ts is None or ts.state in (MEMORY, ERRED):
+                actor.calls.popleft()
+                continue
+            if ts.state != READY:
+                return
+            actor.calls.popleft()
+            actor.in_flight.append(ts.id)
+            self._dispatch(ts, ws)
 
     def _object_lost(self, ts: TaskState, message: str) -> None:
         """A finished object is gone: fail what still needs it."""
@@ -344,6 +500,8 @@ class SchedulerState:
                 dep.pending_dependents += 1
                 if dep.state != MEMORY:
                     ts.waiting_on += 1
+        if ev.create_actor is not None or ev.actor is not None:
+            self._bind_actor(ev, gs, new)
         for ts in new:
             if ts.id not in tasks or ts.state != WAITING:
                 continue
@@ -363,6 +521,35 @@ class SchedulerState:
         if not gs.fail_fast and gs.unfinished == 0:
             self._unpin(gs)
 
+    def _bind_actor(self, ev: GraphSubmitted, gs: GraphState, new: list[TaskState]) -> None:
+        """Pin the graph's call to its actor (creating the actor for a constructor)."""
+        call = next((ts for ts in new if ts.body is not None), None)
+        if call is None:
+            return
+        if ev.create_actor is not None:
+            opts = ev.create_actor
+            actor = ActorState(
+                opts["id"], call.id, ev.resources, opts.get("max_restarts", 0),
+                opts.get("max_task_retries", 0), bool(opts.get("detached")),
+                opts.get("name"))
+            self.actors[actor.id] = actor
+            if actor.name is not None:
+                self.actor_names[actor.name] = (actor.id, opts.get("handle", b""))
+            call.retries_left = 0
+            self._out.append(StartActor(actor.id, ev.resources, False))
+        else:
+            actor = self.actors.get(ev.actor)
+            if actor is None or actor.state == "dead":
+                why = actor.death if actor is not None else "no such actor in this cluster"
+                call.actor = ev.actor
+                call.cancel_requested = True
+                self._fail(call, (None, "ActorDiedError", f"actor {ev.actor} is dead: {why}"))
+                return
+            call.retries_left = actor.task_retries
+        call.actor = actor.id
+        call.resources = None  # the actor's process has them
+        actor.calls.append(call.id)
+
     def _lookup(self, ref: RefKey) -> TaskState | None:
         tid = self.refs.get(ref)
         return None if tid is None else self.tasks.get(tid)
@@ -370,18 +557,21 @@ class SchedulerState:
     def _object_put(self, ev: ObjectPut) -> None:
         self._graph_submitted(GraphSubmitted(
             ev.graph, [ev.name], [()], [0], [None],
-            {0: ev.inline} if ev.inline is not None else {}, [0], fail_fast=False,
+            {0: ev.inline} if ev.inline is not None else {}, [], fail_fast=False,
         ))
         ts = self.tasks[self.refs[(ev.graph[0], ev.graph[1], 0)]]
+        ts.refs += 1  # the owner's ObjectRef
+        ts.report_owner = True
         ts.nbytes = ev.nbytes
         if ev.store_key is not None:
             ts.store_key = ev.store_key
         if ev.holder is not None and ev.holder in self.workers:
             ts.holders.add(ev.holder)
             self.workers[ev.holder].holds.add(ts.id)
-            self._notify(ts)
-        elif ev.inline is None:
+        if ev.inline is None and not ts.holders:
             self._object_lost(ts, f"the worker that stored {ev.name} is gone")
+        else:
+            self._notify(ts)
 
     def _refs_changed(self, ev: RefsChanged) -> None:
         for ref in ev.added:
@@ -657,8 +847,15 @@ class SchedulerState:
 
     def _place(self, ts: TaskState) -> None:
         """Queue a ready task: on the worker holding most of its large inputs (or the
-        least loaded one able to run it), else in the global ready heap."""
-        candidates = [w for w in self.workers.values() if _fits(ts.resources, w)]
+        least loaded one able to run it), else in the global ready heap.  A call of
+        an actor waits in its actor's own queue instead."""
+        if ts.actor is not None:
+            actor = self.actors.get(ts.actor)
+            if actor is not None:
+                self._pump_actor(actor)
+            return
+        candidates = [w for w in self.workers.values()
+                      if w.actor is None and _fits(ts.resources, w)]
         if ts.resources and not candidates:
             if self.workers:
                 ts.cancel_requested = True  # no retry can help
@@ -703,7 +900,7 @@ class SchedulerState:
         if ws.processing:
             return None
         victims = sorted(
-            (w for w in self.workers.values() if w is not ws and w.queue),
+            (w for w in self.workers.values() if w is not ws and w.queue and w.actor is None),
             key=lambda w: len(w.queue), reverse=True,
         )
         for victim in victims:
@@ -721,7 +918,7 @@ class SchedulerState:
         while self.ready:
             progressed = False
             for ws in sorted(self.workers.values(), key=lambda w: len(w.processing)):
-                if policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
+                if ws.actor is None and policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
                     ts = self._next_task(ws)
                     if ts is not None:
                         self._dispatch(ts, ws)
@@ -731,6 +928,8 @@ class SchedulerState:
 
     def _fill(self, ws: WorkerState) -> None:
         """Dispatch tasks to ``ws`` while it has room."""
+        if ws.actor is not None:
+            return
         while policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
             ts = self._next_task(ws)
             if ts is None:
@@ -761,6 +960,10 @@ class SchedulerState:
         )
 
     def _unqueue(self, ws: WorkerState, tid: TaskId) -> None:
+        if ws.actor is not None:
+            actor = self.actors.get(ws.actor)
+            if actor is not None and tid in actor.in_flight:
+                actor.in_flight.remove(tid)
         if tid in ws.processing:
             ws.processing.discard(tid)
             ts = self.tasks.get(tid)
@@ -774,6 +977,10 @@ class SchedulerState:
         """``ts`` no longer needs its inputs (it finished, failed or was dropped)."""
         if ts.deps_released:
             return
+        if ts.actor is not None:
+            actor = self.actors.get(ts.actor)
+            if actor is not None and actor.creation == ts.id and actor.state != "dead":
+                return  # a restart re-runs the constructor with the same arguments
         ts.deps_released = True
         for d in ts.deps:
             dep = self.tasks.get(d)
@@ -785,6 +992,13 @@ class SchedulerState:
         """Free the object of ``ts`` when nothing needs it; forget a remote task."""
         if ts.pending_dependents > 0 or ts.refs > 0 or ts.state not in (MEMORY, ERRED):
             return
+        if ts.actor is not None:
+            actor = self.actors.get(ts.actor)
+            if actor is not None and actor.creation == ts.id:
+                if actor.state != "dead" and not actor.detached:
+                    self._kill_actor(KillActor(actor.id), "all its handles were dropped")
+                if actor.state == "dead":
+                    self.actors.pop(actor.id, None)
         for wid in ts.holders:
             ws = self.workers.get(wid)
             if ws is not None:

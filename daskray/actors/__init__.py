@@ -1,0 +1,200 @@
+"""Actors: a class instance in a process of its own, whose method calls are tasks.
+
+::
+
+    @daskray.remote                      class MyActor(daskray.Actor):
+    class Counter: ...                       @daskray.remote
+    c = Counter.remote(5)                    def add(self, x, y): ...
+    c.incr.remote()  -> ObjectRef        a = MyActor.create(value=5)
+
+``Counter.remote(...)`` returns an :class:`ActorHandle` at once; the head starts
+the actor's process and runs the constructor there.  A method call is a remote
+graph pinned to the actor: it runs after its ObjectRef arguments are ready, in
+submission order, and other tasks may depend on its result.  A handle is
+picklable -- tasks and other actors that receive it call the same instance -- and
+holds an ObjectRef to the constructor's result, so the actor ends when its last
+handle is gone (unless it is named or detached).
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import numbers
+from typing import Any
+
+from ..remote import TASK_OPTIONS, RemoteFunction, check_options, _FunctionTable
+from .host import ActorCall, ActorInit
+
+ACTOR_OPTIONS = {
+    "num_cpus": TASK_OPTIONS["num_cpus"],
+    "num_gpus": TASK_OPTIONS["num_gpus"],
+    "resources": TASK_OPTIONS["resources"],
+    "name": lambda v: isinstance(v, str) and v != "",
+    "namespace": lambda v: isinstance(v, str),
+    "get_if_exists": lambda v: isinstance(v, bool),
+    "lifetime": lambda v: v in (None, "detached", "non_detached"),
+    "max_restarts": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+    "max_task_retries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+    "max_concurrency": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+}
+METHOD_OPTIONS = {"num_returns": TASK_OPTIONS["num_returns"], "name": TASK_OPTIONS["name"]}
+_FOREVER = 1_000_000
+_numbers = itertools.count(1)
+
+
+def _methods(cls: type) -> list[str]:
+    names = []
+    for name, attr in inspect.getmembers(cls):
+        if name.startswith("__") and name not in ("__call__",):
+            continue
+        if callable(attr) or isinstance(inspect.getattr_static(cls, name), RemoteFunction):
+            names.append(name)
+    return names
+
+
+class ActorClass:
+    """What ``@daskray.remote`` makes of a class: create instances with ``.remote()``."""
+
+    def __init__(self, cls: type, options: dict) -> None:
+        self._cls = cls
+        self._options = check_options(dict(options), ACTOR_OPTIONS)
+        self._init = ActorInit(cls)
+        self._init_table: _FunctionTable | None = None
+        self.__name__ = cls.__name__
+        self.__qualname__ = cls.__qualname__
+        self.__doc__ = cls.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(
+            f"actor class {self.__name__} cannot be instantiated directly; use "
+            f"{self.__name__}.remote(...) to create the actor in its own process")
+
+    def options(self, **options: Any) -> "ActorClass":
+        clone = ActorClass(self._cls, {**self._options, **check_options(options, ACTOR_OPTIONS)})
+        clone._init, clone._init_table = self._init, self._init_table
+        return clone
+
+    def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
+        """Create the actor; its handle comes back at once."""
+        from ..api import _session, get_actor
+
+        opts = self._options
+        name = opts.get("name")
+        if name is not None and opts.get("get_if_exists"):
+            existing = get_actor(name, _missing_ok=True)
+            if existing is not None:
+                return existing
+        if self._init_table is None:
+            self._init_table = _FunctionTable(self._init)
+        return _session().create_actor(self, args, kwargs)
+
+
+class ActorMethod:
+    """``handle.method``: call it with ``.remote(...)`` (an ObjectRef), or call it
+    plainly -- as a dask task does -- to run it on the actor and wait for the value."""
+
+    def __init__(self, handle: "ActorHandle", name: str, options: dict | None = None) -> None:
+        self._handle = handle
+        self._name = name
+        self._options = options or {}
+
+    def options(self, **options: Any) -> "ActorMethod":
+        return ActorMethod(self._handle, self._name,
+                           {**self._options, **check_options(options, METHOD_OPTIONS)})
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        from ..api import _session
+
+        return _session().call_actor(self._handle, self._name, args, kwargs, self._options)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from ..api import get
+
+        return get(self.remote(*args, **kwargs))
+
+    def __reduce__(self) -> tuple:
+        return ActorMethod, (self._handle, self._name, self._options)
+
+    def __repr__(self) -> str:
+        return f"<actor method {self._handle._class_name}.{self._name}>"
+
+
+class ActorHandle:
+    """A reference to one actor; picklable, so tasks and actors can call it too."""
+
+    def __init__(self, actor_id: str, class_name: str, methods: list[str], creation: Any) -> None:
+        self._actor_id = actor_id
+        self._class_name = class_name
+        self._method_names = list(methods)
+        #: ObjectRef to the constructor's result: keeps the actor alive
+        self._creation = creation
+        self._calls: dict[str, tuple[ActorCall, _FunctionTable]] = {}
+
+    def __getattr__(self, name: str) -> ActorMethod:
+        if name.startswith("_") and name not in self._method_names:
+            raise AttributeError(name)
+        if name not in self._method_names:
+            raise AttributeError(f"actor {self._class_name} has no method {name!r}")
+        return ActorMethod(self, name)
+
+    def _call(self, method: str) -> tuple[ActorCall, _FunctionTable]:
+        """The task body of ``method`` calls and its pickled table, made once."""
+        made = self._calls.get(method)
+        if made is None:
+            call = ActorCall(self._class_name, method)
+            made = self._calls[method] = (call, _FunctionTable(call))
+        return made
+
+    def __reduce__(self) -> tuple:
+        return ActorHandle, (self._actor_id, self._class_name, self._method_names, self._creation)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
+
+    def __hash__(self) -> int:
+        return hash(self._actor_id)
+
+    def __repr__(self) -> str:
+        return f"ActorHandle({self._class_name}, {self._actor_id})"
+
+
+class Actor:
+    """Base class for the seed's spelling: methods marked ``@daskray.remote``,
+    instances made with ``MyActor.create(...)`` (each in its own process)."""
+
+    @classmethod
+    def create(cls, *args: Any, **kwargs: Any) -> ActorHandle:
+        return ActorClass(cls, {}).remote(*args, **kwargs)
+
+    @classmethod
+    def options(cls, **options: Any) -> ActorClass:
+        return ActorClass(cls, options)
+
+
+def actor_options_for_graph(actor_class: ActorClass, actor_id: str, handle_bytes: bytes) -> dict:
+    opts = actor_class._options
+    restarts = opts.get("max_restarts", 0)
+    retries = opts.get("max_task_retries", 0)
+    return {
+        "id": actor_id,
+        "max_restarts": _FOREVER if restarts == -1 else restarts,
+        "max_task_retries": _FOREVER if retries == -1 else retries,
+        "detached": opts.get("lifetime") == "detached" or opts.get("name") is not None,
+        "name": opts.get("name"),
+        "handle": handle_bytes,
+    }
+
+
+def resources_of(options: dict) -> dict | None:
+    resources = dict(options.get("resources") or {})
+    if options.get("num_gpus"):
+        resources["GPU"] = options["num_gpus"]
+    cpus = options.get("num_cpus")
+    if isinstance(cpus, numbers.Real) and cpus > 1:
+        resources["CPU"] = cpus
+    return resources or None
+
+
+def new_actor_id(client_id: bytes) -> str:
+    return f"{client_id.hex()}-{next(_numbers)}"
