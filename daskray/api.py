@@ -19,9 +19,9 @@ import dask.local
 
 from . import dask_scheduler
 from .errors import ClusterError
-from .actors import ActorClass, ActorHandle
+from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
 from .refs import ObjectRef, tracker
-from .remote import RemoteFunction, check_options
+from .remote import TASK_OPTIONS, RemoteFunction, check_options
 from .runtime.cluster import LocalCluster
 from .runtime.local_session import LocalSession
 from .runtime.session import Session
@@ -264,7 +264,7 @@ def remote(*args: Any, **options: Any) -> Any:
         return _make_remote(args[0], {})
     if args:
         raise TypeError("use @daskray.remote or @daskray.remote(option=value, ...)")
-    check_options(options)
+    check_options(options, {**TASK_OPTIONS, **ACTOR_OPTIONS}, "@daskray.remote")
     return lambda obj: _make_remote(obj, options)
 
 

@@ -35,12 +35,13 @@ DEFAULTS = {"num_cpus": 1, "num_returns": 1, "max_retries": 3, "retry_exceptions
 INFINITE_RETRIES = 1_000_000
 
 
-def check_options(options: dict, allowed: dict = TASK_OPTIONS) -> dict:
-    """Validate remote options; raise ``ValueError``/``TypeError`` naming the bad one."""
+def check_options(options: dict, allowed: dict = TASK_OPTIONS,
+                  what: str = "a remote function") -> dict:
+    """Validate remote options; raise ``ValueError`` naming the bad one."""
     for name, value in options.items():
         if name not in allowed:
             raise ValueError(
-                f"invalid option {name!r} for a remote function; valid options are "
+                f"invalid option {name!r} for {what}; valid options are "
                 f"{', '.join(sorted(allowed))}")
         if not allowed[name](value):
             raise ValueError(f"invalid value {value!r} for option {name!r}")

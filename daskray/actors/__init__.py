@@ -58,7 +58,7 @@ class ActorClass:
 
     def __init__(self, cls: type, options: dict) -> None:
         self._cls = cls
-        self._options = check_options(dict(options), ACTOR_OPTIONS)
+        self._options = check_options(dict(options), ACTOR_OPTIONS, "an actor class")
         self._init = ActorInit(cls)
         self._init_table: _FunctionTable | None = None
         self.__name__ = cls.__name__
@@ -71,7 +71,8 @@ class ActorClass:
             f"{self.__name__}.remote(...) to create the actor in its own process")
 
     def options(self, **options: Any) -> "ActorClass":
-        clone = ActorClass(self._cls, {**self._options, **check_options(options, ACTOR_OPTIONS)})
+        checked = check_options(options, ACTOR_OPTIONS, "an actor class")
+        clone = ActorClass(self._cls, {**self._options, **checked})
         clone._init, clone._init_table = self._init, self._init_table
         return clone
 
@@ -100,8 +101,8 @@ class ActorMethod:
         self._options = options or {}
 
     def options(self, **options: Any) -> "ActorMethod":
-        return ActorMethod(self._handle, self._name,
-                           {**self._options, **check_options(options, METHOD_OPTIONS)})
+        checked = check_options(options, METHOD_OPTIONS, "an actor method")
+        return ActorMethod(self._handle, self._name, {**self._options, **checked})
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         from ..api import _session
@@ -183,7 +184,14 @@ def actor_options_for_graph(actor_class: ActorClass, actor_id: str, handle_bytes
         "detached": opts.get("lifetime") == "detached" or opts.get("name") is not None,
         "name": opts.get("name"),
         "handle": handle_bytes,
+        "max_concurrency": opts.get("max_concurrency", _default_concurrency(actor_class._cls)),
     }
+
+
+def _default_concurrency(cls: type) -> int:
+    """Ray's defaults: 1 call at a time, 1000 for a class with ``async def`` methods."""
+    is_async = any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in dir(cls))
+    return 1000 if is_async else 1
 
 
 def resources_of(options: dict) -> dict | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import threading
 import traceback
 from typing import Any
 
@@ -67,8 +68,16 @@ class ActorCall:
         return result
 
 
+_loop_lock = threading.Lock()
+
+
 def _run(coro: Any) -> Any:
+    """Run a coroutine on the actor's event loop (a thread of its own), so the
+    coroutines of concurrent calls interleave on one loop; wait for its result."""
     global _loop
-    if _loop is None:
-        _loop = asyncio.new_event_loop()
-    return _loop.run_until_complete(coro)
+    with _loop_lock:
+        if _loop is None:
+            _loop = asyncio.new_event_loop()
+            threading.Thread(target=_loop.run_forever, name="daskray-actor-loop",
+                             daemon=True).start()
+    return asyncio.run_coroutine_threadsafe(coro, _loop).result()

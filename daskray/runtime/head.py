@@ -86,7 +86,7 @@ class Head:
     # ------------------------------------------------------------------ workers
 
     def spawn_worker(self, slot: int, actor: str | None = None,
-                     actor_resources: dict | None = None) -> str:
+                     actor_resources: dict | None = None, max_concurrency: int = 1) -> str:
         """Start the worker for ``slot`` (0..num_workers-1: which resources it has),
         or, with ``actor``, the process of that actor."""
         self.next_worker += 1
@@ -98,6 +98,7 @@ class Head:
             self.worker_of_actor[actor] = wid
         proc = spawn("daskray.runtime.start_worker", {
             "actor": actor,
+            "max_concurrency": max_concurrency,
             "resources": (actor_resources or {}) if actor is not None
             else resources[slot] if slot < len(resources) else {},
             "worker_id": wid,
@@ -334,7 +335,8 @@ class Head:
 
     def _do_start_actor(self, ins: I.StartActor) -> None:
         if self.running:
-            self.spawn_worker(-1, actor=ins.actor, actor_resources=ins.resources)
+            self.spawn_worker(-1, actor=ins.actor, actor_resources=ins.resources,
+                              max_concurrency=ins.max_concurrency)
 
     def _do_stop_actor(self, ins: I.StopActor) -> None:
         wid = self.worker_of_actor.get(ins.actor)

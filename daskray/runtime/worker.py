@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from concurrent.futures import ThreadPoolExecutor
 import signal
 import sys
 import threading
@@ -127,6 +128,17 @@ class Worker:
         self.head = transport.dealer(self.ctx, config["head_address"], identity=self.id)
         self.resources: dict = config.get("resources") or {}
         self.actor: str | None = config.get("actor")
+        #: an actor with max_concurrency > 1 runs calls on a thread pool; their
+        #: reports come back through ``done`` and a wake-up socket
+        self.pool: ThreadPoolExecutor | None = None
+        self.done: deque = deque()
+        if self.actor is not None and config.get("max_concurrency", 1) > 1:
+            self.pool = ThreadPoolExecutor(config["max_concurrency"], "daskray-actor")
+            self.wake_pull = self.ctx.socket(zmq.PULL)
+            self.wake_pull.bind(f"inproc://daskray-wake-{self.id}")
+            self.wake_push = self.ctx.socket(zmq.PUSH)
+            self.wake_push.connect(f"inproc://daskray-wake-{self.id}")
+            self.wake_lock = threading.Lock()
         #: as a client of the cluster (tasks calling .remote() and get()): see session
         self.client_id = self.id.encode()
         self.results: dict = {}
@@ -167,6 +179,8 @@ class Worker:
     # -------------------------------------------------------------- loop
 
     def run(self) -> None:
+        if self.pool is not None:
+            return self._run_concurrent()
         head = self.head
         while self.running:
             if not self.queue:
@@ -176,6 +190,34 @@ class Worker:
                         self._flush()
             self._step()
         self._flush()
+
+    def _run_concurrent(self) -> None:
+        """An actor with max_concurrency > 1: calls start in order on the pool."""
+        poller = zmq.Poller()
+        poller.register(self.head, zmq.POLLIN)
+        poller.register(self.wake_pull, zmq.POLLIN)
+        while self.running:
+            ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+            if self.wake_pull in ready:
+                while True:
+                    try:
+                        self.wake_pull.recv(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+            while self.done:
+                self._report(self.done.popleft())
+            self._drain()
+            while self.queue:
+                item = self.queue.popleft()
+                self.pool.submit(self._execute, *item).add_done_callback(self._call_done)
+            self._flush()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _call_done(self, future: Any) -> None:
+        """In a pool thread: hand the report to the main thread and wake it."""
+        self.done.append(future.result())
+        with self.wake_lock:
+            self.wake_push.send(b"", zmq.NOBLOCK)
 
     def _drain(self) -> None:
         """Take every message waiting."""
@@ -190,7 +232,7 @@ class Worker:
         """Take every message waiting, then run one queued task."""
         self._drain()
         if self.queue and self.running:
-            self._run_one(*self.queue.popleft())
+            self._report(self._execute(*self.queue.popleft()))
             if (
                 len(self.reports) >= FLUSH_COUNT
                 or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
@@ -337,9 +379,10 @@ class Worker:
                 f"input object {object_id} is not held by worker {self.id}"
             ) from None
 
-    def _run_one(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
-                 notify: bool) -> None:
-        if notify:
+    def _execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
+                 notify: bool) -> tuple:
+        """Run one task; its report (finished or erred)."""
+        if notify and self.pool is None:
             self._report(("s", task_id))
             self._flush()
         start = time.perf_counter()
@@ -348,14 +391,16 @@ class Worker:
         try:
             node, dep_keys = decode_task(body, self._table(table_id))
             values = {key: self._input(oid, src) for key, (oid, src) in zip(dep_keys, deps)}
-            self.current = task_id
+            if self.pool is None:
+                self.current = task_id
             result = node(values)
-            self.current = outer
+            if self.pool is None:
+                self.current = outer
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's
-            self.current = outer
+            if self.pool is None:
+                self.current = outer
             self.cancelled.discard(task_id)
-            self._report(("e", task_id, dumps_exception(exc, getattr(node, "key", task_id))))
-            return
+            return ("e", task_id, dumps_exception(exc, getattr(node, "key", task_id)))
         duration = time.perf_counter() - start
         try:
             with collect_pickled_refs() as contained:
@@ -370,10 +415,9 @@ class Worker:
             key = getattr(node, "key", task_id)
             error = SerializationError(
                 f"the result of task {key!r} cannot be sent to other processes: {exc}")
-            self._report(("e", task_id, dumps_exception(error, key)))
-            return
+            return ("e", task_id, dumps_exception(error, key))
         self.store.put(task_id, result)
-        self._report(("f", task_id, nbytes, inline, duration, tuple(contained)))
+        return ("f", task_id, nbytes, inline, duration, tuple(contained))
 
     def close(self) -> None:
         for sock in self.peers.values():

@@ -114,6 +114,7 @@ class StartActor:
     actor: str
     resources: dict | None
     restart: bool
+    max_concurrency: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,6 +162,7 @@ class ActorState:
     calls: deque = field(default_factory=deque)
     in_flight: list[TaskId] = field(default_factory=list)
     death: str = ""
+    max_concurrency: int = 1
 
 
 @dataclass(slots=True, eq=False)
@@ -356,7 +357,7 @@ class SchedulerState:
             creation.graph.unfinished += 1
             creation.failure = None
         actor.calls.extendleft(reversed(([actor.creation] if creation else []) + retried))
-        self._out.append(StartActor(actor.id, actor.resources, True))
+        self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency))
         self._fail_calls(failed, message)
         return []
 
@@ -366,7 +367,7 @@ class SchedulerState:
             return
         if actor.restarts_left > 0:
             actor.restarts_left -= 1
-            self._out.append(StartActor(actor.id, actor.resources, True))
+            self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency))
             return
         actor.state = "dead"
         actor.death = f"its process died before it started ({ev.reason})"
@@ -531,12 +532,12 @@ class SchedulerState:
             actor = ActorState(
                 opts["id"], call.id, ev.resources, opts.get("max_restarts", 0),
                 opts.get("max_task_retries", 0), bool(opts.get("detached")),
-                opts.get("name"))
+                opts.get("name"), max_concurrency=opts.get("max_concurrency", 1))
             self.actors[actor.id] = actor
             if actor.name is not None:
                 self.actor_names[actor.name] = (actor.id, opts.get("handle", b""))
             call.retries_left = 0
-            self._out.append(StartActor(actor.id, ev.resources, False))
+            self._out.append(StartActor(actor.id, ev.resources, False, actor.max_concurrency))
         else:
             actor = self.actors.get(ev.actor)
             if actor is None or actor.state == "dead":
