@@ -32,7 +32,8 @@ from dask.order import order
 
 from .errors import GraphError
 from .refs import ref_key_of
-from .runtime.serialization import GraphEncoder, describe, dumps
+from .runtime.serialization import GraphEncoder, describe, dumps, dumps_frames, frames_nbytes
+from .scheduler.policy import INLINE_THRESHOLD
 
 Key = Hashable
 _NO_VALUE = object()
@@ -53,6 +54,8 @@ class GraphSpec:
     priorities: list[int]
     task_blobs: list[bytes | None]
     data_blobs: dict[int, bytes]
+    #: data nodes too large to travel inline: their pickled frames
+    large_data: dict[int, list]
     function_table: bytes
     #: the requested keys, with every key replaced by its node number (lists kept)
     outputs: Any
@@ -143,6 +146,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     blobs: list[bytes | None] = []
     prio: list[int] = []
     data: dict[int, bytes] = {}
+    large_data: dict[int, list] = {}
     local_values: dict[int, Any] = {}
     renumber = {old: new for new, old in enumerate(topo)}
     wanted_nodes = {node_of(k) for k in wanted}
@@ -170,7 +174,11 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
             blobs.append(None)
             deps.append(())
             if old in needed_data:
-                data[new] = dumps(value)
+                frames = dumps_frames(value)
+                if frames_nbytes(frames) <= INLINE_THRESHOLD:
+                    data[new] = frames[0] if len(frames) == 1 else dumps(value)
+                else:  # stored on a worker before the graph is sent, not inline
+                    large_data[new] = frames
             if old in wanted_nodes:
                 local_values[new] = value
             continue
@@ -184,6 +192,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
         priorities=prio,
         task_blobs=blobs,
         data_blobs=data,
+        large_data=large_data,
         function_table=encoder.encode_table(),
         outputs=map_keys(keys, lambda k: renumber[node_of(k)]),
         local_values=local_values,

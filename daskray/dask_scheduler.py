@@ -32,7 +32,7 @@ from .refs import ObjectRef
 from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
 from .runtime import protocol as P
 from .runtime.client import Client
-from .runtime.serialization import loads
+from .runtime.serialization import frames_nbytes, loads
 from .runtime.session import error_of
 
 POLL_SECONDS = 0.1
@@ -98,16 +98,30 @@ def _run(client: Client, spec: GraphSpec, state: dict, pretask: list, posttask: 
     return values
 
 
+def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
+                    fail_fast: bool, notify: bool) -> P.SubmitGraph:
+    """The one message that carries a graph; large data goes to workers first."""
+    data_holders = {}
+    if spec.large_data:
+        prefix = f"d-{client.client_id.hex()}-{number}-"
+        placed = client.store_many({prefix + str(n): f for n, f in spec.large_data.items()})
+        data_holders = {
+            n: (placed[prefix + str(n)], prefix + str(n), frames_nbytes(f))
+            for n, f in spec.large_data.items()
+        }
+    table = spec.function_table
+    return P.SubmitGraph(
+        number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
+        spec.data_blobs, wanted, [key_split(k) for k in spec.keys], table,
+        hashlib.blake2b(table, digest_size=16).digest(), fail_fast, notify, spec.external,
+        [], 0, False, None, None, None, data_holders,
+    )
+
+
 def _run_on_cluster(client: Client, spec: GraphSpec, state: dict, pretask: list,
                     posttask: list, notify: bool, wanted: list, values: dict) -> None:
     number, inbox = client.new_graph()
-    table = spec.function_table
-    client.send(P.SubmitGraph(
-        number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
-        spec.data_blobs, wanted, [key_split(k) for k in spec.keys], table,
-        hashlib.blake2b(table, digest_size=16).digest(), True, notify, spec.external, [],
-        0, False, None,
-    ))
+    client.send(_submit_message(client, spec, number, wanted, fail_fast=True, notify=notify))
     tracker = _CallbackTracker(spec, state, pretask, posttask) if notify else None
     try:
         # a function of its own: on CPython 3.11-3.12 a KeyboardInterrupt raised at a
@@ -286,13 +300,7 @@ def _submit_persistent(client: Client, spec: GraphSpec) -> list:
     me = client.client_id
     made = {n: ObjectRef((me, number, n), owned=True) for n in wanted}
     if wanted:
-        table = spec.function_table
-        client.send(P.SubmitGraph(
-            number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
-            spec.data_blobs, wanted, [key_split(k) for k in spec.keys], table,
-            hashlib.blake2b(table, digest_size=16).digest(), False, False, spec.external,
-            [], 0, False, None,
-        ))
+        client.send(_submit_message(client, spec, number, wanted, fail_fast=False, notify=False))
     out = []
     for n in outputs:
         if n in made:

@@ -28,6 +28,7 @@ from ..refs import tracker
 from . import protocol as P
 from . import transport
 from .process import pidfd
+from .serialization import frames_nbytes
 from .worker import fetch_object
 
 FETCH_TIMEOUT_MS = 60_000
@@ -94,20 +95,41 @@ class Client:
         return True
 
     def store_large(self, key: str, frames: list) -> str:
-        """Store a large ``put`` value on a worker (round robin); that worker's id."""
-        workers = sorted(self.workers.items())
+        """Store a large ``put`` value on a worker; that worker's id."""
+        return self.store_many({key: frames})[key]
+
+    def store_many(self, objects: dict[str, list]) -> dict[str, str]:
+        """Store large objects on the workers, spread by bytes: {key: worker id}.
+
+        All are sent at once, then every acknowledgement is awaited; the frames
+        go without a copy (the worker keeps them as they arrive).
+        """
+        workers = sorted(self.workers)
         if not workers:
-            raise ClusterError("no worker is running to hold the object")
-        wid, address = workers[self._next_store % len(workers)]
-        self._next_store += 1
-        sock = transport.dealer(self.ctx, address)
+            raise ClusterError("no worker is running to hold the objects")
+        start = self._next_store % len(workers)  # ties go round the workers
+        load = {wid: 0 for wid in workers[start:] + workers[:start]}
+        socks = {}
+        placed: dict[str, str] = {}
         try:
-            sock.send_multipart([self.token, P.PUT, key.encode(), *frames], copy=False)
-            if not sock.poll(FETCH_TIMEOUT_MS) or sock.recv() != P.OK:
-                raise ClusterError(f"worker {wid} did not store the object")
+            for key, frames in sorted(objects.items(), key=lambda kv: -frames_nbytes(kv[1])):
+                wid = min(load, key=load.__getitem__)
+                load[wid] += frames_nbytes(frames)
+                sock = socks.get(wid)
+                if sock is None:
+                    sock = socks[wid] = transport.dealer(self.ctx, self.workers[wid])
+                sock.send_multipart([self.token, P.PUT, key.encode(), *frames], copy=False)
+                placed[key] = wid
+            self._next_store += 1
+            pending = {wid: sum(1 for w in placed.values() if w == wid) for wid in socks}
+            for wid, sock in socks.items():
+                for _ in range(pending[wid]):
+                    if not sock.poll(FETCH_TIMEOUT_MS) or sock.recv() != P.OK:
+                        raise ClusterError(f"worker {wid} did not store an object sent to it")
         finally:
-            sock.close(0)
-        return wid
+            for sock in socks.values():
+                sock.close(0)
+        return placed
 
     def new_graph(self) -> tuple[int, queue.SimpleQueue]:
         """A fresh graph number and the queue its messages will arrive on."""

@@ -243,7 +243,7 @@ class Head:
                 gid, msg.names, msg.deps, msg.priorities, msg.bodies, msg.data,
                 msg.wanted, msg.groups, msg.fail_fast, msg.notify, msg.external,
                 msg.pinned, msg.max_retries, msg.retry_exceptions, msg.resources,
-                msg.actor, msg.create_actor,
+                msg.actor, msg.create_actor, msg.data_holders,
             )
             check_graph(event)
             self.tables.setdefault(msg.table_id, msg.function_table)
@@ -462,6 +462,10 @@ def check_graph(ev: E.GraphSubmitted) -> None:
         raise P.ProtocolError("graph message: wanted names a node that does not exist")
     if not all(type(p) is int for p in ev.priorities):
         raise P.ProtocolError("graph message: priorities must be integers")
+    for node, held in (ev.data_holders or {}).items():
+        if not (type(node) is int and 0 <= node < n and ev.bodies[node] is None
+                and isinstance(held, tuple) and len(held) == 3):
+            raise P.ProtocolError(f"graph message: bad stored data node {node!r:.40}")
 
 
 def main() -> None:

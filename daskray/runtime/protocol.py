@@ -121,6 +121,8 @@ class SubmitGraph:
     actor: str | None = None
     #: the graph is this actor's constructor: {"id", "max_restarts", ...}
     create_actor: dict | None = None
+    #: data nodes already stored on workers: {node: (worker id, store key, nbytes)}
+    data_holders: dict | None = None
 
 
 @message(2)

@@ -79,6 +79,8 @@ class GraphSubmitted:
     actor: str | None = None
     #: the graph creates an actor: its options (see ActorOptions)
     create_actor: dict | None = None
+    #: data nodes stored on workers beforehand: {node: (worker, store key, nbytes)}
+    data_holders: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -461,6 +461,7 @@ class SchedulerState:
                 pin.refs += 1
                 gs.pinned.append(pin.id)
         new: list[TaskState] = []
+        lost_data: list[TaskState] = []
         for i in range(n):
             if i in external:
                 continue
@@ -482,6 +483,14 @@ class SchedulerState:
                 ts.state = MEMORY
                 ts.inline = ev.data.get(i)
                 ts.nbytes = len(ts.inline or b"")
+                held = ev.data_holders.get(i) if ev.data_holders else None
+                if held is not None:
+                    ts.store_key, ts.nbytes = held[1], held[2]
+                    if held[0] in self.workers:
+                        ts.holders.add(held[0])
+                        self.workers[held[0]].holds.add(ts.id)
+                    else:
+                        lost_data.append(ts)
             else:
                 gs.unfinished += 1
             if not gs.fail_fast:
@@ -501,6 +510,11 @@ class SchedulerState:
                 dep.pending_dependents += 1
                 if dep.state != MEMORY:
                     ts.waiting_on += 1
+        for ts in lost_data:
+            if ts.id in tasks:
+                self._object_lost(ts, f"the worker that stored data {ts.name} is gone")
+        if ev.graph not in self.graphs:
+            return
         if ev.create_actor is not None or ev.actor is not None:
             self._bind_actor(ev, gs, new)
         for ts in new:
