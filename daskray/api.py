@@ -20,7 +20,8 @@ import dask.local
 from . import dask_scheduler
 from .errors import ClusterError
 from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
-from .refs import ObjectRef, tracker
+from .dask_graph import convert, external_keys
+from .refs import ObjectRef, ref_key_of, tracker
 from .remote import TASK_OPTIONS, RemoteFunction, check_options
 from .runtime.cluster import LocalCluster
 from .runtime.local_session import LocalSession
@@ -42,6 +43,7 @@ class _Runtime:
         self.session: Session | LocalSession = (
             LocalSession() if cluster is None else Session(cluster.client))
         tracker.on_drop = self.session.forget
+        tracker.reporting = cluster is not None
         self.saved_config: dict[str, Any] = {}
         if set_dask_scheduler:
             self._set_config("scheduler", get)
@@ -150,6 +152,8 @@ def shutdown() -> None:
             return
         runtime.restore_config()
         tracker.on_drop = None
+        tracker.reporting = False
+        tracker.take_changes()
         if runtime.cluster is not None:
             runtime.cluster.close()
 
@@ -176,6 +180,7 @@ def _attach_worker(worker: Any) -> None:
     global _worker_session
     _worker_session = Session(worker)
     tracker.on_drop = _worker_session.forget
+    tracker.reporting = True
 
 
 def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -224,7 +229,12 @@ def _get_dask(dsk: Any, keys: Any, **kwargs: Any) -> Any:
     runtime = _current()
     if runtime.local_mode:
         kwargs.pop("num_workers", None)
-        return dask.local.get_sync(dsk, keys, **kwargs)
+        graph = convert(dsk, kwargs.get("cache"))
+        refs = {k: ObjectRef(ref_key_of(k)) for k in external_keys(graph, keys)}
+        if refs:  # ObjectRefs in the graph: their values, from this process
+            kwargs["cache"] = {**(kwargs.get("cache") or {}),
+                               **dict(zip(refs, runtime.session.get(list(refs.values()))))}
+        return dask.local.get_sync(graph, keys, **kwargs)
     return dask_scheduler.get(runtime.cluster.client, dsk, keys, **kwargs)
 
 

@@ -113,6 +113,16 @@ def convert(dsk: Any, cache: Mapping | None = None) -> dict:
     return convert_legacy_graph(raw, all_keys=set(raw) | set(cache or ()))
 
 
+def external_keys(graph: Mapping, keys: Any) -> list:
+    """The ObjectRef keys the graph (or the request) reads but does not define."""
+    found = {k for k in flatten_keys(keys) if k not in graph and ref_key_of(k) is not None}
+    for node in graph.values():
+        for dep in getattr(node, "dependencies", ()):
+            if dep not in graph and ref_key_of(dep) is not None:
+                found.add(dep)
+    return sorted(found)
+
+
 def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSpec:
     """Cull and check a converted graph (see :func:`convert`) for the requested ``keys``.
 

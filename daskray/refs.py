@@ -53,12 +53,14 @@ class RefTracker:
         self.dropped: list[RefKey] = []
         #: refs whose count fell to zero, for the client to forget what it knew
         self.on_drop: Any = None
+        #: whether a cluster hears of the changes (not in local mode)
+        self.reporting = False
 
     def incref(self, key: RefKey, owned: bool) -> None:
         with self.lock:
             n = self.counts.get(key, 0)
             self.counts[key] = n + 1
-            if n == 0 and not owned:
+            if n == 0 and not owned and self.reporting:
                 self.added.append(key)
 
     def decref(self, key: RefKey) -> None:
@@ -68,7 +70,8 @@ class RefTracker:
                 self.counts[key] = n
                 return
             self.counts.pop(key, None)
-            self.dropped.append(key)
+            if self.reporting:
+                self.dropped.append(key)
         if self.on_drop is not None:
             self.on_drop(key)
 

@@ -50,6 +50,7 @@ class Head:
         self.worker_fds: dict[int, str] = {}
         self.worker_address: dict[str, str] = {}
         self.worker_control: dict[str, zmq.Socket] = {}
+        self.control_of: dict[zmq.Socket, str] = {}  # control socket -> its worker
         self.tables: dict[bytes, bytes] = {}  # table id -> cloudpickled function table
         self.table_users: dict[bytes, int] = {}  # table id -> live graphs using it
         self.graph_table: dict[Any, bytes] = {}  # graph id -> its table id
@@ -123,6 +124,8 @@ class Head:
         returncode = proc.wait() if proc is not None else None
         control = self.worker_control.pop(wid, None)
         if control is not None:
+            self.poller.unregister(control)
+            self.control_of.pop(control, None)
             control.close(0)
         self.worker_address.pop(wid, None)
         self.tables_sent.pop(wid, None)
@@ -219,12 +222,14 @@ class Head:
                 elif kind == "refs":
                     apply(E.RefsChanged(item[1], item[2]))
                 elif kind == "blocked":
-                    apply(E.WorkerBlocked(wid, item[1]))
+                    apply(E.WorkerBlocked(wid, item[1], item[2]))
         elif type(msg) is P.WorkerReady:
             if wid not in self.procs:
                 return
             self.worker_address[wid] = msg.address
-            self.worker_control[wid] = transport.dealer(self.ctx, msg.address)
+            control = self.worker_control[wid] = transport.dealer(self.ctx, msg.address)
+            self.poller.register(control, zmq.POLLIN)
+            self.control_of[control] = wid
             self.tables_sent[wid] = set()
             self.apply(E.WorkerJoined(wid, msg.slots, msg.resources, msg.actor))
             if msg.actor is None:
@@ -244,6 +249,7 @@ class Head:
                 msg.wanted, msg.groups, msg.fail_fast, msg.notify, msg.external,
                 msg.pinned, msg.max_retries, msg.retry_exceptions, msg.resources,
                 msg.actor, msg.create_actor, msg.data_holders,
+                msg.parent if ident.decode(errors="replace") in self.procs else None,
             )
             check_graph(event)
             self.tables.setdefault(msg.table_id, msg.function_table)
@@ -276,6 +282,18 @@ class Head:
         elif t is P.StopCluster:
             self.running = False
 
+    def on_control_reply(self, wid: str, control: zmq.Socket) -> None:
+        """A worker's data server answered an interrupt: queued tasks it dropped."""
+        while True:
+            try:
+                frames = control.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) == 2 and frames[0] == P.DROPPED:
+                for task in frames[1].split(b","):
+                    if task.isdigit():
+                        self.apply(E.TaskReleased(int(task), wid))
+
     def welcome_clients(self) -> None:
         if len([w for w in self.worker_address if w not in self.actor_of]) < self.num_workers:
             return
@@ -304,7 +322,8 @@ class Head:
         if table_id not in sent:
             sent.add(table_id)
             self.run_tables.setdefault(wid, {})[table_id] = self.tables[table_id]
-        self.runs.setdefault(wid, []).append((ins.task, table_id, ins.body, deps, ins.notify))
+        self.runs.setdefault(wid, []).append(
+            (ins.task, table_id, ins.body, deps, ins.notify, ins.parent))
 
     def _do_free(self, ins: I.FreeObjects) -> None:
         self._flush_runs(ins.worker)
@@ -416,6 +435,8 @@ class Head:
                     except zmq.Again:
                         break
                     self.on_frames(frames)
+            for control in [s for s in ready if s in self.control_of]:
+                self.on_control_reply(self.control_of[control], control)
             for fd in [fd for fd in ready if fd in self.worker_fds]:
                 self.worker_exited(self.worker_fds[fd])
             if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:

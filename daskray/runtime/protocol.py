@@ -27,6 +27,7 @@ ROLE_WORKER = b"worker"
 GET = b"get"
 PUT = b"put"
 INTERRUPT = b"interrupt"
+DROPPED = b"dropped"
 OK = b"ok"
 MISSING = b"missing"
 
@@ -123,6 +124,8 @@ class SubmitGraph:
     create_actor: dict | None = None
     #: data nodes already stored on workers: {node: (worker id, store key, nbytes)}
     data_holders: dict | None = None
+    #: set by a worker: the task whose code made this call
+    parent: int | None = None
 
 
 @message(2)
@@ -285,8 +288,8 @@ class Reports:
 
 @message(22)
 class Run:
-    """Tasks to run, in order: ``(task, table id, body, deps, notify)`` each, plus the
-    function tables this worker has not been sent yet, by id."""
+    """Tasks to run, in order: ``(task, table id, body, deps, notify, parent)`` each,
+    plus the function tables this worker has not been sent yet, by id."""
 
     tasks: list
     tables: dict

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import sys
 import traceback
 import types
 from collections import ChainMap
@@ -171,10 +172,19 @@ def _needs_cloudpickle(obj: Any) -> bool:
     """Objects plain pickle would write as a reference the workers cannot resolve."""
     if isinstance(obj, types.FunctionType):
         return True
-    if isinstance(obj, type):
-        return obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
-    cls = type(obj)
-    return cls.__module__ == "__main__" or "<locals>" in cls.__qualname__
+    cls = obj if isinstance(obj, type) else type(obj)
+    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
+        return True
+    return isinstance(obj, type) and not _importable_as_itself(cls)
+
+
+def _importable_as_itself(cls: type) -> bool:
+    """Whether ``module.qualname`` names this very class (a class wrapped by a
+    decorator, such as ``@daskray.remote``, is not: its name names the wrapper)."""
+    target: Any = sys.modules.get(cls.__module__)
+    for part in cls.__qualname__.split("."):
+        target = getattr(target, part, None)
+    return target is cls
 
 
 class _TablePickler(pickle.Pickler):
@@ -186,12 +196,13 @@ class _TablePickler(pickle.Pickler):
         self._index = index
 
     def persistent_id(self, obj: Any) -> int | None:
+        slot = self._index.get(id(obj))  # already in the table (or preloaded there)
+        if slot is not None:
+            return slot
         if not _needs_cloudpickle(obj):
             return None
-        slot = self._index.get(id(obj))
-        if slot is None:
-            slot = self._index[id(obj)] = len(self._table)
-            self._table.append(obj)
+        slot = self._index[id(obj)] = len(self._table)
+        self._table.append(obj)
         return slot
 
 

@@ -17,6 +17,7 @@ process when the head is gone.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -107,7 +108,10 @@ class DataServer(threading.Thread):
                 self.store.put_frames(decode_object_id(arg), [f.buffer for f in frames[4:]])
                 self.sock.send_multipart([ident, P.OK])
             elif verb == P.INTERRUPT:
-                self.on_interrupt([int(x) for x in arg.split(b",") if x])
+                dropped = self.on_interrupt([int(x) for x in arg.split(b",") if x])
+                if dropped:
+                    self.sock.send_multipart(
+                        [ident, P.DROPPED, b",".join(str(t).encode() for t in dropped)])
         except (ValueError, zmq.ZMQError) as exc:
             print(f"daskray worker: bad request {verb!r}: {exc}", file=sys.stderr)
 
@@ -145,6 +149,8 @@ class Worker:
         self._numbers = itertools.count(1)
         #: tasks waiting in get() on this worker's stack
         self.nesting = 0
+        #: ids of the tasks running on the main thread's stack, outermost first
+        self.stack: list[int] = []
         self.queue: deque = deque()
         self.tables: dict[Any, Any] = {}
         self.raw_tables: dict[Any, bytes] = {}
@@ -152,6 +158,8 @@ class Worker:
         self.first_report_at = 0.0
         self.current: int | None = None
         self.cancelled: set[int] = set()
+        #: queued tasks the data server already reported dropped: never run them
+        self.dropped: set[int] = set()
         self.peers: dict[str, zmq.Socket] = {}
         self.running = True
 
@@ -164,12 +172,19 @@ class Worker:
         self.head.send(P.encode(
             P.WorkerReady(self.address, os.getpid(), 1, self.resources, self.actor)))
 
-    def _interrupt(self, task_ids: list[int]) -> None:
-        """Called in the data-server thread: cancel the running task if it is listed."""
+    def _interrupt(self, task_ids: list[int]) -> list[int]:
+        """Called in the data-server thread while the main thread may be busy:
+        interrupt the running task if listed; mark listed queued tasks dropped
+        (the main thread skips them) and return those, for the head to know now."""
         current = self.current
         if current is not None and current in task_ids:
             self.cancelled.add(current)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+        # the others are queued here, or still unread on the head socket, or done
+        # (the head then ignores the answer): none of them may start any more
+        dropped = [t for t in task_ids if t != current]
+        self.dropped.update(dropped)
+        return dropped
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         current = self.current
@@ -232,7 +247,11 @@ class Worker:
         """Take every message waiting, then run one queued task."""
         self._drain()
         if self.queue and self.running:
-            self._report(self._execute(*self.queue.popleft()))
+            item = self.queue.popleft()
+            if item[0] in self.dropped:
+                self.dropped.discard(item[0])
+                return
+            self._report(self._execute(*item))
             if (
                 len(self.reports) >= FLUSH_COUNT
                 or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
@@ -247,6 +266,8 @@ class Worker:
     def send(self, msg: Any) -> None:
         self._require_main_thread()
         self._flush()  # reports and ref changes first: they may be what msg relies on
+        if type(msg) is P.SubmitGraph and self.stack:
+            msg = dataclasses.replace(msg, parent=self.stack[-1])
         self.head.send(P.encode(msg))
 
     def wait_for(self, predicate: Any, timeout: float | None) -> bool:
@@ -258,8 +279,9 @@ class Worker:
         deadline = None if timeout is None else time.monotonic() + timeout
         self.nesting += 1
         lend = self.actor is None and self.nesting <= MAX_NESTING  # an actor's calls stay in order
+        waiting = self.stack[-1] if self.stack else None
         if lend:
-            self._report(("blocked", True))
+            self._report(("blocked", True, waiting))
         else:
             self._give_back_queue()
         self._flush()
@@ -268,8 +290,8 @@ class Worker:
                 if not self.running:
                     raise ClusterError("the worker is stopping")
                 if self.queue and lend:
-                    self._step()
-                    continue
+                    if self._step_nested():
+                        continue
                 if self.queue and self.actor is None:
                     self._give_back_queue()
                 self._flush()
@@ -282,8 +304,31 @@ class Worker:
         finally:
             self.nesting -= 1
             if lend:
-                self._report(("blocked", False))
+                self._report(("blocked", False, waiting))
             self._flush()
+
+    def _step_nested(self) -> bool:
+        """Inside a waiting task: take messages, run one queued call the waiting
+        task made (only those: see SchedulerState._next_nested); hand the head
+        back the other queued tasks, for other workers to run.  Whether it ran one."""
+        self._drain()
+        innermost = self.stack[-1] if self.stack else None
+        kept: deque = deque()
+        item = None
+        for queued in self.queue:
+            if queued[0] in self.dropped:
+                self.dropped.discard(queued[0])
+            elif queued[5] != innermost and queued[5] is not None:
+                self._report(("r", queued[0]))
+            elif item is None:
+                item = queued
+            else:
+                kept.append(queued)
+        self.queue = kept
+        if item is None:
+            return False
+        self._report(self._execute(*item))
+        return True
 
     def _give_back_queue(self) -> None:
         """Hand every queued task back to the head, to run elsewhere."""
@@ -315,8 +360,11 @@ class Worker:
             self.raw_tables.update(msg.tables)
             for item in msg.tasks:
                 for object_id, source in item[3]:
-                    if source[0] == "inline":
-                        self.store.put_pickled(object_id, source[1])
+                    if source[0] == "inline":  # kept even if the task is dropped:
+                        self.store.put_pickled(object_id, source[1])  # the head counts it
+                if item[0] in self.dropped:  # cancelled before it even arrived
+                    self.dropped.discard(item[0])
+                    continue
                 self.queue.append(item)
         elif type(msg) is P.Free:
             for object_id in msg.objects:
@@ -326,7 +374,9 @@ class Worker:
             kept = deque()
             for item in self.queue:
                 if item[0] in drop:
-                    self._report(("r", item[0]))
+                    if item[0] not in self.dropped:
+                        self._report(("r", item[0]))
+                    self.dropped.discard(item[0])
                 else:
                     kept.append(item)
             self.queue = kept
@@ -380,7 +430,7 @@ class Worker:
             ) from None
 
     def _execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
-                 notify: bool) -> tuple:
+                 notify: bool, parent: int | None = None) -> tuple:
         """Run one task; its report (finished or erred)."""
         if notify and self.pool is None:
             self._report(("s", task_id))
@@ -393,7 +443,12 @@ class Worker:
             values = {key: self._input(oid, src) for key, (oid, src) in zip(dep_keys, deps)}
             if self.pool is None:
                 self.current = task_id
-            result = node(values)
+                self.stack.append(task_id)
+            try:
+                result = node(values)
+            finally:
+                if self.pool is None:
+                    self.stack.pop()
             if self.pool is None:
                 self.current = outer
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's

@@ -29,10 +29,11 @@ class WorkerJoined:
 
 @dataclass(frozen=True, slots=True)
 class WorkerBlocked:
-    """A task on ``worker`` started (``blocked``) or stopped waiting in ``get``."""
+    """Task ``task`` on ``worker`` started (``blocked``) or stopped waiting in ``get``."""
 
     worker: WorkerId
     blocked: bool
+    task: TaskId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,8 @@ class GraphSubmitted:
     create_actor: dict | None = None
     #: data nodes stored on workers beforehand: {node: (worker, store key, nbytes)}
     data_holders: dict | None = None
+    #: the task whose code submitted the graph (see SchedulerState, nested calls)
+    parent: TaskId | None = None
 
 
 @dataclass(frozen=True, slots=True)

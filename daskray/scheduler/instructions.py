@@ -30,6 +30,8 @@ class Dispatch:
     deps: tuple[tuple[TaskId, DepSource], ...]
     #: report TaskStarted for this task
     notify: bool = False
+    #: the task whose code submitted this one (it may be waiting for it)
+    parent: TaskId | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -137,6 +137,8 @@ class GraphState:
     live: int = 0
     #: nodes not yet finished or failed
     unfinished: int = 0
+    #: the task whose code submitted this graph, if a task did
+    parent: TaskId | None = None
     #: objects of other graphs kept alive until this graph's tasks are done
     pinned: list[TaskId] = field(default_factory=list)
 
@@ -175,6 +177,9 @@ class WorkerState:
     holds: set[TaskId] = field(default_factory=set)
     queued_estimate: float = 0.0
     actor: str | None = None
+    #: tasks of this worker waiting in get(), outermost first: the worker runs them
+    #: nested on one stack, so while any waits it may run only the innermost's calls
+    waiting: list[TaskId] = field(default_factory=list)
 
 
 def _fits(needed: dict | None, ws: WorkerState) -> bool:
@@ -267,7 +272,13 @@ class SchedulerState:
         """A task on the worker waits for other tasks: lend its slot out meanwhile."""
         ws = self.workers.get(ev.worker)
         if ws is not None:
-            ws.slots = max(1, ws.slots + (1 if ev.blocked else -1))
+            if ev.blocked:
+                ws.slots += 1
+                ws.waiting.append(ev.task)
+            else:
+                ws.slots = max(1, ws.slots - 1)
+                if ev.task in ws.waiting:
+                    ws.waiting.remove(ev.task)
             self._room.add(ws.id)
 
     def _worker_lost(self, ev: WorkerLost) -> None:
@@ -415,6 +426,8 @@ class SchedulerState:
             return
         ws = self.workers[actor.worker]
         while actor.calls:
+            if actor.creation in actor.in_flight:
+                return  # no call may start before the constructor has finished
             ts = self.tasks.get(actor.calls[0])
             if ts is None or ts.state in (MEMORY, ERRED):
                 actor.calls.popleft()
@@ -446,8 +459,13 @@ class SchedulerState:
         n = len(ev.names)
         base = self._next_task_id
         self._next_task_id += n
-        gs = GraphState(ev.graph, self._next_graph_seq, base, n, ev.fail_fast, ev.notify,
-                        ev.retry_exceptions)
+        # calls made by a task (its owner is a worker) go first, newest first: a
+        # waiting task's children run before older work, depth first, as if the
+        # program ran sequentially -- that bounds the stacks of waiting workers
+        nested = self._submitting_worker(ev.graph) is not None
+        seq = -self._next_graph_seq if nested else self._next_graph_seq
+        gs = GraphState(ev.graph, seq, base, n, ev.fail_fast, ev.notify, ev.retry_exceptions,
+                        parent=ev.parent if nested else None)
         self._next_graph_seq += 1
         self.graphs[ev.graph] = gs
         groups = ev.groups or ev.names
@@ -564,6 +582,14 @@ class SchedulerState:
         call.actor = actor.id
         call.resources = None  # the actor's process has them
         actor.calls.append(call.id)
+
+    def _submitting_worker(self, graph: GraphId) -> WorkerState | None:
+        """The worker whose task submitted ``graph``, if a task did."""
+        owner = graph[0]
+        if not isinstance(owner, bytes):
+            return None
+        ws = self.workers.get(owner.decode(errors="replace"))
+        return ws if ws is not None and ws.actor is None else None
 
     def _lookup(self, ref: RefKey) -> TaskState | None:
         tid = self.refs.get(ref)
@@ -893,6 +919,10 @@ class SchedulerState:
             target = policy.best_holder(held, load, load.keys())
         if target is None and ts.resources:
             target = min(candidates, key=lambda w: len(w.processing) + len(w.queue)).id
+        if target is None and not ts.graph.fail_fast:
+            parent = self._submitting_worker(ts.graph.id)
+            if parent is not None and _fits(ts.resources, parent):
+                target = parent.id  # idle workers still take it from there
         if target is None:
             heapq.heappush(self.ready, (ts.priority, ts.id))
             self._ready_grew = True
@@ -905,6 +935,8 @@ class SchedulerState:
         whichever has the higher priority; when both are empty and the worker is
         idle, take the longest other worker's queued work it can run."""
         tasks = self.tasks
+        if ws.waiting:
+            return self._next_nested(ws)
         for heap in (ws.queue, self.ready):
             while heap and (heap[0][1] not in tasks or tasks[heap[0][1]].state != READY):
                 heapq.heappop(heap)
@@ -915,7 +947,8 @@ class SchedulerState:
         if ws.processing:
             return None
         victims = sorted(
-            (w for w in self.workers.values() if w is not ws and w.queue and w.actor is None),
+            (w for w in self.workers.values()
+             if w is not ws and w.queue and w.actor is None),
             key=lambda w: len(w.queue), reverse=True,
         )
         for victim in victims:
@@ -927,6 +960,33 @@ class SchedulerState:
                     heapq.heapify(victim.queue)
                     return ts
         return None
+
+    def _next_nested(self, ws: WorkerState) -> TaskState | None:
+        """For a worker whose tasks wait in get(): the best queued call made by the
+        innermost waiting task.  It runs on that task's stack; anything else there
+        could need a task below it on the stack (a deadlock), or grow the stack
+        without bound.  Other workers take the rest from this worker's queue."""
+        innermost = ws.waiting[-1]
+        best = None
+        for i, (prio, tid) in enumerate(ws.queue):
+            ts = self.tasks.get(tid)
+            if (ts is not None and ts.state == READY and ts.graph.parent == innermost
+                    and (best is None or prio < ws.queue[best][0])):
+                best = i
+        if best is None:
+            # independent ready work (submitted by the driver: all its inputs are
+            # there) keeps the cluster going when every worker waits
+            while self.ready and (self.ready[0][1] not in self.tasks
+                                  or self.tasks[self.ready[0][1]].state != READY):
+                heapq.heappop(self.ready)
+            if self.ready and self.tasks[self.ready[0][1]].graph.parent is None:
+                return self.tasks[heapq.heappop(self.ready)[1]]
+            return None
+        tid = ws.queue[best][1]
+        ws.queue[best] = ws.queue[-1]
+        ws.queue.pop()
+        heapq.heapify(ws.queue)
+        return self.tasks[tid]
 
     def _fill_round_robin(self) -> None:
         """Share new ready work out one task per worker per round, least loaded first."""
@@ -942,8 +1002,11 @@ class SchedulerState:
                 return
 
     def _fill(self, ws: WorkerState) -> None:
-        """Dispatch tasks to ``ws`` while it has room."""
+        """Dispatch tasks to ``ws`` while it has room (an actor's process: its calls)."""
         if ws.actor is not None:
+            actor = self.actors.get(ws.actor)
+            if actor is not None and actor.worker == ws.id:
+                self._pump_actor(actor)
             return
         while policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
             ts = self._next_task(ws)
@@ -971,7 +1034,8 @@ class SchedulerState:
             else:
                 deps.append((key, ("peer", next(iter(dep.holders)))))
         self._out.append(
-            Dispatch(ws.id, ts.id, ts.graph.id, ts.body, tuple(deps), ts.graph.notify)
+            Dispatch(ws.id, ts.id, ts.graph.id, ts.body, tuple(deps), ts.graph.notify,
+                     ts.graph.parent)
         )
 
     def _unqueue(self, ws: WorkerState, tid: TaskId) -> None:

@@ -1,0 +1,1030 @@
+"""Actors on a real daskray cluster (issue 5).
+
+``@daskray.remote`` classes and ``daskray.Actor`` subclasses, handles, ordered
+method calls that depend on tasks and that tasks depend on, actor methods in
+dask graphs, handles passed to tasks and other actors, the actor options
+(``max_concurrency``, ``async def`` methods, ``name`` / ``get_if_exists`` /
+``get_actor``, ``lifetime="detached"``, ``max_restarts``, ``max_task_retries``),
+``kill``, the end of an actor with its last handle, ``ActorPool`` and the errors
+(a method raising, a constructor raising, a dead actor).
+
+Every test shares the session's two-worker ``cluster``.  Actor classes and task
+functions live at module level so tracebacks show this file.  Tests that kill or
+wait on processes measure how long the failure took to arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import pickle
+import signal
+import threading
+import time
+
+import dask
+import psutil
+import pytest
+
+import daskray
+import daskray.api
+
+pytestmark = pytest.mark.usefixtures("cluster")
+
+#: "quickly, not after a timeout": a dead actor's calls must fail within this
+QUICK = 5.0
+
+
+# =========================================================================== helpers
+
+
+def _head_children():
+    head = psutil.Process(daskray.api._runtime.cluster.head.pid)
+    return {p.pid for p in head.children()
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_actor_outlives_this_module(cluster):
+    """The cluster is shared with other test files, which count the head's
+    children: actor processes started here (and leaked by a daskray bug) are
+    stopped when the module ends."""
+    before = _head_children()
+    yield
+    gc.collect()
+    extra = lambda: _head_children() - before  # noqa: E731
+    if not wait_until(lambda: not extra(), 5):
+        for pid in extra():
+            kill_if_alive(pid)
+        wait_until(lambda: not extra(), 5)
+
+
+def wait_until(predicate, timeout, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+def gone(pid):
+    """The process ``pid`` has exited (a zombie not yet reaped counts as gone)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def kill_if_alive(pid):
+    """Clean up an actor process a test started (a daskray bug may have leaked it)."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def timed_raises(exc_type, fn):
+    """Run ``fn``, expect ``exc_type``; return (exception info, seconds taken)."""
+    start = time.monotonic()
+    with pytest.raises(exc_type) as info:
+        fn()
+    return info, time.monotonic() - start
+
+
+# =========================================================================== tasks
+
+
+@daskray.remote
+def getpid_slow():
+    time.sleep(0.2)
+    return os.getpid()
+
+
+@daskray.remote
+def slow_value(x, delay):
+    time.sleep(delay)
+    return x
+
+
+@daskray.remote
+def add(x, y):
+    return x + y
+
+
+@daskray.remote
+def call_incr_in_task(handle, k):
+    """A task given a handle: calls the actor and waits for the result."""
+    return daskray.get(handle.incr.remote(k))
+
+
+@daskray.remote
+def call_incr_in_task_nested(handles, k):
+    """A task given handles inside a container."""
+    return [daskray.get(h.incr.remote(k)) for h in handles]
+
+
+# =========================================================================== actors
+#
+# Decorated in place at module level, as the issue spells it (the worker gets the
+# class by value: ``test_actors.Counter`` names the ActorClass, not the class).
+
+
+class CustomError(Exception):
+    pass
+
+
+@daskray.remote
+class Counter:
+    def __init__(self, start=0):
+        self.n = start
+        self.init_pid = os.getpid()
+
+    def incr(self, k=1):
+        self.n += k
+        return self.n
+
+    def value(self):
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+    def init_pid_(self):
+        return self.init_pid
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+    def sleep_then_pid(self, seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+    def fail(self, message):
+        raise CustomError(message)
+
+    def fail_value(self, message):
+        raise ValueError(message)
+
+    def pair(self):
+        return self.n, -self.n
+
+
+@daskray.remote
+class Recorder:
+    def __init__(self):
+        self.log = []
+
+    def append(self, x):
+        self.log.append(x)
+        return len(self.log)
+
+    def get_log(self):
+        return list(self.log)
+
+
+@daskray.remote
+class Caller:
+    """An actor that is handed another actor's handle and calls it."""
+
+    def __init__(self):
+        self.stored = None
+
+    def call_incr(self, handle, k):
+        return daskray.get(handle.incr.remote(k))
+
+    def store(self, handle):
+        self.stored = handle
+        return True
+
+    def call_stored(self, k):
+        return daskray.get(self.stored.incr.remote(k))
+
+
+@daskray.remote
+class Broken:
+    def __init__(self, x):
+        raise RuntimeError(f"constructor-broken-{x}")
+
+    def method(self):
+        return "never"
+
+
+@daskray.remote(max_restarts=1)
+class Restartable:
+    def __init__(self, start=0):
+        self.n = start
+
+    def incr(self, k=1):
+        self.n += k
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+@daskray.remote(max_restarts=1, max_task_retries=1)
+class Retrying:
+    def __init__(self):
+        self.n = 0
+
+    def pid(self):
+        return os.getpid()
+
+    def sleep_then_pid(self, seconds):
+        time.sleep(seconds)
+        return os.getpid()
+
+
+class BarrierActor:
+    """Two calls meet at a barrier: only possible if they run at the same time.
+    Made an actor in the tests with different ``max_concurrency`` options."""
+
+    def __init__(self):
+        self.barrier = threading.Barrier(2)
+
+    def meet(self, timeout):
+        try:
+            self.barrier.wait(timeout)
+            return True
+        except threading.BrokenBarrierError:
+            return False
+
+    def ping(self):
+        return "pong"
+
+    def pid(self):
+        return os.getpid()
+
+    def sleep(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+@daskray.remote
+class AsyncActor:
+    def __init__(self):
+        self.running = 0
+        self.peak = 0
+
+    async def work(self, seconds):
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        await asyncio.sleep(seconds)
+        self.running -= 1
+        return seconds
+
+    async def get_peak(self):
+        return self.peak
+
+    def ping(self):
+        return "pong"
+
+
+@daskray.remote
+class Doubler:
+    def double(self, v):
+        return 2 * v
+
+    def slow_double(self, v):
+        time.sleep(0.02 * (10 - v % 10))
+        return 2 * v
+
+    def pid(self):
+        return os.getpid()
+
+
+class MyActor(daskray.Actor):
+    """The seed's spelling."""
+
+    def __init__(self, value):
+        self.value = value
+
+    @daskray.remote
+    def add(self, x, y):
+        return self.value + x + y
+
+    @daskray.remote
+    def pid(self):
+        return os.getpid()
+
+
+# =========================================================================== ordering
+
+
+@pytest.mark.timeout(60)
+def test_decorated_class_inside_a_function():
+    @daskray.remote
+    class Local:
+        def __init__(self, start):
+            self.n = start
+
+        def incr(self):
+            self.n += 1
+            return self.n
+
+    c = Local.remote(5)
+    assert daskray.get([c.incr.remote() for _ in range(3)]) == [6, 7, 8]
+
+
+@pytest.mark.timeout(60)
+def test_issue_example_counter_and_dask_delayed():
+    c = Counter.remote(5)
+    assert isinstance(c, daskray.ActorHandle)
+    assert daskray.get([c.incr.remote() for _ in range(3)]) == [6, 7, 8]
+    assert dask.delayed(c.incr)(10).compute() == 18
+    assert daskray.get(c.value.remote()) == 18
+
+
+@pytest.mark.timeout(60)
+def test_thousand_calls_from_one_handle_return_in_submission_order():
+    rec = Recorder.remote()
+    refs = [rec.append.remote(i) for i in range(1000)]
+    assert daskray.get(refs) == list(range(1, 1001))
+    assert daskray.get(rec.get_log.remote()) == list(range(1000))
+
+
+@pytest.mark.timeout(60)
+def test_calls_with_slow_objectref_args_still_run_in_submission_order():
+    rec = Recorder.remote()
+    daskray.get(rec.get_log.remote())  # the actor is up
+    start = time.monotonic()
+    refs = [
+        rec.append.remote(slow_value.remote("a", 0.6)),
+        rec.append.remote("b"),
+        rec.append.remote(slow_value.remote("c", 0.3)),
+        rec.append.remote("d"),
+        rec.append.remote(x=slow_value.remote("e", 0.1)),
+    ]
+    assert daskray.get(refs) == [1, 2, 3, 4, 5]
+    assert time.monotonic() - start >= 0.6  # "b" really waited behind the slow "a"
+    assert daskray.get(rec.get_log.remote()) == ["a", "b", "c", "d", "e"]
+
+
+@pytest.mark.timeout(60)
+def test_constructor_arguments_may_be_objectrefs():
+    c = Counter.remote(slow_value.remote(40, 0.3))
+    assert daskray.get(c.incr.remote(2)) == 42
+    d = Counter.remote(start=daskray.put(100))
+    assert daskray.get(d.incr.remote()) == 101
+    e = Counter.remote(add.remote(1, 2))
+    assert daskray.get(e.value.remote()) == 3
+
+
+@pytest.mark.timeout(60)
+def test_handle_is_returned_at_once_while_constructor_args_are_pending():
+    start = time.monotonic()
+    c = Counter.remote(slow_value.remote(1, 1.0))
+    assert time.monotonic() - start < 0.5
+    assert daskray.get(c.value.remote()) == 1
+
+
+# =========================================================================== graph
+
+
+@pytest.mark.timeout(60)
+def test_dask_delayed_actor_method():
+    c = Counter.remote(0)
+    assert dask.delayed(c.incr)(10).compute() == 10
+    # inside a bigger graph, its input from another delayed task
+    total = dask.delayed(sum)([dask.delayed(c.incr)(dask.delayed(lambda: 5)()), 100])
+    assert total.compute() == 115
+    assert daskray.get(c.value.remote()) == 15
+
+
+@pytest.mark.timeout(60)
+def test_plain_method_call_runs_on_the_actor_and_waits():
+    c = Counter.remote(1)
+    assert c.incr(2) == 3
+    assert c.pid() != os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_actor_result_feeds_a_task_and_task_result_feeds_an_actor():
+    c = Counter.remote(10)
+    from_actor = c.incr.remote(5)  # 15
+    assert daskray.get(add.remote(from_actor, 100)) == 115
+    from_task = add.remote(1, 2)
+    assert daskray.get(c.incr.remote(from_task)) == 18
+    # a chain task -> actor -> task -> actor
+    chained = c.incr.remote(add.remote(c.incr.remote(0), 0))  # 18 + 18
+    assert daskray.get(chained) == 36
+
+
+@pytest.mark.timeout(60)
+def test_method_with_num_returns():
+    c = Counter.remote(3)
+    a, b = c.pair.options(num_returns=2).remote()
+    assert daskray.get([a, b]) == [3, -3]
+
+
+@pytest.mark.timeout(60)
+def test_objectref_get_method_on_actor_result():
+    c = Counter.remote(1)
+    assert c.incr.remote(1).get() == 2
+
+
+# =========================================================================== handles
+
+
+@pytest.mark.timeout(60)
+def test_handle_passed_to_a_task_calls_the_same_instance():
+    c = Counter.remote(0)
+    assert daskray.get(call_incr_in_task.remote(c, 5)) == 5
+    assert daskray.get(call_incr_in_task_nested.remote([c, c], 1)) == [6, 7]
+    assert daskray.get(c.value.remote()) == 7
+
+
+@pytest.mark.timeout(60)
+def test_handle_passed_to_another_actor_calls_the_same_instance():
+    c = Counter.remote(0)
+    caller = Caller.remote()
+    assert daskray.get(caller.call_incr.remote(c, 3)) == 3
+    assert daskray.get(c.incr.remote(1)) == 4
+    assert daskray.get(caller.store.remote(c))
+    assert daskray.get(caller.call_stored.remote(10)) == 14
+    assert daskray.get(c.value.remote()) == 14
+    # the caller's copy of the handle would keep c running after the test (see
+    # test_actor_ends_when_the_actor_holding_its_last_handle_ends)
+    daskray.kill(c)
+
+
+@pytest.mark.timeout(60)
+def test_handle_pickles_and_compares_by_actor():
+    c = Counter.remote(0)
+    copy = pickle.loads(pickle.dumps(c))
+    assert copy == c and hash(copy) == hash(c)
+    assert daskray.get(copy.incr.remote()) == 1
+    assert daskray.get(c.incr.remote()) == 2
+    assert Counter.remote(0) != c
+
+
+@pytest.mark.timeout(60)
+def test_unknown_method_is_an_attribute_error():
+    c = Counter.remote(0)
+    with pytest.raises(AttributeError, match="no_such_method"):
+        c.no_such_method.remote()
+
+
+# =========================================================================== processes
+
+
+@pytest.mark.timeout(60)
+def test_actor_runs_in_its_own_process():
+    worker_pids = set(daskray.get([getpid_slow.remote() for _ in range(8)]))
+    a, b = Counter.remote(0), Counter.remote(0)
+    pid_a, pid_b = daskray.get([a.pid.remote(), b.pid.remote()])
+    assert pid_a != os.getpid() and pid_b != os.getpid()
+    assert pid_a not in worker_pids and pid_b not in worker_pids
+    assert pid_a != pid_b
+    # the constructor ran there too
+    assert daskray.get(a.init_pid_.remote()) == pid_a
+    # and it stays the same process
+    assert daskray.get([a.pid.remote() for _ in range(5)]) == [pid_a] * 5
+
+
+# =========================================================================== errors
+
+
+@pytest.mark.timeout(60)
+def test_method_raising_fails_that_call_and_actor_lives_on():
+    c = Counter.remote(0)
+    assert daskray.get(c.incr.remote()) == 1
+    bad = c.fail.remote("boom-123")
+    after = c.incr.remote()
+    with pytest.raises(CustomError, match="boom-123"):
+        daskray.get(bad)
+    assert daskray.get(after) == 2  # state kept, same process
+    with pytest.raises(ValueError, match="bad value"):
+        daskray.get(c.fail_value.remote("bad value"))
+    assert daskray.get(c.incr.remote()) == 3
+
+
+@pytest.mark.timeout(60)
+def test_method_exception_carries_remote_traceback():
+    c = Counter.remote(0)
+    with pytest.raises(CustomError) as info:
+        daskray.get(c.fail.remote("tb-check"))
+    assert "fail" in str(info.value.__cause__)
+
+
+@pytest.mark.timeout(60)
+def test_constructor_raising_makes_every_call_raise_actor_error_with_traceback():
+    b = Broken.remote("xyz")
+    for _ in range(2):
+        info, elapsed = timed_raises(daskray.ActorError, lambda: daskray.get(b.method.remote()))
+        text = str(info.value)
+        assert "constructor-broken-xyz" in text
+        assert "RuntimeError" in text
+        assert "Traceback (most recent call last)" in text
+        assert "__init__" in text
+        assert elapsed < QUICK
+
+
+# =========================================================================== death
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_fails_the_call_in_flight_and_later_calls_quickly():
+    c = Counter.remote(0)
+    pid = daskray.get(c.pid.remote())
+    in_flight = c.sleep.remote(30)
+    queued = c.incr.remote()
+    time.sleep(0.5)  # the sleep is running
+    os.kill(pid, signal.SIGKILL)
+    _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(in_flight, timeout=20))
+    assert elapsed < QUICK
+    _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(queued, timeout=20))
+    assert elapsed < QUICK
+    for _ in range(2):
+        _, elapsed = timed_raises(daskray.ActorDiedError,
+                                  lambda: daskray.get(c.incr.remote(), timeout=20))
+        assert elapsed < QUICK
+    assert wait_until(lambda: gone(pid), 5)
+
+
+@pytest.mark.timeout(60)
+def test_max_restarts_next_call_works_on_a_new_process():
+    r = Restartable.remote(100)
+    pid = daskray.get(r.pid.remote())
+    assert daskray.get(r.incr.remote(5)) == 105
+    in_flight = r.sleep.remote(30)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    # max_task_retries is 0: the call in flight is not retried
+    _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(in_flight, timeout=20))
+    assert elapsed < QUICK
+    start = time.monotonic()
+    new_pid = daskray.get(r.pid.remote(), timeout=20)
+    assert time.monotonic() - start < 10
+    assert new_pid != pid
+    assert gone(pid)
+    # the constructor ran again, with its original arguments: state reset
+    assert daskray.get(r.incr.remote(1)) == 101
+    # the one restart is used up: the next death is final
+    os.kill(new_pid, signal.SIGKILL)
+    _, elapsed = timed_raises(daskray.ActorDiedError,
+                              lambda: daskray.get(r.incr.remote(), timeout=20))
+    assert elapsed < QUICK + 1
+
+
+@pytest.mark.timeout(60)
+def test_max_task_retries_retries_the_call_in_flight_on_the_new_process():
+    r = Retrying.remote()
+    pid = daskray.get(r.pid.remote())
+    in_flight = r.sleep_then_pid.remote(1.0)
+    time.sleep(0.4)
+    os.kill(pid, signal.SIGKILL)
+    new_pid = daskray.get(in_flight, timeout=30)
+    assert new_pid != pid
+    assert daskray.get(r.pid.remote()) == new_pid
+
+
+@pytest.mark.timeout(60)
+def test_kill_fails_later_calls_quickly_and_ends_the_process():
+    c = Counter.remote(0)
+    pid = daskray.get(c.pid.remote())
+    in_flight = c.sleep.remote(30)
+    time.sleep(0.3)
+    daskray.kill(c)
+    _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(in_flight, timeout=20))
+    assert elapsed < QUICK
+    _, elapsed = timed_raises(daskray.ActorDiedError,
+                              lambda: daskray.get(c.incr.remote(), timeout=20))
+    assert elapsed < QUICK
+    assert wait_until(lambda: gone(pid), 5)
+
+
+@pytest.mark.timeout(60)
+def test_kill_does_not_restart_an_actor_with_max_restarts():
+    r = Restartable.remote(0)
+    pid = daskray.get(r.pid.remote())
+    daskray.kill(r)
+    _, elapsed = timed_raises(daskray.ActorDiedError,
+                              lambda: daskray.get(r.incr.remote(), timeout=20))
+    assert elapsed < QUICK
+    assert wait_until(lambda: gone(pid), 5)
+
+
+def test_kill_rejects_a_non_handle():
+    with pytest.raises(TypeError):
+        daskray.kill("not a handle")
+
+
+# =========================================================================== lifetime
+
+
+@pytest.mark.timeout(60)
+def test_actor_ends_when_its_last_handle_is_gone():
+    c = Counter.remote(0)
+    pid = daskray.get(c.pid.remote())
+    assert psutil.pid_exists(pid)
+    del c
+    gc.collect()
+    assert wait_until(lambda: gone(pid), 5)
+
+
+@pytest.mark.timeout(60)
+def test_actor_held_by_another_actor_outlives_the_drivers_handle():
+    c = Counter.remote(0)
+    pid = daskray.get(c.pid.remote())
+    holder = Caller.remote()
+    try:
+        assert daskray.get(holder.store.remote(c))
+        del c
+        gc.collect()
+        time.sleep(1.5)
+        assert not gone(pid)
+        assert daskray.get(holder.call_stored.remote(2)) == 2
+    finally:
+        daskray.kill(holder)
+        kill_if_alive(pid)  # see the next test: the holder's death does not end it
+
+
+@pytest.mark.xfail(
+    reason="daskray bug: handles (ObjectRefs) borrowed by a process are counted only "
+           "in the aggregate TaskState.refs (state._refs_changed); when that process "
+           "dies (_worker_lost/_actor_lost) its borrowed refs are never dropped, so an "
+           "actor whose last handle lived in a dead actor runs forever",
+    strict=True)
+@pytest.mark.timeout(60)
+def test_actor_ends_when_the_actor_holding_its_last_handle_ends():
+    c = Counter.remote(0)
+    pid = daskray.get(c.pid.remote())
+    holder = Caller.remote()
+    try:
+        assert daskray.get(holder.store.remote(c))
+        del c
+        gc.collect()
+        time.sleep(0.5)
+        assert not gone(pid)  # the holder keeps it alive
+        del holder  # the holder ends with its last handle ...
+        gc.collect()
+        assert wait_until(lambda: gone(pid), 8)  # ... and with it the last handle to c
+    finally:
+        kill_if_alive(pid)
+
+
+@pytest.mark.timeout(60)
+def test_named_actor_survives_its_handles_and_get_actor_finds_it():
+    c = Counter.options(name="test-actors-survivor").remote(7)
+    pid = daskray.get(c.pid.remote())
+    del c
+    gc.collect()
+    time.sleep(1.5)
+    assert not gone(pid)
+    again = daskray.get_actor("test-actors-survivor")
+    assert isinstance(again, daskray.ActorHandle)
+    assert daskray.get(again.incr.remote()) == 8
+    assert daskray.get(again.pid.remote()) == pid
+    daskray.kill(again)
+    assert wait_until(lambda: gone(pid), 5)
+    with pytest.raises(ValueError):
+        daskray.get_actor("test-actors-survivor")
+
+
+def test_get_actor_of_unknown_name_is_a_value_error():
+    with pytest.raises(ValueError, match="no-such-actor"):
+        daskray.get_actor("no-such-actor")
+
+
+@pytest.mark.timeout(60)
+def test_detached_actor_survives_its_handles():
+    c = Counter.options(lifetime="detached").remote(0)
+    pid = daskray.get(c.pid.remote())
+    del c
+    gc.collect()
+    time.sleep(1.5)
+    try:
+        assert not gone(pid)
+    finally:
+        os.kill(pid, signal.SIGKILL)  # no handle left to kill it with
+
+
+@pytest.mark.timeout(60)
+def test_get_if_exists_returns_the_existing_actor():
+    opts = dict(name="test-actors-shared", get_if_exists=True)
+    a = Counter.options(**opts).remote(1)
+    assert daskray.get(a.incr.remote()) == 2
+    b = Counter.options(**opts).remote(100)
+    assert b == a
+    assert daskray.get(b.incr.remote()) == 3
+    assert daskray.get(a.pid.remote()) == daskray.get(b.pid.remote())
+    daskray.kill(a)
+
+
+@pytest.mark.timeout(60)
+def test_get_if_exists_in_the_decorator():
+    @daskray.remote(name="test-actors-decorated", get_if_exists=True)
+    class Single:
+        def __init__(self):
+            self.calls = 0
+
+        def call(self):
+            self.calls += 1
+            return self.calls
+
+    a = Single.remote()
+    assert daskray.get(a.call.remote()) == 1
+    b = Single.remote()
+    assert daskray.get(b.call.remote()) == 2
+    daskray.kill(a)
+
+
+# =========================================================================== concurrency
+
+
+class SlowStart:
+    def __init__(self):
+        time.sleep(0.5)
+        self.ready = "constructed"
+
+    def state(self):
+        return self.ready
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("concurrency", [2, None])  # None: async class, default 1000
+def test_concurrent_actor_first_call_waits_for_its_constructor(concurrency):
+    if concurrency is None:
+        class AsyncSlowStart(SlowStart):
+            async def astate(self):
+                return self.ready
+
+        cls = daskray.remote(AsyncSlowStart)
+    else:
+        cls = daskray.remote(max_concurrency=concurrency)(SlowStart)
+    a = cls.remote()
+    assert daskray.get(a.state.remote(), timeout=30) == "constructed"
+
+
+
+@pytest.mark.timeout(60)
+def test_max_concurrency_two_lets_two_calls_meet_at_a_barrier():
+    a = daskray.remote(max_concurrency=2)(BarrierActor).remote()
+    assert daskray.get(a.ping.remote()) == "pong"
+    assert daskray.get([a.meet.remote(10), a.meet.remote(10)], timeout=30) == [True, True]
+
+
+@pytest.mark.timeout(60)
+def test_max_concurrency_one_runs_calls_one_at_a_time():
+    a = daskray.remote(BarrierActor).remote()
+    assert daskray.get(a.ping.remote()) == "pong"
+    # one at a time: the first call waits alone and times out
+    assert daskray.get([a.meet.remote(1.0), a.meet.remote(1.0)], timeout=30) == [False, False]
+
+
+@pytest.mark.timeout(60)
+def test_async_methods_run_concurrently():
+    a = AsyncActor.remote()
+    assert daskray.get(a.ping.remote()) == "pong"
+    start = time.monotonic()
+    assert daskray.get([a.work.remote(0.3) for _ in range(10)]) == [0.3] * 10
+    elapsed = time.monotonic() - start
+    assert elapsed < 1.5, f"10 async calls of 0.3 s took {elapsed:.2f} s"
+    assert daskray.get(a.get_peak.remote()) > 1
+
+
+# =========================================================================== ActorPool
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_map_is_ordered():
+    pool = daskray.ActorPool([Doubler.remote(), Doubler.remote()])
+    out = list(pool.map(lambda a, v: a.slow_double.remote(v), range(10)))
+    assert out == [2 * v for v in range(10)]
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_map_unordered_gives_every_result():
+    pool = daskray.ActorPool([Doubler.remote(), Doubler.remote()])
+    out = list(pool.map_unordered(lambda a, v: a.slow_double.remote(v), range(10)))
+    assert sorted(out) == [2 * v for v in range(10)]
+    assert len(out) == 10
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_uses_every_actor():
+    actors = [Doubler.remote(), Doubler.remote()]
+    pids = set(daskray.get([a.pid.remote() for a in actors]))
+    pool = daskray.ActorPool(actors)
+    seen = set(pool.map(lambda a, v: a.pid.remote(), range(6)))
+    assert seen == pids
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_submit_get_next():
+    pool = daskray.ActorPool([Doubler.remote(), Doubler.remote()])
+    assert not pool.has_next()
+    for v in (1, 2, 3):
+        pool.submit(lambda a, v: a.slow_double.remote(v), v)
+    assert pool.has_next()
+    assert [pool.get_next(), pool.get_next(), pool.get_next()] == [2, 4, 6]
+    assert not pool.has_next()
+    for v in (4, 5, 6):
+        pool.submit(lambda a, v: a.double.remote(v), v)
+    got = {pool.get_next_unordered() for _ in range(3)}
+    assert got == {8, 10, 12}
+    assert not pool.has_next()
+    with pytest.raises(StopIteration):
+        pool.get_next()
+
+
+def test_actor_pool_needs_actors():
+    with pytest.raises(ValueError):
+        daskray.ActorPool([])
+
+
+# =========================================================================== spellings
+
+
+@pytest.mark.timeout(60)
+def test_seed_spelling_actor_base_class_and_create():
+    actor = MyActor.create(value=5)
+    assert isinstance(actor, daskray.ActorHandle)
+    assert actor.add.remote(2, 3).get() == 10
+    assert daskray.get(actor.pid.remote()) != os.getpid()
+
+
+@pytest.mark.timeout(60)
+def test_import_daskray_as_ray_style():
+    import daskray as ray
+
+    @ray.remote
+    class Accumulator:
+        def __init__(self):
+            self.total = 0
+
+        def add(self, x):
+            self.total += x
+            return self.total
+
+    @ray.remote
+    def square(x):
+        return x * x
+
+    acc = Accumulator.remote()
+    refs = [acc.add.remote(square.remote(i)) for i in range(5)]
+    assert ray.get(refs) == [0, 1, 5, 14, 30]
+    ready, not_ready = ray.wait(refs, num_returns=5, timeout=10)
+    assert len(ready) == 5 and not not_ready
+    ray.kill(acc)
+    with pytest.raises(ray.ActorDiedError):
+        ray.get(acc.add.remote(1), timeout=20)
+
+
+@pytest.mark.timeout(60)
+def test_options_num_cpus_and_resources_are_accepted():
+    c = Counter.options(num_cpus=2).remote(1)
+    assert daskray.get(c.incr.remote()) == 2
+    d = Counter.options(num_cpus=1, resources={}).remote(0)
+    assert daskray.get(d.incr.remote()) == 1
+
+
+def test_calling_the_actor_class_directly_is_a_type_error():
+    with pytest.raises(TypeError, match=r"\.remote"):
+        Counter()
+    with pytest.raises(TypeError, match=r"\.remote"):
+        Counter(5)
+
+
+@pytest.mark.parametrize("options", [
+    {"max_restarts": "1"},
+    {"max_restarts": -2},
+    {"max_task_retries": 1.5},
+    {"max_concurrency": 0},
+    {"lifetime": "forever"},
+    {"name": ""},
+    {"get_if_exists": "yes"},
+    {"num_cpus": -1},
+    {"no_such_option": 1},
+    {"num_returns": 2},  # a task option, not an actor one
+    {"max_retries": 3},
+])
+def test_invalid_actor_option_is_a_value_error_at_decoration(options):
+    with pytest.raises(ValueError):
+        @daskray.remote(**options)
+        class Bad:
+            pass
+
+
+def test_invalid_options_on_class_and_method_are_value_errors():
+    with pytest.raises(ValueError):
+        Counter.options(max_concurrency=-1)
+    with pytest.raises(ValueError):
+        Counter.options(bogus=True)
+    # method options are checked before anything is sent
+    handle = daskray.ActorHandle("no-actor", "Counter", ["incr"], None)
+    with pytest.raises(ValueError):
+        handle.incr.options(num_cpus=2)
+    with pytest.raises(ValueError):
+        handle.incr.options(num_returns=0)
+
+
+# =========================================================================== more edges
+
+
+@daskray.remote
+def explode(x):
+    raise KeyError(f"explode-{x}")
+
+
+@daskray.remote
+def lookup_and_call(name, k):
+    """A task that finds a named actor by name and calls it."""
+    return daskray.get(daskray.get_actor(name).incr.remote(k))
+
+
+@pytest.mark.timeout(60)
+def test_call_on_a_temporary_handle_keeps_the_actor_alive_until_it_ran():
+    ref = Counter.remote(1).incr.remote()
+    gc.collect()
+    assert daskray.get(ref, timeout=20) == 2
+
+
+@pytest.mark.timeout(60)
+def test_call_whose_objectref_argument_failed_raises_that_error_and_later_calls_run():
+    rec = Recorder.remote()
+    bad = rec.append.remote(explode.remote(1))
+    good = rec.append.remote("after")
+    with pytest.raises(KeyError, match="explode-1"):
+        daskray.get(bad, timeout=20)
+    assert daskray.get(good, timeout=20) == 1
+    assert daskray.get(rec.get_log.remote()) == ["after"]
+
+
+@pytest.mark.timeout(60)
+def test_calls_waiting_on_arguments_fail_quickly_when_the_actor_dies():
+    c = Counter.remote(0)
+    pid = daskray.get(c.pid.remote())
+    waiting = c.incr.remote(slow_value.remote(1, 3.0))
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(waiting, timeout=20))
+    assert elapsed < 2.5  # not after its argument arrived
+
+
+@pytest.mark.timeout(60)
+def test_calls_waiting_on_arguments_run_on_the_restarted_process():
+    r = Restartable.remote(0)
+    pid = daskray.get(r.pid.remote())
+    waiting = r.incr.remote(slow_value.remote(5, 1.5))
+    time.sleep(0.3)
+    os.kill(pid, signal.SIGKILL)
+    assert daskray.get(waiting, timeout=30) == 5
+    assert daskray.get(r.pid.remote()) != pid
+
+
+@pytest.mark.timeout(60)
+def test_sigkill_of_a_concurrent_actor_fails_every_call_in_flight():
+    a = daskray.remote(max_concurrency=4)(BarrierActor).remote()
+    assert daskray.get(a.ping.remote()) == "pong"
+    pid = daskray.get(a.pid.remote())
+    calls = [a.sleep.remote(30) for _ in range(3)]  # all three run at once
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGKILL)
+    start = time.monotonic()
+    for ref in calls:
+        with pytest.raises(daskray.ActorDiedError):
+            daskray.get(ref, timeout=20)
+    assert time.monotonic() - start < QUICK
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(a.ping.remote(), timeout=20)
+
+
+@pytest.mark.timeout(60)
+def test_named_actor_found_from_a_task_and_name_reusable_after_kill():
+    c = Counter.options(name="test-actors-lookup").remote(0)
+    assert daskray.get(lookup_and_call.remote("test-actors-lookup", 4)) == 4
+    assert daskray.get(c.value.remote()) == 4
+    daskray.kill(c)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(c.value.remote(), timeout=20)
+    d = Counter.options(name="test-actors-lookup").remote(100)
+    assert daskray.get(daskray.get_actor("test-actors-lookup").incr.remote()) == 101
+    daskray.kill(d)
+
+
+@pytest.mark.timeout(60)
+def test_task_calling_a_dead_actor_gets_actor_died_error():
+    c = Counter.remote(0)
+    daskray.kill(c)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(c.incr.remote(), timeout=20)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(call_incr_in_task.remote(c, 1), timeout=20)
+
+
+@pytest.mark.timeout(60)
+def test_kill_while_the_constructor_waits_for_its_arguments():
+    c = Counter.remote(slow_value.remote(1, 1.0))
+    daskray.kill(c)
+    _, elapsed = timed_raises(daskray.ActorDiedError,
+                              lambda: daskray.get(c.incr.remote(), timeout=20))
+    assert elapsed < QUICK
