@@ -32,6 +32,7 @@ from .refs import ObjectRef
 from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
 from .runtime import protocol as P
 from .runtime.client import Client
+from .runtime import shared_memory
 from .runtime.serialization import frames_nbytes, loads
 from .runtime.session import error_of
 
@@ -100,9 +101,16 @@ def _run(client: Client, spec: GraphSpec, state: dict, pretask: list, posttask: 
 
 def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
                     fail_fast: bool, notify: bool) -> P.SubmitGraph:
-    """The one message that carries a graph; large data goes to workers first."""
+    """The one message that carries a graph.  Large data goes first into shared
+    memory (each reader maps it in place), or else to the workers' stores."""
     data_holders = {}
-    if spec.large_data:
+    data = spec.data_blobs
+    shared = {}
+    if spec.large_data and client.shm_prefix is not None:
+        data = dict(data)
+        for n, frames in spec.large_data.items():
+            data[n], shared[n] = shared_memory.write(frames, client.shm_prefix, "g")
+    elif spec.large_data:
         prefix = f"d-{client.client_id.hex()}-{number}-"
         placed = client.store_many({prefix + str(n): f for n, f in spec.large_data.items()})
         data_holders = {
@@ -112,9 +120,9 @@ def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
     table = spec.function_table
     return P.SubmitGraph(
         number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
-        spec.data_blobs, wanted, [key_split(k) for k in spec.keys], table,
+        data, wanted, [key_split(k) for k in spec.keys], table,
         hashlib.blake2b(table, digest_size=16).digest(), fail_fast, notify, spec.external,
-        [], 0, False, None, None, None, data_holders,
+        [], 0, False, None, None, None, data_holders, None, shared,
     )
 
 

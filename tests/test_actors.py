@@ -647,12 +647,6 @@ def test_actor_held_by_another_actor_outlives_the_drivers_handle():
         kill_if_alive(pid)  # see the next test: the holder's death does not end it
 
 
-@pytest.mark.xfail(
-    reason="daskray bug: handles (ObjectRefs) borrowed by a process are counted only "
-           "in the aggregate TaskState.refs (state._refs_changed); when that process "
-           "dies (_worker_lost/_actor_lost) its borrowed refs are never dropped, so an "
-           "actor whose last handle lived in a dead actor runs forever",
-    strict=True)
 @pytest.mark.timeout(60)
 def test_actor_ends_when_the_actor_holding_its_last_handle_ends():
     c = Counter.remote(0)

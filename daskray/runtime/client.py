@@ -55,6 +55,8 @@ class Client:
         self.results: dict = {}
         self._results_changed = threading.Condition()
         self._next_store = 0
+        #: where this process may write shared-memory segments (None: it may not)
+        self.shm_prefix: str | None = None
         self._welcome: queue.SimpleQueue = queue.SimpleQueue()
         self.workers: dict[str, str] = {}
         self.closed = False

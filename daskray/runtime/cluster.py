@@ -18,6 +18,7 @@ import time
 
 from ..errors import ClusterError
 from . import protocol as P
+from . import shared_memory
 from .client import Client
 from .process import alive, describe_exit, spawn
 from .transport import ipc_address
@@ -29,7 +30,9 @@ STOP_TIMEOUT_SECONDS = 5.0
 
 
 def sweep_stale_sessions() -> list[str]:
-    """Remove session directories whose driver process is gone; their paths."""
+    """Remove session directories and shared-memory files whose driver process is
+    gone; the directories' paths."""
+    shared_memory.sweep_dead_sessions(alive)
     removed = []
     for path in glob.glob(os.path.join(tempfile.gettempdir(), SESSION_PREFIX + "*")):
         try:
@@ -61,16 +64,19 @@ class LocalCluster:
         with open(os.path.join(self.session_dir, OWNER_FILE), "w") as f:
             f.write(str(os.getpid()))
         self.token = secrets.token_bytes(32)
+        self.shm_prefix = shared_memory.session_prefix(os.getpid(), self.session_dir)
         self.head_address = ipc_address(self.session_dir, "head.sock")
         self.head = spawn("daskray.runtime.start_head", {
             "token": self.token.hex(),
             "session_dir": self.session_dir,
             "head_address": self.head_address,
+            "shm_prefix": self.shm_prefix,
             "num_workers": num_workers,
             "validate": validate,
             "resources": resources,
         })
         self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
+        self.client.shm_prefix = self.shm_prefix if shared_memory.available() else None
         try:
             self.client.wait_ready(START_TIMEOUT_SECONDS)
         except ClusterError as exc:
@@ -96,4 +102,5 @@ class LocalCluster:
                 self.head.kill()
                 self.head.wait()
         self.client.close()
+        shared_memory.remove_session(self.shm_prefix)
         shutil.rmtree(self.session_dir, ignore_errors=True)

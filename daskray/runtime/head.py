@@ -27,7 +27,7 @@ from ..scheduler import events as E
 from ..scheduler import instructions as I
 from ..scheduler.state import SchedulerState
 from . import protocol as P
-from . import transport
+from . import shared_memory, transport
 from .process import child_setup, describe_exit, pidfd, spawn
 
 STOP_GRACE_SECONDS = 2.0
@@ -43,6 +43,7 @@ class Head:
         self.parent_pid: int = config["parent_pid"]
         self.ctx = zmq.Context()
         self.address = config["head_address"]
+        self.shm_prefix: str = config["shm_prefix"]
         self.sock = transport.router(self.ctx, self.address)
         self.state = SchedulerState(validate=config.get("validate", False))
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
@@ -80,6 +81,7 @@ class Head:
             I.StartActor: self._do_start_actor,
             I.StopActor: self._do_stop_actor,
             I.ReplyActor: self._do_reply_actor,
+            I.FreeShared: self._do_free_shared,
         }
         self.actor_of: dict[str, str] = {}  # worker id -> the actor it hosts
         self.worker_of_actor: dict[str, str] = {}  # actor id -> its current process
@@ -106,6 +108,7 @@ class Head:
             "token": self.token.hex(),
             "session_dir": self.session_dir,
             "head_address": self.address,
+            "shm_prefix": self.shm_prefix,
         })
         self.procs[wid] = proc
         fd = pidfd(proc.pid)
@@ -122,6 +125,8 @@ class Head:
                 os.close(fd)
                 del self.worker_fds[fd]
         returncode = proc.wait() if proc is not None else None
+        if proc is not None:  # what it had written for readers dies with it
+            shared_memory.remove_session(f"{self.shm_prefix}w-{proc.pid}-")
         control = self.worker_control.pop(wid, None)
         if control is not None:
             self.poller.unregister(control)
@@ -220,7 +225,7 @@ class Head:
                 elif kind == "r":
                     apply(E.TaskReleased(item[1], wid))
                 elif kind == "refs":
-                    apply(E.RefsChanged(item[1], item[2]))
+                    apply(E.RefsChanged(item[1], item[2], wid.encode()))
                 elif kind == "blocked":
                     apply(E.WorkerBlocked(wid, item[1], item[2]))
         elif type(msg) is P.WorkerReady:
@@ -250,7 +255,10 @@ class Head:
                 msg.pinned, msg.max_retries, msg.retry_exceptions, msg.resources,
                 msg.actor, msg.create_actor, msg.data_holders,
                 msg.parent if ident.decode(errors="replace") in self.procs else None,
+                msg.shared,
             )
+            if any(not _in_session(p, self.shm_prefix) for p in (msg.shared or {}).values()):
+                raise P.ProtocolError("graph message: a shared file is not of this session")
             check_graph(event)
             self.tables.setdefault(msg.table_id, msg.function_table)
             self.table_users[msg.table_id] = self.table_users.get(msg.table_id, 0) + 1
@@ -262,10 +270,12 @@ class Head:
                 raise P.ProtocolError(f"object {msg.graph} was put twice")
             if msg.holder is not None and msg.holder not in self.worker_address:
                 raise P.ProtocolError(f"put: no worker {msg.holder!r}")
+            if msg.shared is not None and not _in_session(msg.shared, self.shm_prefix):
+                raise P.ProtocolError("put: the shared file is not of this session")
             self.apply(E.ObjectPut(gid, msg.name, msg.inline, msg.holder, msg.nbytes,
-                                   msg.store_key))
+                                   msg.store_key, msg.shared))
         elif t is P.RefsUpdate:
-            self.apply(E.RefsChanged(msg.added, msg.dropped))
+            self.apply(E.RefsChanged(msg.added, msg.dropped, ident))
         elif t is P.SubscribeRefs:
             self.apply(E.Subscribe(ident, msg.refs))
         elif t is P.CancelRefs:
@@ -363,6 +373,9 @@ class Head:
         if proc is not None and proc.poll() is None:
             proc.kill()  # its exit is noticed through its pidfd, like any death
 
+    def _do_free_shared(self, ins: I.FreeShared) -> None:
+        shared_memory.unlink(ins.path)
+
     def _do_reply_actor(self, ins: I.ReplyActor) -> None:
         self.client_out.setdefault(ins.to, []).append(P.ActorReply(ins.request, ins.handle))
 
@@ -459,7 +472,14 @@ class Head:
             sock.close(0)
         self.sock.close(0)
         self.ctx.term()
+        shared_memory.remove_session(self.shm_prefix)
         shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _in_session(path: Any, prefix: str) -> bool:
+    """Whether ``path`` names a shared-memory file of this session (and nothing else)."""
+    return (isinstance(path, str) and path.startswith(prefix)
+            and os.path.dirname(path) == os.path.dirname(prefix) and "/" not in path[len(prefix):])
 
 
 def check_graph(ev: E.GraphSubmitted) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from . import shared_memory
 from .serialization import dumps_frames, loads
 
 
@@ -41,6 +42,8 @@ class ObjectStore:
     def __init__(self) -> None:
         self._objects: dict[int, Any] = {}
         self._lock = threading.Lock()
+        #: objects written to shared memory for other processes: {id: (descriptor, path)}
+        self._exported: dict[Any, tuple[bytes, str]] = {}
 
     def __contains__(self, object_id: int) -> bool:
         return object_id in self._objects
@@ -77,8 +80,22 @@ class ObjectStore:
             return value.frames()
         return dumps_frames(value)
 
+    def export(self, object_id: Any, prefix: str) -> bytes:
+        """The object in shared memory, written there on first request: a descriptor
+        readers map without copying.  ``KeyError`` if not held here."""
+        with self._lock:
+            found = self._exported.get(object_id)
+            if found is None:
+                frames = self.frames(object_id)
+                found = self._exported[object_id] = shared_memory.write(frames, prefix, "w")
+        return found[0]
+
     def delete(self, object_id: int) -> None:
         self._objects.pop(object_id, None)
+        with self._lock:
+            found = self._exported.pop(object_id, None)
+        if found is not None:
+            shared_memory.unlink(found[1])
 
     def clear(self) -> None:
         self._objects.clear()

@@ -25,6 +25,7 @@ HELLO = b"daskray-hello"
 ROLE_CLIENT = b"client"
 ROLE_WORKER = b"worker"
 GET = b"get"
+SHARED = b"shm"
 PUT = b"put"
 INTERRUPT = b"interrupt"
 DROPPED = b"dropped"
@@ -126,6 +127,8 @@ class SubmitGraph:
     data_holders: dict | None = None
     #: set by a worker: the task whose code made this call
     parent: int | None = None
+    #: data nodes in shared memory: {node: file}
+    shared: dict | None = None
 
 
 @message(2)
@@ -153,6 +156,8 @@ class PutObject:
     holder: str | None
     nbytes: int
     store_key: str | None
+    #: the shared-memory file ``inline`` describes
+    shared: str | None
 
 
 @message(6)

@@ -25,6 +25,7 @@ from ..refs import ObjectRef, RefKey, dask_key_of, tracker
 from ..remote import build_call
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
+from . import shared_memory
 from .serialization import dumps, dumps_frames, frames_nbytes, loads, loads_exception
 
 
@@ -126,11 +127,14 @@ class Session:
         ref = ObjectRef(key, owned=True)
         if nbytes <= INLINE_THRESHOLD:
             inline = frames[0] if len(frames) == 1 else dumps(value)
-            self.conn.send(P.PutObject(number, name, inline, None, nbytes, None))
+            self.conn.send(P.PutObject(number, name, inline, None, nbytes, None, None))
+        elif self.conn.shm_prefix is not None:  # one copy, read in place by everyone
+            descriptor, path = shared_memory.write(frames, self.conn.shm_prefix, "put")
+            self.conn.send(P.PutObject(number, name, descriptor, None, nbytes, None, path))
         else:
             store_key = dask_key_of(key)
             holder = self.conn.store_large(store_key, frames)
-            self.conn.send(P.PutObject(number, name, None, holder, nbytes, store_key))
+            self.conn.send(P.PutObject(number, name, None, holder, nbytes, store_key, None))
         return ref
 
     def cancel(self, refs: Sequence[ObjectRef]) -> None:

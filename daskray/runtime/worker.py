@@ -34,7 +34,7 @@ from ..errors import ClusterError, ObjectLostError, SerializationError, TaskCanc
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
-from . import transport
+from . import shared_memory, transport
 from .object_store import ObjectStore
 from .process import child_setup, pidfd
 from .serialization import (
@@ -58,6 +58,8 @@ def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int
     if not sock.poll(timeout_ms):
         raise ObjectLostError(f"object {object_id}: its holder did not answer within {timeout_ms} ms")
     reply = sock.recv_multipart(copy=False)
+    if reply[0].bytes == P.SHARED:
+        return loads(reply[1].bytes)
     if reply[0].bytes != P.OK:
         raise ObjectLostError(f"object {object_id} is no longer held by the process asked for it")
     return loads(reply[1].buffer, buffers=[f.buffer for f in reply[2:]])
@@ -76,6 +78,7 @@ class DataServer(threading.Thread):
         self.store = store
         self.parent_pid = parent_pid
         self.on_interrupt = on_interrupt
+        self.shm_prefix: str | None = None
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -99,6 +102,10 @@ class DataServer(threading.Thread):
             if verb == P.GET:
                 object_id = decode_object_id(arg)
                 try:
+                    if self.shm_prefix is not None:  # written once, read in place
+                        descriptor = self.store.export(object_id, self.shm_prefix)
+                        self.sock.send_multipart([ident, P.SHARED, descriptor])
+                        return
                     out = self.store.frames(object_id)
                 except KeyError:
                     self.sock.send_multipart([ident, P.MISSING])
@@ -130,6 +137,11 @@ class Worker:
             self._interrupt,
         )
         self.head = transport.dealer(self.ctx, config["head_address"], identity=self.id)
+        if config.get("shm_prefix") and shared_memory.available():
+            self.server.shm_prefix = config["shm_prefix"]
+            self.shm_prefix = config["shm_prefix"]
+        else:
+            self.shm_prefix = None
         self.resources: dict = config.get("resources") or {}
         self.actor: str | None = config.get("actor")
         #: an actor with max_concurrency > 1 runs calls on a thread pool; their
@@ -343,6 +355,11 @@ class Worker:
     def store_large(self, key: str, frames: list) -> str:
         self.store.put_frames(key, [memoryview(f) for f in frames])
         return self.id
+
+    def store_many(self, objects: dict) -> dict:
+        for key, frames in objects.items():
+            self.store_large(key, frames)
+        return {key: self.id for key in objects}
 
     def _require_main_thread(self) -> None:
         if threading.current_thread() is not threading.main_thread():

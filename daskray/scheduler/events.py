@@ -84,6 +84,8 @@ class GraphSubmitted:
     data_holders: dict | None = None
     #: the task whose code submitted the graph (see SchedulerState, nested calls)
     parent: TaskId | None = None
+    #: data nodes in shared memory: {node: file}; ``data`` holds their descriptors
+    shared: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,14 +100,18 @@ class ObjectPut:
     nbytes: int
     #: the name the holder keeps it under
     store_key: str | None = None
+    #: the shared-memory file ``inline`` describes, to remove when it is freed
+    shared: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class RefsChanged:
-    """A process started or stopped holding ObjectRefs to these objects."""
+    """Process ``holder`` (its identity) started or stopped holding ObjectRefs to
+    these objects; when it dies, what it held is dropped."""
 
     added: list
     dropped: list
+    holder: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)

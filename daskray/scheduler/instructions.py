@@ -136,8 +136,15 @@ class ReplyActor:
     handle: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class FreeShared:
+    """Remove a shared-memory file: the object in it was freed."""
+
+    path: str
+
+
 Instruction = (
     Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
     | ReportStarted | ReportFinished | NotifyRef | StartActor | StopActor
-    | ReplyActor
+    | ReplyActor | FreeShared
 )

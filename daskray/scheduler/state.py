@@ -61,7 +61,7 @@ from .events import (
     TaskReleased, TaskStarted, WorkerId, WorkerJoined, WorkerLost,
 )
 from .instructions import (
-    CancelTasks, Dispatch, ForgetGraph, FreeObjects, Instruction, NotifyRef, ReplyActor,
+    CancelTasks, Dispatch, ForgetGraph, FreeObjects, FreeShared, Instruction, NotifyRef, ReplyActor,
     ReportError, ReportFinished, ReportResult, ReportStarted, StartActor, StopActor,
 )
 
@@ -121,6 +121,8 @@ class TaskState:
     contained: list[TaskId] = field(default_factory=list)
     #: the actor this task is a call of (or the constructor of)
     actor: str | None = None
+    #: the shared-memory file holding the value (``inline`` is its descriptor)
+    shared: str | None = None
     history: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -196,6 +198,8 @@ class SchedulerState:
         self.graphs: dict[GraphId, GraphState] = {}
         self.refs: dict[RefKey, TaskId] = {}
         self.actors: dict[str, ActorState] = {}
+        #: which objects each process holds ObjectRefs to: {identity: {task id}}
+        self.ref_holders: dict[bytes, set[TaskId]] = {}
         #: named actors: {name: (actor id, pickled handle)}
         self.actor_names: dict[str, tuple[str, bytes]] = {}
         self.workers: dict[WorkerId, WorkerState] = {}
@@ -285,6 +289,7 @@ class SchedulerState:
         ws = self.workers.pop(ev.worker, None)
         if ws is None:
             return
+        self._drop_holder(ev.worker.encode())
         crashed: list[tuple[TaskState, str]] = []
         if ws.actor is not None:
             crashed = self._actor_lost(ws, ev.reason)
@@ -501,6 +506,7 @@ class SchedulerState:
                 ts.state = MEMORY
                 ts.inline = ev.data.get(i)
                 ts.nbytes = len(ts.inline or b"")
+                ts.shared = ev.shared.get(i) if ev.shared else None
                 held = ev.data_holders.get(i) if ev.data_holders else None
                 if held is not None:
                     ts.store_key, ts.nbytes = held[1], held[2]
@@ -517,6 +523,8 @@ class SchedulerState:
             if i not in external:
                 tasks[base + i].refs += 1  # the client's own reference
                 tasks[base + i].report_owner = not gs.fail_fast
+                if not gs.fail_fast:
+                    self.ref_holders.setdefault(ev.graph[0], set()).add(base + i)
         missing: list[TaskState] = []
         for ts in new:
             for d in ts.deps:
@@ -601,7 +609,9 @@ class SchedulerState:
             {0: ev.inline} if ev.inline is not None else {}, [], fail_fast=False,
         ))
         ts = self.tasks[self.refs[(ev.graph[0], ev.graph[1], 0)]]
+        ts.shared = ev.shared
         ts.refs += 1  # the owner's ObjectRef
+        self.ref_holders.setdefault(ev.graph[0], set()).add(ts.id)
         ts.report_owner = True
         ts.nbytes = ev.nbytes
         if ev.store_key is not None:
@@ -615,12 +625,23 @@ class SchedulerState:
             self._notify(ts)
 
     def _refs_changed(self, ev: RefsChanged) -> None:
+        held = self.ref_holders.setdefault(ev.holder, set())
         for ref in ev.added:
             ts = self._lookup(ref)
-            if ts is not None:
+            if ts is not None and ts.id not in held:
+                held.add(ts.id)
                 ts.refs += 1
         for ref in ev.dropped:
             ts = self._lookup(ref)
+            if ts is not None and ts.id in held:
+                held.discard(ts.id)
+                ts.refs -= 1
+                self._release_if_unused(ts)
+
+    def _drop_holder(self, holder: bytes) -> None:
+        """Process ``holder`` is gone, and with it its ObjectRefs."""
+        for tid in self.ref_holders.pop(holder, ()):
+            ts = self.tasks.get(tid)
             if ts is not None:
                 ts.refs -= 1
                 self._release_if_unused(ts)
@@ -664,12 +685,7 @@ class SchedulerState:
         for gs in [g for g in self.graphs.values() if g.id[0] == ev.client]:
             if gs.fail_fast:
                 self._cancel_graph(gs)
-                continue
-            for tid in range(gs.base, gs.base + gs.size):
-                ts = self.tasks.get(tid)
-                if ts is not None:
-                    ts.refs -= 1
-                    self._release_if_unused(ts)
+        self._drop_holder(ev.client)
 
     def _cancel_graph(self, gs: GraphState) -> None:
         """Stop everything of a dask graph: cancel dispatched tasks, free its objects."""
@@ -698,6 +714,9 @@ class SchedulerState:
                     frees.setdefault(wid, []).append(ts.store_key)
             ts.holders = set()
         for ts in dropped:
+            if ts.shared is not None:
+                self._out.append(FreeShared(ts.shared))
+                ts.shared = None
             self._release_deps(ts)
             contained, ts.contained = ts.contained, []
             for tid in contained:
@@ -1085,6 +1104,9 @@ class SchedulerState:
                 self._out.append(FreeObjects(wid, (ts.store_key,)))
         ts.holders = set()
         ts.inline = None
+        if ts.shared is not None:
+            self._out.append(FreeShared(ts.shared))
+            ts.shared = None
         contained, ts.contained = ts.contained, []
         for tid in contained:
             inner = self.tasks.get(tid)

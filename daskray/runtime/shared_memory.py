@@ -1,0 +1,118 @@
+"""Large objects in shared memory, read by any process on the host without a copy.
+
+An object is written once into a file under ``/dev/shm`` -- pickle protocol 5's
+out-of-band buffers one after another, the small pickle header kept aside -- and
+named by a small *descriptor* that travels in messages like any inline value.  A
+reader maps the file read-only and unpickles with buffers that are views into
+the mapping, so a numpy array or pandas column it gets is a zero-copy,
+read-only view.  One copy per host, however many readers.
+
+Lifetime: the file is unlinked when the object is freed.  A reader's mapping
+keeps the pages alive for as long as its views exist (POSIX semantics of an
+unlinked file), so freeing never pulls memory from under a live view; the
+memory returns to the system when the last view dies.  Every file of a session
+carries the session's prefix, so shutdown (or, after a crash, the next
+``daskray.init``) removes whatever is left.
+
+Names: ``/dev/shm/daskray-<driver pid>-<session>-<writer>-<n>``.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+import mmap
+import os
+import pickle
+from typing import Any
+
+SHM_DIR = "/dev/shm"
+#: descriptors start with this, so ``loads`` can tell them from a pickle
+MARKER = b"DRSHM\x00"
+_ALIGN = 64
+_counter = itertools.count()
+
+
+def available() -> bool:
+    return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
+
+
+def session_prefix(driver_pid: int, session_dir: str) -> str:
+    """The file-name prefix of every segment of one cluster session."""
+    tag = os.path.basename(session_dir.rstrip("/")).replace("daskray-", "")
+    return os.path.join(SHM_DIR, f"daskray-{driver_pid}-{tag}-")
+
+
+def is_descriptor(data: Any) -> bool:
+    return type(data) is bytes and data[:6] == MARKER
+
+
+def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
+    """Write ``[header, buffer, ...]`` to a new segment; (descriptor, file path)."""
+    header, buffers = frames[0], [memoryview(b).cast("B") for b in frames[1:]]
+    offsets = []
+    size = 0
+    for buf in buffers:
+        offsets.append((size, buf.nbytes))
+        size += -(-buf.nbytes // _ALIGN) * _ALIGN
+    path = f"{prefix}{writer}-{os.getpid()}-{next(_counter)}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, max(size, 1))
+        with mmap.mmap(fd, max(size, 1)) as mapped:
+            for (offset, length), buf in zip(offsets, buffers):
+                mapped[offset:offset + length] = buf
+    except BaseException:
+        os.unlink(path)
+        raise
+    finally:
+        os.close(fd)
+    descriptor = MARKER + pickle.dumps((path, bytes(header), offsets), protocol=5)
+    return descriptor, path
+
+
+def read(descriptor: bytes) -> Any:
+    """The object behind a descriptor, its buffers viewing the shared pages."""
+    path, header, offsets = pickle.loads(descriptor[len(MARKER):])
+    if not offsets:
+        return pickle.loads(header)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    finally:
+        os.close(fd)
+    view = memoryview(mapped)
+    return pickle.loads(header, buffers=[view[o:o + n] for o, n in offsets])
+
+
+def path_of(descriptor: bytes) -> str:
+    return pickle.loads(descriptor[len(MARKER):])[0]
+
+
+def unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_session(prefix: str) -> int:
+    """Unlink every segment of a session; how many there were."""
+    paths = glob.glob(glob.escape(prefix) + "*")
+    for path in paths:
+        unlink(path)
+    return len(paths)
+
+
+def sweep_dead_sessions(alive: Any) -> int:
+    """Unlink segments of sessions whose driver process is gone."""
+    removed = 0
+    for path in glob.glob(os.path.join(SHM_DIR, "daskray-*")):
+        try:
+            pid = int(os.path.basename(path).split("-")[1])
+        except (IndexError, ValueError):
+            continue
+        if not alive(pid):
+            unlink(path)
+            removed += 1
+    return removed
