@@ -5,26 +5,55 @@
 >>> da.ones((1000, 1000), chunks=100).sum().compute()  # doctest: +SKIP
 1000000.0
 >>> daskray.shutdown()                               # doctest: +SKIP
+
+daskray's own processes (the head and the workers, which import this package
+too) load the public names only on first use, so they start without importing
+dask; in any other process they load at once, which also registers
+``scheduler="daskray"`` with dask.
 """
 
-from .actors import Actor, ActorClass, ActorHandle
-from .actors.pool import ActorPool
-from .api import (
-    cancel, get, get_actor, init, is_initialized, kill, put, remote, shutdown, wait,
-)
-from .refs import ObjectRef
+import importlib
+import os
+from typing import Any
+
 from .errors import (
-    ActorDiedError, ActorError, ClusterError, DaskrayError, GetTimeoutError, GraphError, ObjectLostError,
-    RemoteTraceback, SerializationError, TaskCancelledError, TaskError, WorkerCrashedError,
+    ActorDiedError, ActorError, ClusterError, DaskrayError, GetTimeoutError, GraphError,
+    ObjectLostError, RemoteTraceback, SerializationError, TaskCancelledError, TaskError,
+    WorkerCrashedError,
 )
 
 __version__ = "0.1.0"
 
+#: public name -> the module defining it
+_LAZY = {
+    **dict.fromkeys(
+        ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
+         "kill", "get_actor"], "api"),
+    "ObjectRef": "refs",
+    "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors",
+    "ActorPool": "actors.pool",
+}
+
 __all__ = [
-    "init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
-    "ObjectRef", "Actor", "ActorClass", "ActorHandle", "ActorPool", "kill", "get_actor",
-    "ActorDiedError", "ActorError",
+    *_LAZY,
     "DaskrayError", "ClusterError", "GraphError", "SerializationError", "TaskError",
     "RemoteTraceback", "WorkerCrashedError", "ObjectLostError", "TaskCancelledError",
-    "GetTimeoutError",
+    "GetTimeoutError", "ActorDiedError", "ActorError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'daskray' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
+
+if "DASKRAY_CONFIG" not in os.environ:  # not one of daskray's own processes
+    from . import api as _api  # noqa: F401

@@ -22,16 +22,15 @@ from .errors import ClusterError
 from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
 from .dask_graph import convert, external_keys
 from .refs import ObjectRef, ref_key_of, tracker
-from .remote import TASK_OPTIONS, RemoteFunction, check_options
+from .remote_function import TASK_OPTIONS, RemoteFunction, check_options
 from .runtime.cluster import LocalCluster
 from .runtime.local_session import LocalSession
+from .runtime import context
 from .runtime.session import Session
 
 _UNSET = object()
 _lock = threading.RLock()
 _runtime: "_Runtime | None" = None
-#: inside a worker process: the session tasks use to call .remote(), get(), put()
-_worker_session: Session | None = None
 
 
 class _Runtime:
@@ -170,17 +169,9 @@ def _current() -> _Runtime:
 
 def _session() -> Session | LocalSession:
     """The session remote calls go through: the driver's, or the worker's inside a task."""
-    if _worker_session is not None:
-        return _worker_session
+    if context.worker_session is not None:
+        return context.worker_session
     return _current().session
-
-
-def _attach_worker(worker: Any) -> None:
-    """Called once in each worker process: tasks may use the cluster from there."""
-    global _worker_session
-    _worker_session = Session(worker)
-    tracker.on_drop = _worker_session.forget
-    tracker.reporting = True
 
 
 def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Any:

@@ -23,7 +23,7 @@ import itertools
 import numbers
 from typing import Any
 
-from ..remote import TASK_OPTIONS, RemoteFunction, check_options, _FunctionTable
+from ..remote_function import TASK_OPTIONS, RemoteFunction, check_options, _FunctionTable
 from .host import ActorCall, ActorInit
 
 ACTOR_OPTIONS = {

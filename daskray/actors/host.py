@@ -9,20 +9,19 @@ the process.
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import threading
 import traceback
 from typing import Any
 
 from ..errors import ActorError
-from ..remote import RemoteFunction
+from ..remote_function import RemoteFunction
 
 #: the instance this process hosts, once its constructor has run
 instance: Any = None
 #: the traceback of the constructor, when it raised
 init_failure: str | None = None
-_loop: asyncio.AbstractEventLoop | None = None
+_loop: Any = None  # an asyncio event loop, made on first use
 
 
 class ActorInit:
@@ -74,6 +73,8 @@ _loop_lock = threading.Lock()
 def _run(coro: Any) -> Any:
     """Run a coroutine on the actor's event loop (a thread of its own), so the
     coroutines of concurrent calls interleave on one loop; wait for its result."""
+    import asyncio
+
     global _loop
     with _loop_lock:
         if _loop is None:

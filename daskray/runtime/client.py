@@ -158,7 +158,7 @@ class Client:
         """Read an object straight from the worker holding it."""
         sock = transport.dealer(self.ctx, address)
         try:
-            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS)
+            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS, shared=True)
         finally:
             sock.close(0)
 

@@ -80,6 +80,9 @@ class ObjectStore:
             return value.frames()
         return dumps_frames(value)
 
+    def exported(self, object_id: Any) -> bool:
+        return object_id in self._exported
+
     def export(self, object_id: Any, prefix: str) -> bytes:
         """The object in shared memory, written there on first request: a descriptor
         readers map without copying.  ``KeyError`` if not held here."""

@@ -22,7 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 from .. import errors
 from ..refs import ObjectRef, RefKey, dask_key_of, tracker
-from ..remote import build_call
+from ..remote_function import build_call
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import shared_memory

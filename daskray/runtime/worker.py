@@ -34,7 +34,7 @@ from ..errors import ClusterError, ObjectLostError, SerializationError, TaskCanc
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
-from . import shared_memory, transport
+from . import context, shared_memory, transport
 from .object_store import ObjectStore
 from .process import child_setup, pidfd
 from .serialization import (
@@ -52,9 +52,12 @@ def decode_object_id(arg: bytes) -> int | str:
     return int(text) if text.isdigit() else text
 
 
-def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int) -> Any:
-    """Ask the data server behind ``sock`` for an object; ``ObjectLostError`` if it is gone."""
-    sock.send_multipart([token, P.GET, str(object_id).encode()])
+def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int,
+                 shared: bool = False) -> Any:
+    """Ask the data server behind ``sock`` for an object; ``ObjectLostError`` if it is
+    gone.  ``shared``: have it put in shared memory (worth it when read again)."""
+    request = [token, P.GET, str(object_id).encode()]
+    sock.send_multipart(request + [P.SHARED] if shared else request)
     if not sock.poll(timeout_ms):
         raise ObjectLostError(f"object {object_id}: its holder did not answer within {timeout_ms} ms")
     reply = sock.recv_multipart(copy=False)
@@ -101,8 +104,11 @@ class DataServer(threading.Thread):
         try:
             if verb == P.GET:
                 object_id = decode_object_id(arg)
+                # asked to share it (the driver), or shared already: written once,
+                # read in place; else sent (workers: a task reads an input once)
+                share = len(frames) > 4 and frames[4].bytes == P.SHARED
                 try:
-                    if self.shm_prefix is not None:  # written once, read in place
+                    if self.shm_prefix is not None and (share or self.store.exported(object_id)):
                         descriptor = self.store.export(object_id, self.shm_prefix)
                         self.sock.send_multipart([ident, P.SHARED, descriptor])
                         return
@@ -505,13 +511,15 @@ MAX_NESTING = 100
 
 
 def main() -> None:
+    from .session import Session
+
     sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
     worker.start()
-    from .. import api
-
-    api._attach_worker(worker)
+    context.worker_session = session = Session(worker)  # tasks may use the cluster
+    tracker.on_drop = session.forget
+    tracker.reporting = True
     try:
         worker.run()
     finally:
