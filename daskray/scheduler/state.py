@@ -52,7 +52,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable
 
 from . import policy
 from .events import (
@@ -640,11 +640,7 @@ class SchedulerState:
 
     def _drop_holder(self, holder: bytes) -> None:
         """Process ``holder`` is gone, and with it its ObjectRefs."""
-        for tid in self.ref_holders.pop(holder, ()):
-            ts = self.tasks.get(tid)
-            if ts is not None:
-                ts.refs -= 1
-                self._release_if_unused(ts)
+        self._unref(self.ref_holders.pop(holder, ()))
 
     def _subscribe(self, ev: Subscribe) -> None:
         for ref in ev.refs:
@@ -714,16 +710,10 @@ class SchedulerState:
                     frees.setdefault(wid, []).append(ts.store_key)
             ts.holders = set()
         for ts in dropped:
-            if ts.shared is not None:
-                self._out.append(FreeShared(ts.shared))
-                ts.shared = None
+            self._drop_shared(ts)
             self._release_deps(ts)
             contained, ts.contained = ts.contained, []
-            for tid in contained:
-                inner = self.tasks.get(tid)
-                if inner is not None:
-                    inner.refs -= 1
-                    self._release_if_unused(inner)
+            self._unref(contained)
         self._unpin(gs)
         for wid, tids in frees.items():
             self._out.append(FreeObjects(wid, tuple(tids)))
@@ -731,11 +721,21 @@ class SchedulerState:
 
     def _unpin(self, gs: GraphState) -> None:
         pinned, gs.pinned = gs.pinned, []
-        for tid in pinned:
+        self._unref(pinned)
+
+    def _unref(self, tids: Iterable[TaskId]) -> None:
+        """Drop one reference to each of these objects (freeing what is then unused)."""
+        for tid in tids:
             ts = self.tasks.get(tid)
             if ts is not None:
                 ts.refs -= 1
                 self._release_if_unused(ts)
+
+    def _drop_shared(self, ts: TaskState) -> None:
+        """The value of ``ts`` in shared memory is no longer needed: remove its file."""
+        if ts.shared is not None:
+            self._out.append(FreeShared(ts.shared))
+            ts.shared = None
 
     # ------------------------------------------------------------------ tasks
 
@@ -1104,15 +1104,9 @@ class SchedulerState:
                 self._out.append(FreeObjects(wid, (ts.store_key,)))
         ts.holders = set()
         ts.inline = None
-        if ts.shared is not None:
-            self._out.append(FreeShared(ts.shared))
-            ts.shared = None
+        self._drop_shared(ts)
         contained, ts.contained = ts.contained, []
-        for tid in contained:
-            inner = self.tasks.get(tid)
-            if inner is not None:
-                inner.refs -= 1
-                self._release_if_unused(inner)
+        self._unref(contained)
         gs = ts.graph
         if gs.fail_fast or self.tasks.get(ts.id) is not ts:
             return
