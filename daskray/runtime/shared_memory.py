@@ -30,6 +30,9 @@ SHM_DIR = "/dev/shm"
 #: descriptors start with this, so ``loads`` can tell them from a pickle
 MARKER = b"DRSHM\x00"
 _ALIGN = 64
+#: a pickle header larger than this goes into the file too (an object that pickles
+#: in-band -- bytes, lists, object columns -- is all header)
+HEADER_INLINE_LIMIT = 4096
 _counter = itertools.count()
 
 
@@ -49,7 +52,11 @@ def is_descriptor(data: Any) -> bool:
 
 def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
     """Write ``[header, buffer, ...]`` to a new segment; (descriptor, file path)."""
-    header, buffers = frames[0], [memoryview(b).cast("B") for b in frames[1:]]
+    header = memoryview(frames[0]).cast("B")
+    buffers = [memoryview(b).cast("B") for b in frames[1:]]
+    header_in_file = header.nbytes > HEADER_INLINE_LIMIT
+    if header_in_file:
+        buffers.append(header)
     offsets = []
     size = 0
     for buf in buffers:
@@ -67,7 +74,8 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
         raise
     finally:
         os.close(fd)
-    descriptor = MARKER + pickle.dumps((path, bytes(header), offsets), protocol=5)
+    inline_header = None if header_in_file else bytes(header)
+    descriptor = MARKER + pickle.dumps((path, inline_header, offsets), protocol=5)
     return descriptor, path
 
 
@@ -76,12 +84,16 @@ def read(descriptor: bytes) -> Any:
     path, header, offsets = pickle.loads(descriptor[len(MARKER):])
     if not offsets:
         return pickle.loads(header)
+    if header is None:  # the header is the file's last piece
+        *offsets, (start, length) = offsets
     fd = os.open(path, os.O_RDONLY)
     try:
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
         os.close(fd)
     view = memoryview(mapped)
+    if header is None:
+        header = view[start:start + length]
     return pickle.loads(header, buffers=[view[o:o + n] for o, n in offsets])
 
 

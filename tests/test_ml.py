@@ -1,0 +1,135 @@
+"""daskray.ml on a real cluster: exactness against the single-process algorithm,
+against plain numpy, and accuracy on real data (scikit-learn's digits)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import daskray
+from daskray.ml import Dataset, RunConfig, ScalingConfig, Trainer, models, reference_fit
+from daskray.ml.trainer import Checkpoint
+
+pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(120)]
+
+
+def _blobs(n=600, d=5, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (k, d))
+    y = rng.integers(0, k, n)
+    return centers[y] + rng.normal(0, 1, (n, d)), y
+
+
+def test_parameters_are_bit_identical_for_1_and_2_workers_and_reference():
+    X, y = _blobs()
+    ds = Dataset.from_numpy(X, y, num_shards=6, seed=1)
+    config = {"optimizer": "adam", "lr": 0.05, "batch_size": 128, "epochs": 3, "l2": 1e-3}
+    fitted = {}
+    for workers in (1, 2):
+        result = Trainer(model=models.SoftmaxRegression(), train_config=config,
+                         scaling_config=ScalingConfig(num_workers=workers)).fit(ds)
+        fitted[workers] = result.checkpoint.params
+    reference = reference_fit(models.SoftmaxRegression(), daskray.get(ds.shards), config,
+                              classes=ds.classes)
+    for key in reference:
+        assert np.array_equal(fitted[1][key], reference[key]), key
+        assert np.array_equal(fitted[2][key], reference[key]), key
+
+
+def test_full_batch_gradient_descent_matches_plain_numpy():
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(400, 4))
+    y = X @ np.array([1.0, -2.0, 0.5, 3.0]) + 0.25 + rng.normal(0, 0.1, 400)
+    ds = Dataset.from_numpy(X, y, num_shards=4, seed=0, shuffle=False)
+    config = {"optimizer": "sgd", "lr": 0.1, "batch_size": 400, "epochs": 50}
+    params = Trainer(model=models.LinearRegression(), train_config=config).fit(ds).checkpoint.params
+    # the same algorithm written plainly: full-batch mean gradient of 0.5*(Xw+b-y)^2
+    init = models.LinearRegression().init_params(4, 1, np.random.default_rng(0))
+    w, b = init["w"].copy(), init["b"].copy()
+    for _ in range(50):
+        r = X @ w.reshape(-1) + b.reshape(-1) - y if w.ndim > 1 else X @ w + b - y
+        gw = (X.T @ r / len(y)).reshape(w.shape)
+        gb = np.reshape(r.sum() / len(y), b.shape)
+        w, b = w - 0.1 * gw, b - 0.1 * gb
+    np.testing.assert_allclose(params["w"], w, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(params["b"], b, rtol=1e-12, atol=1e-12)
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    ds = Dataset.from_numpy(data.data, data.target, num_shards=8, seed=0)
+    train, test = ds.train_test_split(test_size=0.2, seed=0)
+    train, stats = train.standardize()
+    test, _ = test.standardize(stats)
+    return train, test
+
+
+def test_softmax_regression_on_digits_reaches_95_percent():
+    train, test = _digits()
+    result = Trainer(model=models.SoftmaxRegression(),
+                     train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,
+                                   "epochs": 20, "l2": 1e-3}).fit(train, valid=test)
+    assert result.metrics["valid_accuracy"] >= 0.95, result.metrics
+    assert list(result.metrics_dataframe["epoch"]) == list(range(20))
+
+
+def test_mlp_on_digits_reaches_97_percent():
+    train, test = _digits()
+    result = Trainer(model=models.MLP(hidden=(64,)),
+                     train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,
+                                   "epochs": 25, "seed": 0}).fit(train, valid=test)
+    assert result.metrics["valid_accuracy"] >= 0.97, result.metrics
+
+
+def test_checkpoint_round_trip_and_resume_gives_the_same_parameters(tmp_path):
+    X, y = _blobs(seed=5)
+    ds = Dataset.from_numpy(X, y, num_shards=4, seed=0)
+    config = {"optimizer": "adam", "lr": 0.05, "batch_size": 100, "epochs": 4}
+    full = Trainer(model=models.SoftmaxRegression(), train_config=config).fit(ds)
+    half = Trainer(model=models.SoftmaxRegression(), train_config={**config, "epochs": 2},
+                   run_config=RunConfig(storage_path=str(tmp_path / "ckpt"))).fit(ds)
+    loaded = Checkpoint.from_directory(str(tmp_path / "ckpt"))
+    assert loaded.epoch == 1
+    resumed = Trainer(model=models.SoftmaxRegression(), train_config=config,
+                      resume_from_checkpoint=loaded).fit(ds)
+    for key in full.checkpoint.params:
+        assert np.array_equal(resumed.checkpoint.params[key], full.checkpoint.params[key])
+    assert half.checkpoint.epoch == 1
+
+
+def test_stop_condition_ends_training_early():
+    X, y = _blobs(seed=7)
+    ds = Dataset.from_numpy(X, y, num_shards=4, seed=0)
+    result = Trainer(model=models.SoftmaxRegression(),
+                     train_config={"lr": 0.5, "batch_size": 64, "epochs": 50},
+                     run_config=RunConfig(stop={"train_accuracy": 0.9})).fit(ds)
+    assert result.metrics["train_accuracy"] >= 0.9
+    assert len(result.metrics_dataframe) < 50
+
+
+def test_dataset_from_pandas_and_from_dask_hold_the_same_rows():
+    import dask.array as da
+    import pandas as pd
+
+    X, y = _blobs(n=200, seed=2)
+    df = pd.DataFrame(X, columns=[f"f{i}" for i in range(X.shape[1])]).assign(label=y)
+    a = Dataset.from_pandas(df, label="label", num_shards=4, seed=0, shuffle=False)
+    Xa, ya = a.to_numpy()
+    np.testing.assert_array_equal(Xa, X)
+    np.testing.assert_array_equal(ya, y)
+    b = Dataset.from_dask(da.from_array(X, chunks=(50, 5)), da.from_array(y, chunks=50))
+    assert b.num_shards == 4 and b.sizes == [50] * 4
+    Xb, yb = b.to_numpy()
+    np.testing.assert_array_equal(Xb, X)
+    np.testing.assert_array_equal(yb, y)
+
+
+def test_bad_input_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="X of shape"):
+        Dataset.from_numpy(np.zeros((3, 2)), np.zeros(4))
+    with pytest.raises(ValueError, match="unknown train_config"):
+        Trainer(model=models.LinearRegression(), train_config={"learning_rate": 1})
+    with pytest.raises(ValueError, match="needs a model"):
+        Trainer()
