@@ -133,3 +133,37 @@ def test_bad_input_is_refused_with_a_clear_message():
         Trainer(model=models.LinearRegression(), train_config={"learning_rate": 1})
     with pytest.raises(ValueError, match="needs a model"):
         Trainer()
+
+
+def test_search_with_asha_stops_poor_trials_and_finds_a_good_one():
+    from daskray.ml import TuneConfig, tune
+
+    train, test = _digits()
+    best = Trainer(
+        config=TuneConfig(metric="loss", mode="min", num_samples=24,
+                          scheduler=tune.ASHAScheduler(max_t=9, reduction_factor=3), seed=1),
+        model=models.SoftmaxRegression,
+        train_config={"epochs": 9},
+        param_space={"lr": tune.loguniform(1e-3, 1.0), "batch_size": tune.choice([32, 128]),
+                     "l2": tune.loguniform(1e-5, 1e-1)},
+    ).fit(train, valid=test)
+    frame = best.grid.get_dataframe()
+    assert len(frame) == 24 and not best.grid.errors
+    iterations = frame["training_iteration"]
+    assert iterations.max() == 9 and (iterations < 9).sum() >= 12  # most were stopped early
+    assert best.metrics["valid_accuracy"] >= 0.95
+    assert best.metrics["loss"] == frame["loss"][frame["training_iteration"] == 9].min()
+
+
+def test_grid_search_runs_every_combination_and_builds_model_classes():
+    from daskray.ml import TuneConfig, tune
+
+    X, y = _blobs(n=300)
+    ds = Dataset.from_numpy(X, y, num_shards=3, seed=0)
+    grid = Trainer(config=TuneConfig(metric="train_accuracy", mode="max", num_samples=1),
+                   model=models.MLP, train_config={"epochs": 2, "optimizer": "adam"},
+                   param_space={"hidden": tune.grid_search([(8,), (16,)]),
+                                "lr": tune.grid_search([0.01, 0.05])}).fit(ds).grid
+    configs = sorted((r.config["hidden"], r.config["lr"]) for r in grid)
+    assert configs == [((8,), 0.01), ((8,), 0.05), ((16,), 0.01), ((16,), 0.05)]
+    assert all(r.checkpoint.params["w0"].shape[1] == r.config["hidden"][0] for r in grid)

@@ -4,15 +4,18 @@
 runs synchronous data-parallel training where every step is a task graph
 (per-shard gradient sums, a fixed pairwise tree, one update), with results equal,
 bit for bit, to :func:`reference_fit` in one process.  Built only on daskray's
-public API.  (Hyperparameter tuning is not here yet.)
+public API.  ``Trainer(config=TuneConfig(...), param_space=...)`` searches
+hyperparameters with many trials on the cluster, stopping poor ones early (ASHA).
 """
 
-from . import models, optimizers
+from . import models, optimizers, tune
 from .dataset import Dataset, Standardization
 from .models import Model
 from .trainer import Checkpoint, Result, RunConfig, ScalingConfig, Trainer, reference_fit
+from .tune import ASHAScheduler, ResultGrid, TuneConfig
 
 __all__ = [
     "Dataset", "Standardization", "Model", "models", "optimizers", "Trainer", "Result",
-    "Checkpoint", "RunConfig", "ScalingConfig", "reference_fit",
+    "Checkpoint", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
+    "ASHAScheduler", "ResultGrid",
 ]

@@ -92,6 +92,8 @@ class Result:
     error: BaseException | None = None
     best_checkpoints: list = field(default_factory=list)
     config: dict = field(default_factory=dict)
+    #: for a search: every trial (a ResultGrid)
+    grid: Any = None
 
 
 def _flatten_state(state: dict, prefix: str = "") -> dict:
@@ -221,20 +223,38 @@ def reference_fit(model: Model, shards: Sequence[tuple], train_config: dict | No
 class Trainer:
     """``Trainer(model=..., train_config=..., scaling_config=...).fit(train, valid=...)``."""
 
-    def __init__(self, model: Model | None = None, train_config: dict | None = None,
+    def __init__(self, model: Model | type | None = None, train_config: dict | None = None,
                  scaling_config: ScalingConfig | None = None, run_config: RunConfig | None = None,
-                 resume_from_checkpoint: Checkpoint | None = None) -> None:
+                 resume_from_checkpoint: Checkpoint | None = None, config: Any = None,
+                 param_space: dict | None = None) -> None:
+        """With ``config`` (a ``TuneConfig``) it searches ``param_space`` instead:
+        ``model`` may then be a class, built for each trial from its config."""
         if model is None:
             raise ValueError("Trainer needs a model")
         self.model = model
-        self.config = _config(train_config)
+        self.tune_config = config
+        self.param_space = param_space or {}
+        self.config = _config({k: v for k, v in (train_config or {}).items()})
+        if config is None and isinstance(model, type):
+            raise ValueError("a model class needs a search (config=TuneConfig(...)); "
+                             "pass a model instance to train one model")
         self.scaling = scaling_config or ScalingConfig()
         self.run_config = run_config or RunConfig()
         self.resume = resume_from_checkpoint
 
     def fit(self, train: Dataset, valid: Dataset | None = None) -> Result:
-        """Train; the Result has per-epoch metrics and the final checkpoint."""
+        """Train; the Result has per-epoch metrics and the final checkpoint.  With a
+        search, the best trial's Result, whose ``grid`` holds every trial."""
         import pandas as pd
+
+        if self.tune_config is not None:
+            from .tune import run_search
+
+            grid = run_search(self.model, self.config, self.param_space, self.tune_config,
+                              train, valid)
+            best = grid.get_best_result()
+            best.grid = grid
+            return best
 
         model, config = self.model, self.config
         optimizer = _optimizer(config)
