@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import daskray
+import daskray.ml
 from daskray.ml import Dataset, RunConfig, ScalingConfig, Trainer, models, reference_fit
 from daskray.ml.trainer import Checkpoint
 
@@ -167,3 +168,28 @@ def test_grid_search_runs_every_combination_and_builds_model_classes():
     configs = sorted((r.config["hidden"], r.config["lr"]) for r in grid)
     assert configs == [((8,), 0.01), ((8,), 0.05), ((16,), 0.01), ((16,), 0.05)]
     assert all(r.checkpoint.params["w0"].shape[1] == r.config["hidden"][0] for r in grid)
+
+
+class SeedStyleRegression(daskray.ml.Model):
+    """The seed's shape: __init__ makes numpy parameters, forward(X) reads them."""
+
+    def __init__(self):
+        self.w = np.zeros(3)
+        self.b = np.zeros(1)
+
+    def forward(self, X):
+        return X @ self.w + self.b[0]
+
+
+def test_a_seed_style_model_trains_with_finite_differences():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 3))
+    y = X @ np.array([2.0, -1.0, 0.5]) + 1.0
+    ds = Dataset.from_numpy(X, y, num_shards=2, seed=0)
+    with pytest.warns(RuntimeWarning, match="finite"):
+        model = SeedStyleRegression()
+        model.gradient(model.init_params(3, 1, np.random.default_rng(0)), X[:4], y[:4])
+    result = Trainer(model=SeedStyleRegression(),
+                     train_config={"lr": 0.1, "batch_size": 200, "epochs": 60}).fit(ds)
+    np.testing.assert_allclose(result.checkpoint.params["w"], [2.0, -1.0, 0.5], atol=0.05)
+    assert result.metrics["train_loss"] < 0.01

@@ -98,9 +98,24 @@ class Model:
 
     task: str = "regression"
 
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        """The seed's spelling: a subclass whose ``__init__`` makes its numpy
+        parameters as attributes and whose ``forward(self, X)`` reads them is
+        adapted to the protocol (parameters passed in, not kept)."""
+        super().__init_subclass__(**kwargs)
+        forward = cls.__dict__.get("forward")
+        if forward is not None and _positional_count(forward) == 2:
+            cls.forward = _with_params(forward)
+
     def init_params(self, n_features: int, n_outputs: int,
                     rng: np.random.Generator) -> Params:
-        """Fresh parameters for ``n_features`` inputs and ``n_outputs`` outputs, from ``rng``."""
+        """Fresh parameters for ``n_features`` inputs and ``n_outputs`` outputs, from ``rng``.
+
+        By default: copies of the numpy arrays the model's ``__init__`` made."""
+        own = {k: np.array(v, dtype=np.float64) for k, v in vars(self).items()
+               if isinstance(v, np.ndarray)}
+        if own:
+            return own
         raise NotImplementedError(
             f"{type(self).__name__} does not define init_params(self, n_features, n_outputs, rng); "
             "the trainer calls it to create the parameters. Return a dict of float64 numpy "
@@ -135,6 +150,35 @@ class Model:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+def _positional_count(func: object) -> int:
+    import inspect
+
+    try:
+        parameters = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return -1
+    return sum(1 for p in parameters
+               if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+
+def _with_params(forward: object) -> object:
+    """``forward(self, X)`` reading attributes -> ``forward(self, params, X)``."""
+
+    def adapted(self: Model, params: Params, X: np.ndarray) -> np.ndarray:
+        saved = {k: getattr(self, k) for k in params if hasattr(self, k)}
+        try:
+            for k, v in params.items():
+                setattr(self, k, v)
+            return forward(self, X)
+        finally:
+            for k, v in saved.items():
+                setattr(self, k, v)
+
+    adapted.__name__ = getattr(forward, "__name__", "forward")
+    adapted.__doc__ = getattr(forward, "__doc__", None)
+    return adapted
 
 
 def numerical_gradient(model: Model, params: Params, X: np.ndarray, y: np.ndarray,
