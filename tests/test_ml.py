@@ -193,3 +193,38 @@ def test_a_seed_style_model_trains_with_finite_differences():
                      train_config={"lr": 0.1, "batch_size": 200, "epochs": 60}).fit(ds)
     np.testing.assert_allclose(result.checkpoint.params["w"], [2.0, -1.0, 0.5], atol=0.05)
     assert result.metrics["train_loss"] < 0.01
+
+
+def test_training_survives_a_worker_killed_mid_run_and_gives_the_same_parameters():
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    X, y = _blobs(n=2000, d=20, k=4, seed=11)
+    ds = Dataset.from_numpy(X, y, num_shards=4, seed=0)
+    config = {"optimizer": "adam", "lr": 0.01, "batch_size": 32, "epochs": 6}
+    head = daskray.api._runtime.cluster.head.pid
+    workers = [p for p in psutil.Process(head).children() if "start_worker" in " ".join(p.cmdline())]
+    killed = []
+
+    def kill_one_soon():
+        time.sleep(0.5)
+        os.kill(workers[0].pid, signal.SIGKILL)
+        killed.append(time.monotonic())
+
+    killer = threading.Thread(target=kill_one_soon)
+    killer.start()
+    from daskray.ml import FailureConfig
+
+    result = Trainer(model=models.SoftmaxRegression(), train_config=config,
+                     failure_config=FailureConfig(max_failures=3)).fit(ds)
+    finished = time.monotonic()
+    killer.join()
+    assert killed and killed[0] < finished, "the worker died after training had ended"
+    reference = reference_fit(models.SoftmaxRegression(), daskray.get(ds.shards), config,
+                              classes=ds.classes)
+    for key in reference:
+        assert np.array_equal(result.checkpoint.params[key], reference[key]), key

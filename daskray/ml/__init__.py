@@ -11,11 +11,13 @@ hyperparameters with many trials on the cluster, stopping poor ones early (ASHA)
 from . import models, optimizers, tune
 from .dataset import Dataset, Standardization
 from .models import Model
-from .trainer import Checkpoint, Result, RunConfig, ScalingConfig, Trainer, reference_fit
+from .trainer import (
+    Checkpoint, FailureConfig, Result, RunConfig, ScalingConfig, Trainer, reference_fit,
+)
 from .tune import ASHAScheduler, ResultGrid, TuneConfig
 
 __all__ = [
     "Dataset", "Standardization", "Model", "models", "optimizers", "Trainer", "Result",
-    "Checkpoint", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
+    "Checkpoint", "FailureConfig", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
     "ASHAScheduler", "ResultGrid",
 ]

@@ -57,6 +57,15 @@ class RunConfig:
 
 
 @dataclass
+class FailureConfig:
+    """``max_failures``: times a step's task is re-run after its worker died; the
+    run then resumes from the last completed step (its parameters are an object
+    the head keeps)."""
+
+    max_failures: int = 3
+
+
+@dataclass
 class Checkpoint:
     """Parameters (and the optimizer state) after some epoch."""
 
@@ -226,7 +235,8 @@ class Trainer:
     def __init__(self, model: Model | type | None = None, train_config: dict | None = None,
                  scaling_config: ScalingConfig | None = None, run_config: RunConfig | None = None,
                  resume_from_checkpoint: Checkpoint | None = None, config: Any = None,
-                 param_space: dict | None = None) -> None:
+                 param_space: dict | None = None,
+                 failure_config: FailureConfig | None = None) -> None:
         """With ``config`` (a ``TuneConfig``) it searches ``param_space`` instead:
         ``model`` may then be a class, built for each trial from its config."""
         if model is None:
@@ -241,6 +251,7 @@ class Trainer:
         self.scaling = scaling_config or ScalingConfig()
         self.run_config = run_config or RunConfig()
         self.resume = resume_from_checkpoint
+        self.failure = failure_config or FailureConfig()
 
     def fit(self, train: Dataset, valid: Dataset | None = None) -> Result:
         """Train; the Result has per-epoch metrics and the final checkpoint.  With a
@@ -268,8 +279,9 @@ class Trainer:
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
         groups = [[int(i) for i in g] for g in np.array_split(
             np.arange(train.num_shards), min(self.scaling.num_workers, train.num_shards))]
-        grad_task = api.remote(max_retries=3)(shard_gradients)
-        update_task = api.remote(num_returns=2, max_retries=3)(update)
+        retries = self.failure.max_failures
+        grad_task = api.remote(max_retries=retries)(shard_gradients)
+        update_task = api.remote(num_returns=2, max_retries=retries)(update)
         eval_task = api.remote(evaluate_shard)
         model_ref = api.put(model)
         params_ref, state_ref = api.put(params), api.put(state)
