@@ -1022,3 +1022,20 @@ def test_kill_while_the_constructor_waits_for_its_arguments():
     _, elapsed = timed_raises(daskray.ActorDiedError,
                               lambda: daskray.get(c.incr.remote(), timeout=20))
     assert elapsed < QUICK
+
+
+@daskray.remote
+def _plus_one(x):
+    return x + 1
+
+
+@daskray.remote
+class _Delegating:
+    def m(self, x):
+        return daskray.get(_plus_one.remote(x))
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_method_waiting_in_get_keeps_the_calls_queued_behind_it():
+    a = _Delegating.remote()
+    assert daskray.get([a.m.remote(i) for i in range(5)], timeout=30) == [1, 2, 3, 4, 5]

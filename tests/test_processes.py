@@ -848,3 +848,39 @@ def test_authenticated_client_sending_a_malformed_submit(fresh_cluster, zmq_ctx)
     assert type(P.decode(sock.recv())) is P.Welcome
     sock.send(P.encode(P.SubmitGraph(*([None] * len(P.SubmitGraph._FIELDS)))))
     _assert_cluster_unharmed(fresh_cluster, workers)
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_workers_identity_does_not_authenticate_a_new_peer(proc_cluster, tmp_path):
+    """A frame from a new connection that reuses an exited worker's identity is
+    not unpickled: the identity was forgotten with the worker."""
+    import pickle as _pickle
+
+    import zmq
+
+    cluster = daskray.api._runtime.cluster
+    head = psutil.Process(cluster.head.pid)
+    worker = next(p for p in head.children() if "start_worker" in " ".join(p.cmdline()))
+    identities_before = {w for w in cluster.client.workers}
+    worker.kill()
+    worker.wait(10)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    ctx = zmq.Context()
+    try:
+        for wid in identities_before:
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, wid.encode())
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(cluster.head_address)
+            sock.send(_pickle.dumps(Evil()))
+            sock.close(0)
+        time.sleep(1.0)
+    finally:
+        ctx.term()
+    assert not marker.exists()
+    assert daskray.get({"x": (sum, [1, 2])}, "x") == 3

@@ -958,3 +958,26 @@ def test_local_mode_object_ref_is_a_dask_collection(local_mode):
     assert dask.delayed(plain_add)(ref, 1).compute() == 3
     x = da.ones((10,), chunks=5)
     assert x.map_blocks(add_offset, dask.delayed(ref), dtype=x.dtype).sum().compute() == 30
+
+
+@daskray.remote
+def _forty_two():
+    return 42
+
+
+@daskray.remote
+def _echo(value):
+    return value
+
+
+@pytest.mark.timeout(60)
+def test_an_own_ref_dropped_then_received_back_can_still_be_read():
+    import gc
+
+    ref = _forty_two.remote()
+    assert daskray.get(ref, timeout=20) == 42
+    wrapped = _echo.remote([ref])  # a ref nested in a container stays a ref
+    del ref
+    gc.collect()
+    (inner,) = daskray.get(wrapped, timeout=20)
+    assert daskray.get(inner, timeout=20) == 42

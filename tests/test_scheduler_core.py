@@ -6,11 +6,13 @@ import pytest
 
 from daskray.scheduler import SchedulerState
 from daskray.scheduler.events import (
-    ClientLost, GraphCancelled, GraphReleased, GraphSubmitted, TaskErred, TaskFinished,
+    ClientLost, GraphCancelled, GraphReleased, GraphSubmitted, KillActor, RefsChanged,
+    TaskErred, TaskFinished,
     TaskReleased, TaskStarted, WorkerJoined, WorkerLost,
 )
 from daskray.scheduler.instructions import (
-    CancelTasks, Dispatch, ForgetGraph, FreeObjects, ReportError, ReportFinished,
+    CancelTasks, Dispatch, ForgetGraph, FreeObjects, NotifyRef, ReportError, ReportFinished,
+    StartActor, StopActor,
     ReportResult, ReportStarted,
 )
 from daskray.scheduler.policy import INLINE_THRESHOLD
@@ -218,3 +220,61 @@ def test_submitting_a_graph_twice_is_an_error(s):
     s.handle(graph([()], wanted=[0]))
     with pytest.raises(ValueError, match="twice"):
         s.handle(graph([()], wanted=[0]))
+
+
+# --------------------------------------------------------------------- actors
+
+
+def actor_graph(gid, actor=None, create=None, pinned=None):
+    return GraphSubmitted(gid, ["call"], [()], [0], [b"body"], {}, [0], fail_fast=False,
+                          pinned=pinned, actor=actor, create_actor=create, max_retries=0)
+
+
+def test_killing_an_actor_before_it_started_leaves_nothing():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(actor_graph((b"c", 1), create={"id": "A"}))
+    out = s.handle(KillActor("A"))
+    assert StopActor("A", None) in out
+    (note,) = of(NotifyRef, out)
+    assert note.kind == "ActorDiedError"
+    s.handle(RefsChanged([], [(b"c", 1, 0)], b"c"))
+    assert s.tasks == {} and s.graphs == {} and s.actors == {}
+
+
+def test_a_restarted_actor_runs_its_constructor_again_even_if_it_died_in_it():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(actor_graph((b"c", 1), create={"id": "A", "max_restarts": 2}))
+    s.handle(actor_graph((b"c", 2), actor="A", pinned=[(b"c", 1, 0)]))
+    assert [d.task for d in of(Dispatch, s.handle(WorkerJoined("a1", actor="A")))] == [0]
+    assert of(StartActor, s.handle(WorkerLost("a1", "segfault")))
+    # the constructor first, and the call only once it has finished
+    assert [d.task for d in of(Dispatch, s.handle(WorkerJoined("a2", actor="A")))] == [0]
+    assert [d.task for d in of(Dispatch, finish(s, 0, "a2"))] == [1]
+
+
+def test_a_detached_actor_without_handles_keeps_its_constructor_for_restarts():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(actor_graph((b"c", 1), create={"id": "A", "name": "n", "detached": True,
+                                           "max_restarts": 1}))
+    s.handle(WorkerJoined("a1", actor="A"))
+    finish(s, 0, "a1")
+    s.handle(RefsChanged([], [(b"c", 1, 0)], b"c"))  # the last handle is dropped
+    assert "A" in s.actors and 0 in s.tasks
+    s.handle(actor_graph((b"c", 2), actor="A"))
+    s.handle(WorkerLost("a1", "crash"))
+    assert [d.task for d in of(Dispatch, s.handle(WorkerJoined("a2", actor="A")))] == [0]
+
+
+def test_a_second_live_actor_cannot_take_a_name_and_a_dead_one_frees_it():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(actor_graph((b"c", 1), create={"id": "A", "name": "n"}))
+    out = s.handle(actor_graph((b"c", 2), create={"id": "B", "name": "n"}))
+    (note,) = of(NotifyRef, out)
+    assert "exists already" in note.message
+    s.handle(KillActor("A"))
+    assert "n" not in s.actor_names
+    assert not of(NotifyRef, s.handle(actor_graph((b"c", 3), create={"id": "C", "name": "n"})))

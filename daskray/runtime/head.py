@@ -119,6 +119,8 @@ class Head:
 
     def worker_exited(self, wid: str) -> None:
         proc = self.procs.pop(wid, None)
+        # its identity authenticates nothing any more (a new peer could take it)
+        self.peers.pop(wid.encode(), None)
         for fd, w in list(self.worker_fds.items()):
             if w == wid:
                 self.poller.unregister(fd)
@@ -198,6 +200,8 @@ class Head:
             self.reject(ident, peer, str(exc))
             return
         role, name = peer
+        if role == P.ROLE_WORKER and name not in self.procs:
+            return  # a worker that has exited: what it sent last is of no use
         try:
             if role == P.ROLE_WORKER:
                 self.on_worker_message(name, msg)
@@ -268,8 +272,6 @@ class Head:
             gid = (ident, msg.graph)
             if gid in self.state.graphs:
                 raise P.ProtocolError(f"object {msg.graph} was put twice")
-            if msg.holder is not None and msg.holder not in self.worker_address:
-                raise P.ProtocolError(f"put: no worker {msg.holder!r}")
             if msg.shared is not None and not _in_session(msg.shared, self.shm_prefix):
                 raise P.ProtocolError("put: the shared file is not of this session")
             self.apply(E.ObjectPut(gid, msg.name, msg.inline, msg.holder, msg.nbytes,

@@ -56,6 +56,9 @@ class Session:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._subscribed: set[RefKey] = set()
+        #: own refs whose result was forgotten (all ObjectRefs dropped); one that
+        #: comes back (inside a value) must be asked for like anyone else's
+        self._forgotten_own: set[RefKey] = set()
         self._names = itertools.count()
 
     # ---------------------------------------------------------------- submitting
@@ -144,8 +147,8 @@ class Session:
 
     def _subscribe(self, keys: Sequence[RefKey]) -> None:
         me = self.conn.client_id
-        new = [k for k in keys if k[0] != me and k not in self._subscribed
-               and k not in self.conn.results]
+        new = [k for k in keys if (k[0] != me or k in self._forgotten_own)
+               and k not in self._subscribed and k not in self.conn.results]
         if new:
             self._subscribed.update(new)
             self.conn.send(P.SubscribeRefs(new))
@@ -153,7 +156,8 @@ class Session:
     def forget(self, key: RefKey) -> None:
         """This process holds no ObjectRef to ``key`` any more."""
         self._subscribed.discard(key)
-        self.conn.results.pop(key, None)
+        if self.conn.results.pop(key, None) is not None and key[0] == self.conn.client_id:
+            self._forgotten_own.add(key)
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
              timeout: float | None = None) -> tuple[list, list]:

@@ -104,7 +104,7 @@ def path_of(descriptor: bytes) -> str:
 def unlink(path: str) -> None:
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):  # gone, or another user's
         pass
 
 
@@ -122,7 +122,9 @@ def sweep_dead_sessions(alive: Any) -> int:
     for path in glob.glob(os.path.join(SHM_DIR, "daskray-*")):
         try:
             pid = int(os.path.basename(path).split("-")[1])
-        except (IndexError, ValueError):
+            if os.stat(path).st_uid != os.getuid():
+                continue  # another user's session: not ours to judge
+        except (IndexError, ValueError, OSError):
             continue
         if not alive(pid):
             unlink(path)

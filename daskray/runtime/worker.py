@@ -176,6 +176,8 @@ class Worker:
         self.first_report_at = 0.0
         self.current: int | None = None
         self.cancelled: set[int] = set()
+        #: the main thread is in a task's own code (where a cancel may raise)
+        self.interruptible = False
         #: queued tasks the data server already reported dropped: never run them
         self.dropped: set[int] = set()
         self.peers: dict[str, zmq.Socket] = {}
@@ -194,19 +196,24 @@ class Worker:
         """Called in the data-server thread while the main thread may be busy:
         interrupt the running task if listed; mark listed queued tasks dropped
         (the main thread skips them) and return those, for the head to know now."""
-        current = self.current
-        if current is not None and current in task_ids:
-            self.cancelled.add(current)
+        running = set(self.stack)
+        if self.current is not None:
+            running.add(self.current)
+        hit = running.intersection(task_ids)
+        if hit:  # raised in the task's own code, or where it waits in get()
+            self.cancelled.update(hit)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
         # the others are queued here, or still unread on the head socket, or done
         # (the head then ignores the answer): none of them may start any more
-        dropped = [t for t in task_ids if t != current]
+        dropped = [t for t in task_ids if t not in running]
         self.dropped.update(dropped)
         return dropped
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
+        # only inside the task's own code: never in the worker's bookkeeping, and
+        # not in a nested task run while the cancelled one waits (wait_for raises)
         current = self.current
-        if current is not None and current in self.cancelled:
+        if self.interruptible and current is not None and current in self.cancelled:
             raise TaskCancelledError(f"task {current} was cancelled while running")
 
     # -------------------------------------------------------------- loop
@@ -298,15 +305,18 @@ class Worker:
         self.nesting += 1
         lend = self.actor is None and self.nesting <= MAX_NESTING  # an actor's calls stay in order
         waiting = self.stack[-1] if self.stack else None
+        interruptible, self.interruptible = self.interruptible, False
         if lend:
             self._report(("blocked", True, waiting))
-        else:
+        elif self.actor is None:
             self._give_back_queue()
         self._flush()
         try:
             while not predicate():
                 if not self.running:
                     raise ClusterError("the worker is stopping")
+                if waiting is not None and waiting in self.cancelled:
+                    raise TaskCancelledError(f"task {waiting} was cancelled while it waited")
                 if self.queue and lend:
                     if self._step_nested():
                         continue
@@ -320,6 +330,7 @@ class Worker:
                     self._drain()
             return True
         finally:
+            self.interruptible = interruptible
             self.nesting -= 1
             if lend:
                 self._report(("blocked", False, waiting))
@@ -444,7 +455,13 @@ class Worker:
             sock = self.peers.get(source[1])
             if sock is None:
                 sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1])
-            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS)
+            try:
+                return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS)
+            except BaseException:
+                # its answer may still come: a later fetch must not read it as its own
+                self.peers.pop(source[1], None)
+                sock.close(0)
+                raise
         try:
             return self.store.get(object_id)
         except KeyError:
@@ -467,10 +484,12 @@ class Worker:
             if self.pool is None:
                 self.current = task_id
                 self.stack.append(task_id)
+                self.interruptible = True
             try:
                 result = node(values)
             finally:
                 if self.pool is None:
+                    self.interruptible = False
                     self.stack.pop()
             if self.pool is None:
                 self.current = outer

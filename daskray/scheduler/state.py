@@ -348,8 +348,7 @@ class SchedulerState:
                    "call was running or queued")
         failed: list[TaskState] = []
         if actor.restarts_left == 0:
-            actor.state = "dead"
-            actor.death = f"its process died ({reason}) and max_restarts is used up"
+            self._actor_dead(actor, f"its process died ({reason}) and max_restarts is used up")
             self._fail_calls(in_flight, message)
             self._fail_actor_calls(actor)
             creation = self.tasks.get(actor.creation)
@@ -361,7 +360,9 @@ class SchedulerState:
         retried = []
         for ts in in_flight:
             ts.worker = None
-            if ts.retries_left > 0 and not ts.cancel_requested:
+            if ts.id == actor.creation:  # died in the constructor: it runs again first
+                self._transition(ts, READY)
+            elif ts.retries_left > 0 and not ts.cancel_requested:
                 ts.retries_left -= 1
                 self._transition(ts, READY)
                 retried.append(ts.id)
@@ -385,8 +386,7 @@ class SchedulerState:
             actor.restarts_left -= 1
             self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency))
             return
-        actor.state = "dead"
-        actor.death = f"its process died before it started ({ev.reason})"
+        self._actor_dead(actor, f"its process died before it started ({ev.reason})")
         creation = self.tasks.get(actor.creation)
         if creation is not None and creation.state in (WAITING, READY):
             self._fail(creation, (None, "ActorDiedError", f"actor {actor.id}: {actor.death}"))
@@ -410,16 +410,24 @@ class SchedulerState:
         actor = self.actors.get(ev.actor)
         if actor is None or actor.state == "dead":
             return
-        actor.state = "dead"
-        actor.death = reason
-        actor.restarts_left = 0
-        if actor.name is not None:
-            self.actor_names.pop(actor.name, None)
+        self._actor_dead(actor, reason)
         self._out.append(StopActor(actor.id, actor.worker))
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (WAITING, READY):
+            self._fail(creation, (None, "ActorDiedError", f"actor {actor.id} is dead: {reason}"))
         self._fail_actor_calls(actor)
         creation = self.tasks.get(actor.creation)
         if creation is not None and creation.state in (MEMORY, ERRED):
             self._release_deps(creation)
+            self._release_if_unused(creation)
+
+    def _actor_dead(self, actor: ActorState, reason: str) -> None:
+        """The actor will never run again: it frees its name."""
+        actor.state = "dead"
+        actor.death = reason
+        actor.restarts_left = 0
+        if actor.name is not None and self.actor_names.get(actor.name, (None,))[0] == actor.id:
+            del self.actor_names[actor.name]
 
     def _lookup_actor(self, ev: LookupActor) -> None:
         found = self.actor_names.get(ev.name)
@@ -569,6 +577,13 @@ class SchedulerState:
             return
         if ev.create_actor is not None:
             opts = ev.create_actor
+            taken = self.actor_names.get(opts.get("name")) if opts.get("name") else None
+            if taken is not None:
+                call.cancel_requested = True
+                self._fail(call, (None, "DaskrayError", (
+                    f"an actor named {opts['name']!r} exists already; use "
+                    "daskray.get_actor(name), or get_if_exists=True")))
+                return
             actor = ActorState(
                 opts["id"], call.id, ev.resources, opts.get("max_restarts", 0),
                 opts.get("max_task_retries", 0), bool(opts.get("detached")),
@@ -1095,8 +1110,9 @@ class SchedulerState:
             if actor is not None and actor.creation == ts.id:
                 if actor.state != "dead" and not actor.detached:
                     self._kill_actor(KillActor(actor.id), "all its handles were dropped")
-                if actor.state == "dead":
-                    self.actors.pop(actor.id, None)
+                if actor.state != "dead":
+                    return  # a detached actor keeps its constructor, to re-run on restart
+                self.actors.pop(actor.id, None)
         for wid in ts.holders:
             ws = self.workers.get(wid)
             if ws is not None:
