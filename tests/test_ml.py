@@ -228,3 +228,47 @@ def test_training_survives_a_worker_killed_mid_run_and_gives_the_same_parameters
                               classes=ds.classes)
     for key in reference:
         assert np.array_equal(result.checkpoint.params[key], reference[key]), key
+
+
+class SeedStyleClassifier(daskray.ml.Model):
+    """A seed-style softmax model: parameters made in __init__, forward(X) only."""
+
+    task = "multiclass"
+
+    def __init__(self):
+        self.w = np.zeros((5, 3))
+        self.b = np.zeros(3)
+
+    def forward(self, X):
+        z = X @ self.w + self.b
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return z / z.sum(axis=1, keepdims=True)
+
+
+class BalancedAccuracy(daskray.ml.Evaluation):
+    def __call__(self, predictions, labels):
+        classes = np.unique(labels)
+        return float(np.mean([np.mean(predictions[labels == c] == c) for c in classes]))
+
+
+def test_the_seeds_shape_searches_by_seed_with_an_evaluator():
+    from daskray.ml import TuneConfig
+
+    X, y = _blobs(n=240, d=5, k=3, seed=9)
+    dataset = Dataset.from_numpy(X, y, num_shards=2, seed=0)
+    best = Trainer(config=TuneConfig(metric="score", mode="max", num_samples=3),
+                   model=SeedStyleClassifier, evaluator=BalancedAccuracy,
+                   train_config={"epochs": 3, "batch_size": 240, "lr": 0.5}).fit(dataset)
+    seeds = sorted(r.config["seed"] for r in best.grid)
+    assert len(set(seeds)) == 3  # without a search space, trials differ by seed
+    assert best.metrics["score"] > 0.8
+    assert best.metrics["score"] == max(r.metrics["score"] for r in best.grid)
+
+
+def test_an_evaluator_adds_its_metric_to_every_epoch():
+    X, y = _blobs(n=300, seed=4)
+    train, valid = Dataset.from_numpy(X, y, num_shards=3, seed=0).train_test_split(0.3, seed=0)
+    result = Trainer(model=models.SoftmaxRegression(), evaluator=BalancedAccuracy(),
+                     train_config={"epochs": 3, "lr": 0.5, "batch_size": 64}).fit(train, valid)
+    assert list(result.metrics_dataframe.columns).count("score") == 1
+    assert result.metrics_dataframe["score"].between(0, 1).all()

@@ -12,12 +12,13 @@ from . import models, optimizers, tune
 from .dataset import Dataset, Standardization
 from .models import Model
 from .trainer import (
-    Checkpoint, FailureConfig, Result, RunConfig, ScalingConfig, Trainer, reference_fit,
+    Checkpoint, Evaluation, FailureConfig, Result, RunConfig, ScalingConfig, Trainer,
+    reference_fit,
 )
 from .tune import ASHAScheduler, ResultGrid, TuneConfig
 
 __all__ = [
     "Dataset", "Standardization", "Model", "models", "optimizers", "Trainer", "Result",
-    "Checkpoint", "FailureConfig", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
+    "Checkpoint", "Evaluation", "FailureConfig", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
     "ASHAScheduler", "ResultGrid",
 ]

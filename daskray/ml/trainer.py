@@ -178,15 +178,47 @@ def update(params: dict, opt_state: dict, model: Model, optimizer: Any, l2: floa
     return optimizer.step(params, grads, opt_state)
 
 
-def evaluate_shard(params: dict, model: Model, classes: Any, shard: tuple) -> tuple:
-    """(loss sum, correct predictions, rows) of one shard."""
+def evaluate_shard(params: dict, model: Model, classes: Any, shard: tuple,
+                   with_predictions: bool = False) -> tuple:
+    """(loss sum, correct predictions, rows, predictions, labels) of one shard; the
+    last two only ``with_predictions`` (for an evaluator), else None."""
     X, y = shard
     target = _targets(model, y, classes)
     loss = float(model.loss(params, X, target))
-    correct = 0
-    if model.task != "regression":
-        correct = int(np.sum(model.predict(params, X) == target))
-    return loss, correct, len(y)
+    predicted = model.predict(params, X) if model.task != "regression" or with_predictions else None
+    correct = int(np.sum(predicted == target)) if model.task != "regression" else 0
+    if not with_predictions:
+        return loss, correct, len(y), None, None
+    if classes is not None and model.task != "regression":
+        return loss, correct, len(y), classes[predicted], y
+    return loss, correct, len(y), predicted, y
+
+
+class Evaluation:
+    """The seed's evaluator: called with predictions and labels (numpy arrays, in
+    the data's own label values), it returns a number (reported as ``score``) or a
+    dict of named numbers, added to each epoch's metrics."""
+
+    def __call__(self, predictions: np.ndarray, labels: np.ndarray) -> float | dict:
+        raise NotImplementedError(f"{type(self).__name__} must define __call__(predictions, labels)")
+
+
+def apply_evaluator(evaluator: Any, parts: list) -> dict:
+    """Run ``evaluator`` on the predictions of evaluated shards; metrics to add."""
+    if evaluator is None or not parts:
+        return {}
+    evaluate = evaluator() if isinstance(evaluator, type) else evaluator
+    value = evaluate(np.concatenate([p[3] for p in parts]), np.concatenate([p[4] for p in parts]))
+    return dict(value) if isinstance(value, dict) else {"score": float(value)}
+
+
+def summarize(parts: list, prefix: str, task: str) -> dict:
+    """``{prefix}_loss`` (mean) and, for classifiers, ``{prefix}_accuracy``."""
+    n = sum(p[2] for p in parts)
+    row = {f"{prefix}_loss": sum(p[0] for p in parts) / n}
+    if task != "regression":
+        row[f"{prefix}_accuracy"] = sum(p[1] for p in parts) / n
+    return row
 
 
 def _config(train_config: dict | None) -> dict:
@@ -236,7 +268,7 @@ class Trainer:
                  scaling_config: ScalingConfig | None = None, run_config: RunConfig | None = None,
                  resume_from_checkpoint: Checkpoint | None = None, config: Any = None,
                  param_space: dict | None = None,
-                 failure_config: FailureConfig | None = None) -> None:
+                 failure_config: FailureConfig | None = None, evaluator: Any = None) -> None:
         """With ``config`` (a ``TuneConfig``) it searches ``param_space`` instead:
         ``model`` may then be a class, built for each trial from its config."""
         if model is None:
@@ -252,6 +284,7 @@ class Trainer:
         self.run_config = run_config or RunConfig()
         self.resume = resume_from_checkpoint
         self.failure = failure_config or FailureConfig()
+        self.evaluator = evaluator
 
     def fit(self, train: Dataset, valid: Dataset | None = None) -> Result:
         """Train; the Result has per-epoch metrics and the final checkpoint.  With a
@@ -262,7 +295,7 @@ class Trainer:
             from .tune import run_search
 
             grid = run_search(self.model, self.config, self.param_space, self.tune_config,
-                              train, valid)
+                              train, valid, self.evaluator)
             best = grid.get_best_result()
             best.grid = grid
             return best
@@ -297,8 +330,10 @@ class Trainer:
                 ]
                 params_ref, state_ref = update_task.remote(
                     params_ref, state_ref, model_ref, optimizer, config["l2"], *partial)
-            evals = [eval_task.remote(params_ref, model_ref, classes, s) for s in train.shards]
-            valid_evals = ([eval_task.remote(params_ref, model_ref, classes, s)
+            judged = self.evaluator is not None
+            evals = [eval_task.remote(params_ref, model_ref, classes, s, judged and valid is None)
+                     for s in train.shards]
+            valid_evals = ([eval_task.remote(params_ref, model_ref, classes, s, judged)
                             for s in valid.shards] if valid is not None else [])
             pending.append((epoch, evals, valid_evals, params_ref, state_ref))
             final = (params_ref, state_ref)
@@ -333,15 +368,14 @@ class Trainer:
 
     def _metrics(self, epoch: int, evals: list, valid_evals: list) -> dict:
         row: dict = {"epoch": epoch}
+        judged: list = []
         for name, refs in (("train", evals), ("valid", valid_evals)):
-            if not refs:
-                continue
-            parts = api.get(refs)
-            n = sum(p[2] for p in parts)
-            row[f"{name}_loss"] = sum(p[0] for p in parts) / n
-            if self.model.task != "regression":
-                row[f"{name}_accuracy"] = sum(p[1] for p in parts) / n
+            if refs:
+                parts = api.get(refs)
+                row.update(summarize(parts, name, self.model.task))
+                judged = parts
         row["loss"] = row.get("valid_loss", row["train_loss"])
+        row.update(apply_evaluator(self.evaluator, judged))
         return row
 
     def _should_stop(self, row: dict) -> bool:

@@ -24,8 +24,8 @@ import numpy as np
 from .. import api
 from ..refs import ObjectRef
 from .trainer import (
-    Checkpoint, Result, _config, _n_outputs, _optimizer, evaluate_shard, shard_gradients,
-    steps_per_epoch, update,
+    Checkpoint, Result, _config, _n_outputs, _optimizer, apply_evaluator, evaluate_shard,
+    shard_gradients, steps_per_epoch, summarize, update,
 )
 
 # ---------------------------------------------------------------------- spaces
@@ -219,7 +219,7 @@ def build_model(model: Any, config: dict) -> Any:
 
 
 def train_segment(model_spec: Any, config: dict, classes: Any, train: list, valid: list,
-                  state: tuple | None, stop_epoch: int) -> tuple:
+                  state: tuple | None, stop_epoch: int, evaluator: Any = None) -> tuple:
     """Train one trial in this process up to ``stop_epoch``; (state, metrics rows)."""
     if train and isinstance(train[0], ObjectRef):  # shards arrive as refs: read them
         train = api.get(list(train))
@@ -243,14 +243,15 @@ def train_segment(model_spec: Any, config: dict, classes: Any, train: list, vali
                                        train_config["l2"], grads)
         epoch += 1
         row = {"epoch": epoch - 1, "training_iteration": epoch}
+        judged: list = []
         for name, shards in (("train", train), ("valid", valid)):
             if shards:
-                parts = [evaluate_shard(params, model, classes, s) for s in shards]
-                n = sum(p[2] for p in parts)
-                row[f"{name}_loss"] = sum(p[0] for p in parts) / n
-                if model.task != "regression":
-                    row[f"{name}_accuracy"] = sum(p[1] for p in parts) / n
+                last = name == "valid" or not valid
+                judged = [evaluate_shard(params, model, classes, s, evaluator is not None and last)
+                          for s in shards]
+                row.update(summarize(judged, name, model.task))
         row["loss"] = row.get("valid_loss", row["train_loss"])
+        row.update(apply_evaluator(evaluator, judged))
         rows.append(row)
         if not np.isfinite(row["loss"]):
             break
@@ -262,10 +263,12 @@ _TRAIN_KEYS = {"optimizer", "lr", "batch_size", "epochs", "l2", "seed", "momentu
 
 
 def run_search(model: Any, base_config: dict, space: dict, tune_config: TuneConfig,
-               train: Any, valid: Any) -> ResultGrid:
-    """Run every trial of the search on the cluster; see the module docstring."""
-    configs = [{**base_config, **c} for c in generate_configs(
-        space, tune_config.num_samples, tune_config.seed)]
+               train: Any, valid: Any, evaluator: Any = None) -> ResultGrid:
+    """Run every trial of the search on the cluster; see the module docstring.
+    Trials differ by seed too, unless the space sets one."""
+    configs = [{**base_config, "seed": base_config.get("seed", 0) * 100_003 + i, **c}
+               for i, c in enumerate(generate_configs(space, tune_config.num_samples,
+                                                      tune_config.seed))]
     scheduler = tune_config.scheduler or FIFOScheduler()
     if isinstance(scheduler, FIFOScheduler) and scheduler.max_t is None:
         scheduler.max_t = int(base_config.get("epochs", 10))
@@ -284,7 +287,7 @@ def run_search(model: Any, base_config: dict, space: dict, tune_config: TuneConf
         stop = min(scheduler.next_stop(done), int(configs[i].get("epochs", 10))) \
             if isinstance(scheduler, ASHAScheduler) else scheduler.next_stop(done)
         ref = task.options(num_returns=2).remote(model, configs[i], classes, train_refs,
-                                                 valid_refs, states.get(i), stop)
+                                                 valid_refs, states.get(i), stop, evaluator)
         running[ref[0]] = (i, ref[1])
 
     while waiting or running:
