@@ -356,7 +356,7 @@ def test_shutdown_leaves_nothing_behind(no_cluster):
 @pytest.mark.timeout(60)
 def test_interpreter_exit_without_shutdown_leaves_nothing(no_cluster):
     before = Snapshot()
-    proc = run_script("cluster_then_exit.py", str(NUM_WORKERS))
+    proc = run_script("cluster_driver.py", str(NUM_WORKERS), "exit")
     out, err = proc.communicate(timeout=45)
     assert proc.returncode == 0, err
     info = json.loads(out.strip().splitlines()[-1])
@@ -371,7 +371,7 @@ def test_interpreter_exit_without_shutdown_leaves_nothing(no_cluster):
 @pytest.mark.timeout(60)
 def test_sigkilled_driver_head_and_workers_exit_on_their_own(no_cluster):
     before = Snapshot()
-    proc = run_script("cluster_then_sleep.py", str(NUM_WORKERS))
+    proc = run_script("cluster_driver.py", str(NUM_WORKERS), "sleep")
     try:
         info = read_info(proc)
         cluster_procs = [psutil.Process(pid) for pid in [info["head"], *info["workers"]]]
@@ -397,7 +397,7 @@ def test_sigkilled_driver_head_and_workers_exit_on_their_own(no_cluster):
 
 @pytest.mark.timeout(60)
 def test_next_init_sweeps_session_left_by_a_sigkilled_cluster(no_cluster):
-    proc = run_script("cluster_then_sleep.py", "1")
+    proc = run_script("cluster_driver.py", "1", "sleep")
     try:
         info = read_info(proc)
         # kill everything at once, head first, so nobody gets to clean up

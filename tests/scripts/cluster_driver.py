@@ -1,8 +1,10 @@
-"""Start daskray, compute, report the cluster's processes, then sleep until killed.
+"""Start daskray, compute, report the cluster's processes, then exit or sleep.
 
-Used by tests/test_processes.py, which SIGKILLs this driver (and, in one test, its
-head and workers too) and checks what is left behind.
+    python cluster_driver.py NUM_WORKERS exit    # exit WITHOUT shutdown(): the atexit
+                                                 # hook alone must stop everything
+    python cluster_driver.py NUM_WORKERS sleep   # sleep until the test SIGKILLs it
 
+Used by tests/test_processes.py, which then checks what is left behind.
 Prints one JSON line: {"driver", "head", "workers", "session_dir", "result"}.
 """
 
@@ -33,7 +35,9 @@ def main() -> None:
         "result": result,
     }
     print(json.dumps(info), flush=True)
-    time.sleep(600)
+    if len(sys.argv) > 2 and sys.argv[2] == "sleep":
+        time.sleep(600)
+    # else no daskray.shutdown(): interpreter exit must clean up
 
 
 main()
