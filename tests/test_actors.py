@@ -28,6 +28,7 @@ import psutil
 import pytest
 
 import daskray
+from helpers import wait_until
 import daskray.api
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -60,13 +61,6 @@ def no_actor_outlives_this_module(cluster):
         wait_until(lambda: not extra(), 5)
 
 
-def wait_until(predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def gone(pid):

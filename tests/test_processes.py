@@ -39,6 +39,7 @@ import zmq
 from dask._task_spec import Task, TaskRef
 
 import daskray
+from helpers import wait_until
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime.cluster import OWNER_FILE, SESSION_PREFIX, sweep_stale_sessions
@@ -195,14 +196,6 @@ class Snapshot:
         assert not any(left.values()), f"left behind: {left}"
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def head_process(cluster) -> psutil.Process:

@@ -33,6 +33,7 @@ import psutil
 import pytest
 
 import daskray
+from helpers import wait_until
 import daskray.api
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -205,13 +206,6 @@ def plain_add(x, y):
 # =========================================================================== helpers
 
 
-def wait_until(predicate, timeout, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 def wait_for_file(path: Path, timeout: float) -> str:

@@ -44,6 +44,7 @@ import psutil
 import pytest
 
 import daskray
+from helpers import wait_until
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime.client import Client
@@ -61,14 +62,6 @@ pytestmark = pytest.mark.skipif(
 # =========================================================================== helpers
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if predicate():
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
 
 
 def current_cluster():
