@@ -206,19 +206,9 @@ def measure(name: str, rt: Any, window: float) -> None:
     big = np.ones(BIG_BYTES // 8)
     figure("put_100MB_GB_per_s", lambda: rate(lambda: rt.put(big)), BIG_BYTES / 1e9)
 
-    def get_big() -> float | tuple[float, str]:
+    def get_big() -> float:
         ref = rt.put(big)
-        try:
-            rt.get(ref)
-        except Exception as exc:
-            # seen on daskray: a get right after a large put can fail (a race);
-            # this figure is about an object already in the store, so say so and retry
-            traceback.print_exc()
-            time.sleep(0.5)
-            rt.get(ref)
-            return rate(lambda: rt.get(ref)), (
-                f"WARNING: the first get right after put raised {short_error(exc)}; "
-                "measured after a retry 0.5 s later")
+        rt.get(ref)  # the figure is about an object already in the store
         return rate(lambda: rt.get(ref))
     figure("get_100MB_GB_per_s", get_big, BIG_BYTES / 1e9)
 

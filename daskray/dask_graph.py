@@ -70,10 +70,6 @@ class GraphSpec:
     #: nodes that are ObjectRefs (objects already in the cluster): {node: ref key}
     external: dict[int, tuple] = field(default_factory=dict)
 
-    @property
-    def num_tasks(self) -> int:
-        return sum(1 for b in self.task_blobs if b is not None)
-
 
 def materialize(dsk: Any) -> Mapping:
     """The ``{key: node or legacy task}`` mapping behind any graph dask hands us."""

@@ -171,7 +171,7 @@ def _receive(client: Client, spec: GraphSpec, inbox: queue.SimpleQueue, outstand
             if tracker:
                 tracker.finished(msg.node, msg.worker, msg.inline)
         elif t is P.Error:
-            return _error_of(msg, spec)
+            return error_of(msg)
         elif isinstance(msg, Exception):
             return msg
     return None
@@ -188,10 +188,6 @@ def _quietly(fn: Any, *args: Any) -> None:
         fn(*args)
     except errors.ClusterError:
         pass
-
-
-def _error_of(msg: P.Error, spec: GraphSpec) -> BaseException:
-    return error_of(msg)
 
 
 class _CallbackTracker:

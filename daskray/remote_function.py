@@ -17,7 +17,7 @@ import numbers
 from typing import Any, Callable
 
 from .refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
-from .runtime.serialization import GraphEncoder, describe
+from .runtime.serialization import GraphEncoder
 
 #: option -> check, for functions (actors add their own in actors/)
 TASK_OPTIONS = {

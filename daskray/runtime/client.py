@@ -251,8 +251,3 @@ class Client:
             q.put(error)
         with self._results_changed:
             self._results_changed.notify_all()
-
-
-def call_all(funcs: list[Callable], *args: Any) -> None:
-    for f in funcs:
-        f(*args)

@@ -99,6 +99,3 @@ class ObjectStore:
             found = self._exported.pop(object_id, None)
         if found is not None:
             shared_memory.unlink(found[1])
-
-    def clear(self) -> None:
-        self._objects.clear()

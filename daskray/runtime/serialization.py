@@ -31,6 +31,7 @@ import cloudpickle
 import cloudpickle.cloudpickle as _cloudpickle_impl
 
 from ..errors import RemoteTraceback, SerializationError, TaskError
+from . import shared_memory
 
 PROTOCOL = 5
 _PICKLE_FAILURES = (pickle.PicklingError, TypeError, AttributeError, ValueError)
@@ -98,14 +99,9 @@ def dumps(obj: Any) -> bytes:
 def loads(data: bytes | memoryview, buffers: Sequence[Any] = ()) -> Any:
     """Inverse of :func:`dumps` and :func:`dumps_frames`; a shared-memory
     descriptor gives the object it names, read in place."""
-    if type(data) is bytes and data[:6] == _SHM_MARKER:
-        from . import shared_memory
-
+    if shared_memory.is_descriptor(data):
         return shared_memory.read(data)
     return pickle.loads(data, buffers=buffers)
-
-
-_SHM_MARKER = b"DRSHM\x00"
 
 
 def dumps_frames(obj: Any) -> list[Any]:

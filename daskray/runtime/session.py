@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 from .. import errors
-from ..refs import ObjectRef, RefKey, dask_key_of, tracker
+from ..refs import ObjectRef, RefKey, dask_key_of
 from ..remote_function import build_call
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
@@ -192,8 +192,3 @@ class Session:
         if result.inline is not None:
             return loads(result.inline)
         return self.conn.fetch(result.holder, result.object_id)
-
-
-def attach_tracker(session: Session) -> None:
-    """Make this process's ref counting forget results when refs are dropped."""
-    tracker.on_drop = session.forget

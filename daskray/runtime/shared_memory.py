@@ -97,10 +97,6 @@ def read(descriptor: bytes) -> Any:
     return pickle.loads(header, buffers=[view[o:o + n] for o, n in offsets])
 
 
-def path_of(descriptor: bytes) -> str:
-    return pickle.loads(descriptor[len(MARKER):])[0]
-
-
 def unlink(path: str) -> None:
     try:
         os.unlink(path)

@@ -373,11 +373,6 @@ class Worker:
         self.store.put_frames(key, [memoryview(f) for f in frames])
         return self.id
 
-    def store_many(self, objects: dict) -> dict:
-        for key, frames in objects.items():
-            self.store_large(key, frames)
-        return {key: self.id for key in objects}
-
     def _require_main_thread(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise ClusterError(

@@ -1,7 +1,6 @@
-"""The I/O-free scheduler core: events in, instructions out (see ``state``)."""
+"""The I/O-free scheduler core: events in (``events``), instructions out
+(``instructions``), one state machine (``state``), its policy (``policy``)."""
 
-from .events import *  # noqa: F401,F403
-from .instructions import *  # noqa: F401,F403
 from .state import InvalidTransition, SchedulerState
 
 __all__ = ["SchedulerState", "InvalidTransition"]

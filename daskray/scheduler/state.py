@@ -1153,14 +1153,3 @@ class SchedulerState:
             for tid in ws.holds:
                 ts = self.tasks.get(tid)
                 assert ts is not None and ws.id in ts.holders, (ws.id, tid)
-
-    # ------------------------------------------------------------------ introspection
-
-    def summary(self) -> dict[str, int]:
-        """Counts for ``daskray status`` and tests."""
-        counts: dict[str, int] = {}
-        for ts in self.tasks.values():
-            counts[ts.state] = counts.get(ts.state, 0) + 1
-        counts["graphs"] = len(self.graphs)
-        counts["workers"] = len(self.workers)
-        return counts
