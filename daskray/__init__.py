@@ -18,8 +18,8 @@ from typing import Any
 
 from .errors import (
     ActorDiedError, ActorError, ClusterError, DaskrayError, GetTimeoutError, GraphError,
-    ObjectLostError, RemoteTraceback, SerializationError, TaskCancelledError, TaskError,
-    WorkerCrashedError,
+    ObjectLostError, ObjectStoreFullError, RemoteTraceback, SerializationError,
+    TaskCancelledError, TaskError, WorkerCrashedError,
 )
 
 __version__ = "0.1.0"
@@ -28,7 +28,7 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(
         ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
-         "kill", "get_actor"], "api"),
+         "kill", "get_actor", "object_store_stats"], "api"),
     "ObjectRef": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors",
     "ActorPool": "actors.pool",
@@ -38,7 +38,7 @@ __all__ = [
     *_LAZY,
     "DaskrayError", "ClusterError", "GraphError", "SerializationError", "TaskError",
     "RemoteTraceback", "WorkerCrashedError", "ObjectLostError", "TaskCancelledError",
-    "GetTimeoutError", "ActorDiedError", "ActorError",
+    "GetTimeoutError", "ActorDiedError", "ActorError", "ObjectStoreFullError",
 ]
 
 

@@ -16,6 +16,7 @@ from typing import Any
 import dask
 import dask.base
 import dask.local
+import dask.utils
 
 from . import dask_scheduler
 from .errors import ClusterError
@@ -83,6 +84,7 @@ def init(
     resources: dict | list | None = None,
     num_cpus: int | None = None,
     address: str | None = None,
+    object_store_memory: int | str | None = None,
     _validate: bool = False,
     **ray_options: Any,
 ) -> None:
@@ -98,6 +100,12 @@ def init(
     ``resources`` declares custom resources for tasks to ask for with
     ``.options(resources=...)``: a dict gives every worker the same, a list of
     dicts gives worker *i* the *i*-th.
+
+    ``object_store_memory`` caps the bytes large objects take in shared memory on
+    this machine (bytes, or a string such as ``"4 GiB"``; else dask's config
+    ``daskray.object-store-memory``; else 30% of the machine's memory).  Past it,
+    the least recently used objects no live value refers to spill to disk and are
+    read back from there transparently; :func:`object_store_stats` tells the use.
 
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
     options about its dashboard, logging and namespaces are accepted and have no
@@ -132,9 +140,39 @@ def init(
         if resources is not None and (
                 len(resources) != n or not all(isinstance(r, dict) for r in resources)):
             raise ValueError("resources must be a dict, or a list of one dict per worker")
+        store_limit = _store_limit(object_store_memory)
         if not local_mode:
-            cluster = LocalCluster(n, validate=_validate, resources=resources)
+            cluster = LocalCluster(n, validate=_validate, resources=resources,
+                                   store_limit=store_limit)
         _runtime = _Runtime(cluster, set_dask_scheduler)
+
+
+def _store_limit(value: int | str | None) -> int | None:
+    """The object store's limit in bytes from init's argument or dask's config;
+    None for the default."""
+    if value is None:
+        value = dask.config.get("daskray.object-store-memory", None)
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = dask.utils.parse_bytes(value)
+        except ValueError as exc:
+            raise ValueError(f"object_store_memory: {exc}; give bytes, or e.g. '4 GiB'") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(
+            f"object_store_memory must be a positive number of bytes, got {value!r}")
+    return value
+
+
+def object_store_stats() -> dict:
+    """The shared-memory object store of this machine's cluster session:
+    ``limit``, ``used`` and ``objects`` in memory, ``spilled`` and
+    ``spilled_objects`` on disk (bytes and counts), and ``spill_dir``."""
+    runtime = _current()
+    if runtime.cluster is None:
+        raise ClusterError("local_mode has no object store: values stay in this process")
+    return runtime.cluster.store.stats()
 
 
 def is_initialized() -> bool:

@@ -94,3 +94,8 @@ class ActorDiedError(DaskrayError):
 
 class ActorError(DaskrayError):
     """The actor could not be used: its constructor raised (traceback attached)."""
+
+
+class ObjectStoreFullError(DaskrayError, MemoryError):
+    """A new object does not fit in the object store's memory limit, and the objects
+    that could make room are pinned by live views (values still referenced)."""

@@ -5,8 +5,8 @@ and every process on the host -- tasks on the workers, the driver -- maps it rea
 and reads it in place.  These tests check, with the processes' own accounting
 (``/proc/<pid>/status``, psutil's USS) and the files in ``/dev/shm``:
 
-* one copy per host: a large ``put`` read by 4 tasks on 2 workers is one file, and
-  no process makes a private copy; reads are bit-exact;
+* one copy per host: a 1 GiB ``put`` read by 4 tasks on 2 workers is one file, the
+  store counts it once, and no process makes a private copy; reads are bit-exact;
 * zero-copy reads in the driver: read-only arrays backed by the mapping, and a
   100 MB object is read about as fast as a 1 KB one;
 * a worker's large result is exported once, however often the driver reads it;
@@ -194,9 +194,9 @@ def no_cluster(cluster):
 # =========================================================================== one copy
 
 
-@pytest.mark.timeout(90)
+@pytest.mark.timeout(240)
 def test_put_read_by_four_tasks_on_two_workers_is_one_bit_exact_copy(cluster):
-    size = 256 * MB
+    size = 1024 * MB
     big = random_array(size, seed=1)
     expected = digest(big)
     workers = worker_pids()
@@ -207,8 +207,14 @@ def test_put_read_by_four_tasks_on_two_workers_is_one_bit_exact_copy(cluster):
     before_files = session_files()
     baseline = {pid: memory(pid) for pid in workers}
 
+    stats_before = daskray.object_store_stats()
     ref = daskray.put(big)
     new = session_files() - before_files
+    stats = daskray.object_store_stats()
+    # the store counts it once, in memory
+    assert stats["objects"] == stats_before["objects"] + 1
+    assert size <= stats["used"] - stats_before["used"] < size + 64 * 1024
+    assert stats["spilled_objects"] == stats_before["spilled_objects"]
     assert len(new) == 1, f"a put should write exactly one file, wrote {sorted(new)}"
     (path,) = new
     assert size <= os.path.getsize(path) < size + 64 * 1024
@@ -230,6 +236,7 @@ def test_put_read_by_four_tasks_on_two_workers_is_one_bit_exact_copy(cluster):
 
     # one copy: no other file appeared, none was written by a worker
     assert session_files() - before_files == {path}
+    assert daskray.object_store_stats()["used"] == stats["used"]
 
     for r in reports:
         base = baseline[r["pid"]]

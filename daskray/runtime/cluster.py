@@ -18,8 +18,9 @@ import time
 
 from ..errors import ClusterError
 from . import protocol as P
-from . import shared_memory
+from . import shared_memory, store_memory
 from .client import Client
+from .store_memory import HostStore
 from .process import alive, describe_exit, spawn
 from .transport import ipc_address
 
@@ -57,7 +58,7 @@ class LocalCluster:
     """Head and workers on this machine, bound to a private ipc directory."""
 
     def __init__(self, num_workers: int, validate: bool = False,
-                 resources: list | None = None) -> None:
+                 resources: list | None = None, store_limit: int | None = None) -> None:
         sweep_stale_sessions()
         self.num_workers = num_workers
         self.session_dir = tempfile.mkdtemp(prefix=SESSION_PREFIX)
@@ -65,12 +66,16 @@ class LocalCluster:
             f.write(str(os.getpid()))
         self.token = secrets.token_bytes(32)
         self.shm_prefix = shared_memory.session_prefix(os.getpid(), self.session_dir)
+        self.store = HostStore(self.shm_prefix, self.session_dir,
+                               store_limit or store_memory.default_limit())
+        shared_memory.configure(self.store)
         self.head_address = ipc_address(self.session_dir, "head.sock")
         self.head = spawn("daskray.runtime.start_head", {
             "token": self.token.hex(),
             "session_dir": self.session_dir,
             "head_address": self.head_address,
             "shm_prefix": self.shm_prefix,
+            "store_limit": self.store.limit,
             "num_workers": num_workers,
             "validate": validate,
             "resources": resources,
@@ -103,4 +108,7 @@ class LocalCluster:
                 self.head.wait()
         self.client.close()
         shared_memory.remove_session(self.shm_prefix)
+        if shared_memory.store() is self.store:
+            shared_memory.configure(None)
+        self.store.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)

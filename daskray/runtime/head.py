@@ -28,6 +28,7 @@ from ..scheduler import instructions as I
 from ..scheduler.state import SchedulerState
 from . import protocol as P
 from . import shared_memory, transport
+from .store_memory import HostStore
 from .process import child_setup, describe_exit, pidfd, spawn
 
 STOP_GRACE_SECONDS = 2.0
@@ -44,6 +45,8 @@ class Head:
         self.ctx = zmq.Context()
         self.address = config["head_address"]
         self.shm_prefix: str = config["shm_prefix"]
+        self.store_limit: int = config["store_limit"]
+        shared_memory.configure(HostStore(self.shm_prefix, self.session_dir, self.store_limit))
         self.sock = transport.router(self.ctx, self.address)
         self.state = SchedulerState(validate=config.get("validate", False))
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
@@ -109,6 +112,7 @@ class Head:
             "session_dir": self.session_dir,
             "head_address": self.address,
             "shm_prefix": self.shm_prefix,
+            "store_limit": self.store_limit,
         })
         self.procs[wid] = proc
         fd = pidfd(proc.pid)

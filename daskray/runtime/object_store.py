@@ -63,8 +63,12 @@ class ObjectStore:
         self._objects[object_id] = _Pickled(frames)
 
     def get(self, object_id: int) -> Any:
-        """The value; ``KeyError`` if this store does not hold it."""
+        """The value; ``KeyError`` if this store does not hold it.  An object in
+        shared memory is mapped anew at every read, not kept: a kept mapping would
+        pin it in memory for as long as this process holds it."""
         value = self._objects[object_id]
+        if type(value) is _Pickled and shared_memory.is_descriptor(value.data):
+            return value.load()
         if type(value) is _Pickled:
             with self._lock:
                 value = self._objects[object_id]

@@ -127,17 +127,20 @@ class Session:
         frames = dumps_frames(value)
         nbytes = frames_nbytes(frames)
         name = f"put-{number}"
-        ref = ObjectRef(key, owned=True)
+        # the ref exists before the message goes (its result may come back at once),
+        # and only once nothing can fail any more
         if nbytes <= INLINE_THRESHOLD:
             inline = frames[0] if len(frames) == 1 else dumps(value)
-            self.conn.send(P.PutObject(number, name, inline, None, nbytes, None, None))
+            msg = P.PutObject(number, name, inline, None, nbytes, None, None)
         elif self.conn.shm_prefix is not None:  # one copy, read in place by everyone
             descriptor, path = shared_memory.write(frames, self.conn.shm_prefix, "put")
-            self.conn.send(P.PutObject(number, name, descriptor, None, nbytes, None, path))
+            msg = P.PutObject(number, name, descriptor, None, nbytes, None, path)
         else:
             store_key = dask_key_of(key)
             holder = self.conn.store_large(store_key, frames)
-            self.conn.send(P.PutObject(number, name, None, holder, nbytes, store_key, None))
+            msg = P.PutObject(number, name, None, holder, nbytes, store_key, None)
+        ref = ObjectRef(key, owned=True)
+        self.conn.send(msg)
         return ref
 
     def cancel(self, refs: Sequence[ObjectRef]) -> None:

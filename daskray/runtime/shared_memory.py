@@ -15,6 +15,11 @@ carries the session's prefix, so shutdown (or, after a crash, the next
 ``daskray.init``) removes whatever is left.
 
 Names: ``/dev/shm/daskray-<driver pid>-<session>-<writer>-<n>``.
+
+Memory: with a :class:`~daskray.runtime.store_memory.HostStore` configured (every
+process of a cluster session has one), writing makes room under the store's
+limit by spilling least recently used objects to disk, and reading finds an
+object wherever it is; see :mod:`store_memory`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ import os
 import pickle
 from typing import Any
 
+from .store_memory import HostStore
+
 SHM_DIR = "/dev/shm"
 #: descriptors start with this, so ``loads`` can tell them from a pickle
 MARKER = b"DRSHM\x00"
@@ -34,6 +41,18 @@ _ALIGN = 64
 #: in-band -- bytes, lists, object columns -- is all header)
 HEADER_INLINE_LIMIT = 4096
 _counter = itertools.count()
+#: this process's view of its session's store; None outside a cluster session
+_store: HostStore | None = None
+
+
+def configure(store: HostStore | None) -> None:
+    """Set (or, with None, clear) the store this process's writes and reads go through."""
+    global _store
+    _store = store
+
+
+def store() -> HostStore | None:
+    return _store
 
 
 def available() -> bool:
@@ -63,7 +82,10 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
         offsets.append((size, buf.nbytes))
         size += -(-buf.nbytes // _ALIGN) * _ALIGN
     path = f"{prefix}{writer}-{os.getpid()}-{next(_counter)}"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    if _store is not None:
+        fd = _store.create(path, size)  # the path names it even once it is spilled
+    else:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, max(size, 1))
         with mmap.mmap(fd, max(size, 1)) as mapped:
@@ -86,7 +108,9 @@ def read(descriptor: bytes) -> Any:
         return pickle.loads(header)
     if header is None:  # the header is the file's last piece
         *offsets, (start, length) = offsets
-    fd = os.open(path, os.O_RDONLY)
+    # the mapping keeps a duplicate of ``fd``, and with it the reader's pin, until
+    # the last view into it dies
+    fd = os.open(path, os.O_RDONLY) if _store is None else _store.open_for_reading(path)
     try:
         mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
     finally:
@@ -98,6 +122,9 @@ def read(descriptor: bytes) -> Any:
 
 
 def unlink(path: str) -> None:
+    if _store is not None:
+        _store.unlink(path)
+        return
     try:
         os.unlink(path)
     except (FileNotFoundError, PermissionError):  # gone, or another user's
@@ -109,7 +136,7 @@ def remove_session(prefix: str) -> int:
     paths = glob.glob(glob.escape(prefix) + "*")
     for path in paths:
         unlink(path)
-    return len(paths)
+    return len(paths) + (_store.remove(prefix) if _store is not None else 0)
 
 
 def sweep_dead_sessions(alive: Any) -> int:

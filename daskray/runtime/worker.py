@@ -30,11 +30,14 @@ from typing import Any
 
 import zmq
 
-from ..errors import ClusterError, ObjectLostError, SerializationError, TaskCancelledError
+from ..errors import (
+    ClusterError, ObjectLostError, ObjectStoreFullError, SerializationError, TaskCancelledError,
+)
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import context, shared_memory, transport
+from .store_memory import HostStore
 from .object_store import ObjectStore
 from .process import child_setup, pidfd
 from .serialization import (
@@ -109,9 +112,13 @@ class DataServer(threading.Thread):
                 share = len(frames) > 4 and frames[4].bytes == P.SHARED
                 try:
                     if self.shm_prefix is not None and (share or self.store.exported(object_id)):
-                        descriptor = self.store.export(object_id, self.shm_prefix)
-                        self.sock.send_multipart([ident, P.SHARED, descriptor])
-                        return
+                        try:
+                            descriptor = self.store.export(object_id, self.shm_prefix)
+                        except ObjectStoreFullError:
+                            descriptor = None  # no room: the asker gets a copy of its own
+                        if descriptor is not None:
+                            self.sock.send_multipart([ident, P.SHARED, descriptor])
+                            return
                     out = self.store.frames(object_id)
                 except KeyError:
                     self.sock.send_multipart([ident, P.MISSING])
@@ -146,6 +153,8 @@ class Worker:
         if config.get("shm_prefix") and shared_memory.available():
             self.server.shm_prefix = config["shm_prefix"]
             self.shm_prefix = config["shm_prefix"]
+            shared_memory.configure(HostStore(
+                self.shm_prefix, config["session_dir"], config["store_limit"]))
         else:
             self.shm_prefix = None
         self.resources: dict = config.get("resources") or {}
