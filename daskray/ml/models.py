@@ -55,6 +55,10 @@ Built-ins: :class:`LinearRegression`, :class:`LogisticRegression` and
 :class:`SoftmaxRegression` (parameters ``w`` ``(n_features, n_outputs)`` and
 ``b`` ``(n_outputs,)``), and :class:`MLP` with hand-written backprop
 (``w0, b0, ..., w{L-1}, b{L-1}``).  ``weight_keys()`` lists the ``w``'s.
+
+``TorchModel`` (a ``torch.nn.Module`` behind this protocol, in
+:mod:`daskray.ml.torch_model`) is also reachable here; it is imported on first
+use, so importing this module never imports torch.
 """
 
 from __future__ import annotations
@@ -62,6 +66,7 @@ from __future__ import annotations
 import warnings
 import weakref
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,6 +86,15 @@ _PROB_CLIP = 1e-12
 
 #: model classes that have already warned about finite-difference gradients
 _WARNED_CLASSES: "weakref.WeakSet[type]" = weakref.WeakSet()
+
+
+def __getattr__(name: str) -> Any:
+    """``TorchModel`` on first use: torch is imported only when it is asked for."""
+    if name == "TorchModel":
+        from .torch_model import TorchModel
+
+        return TorchModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ---------------------------------------------------------------------------
