@@ -17,8 +17,19 @@ from .trainer import (
 )
 from .tune import ASHAScheduler, ResultGrid, TuneConfig
 
+
+
+def __getattr__(name: str):
+    """``TorchModel`` loads on first use: importing daskray.ml does not import torch."""
+    if name == "TorchModel":
+        from .torch_model import TorchModel
+
+        return TorchModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "Dataset", "Standardization", "Model", "models", "optimizers", "Trainer", "Result",
     "Checkpoint", "Evaluation", "FailureConfig", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
-    "ASHAScheduler", "ResultGrid",
+    "ASHAScheduler", "ResultGrid", "TorchModel",
 ]

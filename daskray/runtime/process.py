@@ -21,11 +21,16 @@ import sys
 from typing import Any
 
 CONFIG_ENV = "DASKRAY_CONFIG"
+#: one thread per numeric library in each process: the cluster already runs one
+#: worker per core (dask.distributed's nanny does the same); a user's own setting wins
+ONE_THREAD_ENV = {name: "1" for name in (
+    "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS")}
 
 
 def spawn(module: str, config: dict[str, Any]) -> subprocess.Popen:
     """Start ``python -m module`` with ``config`` and this process's ``sys.path``."""
-    env = dict(os.environ)
+    env = {**ONE_THREAD_ENV, **os.environ}
     config = dict(config, sys_path=[p for p in sys.path if p], parent_pid=os.getpid())
     env[CONFIG_ENV] = json.dumps(config)
     return subprocess.Popen(
