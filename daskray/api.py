@@ -86,6 +86,7 @@ def init(
     address: str | None = None,
     object_store_memory: int | str | None = None,
     _validate: bool = False,
+    _store_namespaces: int = 1,
     **ray_options: Any,
 ) -> None:
     """Start daskray on this machine: a head process and ``num_workers`` workers.
@@ -143,7 +144,7 @@ def init(
         store_limit = _store_limit(object_store_memory)
         if not local_mode:
             cluster = LocalCluster(n, validate=_validate, resources=resources,
-                                   store_limit=store_limit)
+                                   store_limit=store_limit, store_namespaces=_store_namespaces)
         _runtime = _Runtime(cluster, set_dask_scheduler)
 
 

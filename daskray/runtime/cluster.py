@@ -15,11 +15,13 @@ import secrets
 import shutil
 import tempfile
 import time
+from functools import partial
 
 from ..errors import ClusterError
 from . import protocol as P
-from . import shared_memory, store_memory
+from . import host_transfer, shared_memory, store_memory
 from .client import Client
+from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
 from .process import alive, describe_exit, spawn
 from .transport import ipc_address
@@ -58,7 +60,8 @@ class LocalCluster:
     """Head and workers on this machine, bound to a private ipc directory."""
 
     def __init__(self, num_workers: int, validate: bool = False,
-                 resources: list | None = None, store_limit: int | None = None) -> None:
+                 resources: list | None = None, store_limit: int | None = None,
+                 store_namespaces: int = 1) -> None:
         sweep_stale_sessions()
         self.num_workers = num_workers
         self.session_dir = tempfile.mkdtemp(prefix=SESSION_PREFIX)
@@ -66,9 +69,11 @@ class LocalCluster:
             f.write(str(os.getpid()))
         self.token = secrets.token_bytes(32)
         self.shm_prefix = shared_memory.session_prefix(os.getpid(), self.session_dir)
-        self.store = HostStore(self.shm_prefix, self.session_dir,
+        # several store namespaces stand in for several hosts (see host_transfer)
+        own_prefix = self.shm_prefix if store_namespaces == 1 else \
+            store_memory.namespace_prefix(self.shm_prefix, 0)
+        self.store = HostStore(own_prefix, self.session_dir,
                                store_limit or store_memory.default_limit())
-        shared_memory.configure(self.store)
         self.head_address = ipc_address(self.session_dir, "head.sock")
         self.head = spawn("daskray.runtime.start_head", {
             "token": self.token.hex(),
@@ -76,12 +81,21 @@ class LocalCluster:
             "head_address": self.head_address,
             "shm_prefix": self.shm_prefix,
             "store_limit": self.store.limit,
+            "store_namespaces": store_namespaces,
             "num_workers": num_workers,
             "validate": validate,
             "resources": resources,
         })
         self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
-        self.client.shm_prefix = self.shm_prefix if shared_memory.available() else None
+        self.client.shm_prefix = own_prefix if shared_memory.available() else None
+        self.object_server = None
+        if store_namespaces > 1:
+            self.object_server = SharedObjectServer(
+                self.client.ctx, ipc_address(self.session_dir, "driver-objects.sock"), self.token)
+            self.object_server.start()
+        shared_memory.configure(
+            self.store, server=self.object_server and self.object_server.address,
+            fetch_foreign=partial(host_transfer.fetch, self.client.ctx, self.token))
         try:
             self.client.wait_ready(START_TIMEOUT_SECONDS)
         except ClusterError as exc:
@@ -106,6 +120,8 @@ class LocalCluster:
             except Exception:
                 self.head.kill()
                 self.head.wait()
+        if self.object_server is not None:
+            self.object_server.stop()
         self.client.close()
         shared_memory.remove_session(self.shm_prefix)
         if shared_memory.store() is self.store:

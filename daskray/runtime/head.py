@@ -28,6 +28,7 @@ from ..scheduler import instructions as I
 from ..scheduler.state import SchedulerState
 from . import protocol as P
 from . import shared_memory, transport
+from . import store_memory
 from .store_memory import HostStore
 from .process import child_setup, describe_exit, pidfd, spawn
 
@@ -46,7 +47,11 @@ class Head:
         self.address = config["head_address"]
         self.shm_prefix: str = config["shm_prefix"]
         self.store_limit: int = config["store_limit"]
-        shared_memory.configure(HostStore(self.shm_prefix, self.session_dir, self.store_limit))
+        #: >1 stands in for several hosts: worker slot i writes to store namespace
+        #: i % n, the driver and the head are in namespace 0
+        self.store_namespaces: int = config.get("store_namespaces", 1)
+        shared_memory.configure(HostStore(self.namespace_prefix(0), self.session_dir,
+                                          self.store_limit))
         self.sock = transport.router(self.ctx, self.address)
         self.state = SchedulerState(validate=config.get("validate", False))
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
@@ -91,6 +96,12 @@ class Head:
 
     # ------------------------------------------------------------------ workers
 
+    def namespace_prefix(self, slot: int) -> str:
+        """The file prefix of the store a worker in ``slot`` writes to."""
+        if self.store_namespaces == 1:
+            return self.shm_prefix
+        return store_memory.namespace_prefix(self.shm_prefix, max(slot, 0) % self.store_namespaces)
+
     def spawn_worker(self, slot: int, actor: str | None = None,
                      actor_resources: dict | None = None, max_concurrency: int = 1) -> str:
         """Start the worker for ``slot`` (0..num_workers-1: which resources it has),
@@ -111,7 +122,7 @@ class Head:
             "token": self.token.hex(),
             "session_dir": self.session_dir,
             "head_address": self.address,
-            "shm_prefix": self.shm_prefix,
+            "shm_prefix": self.namespace_prefix(slot),
             "store_limit": self.store_limit,
         })
         self.procs[wid] = proc
@@ -132,7 +143,8 @@ class Head:
                 del self.worker_fds[fd]
         returncode = proc.wait() if proc is not None else None
         if proc is not None:  # what it had written for readers dies with it
-            shared_memory.remove_session(f"{self.shm_prefix}w-{proc.pid}-")
+            prefix = self.namespace_prefix(self.slot_of.get(wid, 0))
+            shared_memory.remove_session(f"{prefix}w-{proc.pid}-")
         control = self.worker_control.pop(wid, None)
         if control is not None:
             self.poller.unregister(control)

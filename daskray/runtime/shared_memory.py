@@ -29,8 +29,9 @@ import itertools
 import mmap
 import os
 import pickle
-from typing import Any
+from typing import Any, Callable
 
+from ..errors import ObjectLostError
 from .store_memory import HostStore
 
 SHM_DIR = "/dev/shm"
@@ -43,12 +44,19 @@ HEADER_INLINE_LIMIT = 4096
 _counter = itertools.count()
 #: this process's view of its session's store; None outside a cluster session
 _store: HostStore | None = None
+#: the address, written into descriptors, of a server that sends this process's
+#: objects to processes of other hosts (another store namespace)
+_server: str | None = None
+#: how this process reads another host's object: fetch(server, descriptor) -> value
+_fetch_foreign: Callable[[str, bytes], Any] | None = None
 
 
-def configure(store: HostStore | None) -> None:
-    """Set (or, with None, clear) the store this process's writes and reads go through."""
-    global _store
-    _store = store
+def configure(store: HostStore | None, server: str | None = None,
+              fetch_foreign: Callable[[str, bytes], Any] | None = None) -> None:
+    """Set (or, with None, clear) the store this process's writes and reads go
+    through, and how objects of other hosts are served and fetched."""
+    global _store, _server, _fetch_foreign
+    _store, _server, _fetch_foreign = store, server, fetch_foreign
 
 
 def store() -> HostStore | None:
@@ -97,15 +105,37 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
     finally:
         os.close(fd)
     inline_header = None if header_in_file else bytes(header)
-    descriptor = MARKER + pickle.dumps((path, inline_header, offsets), protocol=5)
+    descriptor = MARKER + pickle.dumps((path, inline_header, offsets, _server), protocol=5)
     return descriptor, path
 
 
 def read(descriptor: bytes) -> Any:
-    """The object behind a descriptor, its buffers viewing the shared pages."""
-    path, header, offsets = pickle.loads(descriptor[len(MARKER):])
+    """The object behind a descriptor, its buffers viewing the shared pages; an
+    object in another host's store is fetched from the server its descriptor names."""
+    path, header, offsets, server = pickle.loads(descriptor[len(MARKER):])
+    if _store is not None and not path.startswith(_store.prefix):
+        if server is None or _fetch_foreign is None:
+            raise ObjectLostError(
+                f"object {os.path.basename(path)} is in another host's store, and no "
+                "process there was named to send it")
+        return _fetch_foreign(server, descriptor)
+    header, buffers = local_frames(descriptor)
+    return pickle.loads(header, buffers=buffers)
+
+
+def in_this_store(descriptor: bytes) -> bool:
+    """Whether the descriptor names a file of this process's store namespace."""
+    path = pickle.loads(descriptor[len(MARKER):])[0]
+    return (_store is not None and isinstance(path, str) and path.startswith(_store.prefix)
+            and "/" not in path[len(_store.prefix):])
+
+
+def local_frames(descriptor: bytes) -> tuple[Any, list]:
+    """(pickle header, buffers) of an object in this host's store, the buffers
+    viewing the shared pages.  ``FileNotFoundError`` if it was freed."""
+    path, header, offsets, _ = pickle.loads(descriptor[len(MARKER):])
     if not offsets:
-        return pickle.loads(header)
+        return header, []
     if header is None:  # the header is the file's last piece
         *offsets, (start, length) = offsets
     # the mapping keeps a duplicate of ``fd``, and with it the reader's pin, until
@@ -118,7 +148,7 @@ def read(descriptor: bytes) -> Any:
     view = memoryview(mapped)
     if header is None:
         header = view[start:start + length]
-    return pickle.loads(header, buffers=[view[o:o + n] for o, n in offsets])
+    return header, [view[o:o + n] for o, n in offsets]
 
 
 def unlink(path: str) -> None:

@@ -42,8 +42,12 @@ from ..errors import ObjectStoreFullError
 SHM_DIR = "/dev/shm"
 #: share of the machine's memory the store may use when no limit is given (Ray's default)
 DEFAULT_FRACTION = 0.3
-LOCK_FILE = "store.lock"
 SPILL_DIR = "spill"
+
+
+def namespace_prefix(session_prefix: str, namespace: int) -> str:
+    """The file prefix of store namespace ``namespace`` of a session that has several."""
+    return f"{session_prefix}h{namespace}-"
 
 
 def default_limit() -> int:
@@ -125,6 +129,11 @@ class HostStore:
 
     def unlink(self, path: str) -> None:
         """Remove an object's file wherever it is."""
+        if not path.startswith(self.prefix):  # another namespace's: its count corrects itself
+            for p in (path, self.spill_path(path)):
+                with contextlib.suppress(FileNotFoundError, PermissionError):
+                    os.unlink(p)
+            return
         with self._locked() as lock_fd:
             try:
                 size = os.stat(path).st_size
@@ -209,7 +218,8 @@ class HostStore:
         """The session's store lock, across processes (flock) and threads."""
         with self._thread_lock:
             if self._lock_fd is None:
-                self._lock_fd = os.open(os.path.join(self.session_dir, LOCK_FILE),
+                lock_file = os.path.basename(self.prefix) + "lock"  # one per store namespace
+                self._lock_fd = os.open(os.path.join(self.session_dir, lock_file),
                                         os.O_RDWR | os.O_CREAT, 0o600)
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:

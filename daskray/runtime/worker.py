@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 import signal
 import sys
 import threading
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 import zmq
@@ -36,7 +37,7 @@ from ..errors import (
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
-from . import context, shared_memory, transport
+from . import context, host_transfer, shared_memory, transport
 from .store_memory import HostStore
 from .object_store import ObjectStore
 from .process import child_setup, pidfd
@@ -124,6 +125,8 @@ class DataServer(threading.Thread):
                     self.sock.send_multipart([ident, P.MISSING])
                     return
                 self.sock.send_multipart([ident, P.OK, *out], copy=False)
+            elif verb == P.GETSHM:  # a reader on another host
+                host_transfer.serve_descriptor(self.sock, ident, arg)
             elif verb == P.PUT:
                 self.store.put_frames(decode_object_id(arg), [f.buffer for f in frames[4:]])
                 self.sock.send_multipart([ident, P.OK])
@@ -153,8 +156,10 @@ class Worker:
         if config.get("shm_prefix") and shared_memory.available():
             self.server.shm_prefix = config["shm_prefix"]
             self.shm_prefix = config["shm_prefix"]
-            shared_memory.configure(HostStore(
-                self.shm_prefix, config["session_dir"], config["store_limit"]))
+            shared_memory.configure(
+                HostStore(self.shm_prefix, config["session_dir"], config["store_limit"]),
+                server=self.address,
+                fetch_foreign=partial(host_transfer.fetch, self.ctx, self.token))
         else:
             self.shm_prefix = None
         self.resources: dict = config.get("resources") or {}
