@@ -278,3 +278,31 @@ def test_a_second_live_actor_cannot_take_a_name_and_a_dead_one_frees_it():
     s.handle(KillActor("A"))
     assert "n" not in s.actor_names
     assert not of(NotifyRef, s.handle(actor_graph((b"c", 3), create={"id": "C", "name": "n"})))
+
+
+def test_inputs_of_one_task_are_made_on_one_worker():
+    """x[i, j] and x[j, i] of ``x + x.T`` (adjacent in priority): taken together."""
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    # roots 0..5 in priority order; 6 = f(0, 1), 7 = f(2, 3), 8 = f(4, 5)
+    out = s.handle(graph([(), (), (), (), (), (), (0, 1), (2, 3), (4, 5)], wanted=[6, 7, 8]))
+    where = {d.task: d.worker for d in of(Dispatch, out)}
+    assert where[0] == where[1] and where[2] == where[3] and where[0] != where[2]
+    # the pair still waiting goes together too, to whichever worker frees up first
+    later = {}
+    for task in (0, 1):
+        out = s.handle(TaskFinished(task, where[0], INLINE_THRESHOLD * 10, None, 0.001))
+        later.update({d.task: d.worker for d in of(Dispatch, out)})
+    assert later.get(4) == later.get(5) == where[0]
+
+
+def test_siblings_never_exceed_their_bound(s):
+    # one task fed by 20 roots: a worker takes at most 1 + MAX_SIBLINGS of them at once
+    from daskray.scheduler import policy
+
+    s.handle(WorkerJoined("b"))
+    s.handle(graph([()] * 20 + [tuple(range(20))], wanted=[20]))
+    sizes = [len(w.processing) for w in s.workers.values()]
+    assert max(sizes) <= 2 * (1 + policy.MAX_SIBLINGS)
+    assert min(sizes) > 0, "both workers got work"

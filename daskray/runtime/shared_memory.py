@@ -96,11 +96,14 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, max(size, 1))
-        with mmap.mmap(fd, max(size, 1)) as mapped:
-            for (offset, length), buf in zip(offsets, buffers):
-                mapped[offset:offset + length] = buf
+        for (offset, length), buf in zip(offsets, buffers):
+            # pwrite, not a writable mapping: on tmpfs it is 2-3x faster than
+            # filling fresh pages through page faults
+            done = 0
+            while done < length:
+                done += os.pwrite(fd, buf[done:], offset + done)
     except BaseException:
-        os.unlink(path)
+        unlink(path)
         raise
     finally:
         os.close(fd)

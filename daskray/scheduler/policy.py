@@ -7,6 +7,9 @@
 * **prefetch**: a worker gets more tasks than it has slots, so it never idles
   waiting for the head, but only as much as ``PREFETCH_SECONDS`` of estimated
   work -- a worker must not hoard long tasks another worker could run.
+* **siblings**: a worker taking a task from the global ready queue also takes
+  the next ones there that feed a task it feeds (up to ``MAX_SIBLINGS``), so
+  inputs meant to meet are made where they meet.
 * **durations** are estimated per task group (dask's key prefix, e.g. ``"inc"``)
   from what workers report.
 """
@@ -19,6 +22,8 @@ from typing import Iterable
 PREFETCH_SECONDS = 0.02
 #: never queue more tasks than this on one worker
 MAX_PREFETCH = 128
+#: tasks taken along with one from the global ready queue because they feed the same task
+MAX_SIBLINGS = 3
 #: guess for a task group never seen finishing
 UNKNOWN_DURATION = 0.5
 #: weight of the newest observation in the running duration estimate

@@ -1023,17 +1023,40 @@ class SchedulerState:
         return self.tasks[tid]
 
     def _fill_round_robin(self) -> None:
-        """Share new ready work out one task per worker per round, least loaded first."""
+        """Share new ready work out one task (with its siblings) per worker per
+        round, least loaded first."""
         while self.ready:
             progressed = False
             for ws in sorted(self.workers.values(), key=lambda w: len(w.processing)):
                 if ws.actor is None and policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
                     ts = self._next_task(ws)
                     if ts is not None:
-                        self._dispatch(ts, ws)
+                        self._dispatch_with_siblings(ts, ws)
                         progressed = True
             if not progressed:
                 return
+
+    def _dispatch_with_siblings(self, ts: TaskState, ws: WorkerState) -> None:
+        """Dispatch ``ts``, and with it the next tasks of the global ready heap that
+        feed a task ``ts`` feeds too (``x[i, j]`` and ``x[j, i]`` of ``x + x.T``,
+        the inputs of one reduction): computed on one worker, their results need
+        not move to meet."""
+        self._dispatch(ts, ws)
+        if not ts.dependents or ws.waiting:  # nested: only the waiting task's calls
+            return
+        feeds = set(ts.dependents)
+        for _ in range(policy.MAX_SIBLINGS):
+            ready = self.ready
+            while ready and (ready[0][1] not in self.tasks
+                             or self.tasks[ready[0][1]].state != READY):
+                heapq.heappop(ready)
+            if not ready:
+                return
+            sibling = self.tasks[ready[0][1]]
+            if feeds.isdisjoint(sibling.dependents) or not _fits(sibling.resources, ws):
+                return
+            heapq.heappop(ready)
+            self._dispatch(sibling, ws)
 
     def _fill(self, ws: WorkerState) -> None:
         """Dispatch tasks to ``ws`` while it has room (an actor's process: its calls)."""
@@ -1046,7 +1069,7 @@ class SchedulerState:
             ts = self._next_task(ws)
             if ts is None:
                 return
-            self._dispatch(ts, ws)
+            self._dispatch_with_siblings(ts, ws)
 
     def _dispatch(self, ts: TaskState, ws: WorkerState) -> None:
         self._transition(ts, PROCESSING)
