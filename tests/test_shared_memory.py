@@ -313,6 +313,42 @@ def test_large_task_result_read_twice_reuses_its_shm_file(cluster):
     del first, second, ref
 
 
+@pytest.fixture
+def two_named_workers(cluster):
+    """Workers told apart by resources ``a`` and ``b``; afterwards the shared cluster."""
+    daskray.shutdown()
+    daskray.init(num_workers=NUM_WORKERS, resources=[{"a": 1}, {"b": 1}])
+    try:
+        yield
+    finally:
+        daskray.shutdown()
+        daskray.init(num_workers=NUM_WORKERS)
+
+
+@pytest.mark.timeout(120)
+def test_a_large_task_result_read_by_four_tasks_on_two_workers_is_one_copy(two_named_workers):
+    size = 256 * MB
+    on = {w: {"resources": {w: 1}} for w in "ab"}
+    warm = daskray.get([read_and_measure.options(**on[w]).remote(np.zeros(8), 0) for w in "ab"])
+    pids = {w: r["pid"] for w, r in zip("ab", warm)}
+    ref = make_random.options(**on["a"]).remote(size, 11)
+    daskray.wait([ref], timeout=60)
+    before = session_files()
+    baseline = {pid: memory(pid) for pid in pids.values()}
+    reports = daskray.get([read_and_measure.options(**on[w]).remote(ref, 0) for w in "abab"])
+    expected = digest(random_array(size, seed=11))
+    assert [r["digest"] for r in reports] == [expected] * 4
+    assert [r["pid"] for r in reports] == [pids[w] for w in "abab"]
+    new = session_files() - before
+    assert len(new) == 1, f"one shared copy for the other worker's readers: {sorted(new)}"
+    for r in reports:
+        mem, base = r["memory"], baseline[r["pid"]]
+        # the maker reads its own object in place; the other maps the shared copy
+        assert mem["RssAnon"] - base["RssAnon"] < size / 8, (r["pid"], mem, base)
+    assert reports[1]["mmap_backed"] and reports[3]["mmap_backed"]
+    del ref
+
+
 @pytest.mark.timeout(60)
 def test_pandas_dataframe_put_get_round_trip(cluster):
     n = 500_000

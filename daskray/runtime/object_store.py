@@ -87,13 +87,14 @@ class ObjectStore:
     def exported(self, object_id: Any) -> bool:
         return object_id in self._exported
 
-    def export(self, object_id: Any, prefix: str) -> bytes:
+    def export(self, object_id: Any, prefix: str, frames: list | None = None) -> bytes:
         """The object in shared memory, written there on first request: a descriptor
-        readers map without copying.  ``KeyError`` if not held here."""
+        readers map without copying.  ``frames``: the object's, if already made.
+        ``KeyError`` if not held here."""
         with self._lock:
             found = self._exported.get(object_id)
             if found is None:
-                frames = self.frames(object_id)
+                frames = frames if frames is not None else self.frames(object_id)
                 found = self._exported[object_id] = shared_memory.write(frames, prefix, "w")
         return found[0]
 

@@ -35,7 +35,7 @@ from ..errors import (
     ClusterError, ObjectLostError, ObjectStoreFullError, SerializationError, TaskCancelledError,
 )
 from ..refs import collect_pickled_refs, tracker
-from ..scheduler.policy import INLINE_THRESHOLD
+from ..scheduler.policy import INLINE_THRESHOLD, SHARE_THRESHOLD
 from . import protocol as P
 from . import context, host_transfer, shared_memory, transport
 from .store_memory import HostStore
@@ -108,19 +108,27 @@ class DataServer(threading.Thread):
         try:
             if verb == P.GET:
                 object_id = decode_object_id(arg)
-                # asked to share it (the driver), or shared already: written once,
-                # read in place; else sent (workers: a task reads an input once)
+                # asked to share it (the driver), shared already, or big: written
+                # once, read in place by every reader on the host; else sent (a
+                # task reads an input once, and copying beats fresh shared pages)
                 share = len(frames) > 4 and frames[4].bytes == P.SHARED
                 try:
-                    if self.shm_prefix is not None and (share or self.store.exported(object_id)):
+                    out = None
+                    if self.shm_prefix is not None and not share:
+                        share = self.store.exported(object_id)
+                        if not share:
+                            out = self.store.frames(object_id)
+                            share = frames_nbytes(out) >= SHARE_THRESHOLD
+                    if self.shm_prefix is not None and share:
                         try:
-                            descriptor = self.store.export(object_id, self.shm_prefix)
+                            descriptor = self.store.export(object_id, self.shm_prefix, out)
                         except ObjectStoreFullError:
                             descriptor = None  # no room: the asker gets a copy of its own
                         if descriptor is not None:
                             self.sock.send_multipart([ident, P.SHARED, descriptor])
                             return
-                    out = self.store.frames(object_id)
+                    if out is None:
+                        out = self.store.frames(object_id)
                 except KeyError:
                     self.sock.send_multipart([ident, P.MISSING])
                     return

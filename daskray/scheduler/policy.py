@@ -30,6 +30,10 @@ UNKNOWN_DURATION = 0.5
 EWMA_ALPHA = 0.3
 #: an input at most this big travels inline through the head (and is kept there)
 INLINE_THRESHOLD = 100 * 1024
+#: a result at least this big, asked for by another worker, goes to shared memory
+#: instead of a socket: one copy on the host however many processes read it
+#: (smaller ones are copied: fresh shared pages cost more than a copy)
+SHARE_THRESHOLD = 32 * 1024 * 1024
 
 
 class DurationEstimates:
