@@ -214,6 +214,26 @@ def test_worker_results_exported_to_the_driver_spill_too(limited_cluster):
     assert wait_until(lambda: not spill_files(limited_cluster), 30)
 
 
+@daskray.remote
+def put_many(seed, count):
+    return [daskray.put(random_array(16 * MB, seed * 100 + i)) for i in range(count)]
+
+
+@pytest.mark.timeout(180)
+def test_two_workers_writing_at_once_share_one_limit(limited_cluster):
+    batches = daskray.get([put_many.remote(seed, 6) for seed in range(4)])
+    stats = daskray.object_store_stats()
+    assert stats["used"] <= LIMIT and stats["spilled_objects"] >= 24 - LIMIT // (16 * MB)
+    for seed, refs in enumerate(batches):
+        for i, ref in enumerate(refs):
+            value = daskray.get(ref)
+            assert np.array_equal(value, random_array(16 * MB, seed * 100 + i)), (seed, i)
+            del value
+    del batches, refs, ref
+    assert wait_until(lambda: not spill_files(limited_cluster), 30)
+    assert wait_until(lambda: daskray.object_store_stats()["used"] == 0, 30)
+
+
 @pytest.mark.timeout(120)
 def test_a_full_store_raises_at_put_and_recovers_when_views_go(limited_cluster):
     refs = [daskray.put(random_array(30 * MB, seed=i)) for i in range(2)]

@@ -4,11 +4,13 @@ Every process of a session writes its large objects into files of its own under
 ``/dev/shm`` (see :mod:`shared_memory`); the limit applies to all of them together.
 There is no store server: the processes coordinate through the file system.
 
-* **Accounting**: a lock file in the session directory makes "count, spill,
-  create" and "unlink, count" one step across processes, and holds the bytes in
-  use as its first 8 bytes.  When that count says a new object does not fit, the
-  session's files in ``/dev/shm`` are listed and measured (which also corrects
-  the count, say after a writer died before its files were counted out).
+* **Accounting**: two lock files in the session directory.  Writers take the
+  *space* lock to make room and create their file, one at a time; the *count*
+  lock guards the bytes in use, kept in its file, and is held only for a moment,
+  so freeing an object never waits for a writer that is spilling.  When the
+  count says a new object does not fit, the session's files in ``/dev/shm`` are
+  listed and measured, which also corrects the count (say after a writer died
+  before its files were counted out).
 * **Least recently used**: writers and readers set a file's mtime when they touch
   it; spilling takes the oldest files first.
 * **Pinning**: a reader holds a shared ``flock`` on an object's file for as long as
@@ -69,8 +71,10 @@ class HostStore:
     prefix: str  # every file of the session starts with this path
     session_dir: str
     limit: int
-    _lock_fd: int | None = field(default=None, repr=False)
-    _thread_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _lock_fds: dict = field(default_factory=dict, repr=False)
+    _thread_locks: dict = field(
+        default_factory=lambda: {"space": threading.Lock(), "count": threading.Lock()},
+        repr=False)
 
     @property
     def spill_dir(self) -> str:
@@ -89,13 +93,16 @@ class HostStore:
         if size > self.limit:
             os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
             return _create(self.spill_path(path), size)
-        with self._locked() as lock_fd:
-            used = _read_used(lock_fd)
+        with self._locked("space"):  # one writer at a time makes room
+            with self._locked("count") as count_fd:
+                used = _read_used(count_fd)
             if used + size > self.limit:
                 used, entries = self._scan()
-                freed, pinned = self._spill(entries, used + size - self.limit)
-                used -= freed
-                _write_used(lock_fd, used)
+                pinned = self._spill(entries, used + size - self.limit)
+                used, _ = self._scan()
+                with self._locked("count") as count_fd:
+                    # a count too high (an unlink counted twice) only costs a scan
+                    _write_used(count_fd, used)
                 if used + size > self.limit:
                     raise ObjectStoreFullError(
                         f"the object store is full: an object of {_mib(size)} does not fit "
@@ -105,7 +112,8 @@ class HostStore:
                         "to objects you no longer need, or raise the limit with "
                         "daskray.init(object_store_memory=...)")
             fd = _create(path, size)
-            _write_used(lock_fd, used + size)
+            with self._locked("count") as count_fd:
+                _write_used(count_fd, _read_used(count_fd) + size)
             return fd
 
     # ------------------------------------------------------------------ reading
@@ -134,14 +142,14 @@ class HostStore:
                 with contextlib.suppress(FileNotFoundError, PermissionError):
                     os.unlink(p)
             return
-        with self._locked() as lock_fd:
-            try:
-                size = os.stat(path).st_size
-                os.unlink(path)
-            except (FileNotFoundError, PermissionError):
-                pass
-            else:
-                _write_used(lock_fd, max(0, _read_used(lock_fd) - size))
+        try:  # never waits for a writer making room: the count has a lock of its own
+            size = os.stat(path).st_size
+            os.unlink(path)
+        except (FileNotFoundError, PermissionError):
+            pass
+        else:
+            with self._locked("count") as count_fd:
+                _write_used(count_fd, max(0, _read_used(count_fd) - size))
         with contextlib.suppress(FileNotFoundError, PermissionError):
             os.unlink(self.spill_path(path))
 
@@ -180,9 +188,9 @@ class HostStore:
                 entries.append((st.st_mtime, st.st_size, entry.path))
         return sum(e[1] for e in entries), entries
 
-    def _spill(self, entries: list[tuple[float, int, str]], needed: int) -> tuple[int, int]:
+    def _spill(self, entries: list[tuple[float, int, str]], needed: int) -> int:
         """Move least recently used unpinned files to disk until ``needed`` bytes
-        are free: (bytes freed, bytes found pinned)."""
+        are free; the bytes found pinned."""
         freed = pinned = 0
         for _, size, path in sorted(entries):
             if freed >= needed:
@@ -199,11 +207,15 @@ class HostStore:
                     pinned += size
                     continue
                 self._copy_out(fd, path)
-                os.unlink(path)
+                if os.fstat(fd).st_nlink == 0:  # freed while being copied: drop the copy
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.spill_path(path))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
                 freed += size
             finally:
                 os.close(fd)
-        return freed, pinned
+        return pinned
 
     def _copy_out(self, fd: int, path: str) -> None:
         os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
@@ -214,24 +226,28 @@ class HostStore:
         os.replace(partial, target)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[int]:
-        """The session's store lock, across processes (flock) and threads."""
-        with self._thread_lock:
-            if self._lock_fd is None:
-                lock_file = os.path.basename(self.prefix) + "lock"  # one per store namespace
-                self._lock_fd = os.open(os.path.join(self.session_dir, lock_file),
-                                        os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+    def _locked(self, which: str) -> Iterator[int]:
+        """One of the namespace's two locks, across processes (flock) and threads:
+        ``"space"`` while a writer makes room (long: it may spill), ``"count"``
+        while the bytes-in-use count, kept in that lock's file, is read or changed."""
+        with self._thread_locks[which]:
+            fd = self._lock_fds.get(which)
+            if fd is None:
+                name = f"{os.path.basename(self.prefix)}{which}"  # one per store namespace
+                fd = self._lock_fds[which] = os.open(
+                    os.path.join(self.session_dir, name), os.O_RDWR | os.O_CREAT, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                yield self._lock_fd
+                yield fd
             finally:
-                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_UN)
 
     def close(self) -> None:
-        with self._thread_lock:
-            if self._lock_fd is not None:
-                os.close(self._lock_fd)
-                self._lock_fd = None
+        for which, lock in self._thread_locks.items():
+            with lock:
+                fd = self._lock_fds.pop(which, None)
+                if fd is not None:
+                    os.close(fd)
 
 
 def _read_used(lock_fd: int) -> int:
