@@ -144,6 +144,60 @@ def test_unlink_removes_a_spilled_object_and_keeps_the_count(store):
     assert store.stats()["spilled_objects"] == 0
 
 
+def make_store(tmp_path, limit: int) -> HostStore:
+    prefix = os.path.join(shared_memory.SHM_DIR, f"daskray-test-{secrets.token_hex(4)}-")
+    return HostStore(prefix, str(tmp_path), limit)
+
+
+@pytest.fixture
+def roomy_store(tmp_path):
+    """A 16 MiB store: a pool of up to 4 MiB."""
+    host = make_store(tmp_path, 16 * MB)
+    previous = shared_memory.store()
+    shared_memory.configure(host)
+    try:
+        yield host
+    finally:
+        shared_memory.configure(previous)
+        shared_memory.remove_session(host.prefix)
+        host.close()
+
+
+def test_a_freed_file_nobody_maps_is_reused_by_the_next_write(roomy_store):
+    d0, p0 = write(np.zeros(2 * MB // 8), roomy_store)
+    inode = os.stat(p0).st_ino
+    shared_memory.unlink(p0)
+    assert not os.path.exists(p0)
+    stats = roomy_store.stats()
+    assert stats["objects"] == 0 and stats["used"] == 0 and stats["pooled"] >= 2 * MB
+    value = np.arange(2 * MB // 8 - 100, dtype=np.int64)  # a little smaller: still reused
+    d1, p1 = write(value, roomy_store)
+    assert os.stat(p1).st_ino == inode, "the pooled file should have been reused"
+    assert roomy_store.stats()["pooled"] == 0
+    assert np.array_equal(shared_memory.read(d1), value)
+
+
+def test_a_file_still_mapped_is_never_reused(roomy_store):
+    d0, p0 = write(np.full(2 * MB // 8, 7, dtype=np.int64), roomy_store)
+    view = shared_memory.read(d0)
+    shared_memory.unlink(p0)  # freed while a view lives: unlinked, not pooled
+    assert roomy_store.stats()["pooled"] == 0
+    write(np.zeros(2 * MB // 8, dtype=np.int64), roomy_store)
+    assert (view == 7).all(), "a new object overwrote pages a live view reads"
+
+
+def test_the_pool_is_bounded_and_dropped_before_anything_spills(roomy_store):
+    paths = [write(np.full(2 * MB // 8 - 64, i), roomy_store)[1] for i in range(4)]
+    for path in paths:
+        shared_memory.unlink(path)
+    assert roomy_store.stats()["pooled"] <= 16 * MB * 0.25
+    live = [write(np.full(3 * MB // 8, i), roomy_store) for i in range(5)]  # 15 MiB
+    stats = roomy_store.stats()
+    assert stats["pooled"] == 0 and stats["spilled_objects"] == 0, stats
+    for i, (d, _) in enumerate(live):
+        assert (shared_memory.read(d) == i).all()
+
+
 # =========================================================================== on a cluster
 
 

@@ -71,7 +71,7 @@ def current_cluster():
 def session_files(prefix: str | None = None) -> set[str]:
     """The /dev/shm files of one session (default: the running cluster's)."""
     prefix = prefix or current_cluster().shm_prefix
-    return set(glob.glob(glob.escape(prefix) + "*"))
+    return {p for p in glob.glob(glob.escape(prefix) + "*") if os.path.isfile(p)}
 
 
 def mmap_backed(arr) -> bool:

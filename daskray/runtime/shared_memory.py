@@ -29,6 +29,7 @@ import itertools
 import mmap
 import os
 import pickle
+import shutil
 from typing import Any, Callable
 
 from ..errors import ObjectLostError
@@ -165,11 +166,23 @@ def unlink(path: str) -> None:
 
 
 def remove_session(prefix: str) -> int:
-    """Unlink every segment of a session; how many there were."""
+    """Remove every segment of a session (or of one writer: ``prefix`` is then
+    longer), pooled and spilled ones too; how many there were."""
     paths = glob.glob(glob.escape(prefix) + "*")
     for path in paths:
-        unlink(path)
+        _remove(path)
     return len(paths) + (_store.remove(prefix) if _store is not None else 0)
+
+
+def _remove(path: str) -> None:
+    """Remove a segment, or a pool directory of segments, for good."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        os.unlink(path)
+    except (FileNotFoundError, PermissionError):  # gone, or another user's
+        pass
 
 
 def sweep_dead_sessions(alive: Any) -> int:
@@ -183,6 +196,6 @@ def sweep_dead_sessions(alive: Any) -> int:
         except (IndexError, ValueError, OSError):
             continue
         if not alive(pid):
-            unlink(path)
+            _remove(path)
             removed += 1
     return removed

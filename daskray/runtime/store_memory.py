@@ -23,6 +23,12 @@ There is no store server: the processes coordinate through the file system.
   ``/dev/shm`` maps the spilled copy from disk, so a descriptor stays valid
   whether or not its object was spilled.  An object larger than the whole limit
   is written to disk directly.
+* **Reuse**: writing into fresh tmpfs pages costs 2-3 times a copy into pages
+  that exist (first-touch faults, zeroing).  A freed file of 1 MiB or more that
+  nobody maps goes into the namespace's *pool* directory instead of being
+  unlinked, up to a quarter of the limit, and a writer takes a pooled file of
+  its size (up to twice it) before creating one.  Pooled files count as used;
+  making room drops them before spilling any object.
 * **Full**: when the objects that could be spilled do not make room,
   :class:`~daskray.errors.ObjectStoreFullError` says how much was asked for, the
   limit, what is in use, and how much of it live views pin.
@@ -45,6 +51,10 @@ SHM_DIR = "/dev/shm"
 #: share of the machine's memory the store may use when no limit is given (Ray's default)
 DEFAULT_FRACTION = 0.3
 SPILL_DIR = "spill"
+#: freed files smaller than this are unlinked, not pooled
+MIN_POOLED = 1 << 20
+#: share of the limit pooled files may take
+POOL_FRACTION = 0.25
 
 
 def namespace_prefix(session_prefix: str, namespace: int) -> str:
@@ -83,6 +93,10 @@ class HostStore:
     def spill_path(self, path: str) -> str:
         return os.path.join(self.spill_dir, os.path.basename(path))
 
+    @property
+    def pool_dir(self) -> str:
+        return self.prefix + "pool"
+
     # ------------------------------------------------------------------ writing
 
     def create(self, path: str, size: int) -> int:
@@ -94,9 +108,13 @@ class HostStore:
             os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
             return _create(self.spill_path(path), size)
         with self._locked("space"):  # one writer at a time makes room
+            fd = self._from_pool(path, size)
+            if fd is not None:
+                return fd
             with self._locked("count") as count_fd:
                 used = _read_used(count_fd)
             if used + size > self.limit:
+                self._drain_pool()
                 used, entries = self._scan()
                 pinned = self._spill(entries, used + size - self.limit)
                 used, _ = self._scan()
@@ -126,7 +144,7 @@ class HostStore:
         except FileNotFoundError:
             return os.open(self.spill_path(path), os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        if os.fstat(fd).st_nlink == 0:  # spilled (or freed) while we waited for the lock
+        if not _still_at(fd, path):  # spilled (or freed) while we waited for the lock
             os.close(fd)
             return os.open(self.spill_path(path), os.O_RDONLY)
         with contextlib.suppress(OSError):
@@ -142,14 +160,15 @@ class HostStore:
                 with contextlib.suppress(FileNotFoundError, PermissionError):
                     os.unlink(p)
             return
-        try:  # never waits for a writer making room: the count has a lock of its own
-            size = os.stat(path).st_size
-            os.unlink(path)
-        except (FileNotFoundError, PermissionError):
-            pass
-        else:
-            with self._locked("count") as count_fd:
-                _write_used(count_fd, max(0, _read_used(count_fd) - size))
+        # never waits for a writer making room: the count has a lock of its own
+        if not self._to_pool(path):
+            try:
+                size = os.stat(path).st_size
+                os.unlink(path)
+            except (FileNotFoundError, PermissionError):
+                pass
+            else:
+                self._count(-size)
         with contextlib.suppress(FileNotFoundError, PermissionError):
             os.unlink(self.spill_path(path))
 
@@ -165,28 +184,87 @@ class HostStore:
                         removed += 1
         return removed
 
+    # ------------------------------------------------------------------ the pool
+
+    def _to_pool(self, path: str) -> bool:
+        """Keep a freed file for reuse, if it is worth it and nobody maps it."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except (FileNotFoundError, PermissionError):
+            return False
+        try:
+            size = os.fstat(fd).st_size
+            if size < MIN_POOLED:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False  # a live view still reads it: its pages are not ours
+            pooled = self._pooled()
+            if sum(e[1] for e in pooled) + size > self.limit * POOL_FRACTION:
+                return False
+            os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
+            try:
+                os.rename(path, os.path.join(self.pool_dir, os.path.basename(path)))
+            except FileNotFoundError:
+                return False
+            return True
+        finally:
+            os.close(fd)
+
+    def _from_pool(self, path: str, size: int) -> int | None:
+        """A pooled file of ``size`` to ``2 * size`` bytes renamed to ``path`` and
+        cut to ``size``, open for writing with the writer's pin; None if none fits."""
+        for _, pooled_size, pooled in sorted(self._pooled(), key=lambda e: e[1]):
+            if not size <= pooled_size <= 2 * size:
+                continue
+            try:
+                os.rename(pooled, path)
+            except FileNotFoundError:
+                continue
+            fd = os.open(path, os.O_RDWR)
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            os.ftruncate(fd, max(size, 1))
+            self._count(size - pooled_size)
+            return fd
+        return None
+
+    def _drain_pool(self) -> None:
+        """Drop every pooled file: room is needed."""
+        for _, size, pooled in self._pooled():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(pooled)
+                self._count(-size)
+
+    def _pooled(self) -> list[tuple[float, int, str]]:
+        return [(st.st_mtime, st.st_size, e.path) for e in _scandir(self.pool_dir)
+                if (st := _stat(e)) is not None]
+
+    def _count(self, delta: int) -> None:
+        with self._locked("count") as count_fd:
+            _write_used(count_fd, max(0, _read_used(count_fd) + delta))
+
     # ------------------------------------------------------------------ accounting
 
     def stats(self) -> dict:
-        """The store's use: bytes and objects in memory and spilled, and the limit."""
+        """The store's use: bytes and objects in memory and spilled, bytes pooled
+        for reuse, and the limit (which objects and pool share)."""
         used, entries = self._scan()
         spilled = [e.stat().st_size for e in _scandir(self.spill_dir)
                    if e.name.startswith(os.path.basename(self.prefix))]
-        return {"limit": self.limit, "used": used, "objects": len(entries),
-                "spilled": sum(spilled), "spilled_objects": len(spilled),
+        pooled = sum(e[1] for e in self._pooled())
+        return {"limit": self.limit, "used": used - pooled, "objects": len(entries),
+                "pooled": pooled, "spilled": sum(spilled), "spilled_objects": len(spilled),
                 "spill_dir": self.spill_dir}
 
     def _scan(self) -> tuple[int, list[tuple[float, int, str]]]:
         name = os.path.basename(self.prefix)
         entries = []
         for entry in _scandir(os.path.dirname(self.prefix)):
-            if entry.name.startswith(name):
-                try:
-                    st = entry.stat()
-                except FileNotFoundError:
-                    continue
+            if entry.name.startswith(name) and (st := _stat(entry)) is not None:
                 entries.append((st.st_mtime, st.st_size, entry.path))
-        return sum(e[1] for e in entries), entries
+        pooled = sum(e[1] for e in self._pooled())
+        return sum(e[1] for e in entries) + pooled, entries
 
     def _spill(self, entries: list[tuple[float, int, str]], needed: int) -> int:
         """Move least recently used unpinned files to disk until ``needed`` bytes
@@ -269,6 +347,25 @@ def _create(path: str, size: int) -> int:
         os.unlink(path)
         raise
     return fd
+
+
+def _stat(entry: os.DirEntry) -> os.stat_result | None:
+    """A regular file's stat, or None (a directory, or gone)."""
+    try:
+        if not entry.is_file(follow_symlinks=False):
+            return None
+        return entry.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _still_at(fd: int, path: str) -> bool:
+    """Whether the open file ``fd`` is still the file at ``path`` (not moved away)."""
+    try:
+        st = os.fstat(fd)
+        return st.st_nlink > 0 and os.stat(path).st_ino == st.st_ino
+    except FileNotFoundError:
+        return False
 
 
 def _scandir(path: str) -> list[os.DirEntry]:
