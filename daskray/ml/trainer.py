@@ -1,18 +1,30 @@
 """Data-parallel training where every step is a task graph.
 
-One step of ``Trainer.fit``::
+The shards are cut into ``G = min(num_workers, num_shards)`` groups of near-equal
+size, one per worker, each made of shards one worker already holds as far as
+their placement allows (found by a task per shard before training, see
+:func:`local_groups`), so a step's task reads its shards in place instead of
+fetching them from another worker every step.  One step of ``Trainer.fit``::
 
-    shards (in the object store) ──> one task per group of shards: the gradient
-        SUM of each shard's slice of the global batch, shard by shard
-      ──> one update task: the per-shard sums added in a fixed pairwise tree
-          (shard order), divided by the batch's rows, plus L2; the optimizer step
-      ──> the new parameters: an ObjectRef the next step's tasks read
+    one task per group: apply the previous step's update (the per-shard gradient
+        sums of every group, added in a fixed pairwise tree in shard order,
+        divided by the batch's rows, plus L2; the optimizer step), then the
+        gradient SUM of each of its shards' slice of this step's global batch
+      ──> the next step's group tasks (which apply this step's update), or, after
+          an epoch's last step, one update task whose parameters the epoch's
+          evaluation (one task per group) and the next epoch read
+
+Every group task repeats the same update on the same inputs, so they all hold the
+same parameters without sending them to each other: a step costs one task hop,
+not two, and only gradient sums travel.  With one group there is nothing to
+exchange, so one task runs a whole epoch of steps.  What every task of a run
+shares (model, optimizer, classes, ...) is put in the object store once.
 
 The driver submits whole epochs of steps without waiting for any of them: each
-step's tasks take the previous step's parameters as an ObjectRef argument.  Which
-rows a step reads depends only on the seed, the epoch, the step and the shard, and
-the reduction order only on the shards -- never on the workers -- so training on
-one worker, on two, or in one process with :func:`reference_fit` gives
+task takes the previous one's outputs as ObjectRef arguments.  Which rows a step
+reads depends only on the seed, the epoch, the step and the shard, and the
+reduction order only on the shards -- never on the workers -- so training on one
+worker, on two, or in one process with :func:`reference_fit` gives
 bit-identical parameters.
 """
 
@@ -21,6 +33,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -134,10 +148,42 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return max(1, math.ceil(num_rows / batch_size))
 
 
+#: bytes of per-epoch row orders a process keeps (see :func:`epoch_order`)
+ORDER_CACHE_BYTES = 64 * 2**20
+_order_cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_order_cache_bytes = 0
+_order_lock = threading.Lock()
+
+
+def epoch_order(n: int, seed: int, epoch: int, shard: int) -> np.ndarray:
+    """The permutation of a shard's ``n`` rows for ``epoch``, fixed by (seed, epoch, shard).
+
+    Every step of an epoch reads a slice of it, so it is drawn once per process
+    and kept (read-only) in a small LRU cache bounded by ``ORDER_CACHE_BYTES``:
+    drawing it again for every step cost more than the step's gradient."""
+    global _order_cache_bytes
+    key = (int(n), int(seed), int(epoch), int(shard))
+    with _order_lock:
+        order = _order_cache.get(key)
+        if order is not None:
+            _order_cache.move_to_end(key)
+            return order
+    order = np.random.default_rng([seed, epoch, shard]).permutation(n)
+    order.flags.writeable = False
+    with _order_lock:
+        if key not in _order_cache and order.nbytes <= ORDER_CACHE_BYTES:
+            _order_cache[key] = order
+            _order_cache_bytes += order.nbytes
+            while _order_cache_bytes > ORDER_CACHE_BYTES:
+                _, dropped = _order_cache.popitem(last=False)
+                _order_cache_bytes -= dropped.nbytes
+    return order
+
+
 def batch_rows(n: int, epoch: int, step: int, steps: int, seed: int, shard: int) -> np.ndarray:
     """Rows of a shard of ``n`` rows that step ``step`` of ``epoch`` reads: an equal
     share of a per-epoch permutation fixed by (seed, epoch, shard)."""
-    order = np.random.default_rng([seed, epoch, shard]).permutation(n)
+    order = epoch_order(n, seed, epoch, shard)
     return order[step * n // steps:(step + 1) * n // steps]
 
 
@@ -150,9 +196,17 @@ def _targets(model: Model, y: np.ndarray, classes: np.ndarray | None) -> np.ndar
 def shard_gradients(params: dict, model: Model, classes: Any, epoch: int, step: int,
                     steps: int, seed: int, first_shard: int, *shards: tuple) -> list:
     """Gradient sums of consecutive shards for one step: [(grads, rows), ...]."""
+    return numbered_shard_gradients(params, model, classes, epoch, step, steps, seed,
+                                    range(first_shard, first_shard + len(shards)), shards)
+
+
+def numbered_shard_gradients(params: dict, model: Model, classes: Any, epoch: int, step: int,
+                             steps: int, seed: int, shard_ids: Sequence[int],
+                             shards: Sequence[tuple]) -> list:
+    """Gradient sums of the shards numbered ``shard_ids`` for one step: [(grads, rows), ...]."""
     out = []
-    for i, (X, y) in enumerate(shards):
-        rows = batch_rows(len(y), epoch, step, steps, seed, first_shard + i)
+    for shard, (X, y) in zip(shard_ids, shards):
+        rows = batch_rows(len(y), epoch, step, steps, seed, shard)
         out.append((model.gradient(params, X[rows], _targets(model, y[rows], classes)), len(rows)))
     return out
 
@@ -192,6 +246,131 @@ def evaluate_shard(params: dict, model: Model, classes: Any, shard: tuple,
     if classes is not None and model.task != "regression":
         return loss, correct, len(y), classes[predicted], y
     return loss, correct, len(y), predicted, y
+
+
+def in_shard_order(shard_ids: Sequence[int], items: Sequence) -> list:
+    """``items`` (one per shard, listed in the order of ``shard_ids``) sorted by shard."""
+    return [items[i] for i in sorted(range(len(shard_ids)), key=shard_ids.__getitem__)]
+
+
+def update_from_groups(model: Model, optimizer: Any, l2: float, order: Sequence[int],
+                       outputs: Sequence[tuple], carry: tuple) -> tuple[dict, dict]:
+    """The update of ``carry = (params, state)`` from :func:`group_steps` outputs.
+
+    ``order`` lists the shards behind the outputs' gradient sums, output after
+    output; the sums are put back in shard order first, so the pairwise tree is
+    the one :func:`reference_fit` uses whichever shards each group held."""
+    flat = [g for _, grads in outputs for g in grads]
+    return update(carry[0], carry[1], model, optimizer, l2, in_shard_order(order, flat))
+
+
+def group_steps(start: tuple | None, model: Model, optimizer: Any, l2: float, classes: Any,
+                epoch: int, first_step: int, last_step: int, steps: int, seed: int,
+                shard_ids: Sequence[int], own: int, order: Sequence[int],
+                *inputs: Any) -> tuple[tuple, list]:
+    """Steps ``first_step .. last_step - 1`` of ``epoch`` for one group of shards.
+
+    ``inputs`` are the group's shards (numbered ``shard_ids``), then the previous
+    step's outputs of every group when its update is still pending.  Parameters
+    and optimizer state come from ``start`` (when nothing is pending) or else
+    from this group's own previous output (number ``own``; every group holds the
+    same), updated by the pending gradient sums (see :func:`update_from_groups`).
+    Every step but the last is completed here -- only a group holding every
+    shard may run more than one -- and the last one's gradient sums are returned
+    with the parameters they were taken at: ``((params, state), [(grads, rows),
+    ...])``, for the next task to apply.  The same calls in the same order as
+    :func:`reference_fit`, so the same bits.
+    """
+    shards, previous = inputs[:len(shard_ids)], inputs[len(shard_ids):]
+    if previous:
+        params, state = update_from_groups(model, optimizer, l2, order, previous,
+                                           previous[own][0])
+    elif start is not None:
+        params, state = start
+    else:
+        raise ValueError("group_steps needs a start (params, state) or previous outputs")
+    grads = numbered_shard_gradients(params, model, classes, epoch, first_step, steps, seed,
+                                     shard_ids, shards)
+    for step in range(first_step + 1, last_step):
+        params, state = update(params, state, model, optimizer, l2,
+                               in_shard_order(shard_ids, grads))
+        grads = numbered_shard_gradients(params, model, classes, epoch, step, steps, seed,
+                                         shard_ids, shards)
+    return (params, state), grads
+
+
+def apply_update(model: Model, optimizer: Any, l2: float, order: Sequence[int],
+                 *outputs: tuple) -> tuple[dict, dict]:
+    """``(params, state)`` after the update pending in the :func:`group_steps` outputs."""
+    return update_from_groups(model, optimizer, l2, order, outputs, outputs[0][0])
+
+
+def evaluate_shards(carry: tuple, model: Model, classes: Any, with_predictions: bool,
+                    *shards: tuple) -> list:
+    """:func:`evaluate_shard` of each shard of a group, at ``carry``'s parameters."""
+    return [evaluate_shard(carry[0], model, classes, s, with_predictions) for s in shards]
+
+
+# The tasks Trainer.fit submits.  What every task of a run shares -- the model,
+# the optimizer, L2, the classes, the steps per epoch, the seed and the shard
+# order -- travels once, as one object in the store (``plan``), not in every call.
+
+def _step_task(plan: tuple, start: tuple | None, epoch: int, first_step: int, last_step: int,
+               shard_ids: list, own: int, *inputs: Any) -> tuple[tuple, list]:
+    model, optimizer, l2, classes, steps, seed, order = plan
+    return group_steps(start, model, optimizer, l2, classes, epoch, first_step, last_step,
+                       steps, seed, shard_ids, own, order, *inputs)
+
+
+def _update_task(plan: tuple, *outputs: tuple) -> tuple[dict, dict]:
+    model, optimizer, l2, _, _, _, order = plan
+    return apply_update(model, optimizer, l2, order, *outputs)
+
+
+def _eval_task(plan: tuple, carry: tuple, with_predictions: bool, *shards: tuple) -> list:
+    model, _, _, classes, _, _, _ = plan
+    return evaluate_shards(carry, model, classes, with_predictions, *shards)
+
+
+def _where() -> tuple[str, int]:
+    """The process a task runs in (host, pid)."""
+    import socket
+
+    return socket.gethostname(), os.getpid()
+
+
+def _locate(shard: Any) -> tuple[str, int]:
+    """Where a shard is: a task that reads only it runs next to it."""
+    return _where()
+
+
+def local_groups(owners: Sequence[Any], n_groups: int) -> list[list[int]]:
+    """Shards cut into ``n_groups`` groups of near-equal size (as ``np.array_split``),
+    each made as much as possible of shards held by one process.
+
+    ``owners[i]`` names the process holding shard ``i``.  The process holding
+    most shards fills the largest group first, and so on; shards that do not fit
+    their process's group (or whose process got none) fill the groups left
+    short, in shard order.  Groups come back in order of their first shard, each
+    sorted -- the grouping affects where gradients are computed, never the
+    result (sums are reassembled in shard order)."""
+    quotas = [len(g) for g in np.array_split(np.arange(len(owners)), n_groups)]
+    by_owner: dict[Any, list[int]] = {}
+    for shard, owner in enumerate(owners):
+        by_owner.setdefault(owner, []).append(shard)
+    ranked = sorted(by_owner.values(), key=lambda held: (-len(held), held[0]))
+    groups: list[list[int]] = [[] for _ in quotas]
+    spill: list[int] = []
+    for slot, held in zip(sorted(range(len(quotas)), key=lambda g: -quotas[g]), ranked):
+        groups[slot] = held[:quotas[slot]]
+        spill += held[quotas[slot]:]
+    for held in ranked[len(quotas):]:
+        spill += held
+    spill.sort()
+    for slot, quota in enumerate(quotas):
+        while len(groups[slot]) < quota:
+            groups[slot].append(spill.pop(0))
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
 class Evaluation:
@@ -310,33 +489,38 @@ class Trainer:
                                        np.random.default_rng(config["seed"]))
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
-        groups = [[int(i) for i in g] for g in np.array_split(
-            np.arange(train.num_shards), min(self.scaling.num_workers, train.num_shards))]
+        n_groups = min(self.scaling.num_workers, train.num_shards)
+        groups = self._groups(train, n_groups)
+        order = [i for g in groups for i in g]
+        valid_groups = self._groups(valid, n_groups) if valid is not None else []
+        valid_order = [i for g in valid_groups for i in g]
+        # with one group nothing is exchanged between steps: one task per epoch
+        chunks = [(0, steps)] if n_groups == 1 else [(t, t + 1) for t in range(steps)]
         retries = self.failure.max_failures
-        grad_task = api.remote(max_retries=retries)(shard_gradients)
-        update_task = api.remote(num_returns=2, max_retries=retries)(update)
-        eval_task = api.remote(evaluate_shard)
-        model_ref = api.put(model)
-        params_ref, state_ref = api.put(params), api.put(state)
+        step_task = api.remote(max_retries=retries)(_step_task)
+        update_task = api.remote(max_retries=retries)(_update_task)
+        eval_task = api.remote(max_retries=retries)(_eval_task)
+        plan = api.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
+        carry_ref = api.put((params, state))
         history: list[dict] = []
         pending: list[tuple] = []  # epochs submitted, metrics not read yet
-        final = (params_ref, state_ref)
+        final = carry_ref
         for epoch in range(start, config["epochs"]):
-            for step in range(steps):
-                partial = [
-                    grad_task.remote(params_ref, model_ref, classes, epoch, step, steps,
-                                     config["seed"], g[0], *[train.shards[i] for i in g])
-                    for g in groups
+            outputs: list = []
+            for first, last in chunks:
+                outputs = [
+                    step_task.remote(plan, None if outputs else carry_ref, epoch, first, last,
+                                     g, i, *[train.shards[j] for j in g], *outputs)
+                    for i, g in enumerate(groups)
                 ]
-                params_ref, state_ref = update_task.remote(
-                    params_ref, state_ref, model_ref, optimizer, config["l2"], *partial)
+            carry_ref = update_task.remote(plan, *outputs)
             judged = self.evaluator is not None
-            evals = [eval_task.remote(params_ref, model_ref, classes, s, judged and valid is None)
-                     for s in train.shards]
-            valid_evals = ([eval_task.remote(params_ref, model_ref, classes, s, judged)
-                            for s in valid.shards] if valid is not None else [])
-            pending.append((epoch, evals, valid_evals, params_ref, state_ref))
-            final = (params_ref, state_ref)
+            evals = [eval_task.remote(plan, carry_ref, judged and valid is None,
+                                      *[train.shards[j] for j in g]) for g in groups]
+            valid_evals = [eval_task.remote(plan, carry_ref, judged, *[valid.shards[j] for j in g])
+                           for g in valid_groups]
+            pending.append((epoch, (order, evals), (valid_order, valid_evals), carry_ref))
+            final = carry_ref
             # read the previous epoch's metrics while this one computes
             if len(pending) > 1 and self._record(pending.pop(0), history):
                 final = history[-1].pop("_refs")
@@ -348,8 +532,7 @@ class Trainer:
                 break
         for row in history:
             row.pop("_refs", None)
-        params_ref, state_ref = final
-        params, state = api.get([params_ref, state_ref])
+        params, state = api.get(final)
         frame = pd.DataFrame(history)
         last_epoch = history[-1]["epoch"] if history else start - 1
         checkpoint = Checkpoint(params, last_epoch, state, dict(config))
@@ -358,20 +541,31 @@ class Trainer:
         return Result(history[-1] if history else {}, frame, checkpoint, None, [checkpoint],
                       dict(config))
 
+    @staticmethod
+    def _groups(data: Dataset, n_groups: int) -> list[list[int]]:
+        """``data``'s shards in ``n_groups`` groups, each as local to one worker as
+        the shards' placement allows (see :func:`local_groups`)."""
+        n_groups = min(n_groups, data.num_shards)
+        if n_groups == 1:
+            return [list(range(data.num_shards))]
+        locate = api.remote(_locate)
+        return local_groups(api.get([locate.remote(s) for s in data.shards]), n_groups)
+
     def _record(self, entry: tuple, history: list) -> bool:
         """Add an epoch's metrics to ``history``; whether training should stop there."""
-        epoch, evals, valid_evals, params_ref, state_ref = entry
+        epoch, evals, valid_evals, carry_ref = entry
         row = self._metrics(epoch, evals, valid_evals)
-        row["_refs"] = (params_ref, state_ref)
+        row["_refs"] = carry_ref
         history.append(row)
         return self._should_stop(row)
 
-    def _metrics(self, epoch: int, evals: list, valid_evals: list) -> dict:
+    def _metrics(self, epoch: int, evals: tuple, valid_evals: tuple) -> dict:
+        """An epoch's metrics from its ``(shard order, evaluation refs)`` pairs."""
         row: dict = {"epoch": epoch}
         judged: list = []
-        for name, refs in (("train", evals), ("valid", valid_evals)):
+        for name, (order, refs) in (("train", evals), ("valid", valid_evals)):
             if refs:
-                parts = api.get(refs)
+                parts = in_shard_order(order, [p for group in api.get(refs) for p in group])
                 row.update(summarize(parts, name, self.model.task))
                 judged = parts
         row["loss"] = row.get("valid_loss", row["train_loss"])
