@@ -137,6 +137,30 @@ def test_one_worker_two_workers_and_one_process_give_the_same_bits_on_flights(sp
 
 
 @pytest.mark.timeout(120)
+def test_any_grouping_of_the_shards_gives_the_same_bits(split, monkeypatch):
+    """Groups follow where the shards happen to be held, so force uneven,
+    interleaved ones (and a validation set split across them) to be sure the
+    multi-group graph is the one exercised."""
+    train, test = split
+    config = {"optimizer": "momentum", "lr": 0.1, "batch_size": 4096, "epochs": 2, "l2": 1e-3}
+    plain = Trainer(model=models.LogisticRegression(), train_config=config,
+                    scaling_config=ScalingConfig(num_workers=1)).fit(train, valid=test)
+
+    def interleaved(data, n_groups):
+        groups = [[i for i in range(data.num_shards) if i % 3 == k] for k in range(3)]
+        return groups[:n_groups], [None] * min(n_groups, 3)
+
+    monkeypatch.setattr(Trainer, "_groups", staticmethod(interleaved))
+    grouped = Trainer(model=models.LogisticRegression(), train_config=config,
+                      scaling_config=ScalingConfig(num_workers=3)).fit(train, valid=test)
+    for key in plain.checkpoint.params:
+        assert np.array_equal(grouped.checkpoint.params[key], plain.checkpoint.params[key])
+        assert np.array_equal(grouped.checkpoint.opt_state["velocity"][key],
+                              plain.checkpoint.opt_state["velocity"][key])
+    assert grouped.metrics_dataframe.equals(plain.metrics_dataframe)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_stop_condition_ends_at_the_first_epoch_that_reaches_it(split, workers):
     train, _ = split
@@ -161,17 +185,19 @@ def test_a_stop_condition_ends_at_the_first_epoch_that_reaches_it(split, workers
 # ---------------------------------------------------------------------- the trainer's plumbing
 
 
-def test_local_groups_keep_each_workers_shards_together_and_sizes_balanced():
+def test_shards_are_grouped_by_the_worker_holding_them():
     assert trainer.local_groups(list("ABABAABB"), 2) == [[0, 2, 4, 5], [1, 3, 6, 7]]
-    # A holds six shards: its group takes four, two spill to B's group
-    assert trainer.local_groups(list("AABAAABA"), 2) == [[0, 1, 3, 4], [2, 5, 6, 7]]
-    # one holder for everything: still two balanced groups
-    assert trainer.local_groups(list("AAAAA"), 2) == [[0, 1, 2], [3, 4]]
-    # more holders than groups, and uneven group sizes
-    groups = trainer.local_groups(list("ABCABCA"), 2)
-    assert sorted(len(g) for g in groups) == [3, 4]
-    assert sorted(i for g in groups for i in g) == list(range(7))
+    # locality before balance: A's six shards stay together
+    assert trainer.local_groups(list("AABAAABA"), 2) == [[0, 1, 3, 4, 5, 7], [2, 6]]
+    # one holder for everything: one group, whatever num_workers says
+    assert trainer.local_groups(list("AAAAA"), 2) == [[0, 1, 2, 3, 4]]
+    # more holders than groups: the extra holder's shards join the smallest group
+    assert trainer.local_groups(list("ABCABCA"), 2) == [[0, 3, 6], [1, 2, 4, 5]]
     assert trainer.local_groups(list("ABC"), 1) == [[0, 1, 2]]
+    with pytest.raises(ValueError, match="n_groups"):
+        trainer.local_groups(list("AB"), 0)
+    with pytest.raises(ValueError, match="num_workers"):
+        ScalingConfig(num_workers=0)
 
 
 def test_validation_groups_pair_with_the_training_groups_on_the_same_worker():

@@ -1,10 +1,9 @@
 """Data-parallel training where every step is a task graph.
 
-The shards are cut into ``G = min(num_workers, num_shards)`` groups of near-equal
-size, one per worker, each made of shards one worker already holds as far as
-their placement allows (found by a task per shard before training, see
-:func:`local_groups`), so a step's task reads its shards in place instead of
-fetching them from another worker every step.  One epoch of ``Trainer.fit``::
+The shards are cut into at most ``num_workers`` groups by the worker holding
+them (found by a task per shard before training, see :func:`local_groups`), so
+a step's task reads its shards in place instead of having them copied from
+another worker for every step.  One epoch of ``Trainer.fit``::
 
     step 0:      one task per group: the gradient SUM of each of its shards'
                  slice of the step's global batch, at the epoch's parameters
@@ -58,9 +57,16 @@ DEFAULT_TRAIN_CONFIG = {
 
 @dataclass
 class ScalingConfig:
-    """How many workers share the shards (tasks per step = num_workers)."""
+    """How many workers may share the training: the shards are cut into at most
+    ``num_workers`` groups, one task per group and step.  Groups follow where
+    the shards are held, so there may be fewer (one, if a single worker holds
+    every shard).  Placement only: the results do not depend on it."""
 
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
 
 
 @dataclass
@@ -368,33 +374,29 @@ def _locate(shard: Any) -> tuple[str, int]:
 
 
 def local_groups(owners: Sequence[Any], n_groups: int) -> list[list[int]]:
-    """Shards cut into ``n_groups`` groups of near-equal size (as ``np.array_split``),
-    each made as much as possible of shards held by one process.
+    """Shards grouped by the process holding them: at most ``n_groups`` groups.
 
-    ``owners[i]`` names the process holding shard ``i``.  The process holding
-    most shards fills the largest group first, and so on; shards that do not fit
-    their process's group (or whose process got none) fill the groups left
-    short, in shard order.  Groups come back in order of their first shard, each
-    sorted -- the grouping affects where gradients are computed, never the
-    result (sums are reassembled in shard order)."""
-    quotas = [len(g) for g in np.array_split(np.arange(len(owners)), n_groups)]
+    ``owners[i]`` names the process holding shard ``i``.  Each of the
+    ``n_groups`` processes holding most shards gets a group of its shards; the
+    shards of any further process join the smallest groups.  Locality comes
+    before balance: a task reading a shard held by another worker has it copied
+    over for every step, which costs more than computing the step's slice of
+    several shards, so uneven groups (even a single one, when one process holds
+    everything) train faster than even groups that fetch.  Groups come back in
+    order of their first shard, each sorted -- the grouping decides where
+    gradients are computed, never the result (sums are reassembled in shard
+    order)."""
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be at least 1, got {n_groups}")
     by_owner: dict[Any, list[int]] = {}
     for shard, owner in enumerate(owners):
         by_owner.setdefault(owner, []).append(shard)
-    ranked = sorted(by_owner.values(), key=lambda held: (-len(held), held[0]))
-    groups: list[list[int]] = [[] for _ in quotas]
-    spill: list[int] = []
-    for slot, held in zip(sorted(range(len(quotas)), key=lambda g: -quotas[g]), ranked):
-        groups[slot] = held[:quotas[slot]]
-        spill += held[quotas[slot]:]
-    for held in ranked[len(quotas):]:
-        spill += held
-    spill.sort()
-    for slot, quota in enumerate(quotas):
-        while len(groups[slot]) < quota:
-            groups[slot].append(spill.pop(0))
+    held = sorted(by_owner.values(), key=lambda shards: (-len(shards), shards[0]))
+    groups = [list(shards) for shards in held[:n_groups]]
+    for shards in held[n_groups:]:
+        smallest = min(range(len(groups)), key=lambda i: (len(groups[i]), groups[i][0]))
+        groups[smallest] += shards
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
-
 
 
 def pair_groups(owners: Sequence[Any], other_groups: Sequence[list],
@@ -532,8 +534,8 @@ class Trainer:
                                        np.random.default_rng(config["seed"]))
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
-        n_groups = min(self.scaling.num_workers, train.num_shards)
-        groups, owners = self._groups(train, n_groups)
+        groups, owners = self._groups(train, self.scaling.num_workers)
+        n_groups = len(groups)
         order = [i for g in groups for i in g]
         valid_groups = (pair_groups(owners, *self._groups(valid, n_groups))
                         if valid is not None else [[] for _ in groups])
@@ -596,11 +598,9 @@ class Trainer:
 
     @staticmethod
     def _groups(data: Dataset, n_groups: int) -> tuple[list[list[int]], list[Any]]:
-        """``data``'s shards in ``n_groups`` groups, each as local to one worker as
-        the shards' placement allows (see :func:`local_groups`), and the process
-        holding most of each group."""
-        n_groups = min(n_groups, data.num_shards)
-        if n_groups == 1:
+        """``data``'s shards in at most ``n_groups`` groups by the worker holding
+        them (see :func:`local_groups`), and the process holding most of each."""
+        if min(n_groups, data.num_shards) == 1:
             return [list(range(data.num_shards))], [None]
         locate = api.remote(_locate)
         owners = api.get([locate.remote(s) for s in data.shards])
