@@ -1,19 +1,33 @@
 """Data-parallel training where every step is a task graph.
 
-One step of ``Trainer.fit``::
+The shards are cut into at most ``num_workers`` groups by the worker holding
+them (found by a task per shard before training, see :func:`local_groups`), so
+a step's task reads its shards in place instead of having them copied from
+another worker for every step.  One epoch of ``Trainer.fit``::
 
-    shards (in the object store) ──> one task per group of shards: the gradient
-        SUM of each shard's slice of the global batch, shard by shard
-      ──> one update task: the per-shard sums added in a fixed pairwise tree
-          (shard order), divided by the batch's rows, plus L2; the optimizer step
-      ──> the new parameters: an ObjectRef the next step's tasks read
+    step 0:      one task per group: the gradient SUM of each of its shards'
+                 slice of the step's global batch, at the epoch's parameters
+    step t > 0:  one task per group: first the update of step t-1 -- every
+                 group's per-shard sums added in a fixed pairwise tree in shard
+                 order, divided by the batch's rows, plus L2, the optimizer
+                 step -- then its gradient sums at the new parameters
+    close:       one task per group: the last step's update, then the group's
+                 training (and validation) shards evaluated; the next epoch's
+                 step 0 starts from its output, the driver reads the metrics
 
-The driver submits whole epochs of steps without waiting for any of them: each
-step's tasks take the previous step's parameters as an ObjectRef argument.  Which
-rows a step reads depends only on the seed, the epoch, the step and the shard, and
-the reduction order only on the shards -- never on the workers -- so training on
-one worker, on two, or in one process with :func:`reference_fit` gives
-bit-identical parameters.
+Every group task repeats the same update on the same inputs, so they all hold the
+same parameters without sending them to each other: a step costs one task hop,
+not two (update, then gradients), and only gradient sums travel.  With one group
+there is nothing to exchange, so one task runs a whole epoch, close included.
+What every task of a run shares (model, optimizer, classes, ...) is put in the
+object store once.
+
+The driver submits each epoch without waiting for it and reads the previous
+epoch's metrics meanwhile; when a ``stop`` condition is met, the epoch already
+submitted is cancelled.  Which rows a step reads depends only on the seed, the
+epoch, the step and the shard, and the reduction order only on the shards --
+never on the workers or the grouping -- so training on one worker, on two, or
+in one process with :func:`reference_fit` gives bit-identical parameters.
 """
 
 from __future__ import annotations
@@ -21,6 +35,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -41,9 +57,16 @@ DEFAULT_TRAIN_CONFIG = {
 
 @dataclass
 class ScalingConfig:
-    """How many workers share the shards (tasks per step = num_workers)."""
+    """How many workers may share the training: the shards are cut into at most
+    ``num_workers`` groups, one task per group and step.  Groups follow where
+    the shards are held, so there may be fewer (one, if a single worker holds
+    every shard).  Placement only: the results do not depend on it."""
 
     num_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.num_workers, int) or self.num_workers < 1:
+            raise ValueError(f"num_workers must be a positive int, got {self.num_workers!r}")
 
 
 @dataclass
@@ -134,10 +157,42 @@ def steps_per_epoch(num_rows: int, batch_size: int) -> int:
     return max(1, math.ceil(num_rows / batch_size))
 
 
+#: bytes of per-epoch row orders a process keeps (see :func:`epoch_order`)
+ORDER_CACHE_BYTES = 64 * 2**20
+_order_cache: "OrderedDict[tuple, np.ndarray]" = OrderedDict()
+_order_cache_bytes = 0
+_order_lock = threading.Lock()
+
+
+def epoch_order(n: int, seed: int, epoch: int, shard: int) -> np.ndarray:
+    """The permutation of a shard's ``n`` rows for ``epoch``, fixed by (seed, epoch, shard).
+
+    Every step of an epoch reads a slice of it, so it is drawn once per process
+    and kept (read-only) in a small LRU cache bounded by ``ORDER_CACHE_BYTES``:
+    drawing it again for every step cost more than the step's gradient."""
+    global _order_cache_bytes
+    key = (int(n), int(seed), int(epoch), int(shard))
+    with _order_lock:
+        order = _order_cache.get(key)
+        if order is not None:
+            _order_cache.move_to_end(key)
+            return order
+    order = np.random.default_rng([seed, epoch, shard]).permutation(n)
+    order.flags.writeable = False
+    with _order_lock:
+        if key not in _order_cache and order.nbytes <= ORDER_CACHE_BYTES:
+            _order_cache[key] = order
+            _order_cache_bytes += order.nbytes
+            while _order_cache_bytes > ORDER_CACHE_BYTES:
+                _, dropped = _order_cache.popitem(last=False)
+                _order_cache_bytes -= dropped.nbytes
+    return order
+
+
 def batch_rows(n: int, epoch: int, step: int, steps: int, seed: int, shard: int) -> np.ndarray:
     """Rows of a shard of ``n`` rows that step ``step`` of ``epoch`` reads: an equal
     share of a per-epoch permutation fixed by (seed, epoch, shard)."""
-    order = np.random.default_rng([seed, epoch, shard]).permutation(n)
+    order = epoch_order(n, seed, epoch, shard)
     return order[step * n // steps:(step + 1) * n // steps]
 
 
@@ -150,9 +205,17 @@ def _targets(model: Model, y: np.ndarray, classes: np.ndarray | None) -> np.ndar
 def shard_gradients(params: dict, model: Model, classes: Any, epoch: int, step: int,
                     steps: int, seed: int, first_shard: int, *shards: tuple) -> list:
     """Gradient sums of consecutive shards for one step: [(grads, rows), ...]."""
+    return numbered_shard_gradients(params, model, classes, epoch, step, steps, seed,
+                                    range(first_shard, first_shard + len(shards)), shards)
+
+
+def numbered_shard_gradients(params: dict, model: Model, classes: Any, epoch: int, step: int,
+                             steps: int, seed: int, shard_ids: Sequence[int],
+                             shards: Sequence[tuple]) -> list:
+    """Gradient sums of the shards numbered ``shard_ids`` for one step: [(grads, rows), ...]."""
     out = []
-    for i, (X, y) in enumerate(shards):
-        rows = batch_rows(len(y), epoch, step, steps, seed, first_shard + i)
+    for shard, (X, y) in zip(shard_ids, shards):
+        rows = batch_rows(len(y), epoch, step, steps, seed, shard)
         out.append((model.gradient(params, X[rows], _targets(model, y[rows], classes)), len(rows)))
     return out
 
@@ -193,6 +256,167 @@ def evaluate_shard(params: dict, model: Model, classes: Any, shard: tuple,
         return loss, correct, len(y), classes[predicted], y
     return loss, correct, len(y), predicted, y
 
+
+def in_shard_order(shard_ids: Sequence[int], items: Sequence) -> list:
+    """``items`` (one per shard, listed in the order of ``shard_ids``) sorted by shard."""
+    return [items[i] for i in sorted(range(len(shard_ids)), key=shard_ids.__getitem__)]
+
+
+def update_from_groups(model: Model, optimizer: Any, l2: float, order: Sequence[int],
+                       outputs: Sequence[tuple], carry: tuple) -> tuple[dict, dict]:
+    """The update of ``carry = (params, state)`` from :func:`group_steps` outputs.
+
+    ``order`` lists the shards behind the outputs' gradient sums, output after
+    output; the sums are put back in shard order first, so the pairwise tree is
+    the one :func:`reference_fit` uses whichever shards each group held."""
+    flat = [g for _, grads in outputs for g in grads]
+    return update(carry[0], carry[1], model, optimizer, l2, in_shard_order(order, flat))
+
+
+def group_steps(start: tuple | None, model: Model, optimizer: Any, l2: float, classes: Any,
+                epoch: int, first_step: int, last_step: int, steps: int, seed: int,
+                shard_ids: Sequence[int], own: int, order: Sequence[int],
+                *inputs: Any) -> tuple[tuple, list]:
+    """Steps ``first_step .. last_step - 1`` of ``epoch`` for one group of shards.
+
+    ``inputs`` are the group's shards (numbered ``shard_ids``), then the previous
+    step's outputs of every group when its update is still pending.  Parameters
+    and optimizer state come from ``start`` (when nothing is pending) or else
+    from this group's own previous output (number ``own``; every group holds the
+    same), updated by the pending gradient sums (see :func:`update_from_groups`).
+    Every step but the last is completed here -- only a group holding every
+    shard may run more than one -- and the last one's gradient sums are returned
+    with the parameters they were taken at: ``((params, state), [(grads, rows),
+    ...])``, for the next task to apply.  The same calls in the same order as
+    :func:`reference_fit`, so the same bits.
+    """
+    shards, previous = inputs[:len(shard_ids)], inputs[len(shard_ids):]
+    if previous:
+        params, state = update_from_groups(model, optimizer, l2, order, previous,
+                                           previous[own][0])
+    elif start is not None:
+        params, state = start
+    else:
+        raise ValueError("group_steps needs a start (params, state) or previous outputs")
+    grads = numbered_shard_gradients(params, model, classes, epoch, first_step, steps, seed,
+                                     shard_ids, shards)
+    for step in range(first_step + 1, last_step):
+        params, state = update(params, state, model, optimizer, l2,
+                               in_shard_order(shard_ids, grads))
+        grads = numbered_shard_gradients(params, model, classes, epoch, step, steps, seed,
+                                         shard_ids, shards)
+    return (params, state), grads
+
+
+def close_epoch(model: Model, optimizer: Any, l2: float, classes: Any, order: Sequence[int],
+                outputs: Sequence[tuple], own: int, train_shards: Sequence[tuple],
+                valid_shards: Sequence[tuple], judge_train: bool,
+                judge_valid: bool) -> tuple[tuple, list, list]:
+    """The end of an epoch for one group: the last step's update (from every
+    group's :func:`group_steps` output), then the group's shards evaluated at
+    the new parameters.  ``((params, state), train parts, valid parts)``, a part
+    being :func:`evaluate_shard`'s tuple; ``judge_*``: with predictions."""
+    carry = update_from_groups(model, optimizer, l2, order, outputs, outputs[own][0])
+    return (carry,
+            [evaluate_shard(carry[0], model, classes, s, judge_train) for s in train_shards],
+            [evaluate_shard(carry[0], model, classes, s, judge_valid) for s in valid_shards])
+
+
+# The tasks Trainer.fit submits.  What every task of a run shares -- the model,
+# the optimizer, L2, the classes, the steps per epoch, the seed and the shard
+# order -- travels once, as one object in the store (``plan``), not in every call.
+# An epoch ends with a "closed" tuple ``((params, state), train parts, valid
+# parts)``; the next epoch starts from it.
+
+def _step_task(plan: tuple, closed: tuple | None, epoch: int, first_step: int,
+               last_step: int, shard_ids: list, own: int, *inputs: Any) -> tuple[tuple, list]:
+    """Steps of one group (:func:`group_steps`), from ``closed`` or pending outputs."""
+    model, optimizer, l2, classes, steps, seed, order = plan
+    return group_steps(None if closed is None else closed[0], model, optimizer, l2, classes,
+                       epoch, first_step, last_step, steps, seed, shard_ids, own, order,
+                       *inputs)
+
+
+def _close_task(plan: tuple, own: int, n_train: int, n_valid: int, judge_train: bool,
+                judge_valid: bool, *inputs: Any) -> tuple[tuple, list, list]:
+    """:func:`close_epoch` of one group; ``inputs``: its ``n_train`` training shards,
+    its ``n_valid`` validation shards, then every group's output of the epoch's
+    last step."""
+    model, optimizer, l2, classes, _, _, order = plan
+    train, valid = inputs[:n_train], inputs[n_train:n_train + n_valid]
+    return close_epoch(model, optimizer, l2, classes, order, inputs[n_train + n_valid:], own,
+                       train, valid, judge_train, judge_valid)
+
+
+def _epoch_task(plan: tuple, closed: tuple, epoch: int, n_train: int, judge_train: bool,
+                judge_valid: bool, *shards: Any) -> tuple[tuple, list, list]:
+    """A whole epoch when one group holds every shard: all steps, then the close;
+    ``shards``: the ``n_train`` training shards (all, in order), then the
+    validation shards."""
+    model, optimizer, l2, classes, steps, seed, order = plan
+    train, valid = shards[:n_train], shards[n_train:]
+    last = group_steps(closed[0], model, optimizer, l2, classes, epoch, 0, steps, steps, seed,
+                       order, 0, order, *train)
+    return close_epoch(model, optimizer, l2, classes, order, [last], 0, train, valid,
+                       judge_train, judge_valid)
+
+
+def _where() -> tuple[str, int]:
+    """The process a task runs in (host, pid)."""
+    import socket
+
+    return socket.gethostname(), os.getpid()
+
+
+def _locate(shard: Any) -> tuple[str, int]:
+    """Where a shard is: a task that reads only it runs next to it."""
+    return _where()
+
+
+def local_groups(owners: Sequence[Any], n_groups: int) -> list[list[int]]:
+    """Shards grouped by the process holding them: at most ``n_groups`` groups.
+
+    ``owners[i]`` names the process holding shard ``i``.  Each of the
+    ``n_groups`` processes holding most shards gets a group of its shards; the
+    shards of any further process join the smallest groups.  Locality comes
+    before balance: a task reading a shard held by another worker has it copied
+    over for every step, which costs more than computing the step's slice of
+    several shards, so uneven groups (even a single one, when one process holds
+    everything) train faster than even groups that fetch.  Groups come back in
+    order of their first shard, each sorted -- the grouping decides where
+    gradients are computed, never the result (sums are reassembled in shard
+    order)."""
+    if n_groups < 1:
+        raise ValueError(f"n_groups must be at least 1, got {n_groups}")
+    by_owner: dict[Any, list[int]] = {}
+    for shard, owner in enumerate(owners):
+        by_owner.setdefault(owner, []).append(shard)
+    held = sorted(by_owner.values(), key=lambda shards: (-len(shards), shards[0]))
+    groups = [list(shards) for shards in held[:n_groups]]
+    for shards in held[n_groups:]:
+        smallest = min(range(len(groups)), key=lambda i: (len(groups[i]), groups[i][0]))
+        groups[smallest] += shards
+    return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+def pair_groups(owners: Sequence[Any], other_groups: Sequence[list],
+                other_owners: Sequence[Any]) -> list[list[int]]:
+    """``other_groups`` (e.g. validation shards) matched one to one with groups held
+    by ``owners`` (e.g. training shards): same holder first, then in order; groups
+    left without a match get ``[]``."""
+    if len(other_groups) > len(owners):
+        raise ValueError(f"{len(other_groups)} groups cannot pair with {len(owners)}")
+    paired: list[list[int] | None] = [None] * len(owners)
+    left = list(range(len(other_groups)))
+    for i, owner in enumerate(owners):
+        match = next((j for j in left if other_owners[j] == owner), None)
+        if match is not None:
+            paired[i] = other_groups[match]
+            left.remove(match)
+    for i in range(len(owners)):
+        if paired[i] is None:
+            paired[i] = other_groups[left.pop(0)] if left else []
+    return paired
 
 class Evaluation:
     """The seed's evaluator: called with predictions and labels (numpy arrays, in
@@ -310,46 +534,60 @@ class Trainer:
                                        np.random.default_rng(config["seed"]))
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
-        groups = [[int(i) for i in g] for g in np.array_split(
-            np.arange(train.num_shards), min(self.scaling.num_workers, train.num_shards))]
+        groups, owners = self._groups(train, self.scaling.num_workers)
+        n_groups = len(groups)
+        order = [i for g in groups for i in g]
+        valid_groups = (pair_groups(owners, *self._groups(valid, n_groups))
+                        if valid is not None else [[] for _ in groups])
+        valid_order = [i for g in valid_groups for i in g]
         retries = self.failure.max_failures
-        grad_task = api.remote(max_retries=retries)(shard_gradients)
-        update_task = api.remote(num_returns=2, max_retries=retries)(update)
-        eval_task = api.remote(evaluate_shard)
-        model_ref = api.put(model)
-        params_ref, state_ref = api.put(params), api.put(state)
+        plan = api.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
+        judged = self.evaluator is not None
+        judge_train, judge_valid = judged and valid is None, judged
+        closed = [api.put(((params, state), [], []))] * n_groups
         history: list[dict] = []
         pending: list[tuple] = []  # epochs submitted, metrics not read yet
-        final = (params_ref, state_ref)
+        final, stopped = (params, state), False
         for epoch in range(start, config["epochs"]):
-            for step in range(steps):
-                partial = [
-                    grad_task.remote(params_ref, model_ref, classes, epoch, step, steps,
-                                     config["seed"], g[0], *[train.shards[i] for i in g])
-                    for g in groups
-                ]
-                params_ref, state_ref = update_task.remote(
-                    params_ref, state_ref, model_ref, optimizer, config["l2"], *partial)
-            judged = self.evaluator is not None
-            evals = [eval_task.remote(params_ref, model_ref, classes, s, judged and valid is None)
-                     for s in train.shards]
-            valid_evals = ([eval_task.remote(params_ref, model_ref, classes, s, judged)
-                            for s in valid.shards] if valid is not None else [])
-            pending.append((epoch, evals, valid_evals, params_ref, state_ref))
-            final = (params_ref, state_ref)
+            shards = [[train.shards[j] for j in g] for g in groups]
+            valid_shards = [[valid.shards[j] for j in g] for g in valid_groups]
+            if n_groups == 1:  # nothing to exchange between steps: one task per epoch
+                closed = [api.remote(max_retries=retries)(_epoch_task).remote(
+                    plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
+                    *shards[0], *valid_shards[0])]
+                submitted = list(closed)
+            else:
+                step_task = api.remote(max_retries=retries)(_step_task)
+                outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
+                           for i, g in enumerate(groups)]
+                submitted = list(outputs)
+                for step in range(1, steps):
+                    outputs = [step_task.remote(plan, None, epoch, step, step + 1, g, i,
+                                                *shards[i], *outputs)
+                               for i, g in enumerate(groups)]
+                    submitted += outputs
+                close_task = api.remote(max_retries=retries)(_close_task)
+                closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
+                                            judge_train, judge_valid, *shards[i],
+                                            *valid_shards[i], *outputs)
+                          for i in range(n_groups)]
+                submitted += closed
+            pending.append((epoch, closed, submitted))
             # read the previous epoch's metrics while this one computes
-            if len(pending) > 1 and self._record(pending.pop(0), history):
-                final = history[-1].pop("_refs")
-                pending = []
+            stopped = len(pending) > 1 and self._record(pending.pop(0), order, valid_order,
+                                                        history)
+            if stopped:
                 break
-        for entry in pending:
-            if self._record(entry, history):
-                final = history[-1].pop("_refs")
-                break
+        while pending and not stopped:
+            stopped = self._record(pending.pop(0), order, valid_order, history)
+        for _, _, submitted in pending:  # stopped early: later epochs are not wanted
+            for ref in reversed(submitted):
+                api.cancel(ref)
+        if history:
+            final = history[-1].pop("_carry")
         for row in history:
-            row.pop("_refs", None)
-        params_ref, state_ref = final
-        params, state = api.get([params_ref, state_ref])
+            row.pop("_carry", None)
+        params, state = final
         frame = pd.DataFrame(history)
         last_epoch = history[-1]["epoch"] if history else start - 1
         checkpoint = Checkpoint(params, last_epoch, state, dict(config))
@@ -358,25 +596,32 @@ class Trainer:
         return Result(history[-1] if history else {}, frame, checkpoint, None, [checkpoint],
                       dict(config))
 
-    def _record(self, entry: tuple, history: list) -> bool:
-        """Add an epoch's metrics to ``history``; whether training should stop there."""
-        epoch, evals, valid_evals, params_ref, state_ref = entry
-        row = self._metrics(epoch, evals, valid_evals)
-        row["_refs"] = (params_ref, state_ref)
+    @staticmethod
+    def _groups(data: Dataset, n_groups: int) -> tuple[list[list[int]], list[Any]]:
+        """``data``'s shards in at most ``n_groups`` groups by the worker holding
+        them (see :func:`local_groups`), and the process holding most of each."""
+        if min(n_groups, data.num_shards) == 1:
+            return [list(range(data.num_shards))], [None]
+        locate = api.remote(_locate)
+        owners = api.get([locate.remote(s) for s in data.shards])
+        groups = local_groups(owners, n_groups)
+        return groups, [Counter(owners[i] for i in g).most_common(1)[0][0] for g in groups]
+
+    def _record(self, entry: tuple, order: list, valid_order: list, history: list) -> bool:
+        """Add a submitted epoch's metrics to ``history`` (waiting for them), with its
+        parameters under ``"_carry"``; whether training should stop there."""
+        epoch, closed, _ = entry
+        outputs = api.get(closed)
+        train = in_shard_order(order, [p for out in outputs for p in out[1]])
+        valid = in_shard_order(valid_order, [p for out in outputs for p in out[2]])
+        row: dict = {"epoch": epoch, **summarize(train, "train", self.model.task)}
+        if valid:
+            row.update(summarize(valid, "valid", self.model.task))
+        row["loss"] = row.get("valid_loss", row["train_loss"])
+        row.update(apply_evaluator(self.evaluator, valid or train))
+        row["_carry"] = outputs[0][0]
         history.append(row)
         return self._should_stop(row)
-
-    def _metrics(self, epoch: int, evals: list, valid_evals: list) -> dict:
-        row: dict = {"epoch": epoch}
-        judged: list = []
-        for name, refs in (("train", evals), ("valid", valid_evals)):
-            if refs:
-                parts = api.get(refs)
-                row.update(summarize(parts, name, self.model.task))
-                judged = parts
-        row["loss"] = row.get("valid_loss", row["train_loss"])
-        row.update(apply_evaluator(self.evaluator, judged))
-        return row
 
     def _should_stop(self, row: dict) -> bool:
         for metric, target in (self.run_config.stop or {}).items():
