@@ -8,7 +8,7 @@ public API.  ``Trainer(config=TuneConfig(...), param_space=...)`` searches
 hyperparameters with many trials on the cluster, stopping poor ones early (ASHA).
 """
 
-from . import models, optimizers, tune
+from . import datasets, models, optimizers, tune
 from .dataset import Dataset, Standardization
 from .models import Model
 from .trainer import (
@@ -29,7 +29,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Dataset", "Standardization", "Model", "models", "optimizers", "Trainer", "Result",
+    "Dataset", "Standardization", "datasets", "Model", "models", "optimizers", "Trainer", "Result",
     "Checkpoint", "Evaluation", "FailureConfig", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
     "ASHAScheduler", "ResultGrid", "TorchModel",
 ]
