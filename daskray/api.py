@@ -44,6 +44,7 @@ class _Runtime:
             LocalSession() if cluster is None else Session(cluster.client))
         tracker.on_drop = self.session.forget
         tracker.reporting = cluster is not None
+        tracker.wake = cluster.client.wake_for_refs if cluster is not None else None
         self.saved_config: dict[str, Any] = {}
         if set_dask_scheduler:
             self._set_config("scheduler", get)
@@ -191,6 +192,7 @@ def shutdown() -> None:
         runtime.restore_config()
         tracker.on_drop = None
         tracker.reporting = False
+        tracker.wake = None
         tracker.take_changes()
         if runtime.cluster is not None:
             runtime.cluster.close()

@@ -47,7 +47,9 @@ class RefTracker:
     """This process's ObjectRef counts, and the changes not yet told to the head."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        # reentrant: an ObjectRef collected by a GC run that starts inside incref
+        # (a dict growing) decrefs on the same thread
+        self.lock = threading.RLock()
         self.counts: dict[RefKey, int] = {}
         self.added: list[RefKey] = []
         self.dropped: list[RefKey] = []
@@ -55,15 +57,23 @@ class RefTracker:
         self.on_drop: Any = None
         #: whether a cluster hears of the changes (not in local mode)
         self.reporting = False
+        #: called (outside the lock) when a change is recorded and none was pending,
+        #: so whoever sends the changes need not poll for them
+        self.wake: Any = None
 
     def incref(self, key: RefKey, owned: bool) -> None:
+        first = False
         with self.lock:
             n = self.counts.get(key, 0)
             self.counts[key] = n + 1
             if n == 0 and not owned and self.reporting:
+                first = not (self.added or self.dropped)
                 self.added.append(key)
+        if first and self.wake is not None:
+            self.wake()
 
     def decref(self, key: RefKey) -> None:
+        first = False
         with self.lock:
             n = self.counts.get(key, 0) - 1
             if n > 0:
@@ -71,7 +81,10 @@ class RefTracker:
                 return
             self.counts.pop(key, None)
             if self.reporting:
+                first = not (self.added or self.dropped)
                 self.dropped.append(key)
+        if first and self.wake is not None:
+            self.wake()
         if self.on_drop is not None:
             self.on_drop(key)
 

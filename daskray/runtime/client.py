@@ -61,6 +61,11 @@ class Client:
         self.workers: dict[str, str] = {}
         self.closed = False
         self.failure: str | None = None
+        # ref changes wake the I/O thread through a pipe: a write to it is safe
+        # from any thread and from a finalizer, where a zmq socket or a lock is not
+        self._ref_wake_r, self._ref_wake_w = os.pipe()
+        os.set_blocking(self._ref_wake_r, False)
+        os.set_blocking(self._ref_wake_w, False)
         self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, "driver"))
         self._thread = threading.Thread(target=self._io_loop, name="daskray-client-io", daemon=True)
         self._thread.start()
@@ -170,6 +175,7 @@ class Client:
             self._push.send(b"")  # wakes the I/O thread, which then exits
         self._thread.join(5)
         self._push.close(0)
+        os.close(self._ref_wake_w)  # the tracker's wake hook was cleared before close
         if not self._thread.is_alive():  # else a socket is still open and term() would block
             self.ctx.term()
 
@@ -179,12 +185,15 @@ class Client:
         poller = zmq.Poller()
         poller.register(self._head, zmq.POLLIN)
         poller.register(self._wake_pull, zmq.POLLIN)
+        poller.register(self._ref_wake_r, zmq.POLLIN)
         head_fd = pidfd(self._head_pid) if self._head_pid else None
         if head_fd is not None:
             poller.register(head_fd, zmq.POLLIN)
         try:
             while True:
                 ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+                if self._ref_wake_r in ready:
+                    _drain_pipe(self._ref_wake_r)
                 # taken before draining the queue below: a drop recorded after a
                 # submission that pins the same ref is then sent after it
                 added, dropped = tracker.take_changes()
@@ -213,6 +222,7 @@ class Client:
                     head_fd = None
         finally:
             self._head.close(0)
+            os.close(self._ref_wake_r)
             self._wake_pull.close(0)
 
     def _deliver(self, frame: zmq.Frame) -> None:
@@ -251,3 +261,18 @@ class Client:
             q.put(error)
         with self._results_changed:
             self._results_changed.notify_all()
+
+    def wake_for_refs(self) -> None:
+        """Have the I/O thread send the ref changes now (any thread, any context)."""
+        try:
+            os.write(self._ref_wake_w, b"r")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or closed
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
