@@ -877,3 +877,29 @@ def test_a_dead_workers_identity_does_not_authenticate_a_new_peer(proc_cluster, 
         ctx.term()
     assert not marker.exists()
     assert daskray.get({"x": (sum, [1, 2])}, "x") == 3
+
+
+@daskray.remote
+def _one():
+    return 1
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_graph_from_the_driver_fails_that_graph_only(cluster):
+    import dataclasses
+
+    client = daskray.api._runtime.cluster.client
+    sent = []
+    client.send = sent.append  # capture a real submission instead of sending it
+    try:
+        ref = _one.remote()
+    finally:
+        del client.send
+    (good,) = [m for m in sent if type(m) is P.SubmitGraph]
+    # the same graph, broken: node 0 depends on itself
+    client.send(dataclasses.replace(good, deps=[(0,)] + list(good.deps[1:])))
+    with pytest.raises(daskray.ClusterError, match=f"rejected graph {good.graph}"):
+        daskray.get(ref, timeout=20)
+    # the driver's connection goes on: remote calls and dask graphs still run
+    assert daskray.get(_one.remote(), timeout=30) == 1
+    assert daskray.get({"x": (sum, [1, 2])}, "x") == 3

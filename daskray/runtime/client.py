@@ -244,12 +244,26 @@ class Client:
             with self._results_changed:
                 self.results[("actor-reply", msg.request)] = msg
                 self._results_changed.notify_all()
+        elif t is P.Rejected and msg.graph is not None:
+            self._fail_graph(msg.graph, f"the head rejected graph {msg.graph}: {msg.reason}")
         elif t is P.Rejected:
             self._fail_all(f"the head rejected a message: {msg.reason}")
         else:
             q = self._queues.get(msg.graph)
             if q is not None:
                 q.put(msg)
+
+    def _fail_graph(self, number: Any, reason: str) -> None:
+        """One submitted graph was refused: its waiter, or its refs, get the error."""
+        q = self._queues.get(number)
+        if q is not None:
+            q.put(ClusterError(reason))
+        with self._results_changed:
+            for key in list(tracker.counts):
+                if key[0] == self.client_id and key[1] == number:
+                    self.results[key] = P.RefResult(key, None, None, 0, None, "ClusterError",
+                                                    reason)
+            self._results_changed.notify_all()
 
     def _fail_all(self, reason: str) -> None:
         with self._lock:

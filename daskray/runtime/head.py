@@ -224,12 +224,13 @@ class Head:
             else:
                 self.on_client_message(ident, msg)
         except P.ProtocolError as exc:
-            self.reject(ident, peer, str(exc))
+            graph = msg.graph if type(msg) is P.SubmitGraph else None
+            self.reject(ident, peer, str(exc), graph)
 
-    def reject(self, ident: bytes, peer: tuple, reason: str) -> None:
+    def reject(self, ident: bytes, peer: tuple, reason: str, graph: Any = None) -> None:
         print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
         if peer[0] == P.ROLE_CLIENT:
-            self.client_out.setdefault(ident, []).append(P.Rejected(reason))
+            self.client_out.setdefault(ident, []).append(P.Rejected(reason, graph))
 
     def on_worker_message(self, wid: str, msg: Any) -> None:
         if type(msg) is P.Reports:

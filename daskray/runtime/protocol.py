@@ -262,9 +262,12 @@ class WorkersChanged:
 
 @message(16)
 class Rejected:
-    """The head could not accept a message; ``reason`` says why."""
+    """The head could not accept a message; ``reason`` says why.  ``graph``: the
+    number of the rejected graph, when the message submitted one (only that
+    graph fails); None for any other message (the connection is then unusable)."""
 
     reason: str
+    graph: Any = None
 
 
 # ------------------------------------------------------------------ worker <-> head
