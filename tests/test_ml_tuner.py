@@ -51,6 +51,19 @@ def test_reports_add_iteration_time_and_config_and_every_report_is_kept():
     assert grid.get_best_result("loss", "max").config["lr"] == 0.1
 
 
+def uses_data(config, data, offset):
+    ml.report({"loss": float(data.sum()) + offset + config["x"]})
+
+
+def test_with_parameters_passes_large_arguments_to_every_trial():
+    data = np.arange(100_000, dtype=np.float64)
+    grid = Tuner(tune.with_parameters(uses_data, data=data, offset=1.0),
+                 param_space={"x": tune.grid_search([0.0, 1.0])}).fit()
+    assert [r.metrics["loss"] for r in grid] == [data.sum() + 1.0, data.sum() + 2.0]
+    with pytest.raises(TypeError, match="cannot be called as trainable"):
+        tune.with_parameters(uses_data, data=data)  # offset is missing
+
+
 def up_then_down(config):
     """Loss 1, 2, 3 then a last report: 'all' and 'last' scopes disagree."""
     for value in config["path"]:
@@ -289,6 +302,10 @@ def test_tuner_with_a_trainer_searches_it_exactly_with_stop_conditions():
             assert np.array_equal(result.checkpoint.params[key], expected[key])
     best = grid.get_best_result()
     assert best.metrics["valid_loss"] == min(r.metrics["valid_loss"] for r in grid)
+    searching = Trainer(config=TuneConfig(metric="valid_loss", num_samples=2), model=trainer.model,
+                        train_config=trainer.config, param_space={"lr": tune.uniform(0.01, 0.1)})
+    inherited = Tuner(searching).fit(train, valid=valid)  # the Trainer's own search
+    assert len(inherited) == 2 and all(0.01 <= r.config["lr"] <= 0.1 for r in inherited)
     with pytest.raises(ValueError, match=r"param_space keys \['learning_rate'\]"):
         Tuner(trainer, param_space={"learning_rate": 0.1}).fit(train)
     with pytest.raises(TypeError, match="needs the training Dataset"):
@@ -332,6 +349,43 @@ def test_a_trainer_search_gives_the_same_trials_as_one_process_whatever_the_wind
             assert frame.to_dict("records") == [
                 {k: v for k, v in row.items() if k != "time_total_s"} for row in rows]
             assert all(np.array_equal(result.checkpoint.params[k], params[k]) for k in params)
+
+
+def _digits_search(train, valid):
+    return Trainer(config=TuneConfig(num_samples=20, seed=7, scheduler=ASHAScheduler(max_t=9)),
+                   model=models.SoftmaxRegression, train_config={"epochs": 9},
+                   param_space={"lr": tune.loguniform(1e-3, 1.0)}).fit(train, valid=valid).grid
+
+
+def test_one_process_gives_the_same_search_as_the_cluster(restart_cluster, tmp_path):
+    train, valid, _ = _digits()
+    on_cluster = _digits_search(train, valid)
+    daskray.shutdown()
+    daskray.init(local_mode=True)
+    train, valid, _ = _digits()
+    in_process = _digits_search(train, valid)
+    for a, b in zip(on_cluster, in_process):
+        assert a.config == b.config
+        assert a.metrics_dataframe.drop(columns="time_total_s").equals(
+            b.metrics_dataframe.drop(columns="time_total_s"))
+        assert all(np.array_equal(a.checkpoint.params[k], b.checkpoint.params[k])
+                   for k in a.checkpoint.params)
+    # function trainables in one process (the controller is a local object): trials
+    # run one after another, so each rung judges them in trial order
+    (tmp_path / "asha").mkdir()
+    space = {"lr": tune.loguniform(1e-3, 10), "dir": str(tmp_path / "asha")}
+    grid = Tuner(counted, param_space=space, tune_config=TuneConfig(
+        num_samples=16, seed=3, scheduler=ASHAScheduler(max_t=9))).fit()
+    scheduler, expected = ASHAScheduler(max_t=9), []
+    for config in generate_configs(space, 16, 3):
+        done = scheduler.next_stop(0)
+        while scheduler.decide(done, 1.0 / (1.0 + config["lr"] * done), "min"):
+            done = scheduler.next_stop(done)
+        expected.append(done)
+    assert [r.metrics["training_iteration"] for r in grid] == expected
+    retried = Tuner(flaky, param_space={"dir": str(tmp_path), "how": "raise"},
+                    failure_config=FailureConfig(max_failures=1)).fit()[0]
+    assert list(retried.metrics_dataframe["resumed_at"]) == [0] * 5 + [5] * 3
 
 
 def test_asha_on_digits_is_within_5_percent_of_sklearn_randomized_search():
