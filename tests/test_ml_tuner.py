@@ -249,19 +249,20 @@ def _blobs(n=300, d=5, k=3, seed=0):
 @pytest.mark.parametrize("model", [models.SoftmaxRegression(), models.LogisticRegression(),
                                    models.LinearRegression(), models.MLP(hidden=(6,))],
                          ids=lambda m: type(m).__name__)
-def test_a_trial_trains_bit_for_bit_as_reference_fit(model):
-    X, y = _blobs(n=203, seed=4)
+@pytest.mark.parametrize("cuts", [(61, 98, 178), (50, 100, 150)], ids=["unequal", "equal"])
+def test_a_trial_trains_bit_for_bit_as_reference_fit(model, cuts):
+    X, y = _blobs(n=200, seed=4)
     if model.task == "binary":
         y = (y > 0).astype(int)
-    rng = np.random.default_rng(1)
-    cut = np.cumsum([61, 37, 80])  # unequal shards; 5 rows in a step leave some empty
-    shards = [(X[r], y[r]) for r in np.split(rng.permutation(len(y)), cut)]
+    # batch 5: 40 steps, some shards' share of a step is empty (unequal) or 1 or 2
+    # rows; batch 200 on equal shards: every step has equal shares
+    shards = [(X[r], y[r]) for r in np.split(np.random.default_rng(1).permutation(200), cuts)]
     classes = None if model.task == "regression" else np.unique(y)
     data = _Shards(shards, shards[:1], classes)
     spec = _SearchSpec(model, classes, None, len(shards), None, "loss", "min")
     for config in ({"optimizer": "sgd", "lr": 0.05, "batch_size": 5, "l2": 1e-3, "seed": 3},
                    {"optimizer": "momentum", "lr": 0.02, "batch_size": 64, "seed": 1},
-                   {"optimizer": "adam", "lr": 0.01, "batch_size": 203, "l2": 0.1, "seed": 2}):
+                   {"optimizer": "adam", "lr": 0.01, "batch_size": 200, "l2": 0.1, "seed": 2}):
         config = _config({**config, "epochs": 3})
         state, _, _ = train_trial(spec, data, 0, config, None, 1)  # in two segments
         (params, _, epochs, _), rows, _ = train_trial(spec, data, 0, config, state, 3)

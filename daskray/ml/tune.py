@@ -561,11 +561,13 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
     ``shard_gradients`` + ``update``, in the same order, with less Python around
     them.  Each shard's logits are its own matmul (matmul rounding depends on the
     row count); the loss derivative is row by row, so it runs on all the step's
-    rows at once; each shard's gradient sum is its own matmul and reduction."""
+    rows at once; each shard's gradient sum is its own matmul and reduction.
+    When the shards give a step equal shares of rows, a stacked matmul makes
+    those per-shard calls in one go."""
     index, cuts = data.epoch_order(epoch, steps, seed)
     X, t = data.X[index], targets[index]
     cuts = cuts.tolist()  # python ints: cheaper to slice with than numpy's
-    n_shards = len(data.sizes)
+    n_shards, n_features = len(data.sizes), X.shape[1]
     softmax = _is_softmax(model)
     l2_w = l2 and "w" in model.weight_keys()
     l2_b = l2 and "b" in model.weight_keys()
@@ -573,19 +575,29 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
     for step in range(steps):
         bounds = cuts[step * n_shards:(step + 1) * n_shards + 1]
         lo, hi = bounds[0], bounds[-1]
-        rows = hi - lo
-        pieces = [(a, b, a - lo, b - lo) for a, b in zip(bounds[:-1], bounds[1:])]
+        rows, share = hi - lo, (hi - lo) // n_shards
         w, b = params["w"], params["b"]
         logits = np.empty((rows, w.shape[1]))
-        for a, z, i, j in pieces:
-            np.matmul(X[a:z], w, out=logits[i:j])
+        equal = all(z - a == share for a, z in zip(bounds[:-1], bounds[1:]))
+        if equal:
+            Xs = X[lo:hi].reshape(n_shards, share, n_features)
+            np.matmul(Xs, w, out=logits.reshape(n_shards, share, -1))
+        else:
+            pieces = [(a - lo, z - lo) for a, z in zip(bounds[:-1], bounds[1:])]
+            for i, j in pieces:
+                np.matmul(X[lo + i:lo + j], w, out=logits[i:j])
         logits += b
         delta = (_softmax_delta(logits, t[lo:hi], arange[:rows]) if softmax
                  else model._loss_and_delta(logits, t[lo:hi])[1])
-        grads = {"w": _pairwise_sum([X[a:z].T @ delta[i:j] for a, z, i, j in pieces]) / rows
-                 + (l2 * w if l2_w else 0.0),
-                 "b": _pairwise_sum([np.add.reduce(delta[i:j], axis=0) for _, _, i, j in pieces])
-                 / rows + (l2 * b if l2_b else 0.0)}
+        if equal:
+            stacked = delta.reshape(n_shards, share, -1)
+            gw = list(np.matmul(Xs.transpose(0, 2, 1), stacked))
+            gb = list(np.add.reduce(stacked, axis=1))
+        else:
+            gw = [X[lo + i:lo + j].T @ delta[i:j] for i, j in pieces]
+            gb = [np.add.reduce(delta[i:j], axis=0) for i, j in pieces]
+        grads = {"w": _pairwise_sum(gw) / rows + (l2 * w if l2_w else 0.0),
+                 "b": _pairwise_sum(gb) / rows + (l2 * b if l2_b else 0.0)}
         params, opt_state = optimizer.step(params, grads, opt_state)
     return params, opt_state
 
