@@ -474,7 +474,7 @@ class _Shards:
         self.X = np.concatenate([X for X, _ in train])
         self.n_features = train[0][0].shape[1]
         self._targets: dict = {}  # values or class indices -> stacked training targets
-        self._labels: dict | None = None
+        self._labels: dict = {}
 
     def targets(self, model: Any) -> np.ndarray:
         """The stacked training rows' targets for ``model``: values or class indices."""
@@ -484,13 +484,15 @@ class _Shards:
                 [_targets(model, y, self.classes) for _, y in self.train])
         return self._targets[values]
 
-    def labels(self, model: Any) -> dict:
-        """Class indices of every train and valid shard, by ``(name, i)``."""
-        if self._labels is None:
-            self._labels = {(name, i): _targets(model, y, self.classes)
-                            for name, shards in (("train", self.train), ("valid", self.valid))
-                            for i, (_, y) in enumerate(shards)}
-        return self._labels
+    def labels(self, model: Any, name: str) -> tuple[np.ndarray, list]:
+        """Class indices of the ``name`` ("train"/"valid") shards' rows, stacked,
+        and where each shard's rows begin and end."""
+        if name not in self._labels:
+            shards = self.train if name == "train" else self.valid
+            parts = [_targets(model, y, self.classes) for _, y in shards]
+            self._labels[name] = (np.concatenate(parts),
+                                  np.concatenate([[0], np.cumsum([len(p) for p in parts])]).tolist())
+        return self._labels[name]
 
     def epoch_order(self, epoch: int, steps: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
         """The rows every step of ``epoch`` reads (as in ``batch_rows``), step after
@@ -617,29 +619,35 @@ def _epoch_generic(model: Any, optimizer: Any, l2: float, params: dict, opt_stat
     return params, opt_state
 
 
-def _evaluate(model: Any, params: dict, data: _Shards, shard: tuple, labels: np.ndarray | None,
-              with_predictions: bool) -> tuple:
-    """``evaluate_shard`` of one shard; for a softmax model (``labels`` given: its
-    class indices) the same numbers from one matmul instead of two."""
-    X, y = shard
-    if labels is None or with_predictions:
-        return evaluate_shard(params, model, data.classes, shard, with_predictions)
-    logits = X @ params["w"] + params["b"]
-    loss = -float(np.add.reduce(_log_softmax(logits)[np.arange(len(labels)), labels]))
-    correct = int(np.add.reduce(np.argmax(logits, axis=1) == labels))
-    return loss, correct, len(y), None, None
+def _softmax_evaluation(model: Any, params: dict, data: _Shards, name: str) -> list:
+    """``evaluate_shard`` of every ``name`` shard of a softmax model, the same
+    numbers with fewer calls: each shard's logits are its own matmul, the rest is
+    row by row (so it runs on all rows at once) but for the per-shard sums."""
+    shards = data.train if name == "train" else data.valid
+    labels, cuts = data.labels(model, name)
+    logits = np.empty((len(labels), params["w"].shape[1]))
+    for (X, _), a, b in zip(shards, cuts[:-1], cuts[1:]):
+        np.matmul(X, params["w"], out=logits[a:b])
+    logits += params["b"]
+    picked = _log_softmax(logits)[np.arange(len(labels)), labels]
+    right = np.argmax(logits, axis=1) == labels
+    return [(-float(np.add.reduce(picked[a:b])), int(np.add.reduce(right[a:b])), b - a, None, None)
+            for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def _epoch_metrics(model: Any, params: dict, data: _Shards, evaluator: Any) -> dict:
     """Loss (and accuracy) on the training and the validation shards, as the trainer."""
     row: dict = {}
     judged: list = []
-    labels = data.labels(model) if _is_softmax(model) else {}
+    softmax = _is_softmax(model)
     for name, shards in (("train", data.train), ("valid", data.valid)):
         if shards:
-            last = name == "valid" or not data.valid
-            judged = [_evaluate(model, params, data, s, labels.get((name, i)),
-                                evaluator is not None and last) for i, s in enumerate(shards)]
+            predictions = evaluator is not None and (name == "valid" or not data.valid)
+            if softmax and not predictions:
+                judged = _softmax_evaluation(model, params, data, name)
+            else:
+                judged = [evaluate_shard(params, model, data.classes, s, predictions)
+                          for s in shards]
             row.update(summarize(judged, name, model.task))
     row["loss"] = row.get("valid_loss", row["train_loss"])
     row.update(apply_evaluator(evaluator, judged))
