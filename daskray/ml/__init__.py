@@ -4,8 +4,9 @@
 runs synchronous data-parallel training where every step is a task graph
 (per-shard gradient sums, a fixed pairwise tree, one update), with results equal,
 bit for bit, to :func:`reference_fit` in one process.  Built only on daskray's
-public API.  ``Trainer(config=TuneConfig(...), param_space=...)`` searches
-hyperparameters with many trials on the cluster, stopping poor ones early (ASHA).
+public API.  ``Tuner(train_fn or trainer, param_space=..., tune_config=...)`` and
+``Trainer(config=TuneConfig(...), param_space=...)`` search hyperparameters with
+many trials on the cluster, stopping poor ones early (ASHA).
 """
 
 from . import datasets, models, optimizers, tune
@@ -15,8 +16,8 @@ from .trainer import (
     Checkpoint, Evaluation, FailureConfig, Result, RunConfig, ScalingConfig, Trainer,
     reference_fit,
 )
-from .tune import ASHAScheduler, ResultGrid, TuneConfig
-
+from .tune import ASHAScheduler, FIFOScheduler, ResultGrid, TuneConfig
+from .tuner import Tuner, get_checkpoint, report, with_parameters
 
 
 def __getattr__(name: str):
@@ -29,7 +30,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Dataset", "Standardization", "datasets", "Model", "models", "optimizers", "Trainer", "Result",
-    "Checkpoint", "Evaluation", "FailureConfig", "RunConfig", "ScalingConfig", "reference_fit", "tune", "TuneConfig",
-    "ASHAScheduler", "ResultGrid", "TorchModel",
+    "Dataset", "Standardization", "datasets", "Model", "models", "optimizers", "Trainer",
+    "Result", "Checkpoint", "Evaluation", "FailureConfig", "RunConfig", "ScalingConfig",
+    "reference_fit", "tune", "TuneConfig", "ASHAScheduler", "FIFOScheduler", "ResultGrid",
+    "Tuner", "report", "get_checkpoint", "with_parameters", "TorchModel",
 ]
