@@ -15,6 +15,9 @@ Choices where dask's contract is silent:
   callbacks they start and finish right after their target.
 * ``num_workers``, ``pool`` and any other keyword dask or a user passes are
   accepted and ignored: the cluster's size was fixed at ``daskray.init``.
+* A worker that dies does not fail the graph, as with dask.distributed: what
+  it was running runs again elsewhere (``allowed_failures`` times at most), and
+  results only it held are computed again from their inputs (lineage).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import queue
 from typing import Any
 
+import dask.config
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.local import finish_task, start_state_from_dask
 from dask.utils import key_split
@@ -122,8 +126,22 @@ def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
         number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
         data, wanted, [key_split(k) for k in spec.keys], table,
         hashlib.blake2b(table, digest_size=16).digest(), fail_fast, notify, spec.external,
-        [], 0, False, None, None, None, data_holders, None, shared,
+        [], allowed_failures(), False, None, None, None, data_holders, None, shared,
     )
+
+
+def allowed_failures() -> int:
+    """How often a task of a dask graph runs again when its worker dies under it:
+    dask's own setting ``distributed.scheduler.allowed-failures`` (default 3), as
+    with dask.distributed.  A task that takes down every worker it runs on thus
+    fails its graph with ``WorkerCrashedError`` after that many replacements."""
+    value = dask.config.get("distributed.scheduler.allowed-failures", 3)
+    try:
+        return max(0, int(value))
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"distributed.scheduler.allowed-failures must be a whole number, got {value!r}"
+        ) from None
 
 
 def _run_on_cluster(client: Client, spec: GraphSpec, state: dict, pretask: list,

@@ -306,3 +306,82 @@ def test_siblings_never_exceed_their_bound(s):
     sizes = [len(w.processing) for w in s.workers.values()]
     assert max(sizes) <= 2 * (1 + policy.MAX_SIBLINGS)
     assert min(sizes) > 0, "both workers got work"
+
+
+def lineage_graph(deps, wanted, max_retries=3):
+    n = len(deps)
+    return GraphSubmitted(G, [f"t{i}" for i in range(n)], deps, list(range(n)),
+                          [f"body{i}".encode() for i in range(n)], {}, wanted, ["g"] * n,
+                          True, False, max_retries=max_retries)
+
+
+def test_a_lost_intermediate_is_computed_again_with_its_freed_inputs():
+    big = INLINE_THRESHOLD * 10
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    # t0 -> t1 -> t2 (wanted), and t3 (wanted) also reads t1
+    s.handle(lineage_graph([(), (0,), (1,), (1,)], wanted=[2, 3]))
+    s.handle(TaskFinished(0, "a", big, None, 0.001))
+    s.handle(TaskFinished(1, "a", big, None, 0.001))  # t0 is freed now
+    s.handle(TaskFinished(2, "a", 8, b"two", 0.001))
+    assert s.tasks[0].holders == set() and s.tasks[0].inline is None
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    assert not of(ReportError, out), out
+    # t3 was running on a: it runs again, after t1, which needs t0 again first
+    (d,) = of(Dispatch, out)
+    assert (d.worker, d.task) == ("b", 0)
+    assert s.tasks[1].state == "waiting" and s.tasks[3].state == "waiting"
+    out = s.handle(TaskFinished(0, "b", big, None, 0.001))
+    assert [(x.task, x.deps) for x in of(Dispatch, out)] == [(1, ((0, ("local",)),))]
+    out = s.handle(TaskFinished(1, "b", big, None, 0.001))
+    assert [x.task for x in of(Dispatch, out)] == [3]
+    out = s.handle(TaskFinished(3, "b", 8, b"three", 0.001))
+    assert ReportResult(G, 3, b"three", None, 3) in of(ReportResult, out)
+    assert s.graphs[G].unfinished == 0
+
+
+def test_a_reader_running_elsewhere_when_its_input_is_lost_runs_again_if_it_fails():
+    big = INLINE_THRESHOLD * 10
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    # t0 -> t2 and t1 -> t3 on different workers; t4 reads t2 and t3
+    s.handle(lineage_graph([(), (), (0,), (1,), (2, 3)], wanted=[4]))
+    assert {s.tasks[0].worker, s.tasks[1].worker} == {"a", "b"}
+    for t in (0, 1):
+        s.handle(TaskFinished(t, s.tasks[t].worker, big, None, 0.001))
+    for t in (2, 3):
+        out = s.handle(TaskFinished(t, s.tasks[t].worker, big, None, 0.001))
+    (d,) = of(Dispatch, out)
+    reader_on = d.worker
+    lost_on = "a" if reader_on == "b" else "b"
+    lost = 2 if s.tasks[2].holders == {lost_on} else 3
+    out = s.handle(WorkerLost(lost_on, "was killed by SIGKILL"))
+    assert not of(ReportError, out)
+    # its input t0 or t1 was freed and lived on the dead worker too: first that again
+    first = lost - 2
+    assert s.tasks[first].state in ("ready", "processing") and s.tasks[lost].state == "waiting"
+    # the reader fails reading the dead worker's object: no error, it waits again
+    out = s.handle(TaskErred(4, reader_on, b"ObjectLostError"))
+    assert not of(ReportError, out) and s.tasks[4].state == "waiting"
+    s.handle(TaskFinished(first, reader_on, big, None, 0.001))
+    out = s.handle(TaskFinished(lost, reader_on, big, None, 0.001))
+    assert [x.task for x in of(Dispatch, out)] == [4]
+    out = s.handle(TaskFinished(4, reader_on, 8, b"four", 0.001))
+    assert of(ReportResult, out) == [ReportResult(G, 4, b"four", None, 4)]
+
+
+def test_a_lost_result_of_a_remote_call_is_not_recomputed():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    ev = GraphSubmitted(("c", 7), ["t0", "t1"], [(), (0,)], [0, 1], [b"b0", b"b1"], {},
+                        [1], ["g", "g"], False, False, max_retries=3)
+    s.handle(ev)
+    s.handle(TaskFinished(0, "a", INLINE_THRESHOLD * 10, None, 0.001))
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    # t1 ran on a, so it is retried, but its input is gone: it fails, t0 is not rerun
+    assert not [d for d in of(Dispatch, out) if d.task == 0]
+    assert 0 not in s.tasks or s.tasks[0].state == "erred"
+    assert s.tasks[1].state == "erred"

@@ -150,7 +150,10 @@ class Head:
             self.poller.unregister(control)
             self.control_of.pop(control, None)
             control.close(0)
-        self.worker_address.pop(wid, None)
+        address = self.worker_address.pop(wid, None)
+        if address is not None:  # a read from it still in flight must not wait it out
+            for sock in self.worker_control.values():
+                sock.send_multipart([self.token, P.PEER_LOST, address.encode()])
         self.tables_sent.pop(wid, None)
         self.runs.pop(wid, None)
         self.run_tables.pop(wid, None)

@@ -57,13 +57,19 @@ def decode_object_id(arg: bytes) -> int | str:
 
 
 def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int,
-                 shared: bool = False) -> Any:
+                 shared: bool = False, holder_lost: Any = None) -> Any:
     """Ask the data server behind ``sock`` for an object; ``ObjectLostError`` if it is
-    gone.  ``shared``: have it put in shared memory (worth it when read again)."""
+    gone.  ``shared``: have it put in shared memory (worth it when read again).
+    ``holder_lost()``: whether the holder is known dead (checked while waiting)."""
     request = [token, P.GET, str(object_id).encode()]
     sock.send_multipart(request + [P.SHARED] if shared else request)
-    if not sock.poll(timeout_ms):
-        raise ObjectLostError(f"object {object_id}: its holder did not answer within {timeout_ms} ms")
+    deadline = time.monotonic() + timeout_ms / 1000
+    while not sock.poll(100 if holder_lost is not None else timeout_ms):
+        if holder_lost is not None and holder_lost():
+            raise ObjectLostError(f"object {object_id}: the worker holding it died")
+        if holder_lost is None or time.monotonic() > deadline:
+            raise ObjectLostError(
+                f"object {object_id}: its holder did not answer within {timeout_ms} ms")
     reply = sock.recv_multipart(copy=False)
     if reply[0].bytes == P.SHARED:
         return loads(reply[1].bytes)
@@ -86,6 +92,8 @@ class DataServer(threading.Thread):
         self.parent_pid = parent_pid
         self.on_interrupt = on_interrupt
         self.shm_prefix: str | None = None
+        #: data-server addresses of workers the head said died
+        self.lost_peers: set[str] = set()
 
     def run(self) -> None:
         poller = zmq.Poller()
@@ -133,6 +141,8 @@ class DataServer(threading.Thread):
                     self.sock.send_multipart([ident, P.MISSING])
                     return
                 self.sock.send_multipart([ident, P.OK, *out], copy=False)
+            elif verb == P.PEER_LOST:
+                self.lost_peers.add(arg.decode())
             elif verb == P.GETSHM:  # a reader on another host
                 host_transfer.serve_descriptor(self.sock, ident, arg)
             elif verb == P.PUT:
@@ -472,8 +482,10 @@ class Worker:
             sock = self.peers.get(source[1])
             if sock is None:
                 sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1])
+            lost = self.server.lost_peers
             try:
-                return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS)
+                return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS,
+                                    holder_lost=lambda: source[1] in lost)
             except BaseException:
                 # its answer may still come: a later fetch must not read it as its own
                 self.peers.pop(source[1], None)

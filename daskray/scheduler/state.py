@@ -20,6 +20,11 @@ State
                           │          └──────────┘  └─> erred ─> (forgotten)
                           └─────────────────────────────┘   (an input failed)
 
+    and back to waiting (lineage, dask graphs): a memory task whose only copy
+    died with its worker runs again, with any of its inputs freed meanwhile;
+    its readers that were ready wait again, those already running run again
+    if they fail.
+
     WorkerState.processing :: {task id}     dispatched, not yet reported back
     WorkerState.queue      :: heap          ready tasks placed on this worker
                                             (their large inputs live there, or
@@ -73,6 +78,9 @@ TRANSITIONS = {
     (PROCESSING, ERRED), (WAITING, ERRED), (READY, ERRED),
     (MEMORY, ERRED),  # its only copy was lost
     (MEMORY, READY), (ERRED, READY),  # an actor's constructor, re-run after a crash
+    # lineage: a dask intermediate whose only copy was lost runs again, and what
+    # was about to read it waits for it again
+    (MEMORY, WAITING), (READY, WAITING), (PROCESSING, WAITING),
 }
 
 #: a failure: (pickled exception or None, daskray error type name or None, message)
@@ -123,6 +131,9 @@ class TaskState:
     actor: str | None = None
     #: the shared-memory file holding the value (``inline`` is its descriptor)
     shared: str | None = None
+    #: running while an input it reads was lost and is being recomputed: if it
+    #: fails (reading that input), it runs again instead of failing its graph
+    input_lost: bool = False
     history: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -327,9 +338,61 @@ class SchedulerState:
             if ts.id in self.tasks and ts.state == PROCESSING:
                 self._fail(ts, (None, "WorkerCrashedError", message))
         for ts, message in lost:
-            if ts.id in self.tasks:
+            if ts.id not in self.tasks or ts.state != MEMORY:
+                continue  # already being recomputed, for another lost object
+            if not self._recompute(ts):
                 self._object_lost(ts, message)
         self._ready_grew = True
+
+    def _recompute(self, lost: TaskState) -> bool:
+        """Lineage: run a dask graph's lost intermediate again, with whatever of its
+        own inputs is gone too; what reads it waits for it again.  False when that
+        cannot be done (a remote object, data, or an input that failed)."""
+        if not lost.graph.fail_fast or lost.state != MEMORY or lost.graph.id not in self.graphs:
+            return False
+        redo: dict[TaskId, TaskState] = {}
+        stack = [lost]
+        while stack:
+            ts = stack.pop()
+            if ts.id in redo:
+                continue
+            if ts.body is None or ts.actor is not None:
+                return False  # data or an actor call: nothing to run again
+            redo[ts.id] = ts
+            for d in ts.deps:
+                dep = self.tasks.get(d)
+                if dep is None or dep.state == ERRED:
+                    return False
+                if dep.state == MEMORY and dep.inline is None and not dep.holders:
+                    stack.append(dep)  # freed or lost as well
+        for ts in redo.values():
+            self._transition(ts, WAITING)
+            ts.holders = set()
+            ts.inline = None
+            self._drop_shared(ts)
+            ts.graph.unfinished += 1
+            if ts.deps_released:
+                ts.deps_released = False
+                for d in ts.deps:
+                    self.tasks[d].pending_dependents += 1
+        for ts in redo.values():
+            ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
+            for d in ts.dependents:
+                reader = self.tasks.get(d)
+                if reader is None or reader.id in redo:
+                    continue
+                if reader.state == WAITING:
+                    reader.waiting_on += 1
+                elif reader.state == READY:
+                    self._transition(reader, WAITING)
+                    reader.waiting_on = sum(
+                        1 for x in reader.deps if self.tasks[x].state != MEMORY)
+                elif reader.state == PROCESSING:
+                    reader.input_lost = True
+        for ts in sorted(redo.values(), key=lambda t: t.id):
+            if ts.waiting_on == 0:
+                self._make_ready(ts)
+        return True
 
     def _actor_lost(self, ws: WorkerState, reason: str) -> list[tuple[TaskState, str]]:
         """The process of an actor died: restart it, or fail what it was to run."""
@@ -773,6 +836,7 @@ class SchedulerState:
         self.durations.observe(ts.group, ev.duration)
         self._transition(ts, MEMORY)
         ts.worker = None
+        ts.input_lost = False
         ts.nbytes = ev.nbytes
         ts.inline = ev.inline
         if ws is not None:
@@ -813,6 +877,14 @@ class SchedulerState:
         if ts is None or ts.state != PROCESSING or ts.worker != ev.worker:
             return
         ts.worker = None
+        if ts.input_lost and not ts.cancel_requested:  # it read an input that was lost
+            ts.input_lost = False
+            ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
+            if ts.waiting_on:
+                self._transition(ts, WAITING)
+            else:
+                self._make_ready(ts)
+            return
         if ts.graph.retry_exceptions and ts.retries_left > 0 and not ts.cancel_requested:
             ts.retries_left -= 1
             self._transition(ts, READY)
