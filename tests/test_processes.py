@@ -958,7 +958,7 @@ def _one():
 
 
 @pytest.mark.timeout(60)
-def test_a_malformed_graph_from_the_driver_fails_that_graph_only(cluster):
+def test_a_malformed_graph_from_the_driver_fails_that_graph_only(proc_cluster):
     import dataclasses
 
     client = daskray.api._runtime.cluster.client
