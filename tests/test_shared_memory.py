@@ -303,7 +303,7 @@ def test_large_task_result_read_twice_reuses_its_shm_file(cluster):
     new = session_files() - before
     assert len(new) == 1, f"the driver's read should export the result once: {sorted(new)}"
     (path,) = new
-    assert "-w-" in os.path.basename(path), path  # written by the worker holding it
+    assert os.path.basename(path).startswith("w-"), path  # written by the worker holding it
 
     second = daskray.get(ref)
     assert session_files() - before == {path}, "the second get wrote another copy"
@@ -438,7 +438,7 @@ def test_shutdown_leaves_no_file_of_the_session(own_cluster):
     result = make_random.remote(16 * MB, 32)
     view = daskray.get(result)
     files = session_files(prefix)
-    assert len(files) == 2 and any("-w-" in f for f in files), files
+    assert len(files) == 2 and any(os.path.basename(f).startswith("w-") for f in files), files
 
     daskray.shutdown()
     assert session_files(prefix) == set(), "shutdown() left shared-memory files behind"
@@ -453,7 +453,7 @@ def test_shutdown_leaves_no_file_of_the_session(own_cluster):
 def test_files_a_worker_wrote_go_when_it_dies(own_cluster):
     result = make_random_with_pid.remote(16 * MB, 41)
     pid, view = daskray.get(result)
-    written = {f for f in session_files() if f"-w-{pid}-" in os.path.basename(f)}
+    written = {f for f in session_files() if os.path.basename(f).startswith(f"w-{pid}-")}
     assert len(written) == 1, session_files()
 
     os.kill(pid, signal.SIGKILL)
@@ -521,8 +521,9 @@ def test_next_init_sweeps_a_sigkilled_session_but_never_a_live_one(no_cluster, t
         info, survivor_info = read_info(victim), read_info(survivor)
         for facts in (info, survivor_info):
             assert len(facts["files"]) == 2, facts  # the put and the worker's export
-            assert any("-put-" in f for f in facts["files"]), facts
-            assert any("-w-" in f for f in facts["files"]), facts
+            names = [os.path.basename(f) for f in facts["files"]]
+            assert any(n.startswith("put-") for n in names), facts
+            assert any(n.startswith("w-") for n in names), facts
         # the victim's whole cluster dies at once, head first: nobody cleans up
         for pid in [info["head"], *info["workers"], info["driver"]]:
             os.kill(pid, signal.SIGKILL)
@@ -658,3 +659,19 @@ def test_a_large_put_that_pickles_in_band_goes_to_its_file_not_inline(cluster, m
         np.testing.assert_array_equal(got, value)
     assert daskray.get(in_band_digest.remote(ref)) == expected  # and a task reads it too
     del ref, got
+
+
+def test_segments_live_in_a_private_directory_of_the_session(cluster):
+    """/dev/shm is shared by every user: a segment at a predictable name there could
+    be made first, or replaced once spilled, by someone else."""
+    import stat
+
+    prefix = current_cluster().shm_prefix
+    directory = os.path.dirname(prefix)
+    assert prefix.endswith("/") and os.path.dirname(directory) == SHM_DIR
+    st = os.lstat(directory)
+    assert stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid()
+    assert stat.S_IMODE(st.st_mode) == 0o700
+    ref = daskray.put(np.zeros(MB // 8))
+    assert all(os.path.dirname(f) == directory for f in session_files())
+    del ref

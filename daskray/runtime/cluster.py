@@ -68,7 +68,8 @@ class LocalCluster:
         with open(os.path.join(self.session_dir, OWNER_FILE), "w") as f:
             f.write(str(os.getpid()))
         self.token = secrets.token_bytes(32)
-        self.shm_prefix = shared_memory.session_prefix(os.getpid(), self.session_dir)
+        self.shm_prefix = shared_memory.create_session_dir(os.getpid()) \
+            if shared_memory.available() else os.path.join(self.session_dir, "shm", "")
         # several store namespaces stand in for several hosts (see host_transfer)
         own_prefix = self.shm_prefix if store_namespaces == 1 else \
             store_memory.namespace_prefix(self.shm_prefix, 0)

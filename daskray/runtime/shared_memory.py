@@ -14,7 +14,8 @@ memory returns to the system when the last view dies.  Every file of a session
 carries the session's prefix, so shutdown (or, after a crash, the next
 ``daskray.init``) removes whatever is left.
 
-Names: ``/dev/shm/daskray-<driver pid>-<session>-<writer>-<n>``.
+Names: ``/dev/shm/daskray-<driver pid>-<random>/<writer>-<pid>-<n>``: one private
+directory per session.
 
 Memory: with a :class:`~daskray.runtime.store_memory.HostStore` configured (every
 process of a cluster session has one), writing makes room under the store's
@@ -30,6 +31,7 @@ import mmap
 import os
 import pickle
 import shutil
+import tempfile
 from typing import Any, Callable
 
 from ..errors import ObjectLostError
@@ -68,10 +70,14 @@ def available() -> bool:
     return os.path.isdir(SHM_DIR) and os.access(SHM_DIR, os.W_OK)
 
 
-def session_prefix(driver_pid: int, session_dir: str) -> str:
-    """The file-name prefix of every segment of one cluster session."""
-    tag = os.path.basename(session_dir.rstrip("/")).replace("daskray-", "")
-    return os.path.join(SHM_DIR, f"daskray-{driver_pid}-{tag}-")
+def create_session_dir(driver_pid: int) -> str:
+    """A new private directory (mode 0700, random name) for one cluster session's
+    segments; the prefix of every segment path, ending in ``/``.
+
+    ``/dev/shm`` is shared by every user: segments at predictable names there
+    could be created first, or replaced once spilled, by someone else.  Inside
+    a directory only we can enter, they cannot."""
+    return os.path.join(tempfile.mkdtemp(prefix=f"daskray-{driver_pid}-", dir=SHM_DIR), "")
 
 
 def is_descriptor(data: Any) -> bool:
@@ -167,11 +173,15 @@ def unlink(path: str) -> None:
 
 def remove_session(prefix: str) -> int:
     """Remove every segment of a session (or of one writer: ``prefix`` is then
-    longer), pooled and spilled ones too; how many there were."""
+    longer), pooled and spilled ones too, and the session's directory when
+    ``prefix`` is that directory; how many segments there were."""
     paths = glob.glob(glob.escape(prefix) + "*")
     for path in paths:
         _remove(path)
-    return len(paths) + (_store.remove(prefix) if _store is not None else 0)
+    removed = len(paths) + (_store.remove(prefix) if _store is not None else 0)
+    if prefix.endswith("/"):
+        _remove(prefix.rstrip("/"))
+    return removed
 
 
 def _remove(path: str) -> None:
