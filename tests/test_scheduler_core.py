@@ -297,15 +297,19 @@ def test_inputs_of_one_task_are_made_on_one_worker():
     assert later.get(4) == later.get(5) == where[0]
 
 
-def test_siblings_never_exceed_their_bound(s):
-    # one task fed by 20 roots: a worker takes at most 1 + MAX_SIBLINGS of them at once
-    from daskray.scheduler import policy
-
+def test_siblings_are_not_hoarded_behind_a_long_task():
+    """Four slow inputs of one task on two workers: two each, not four on one."""
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
     s.handle(WorkerJoined("b"))
-    s.handle(graph([()] * 20 + [tuple(range(20))], wanted=[20]))
-    sizes = [len(w.processing) for w in s.workers.values()]
-    assert max(sizes) <= 2 * (1 + policy.MAX_SIBLINGS)
-    assert min(sizes) > 0, "both workers got work"
+    s.handle(graph([(), (), (), (), (0, 1, 2, 3)], wanted=[4]))
+    ran = {w: set(ws.processing) for w, ws in s.workers.items()}
+    assert all(ran.values()), "both workers got work at once"
+    # whoever finishes first takes what is left: no one runs more than two
+    first = min(ran, key=lambda w: len(ran[w]))
+    out = finish(s, next(iter(ran[first])), first)
+    ran[first].update(d.task for d in of(Dispatch, out))
+    assert sorted(len(v) for v in ran.values()) == [2, 2], ran
 
 
 def lineage_graph(deps, wanted, max_retries=3):

@@ -1109,10 +1109,12 @@ class SchedulerState:
                 return
 
     def _dispatch_with_siblings(self, ts: TaskState, ws: WorkerState) -> None:
-        """Dispatch ``ts``, and with it the next tasks of the global ready heap that
-        feed a task ``ts`` feeds too (``x[i, j]`` and ``x[j, i]`` of ``x + x.T``,
-        the inputs of one reduction): computed on one worker, their results need
-        not move to meet."""
+        """Dispatch ``ts``, and place on the same worker the next tasks of the
+        global ready heap that feed a task ``ts`` feeds too (``x[i, j]`` and
+        ``x[j, i]`` of ``x + x.T``, the inputs of one reduction): computed on one
+        worker, their results need not move to meet.  Placed, not dispatched: the
+        worker takes them as it has room, and an idle worker may still take them
+        away, so a worker never hoards them behind a long task."""
         self._dispatch(ts, ws)
         if not ts.dependents or ws.waiting:  # nested: only the waiting task's calls
             return
@@ -1128,7 +1130,8 @@ class SchedulerState:
             if feeds.isdisjoint(sibling.dependents) or not _fits(sibling.resources, ws):
                 return
             heapq.heappop(ready)
-            self._dispatch(sibling, ws)
+            heapq.heappush(ws.queue, (sibling.priority, sibling.id))
+            self._room.add(ws.id)
 
     def _fill(self, ws: WorkerState) -> None:
         """Dispatch tasks to ``ws`` while it has room (an actor's process: its calls)."""
