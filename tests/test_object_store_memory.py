@@ -198,6 +198,58 @@ def test_the_pool_is_bounded_and_dropped_before_anything_spills(roomy_store):
         assert (shared_memory.read(d) == i).all()
 
 
+def test_a_freed_object_still_viewed_keeps_counting_until_its_views_go(store):
+    d0, p0 = write(np.full(MB // 8, 5, dtype=np.int64), store)
+    view = shared_memory.read(d0)
+    shared_memory.unlink(p0)  # freed, but its pages are still in use
+    assert not os.path.exists(p0)
+    assert store.stats()["used"] >= MB
+    other = shared_memory.read(write(np.zeros(MB // 8), store)[0])  # pinned too
+    with pytest.raises(daskray.ObjectStoreFullError):
+        write(np.zeros(MB // 8 + 1024), store)  # over 3 MiB: the viewed one still counts
+    assert (view == 5).all()
+    del view
+    gc.collect()
+    write(np.zeros(MB // 8 + 1024), store)  # its view is gone: reaped, room made
+    assert not os.listdir(store.freed_dir)
+    assert (other == 0).all()
+
+
+def test_a_full_dev_shm_is_met_by_spilling_and_trying_again(store, monkeypatch):
+    old, _ = write(np.full(MB // 8, 1, dtype=np.int64), store)
+    real_pwrite, calls = os.pwrite, []
+
+    def pwrite_once_full(fd, data, offset):
+        if len(data) > 8:  # an object's bytes, not the store's 8-byte count
+            calls.append(offset)
+            if len(calls) == 1:
+                raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite_once_full)
+    value = np.arange(MB // 8, dtype=np.int64)
+    descriptor, path = write(value, store)
+    monkeypatch.undo()
+    assert store.stats()["spilled_objects"] == 1, "room was made by spilling the other"
+    assert np.array_equal(shared_memory.read(descriptor), value)
+    assert (shared_memory.read(old) == 1).all()
+
+
+def test_a_full_dev_shm_with_nothing_to_spill_is_a_clear_error(store, monkeypatch):
+    real_pwrite = os.pwrite
+
+    def always_full(fd, data, offset):
+        if len(data) > 8:
+            raise OSError(28, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", always_full)
+    with pytest.raises(daskray.ObjectStoreFullError, match="is full"):
+        write(np.zeros(MB // 8), store)
+    monkeypatch.undo()
+    assert store.stats()["objects"] == 0 and store.stats()["used"] == 0
+
+
 # =========================================================================== on a cluster
 
 
@@ -286,6 +338,19 @@ def test_two_workers_writing_at_once_share_one_limit(limited_cluster):
     del batches, refs, ref
     assert wait_until(lambda: not spill_files(limited_cluster), 30)
     assert wait_until(lambda: daskray.object_store_stats()["used"] == 0, 30)
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_that_cannot_share_a_result_sends_a_copy(limited_cluster):
+    spill_dir = limited_cluster.store.spill_dir
+    with open(spill_dir, "w"):  # no spill directory can be made: the export fails
+        pass
+    try:
+        ref = make.remote(80 * MB, seed=5)  # larger than the limit: meant for disk
+        assert np.array_equal(daskray.get(ref, timeout=60), random_array(80 * MB, 5))
+        assert daskray.get(checksum.remote(np.arange(10)), timeout=30)  # still serving
+    finally:
+        os.unlink(spill_dir)
 
 
 @pytest.mark.timeout(120)

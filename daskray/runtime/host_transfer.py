@@ -14,6 +14,7 @@ which stands in for several hosts in the tests.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import threading
 from typing import Any
@@ -79,8 +80,10 @@ class SharedObjectServer(threading.Thread):
                     continue
                 try:
                     serve_descriptor(self.sock, frames[0], frames[3].bytes)
-                except (ValueError, zmq.ZMQError) as exc:
-                    print(f"daskray: bad object request: {exc}", file=sys.stderr)
+                except Exception as exc:  # noqa: BLE001 - the server outlives any request
+                    print(f"daskray: object request failed: {exc!r}", file=sys.stderr)
+                    with contextlib.suppress(zmq.ZMQError):
+                        self.sock.send_multipart([frames[0], P.MISSING])
         finally:
             self.sock.close(0)
 

@@ -94,13 +94,15 @@ class ObjectStore:
         with self._lock:
             found = self._exported.get(object_id)
             if found is None:
+                if object_id not in self._objects:  # deleted meanwhile: nothing to write
+                    raise KeyError(object_id)
                 frames = frames if frames is not None else self.frames(object_id)
                 found = self._exported[object_id] = shared_memory.write(frames, prefix, "w")
         return found[0]
 
     def delete(self, object_id: int) -> None:
-        self._objects.pop(object_id, None)
-        with self._lock:
+        with self._lock:  # not between an export's check and its write
+            self._objects.pop(object_id, None)
             found = self._exported.pop(object_id, None)
         if found is not None:
             shared_memory.unlink(found[1])

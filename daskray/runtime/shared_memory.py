@@ -25,6 +25,8 @@ object wherever it is; see :mod:`store_memory`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import itertools
 import mmap
@@ -34,8 +36,8 @@ import shutil
 import tempfile
 from typing import Any, Callable
 
-from ..errors import ObjectLostError
-from .store_memory import HostStore
+from ..errors import ObjectLostError, ObjectStoreFullError
+from .store_memory import HostStore, signals_deferred
 
 SHM_DIR = "/dev/shm"
 #: descriptors start with this, so ``loads`` can tell them from a pickle
@@ -97,23 +99,37 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
         offsets.append((size, buf.nbytes))
         size += -(-buf.nbytes // _ALIGN) * _ALIGN
     path = f"{prefix}{writer}-{os.getpid()}-{next(_counter)}"
-    if _store is not None:
-        fd = _store.create(path, size)  # the path names it even once it is spilled
-    else:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.ftruncate(fd, max(size, 1))
-        for (offset, length), buf in zip(offsets, buffers):
-            # pwrite, not a writable mapping: on tmpfs it is 2-3x faster than
-            # filling fresh pages through page faults
-            done = 0
-            while done < length:
-                done += os.pwrite(fd, buf[done:], offset + done)
-    except BaseException:
-        unlink(path)
-        raise
-    finally:
-        os.close(fd)
+    with signals_deferred():  # a cancelled task must not leave a file half made
+        for attempt in (1, 2):
+            if _store is not None:
+                fd = _store.create(path, size)  # the path names it even once spilled
+            else:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, max(size, 1))
+                for (offset, length), buf in zip(offsets, buffers):
+                    # pwrite, not a writable mapping: on tmpfs it is 2-3x faster
+                    # than filling fresh pages through page faults
+                    done = 0
+                    while done < length:
+                        done += os.pwrite(fd, buf[done:], offset + done)
+            except OSError as exc:
+                _discard(path)
+                if exc.errno != errno.ENOSPC:
+                    raise
+                if attempt == 1 and _store is not None:  # others filled /dev/shm: spill
+                    _store.make_room(size)
+                    continue
+                raise ObjectStoreFullError(
+                    f"{SHM_DIR} is full: an object of {size / 2**20:,.1f} MiB did not fit "
+                    "(other programs use it too). Free space there, or lower "
+                    "daskray.init(object_store_memory=...)") from exc
+            except BaseException:
+                _discard(path)
+                raise
+            finally:
+                os.close(fd)
+            break
     inline_header = None if header_in_file else bytes(header)
     descriptor = MARKER + pickle.dumps((path, inline_header, offsets, _server), protocol=5)
     return descriptor, path
@@ -150,15 +166,25 @@ def local_frames(descriptor: bytes) -> tuple[Any, list]:
         *offsets, (start, length) = offsets
     # the mapping keeps a duplicate of ``fd``, and with it the reader's pin, until
     # the last view into it dies
-    fd = os.open(path, os.O_RDONLY) if _store is None else _store.open_for_reading(path)
-    try:
-        mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-    finally:
-        os.close(fd)
+    with signals_deferred():
+        fd = os.open(path, os.O_RDONLY) if _store is None else _store.open_for_reading(path)
+        try:
+            mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
     view = memoryview(mapped)
     if header is None:
         header = view[start:start + length]
     return header, [view[o:o + n] for o, n in offsets]
+
+
+def _discard(path: str) -> None:
+    """Remove a file being written, never keep it for reuse."""
+    if _store is not None:
+        _store.discard(path)
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def unlink(path: str) -> None:

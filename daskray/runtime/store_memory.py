@@ -40,6 +40,8 @@ import contextlib
 import fcntl
 import os
 import shutil
+import signal
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
@@ -55,6 +57,18 @@ SPILL_DIR = "spill"
 MIN_POOLED = 1 << 20
 #: share of the limit pooled files may take
 POOL_FRACTION = 0.25
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold back SIGUSR1 (how a worker cancels the task it runs) for a moment: a
+    task cancelled inside the store's bookkeeping would leave a lock held, a
+    count wrong or a file half made.  The signal arrives right after."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def namespace_prefix(session_prefix: str, namespace: int) -> str:
@@ -97,6 +111,10 @@ class HostStore:
     def pool_dir(self) -> str:
         return self.prefix + "pool"
 
+    @property
+    def freed_dir(self) -> str:
+        return self.prefix + "freed"
+
     # ------------------------------------------------------------------ writing
 
     def create(self, path: str, size: int) -> int:
@@ -114,13 +132,7 @@ class HostStore:
             with self._locked("count") as count_fd:
                 used = _read_used(count_fd)
             if used + size > self.limit:
-                self._drain_pool()
-                used, entries = self._scan()
-                pinned = self._spill(entries, used + size - self.limit)
-                used, _ = self._scan()
-                with self._locked("count") as count_fd:
-                    # a count too high (an unlink counted twice) only costs a scan
-                    _write_used(count_fd, used)
+                used, pinned = self._make_room(size)
                 if used + size > self.limit:
                     raise ObjectStoreFullError(
                         f"the object store is full: an object of {_mib(size)} does not fit "
@@ -130,9 +142,39 @@ class HostStore:
                         "to objects you no longer need, or raise the limit with "
                         "daskray.init(object_store_memory=...)")
             fd = _create(path, size)
-            with self._locked("count") as count_fd:
-                _write_used(count_fd, _read_used(count_fd) + size)
+            self._count(size)
             return fd
+
+    def make_room(self, size: int) -> None:
+        """Spill until ``size`` more bytes fit, as far as possible (a writer found
+        ``/dev/shm`` itself full)."""
+        with self._locked("space"):
+            self._make_room(size, limit=self._scan()[0])
+
+    def _make_room(self, size: int, limit: int | None = None) -> tuple[int, int]:
+        """Drop the pool, reap freed files no view maps any more, spill least
+        recently used objects, until ``size`` more bytes fit under ``limit``
+        (default: the store's); (bytes in use, bytes pinned).  Repeated while it
+        makes progress: objects freed meanwhile move files under our feet."""
+        limit = self.limit if limit is None else limit
+        used = pinned = 0
+        for _ in range(4):
+            self._drain_pool()
+            self._reap_freed()
+            with self._locked("count") as count_fd:
+                used, entries = self._scan()
+                _write_used(count_fd, used)  # the files are the truth; the count follows
+            if used + size <= limit:
+                break
+            pinned = self._spill(entries, used + size - limit)
+            with self._locked("count") as count_fd:
+                after, _ = self._scan()
+                _write_used(count_fd, after)
+            if after + size <= limit or after >= used:
+                used = after
+                break
+            used = after
+        return used, pinned
 
     # ------------------------------------------------------------------ reading
 
@@ -161,16 +203,30 @@ class HostStore:
                     os.unlink(p)
             return
         # never waits for a writer making room: the count has a lock of its own
-        if not self._to_pool(path):
-            try:
-                size = os.stat(path).st_size
-                os.unlink(path)
-            except (FileNotFoundError, PermissionError):
-                pass
-            else:
-                self._count(-size)
-        with contextlib.suppress(FileNotFoundError, PermissionError):
+        kept = self._keep_freed(path)
+        if kept is None:
+            with self._locked("count") as count_fd:
+                try:
+                    size = os.stat(path).st_size
+                    os.unlink(path)
+                except (FileNotFoundError, PermissionError, IsADirectoryError):
+                    pass
+                else:
+                    _write_used(count_fd, max(0, _read_used(count_fd) - size))
+        with contextlib.suppress(FileNotFoundError, PermissionError, IsADirectoryError):
             os.unlink(self.spill_path(path))
+
+    def discard(self, path: str) -> None:
+        """Remove a file its writer gave up on (never pooled)."""
+        with self._locked("count") as count_fd:
+            for p in (path, self.spill_path(path)):
+                try:
+                    size = os.stat(p).st_size
+                    os.unlink(p)
+                except (FileNotFoundError, PermissionError):
+                    continue
+                if p == path:
+                    _write_used(count_fd, max(0, _read_used(count_fd) - size))
 
     def remove(self, prefix: str) -> int:
         """Remove the spilled files whose ``/dev/shm`` path starts with ``prefix``."""
@@ -186,31 +242,54 @@ class HostStore:
 
     # ------------------------------------------------------------------ the pool
 
-    def _to_pool(self, path: str) -> bool:
-        """Keep a freed file for reuse, if it is worth it and nobody maps it."""
+    def _keep_freed(self, path: str) -> str | None:
+        """Where a freed object's file went instead of being unlinked: the pool
+        (reusable: nobody maps it, big enough, room in the pool), or the
+        *freed* directory while live views still map it (its pages are in use,
+        so it keeps counting until they are gone); None to unlink it."""
         try:
             fd = os.open(path, os.O_RDONLY)
-        except (FileNotFoundError, PermissionError):
-            return False
+        except (FileNotFoundError, PermissionError, IsADirectoryError):
+            return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             size = os.fstat(fd).st_size
-            if size < MIN_POOLED:
-                return False
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return False  # a live view still reads it: its pages are not ours
-            pooled = self._pooled()
-            if sum(e[1] for e in pooled) + size > self.limit * POOL_FRACTION:
-                return False
-            os.makedirs(self.pool_dir, mode=0o700, exist_ok=True)
+                where = self.freed_dir  # a live view still reads it
+            else:
+                if size < MIN_POOLED or \
+                        sum(e[1] for e in self._pooled()) + size > self.limit * POOL_FRACTION:
+                    return None
+                where = self.pool_dir
+            os.makedirs(where, mode=0o700, exist_ok=True)
             try:
-                os.rename(path, os.path.join(self.pool_dir, os.path.basename(path)))
+                os.rename(path, os.path.join(where, os.path.basename(path)))
             except FileNotFoundError:
-                return False
-            return True
+                return None
+            return where
         finally:
             os.close(fd)
+
+    def _reap_freed(self) -> None:
+        """Unlink the freed files no live view maps any more."""
+        for _, size, freed in _files(self.freed_dir):
+            try:
+                fd = os.open(freed, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            else:
+                with self._locked("count") as count_fd, contextlib.suppress(FileNotFoundError):
+                    os.unlink(freed)
+                    _write_used(count_fd, max(0, _read_used(count_fd) - size))
+            finally:
+                os.close(fd)
 
     def _from_pool(self, path: str, size: int) -> int | None:
         """A pooled file of ``size`` to ``2 * size`` bytes renamed to ``path`` and
@@ -237,8 +316,7 @@ class HostStore:
                 self._count(-size)
 
     def _pooled(self) -> list[tuple[float, int, str]]:
-        return [(st.st_mtime, st.st_size, e.path) for e in _scandir(self.pool_dir)
-                if (st := _stat(e)) is not None]
+        return _files(self.pool_dir)
 
     def _count(self, delta: int) -> None:
         with self._locked("count") as count_fd:
@@ -247,8 +325,10 @@ class HostStore:
     # ------------------------------------------------------------------ accounting
 
     def stats(self) -> dict:
-        """The store's use: bytes and objects in memory and spilled, bytes pooled
-        for reuse, and the limit (which objects and pool share)."""
+        """The store's use: ``used`` bytes (objects, and freed objects live views
+        still map) and ``objects`` in memory; ``spilled`` bytes and
+        ``spilled_objects`` on disk; ``pooled`` bytes kept for reuse; the ``limit``
+        (which all of those in memory share); ``spill_dir``."""
         used, entries = self._scan()
         spilled = [e.stat().st_size for e in _scandir(self.spill_dir)
                    if e.name.startswith(os.path.basename(self.prefix))]
@@ -258,13 +338,14 @@ class HostStore:
                 "spill_dir": self.spill_dir}
 
     def _scan(self) -> tuple[int, list[tuple[float, int, str]]]:
+        """(bytes in memory: objects, pool and freed files; the objects' files)."""
         name = os.path.basename(self.prefix)
         entries = []
         for entry in _scandir(os.path.dirname(self.prefix)):
             if entry.name.startswith(name) and (st := _stat(entry)) is not None:
                 entries.append((st.st_mtime, st.st_size, entry.path))
-        pooled = sum(e[1] for e in self._pooled())
-        return sum(e[1] for e in entries) + pooled, entries
+        kept = sum(e[1] for e in self._pooled()) + sum(e[1] for e in _files(self.freed_dir))
+        return sum(e[1] for e in entries) + kept, entries
 
     def _spill(self, entries: list[tuple[float, int, str]], needed: int) -> int:
         """Move least recently used unpinned files to disk until ``needed`` bytes
@@ -276,13 +357,14 @@ class HostStore:
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
-                freed += size  # freed meanwhile
-                continue
+                continue  # freed meanwhile: the next scan counts what that gave
             try:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     pinned += size
+                    continue
+                if not _still_at(fd, path):  # freed (pooled) before we locked it
                     continue
                 self._copy_out(fd, path)
                 if os.fstat(fd).st_nlink == 0:  # freed while being copied: drop the copy
@@ -299,9 +381,14 @@ class HostStore:
         os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
         target = self.spill_path(path)
         partial = target + ".partial"
-        with open(partial, "wb") as out, os.fdopen(os.dup(fd), "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 22)
-        os.replace(partial, target)
+        try:
+            with open(partial, "wb") as out, os.fdopen(os.dup(fd), "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 22)
+            os.replace(partial, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(partial)
+            raise
 
     @contextlib.contextmanager
     def _locked(self, which: str) -> Iterator[int]:
@@ -366,6 +453,12 @@ def _still_at(fd: int, path: str) -> bool:
         return st.st_nlink > 0 and os.stat(path).st_ino == st.st_ino
     except FileNotFoundError:
         return False
+
+
+def _files(directory: str) -> list[tuple[float, int, str]]:
+    """(mtime, size, path) of the regular files in ``directory``."""
+    return [(st.st_mtime, st.st_size, e.path) for e in _scandir(directory)
+            if (st := _stat(e)) is not None]
 
 
 def _scandir(path: str) -> list[os.DirEntry]:

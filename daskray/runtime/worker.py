@@ -17,6 +17,7 @@ process when the head is gone.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -130,8 +131,12 @@ class DataServer(threading.Thread):
                     if self.shm_prefix is not None and share:
                         try:
                             descriptor = self.store.export(object_id, self.shm_prefix, out)
-                        except ObjectStoreFullError:
-                            descriptor = None  # no room: the asker gets a copy of its own
+                        except (ObjectStoreFullError, OSError) as exc:
+                            # no room (or no way) in shared memory: the asker gets a
+                            # copy of its own
+                            print(f"daskray worker: object {object_id} sent, not "
+                                  f"shared: {exc}", file=sys.stderr)
+                            descriptor = None
                         if descriptor is not None:
                             self.sock.send_multipart([ident, P.SHARED, descriptor])
                             return
@@ -153,8 +158,11 @@ class DataServer(threading.Thread):
                 if dropped:
                     self.sock.send_multipart(
                         [ident, P.DROPPED, b",".join(str(t).encode() for t in dropped)])
-        except (ValueError, zmq.ZMQError) as exc:
-            print(f"daskray worker: bad request {verb!r}: {exc}", file=sys.stderr)
+        except Exception as exc:  # noqa: BLE001 - this thread must outlive any request
+            print(f"daskray worker: request {verb!r} failed: {exc!r}", file=sys.stderr)
+            if verb in (P.GET, P.GETSHM):  # the asker fails now, not after its timeout
+                with contextlib.suppress(zmq.ZMQError):
+                    self.sock.send_multipart([ident, P.MISSING])
 
 
 class Worker:
