@@ -172,14 +172,23 @@ def loads_exception(data: bytes) -> BaseException:
 # ---------------------------------------------------------------------- task bodies
 
 
+#: for instances (not classes), the answer depends on their type only: {type: bool}
+_NEEDS_BY_TYPE: dict[type, bool] = {}
+
+
 def _needs_cloudpickle(obj: Any) -> bool:
     """Objects plain pickle would write as a reference the workers cannot resolve."""
-    if isinstance(obj, types.FunctionType):
-        return True
-    cls = obj if isinstance(obj, type) else type(obj)
-    if cls.__module__ == "__main__" or "<locals>" in cls.__qualname__:
-        return True
-    return isinstance(obj, type) and not _importable_as_itself(cls)
+    kind = type(obj)
+    known = _NEEDS_BY_TYPE.get(kind)
+    if known is not None:  # every object pickled passes here: keep it cheap
+        return known
+    if isinstance(obj, type):  # a class: its own name decides, not its metaclass's
+        return (obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
+                or not _importable_as_itself(obj))
+    needs = (isinstance(obj, types.FunctionType) or kind.__module__ == "__main__"
+             or "<locals>" in kind.__qualname__)
+    _NEEDS_BY_TYPE[kind] = needs
+    return needs
 
 
 def _importable_as_itself(cls: type) -> bool:
