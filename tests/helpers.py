@@ -15,3 +15,18 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+def digits_split():
+    """scikit-learn's digits as a daskray.ml Dataset: 8 shards, 80/20 split,
+    standardized by the training part's statistics; (train, test)."""
+    from sklearn.datasets import load_digits
+
+    from daskray.ml import Dataset
+
+    data = load_digits()
+    ds = Dataset.from_numpy(data.data, data.target, num_shards=8, seed=0)
+    train, test = ds.train_test_split(test_size=0.2, seed=0)
+    train, stats = train.standardize()
+    test, _ = test.standardize(stats)
+    return train, test

@@ -10,6 +10,7 @@ import daskray
 import daskray.ml
 from daskray.ml import Dataset, RunConfig, ScalingConfig, Trainer, models, reference_fit
 from daskray.ml.trainer import Checkpoint
+from helpers import digits_split
 
 pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(120)]
 
@@ -56,19 +57,8 @@ def test_full_batch_gradient_descent_matches_plain_numpy():
     np.testing.assert_allclose(params["b"], b, rtol=1e-12, atol=1e-12)
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    ds = Dataset.from_numpy(data.data, data.target, num_shards=8, seed=0)
-    train, test = ds.train_test_split(test_size=0.2, seed=0)
-    train, stats = train.standardize()
-    test, _ = test.standardize(stats)
-    return train, test
-
-
 def test_softmax_regression_on_digits_reaches_95_percent():
-    train, test = _digits()
+    train, test = digits_split()
     result = Trainer(model=models.SoftmaxRegression(),
                      train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,
                                    "epochs": 20, "l2": 1e-3}).fit(train, valid=test)
@@ -77,7 +67,7 @@ def test_softmax_regression_on_digits_reaches_95_percent():
 
 
 def test_mlp_on_digits_reaches_97_percent():
-    train, test = _digits()
+    train, test = digits_split()
     result = Trainer(model=models.MLP(hidden=(64,)),
                      train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,
                                    "epochs": 25, "seed": 0}).fit(train, valid=test)
@@ -139,7 +129,7 @@ def test_bad_input_is_refused_with_a_clear_message():
 def test_search_with_asha_stops_poor_trials_and_finds_a_good_one():
     from daskray.ml import TuneConfig, tune
 
-    train, test = _digits()
+    train, test = digits_split()
     best = Trainer(
         config=TuneConfig(metric="loss", mode="min", num_samples=24,
                           scheduler=tune.ASHAScheduler(max_t=9, reduction_factor=3), seed=1),

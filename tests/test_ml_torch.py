@@ -24,6 +24,7 @@ from daskray.ml import Dataset, RunConfig, ScalingConfig, Trainer, models, refer
 from daskray.ml.models import numerical_gradient  # noqa: E402
 from daskray.ml.torch_model import TorchModel  # noqa: E402
 from daskray.ml.trainer import Checkpoint  # noqa: E402
+from helpers import digits_split  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -458,20 +459,9 @@ def test_a_worker_runs_torch_on_one_thread():
                        timeout=60) == 1
 
 
-def _digits():
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    ds = Dataset.from_numpy(data.data, data.target, num_shards=8, seed=0)
-    train, test = ds.train_test_split(test_size=0.2, seed=0)
-    train, stats = train.standardize()
-    test, _ = test.standardize(stats)
-    return train, test
-
-
 @pytest.mark.usefixtures("cluster")
 def test_a_torch_mlp_on_digits_reaches_95_percent():
-    train, test = _digits()
+    train, test = digits_split()
     model = TorchModel(lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)))
     result = Trainer(model=model,
                      train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,

@@ -51,11 +51,11 @@ def random_array(nbytes: int, seed: int) -> np.ndarray:
 # =========================================================================== HostStore alone
 
 
-@pytest.fixture
-def store(tmp_path):
-    """A store of 3 MiB with its own prefix; the process's store is restored after."""
+def configured_store(tmp_path, limit: int):
+    """A store of ``limit`` bytes with its own prefix, this process's until the
+    test ends; then the previous one is back."""
     prefix = os.path.join(shared_memory.SHM_DIR, f"daskray-test-{secrets.token_hex(4)}-")
-    host = HostStore(prefix, str(tmp_path), 3 * MB)
+    host = HostStore(prefix, str(tmp_path), limit)
     previous = shared_memory.store()
     shared_memory.configure(host)
     try:
@@ -64,6 +64,12 @@ def store(tmp_path):
         shared_memory.configure(previous)
         shared_memory.remove_session(prefix)
         host.close()
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A 3 MiB store."""
+    yield from configured_store(tmp_path, 3 * MB)
 
 
 def write(value: np.ndarray, host: HostStore) -> tuple[bytes, str]:
@@ -144,23 +150,10 @@ def test_unlink_removes_a_spilled_object_and_keeps_the_count(store):
     assert store.stats()["spilled_objects"] == 0
 
 
-def make_store(tmp_path, limit: int) -> HostStore:
-    prefix = os.path.join(shared_memory.SHM_DIR, f"daskray-test-{secrets.token_hex(4)}-")
-    return HostStore(prefix, str(tmp_path), limit)
-
-
 @pytest.fixture
 def roomy_store(tmp_path):
     """A 16 MiB store: a pool of up to 4 MiB."""
-    host = make_store(tmp_path, 16 * MB)
-    previous = shared_memory.store()
-    shared_memory.configure(host)
-    try:
-        yield host
-    finally:
-        shared_memory.configure(previous)
-        shared_memory.remove_session(host.prefix)
-        host.close()
+    yield from configured_store(tmp_path, 16 * MB)
 
 
 def test_a_freed_file_nobody_maps_is_reused_by_the_next_write(roomy_store):
