@@ -264,3 +264,17 @@ def test_an_evaluator_adds_its_metric_to_every_epoch():
                      train_config={"epochs": 3, "lr": 0.5, "batch_size": 64}).fit(train, valid)
     assert list(result.metrics_dataframe.columns).count("score") == 1
     assert result.metrics_dataframe["score"].between(0, 1).all()
+
+
+def test_run_config_stops_at_a_training_iteration_and_carries_the_failure_config():
+    from daskray.ml import FailureConfig
+
+    X, y = _blobs(n=400, d=5, k=3, seed=2)
+    ds = Dataset.from_numpy(X, y, num_shards=2, seed=0)
+    run = RunConfig(stop={"training_iteration": 3}, failure_config=FailureConfig(max_failures=7))
+    trainer = Trainer(model=models.SoftmaxRegression(), run_config=run,
+                      train_config={"epochs": 20, "batch_size": 100, "lr": 0.1})
+    assert trainer.failure.max_failures == 7
+    result = trainer.fit(ds)
+    assert list(result.metrics_dataframe["training_iteration"]) == [1, 2, 3]
+    assert result.metrics["training_iteration"] == 3

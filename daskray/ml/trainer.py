@@ -72,11 +72,14 @@ class ScalingConfig:
 @dataclass
 class RunConfig:
     """``stop``: end early when a metric reaches a value, e.g. ``{"valid_loss": 0.3}``
-    (for metrics with "acc" in their name: at or above; else at or below)."""
+    (for metrics with "acc" in their name: at or above; else at or below; the
+    counters ``training_iteration`` and ``epochs``: at or above).
+    ``failure_config``: as ``Trainer(failure_config=...)``, Ray's place for it."""
 
     name: str | None = None
     stop: dict | None = None
     storage_path: str | None = None
+    failure_config: "FailureConfig | None" = None
 
 
 @dataclass
@@ -507,7 +510,7 @@ class Trainer:
         self.scaling = scaling_config or ScalingConfig()
         self.run_config = run_config or RunConfig()
         self.resume = resume_from_checkpoint
-        self.failure = failure_config or FailureConfig()
+        self.failure = failure_config or self.run_config.failure_config or FailureConfig()
         self.evaluator = evaluator
 
     def fit(self, train: Dataset, valid: Dataset | None = None) -> Result:
@@ -614,7 +617,8 @@ class Trainer:
         outputs = api.get(closed)
         train = in_shard_order(order, [p for out in outputs for p in out[1]])
         valid = in_shard_order(valid_order, [p for out in outputs for p in out[2]])
-        row: dict = {"epoch": epoch, **summarize(train, "train", self.model.task)}
+        row: dict = {"epoch": epoch, "training_iteration": epoch + 1,
+                     **summarize(train, "train", self.model.task)}
         if valid:
             row.update(summarize(valid, "valid", self.model.task))
         row["loss"] = row.get("valid_loss", row["train_loss"])
@@ -625,8 +629,10 @@ class Trainer:
 
     def _should_stop(self, row: dict) -> bool:
         for metric, target in (self.run_config.stop or {}).items():
-            if metric == "epochs" and row["epoch"] + 1 >= target:
-                return True
+            if metric in ("epochs", "training_iteration"):
+                if row["training_iteration"] >= target:
+                    return True
+                continue
             value = row.get(metric)
             if value is None:
                 continue

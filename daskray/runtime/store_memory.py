@@ -44,6 +44,7 @@ import signal
 import stat
 import struct
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -186,11 +187,13 @@ class HostStore:
         except FileNotFoundError:
             return os.open(self.spill_path(path), os.O_RDONLY)
         fcntl.flock(fd, fcntl.LOCK_SH)
-        if not _still_at(fd, path):  # spilled (or freed) while we waited for the lock
+        st = _still_at(fd, path)
+        if st is None:  # spilled (or freed) while we waited for the lock
             os.close(fd)
             return os.open(self.spill_path(path), os.O_RDONLY)
-        with contextlib.suppress(OSError):
-            os.utime(fd)  # most recently used
+        if time.time() - st.st_mtime > 1.0:  # most recently used (to the second)
+            with contextlib.suppress(OSError):
+                os.utime(fd)
         return fd
 
     # ------------------------------------------------------------------ freeing
@@ -446,13 +449,16 @@ def _stat(entry: os.DirEntry) -> os.stat_result | None:
         return None
 
 
-def _still_at(fd: int, path: str) -> bool:
-    """Whether the open file ``fd`` is still the file at ``path`` (not moved away)."""
+def _still_at(fd: int, path: str) -> os.stat_result | None:
+    """The open file ``fd``'s stat if it is still the file at ``path`` (not moved
+    away), else None."""
     try:
         st = os.fstat(fd)
-        return st.st_nlink > 0 and os.stat(path).st_ino == st.st_ino
+        if st.st_nlink > 0 and os.stat(path).st_ino == st.st_ino:
+            return st
     except FileNotFoundError:
-        return False
+        pass
+    return None
 
 
 def _files(directory: str) -> list[tuple[float, int, str]]:
