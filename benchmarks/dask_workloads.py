@@ -7,7 +7,7 @@ machine; only the ratios from one run mean much.
 
 Usage::
 
-    python benchmarks/dask_workloads.py [--only W1,W3] [--schedulers daskray,sync,...]
+    python benchmarks/dask_workloads.py [--only W1,W3] [--schedulers daskray,sync,...] [--warm]
                                         [--repeat 3] [--json out.json]
 
 Each scheduler is started once, runs every selected workload, and is shut down
@@ -303,18 +303,25 @@ def time_compute(obj: Any, scheduler: Any) -> tuple[float, Any]:
 
 
 def run_workload(name: str, scheduler_name: str, scheduler: Any, repeat: int,
-                 reference: float | None) -> Result:
+                 reference: float | None, warm: bool = False) -> Result:
     """Time one workload ``repeat`` times on a started scheduler and check its value.
 
-    The dask object is built fresh before each repeat (untimed), as in anchors.py.
+    The dask object is built fresh before each repeat (untimed).  Cold (the
+    default): the previous repeat's object is gone first, so dask optimizes
+    every graph from scratch in the driver (~0.4 s for W4), whatever the
+    scheduler.  ``warm``: it stays alive while the next is built, as in
+    anchors.py (``obj, _ = wf()``), and dask's expression cache skips most of
+    that work, so the scheduler's own cost shows.
     An exception or a value differing from ``reference`` makes the result an error.
     """
     result = Result(name, scheduler_name)
+    previous = None
     for _ in range(repeat):
         try:
             obj = WORKLOADS[name]()
             gc.collect()  # keep the previous repeat's garbage out of the timing
             seconds, value = time_compute(obj, scheduler)
+            previous = obj if warm else None  # noqa: F841 - kept alive on purpose
             del obj
             result.value = _as_number(value)
         except Exception as exc:
@@ -342,7 +349,7 @@ def compute_references(workloads: list[str]) -> dict[str, float]:
 
 
 def run_scheduler(scheduler_name: str, workloads: list[str], repeat: int,
-                  references: dict[str, float]) -> list[Result]:
+                  references: dict[str, float], warm: bool = False) -> list[Result]:
     """Start one scheduler, run every workload on it, shut it down.
 
     A scheduler that fails to start yields an ERROR row for every workload.
@@ -359,7 +366,8 @@ def run_scheduler(scheduler_name: str, workloads: list[str], repeat: int,
             return results
         results = []
         for name in workloads:
-            result = run_workload(name, scheduler_name, scheduler, repeat, references.get(name))
+            result = run_workload(name, scheduler_name, scheduler, repeat,
+                                  references.get(name), warm)
             if scheduler_name == "sync" and result.error is None:
                 references[name] = result.value
             print_progress(result)
@@ -473,6 +481,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(SCHEDULERS)} (default: all)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per workload (median reported)")
     p.add_argument("--json", metavar="PATH", help="also write all results to this JSON file")
+    p.add_argument("--warm", action="store_true",
+                   help="keep each repeat's dask object alive while the next is built, as "
+                        "anchors.py does: dask's expression cache then skips re-optimizing")
     args = p.parse_args(argv)
     args.schedulers = [s for s in args.schedulers.split(",") if s]
     unknown = [s for s in args.schedulers if s not in SCHEDULERS]
@@ -525,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for name in schedulers:
         try:
-            results += run_scheduler(name, args.workloads, args.repeat, references)
+            results += run_scheduler(name, args.workloads, args.repeat, references, args.warm)
         except Exception:  # an unexpected bug with one scheduler must not lose the others
             traceback.print_exc()
             results += [Result(w, name, error="benchmark crashed (see traceback above)")

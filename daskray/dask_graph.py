@@ -29,6 +29,7 @@ from typing import Any, Hashable
 
 from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
 from dask.order import order
+from dask.sizeof import sizeof
 
 from .errors import GraphError
 from .refs import ref_key_of
@@ -54,8 +55,8 @@ class GraphSpec:
     priorities: list[int]
     task_blobs: list[bytes | None]
     data_blobs: dict[int, bytes]
-    #: data nodes too large to travel inline: their pickled frames
-    large_data: dict[int, list]
+    #: data nodes too large to travel inline: their values (pickled as they are stored)
+    large_data: dict[int, Any]
     function_table: bytes
     #: the requested keys, with every key replaced by its node number (lists kept)
     outputs: Any
@@ -152,7 +153,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     blobs: list[bytes | None] = []
     prio: list[int] = []
     data: dict[int, bytes] = {}
-    large_data: dict[int, list] = {}
+    large_data: dict[int, Any] = {}
     local_values: dict[int, Any] = {}
     renumber = {old: new for new, old in enumerate(topo)}
     wanted_nodes = {node_of(k) for k in wanted}
@@ -180,11 +181,13 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
             blobs.append(None)
             deps.append(())
             if old in needed_data:
-                frames = dumps_frames(value)
-                if frames_nbytes(frames) <= INLINE_THRESHOLD:
+                # clearly large (dask's own estimate): pickled later, while written
+                # to the store, several at a time; else pickled now to find out
+                frames = None if sizeof(value) > INLINE_THRESHOLD else dumps_frames(value)
+                if frames is not None and frames_nbytes(frames) <= INLINE_THRESHOLD:
                     data[new] = frames[0] if len(frames) == 1 else dumps(value)
-                else:  # stored on a worker before the graph is sent, not inline
-                    large_data[new] = frames
+                else:  # stored before the graph is sent, not inline
+                    large_data[new] = value
             if old in wanted_nodes:
                 local_values[new] = value
             continue

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.config
@@ -37,7 +38,7 @@ from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
 from .runtime import protocol as P
 from .runtime.client import Client
 from .runtime import shared_memory
-from .runtime.serialization import frames_nbytes, loads
+from .runtime.serialization import dumps_frames, frames_nbytes, loads
 from .runtime.session import error_of
 
 POLL_SECONDS = 0.1
@@ -112,14 +113,14 @@ def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
     shared = {}
     if spec.large_data and client.shm_prefix is not None:
         data = dict(data)
-        for n, frames in spec.large_data.items():
-            data[n], shared[n] = shared_memory.write(frames, client.shm_prefix, "g")
+        data.update(_write_shared(spec.large_data, client.shm_prefix, shared))
     elif spec.large_data:
         prefix = f"d-{client.client_id.hex()}-{number}-"
-        placed = client.store_many({prefix + str(n): f for n, f in spec.large_data.items()})
+        frames = {n: dumps_frames(v) for n, v in spec.large_data.items()}
+        placed = client.store_many({prefix + str(n): f for n, f in frames.items()})
         data_holders = {
             n: (placed[prefix + str(n)], prefix + str(n), frames_nbytes(f))
-            for n, f in spec.large_data.items()
+            for n, f in frames.items()
         }
     table = spec.function_table
     return P.SubmitGraph(
@@ -128,6 +129,35 @@ def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
         hashlib.blake2b(table, digest_size=16).digest(), fail_fast, notify, spec.external,
         [], allowed_failures(), False, None, None, None, data_holders, None, shared,
     )
+
+
+def _write_shared(large: dict[int, Any], prefix: str, shared: dict) -> dict[int, bytes]:
+    """Pickle large data nodes into shared memory, two at a time (the copies
+    release the GIL, and the workers are idle until the graph is sent):
+    {node: descriptor}, their files into ``shared``.  If one fails, none is left."""
+    def write(item: tuple[int, Any]) -> tuple[int, bytes, str]:
+        n, value = item
+        return (n, *shared_memory.write(dumps_frames(value), prefix, "g"))
+
+    descriptors: dict[int, bytes] = {}
+    if len(large) == 1:
+        results = [write(next(iter(large.items())))]
+    else:
+        with ThreadPoolExecutor(2, thread_name_prefix="daskray-graph-data") as pool:
+            futures = [pool.submit(write, item) for item in large.items()]
+        results, errors = [], []
+        for future in futures:
+            try:
+                results.append(future.result())
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                errors.append(exc)
+        if errors:
+            for _, _, path in results:
+                shared_memory.unlink(path)
+            raise errors[0]
+    for n, descriptor, path in results:
+        descriptors[n], shared[n] = descriptor, path
+    return descriptors
 
 
 def allowed_failures() -> int:

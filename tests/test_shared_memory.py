@@ -675,3 +675,17 @@ def test_segments_live_in_a_private_directory_of_the_session(cluster):
     ref = daskray.put(np.zeros(MB // 8))
     assert all(os.path.dirname(f) == directory for f in session_files())
     del ref
+
+
+@pytest.mark.timeout(60)
+def test_graph_data_that_cannot_be_pickled_leaves_no_file_behind(cluster):
+    """Large data nodes are written several at a time: when one fails, the files
+    of the others go too, and the error names the problem."""
+    before = session_files()
+    big = [np.full(1 << 20, float(i)) for i in range(4)]
+    bad = [np.zeros(1 << 20), threading.Lock()]  # large by dask's estimate, unpicklable
+    dsk = {**{("a", i): v for i, v in enumerate(big)}, "bad": bad,
+           "total": (sum, [("a", i) for i in range(4)] + ["bad"])}
+    with pytest.raises(daskray.SerializationError, match="lock"):
+        daskray.get(dsk, "total")
+    assert session_files() == before
