@@ -208,10 +208,14 @@ def _receive(client: Client, spec: GraphSpec, inbox: queue.SimpleQueue, outstand
         t = type(msg)
         if t is P.Result:
             if msg.node in outstanding:
+                if msg.inline is not None:
+                    values[msg.node] = loads(msg.inline)
+                else:
+                    try:
+                        values[msg.node] = client.fetch(msg.holder, msg.object_id)
+                    except errors.ObjectLostError:
+                        continue  # its worker died: the head computes it again
                 outstanding.discard(msg.node)
-                values[msg.node] = (
-                    loads(msg.inline) if msg.inline is not None
-                    else client.fetch(msg.holder, msg.object_id))
         elif t is P.Started:
             if tracker:
                 tracker.started(msg.node, msg.worker)
@@ -254,6 +258,8 @@ class _CallbackTracker:
 
     def started(self, node: int, worker: str) -> None:
         key = self.spec.keys[node]
+        if key in self.state["finished"]:
+            return  # run again after its worker died: dask saw it finish already
         ready = self.state["ready"]
         for i in range(len(ready) - 1, -1, -1):  # usually at the end: dask's pop order
             if ready[i] == key:
@@ -265,6 +271,8 @@ class _CallbackTracker:
 
     def finished(self, node: int, worker: str, inline: bytes | None) -> None:
         key = self.spec.keys[node]
+        if key in self.state["finished"]:
+            return
         value = loads(inline) if inline is not None else None
         self._finish(key, value, worker)
         pending = list(self.alias_of.get(key, ()))

@@ -69,8 +69,9 @@ class RefTracker:
             if n == 0 and not owned and self.reporting:
                 first = not (self.added or self.dropped)
                 self.added.append(key)
-        if first and self.wake is not None:
-            self.wake()
+        wake = self.wake
+        if first and wake is not None:
+            wake()
 
     def decref(self, key: RefKey) -> None:
         first = False
@@ -83,8 +84,9 @@ class RefTracker:
             if self.reporting:
                 first = not (self.added or self.dropped)
                 self.dropped.append(key)
-        if first and self.wake is not None:
-            self.wake()
+        wake = self.wake
+        if first and wake is not None:
+            wake()
         if self.on_drop is not None:
             self.on_drop(key)
 

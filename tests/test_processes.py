@@ -789,8 +789,10 @@ def test_a_task_that_kills_every_worker_fails_after_the_allowed_failures(proc_cl
     compute_works()
 
 
+@pytest.mark.parametrize("with_callbacks", [False, True])
 @pytest.mark.timeout(90)
-def test_results_lost_with_a_killed_worker_are_computed_again(fresh_cluster, tmp_path):
+def test_results_lost_with_a_killed_worker_are_computed_again(fresh_cluster, tmp_path,
+                                                              with_callbacks):
     markers, go = tmp_path / "markers", tmp_path / "go"
     markers.mkdir()
     dsk = {("b", i): (make_block, i, str(markers)) for i in range(8)}
@@ -800,9 +802,17 @@ def test_results_lost_with_a_killed_worker_are_computed_again(fresh_cluster, tmp
     expected = float(sum(i * 200_000 for i in range(8)))
     outcome: dict = {}
 
+    finished_keys: list = []
+
     def run() -> None:
+        # a dask callback sees every task start and finish once, recomputed or not
+        callback = dask.callbacks.Callback(posttask=lambda key, *_: finished_keys.append(key))
         try:
-            outcome["value"] = daskray.get(dsk, "total")
+            if with_callbacks:
+                with callback:
+                    outcome["value"] = daskray.get(dsk, "total")
+            else:
+                outcome["value"] = daskray.get(dsk, "total")
         except BaseException as exc:  # noqa: BLE001
             outcome["error"] = exc
 
@@ -819,7 +829,12 @@ def test_results_lost_with_a_killed_worker_are_computed_again(fresh_cluster, tmp
     assert not thread.is_alive(), "get() hung after a worker holding its inputs died"
     assert outcome == {"value": expected}, outcome
     remade = [int(p.name.split("-")[0]) for p in markers.iterdir()]
-    assert remade and all(i in range(8) for i in remade), "nothing was computed again"
+    if with_callbacks:
+        # callbacks get every value, so the head holds them all: nothing is lost, and
+        # each task is seen finishing once
+        assert sorted(map(str, finished_keys)) == sorted(map(str, dsk)), finished_keys
+    else:
+        assert remade and all(i in range(8) for i in remade), "nothing was computed again"
 
 
 # =========================================================================== the wire

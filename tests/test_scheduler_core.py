@@ -389,3 +389,20 @@ def test_a_lost_result_of_a_remote_call_is_not_recomputed():
     assert not [d for d in of(Dispatch, out) if d.task == 0]
     assert 0 not in s.tasks or s.tasks[0].state == "erred"
     assert s.tasks[1].state == "erred"
+
+
+def test_a_reader_of_two_lost_inputs_waits_for_both_exactly():
+    """B; A = f(B); R = g(A, B): all on one worker that dies while R runs."""
+    big = INLINE_THRESHOLD * 10
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(lineage_graph([(), (0,), (1, 0)], wanted=[2]))
+    s.handle(TaskFinished(0, "a", big, None, 0.001))
+    s.handle(TaskFinished(1, "a", big, None, 0.001))
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))  # validate checks waiting_on
+    assert not of(ReportError, out)
+    assert s.tasks[2].state == "waiting" and s.tasks[2].waiting_on == 2
+    s.handle(TaskFinished(0, "b", big, None, 0.001))
+    out = s.handle(TaskFinished(1, "b", big, None, 0.001))
+    assert [d.task for d in of(Dispatch, out)] == [2]

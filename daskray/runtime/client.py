@@ -59,6 +59,8 @@ class Client:
         self.shm_prefix: str | None = None
         self._welcome: queue.SimpleQueue = queue.SimpleQueue()
         self.workers: dict[str, str] = {}
+        #: data-server addresses of workers that left: a read from one fails at once
+        self.lost_workers: set[str] = set()
         self.closed = False
         self.failure: str | None = None
         # ref changes wake the I/O thread through a pipe: a write to it is safe
@@ -163,7 +165,8 @@ class Client:
         """Read an object straight from the worker holding it."""
         sock = transport.dealer(self.ctx, address)
         try:
-            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS, shared=True)
+            return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS, shared=True,
+                                holder_lost=lambda: address in self.lost_workers)
         finally:
             sock.close(0)
 
@@ -175,7 +178,9 @@ class Client:
             self._push.send(b"")  # wakes the I/O thread, which then exits
         self._thread.join(5)
         self._push.close(0)
-        os.close(self._ref_wake_w)  # the tracker's wake hook was cleared before close
+        # the tracker's wake hook was cleared before close; a late caller writes to -1
+        fd, self._ref_wake_w = self._ref_wake_w, -1
+        os.close(fd)
         if not self._thread.is_alive():  # else a socket is still open and term() would block
             self.ctx.term()
 
@@ -234,7 +239,9 @@ class Client:
         if t is P.Welcome:
             self._welcome.put(msg)
         elif t is P.WorkersChanged:
-            self.workers = dict(msg.workers)
+            new = dict(msg.workers)
+            self.lost_workers.update(set(self.workers.values()) - set(new.values()))
+            self.workers = new
         elif t is P.RefResult:
             if msg.ref in tracker.counts:
                 with self._results_changed:
@@ -258,8 +265,10 @@ class Client:
         q = self._queues.get(number)
         if q is not None:
             q.put(ClusterError(reason))
+        with tracker.lock:
+            keys = list(tracker.counts)
         with self._results_changed:
-            for key in list(tracker.counts):
+            for key in keys:
                 if key[0] == self.client_id and key[1] == number:
                     self.results[key] = P.RefResult(key, None, None, 0, None, "ClusterError",
                                                     reason)

@@ -185,8 +185,9 @@ def _needs_cloudpickle(obj: Any) -> bool:
     if isinstance(obj, type):  # a class: its own name decides, not its metaclass's
         return (obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
                 or not _importable_as_itself(obj))
-    needs = (isinstance(obj, types.FunctionType) or kind.__module__ == "__main__"
-             or "<locals>" in kind.__qualname__)
+    if kind.__module__ == "__main__" or "<locals>" in kind.__qualname__:
+        return True  # not kept: such classes may be made anew per call
+    needs = isinstance(obj, types.FunctionType)
     _NEEDS_BY_TYPE[kind] = needs
     return needs
 

@@ -370,7 +370,7 @@ class HostStore:
                 if not _still_at(fd, path):  # freed (pooled) before we locked it
                     continue
                 self._copy_out(fd, path)
-                if os.fstat(fd).st_nlink == 0:  # freed while being copied: drop the copy
+                if not _still_at(fd, path):  # freed while being copied: drop the copy
                     with contextlib.suppress(FileNotFoundError):
                         os.unlink(self.spill_path(path))
                 with contextlib.suppress(FileNotFoundError):

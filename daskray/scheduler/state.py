@@ -356,8 +356,8 @@ class SchedulerState:
             ts = stack.pop()
             if ts.id in redo:
                 continue
-            if ts.body is None or ts.actor is not None:
-                return False  # data or an actor call: nothing to run again
+            if ts.body is None or ts.actor is not None or ts.graph is not lost.graph:
+                return False  # data, an actor call, or another graph's object
             redo[ts.id] = ts
             for d in ts.deps:
                 dep = self.tasks.get(d)
@@ -370,25 +370,27 @@ class SchedulerState:
             ts.holders = set()
             ts.inline = None
             self._drop_shared(ts)
+            contained, ts.contained = ts.contained, []  # counted again when it finishes
+            self._unref(contained)
             ts.graph.unfinished += 1
             if ts.deps_released:
                 ts.deps_released = False
                 for d in ts.deps:
                     self.tasks[d].pending_dependents += 1
+        readers: dict[TaskId, TaskState] = {}
         for ts in redo.values():
-            ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
             for d in ts.dependents:
                 reader = self.tasks.get(d)
                 if reader is None or reader.id in redo:
                     continue
-                if reader.state == WAITING:
-                    reader.waiting_on += 1
-                elif reader.state == READY:
+                if reader.state == READY:
                     self._transition(reader, WAITING)
-                    reader.waiting_on = sum(
-                        1 for x in reader.deps if self.tasks[x].state != MEMORY)
+                if reader.state == WAITING:
+                    readers[reader.id] = reader
                 elif reader.state == PROCESSING:
                     reader.input_lost = True
+        for ts in (*redo.values(), *readers.values()):  # counted once, from the states
+            ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
         for ts in sorted(redo.values(), key=lambda t: t.id):
             if ts.waiting_on == 0:
                 self._make_ready(ts)
