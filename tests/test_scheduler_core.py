@@ -406,3 +406,23 @@ def test_a_reader_of_two_lost_inputs_waits_for_both_exactly():
     s.handle(TaskFinished(0, "b", big, None, 0.001))
     out = s.handle(TaskFinished(1, "b", big, None, 0.001))
     assert [d.task for d in of(Dispatch, out)] == [2]
+
+
+def test_lineage_reaches_back_to_the_graphs_data():
+    """d (data) -> t1 -> t2 -> t3: t1's result, computed from d, is lost after
+    t2 read it; d is kept by the graph, so t1 can run again."""
+    big = INLINE_THRESHOLD * 10
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    ev = GraphSubmitted(G, ["d", "t1", "t2", "t3"], [(), (0,), (1,), (1, 2)], [0, 1, 2, 3],
+                        [None, b"b1", b"b2", b"b3"], {0: b"data"}, [3], ["g"] * 4, True,
+                        False, max_retries=3)
+    s.handle(ev)
+    s.handle(TaskFinished(1, "a", big, None, 0.001))  # d's only reader is done
+    assert s.tasks[0].inline == b"data", "graph data is kept for lineage"
+    s.handle(TaskFinished(2, "a", big, None, 0.001))
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    assert not of(ReportError, out)
+    (d,) = of(Dispatch, out)
+    assert d.task == 1 and d.deps == ((0, ("inline", b"data")),)

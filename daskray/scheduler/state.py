@@ -1202,8 +1202,12 @@ class SchedulerState:
                 self._release_if_unused(dep)
 
     def _release_if_unused(self, ts: TaskState) -> None:
-        """Free the object of ``ts`` when nothing needs it; forget a remote task."""
+        """Free the object of ``ts`` when nothing needs it; forget a remote task.
+        A dask graph's data stays until the graph goes: lineage may need it to
+        compute a lost result again (it was all in memory when the graph came)."""
         if ts.pending_dependents > 0 or ts.refs > 0 or ts.state not in (MEMORY, ERRED):
+            return
+        if ts.body is None and ts.graph.fail_fast and ts.graph.id in self.graphs:
             return
         if ts.actor is not None:
             actor = self.actors.get(ts.actor)
