@@ -991,3 +991,34 @@ def test_a_malformed_graph_from_the_driver_fails_that_graph_only(proc_cluster):
     # the driver's connection goes on: remote calls and dask graphs still run
     assert daskray.get(_one.remote(), timeout=30) == 1
     assert daskray.get({"x": (sum, [1, 2])}, "x") == 3
+
+
+@daskray.remote
+def _submit_a_broken_call():
+    """Inside a task: submit a call whose graph is malformed, then wait for it."""
+    import dataclasses as _dc
+
+    from daskray.runtime import context
+
+    conn = context.worker_session.conn
+    sent = []
+    real_send = conn.send
+    conn.send = sent.append
+    try:
+        ref = _one.remote()
+    finally:
+        conn.send = real_send
+    (good,) = [m for m in sent if type(m) is P.SubmitGraph]
+    conn.send(_dc.replace(good, deps=[(0,)] + list(good.deps[1:])))
+    try:
+        daskray.get(ref, timeout=20)
+    except daskray.ClusterError as exc:
+        return str(exc)
+    return "no error"
+
+
+@pytest.mark.timeout(60)
+def test_a_malformed_graph_from_a_task_fails_that_call_in_the_task(proc_cluster):
+    message = daskray.get(_submit_a_broken_call.remote(), timeout=40)
+    assert "rejected graph" in message, message
+    assert daskray.get(_one.remote(), timeout=30) == 1

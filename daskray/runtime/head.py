@@ -232,7 +232,7 @@ class Head:
 
     def reject(self, ident: bytes, peer: tuple, reason: str, graph: Any = None) -> None:
         print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
-        if peer[0] == P.ROLE_CLIENT:
+        if peer[0] == P.ROLE_CLIENT or graph is not None:  # a task's call: it waits
             self.client_out.setdefault(ident, []).append(P.Rejected(reason, graph))
 
     def on_worker_message(self, wid: str, msg: Any) -> None:

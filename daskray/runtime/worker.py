@@ -463,6 +463,14 @@ class Worker:
         elif type(msg) is P.Rejected:
             print(f"daskray worker {self.id}: the head rejected a message: {msg.reason}",
                   file=sys.stderr)
+            if msg.graph is not None:  # a call a task made: its refs fail
+                with tracker.lock:
+                    keys = [k for k in tracker.counts
+                            if k[0] == self.client_id and k[1] == msg.graph]
+                for key in keys:
+                    self.results[key] = P.RefResult(
+                        key, None, None, 0, None, "ClusterError",
+                        f"the head rejected graph {msg.graph}: {msg.reason}")
 
     def _report(self, item: tuple) -> None:
         if not self.reports:
