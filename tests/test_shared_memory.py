@@ -688,4 +688,4 @@ def test_graph_data_that_cannot_be_pickled_leaves_no_file_behind(cluster):
            "total": (sum, [("a", i) for i in range(4)] + ["bad"])}
     with pytest.raises(daskray.SerializationError, match="lock"):
         daskray.get(dsk, "total")
-    assert session_files() == before
+    assert session_files() - before == set()  # (earlier tests' files may go meanwhile)
