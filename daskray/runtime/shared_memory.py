@@ -25,7 +25,6 @@ object wherever it is; see :mod:`store_memory`.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import glob
 import itertools
@@ -182,19 +181,16 @@ def _discard(path: str) -> None:
     """Remove a file being written, never keep it for reuse."""
     if _store is not None:
         _store.discard(path)
-        return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    else:
+        _remove(path)
 
 
 def unlink(path: str) -> None:
+    """The object in ``path`` was freed: its file goes (or is kept for reuse)."""
     if _store is not None:
         _store.unlink(path)
-        return
-    try:
-        os.unlink(path)
-    except (FileNotFoundError, PermissionError):  # gone, or another user's
-        pass
+    else:
+        _remove(path)
 
 
 def remove_session(prefix: str) -> int:
