@@ -162,20 +162,22 @@ class HostStore:
         for _ in range(4):
             self._drain_pool()
             self._reap_freed()
-            with self._locked("count") as count_fd:
-                used, entries = self._scan()
-                _write_used(count_fd, used)  # the files are the truth; the count follows
+            used, entries = self._recount()
             if used + size <= limit:
                 break
             pinned = self._spill(entries, used + size - limit)
-            with self._locked("count") as count_fd:
-                after, _ = self._scan()
-                _write_used(count_fd, after)
-            if after + size <= limit or after >= used:
-                used = after
+            after, _ = self._recount()
+            progress, used = after < used, after
+            if used + size <= limit or not progress:
                 break
-            used = after
         return used, pinned
+
+    def _recount(self) -> tuple[int, list[tuple[float, int, str]]]:
+        """``_scan``, and the count set to what it found: the files are the truth."""
+        with self._locked("count") as count_fd:
+            used, entries = self._scan()
+            _write_used(count_fd, used)
+        return used, entries
 
     # ------------------------------------------------------------------ reading
 
@@ -201,35 +203,28 @@ class HostStore:
     def unlink(self, path: str) -> None:
         """Remove an object's file wherever it is."""
         if not path.startswith(self.prefix):  # another namespace's: its count corrects itself
-            for p in (path, self.spill_path(path)):
-                with contextlib.suppress(FileNotFoundError, PermissionError):
-                    os.unlink(p)
+            _unlink_quietly(path, self.spill_path(path))
             return
         # never waits for a writer making room: the count has a lock of its own
-        kept = self._keep_freed(path)
-        if kept is None:
-            with self._locked("count") as count_fd:
-                try:
-                    size = os.stat(path).st_size
-                    os.unlink(path)
-                except (FileNotFoundError, PermissionError, IsADirectoryError):
-                    pass
-                else:
-                    _write_used(count_fd, max(0, _read_used(count_fd) - size))
-        with contextlib.suppress(FileNotFoundError, PermissionError, IsADirectoryError):
-            os.unlink(self.spill_path(path))
+        if self._keep_freed(path) is None:
+            self._unlink_counted(path)
+        _unlink_quietly(self.spill_path(path))
 
     def discard(self, path: str) -> None:
         """Remove a file its writer gave up on (never pooled)."""
+        self._unlink_counted(path)
+        _unlink_quietly(self.spill_path(path))
+
+    def _unlink_counted(self, path: str) -> None:
+        """Unlink a file in this namespace's memory and count its bytes out, in one
+        step under the count lock (so the count never drifts low)."""
         with self._locked("count") as count_fd:
-            for p in (path, self.spill_path(path)):
-                try:
-                    size = os.stat(p).st_size
-                    os.unlink(p)
-                except (FileNotFoundError, PermissionError):
-                    continue
-                if p == path:
-                    _write_used(count_fd, max(0, _read_used(count_fd) - size))
+            try:
+                size = os.stat(path).st_size
+                os.unlink(path)
+            except (FileNotFoundError, PermissionError, IsADirectoryError):
+                return
+            _write_used(count_fd, max(0, _read_used(count_fd) - size))
 
     def remove(self, prefix: str) -> int:
         """Remove the spilled files whose ``/dev/shm`` path starts with ``prefix``."""
@@ -278,7 +273,7 @@ class HostStore:
 
     def _reap_freed(self) -> None:
         """Unlink the freed files no live view maps any more."""
-        for _, size, freed in _files(self.freed_dir):
+        for _, _, freed in _files(self.freed_dir):
             try:
                 fd = os.open(freed, os.O_RDONLY)
             except FileNotFoundError:
@@ -288,9 +283,7 @@ class HostStore:
             except BlockingIOError:
                 continue
             else:
-                with self._locked("count") as count_fd, contextlib.suppress(FileNotFoundError):
-                    os.unlink(freed)
-                    _write_used(count_fd, max(0, _read_used(count_fd) - size))
+                self._unlink_counted(freed)
             finally:
                 os.close(fd)
 
@@ -313,10 +306,8 @@ class HostStore:
 
     def _drain_pool(self) -> None:
         """Drop every pooled file: room is needed."""
-        for _, size, pooled in self._pooled():
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(pooled)
-                self._count(-size)
+        for _, _, pooled in self._pooled():
+            self._unlink_counted(pooled)
 
     def _pooled(self) -> list[tuple[float, int, str]]:
         return _files(self.pool_dir)
@@ -371,10 +362,8 @@ class HostStore:
                     continue
                 self._copy_out(fd, path)
                 if not _still_at(fd, path):  # freed while being copied: drop the copy
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(self.spill_path(path))
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
+                    _unlink_quietly(self.spill_path(path))
+                _unlink_quietly(path)  # the recount that follows counts it out
                 freed += size
             finally:
                 os.close(fd)
@@ -389,8 +378,7 @@ class HostStore:
                 shutil.copyfileobj(src, out, 1 << 22)
             os.replace(partial, target)
         except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
+            _unlink_quietly(partial)
             raise
 
     @contextlib.contextmanager
@@ -459,6 +447,13 @@ def _still_at(fd: int, path: str) -> os.stat_result | None:
     except FileNotFoundError:
         pass
     return None
+
+
+def _unlink_quietly(*paths: str) -> None:
+    """Unlink files that may be gone already (or be another user's)."""
+    for path in paths:
+        with contextlib.suppress(FileNotFoundError, PermissionError, IsADirectoryError):
+            os.unlink(path)
 
 
 def _files(directory: str) -> list[tuple[float, int, str]]:
