@@ -90,6 +90,12 @@ class RefTracker:
         if self.on_drop is not None:
             self.on_drop(key)
 
+    def held_of_graph(self, owner: bytes, graph: Any) -> list[RefKey]:
+        """The keys this process holds refs to among the objects of ``owner``'s
+        graph ``graph`` (a call it made)."""
+        with self.lock:
+            return [k for k in self.counts if k[0] == owner and k[1] == graph]
+
     def take_changes(self) -> tuple[list[RefKey], list[RefKey]]:
         """The changes since the last call (added, dropped), for one message."""
         with self.lock:

@@ -265,13 +265,10 @@ class Client:
         q = self._queues.get(number)
         if q is not None:
             q.put(ClusterError(reason))
-        with tracker.lock:
-            keys = list(tracker.counts)
+        keys = tracker.held_of_graph(self.client_id, number)
         with self._results_changed:
             for key in keys:
-                if key[0] == self.client_id and key[1] == number:
-                    self.results[key] = P.RefResult(key, None, None, 0, None, "ClusterError",
-                                                    reason)
+                self.results[key] = P.RefResult(key, None, None, 0, None, "ClusterError", reason)
             self._results_changed.notify_all()
 
     def _fail_all(self, reason: str) -> None:

@@ -464,10 +464,7 @@ class Worker:
             print(f"daskray worker {self.id}: the head rejected a message: {msg.reason}",
                   file=sys.stderr)
             if msg.graph is not None:  # a call a task made: its refs fail
-                with tracker.lock:
-                    keys = [k for k in tracker.counts
-                            if k[0] == self.client_id and k[1] == msg.graph]
-                for key in keys:
+                for key in tracker.held_of_graph(self.client_id, msg.graph):
                     self.results[key] = P.RefResult(
                         key, None, None, 0, None, "ClusterError",
                         f"the head rejected graph {msg.graph}: {msg.reason}")
