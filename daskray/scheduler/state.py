@@ -1046,8 +1046,7 @@ class SchedulerState:
         if ws.waiting:
             return self._next_nested(ws)
         for heap in (ws.queue, self.ready):
-            while heap and (heap[0][1] not in tasks or tasks[heap[0][1]].state != READY):
-                heapq.heappop(heap)
+            self._drop_stale(heap)
         if ws.queue and (not self.ready or ws.queue[0] <= self.ready[0]):
             return tasks[heapq.heappop(ws.queue)[1]]
         if self.ready:
@@ -1069,6 +1068,13 @@ class SchedulerState:
                     return ts
         return None
 
+    def _drop_stale(self, heap: list) -> None:
+        """Pop the heap's top entries that are no longer ready tasks (forgotten,
+        dispatched or waiting again): heaps are cleaned lazily, from the top."""
+        tasks = self.tasks
+        while heap and (heap[0][1] not in tasks or tasks[heap[0][1]].state != READY):
+            heapq.heappop(heap)
+
     def _next_nested(self, ws: WorkerState) -> TaskState | None:
         """For a worker whose tasks wait in get(): the best queued call made by the
         innermost waiting task.  It runs on that task's stack; anything else there
@@ -1084,9 +1090,7 @@ class SchedulerState:
         if best is None:
             # independent ready work (submitted by the driver: all its inputs are
             # there) keeps the cluster going when every worker waits
-            while self.ready and (self.ready[0][1] not in self.tasks
-                                  or self.tasks[self.ready[0][1]].state != READY):
-                heapq.heappop(self.ready)
+            self._drop_stale(self.ready)
             if self.ready and self.tasks[self.ready[0][1]].graph.parent is None:
                 return self.tasks[heapq.heappop(self.ready)[1]]
             return None
@@ -1123,9 +1127,7 @@ class SchedulerState:
         feeds = set(ts.dependents)
         for _ in range(policy.MAX_SIBLINGS):
             ready = self.ready
-            while ready and (ready[0][1] not in self.tasks
-                             or self.tasks[ready[0][1]].state != READY):
-                heapq.heappop(ready)
+            self._drop_stale(ready)
             if not ready:
                 return
             sibling = self.tasks[ready[0][1]]
