@@ -7,11 +7,16 @@ machine; only the ratios from one run mean much.
 
 Usage::
 
-    python benchmarks/dask_workloads.py [--only W1,W3] [--schedulers daskray,sync,...] [--warm]
-                                        [--repeat 3] [--json out.json]
+    python benchmarks/dask_workloads.py [--only W1,W3] [--schedulers daskray,sync,...] [--cold]
+                                        [--repeat 3] [--json out.json] [--in-process]
 
-Each scheduler is started once, runs every selected workload, and is shut down
-before the next one starts, so two schedulers never compete for the cores.
+Each scheduler runs in a fresh interpreter of its own: it is started once, runs
+every selected workload, and is shut down before the next one starts, so two
+schedulers never compete for the cores, and none inherits what another left
+behind.  (``--in-process`` runs them one after the other in this process, as
+anchors.py does.  That is not neutral: distributed.LocalCluster leaves
+``MALLOC_TRIM_THRESHOLD_=65536`` in ``os.environ``, which every process started
+later inherits, and it makes a worker's freed buffers page-fault again.)
 Graph construction is not timed: only ``dask.compute(obj, scheduler=...)`` is.
 Every result is checked against the sync scheduler's value. Failures and wrong
 results become ERROR rows; they never abort the run.
@@ -28,7 +33,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -306,12 +313,13 @@ def run_workload(name: str, scheduler_name: str, scheduler: Any, repeat: int,
                  reference: float | None, warm: bool = False) -> Result:
     """Time one workload ``repeat`` times on a started scheduler and check its value.
 
-    The dask object is built fresh before each repeat (untimed).  Cold (the
-    default): the previous repeat's object is gone first, so dask optimizes
-    every graph from scratch in the driver (~0.4 s for W4), whatever the
-    scheduler.  ``warm``: it stays alive while the next is built, as in
-    anchors.py (``obj, _ = wf()``), and dask's expression cache skips most of
-    that work, so the scheduler's own cost shows.
+    The dask object is built fresh before each repeat (untimed).  ``warm`` (the
+    default, as in anchors.py's ``obj, _ = wf()``, which measured the figures
+    the targets come from): the previous repeat's object stays alive while the
+    next is built, and dask's expression cache skips most of the driver's
+    optimizing, so the scheduler's own cost shows.  Cold: it is gone first, so
+    dask optimizes every graph from scratch in the driver (~0.4 s for W4),
+    whatever the scheduler.
     An exception or a value differing from ``reference`` makes the result an error.
     """
     result = Result(name, scheduler_name)
@@ -332,6 +340,33 @@ def run_workload(name: str, scheduler_name: str, scheduler: Any, repeat: int,
             result.error = f"wrong result: got {result.value!r}, sync gave {reference!r}"
             return result
     return result
+
+
+def run_isolated(scheduler_name: str, workloads: list[str], repeat: int,
+                 references: dict[str, float], warm: bool = False) -> list[Result]:
+    """:func:`run_scheduler` in a fresh interpreter (this script with
+    ``--in-process``); its results come back through a JSON file.  Values of the
+    sync scheduler are added to ``references``, as run_scheduler does."""
+    with tempfile.TemporaryDirectory(prefix="daskray-bench-") as tmp:
+        path = os.path.join(tmp, "results.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--in-process",
+               "--schedulers", scheduler_name, "--only", ",".join(workloads),
+               "--repeat", str(repeat), "--references", json.dumps(references),
+               "--results-file", path, *([] if warm else ["--cold"])]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+        for line in proc.stdout.splitlines():  # progress lines; the table is the parent's
+            if line.startswith(tuple(workloads)) or line.startswith("note:"):
+                print(line, flush=True)
+        if not os.path.exists(path):
+            error = f"benchmark process exited with code {proc.returncode} (see above)"
+            return [Result(w, scheduler_name, error=error) for w in workloads]
+        with open(path) as f:
+            rows = json.load(f)
+    results = [Result(r["workload"], r["scheduler"], r["times"], r["value"], r["error"])
+               for r in rows]
+    if scheduler_name == "sync":
+        references.update({r.workload: r.value for r in results if r.error is None})
+    return results
 
 
 def compute_references(workloads: list[str]) -> dict[str, float]:
@@ -481,9 +516,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"comma-separated subset of {','.join(SCHEDULERS)} (default: all)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per workload (median reported)")
     p.add_argument("--json", metavar="PATH", help="also write all results to this JSON file")
-    p.add_argument("--warm", action="store_true",
-                   help="keep each repeat's dask object alive while the next is built, as "
-                        "anchors.py does: dask's expression cache then skips re-optimizing")
+    p.add_argument("--cold", action="store_true",
+                   help="drop each repeat's dask object before the next is built, so dask "
+                        "re-optimizes every graph in the driver (by default it stays alive, "
+                        "as in anchors.py, and dask's expression cache skips that work)")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every scheduler in this process instead of one fresh process each")
+    p.add_argument("--references", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--results-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.schedulers = [s for s in args.schedulers.split(",") if s]
     unknown = [s for s in args.schedulers if s not in SCHEDULERS]
@@ -527,20 +567,25 @@ def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; return 1 if any ERROR row was recorded, else 0."""
     args = parse_args(argv)
     schedulers = order_schedulers(args.schedulers)
-    references: dict[str, float] = {}
-    if "sync" not in schedulers:
+    references: dict[str, float] = json.loads(args.references)
+    if "sync" not in schedulers and not references:
         print("note: sync not selected; computing reference values with sync (untimed)",
               flush=True)
         references = compute_references(args.workloads)
 
+    run = run_scheduler if args.in_process else run_isolated
     results: list[Result] = []
     for name in schedulers:
         try:
-            results += run_scheduler(name, args.workloads, args.repeat, references, args.warm)
+            results += run(name, args.workloads, args.repeat, references, not args.cold)
         except Exception:  # an unexpected bug with one scheduler must not lose the others
             traceback.print_exc()
             results += [Result(w, name, error="benchmark crashed (see traceback above)")
                         for w in args.workloads]
+    if args.results_file:  # a child run of run_isolated: the parent prints the table
+        with open(args.results_file, "w") as f:
+            json.dump([r.to_json() for r in results], f)
+        return 0
 
     print(f"\nMedian seconds of {args.repeat} run(s); ratios are daskray time / competitor time.")
     print(summary_table(results, args.workloads, schedulers))

@@ -38,7 +38,7 @@ from ..errors import (
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD, SHARE_THRESHOLD
 from . import protocol as P
-from . import context, host_transfer, shared_memory, transport
+from . import allocator, context, host_transfer, shared_memory, transport
 from .store_memory import HostStore
 from .object_store import ObjectStore
 from .process import child_setup, pidfd
@@ -261,15 +261,32 @@ class Worker:
     def run(self) -> None:
         if self.pool is not None:
             return self._run_concurrent()
-        head = self.head
+        allocator.tune_for_reuse()
+        trim = allocator.available()
         while self.running:
             if not self.queue:
                 self._flush()
-                while not head.poll(50 if tracker.has_changes() else 1000):
-                    if tracker.has_changes():
-                        self._flush()
+                self._wait_idle(trim)
             self._step()
         self._flush()
+
+    def _wait_idle(self, trim: bool) -> None:
+        """Wait for the head's next message; flush ref changes meanwhile, and once
+        idle for ``allocator.IDLE_SECONDS`` (if ``trim``) return free heap memory."""
+        trim_at = time.monotonic() + allocator.IDLE_SECONDS if trim else None
+        while True:
+            timeout = 1000
+            if trim_at is not None:
+                timeout = max(1, min(timeout, int((trim_at - time.monotonic()) * 1000) + 1))
+            if tracker.has_changes():
+                timeout = min(timeout, 50)
+            if self.head.poll(timeout):
+                return
+            if tracker.has_changes():
+                self._flush()
+            if trim_at is not None and time.monotonic() >= trim_at:
+                allocator.release_free_memory()
+                trim_at = None
 
     def _run_concurrent(self) -> None:
         """An actor with max_concurrency > 1: calls start in order on the pool."""
