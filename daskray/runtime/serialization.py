@@ -22,6 +22,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 import traceback
 import types
 from collections import ChainMap
@@ -174,6 +175,8 @@ def loads_exception(data: bytes) -> BaseException:
 
 #: for instances (not classes), the answer depends on their type only: {type: bool}
 _NEEDS_BY_TYPE: dict[type, bool] = {}
+#: classes found importable under their own name (plain pickle writes them by name)
+_IMPORTABLE_CLASSES: set[type] = set()
 
 
 def _needs_cloudpickle(obj: Any) -> bool:
@@ -183,8 +186,13 @@ def _needs_cloudpickle(obj: Any) -> bool:
     if known is not None:  # every object pickled passes here: keep it cheap
         return known
     if isinstance(obj, type):  # a class: its own name decides, not its metaclass's
-        return (obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
-                or not _importable_as_itself(obj))
+        if obj in _IMPORTABLE_CLASSES:
+            return False
+        needs = (obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
+                 or not _importable_as_itself(obj))
+        if not needs:  # module-level classes live as long as their module: keep them
+            _IMPORTABLE_CLASSES.add(obj)
+        return needs
     if kind.__module__ == "__main__" or "<locals>" in kind.__qualname__:
         return True  # not kept: such classes may be made anew per call
     needs = isinstance(obj, types.FunctionType)
@@ -202,22 +210,35 @@ def _importable_as_itself(cls: type) -> bool:
 
 
 class _TablePickler(pickle.Pickler):
-    """A C pickler that moves functions and ``__main__`` objects into a shared table."""
+    """A C pickler that moves functions and ``__main__`` objects into a shared table.
+
+    It hooks ``reducer_override``, which the C pickler skips for ints, floats,
+    strings, bytes, lists, tuples and dicts: a task's plain arguments (say a
+    random state of 624 ints) cost no Python call each.
+    """
 
     def __init__(self, file: io.BytesIO, table: list[Any], index: dict[int, int]) -> None:
         super().__init__(file, protocol=PROTOCOL)
         self._table = table
         self._index = index
 
-    def persistent_id(self, obj: Any) -> int | None:
+    def reducer_override(self, obj: Any) -> Any:
         slot = self._index.get(id(obj))  # already in the table (or preloaded there)
-        if slot is not None:
-            return slot
-        if not _needs_cloudpickle(obj):
-            return None
-        slot = self._index[id(obj)] = len(self._table)
-        self._table.append(obj)
-        return slot
+        if slot is None:
+            if obj is _table_entry or not _needs_cloudpickle(obj):
+                return NotImplemented
+            slot = self._index[id(obj)] = len(self._table)
+            self._table.append(obj)
+        return _table_entry, (slot,)
+
+
+#: the function table of the task being unpickled in this thread
+_decoding = threading.local()
+
+
+def _table_entry(slot: int) -> Any:
+    """Entry ``slot`` of the function table of the task being unpickled."""
+    return _decoding.table[slot]
 
 
 class GraphEncoder:
@@ -271,15 +292,6 @@ class GraphEncoder:
             raise
 
 
-class _TableUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BytesIO, table: list[Any]) -> None:
-        super().__init__(file)
-        self._table = table
-
-    def persistent_load(self, pid: int) -> Any:
-        return self._table[pid]
-
-
 def decode_table(data: bytes) -> list[Any]:
     """Inverse of :meth:`GraphEncoder.encode_table`."""
     return cloudpickle.loads(data)
@@ -287,4 +299,9 @@ def decode_table(data: bytes) -> list[Any]:
 
 def decode_task(blob: bytes, table: list[Any]) -> Any:
     """Inverse of :meth:`GraphEncoder.encode_task`."""
-    return _TableUnpickler(io.BytesIO(blob), table).load()
+    outer = getattr(_decoding, "table", None)
+    _decoding.table = table
+    try:
+        return pickle.loads(blob)
+    finally:
+        _decoding.table = outer
