@@ -75,6 +75,12 @@ class ObjectLostError(DaskrayError):
     """An object is gone: the only process holding it died or it was freed."""
 
 
+class HolderLostError(ObjectLostError):
+    """The process a reader was told holds an object died before the read.  The
+    head then computes the object again from its task, or reports it lost: a
+    reader asks the head again rather than failing (see ``Session.get``)."""
+
+
 class TaskCancelledError(DaskrayError):
     """The task was cancelled before it finished."""
 

@@ -837,6 +837,46 @@ def test_results_lost_with_a_killed_worker_are_computed_again(fresh_cluster, tmp
         assert remade and all(i in range(8) for i in remade), "nothing was computed again"
 
 
+def add_one_to_block(block):
+    return block + 1.0
+
+
+@pytest.mark.timeout(90)
+def test_remote_results_lost_with_a_killed_worker_are_computed_again(fresh_cluster, tmp_path):
+    """Ray's lineage: a call's result that only a dead worker held runs again when
+    it is read, from the driver or from a task; a call with max_retries=0 is lost
+    with the reason."""
+    import numpy as np
+
+    daskray.shutdown()  # the first worker alone has "pin": every call below runs there
+    daskray.init(num_workers=NUM_WORKERS, resources=[{"pin": 1}, {}])
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    make = daskray.remote(make_block).options(resources={"pin": 1})
+    blocks = [make.remote(i, str(markers)) for i in range(4)]
+    derived = daskray.remote(add_one_to_block).options(resources={"pin": 1}).remote(blocks[0])
+    no_retry = make.options(max_retries=0).remote(4, str(markers))
+    everything = [*blocks, derived, no_retry]
+    ready, _ = daskray.wait(everything, num_returns=len(everything), timeout=30)
+    assert len(ready) == len(everything)  # the driver now knows where each one is
+    (victim,) = {int(p.name.split("-")[1]) for p in markers.iterdir()}
+    for p in markers.iterdir():
+        p.unlink()
+    os.kill(victim, signal.SIGKILL)
+
+    values = daskray.get([*blocks, derived], timeout=30)
+    for i, value in enumerate(values[:4]):
+        np.testing.assert_array_equal(value, np.full(200_000, float(i)))
+    np.testing.assert_array_equal(values[4], np.full(200_000, 1.0))
+    remade = sorted(int(p.name.split("-")[0]) for p in markers.iterdir())
+    assert remade == [0, 1, 2, 3], remade  # once each, block 0 before what reads it
+    with pytest.raises(daskray.ObjectLostError, match="max_retries"):
+        daskray.get(no_retry, timeout=30)
+    # a task reads them in place after that
+    total = daskray.remote(lambda bs: float(sum(b.sum() for b in daskray.get(bs))))
+    assert daskray.get(total.remote(blocks), timeout=30) == sum(i * 200_000.0 for i in range(4))
+
+
 # =========================================================================== the wire
 
 

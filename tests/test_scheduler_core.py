@@ -376,19 +376,77 @@ def test_a_reader_running_elsewhere_when_its_input_is_lost_runs_again_if_it_fail
     assert of(ReportResult, out) == [ReportResult(G, 4, b"four", None, 4)]
 
 
-def test_a_lost_result_of_a_remote_call_is_not_recomputed():
+def remote_call(gid, deps=(), max_retries=3, external=None, pinned=None):
+    """One ``f.remote(...)``: its ObjectRef arguments (``external``) first, the call last."""
+    external = external or {}
+    n = len(external) + 1
+    call = n - 1
+    names = [f"arg{i}" for i in range(n - 1)] + [f"call-{gid[1]}"]
+    bodies = [None] * (n - 1) + [f"body-{gid[1]}".encode()]
+    return GraphSubmitted(gid, names, [()] * (n - 1) + [tuple(deps)], [0] * n, bodies, {},
+                          [call], ["g"] * n, False, False, external=external, pinned=pinned,
+                          max_retries=max_retries)
+
+
+def test_a_lost_result_of_a_remote_call_is_computed_again_from_its_lineage():
     s = SchedulerState(validate=True)
     s.handle(WorkerJoined("a"))
-    ev = GraphSubmitted(("c", 7), ["t0", "t1"], [(), (0,)], [0, 1], [b"b0", b"b1"], {},
-                        [1], ["g", "g"], False, False, max_retries=3)
-    s.handle(ev)
-    s.handle(TaskFinished(0, "a", INLINE_THRESHOLD * 10, None, 0.001))
+    big = INLINE_THRESHOLD * 10
+    # x = f.remote(); y = g.remote(x): both finished on a, both refs held
+    s.handle(remote_call(("c", 1)))
+    s.handle(TaskFinished(0, "a", big, None, 0.001))
+    s.handle(remote_call(("c", 2), deps=(0,), external={0: ("c", 1, 0)}))
+    s.handle(TaskFinished(2, "a", big, None, 0.001))
     s.handle(WorkerJoined("b"))
     out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
-    # t1 ran on a, so it is retried, but its input is gone: it fails, t0 is not rerun
-    assert not [d for d in of(Dispatch, out) if d.task == 0]
-    assert 0 not in s.tasks or s.tasks[0].state == "erred"
-    assert s.tasks[1].state == "erred"
+    assert not [n for n in of(NotifyRef, out) if n.error or n.kind], out
+    # x runs again first (y needs it), using one of its retries; y waits for it
+    assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("b", 0)]
+    assert s.tasks[0].retries_left == 2 and s.tasks[2].state == "waiting"
+    out = s.handle(TaskFinished(0, "b", big, None, 0.001))
+    # its owner learns the new place
+    assert NotifyRef("c", ("c", 1, 0), None, "b", 0, None, None, None) in out
+    assert [d.task for d in of(Dispatch, out)] == [2]
+    out = s.handle(TaskFinished(2, "b", big, None, 0.001))
+    assert NotifyRef("c", ("c", 2, 1), None, "b", 2, None, None, None) in out
+
+
+def test_a_put_object_or_a_call_out_of_retries_is_lost_with_the_reason():
+    from daskray.scheduler.events import ObjectPut
+
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    big = INLINE_THRESHOLD * 10
+    s.handle(ObjectPut(("c", 1), "put-1", None, "a", big, "put-key"))
+    s.handle(remote_call(("c", 2), max_retries=0))
+    s.handle(TaskFinished(1, "a", big, None, 0.001))
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    lost = {n.ref: n for n in of(NotifyRef, out)}
+    assert lost[("c", 1, 0)].kind == "ObjectLostError"
+    assert "made by put()" in lost[("c", 1, 0)].message
+    assert lost[("c", 2, 0)].kind == "ObjectLostError"
+    assert "max_retries" in lost[("c", 2, 0)].message
+    assert not of(Dispatch, out)
+
+
+def test_objects_a_recomputed_call_carries_in_its_arguments_are_pinned_again():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    big = INLINE_THRESHOLD * 10
+    s.handle(remote_call(("c", 1)))
+    s.handle(TaskFinished(0, "a", 8, b"inner", 0.001))
+    # the call carries ObjectRef ("c", 1, 0) inside a list: pinned while it runs
+    s.handle(remote_call(("c", 2), pinned=[("c", 1, 0)]))
+    assert s.tasks[0].refs == 2
+    s.handle(TaskFinished(1, "a", big, None, 0.001))
+    assert s.tasks[0].refs == 1  # unpinned once it finished
+    s.handle(WorkerJoined("b"))
+    s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    assert s.tasks[1].state == "ready" or s.tasks[1].state == "processing"
+    assert s.tasks[0].refs == 2  # pinned again while it runs again
+    s.handle(TaskFinished(1, "b", big, None, 0.001))
+    assert s.tasks[0].refs == 1
 
 
 def test_a_reader_of_two_lost_inputs_waits_for_both_exactly():
@@ -426,3 +484,22 @@ def test_lineage_reaches_back_to_the_graphs_data():
     assert not of(ReportError, out)
     (d,) = of(Dispatch, out)
     assert d.task == 1 and d.deps == ((0, ("inline", b"data")),)
+
+
+def test_a_task_needing_a_dead_workers_resources_waits_for_its_replacement():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a", resources={"pin": 1}))
+    s.handle(WorkerJoined("b"))
+    ev = GraphSubmitted(("c", 1), ["call"], [()], [0], [b"body"], {}, [0], ["g"], False,
+                        False, max_retries=3, resources={"pin": 1})
+    out = s.handle(ev)
+    assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("a", 0)]
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    assert not of(NotifyRef, out) and not of(Dispatch, out)  # b lacks "pin": it waits
+    out = s.handle(WorkerJoined("a2", resources={"pin": 1}))
+    assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("a2", 0)]
+    # resources no worker ever had fail at once, with what to do
+    out = s.handle(GraphSubmitted(("c", 2), ["other"], [()], [0], [b"body"], {}, [0], ["g"],
+                                  False, False, resources={"gpu": 1}))
+    (failed,) = of(NotifyRef, out)
+    assert failed.kind == "DaskrayError" and "daskray.init(resources=" in failed.message

@@ -177,17 +177,33 @@ class Session:
         return ready, not_ready
 
     def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
+        """The values of ``refs``.  An object whose holder died after the head said
+        where it was is asked for again: the head computes it again from its task
+        (lineage) and says where the new copy is, or says it is lost, and why."""
         keys = [r._key for r in refs]
-        self._subscribe(keys)
         results = self.conn.results
         start = time.monotonic()
-        done = self.conn.wait_for(lambda: all(k in results for k in keys), timeout)
-        if not done:
-            missing = sum(1 for k in keys if k not in results)
-            raise errors.GetTimeoutError(
-                f"get timed out after {time.monotonic() - start:.1f} s: {missing} of "
-                f"{len(keys)} objects not ready")
-        return [self._value(results[k]) for k in keys]
+        values: dict[int, Any] = {}
+        while True:
+            self._subscribe(keys)
+            left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
+            if not self.conn.wait_for(lambda: all(k in results for k in keys), left):
+                missing = sum(1 for k in keys if k not in results)
+                raise errors.GetTimeoutError(
+                    f"get timed out after {time.monotonic() - start:.1f} s: {missing} of "
+                    f"{len(keys)} objects not ready")
+            for i, key in enumerate(keys):
+                result = results.get(key)
+                if i in values or result is None:
+                    continue
+                try:
+                    values[i] = self._value(result)
+                except errors.HolderLostError:
+                    if results.get(key) is result:  # not replaced by news meanwhile
+                        del results[key]
+                    self._subscribed.discard(key)
+            if len(values) == len(keys):
+                return [values[i] for i in range(len(keys))]
 
     def _value(self, result: P.RefResult) -> Any:
         if result.error is not None or result.kind is not None:

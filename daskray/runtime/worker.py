@@ -33,7 +33,8 @@ from typing import Any
 import zmq
 
 from ..errors import (
-    ClusterError, ObjectLostError, ObjectStoreFullError, SerializationError, TaskCancelledError,
+    ClusterError, HolderLostError, ObjectLostError, ObjectStoreFullError, SerializationError,
+    TaskCancelledError,
 )
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD, SHARE_THRESHOLD
@@ -67,7 +68,7 @@ def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int
     deadline = time.monotonic() + timeout_ms / 1000
     while not sock.poll(100 if holder_lost is not None else timeout_ms):
         if holder_lost is not None and holder_lost():
-            raise ObjectLostError(f"object {object_id}: the worker holding it died")
+            raise HolderLostError(f"object {object_id}: the worker holding it died")
         if holder_lost is None or time.monotonic() > deadline:
             raise ObjectLostError(
                 f"object {object_id}: its holder did not answer within {timeout_ms} ms")

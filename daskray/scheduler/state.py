@@ -153,7 +153,9 @@ class GraphState:
     #: the task whose code submitted this graph, if a task did
     parent: TaskId | None = None
     #: objects of other graphs kept alive until this graph's tasks are done
+    #: (ObjectRefs inside its arguments); pinned again if lineage runs a task again
     pinned: list[TaskId] = field(default_factory=list)
+    pins_held: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -196,9 +198,13 @@ class WorkerState:
 
 
 def _fits(needed: dict | None, ws: WorkerState) -> bool:
+    return _covers(ws.resources, needed)
+
+
+def _covers(resources: dict, needed: dict | None) -> bool:
     if not needed:
         return True
-    return all(ws.resources.get(name, 0) >= amount for name, amount in needed.items())
+    return all(resources.get(name, 0) >= amount for name, amount in needed.items())
 
 
 class SchedulerState:
@@ -215,6 +221,11 @@ class SchedulerState:
         self.actor_names: dict[str, tuple[str, bytes]] = {}
         self.workers: dict[WorkerId, WorkerState] = {}
         self.ready: list[tuple[tuple, TaskId]] = []
+        #: resources of every (non-actor) worker that has joined: a dead worker is
+        #: replaced by one alike, so a task that fits one of these waits for it
+        self.worker_shapes: list[dict] = []
+        #: ready tasks whose resources no live worker has (yet): placed on join
+        self.awaiting_resources: list[TaskId] = []
         self.durations = policy.DurationEstimates()
         self.validate = validate
         self._next_task_id = 0
@@ -272,7 +283,14 @@ class SchedulerState:
         resources = {"CPU": ev.slots, **(ev.resources or {})}
         ws = self.workers[ev.worker] = WorkerState(ev.worker, ev.slots, resources)
         if ev.actor is None:
+            if resources not in self.worker_shapes:
+                self.worker_shapes.append(resources)
             self._room.add(ev.worker)
+            waiting, self.awaiting_resources = self.awaiting_resources, []
+            for tid in waiting:
+                ts = self.tasks.get(tid)
+                if ts is not None and ts.state == READY:
+                    self._place(ts)
             return
         ws.actor = ev.actor
         actor = self.actors.get(ev.actor)
@@ -340,32 +358,49 @@ class SchedulerState:
         for ts, message in lost:
             if ts.id not in self.tasks or ts.state != MEMORY:
                 continue  # already being recomputed, for another lost object
-            if not self._recompute(ts):
-                self._object_lost(ts, message)
+            reason = self._recompute(ts)
+            if reason is not None:
+                self._object_lost(ts, f"{message} It cannot be computed again: {reason}.")
         self._ready_grew = True
 
-    def _recompute(self, lost: TaskState) -> bool:
-        """Lineage: run a dask graph's lost intermediate again, with whatever of its
-        own inputs is gone too; what reads it waits for it again.  False when that
-        cannot be done (a remote object, data, or an input that failed)."""
-        if not lost.graph.fail_fast or lost.state != MEMORY or lost.graph.id not in self.graphs:
-            return False
+    def _recompute(self, lost: TaskState) -> str | None:
+        """Lineage: run a lost object's task again, with whatever of its own inputs
+        is gone too; what reads it waits for it again.  None when done so, else why
+        it cannot be (a ``put`` object, an actor call, retries used up, ...).
+
+        A dask graph's tasks run again while the graph is held.  A remote call's
+        task runs again as Ray's do, each time using one of its ``max_retries``;
+        ObjectRefs inside its arguments are pinned again while it runs."""
         redo: dict[TaskId, TaskState] = {}
         stack = [lost]
         while stack:
             ts = stack.pop()
             if ts.id in redo:
                 continue
-            if ts.body is None or ts.actor is not None or ts.graph is not lost.graph:
-                return False  # data, an actor call, or another graph's object
+            reason = self._cannot_run_again(ts)
+            if reason is not None:
+                return reason
             redo[ts.id] = ts
             for d in ts.deps:
                 dep = self.tasks.get(d)
                 if dep is None or dep.state == ERRED:
-                    return False
+                    return f"its input {dep.name if dep else d} is gone or failed"
                 if dep.state == MEMORY and dep.inline is None and not dep.holders:
                     stack.append(dep)  # freed or lost as well
+        repin = {ts.graph.id: ts.graph for ts in redo.values()
+                 if ts.graph.pinned and not ts.graph.pins_held}
+        for gs in repin.values():
+            for pid in gs.pinned:
+                pin = self.tasks.get(pid)
+                if pin is None or pin.state == ERRED:
+                    return "an object its arguments refer to is gone"
+        for gs in repin.values():
+            for pid in gs.pinned:
+                self.tasks[pid].refs += 1
+            gs.pins_held = True
         for ts in redo.values():
+            if not ts.graph.fail_fast:
+                ts.retries_left -= 1
             self._transition(ts, WAITING)
             ts.holders = set()
             ts.inline = None
@@ -394,7 +429,21 @@ class SchedulerState:
         for ts in sorted(redo.values(), key=lambda t: t.id):
             if ts.waiting_on == 0:
                 self._make_ready(ts)
-        return True
+        return None
+
+    def _cannot_run_again(self, ts: TaskState) -> str | None:
+        """Why lineage cannot run ``ts`` again, or None if it can."""
+        if ts.body is None:
+            return (f"{ts.name} is data of its dask graph" if ts.graph.fail_fast
+                    else f"{ts.name} was made by put(), not by a task")
+        if ts.actor is not None:
+            return f"{ts.name} is an actor call, whose actor's state has moved on"
+        if ts.graph.fail_fast:
+            if ts.graph.id not in self.graphs:
+                return f"the dask graph of {ts.name} was released"
+        elif ts.retries_left <= 0:
+            return f"task {ts.name} has used up its max_retries"
+        return None
 
     def _actor_lost(self, ws: WorkerState, reason: str) -> list[tuple[TaskState, str]]:
         """The process of an actor died: restart it, or fail what it was to run."""
@@ -556,6 +605,7 @@ class SchedulerState:
             if pin is not None:
                 pin.refs += 1
                 gs.pinned.append(pin.id)
+                gs.pins_held = True
         new: list[TaskState] = []
         lost_data: list[TaskState] = []
         for i in range(n):
@@ -800,8 +850,9 @@ class SchedulerState:
         self._out.append(ForgetGraph(gs.id))
 
     def _unpin(self, gs: GraphState) -> None:
-        pinned, gs.pinned = gs.pinned, []
-        self._unref(pinned)
+        if gs.pins_held:
+            gs.pins_held = False
+            self._unref(gs.pinned)
 
     def _unref(self, tids: Iterable[TaskId]) -> None:
         """Drop one reference to each of these objects (freeing what is then unused)."""
@@ -1006,13 +1057,14 @@ class SchedulerState:
         candidates = [w for w in self.workers.values()
                       if w.actor is None and _fits(ts.resources, w)]
         if ts.resources and not candidates:
-            if self.workers:
+            if not self.worker_shapes or any(
+                    _covers(shape, ts.resources) for shape in self.worker_shapes):
+                self.awaiting_resources.append(ts.id)  # the worker that has them comes back
+            else:
                 ts.cancel_requested = True  # no retry can help
                 self._fail(ts, (None, "DaskrayError", (
                     f"task {ts.name} needs resources {ts.resources}, but no worker has "
                     "them; declare them with daskray.init(resources=...)")))
-            else:
-                heapq.heappush(self.ready, (ts.priority, ts.id))
             return
         held: dict[WorkerId, int] = {}
         for d in ts.deps:
