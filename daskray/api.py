@@ -24,7 +24,8 @@ from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
 from .dask_graph import convert, external_keys
 from .refs import ObjectRef, ref_key_of, tracker
 from .remote_function import TASK_OPTIONS, RemoteFunction, check_options
-from .runtime.cluster import LocalCluster
+from .runtime.cluster import AttachedCluster, LocalCluster
+from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
 from .runtime.session import Session
@@ -37,7 +38,8 @@ _runtime: "_Runtime | None" = None
 class _Runtime:
     """What ``init`` started, and the dask settings it replaced."""
 
-    def __init__(self, cluster: LocalCluster | None, set_dask_scheduler: bool) -> None:
+    def __init__(self, cluster: LocalCluster | AttachedCluster | None,
+                 set_dask_scheduler: bool) -> None:
         self.cluster = cluster
         self.local_mode = cluster is None
         self.session: Session | LocalSession = (
@@ -111,15 +113,27 @@ def init(
 
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
     options about its dashboard, logging and namespaces are accepted and have no
-    effect here.  ``address`` other than ``None``/``"local"`` is not supported yet.
+    effect here.
+
+    ``address`` joins a cluster already running on this machine, started with
+    ``daskray start --head``: the address it printed, or ``"auto"`` for the
+    newest one (also taken from the ``DASKRAY_ADDRESS`` environment variable).
+    The cluster's size and resources are its own; :func:`shutdown` then only
+    disconnects this process, and the cluster drops its ObjectRefs.
     """
     unknown = set(ray_options) - _IGNORED_RAY_OPTIONS
     if unknown:
         raise TypeError(f"daskray.init() got unexpected keyword arguments {sorted(unknown)}")
+    if address is None:
+        address = os.environ.get("DASKRAY_ADDRESS") or None
     if address not in (None, "local"):
-        raise ClusterError(
-            f"joining a running cluster (address={address!r}) is not supported yet; "
-            "call daskray.init() without an address to start a local cluster")
+        given = [name for name, value in (
+            ("num_workers", num_workers), ("num_cpus", num_cpus), ("resources", resources),
+            ("object_store_memory", object_store_memory)) if value is not None]
+        if given or local_mode:
+            raise ValueError(
+                f"{', '.join(given) or 'local_mode'}: these are set when a cluster starts; "
+                f"a driver joining one (address={address!r}) cannot change them")
     if num_cpus is not None:
         if num_workers is not None and num_workers != num_cpus:
             raise ValueError("give num_workers or num_cpus, not both")
@@ -143,7 +157,9 @@ def init(
                 len(resources) != n or not all(isinstance(r, dict) for r in resources)):
             raise ValueError("resources must be a dict, or a list of one dict per worker")
         store_limit = _store_limit(object_store_memory)
-        if not local_mode:
+        if address not in (None, "local"):
+            cluster = AttachedCluster(find_cluster(address))
+        elif not local_mode:
             cluster = LocalCluster(n, validate=_validate, resources=resources,
                                    store_limit=store_limit, store_namespaces=_store_namespaces)
         _runtime = _Runtime(cluster, set_dask_scheduler)

@@ -68,7 +68,10 @@ class Client:
         self._ref_wake_r, self._ref_wake_w = os.pipe()
         os.set_blocking(self._ref_wake_r, False)
         os.set_blocking(self._ref_wake_w, False)
-        self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, "driver"))
+        #: ms to keep sending queued messages after close (see AttachedCluster)
+        self.linger_ms = 0
+        # the head watches the pid of a driver that joins a cluster it did not start
+        self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, f"driver:{os.getpid()}"))
         self._thread = threading.Thread(target=self._io_loop, name="daskray-client-io", daemon=True)
         self._thread.start()
 
@@ -226,7 +229,7 @@ class Client:
                     poller.unregister(head_fd)
                     head_fd = None
         finally:
-            self._head.close(0)
+            self._head.close(self.linger_ms)
             os.close(self._ref_wake_r)
             self._wake_pull.close(0)
 

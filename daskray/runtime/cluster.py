@@ -1,5 +1,9 @@
 """A cluster on this machine: one head process, which starts the workers.
 
+:class:`LocalCluster` is started by a driver, which owns it; an
+:class:`AttachedCluster` is a driver's connection to a cluster another process
+owns (``daskray start --head``, see :mod:`daskray.runtime.standalone`).
+
 Everything of a session lives in one private directory (mode 0700, under the
 system temp directory): the ipc sockets and the file naming the driver that
 owns it.  ``close()`` removes it; a session whose driver, head and workers were
@@ -61,10 +65,11 @@ class LocalCluster:
 
     def __init__(self, num_workers: int, validate: bool = False,
                  resources: list | None = None, store_limit: int | None = None,
-                 store_namespaces: int = 1) -> None:
+                 store_namespaces: int = 1, session_dir: str | None = None) -> None:
         sweep_stale_sessions()
         self.num_workers = num_workers
-        self.session_dir = tempfile.mkdtemp(prefix=SESSION_PREFIX)
+        #: made by the caller when given (``daskray start`` keeps its log there)
+        self.session_dir = session_dir or tempfile.mkdtemp(prefix=SESSION_PREFIX)
         with open(os.path.join(self.session_dir, OWNER_FILE), "w") as f:
             f.write(str(os.getpid()))
         self.token = secrets.token_bytes(32)
@@ -129,3 +134,42 @@ class LocalCluster:
             shared_memory.configure(None)
         self.store.close()
         shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+class AttachedCluster:
+    """This driver's connection to a cluster another process started and owns
+    (``daskray start --head``): the same client and object store as a
+    LocalCluster's, but ``close()`` only disconnects.  The head then drops this
+    driver's ObjectRefs, as it does when the driver dies."""
+
+    def __init__(self, info: dict) -> None:
+        self.info = info
+        self.session_dir: str = info["session_dir"]
+        self.token = bytes.fromhex(info["token"])
+        self.head_address: str = info["address"]
+        self.head_pid: int = info["head_pid"]
+        self.shm_prefix: str = info["shm_prefix"]
+        self.num_workers: int = info["num_workers"]
+        self.store = HostStore(self.shm_prefix, self.session_dir, info["store_limit"])
+        self.client = Client(self.head_address, self.token, head_pid=self.head_pid)
+        self.client.linger_ms = 1000  # the goodbye must reach the head
+        self.client.shm_prefix = self.shm_prefix if shared_memory.available() else None
+        shared_memory.configure(
+            self.store, fetch_foreign=partial(host_transfer.fetch, self.client.ctx, self.token))
+        try:
+            self.client.wait_ready(START_TIMEOUT_SECONDS)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Disconnect; the cluster goes on.  Safe to call twice."""
+        if not self.client.closed and self.client.failure is None:
+            try:
+                self.client.send(P.ClientGoodbye())
+            except ClusterError:
+                pass
+        self.client.close()
+        if shared_memory.store() is self.store:
+            shared_memory.configure(None)
+        self.store.close()

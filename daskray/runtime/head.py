@@ -57,6 +57,7 @@ class Head:
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
         self.procs: dict[str, Any] = {}  # worker id -> Popen
         self.worker_fds: dict[int, str] = {}
+        self.client_fds: dict[int, bytes] = {}  # pidfd -> a joined driver's identity
         self.worker_address: dict[str, str] = {}
         self.worker_control: dict[str, zmq.Socket] = {}
         self.control_of: dict[zmq.Socket, str] = {}  # control socket -> its worker
@@ -207,6 +208,7 @@ class Head:
                 return
             self.peers[ident] = hello
             if hello[0] == P.ROLE_CLIENT:
+                self.watch_client(ident, hello[1])
                 self.waiting_clients.append(ident)
                 self.welcome_clients()
             return
@@ -229,6 +231,29 @@ class Head:
         except P.ProtocolError as exc:
             graph = msg.graph if type(msg) is P.SubmitGraph else None
             self.reject(ident, peer, str(exc), graph)
+
+    def watch_client(self, ident: bytes, name: str) -> None:
+        """Notice when a driver other than the cluster's owner exits, however it
+        exits: its ObjectRefs must not keep objects alive (``client_gone``)."""
+        _, _, pid = name.partition(":")
+        if not pid.isdigit() or int(pid) == self.parent_pid:
+            return
+        fd = pidfd(int(pid))
+        if fd is not None:
+            self.client_fds[fd] = ident
+            self.poller.register(fd, zmq.POLLIN)
+
+    def client_gone(self, ident: bytes) -> None:
+        """A driver disconnected or died: cancel its dask graphs, drop its refs."""
+        for fd, who in list(self.client_fds.items()):
+            if who == ident:
+                self.poller.unregister(fd)
+                os.close(fd)
+                del self.client_fds[fd]
+        if self.peers.pop(ident, None) is not None:
+            self.waiting_clients = [c for c in self.waiting_clients if c != ident]
+            self.client_out.pop(ident, None)
+            self.apply(E.ClientLost(ident))
 
     def reject(self, ident: bytes, peer: tuple, reason: str, graph: Any = None) -> None:
         print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
@@ -313,6 +338,8 @@ class Head:
             self.apply(E.GraphCancelled((ident, msg.graph)))
         elif t is P.StopCluster:
             self.running = False
+        elif t is P.ClientGoodbye:
+            self.client_gone(ident)
 
     def on_control_reply(self, wid: str, control: zmq.Socket) -> None:
         """A worker's data server answered an interrupt: queued tasks it dropped."""
@@ -448,6 +475,8 @@ class Head:
                 self._send(ident, msg)
         self.worker_out = {}
         for ident, msgs in self.client_out.items():
+            if ident not in self.peers:
+                continue  # a driver that left: nothing can reach it
             for msg in msgs:
                 self._send(ident, msg)
         self.client_out = {}
@@ -474,6 +503,8 @@ class Head:
                 self.on_control_reply(self.control_of[control], control)
             for fd in [fd for fd in ready if fd in self.worker_fds]:
                 self.worker_exited(self.worker_fds[fd])
+            for fd in [fd for fd in ready if fd in self.client_fds]:
+                self.client_gone(self.client_fds[fd])
             if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:
                 self.running = False
             self.flush()

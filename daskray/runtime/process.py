@@ -28,8 +28,10 @@ ONE_THREAD_ENV = {name: "1" for name in (
     "NUMEXPR_NUM_THREADS")}
 
 
-def spawn(module: str, config: dict[str, Any]) -> subprocess.Popen:
-    """Start ``python -m module`` with ``config`` and this process's ``sys.path``."""
+def spawn(module: str, config: dict[str, Any], output: Any = None,
+          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    """Start ``python -m module`` with ``config`` and this process's ``sys.path``;
+    its stdout and stderr go to ``output`` (a file) if given, else to ours."""
     env = {**ONE_THREAD_ENV, **os.environ}
     config = dict(config, sys_path=[p for p in sys.path if p], parent_pid=os.getpid())
     env[CONFIG_ENV] = json.dumps(config)
@@ -37,8 +39,11 @@ def spawn(module: str, config: dict[str, Any]) -> subprocess.Popen:
         [sys.executable, "-m", module],
         env=env,
         stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
         start_new_session=True,  # the terminal's Ctrl-C is the driver's business
         close_fds=True,
+        pass_fds=pass_fds,
     )
 
 
@@ -65,13 +70,19 @@ def pidfd(pid: int) -> int | None:
 
 
 def alive(pid: int) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie, exited but
+    not yet reaped by its parent, counts as exited)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def describe_exit(returncode: int | None) -> str:

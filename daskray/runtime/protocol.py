@@ -148,6 +148,11 @@ class StopCluster:
     pass
 
 
+@message(27)
+class ClientGoodbye:
+    """A driver that joined a running cluster disconnects: drop its ObjectRefs."""
+
+
 @message(5)
 class PutObject:
     """``daskray.put``: a small value inline, or a large one already stored on a worker."""

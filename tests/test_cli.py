@@ -1,0 +1,154 @@
+"""``daskray start --head`` / ``status`` / ``stop`` and drivers joining with
+``daskray.init(address=...)``: real processes, each driver a process of its own."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import psutil
+import pytest
+
+from daskray.runtime.process import alive
+from daskray.runtime.standalone import running_clusters
+from daskray.runtime.store_memory import HostStore
+
+from helpers import wait_until
+
+
+def daskray_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "daskray", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def run_driver(code: str, env: dict | None = None, timeout: float = 90) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh Python process; its last stdout line is JSON."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def standalone():
+    """A cluster started with the command line; stopped (and checked gone) after."""
+    assert not running_clusters(), "a daskray cluster started by someone else is running"
+    started = daskray_cmd("start", "--head", "--num-workers", "2")
+    assert started.returncode == 0, started.stderr
+    (info,) = running_clusters()
+    assert info["address"] in started.stdout
+    owner = psutil.Process(info["owner_pid"])
+    processes = [owner, *owner.children(recursive=True)]
+    try:
+        yield info
+    finally:
+        stopped = daskray_cmd("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert "stopped the cluster" in stopped.stdout
+    gone = [p.pid for p in processes if alive(p.pid)]
+    assert not gone, f"processes left after daskray stop: {gone}"
+    assert not os.path.exists(info["session_dir"])
+    assert not os.path.exists(info["shm_prefix"])
+    assert not running_clusters()
+
+
+@pytest.mark.timeout(180)
+def test_drivers_join_a_started_cluster_share_its_actors_and_leave_it_running(standalone):
+    address = standalone["address"]
+    status = daskray_cmd("status")
+    assert status.returncode == 0 and address in status.stdout and "2 workers" in status.stdout
+    first = run_driver(f"""
+        import json, dask, dask.array as da, numpy as np, daskray
+        daskray.init(address={address!r})
+        double = daskray.remote(lambda x: 2 * x)
+        x = da.random.RandomState(0).random_sample((600, 600), chunks=100)
+        expr = (x + x.T).sum(axis=0)
+        same = bool(np.allclose(expr.compute(), expr.compute(scheduler="sync")))
+        big = np.arange(10_000_000, dtype=np.float64)
+        read_back = bool(np.array_equal(daskray.get(daskray.put(big)), big))
+
+        @daskray.remote
+        class Counter:
+            def __init__(self):
+                self.n = 0
+            def inc(self):
+                self.n += 1
+                return self.n
+
+        counter = Counter.options(name="counter", lifetime="detached").remote()
+        print(json.dumps({{"double": daskray.get(double.remote(21)), "same": same,
+                           "read_back": read_back, "count": daskray.get(counter.inc.remote())}}))
+    """)
+    assert last_json(first) == {"double": 42, "same": True, "read_back": True, "count": 1}
+    # the first driver has gone; the cluster and its detached actor have not
+    second = run_driver("""
+        import json, daskray
+        daskray.init()  # DASKRAY_ADDRESS
+        counter = daskray.get_actor("counter")
+        print(json.dumps({"count": daskray.get(counter.inc.remote())}))
+        daskray.shutdown()
+    """, env={"DASKRAY_ADDRESS": "auto"})
+    assert last_json(second) == {"count": 2}
+
+
+@pytest.mark.timeout(180)
+def test_a_joined_driver_that_dies_frees_what_it_held(standalone):
+    store = HostStore(standalone["shm_prefix"], standalone["session_dir"],
+                      standalone["store_limit"])
+    try:
+        killed = run_driver(f"""
+            import os, signal, sys, numpy as np, daskray
+            daskray.init(address={standalone["address"]!r})
+            held = daskray.put(np.ones(10_000_000))
+            assert daskray.object_store_stats()["used"] >= 80_000_000
+            print("holding", flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        assert killed.returncode == -9 and "holding" in killed.stdout, killed.stderr[-2000:]
+        # the head watches a joined driver's pid: its objects go when it does
+        assert wait_until(lambda: store.stats()["used"] == 0, timeout=20), store.stats()
+        polite = run_driver(f"""
+            import json, numpy as np, daskray
+            daskray.init(address={standalone["address"]!r})
+            held = daskray.put(np.ones(10_000_000))
+            daskray.shutdown()  # disconnects: the cluster goes on, the object goes
+            print(json.dumps({{"initialized": daskray.is_initialized()}}))
+        """)
+        assert last_json(polite) == {"initialized": False}
+        assert wait_until(lambda: store.stats()["used"] == 0, timeout=20), store.stats()
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(120)
+def test_joining_without_a_cluster_or_with_a_bad_address_says_what_to_do():
+    assert not running_clusters()
+    proc = run_driver("""
+        import json, daskray
+        out = {}
+        for address in ("auto", "tcp://10.0.0.1:6379", "/nonexistent/daskray-x/head.sock"):
+            try:
+                daskray.init(address=address)
+            except daskray.ClusterError as exc:
+                out[address] = str(exc)
+        try:
+            daskray.init(address="auto", num_workers=2)
+        except ValueError as exc:
+            out["num_workers"] = str(exc)
+        print(json.dumps(out))
+    """)
+    out = last_json(proc)
+    assert "daskray start --head" in out["auto"]
+    assert "not the address of a daskray cluster" in out["tcp://10.0.0.1:6379"]
+    assert "no running daskray cluster" in out["/nonexistent/daskray-x/head.sock"]
+    assert "cannot change them" in out["num_workers"]
+    stop = daskray_cmd("stop")
+    assert stop.returncode == 0 and "no running cluster" in stop.stdout
+    joining = daskray_cmd("start", "--address", "10.0.0.1:6379")
+    assert joining.returncode == 2 and "one machine" in joining.stderr
