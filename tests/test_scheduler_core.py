@@ -376,7 +376,7 @@ def test_a_reader_running_elsewhere_when_its_input_is_lost_runs_again_if_it_fail
     assert of(ReportResult, out) == [ReportResult(G, 4, b"four", None, 4)]
 
 
-def remote_call(gid, deps=(), max_retries=3, external=None, pinned=None):
+def remote_call(gid, deps=(), max_retries=3, external=None, pinned=None, resources=None):
     """One ``f.remote(...)``: its ObjectRef arguments (``external``) first, the call last."""
     external = external or {}
     n = len(external) + 1
@@ -385,7 +385,7 @@ def remote_call(gid, deps=(), max_retries=3, external=None, pinned=None):
     bodies = [None] * (n - 1) + [f"body-{gid[1]}".encode()]
     return GraphSubmitted(gid, names, [()] * (n - 1) + [tuple(deps)], [0] * n, bodies, {},
                           [call], ["g"] * n, False, False, external=external, pinned=pinned,
-                          max_retries=max_retries)
+                          max_retries=max_retries, resources=resources)
 
 
 def test_a_lost_result_of_a_remote_call_is_computed_again_from_its_lineage():
@@ -503,3 +503,90 @@ def test_a_task_needing_a_dead_workers_resources_waits_for_its_replacement():
                                   False, False, resources={"gpu": 1}))
     (failed,) = of(NotifyRef, out)
     assert failed.kind == "DaskrayError" and "daskray.init(resources=" in failed.message
+
+
+def test_a_reader_of_an_input_whose_recompute_fails_fails_with_it():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    big = INLINE_THRESHOLD * 10
+    s.handle(remote_call(("c", 1)))
+    s.handle(TaskFinished(0, "w1", big, None, 0.001))
+    s.handle(WorkerJoined("w2", resources={"r": 1}))  # the reader runs there, not on w1
+    s.handle(remote_call(("c", 2), deps=(0,), external={0: ("c", 1, 0)}, resources={"r": 1}))
+    assert s.tasks[2].state == "processing" and s.tasks[2].worker == "w2"
+    s.handle(WorkerLost("w1", "was killed by SIGKILL"))
+    assert s.tasks[2].input_lost  # its read of x from w1 will fail: it may run again
+    out = s.handle(TaskErred(0, "w2", b"boom"))  # x's second run raises
+    assert s.tasks[0].state == "erred"
+    out = s.handle(TaskErred(2, "w2", b"HolderLostError"))
+    (told,) = [n for n in of(NotifyRef, out) if n.ref == ("c", 2, 1)]
+    assert told.error == b"boom" and s.tasks[2].state == "erred"
+
+
+def test_an_actor_call_whose_input_is_lost_fails_instead_of_running_out_of_order():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(actor_graph((b"c", 1), create={"id": "A"}))
+    s.handle(WorkerJoined("a1", actor="A"))
+    s.handle(TaskFinished(0, "a1", 8, b"h", 0.001))
+    s.handle(GraphSubmitted((b"c", 2), ["f"], [()], [0], [b"f"], {}, [0], ["g"], False, False,
+                            max_retries=3))
+    s.handle(TaskFinished(1, "w1", INLINE_THRESHOLD * 10, None, 0.001))
+    n = len(s.tasks)
+    s.handle(GraphSubmitted((b"c", 3), ["x", "call"], [(), (0,)], [0, 1], [None, b"m"], {}, [1],
+                            ["g", "g"], False, False, external={0: (b"c", 2, 0)},
+                            actor="A", max_retries=0))
+    call = max(s.tasks)
+    assert len(s.tasks) == n + 1 and s.tasks[call].state == "processing"
+    s.handle(WorkerJoined("w2"))
+    s.handle(WorkerLost("w1", "was killed by SIGKILL"))
+    assert not s.tasks[call].input_lost
+    out = s.handle(TaskErred(call, "a1", b"HolderLostError"))
+    assert s.tasks[call].state == "erred" and of(NotifyRef, out)
+
+
+def test_tasks_waiting_for_a_dead_workers_resources_fail_once_no_replacement_comes():
+    from daskray.scheduler.events import ReplacementsStopped
+
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a", resources={"pin": 1}))
+    s.handle(WorkerJoined("b"))
+    s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    out = s.handle(GraphSubmitted(("c", 1), ["call"], [()], [0], [b"body"], {}, [0], ["g"],
+                                  False, False, resources={"pin": 1}))
+    assert not of(NotifyRef, out)  # waits for a's replacement
+    out = s.handle(ReplacementsStopped())
+    (failed,) = of(NotifyRef, out)
+    assert failed.kind == "DaskrayError" and "no more are started" in failed.message
+    out = s.handle(GraphSubmitted(("c", 2), ["call"], [()], [0], [b"body"], {}, [0], ["g"],
+                                  False, False, resources={"pin": 1}))
+    assert "no more are started" in of(NotifyRef, out)[0].message
+    out = s.handle(GraphSubmitted(("c", 3), ["call"], [()], [0], [b"body"], {}, [0], ["g"],
+                                  False, False))
+    assert [d.worker for d in of(Dispatch, out)] == ["b"]
+
+
+def test_results_of_a_num_returns_call_are_computed_again_and_the_call_is_forgotten_with_them():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    big = INLINE_THRESHOLD * 10
+    # num_returns=2: node 0 is the call, nodes 1 and 2 pick its results
+    s.handle(GraphSubmitted(("c", 1), ["call", "call[0]", "call[1]"], [(), (0,), (0,)],
+                            [0, 1, 2], [b"call", b"n0", b"n1"], {}, [1, 2], ["g"] * 3, False,
+                            False, max_retries=3))
+    for t in (0, 1, 2):
+        out = s.handle(TaskFinished(t, "a", big, None, 0.001))
+    assert FreeObjects("a", (0,)) in out  # the call's own value goes; its lineage stays
+    assert s.tasks[0].holders == set()
+    s.handle(WorkerJoined("b"))
+    out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
+    assert not of(NotifyRef, out)
+    assert [d.task for d in of(Dispatch, out)] == [0]
+    out = s.handle(TaskFinished(0, "b", big, None, 0.001))
+    assert sorted(d.task for d in of(Dispatch, out)) == [1, 2]
+    s.handle(TaskFinished(1, "b", big, None, 0.001))
+    s.handle(TaskFinished(2, "b", big, None, 0.001))
+    # the client drops both refs: everything of the graph goes
+    out = s.handle(RefsChanged([], [("c", 1, 1), ("c", 1, 2)], "c"))
+    assert of(ForgetGraph, out) == [ForgetGraph(("c", 1))]
+    assert not s.tasks and not s.graphs

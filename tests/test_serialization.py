@@ -54,3 +54,26 @@ def test_a_preloaded_function_is_entry_zero_and_tables_do_not_mix():
     assert fn(x) == 2
     fn, x = decode_task(blob_b, table_b)
     assert fn(x) == 101
+
+
+class _EqualsAny(type):
+    def __eq__(cls, other):  # defines __eq__ without __hash__: its classes are unhashable
+        return True
+
+
+class Unhashable(metaclass=_EqualsAny):
+    pass
+
+
+def test_a_class_whose_name_was_rebound_or_that_is_unhashable_still_travels(monkeypatch):
+    import sys
+
+    original = Local
+    enc = GraphEncoder()
+    enc.encode_task((original,), "first")  # importable by name the first time
+    monkeypatch.setattr(sys.modules[original.__module__], "Local", type("Other", (), {}))
+    enc = GraphEncoder()
+    blob = enc.encode_task((original, Unhashable), "t")  # e.g. after %autoreload
+    got, unhashable = decode_task(blob, decode_table(enc.encode_table()))
+    assert got.__name__ == "Local" and got.__doc__ == original.__doc__
+    assert unhashable is Unhashable

@@ -188,6 +188,7 @@ class Head:
             self.spawn_worker(self.slot_of.get(wid, 0))
         else:
             print("daskray: workers keep dying; not starting more", file=sys.stderr)
+            self.apply(E.ReplacementsStopped())
 
     def broadcast_workers(self) -> None:
         msg = P.WorkersChanged(

@@ -175,8 +175,6 @@ def loads_exception(data: bytes) -> BaseException:
 
 #: for instances (not classes), the answer depends on their type only: {type: bool}
 _NEEDS_BY_TYPE: dict[type, bool] = {}
-#: classes found importable under their own name (plain pickle writes them by name)
-_IMPORTABLE_CLASSES: set[type] = set()
 
 
 def _needs_cloudpickle(obj: Any) -> bool:
@@ -186,13 +184,9 @@ def _needs_cloudpickle(obj: Any) -> bool:
     if known is not None:  # every object pickled passes here: keep it cheap
         return known
     if isinstance(obj, type):  # a class: its own name decides, not its metaclass's
-        if obj in _IMPORTABLE_CLASSES:
-            return False
-        needs = (obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
-                 or not _importable_as_itself(obj))
-        if not needs:  # module-level classes live as long as their module: keep them
-            _IMPORTABLE_CLASSES.add(obj)
-        return needs
+        # asked each time: a module reloaded or patched may rebind the name
+        return (obj.__module__ == "__main__" or "<locals>" in obj.__qualname__
+                or not _importable_as_itself(obj))
     if kind.__module__ == "__main__" or "<locals>" in kind.__qualname__:
         return True  # not kept: such classes may be made anew per call
     needs = isinstance(obj, types.FunctionType)

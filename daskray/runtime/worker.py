@@ -223,6 +223,9 @@ class Worker:
         self.dropped: set[int] = set()
         self.peers: dict[str, zmq.Socket] = {}
         self.running = True
+        #: a task ran since free heap memory was last returned (see _wait_idle)
+        self.heap_used = False
+        self.last_task_end = 0.0
 
     # -------------------------------------------------------------- setup
 
@@ -273,8 +276,9 @@ class Worker:
 
     def _wait_idle(self, trim: bool) -> None:
         """Wait for the head's next message; flush ref changes meanwhile, and once
-        idle for ``allocator.IDLE_SECONDS`` (if ``trim``) return free heap memory."""
-        trim_at = time.monotonic() + allocator.IDLE_SECONDS if trim else None
+        ``allocator.IDLE_SECONDS`` have passed since the last task ended (if
+        ``trim``; other messages do not count) return free heap memory, once."""
+        trim_at = self.last_task_end + allocator.IDLE_SECONDS if trim and self.heap_used else None
         while True:
             timeout = 1000
             if trim_at is not None:
@@ -288,6 +292,7 @@ class Worker:
             if trim_at is not None and time.monotonic() >= trim_at:
                 allocator.release_free_memory()
                 trim_at = None
+                self.heap_used = False
 
     def _run_concurrent(self) -> None:
         """An actor with max_concurrency > 1: calls start in order on the pool."""
@@ -335,6 +340,8 @@ class Worker:
                 self.dropped.discard(item[0])
                 return
             self._report(self._execute(*item))
+            self.last_task_end = time.monotonic()
+            self.heap_used = True
             if (
                 len(self.reports) >= FLUSH_COUNT
                 or time.perf_counter() - self.first_report_at > FLUSH_SECONDS

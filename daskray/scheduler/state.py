@@ -61,7 +61,7 @@ from typing import Any, Iterable
 
 from . import policy
 from .events import (
-    ActorStartFailed, CancelRef, ClientLost, Event, GraphCancelled, KillActor, LookupActor, GraphId, GraphReleased, GraphSubmitted,
+    ActorStartFailed, CancelRef, ClientLost, Event, ReplacementsStopped, GraphCancelled, KillActor, LookupActor, GraphId, GraphReleased, GraphSubmitted,
     ObjectPut, RefKey, RefsChanged, Subscribe, TaskErred, WorkerBlocked, TaskFinished, TaskId,
     TaskReleased, TaskStarted, WorkerId, WorkerJoined, WorkerLost,
 )
@@ -226,6 +226,8 @@ class SchedulerState:
         self.worker_shapes: list[dict] = []
         #: ready tasks whose resources no live worker has (yet): placed on join
         self.awaiting_resources: list[TaskId] = []
+        #: the head starts no more workers (they kept dying)
+        self.replacements_stopped = False
         self.durations = policy.DurationEstimates()
         self.validate = validate
         self._next_task_id = 0
@@ -254,6 +256,7 @@ class SchedulerState:
             GraphReleased: self._graph_released,
             GraphCancelled: self._graph_cancelled,
             ClientLost: self._client_lost,
+            ReplacementsStopped: self._replacements_stopped,
         }
 
     # ------------------------------------------------------------------ the one entry
@@ -422,7 +425,9 @@ class SchedulerState:
                     self._transition(reader, WAITING)
                 if reader.state == WAITING:
                     readers[reader.id] = reader
-                elif reader.state == PROCESSING:
+                elif reader.state == PROCESSING and reader.actor is None:
+                    # an actor call is dispatched in order and left its actor's
+                    # queue: it fails as before rather than run out of order
                     reader.input_lost = True
         for ts in (*redo.values(), *readers.values()):  # counted once, from the states
             ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
@@ -805,6 +810,20 @@ class SchedulerState:
         if gs is not None:
             self._cancel_graph(gs)
 
+    def _replacements_stopped(self, ev: ReplacementsStopped) -> None:
+        """Only live workers count from now on: what waits for resources that none
+        of them has fails (see _place)."""
+        self.worker_shapes = []
+        for ws in self.workers.values():
+            if ws.actor is None and ws.resources not in self.worker_shapes:
+                self.worker_shapes.append(ws.resources)
+        self.replacements_stopped = True
+        waiting, self.awaiting_resources = self.awaiting_resources, []
+        for tid in waiting:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts.state == READY:
+                self._place(ts)
+
     def _client_lost(self, ev: ClientLost) -> None:
         """The client's process is gone: cancel its dask graphs, drop its ObjectRefs
         (references it passed on to other processes keep their objects alive)."""
@@ -932,6 +951,10 @@ class SchedulerState:
         ts.worker = None
         if ts.input_lost and not ts.cancel_requested:  # it read an input that was lost
             ts.input_lost = False
+            failed = next((self.tasks[d] for d in ts.deps if self.tasks[d].state == ERRED), None)
+            if failed is not None:  # and computing it again failed
+                self._fail(ts, failed.failure)
+                return
             ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
             if ts.waiting_on:
                 self._transition(ts, WAITING)
@@ -1057,14 +1080,17 @@ class SchedulerState:
         candidates = [w for w in self.workers.values()
                       if w.actor is None and _fits(ts.resources, w)]
         if ts.resources and not candidates:
-            if not self.worker_shapes or any(
+            if (not self.worker_shapes and not self.replacements_stopped) or any(
                     _covers(shape, ts.resources) for shape in self.worker_shapes):
                 self.awaiting_resources.append(ts.id)  # the worker that has them comes back
             else:
                 ts.cancel_requested = True  # no retry can help
                 self._fail(ts, (None, "DaskrayError", (
                     f"task {ts.name} needs resources {ts.resources}, but no worker has "
-                    "them; declare them with daskray.init(resources=...)")))
+                    "them; declare them with daskray.init(resources=...)"
+                    if not self.replacements_stopped else
+                    f"task {ts.name} needs resources {ts.resources}, which only workers "
+                    "that died had; they kept dying, so no more are started")))
             return
         held: dict[WorkerId, int] = {}
         for d in ts.deps:
@@ -1284,12 +1310,20 @@ class SchedulerState:
         gs = ts.graph
         if gs.fail_fast or self.tasks.get(ts.id) is not ts:
             return
+        if ts.state == MEMORY and ts.body is not None and any(
+                d in self.tasks and self.tasks[d].graph is gs for d in ts.dependents):
+            return  # lineage: the call behind a num_returns=k call's results stays known
         del self.tasks[ts.id]
         self.refs.pop((gs.id[0], gs.id[1], ts.node), None)
         gs.live -= 1
         if gs.live == 0 and self.graphs.pop(gs.id, None) is not None:
             self._unpin(gs)
             self._out.append(ForgetGraph(gs.id))
+            return
+        for d in ts.deps:  # an input kept for this one's lineage may go now
+            dep = self.tasks.get(d)
+            if dep is not None and dep.graph is gs:
+                self._release_if_unused(dep)
 
     # ------------------------------------------------------------------ checks
 
