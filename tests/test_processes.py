@@ -779,6 +779,40 @@ def test_sigkilled_worker_is_replaced_and_its_task_runs_again(proc_cluster, tmp_
 
 
 @pytest.mark.timeout(90)
+def test_a_stopped_worker_is_killed_after_the_worker_ttl_and_its_task_runs_again(
+        no_cluster, tmp_path):
+    # dask's own setting, as with dask.distributed (default 5 minutes)
+    with dask.config.set({"distributed.scheduler.worker-ttl": "2s"}):
+        daskray.init(num_workers=NUM_WORKERS)
+    cluster = daskray.api._runtime.cluster
+    pidfile = tmp_path / "pid"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = daskray.get(
+                {"sleeper": (sleep_unless_run_before, str(pidfile), 60)}, "sleeper")
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    victim = wait_for_file_pid(pidfile, 20)
+    time.sleep(3)  # a busy worker is not a silent one: its task sleeps past the ttl
+    assert _pid_alive_runtime(victim) and "value" not in outcome
+    os.kill(victim, signal.SIGSTOP)  # alive, but answers nothing
+    try:
+        thread.join(30)
+        assert not thread.is_alive(), "get() hung behind a stopped worker"
+        assert outcome == {"value": "ran again"}, outcome
+        assert wait_until(lambda: not _pid_alive_runtime(victim), 10)
+        assert wait_until(lambda: len(worker_pids(cluster)) == NUM_WORKERS, 30)
+    finally:
+        if _pid_alive_runtime(victim):
+            os.kill(victim, signal.SIGKILL)
+
+
+@pytest.mark.timeout(90)
 def test_a_task_that_kills_every_worker_fails_after_the_allowed_failures(proc_cluster):
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
         with pytest.raises(daskray.WorkerCrashedError) as info:

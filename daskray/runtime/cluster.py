@@ -60,12 +60,34 @@ def sweep_stale_sessions() -> list[str]:
     return removed
 
 
+def worker_ttl() -> float | None:
+    """Seconds a worker may stay silent before the head kills it as hung: dask's
+    own ``distributed.scheduler.worker-ttl`` (default 5 minutes), as with
+    dask.distributed; None (or "none") never."""
+    import dask.config
+    import dask.utils
+
+    value = dask.config.get("distributed.scheduler.worker-ttl", "5 minutes")
+    if value is None or str(value).lower() in ("none", "false"):
+        return None
+    try:
+        seconds = dask.utils.parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(
+            f"distributed.scheduler.worker-ttl must be a duration such as '60s', got {value!r}"
+        ) from None
+    if seconds is None or seconds <= 0:
+        raise ValueError(f"distributed.scheduler.worker-ttl must be positive, got {value!r}")
+    return float(seconds)
+
+
 class LocalCluster:
     """Head and workers on this machine, bound to a private ipc directory."""
 
     def __init__(self, num_workers: int, validate: bool = False,
                  resources: list | None = None, store_limit: int | None = None,
                  store_namespaces: int = 1, session_dir: str | None = None) -> None:
+        ttl = worker_ttl()  # a bad setting fails before anything exists
         sweep_stale_sessions()
         self.num_workers = num_workers
         #: made by the caller when given (``daskray start`` keeps its log there)
@@ -91,6 +113,7 @@ class LocalCluster:
             "num_workers": num_workers,
             "validate": validate,
             "resources": resources,
+            "worker_ttl": ttl,
         })
         self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
         self.client.shm_prefix = own_prefix if shared_memory.available() else None

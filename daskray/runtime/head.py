@@ -33,6 +33,7 @@ from .store_memory import HostStore
 from .process import child_setup, describe_exit, pidfd, spawn
 
 STOP_GRACE_SECONDS = 2.0
+HEARTBEAT_SECONDS = 1.0
 MAX_RESPAWNS_PER_MINUTE = 10
 
 
@@ -58,6 +59,11 @@ class Head:
         self.procs: dict[str, Any] = {}  # worker id -> Popen
         self.worker_fds: dict[int, str] = {}
         self.client_fds: dict[int, bytes] = {}  # pidfd -> a joined driver's identity
+        #: seconds of silence after which a worker is killed as hung (None: never)
+        self.worker_ttl: float | None = config.get("worker_ttl")
+        self.last_heard: dict[str, float] = {}  # worker id -> when it last said anything
+        self.last_ping = 0.0
+        self.hung: dict[str, float] = {}  # worker id -> seconds silent when it was killed
         self.worker_address: dict[str, str] = {}
         self.worker_control: dict[str, zmq.Socket] = {}
         self.control_of: dict[zmq.Socket, str] = {}  # control socket -> its worker
@@ -162,6 +168,11 @@ class Head:
         if not self.running:
             return
         reason = f"pid {proc.pid if proc else '?'} {describe_exit(returncode)}"
+        silent = self.hung.pop(wid, None)
+        if silent is not None:
+            reason = (f"pid {proc.pid if proc else '?'} stopped answering for {silent:.0f} s "
+                      "and was killed")
+        self.last_heard.pop(wid, None)
         actor = self.actor_of.pop(wid, None)
         if actor is not None:  # the scheduler decides whether it restarts
             if self.worker_of_actor.get(actor) == wid:
@@ -262,6 +273,7 @@ class Head:
             self.client_out.setdefault(ident, []).append(P.Rejected(reason, graph))
 
     def on_worker_message(self, wid: str, msg: Any) -> None:
+        self.last_heard[wid] = time.monotonic()
         if type(msg) is P.Reports:
             apply = self.apply
             for item in msg.items:
@@ -349,10 +361,32 @@ class Head:
                 frames = control.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self.last_heard[wid] = time.monotonic()
             if len(frames) == 2 and frames[0] == P.DROPPED:
                 for task in frames[1].split(b","):
                     if task.isdigit():
                         self.apply(E.TaskReleased(int(task), wid))
+
+    def check_heartbeats(self) -> None:
+        """Ping every worker's data server (a thread of its own, so it answers while
+        a task runs) once a second; kill a worker silent for ``worker_ttl`` seconds
+        (stopped, or hung with the GIL held).  Its exit then goes the usual way:
+        its tasks run again elsewhere and a replacement starts."""
+        now = time.monotonic()
+        if self.worker_ttl is None or now - self.last_ping < HEARTBEAT_SECONDS:
+            return
+        self.last_ping = now
+        for wid, control in self.worker_control.items():
+            heard = self.last_heard.setdefault(wid, now)
+            proc = self.procs.get(wid)
+            if now - heard > self.worker_ttl and proc is not None and wid not in self.hung:
+                self.hung[wid] = now - heard
+                print(f"daskray: worker {wid} pid {proc.pid} has not answered for "
+                      f"{now - heard:.0f} s (distributed.scheduler.worker-ttl); killing it",
+                      file=sys.stderr)
+                proc.kill()
+            else:
+                control.send_multipart([self.token, P.PING, b""])
 
     def welcome_clients(self) -> None:
         if len([w for w in self.worker_address if w not in self.actor_of]) < self.num_workers:
@@ -508,6 +542,7 @@ class Head:
                 self.client_gone(self.client_fds[fd])
             if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:
                 self.running = False
+            self.check_heartbeats()
             self.flush()
 
     def stop(self) -> None:

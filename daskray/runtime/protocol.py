@@ -31,6 +31,8 @@ PUT = b"put"
 INTERRUPT = b"interrupt"
 PEER_LOST = b"peerlost"
 DROPPED = b"dropped"
+PING = b"ping"  # the head asks a worker's data server whether the process still runs
+PONG = b"pong"
 OK = b"ok"
 MISSING = b"missing"
 

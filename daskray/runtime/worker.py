@@ -147,6 +147,8 @@ class DataServer(threading.Thread):
                     self.sock.send_multipart([ident, P.MISSING])
                     return
                 self.sock.send_multipart([ident, P.OK, *out], copy=False)
+            elif verb == P.PING:
+                self.sock.send_multipart([ident, P.PONG])
             elif verb == P.PEER_LOST:
                 self.lost_peers.add(arg.decode())
             elif verb == P.GETSHM:  # a reader on another host
