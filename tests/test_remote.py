@@ -955,6 +955,56 @@ def test_local_mode_object_ref_is_a_dask_collection(local_mode):
 
 
 @daskray.remote
+class _LocalCounter:
+    def __init__(self, start, fail=False):
+        if fail:
+            raise ValueError("constructor-marker")
+        self.n = start
+
+    def add(self, k):
+        self.n += k
+        return self.n
+
+    def pair(self):
+        return self.n, -self.n
+
+    async def later(self):
+        return self.n * 10
+
+    def boom(self):
+        raise KeyError("method-marker")
+
+
+@daskray.remote
+def _bump(handle, k):
+    return daskray.get(handle.add.remote(k))
+
+
+@pytest.mark.timeout(60)
+def test_local_mode_runs_actors_in_the_driver_in_call_order(local_mode):
+    counter = _LocalCounter.options(name="counter").remote(5)
+    refs = [counter.add.remote(1) for _ in range(3)]
+    assert daskray.get(refs) == [6, 7, 8]
+    assert daskray.get(_bump.remote(counter, 10)) == 18  # a handle passed to a task
+    assert daskray.get(counter.later.remote()) == 180
+    low, high = counter.pair.options(num_returns=2).remote()
+    assert (daskray.get(low), daskray.get(high)) == (18, -18)
+    assert daskray.get_actor("counter") == counter
+    assert daskray.get(daskray.get_actor("counter").add.remote(0)) == 18
+    with pytest.raises(KeyError, match="method-marker"):
+        daskray.get(counter.boom.remote())
+    assert counter.add(1) == 19  # a plain call, as a dask task makes it
+    broken = _LocalCounter.remote(0, fail=True)
+    with pytest.raises(daskray.ActorError, match="constructor-marker"):
+        daskray.get(broken.add.remote(1))
+    daskray.kill(counter)
+    with pytest.raises(daskray.ActorDiedError, match="killed"):
+        daskray.get(counter.add.remote(1))
+    with pytest.raises(ValueError, match="no actor named"):
+        daskray.get_actor("counter")
+
+
+@daskray.remote
 def _forty_two():
     return 42
 

@@ -4,14 +4,24 @@
 tracebacks are ordinary; ``get`` returns the stored value or re-raises the
 stored exception.  Arguments are not pickled: the function sees the very objects
 it was given (as a remote function in Ray's removed local mode did).
+
+Actors are plain instances here: ``Cls.remote()`` runs the constructor and
+``handle.method.remote()`` the method, at once and in order, so their state
+behaves as on a cluster; a name finds the handle, ``kill`` ends the actor.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
 import itertools
+import traceback
 from typing import Any, Callable, Sequence
 
+from ..errors import ActorDiedError, ActorError, DaskrayError
 from ..refs import ObjectRef, RefKey
+from ..remote_function import RemoteFunction
 
 _LOCAL_OWNER = b"local"
 
@@ -23,12 +33,24 @@ class _Failed:
         self.error = error
 
 
+class _LocalActor:
+    __slots__ = ("instance", "init_failure", "dead", "name")
+
+    def __init__(self, name: str | None) -> None:
+        self.instance: Any = None
+        self.init_failure: str | None = None
+        self.dead: str | None = None
+        self.name = name
+
+
 class LocalSession:
     """The :class:`~daskray.runtime.session.Session` API without a cluster."""
 
     def __init__(self) -> None:
         self._numbers = itertools.count(1)
         self.values: dict[RefKey, Any] = {}
+        self.actors: dict[str, _LocalActor] = {}
+        self.actor_names: dict[str, Any] = {}
 
     def _store(self, value: Any) -> ObjectRef:
         key = (_LOCAL_OWNER, next(self._numbers), 0)
@@ -41,16 +63,16 @@ class LocalSession:
             return self.get([value])[0]
         return value
 
-    def submit_call(self, func: Callable, table: Any, args: tuple, kwargs: dict,
-                    options: dict) -> ObjectRef | list[ObjectRef]:
+    def _call(self, func: Callable, args: tuple, kwargs: dict) -> Any:
+        """``func``'s result, or the exception it raised as a stored failure."""
         try:
-            result = func(*map(self._resolve, args),
-                          **{k: self._resolve(v) for k, v in kwargs.items()})
+            return func(*map(self._resolve, args),
+                        **{k: self._resolve(v) for k, v in kwargs.items()})
         except Exception as exc:  # stored, raised at get() like on a cluster
-            outcome: Any = _Failed(exc)
-        else:
-            outcome = result
-        n = options.get("num_returns", 1)
+            return _Failed(exc)
+
+    def _refs(self, outcome: Any, n: int, name: str) -> ObjectRef | list[ObjectRef]:
+        """ObjectRefs to a call's outcome: one, or ``n`` for ``num_returns=n``."""
         if n == 1:
             return self._store(outcome)
         if isinstance(outcome, _Failed):
@@ -58,13 +80,72 @@ class LocalSession:
         values = list(outcome)
         if len(values) != n:
             failure = _Failed(ValueError(
-                f"task {getattr(func, '__name__', func)} was declared with num_returns={n} "
-                f"but returned {len(values)} values"))
+                f"task {name} was declared with num_returns={n} but returned "
+                f"{len(values)} values"))
             return [self._store(failure) for _ in range(n)]
         return [self._store(v) for v in values]
 
+    def submit_call(self, func: Callable, table: Any, args: tuple, kwargs: dict,
+                    options: dict) -> ObjectRef | list[ObjectRef]:
+        return self._refs(self._call(func, args, kwargs), options.get("num_returns", 1),
+                          getattr(func, "__name__", str(func)))
+
     def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
-        raise NotImplementedError("actors are not available in local_mode yet")
+        from ..actors import ActorHandle, _methods, new_actor_id
+
+        cls = actor_class._cls
+        name = actor_class._options.get("name")
+        if name is not None and name in self.actor_names:
+            raise DaskrayError(f"an actor named {name!r} exists already; use "
+                               "daskray.get_actor(name), or get_if_exists=True")
+        actor_id = new_actor_id(_LOCAL_OWNER)
+        actor = self.actors[actor_id] = _LocalActor(name)
+        outcome = self._call(cls, args, kwargs)
+        if isinstance(outcome, _Failed):
+            exc = outcome.error
+            actor.init_failure = "".join(
+                traceback.format_exception(type(exc), exc, exc.__traceback__))
+        else:
+            actor.instance = outcome
+        handle = ActorHandle(actor_id, cls.__name__, _methods(cls),
+                             self._store(outcome if isinstance(outcome, _Failed) else None))
+        if name is not None:
+            self.actor_names[name] = handle
+        return handle
+
+    def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
+                   options: dict) -> ObjectRef | list[ObjectRef]:
+        actor = self.actors.get(handle._actor_id)
+        n = options.get("num_returns", 1)
+        label = f"{handle._class_name}.{method}"
+        if actor is None or actor.dead is not None:
+            why = actor.dead if actor is not None else "it does not exist in this process"
+            return self._refs(_Failed(ActorDiedError(
+                f"actor {handle._class_name} is dead ({why}); {method}() did not run")), n, label)
+        if actor.instance is None:
+            return self._refs(_Failed(ActorError(
+                f"actor {handle._class_name} cannot run {method}(): its constructor raised.\n"
+                f"The constructor's traceback:\n{actor.init_failure}")), n, label)
+        attr = inspect.getattr_static(actor.instance, method)
+        if isinstance(attr, RemoteFunction):  # marked @daskray.remote in a daskray.Actor
+            func = functools.partial(attr.__wrapped__, actor.instance)
+        else:
+            func = getattr(actor.instance, method)
+        outcome = self._call(func, args, kwargs)
+        if inspect.iscoroutine(outcome):
+            outcome = self._call(asyncio.run, (outcome,), {})
+        return self._refs(outcome, n, label)
+
+    def kill_actor(self, handle: Any) -> None:
+        actor = self.actors.get(handle._actor_id)
+        if actor is not None and actor.dead is None:
+            actor.dead = "killed with daskray.kill()"
+            actor.instance = None
+            if actor.name is not None:
+                self.actor_names.pop(actor.name, None)
+
+    def get_actor(self, name: str, timeout: float | None = None) -> Any:
+        return self.actor_names.get(name)
 
     def put(self, value: Any) -> ObjectRef:
         return self._store(value)
