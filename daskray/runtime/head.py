@@ -83,6 +83,7 @@ class Head:
         self.run_tables: dict[str, dict] = {}
         self.client_out: dict[bytes, list] = {}
         self.worker_out: dict[str, list] = {}
+        self.frees: dict[str, list] = {}  # worker id -> objects to free, sent at flush
         self._instruction_handlers = {
             I.Dispatch: self._do_dispatch,
             I.FreeObjects: self._do_free,
@@ -165,6 +166,7 @@ class Head:
         self.runs.pop(wid, None)
         self.run_tables.pop(wid, None)
         self.worker_out.pop(wid, None)
+        self.frees.pop(wid, None)
         if not self.running:
             return
         reason = f"pid {proc.pid if proc else '?'} {describe_exit(returncode)}"
@@ -420,8 +422,9 @@ class Head:
             (ins.task, table_id, ins.body, deps, ins.notify, ins.parent))
 
     def _do_free(self, ins: I.FreeObjects) -> None:
-        self._flush_runs(ins.worker)
-        self.worker_out.setdefault(ins.worker, []).append(P.Free(ins.objects))
+        # gathered into one Free per worker and loop turn: the scheduler frees
+        # only what no queued task reads, so the Free may go before the Runs
+        self.frees.setdefault(ins.worker, []).extend(ins.objects)
 
     def _do_cancel(self, ins: I.CancelTasks) -> None:
         self._flush_runs(ins.worker)
@@ -502,6 +505,10 @@ class Head:
             print(f"daskray head: could not send to {ident!r}: {exc}", file=sys.stderr)
 
     def flush(self) -> None:
+        for wid, objects in self.frees.items():
+            if wid in self.procs:
+                self.worker_out.setdefault(wid, []).insert(0, P.Free(tuple(objects)))
+        self.frees = {}
         for wid in list(self.runs):
             self._flush_runs(wid)
         for wid, msgs in self.worker_out.items():
