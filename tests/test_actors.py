@@ -779,6 +779,65 @@ def test_async_methods_run_concurrently():
     assert daskray.get(a.get_peak.remote()) > 1
 
 
+@daskray.remote
+def make_block(i):
+    import numpy as np
+
+    return np.full(300_000, float(i))  # 2.4 MB: held by the worker that made it
+
+
+class Coordinator:
+    """Calls tasks from its methods' own threads (made with max_concurrency > 1)."""
+
+    def __init__(self, barrier_parties):
+        self.barrier = threading.Barrier(barrier_parties)
+
+    def fan_out(self, xs, meet):
+        if meet:  # the calls run at the same time, each waiting on its own tasks
+            self.barrier.wait(20)
+        return daskray.get([add.remote(x, x) for x in xs], timeout=30)
+
+    def sum_blocks(self, refs):
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(4) as pool:  # helper threads of the call's thread
+            blocks = list(pool.map(lambda r: daskray.get(r, timeout=30), refs))
+        return float(sum(b.sum() for b in blocks))
+
+    def put_and_use(self):
+        import numpy as np
+
+        ref = daskray.put(np.ones(200_000))
+        ready, _ = daskray.wait([add.remote(ref, 1)], timeout=30)
+        return float(daskray.get(ready[0], timeout=30).sum())
+
+
+@daskray.remote
+class AwaitingActor:
+    async def total(self, xs):
+        refs = [add.remote(x, 1) for x in xs]
+        first = await refs[0]
+        rest = await asyncio.gather(*refs[1:])
+        return first + sum(rest)
+
+
+@pytest.mark.timeout(90)
+def test_a_threaded_actor_calls_tasks_from_its_calls_threads():
+    c = daskray.remote(max_concurrency=4)(Coordinator).remote(2)
+    both = [c.fan_out.remote([1, 2, 3], True), c.fan_out.remote([10, 20], True)]
+    assert daskray.get(both, timeout=60) == [[2, 4, 6], [20, 40]]
+    blocks = [make_block.remote(i) for i in range(6)]  # some live on another worker
+    assert daskray.get(c.sum_blocks.remote(blocks), timeout=60) == sum(
+        i * 300_000.0 for i in range(6))
+    assert daskray.get(c.put_and_use.remote(), timeout=60) == 400_000.0
+
+
+@pytest.mark.timeout(60)
+def test_an_async_actor_awaits_object_refs():
+    a = AwaitingActor.remote()
+    assert daskray.get(a.total.remote([1, 2, 3, 4]), timeout=30) == 14
+
+
 # =========================================================================== ActorPool
 
 

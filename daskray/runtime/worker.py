@@ -204,6 +204,11 @@ class Worker:
             self.wake_push = self.ctx.socket(zmq.PUSH)
             self.wake_push.connect(f"inproc://daskray-wake-{self.id}")
             self.wake_lock = threading.Lock()
+        #: messages the calls' threads send: the main thread forwards them
+        self.outbox: deque = deque()
+        #: notified when the main thread has filed messages (results, replies)
+        self.news = threading.Condition()
+        self._thread_state = threading.local()
         #: as a client of the cluster (tasks calling .remote() and get()): see session
         self.client_id = self.id.encode()
         self.results: dict = {}
@@ -311,18 +316,25 @@ class Worker:
                         break
             while self.done:
                 self._report(self.done.popleft())
-            self._drain()
+            if self.outbox:
+                self._flush()  # reports and ref changes first: they may be what msgs rely on
+                while self.outbox:
+                    self.head.send(P.encode(self.outbox.popleft()))
+            with self.news:
+                self._drain()
+                self.news.notify_all()
             while self.queue:
                 item = self.queue.popleft()
                 self.pool.submit(self._execute, *item).add_done_callback(self._call_done)
             self._flush()
+        with self.news:
+            self.news.notify_all()  # waiters see running is False
         self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _call_done(self, future: Any) -> None:
         """In a pool thread: hand the report to the main thread and wake it."""
         self.done.append(future.result())
-        with self.wake_lock:
-            self.wake_push.send(b"", zmq.NOBLOCK)
+        self._wake_main()
 
     def _drain(self) -> None:
         """Take every message waiting."""
@@ -356,6 +368,10 @@ class Worker:
         return next(self._numbers)
 
     def send(self, msg: Any) -> None:
+        if self._from_pool_thread():  # the main thread sends it, after pending reports
+            self.outbox.append(msg)
+            self._wake_main()
+            return
         self._require_main_thread()
         self._flush()  # reports and ref changes first: they may be what msg relies on
         if type(msg) is P.SubmitGraph and self.stack:
@@ -364,7 +380,19 @@ class Worker:
 
     def wait_for(self, predicate: Any, timeout: float | None) -> bool:
         """Block a task until ``predicate()`` holds, running other queued tasks
-        meanwhile; the head lends this task's slot out while it waits."""
+        meanwhile; the head lends this task's slot out while it waits.  In a
+        concurrent actor's thread: wait for the main thread to file news."""
+        if self._from_pool_thread():
+            deadline = None if timeout is None else time.monotonic() + timeout
+            with self.news:
+                while not predicate():
+                    if not self.running:
+                        raise ClusterError("the worker is stopping")
+                    left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+                    if left <= 0:
+                        return False
+                    self.news.wait(left)
+            return True
         self._require_main_thread()
         if predicate():
             return True
@@ -440,11 +468,21 @@ class Worker:
         self.store.put_frames(key, [memoryview(f) for f in frames])
         return self.id
 
+    def _from_pool_thread(self) -> bool:
+        """Whether this is a thread of a concurrent actor (its calls' threads, its
+        event loop, their helpers), whose main thread is free to do the I/O."""
+        return self.pool is not None and threading.current_thread() is not threading.main_thread()
+
+    def _wake_main(self) -> None:
+        with self.wake_lock:
+            self.wake_push.send(b"", zmq.NOBLOCK)
+
     def _require_main_thread(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             raise ClusterError(
-                "daskray calls from a thread a task started are not supported; "
-                "call .remote(), get(), put() and wait() from the task's own thread")
+                "daskray calls from a thread a task started are not supported; call "
+                ".remote(), get(), put() and wait() from the task's own thread (an actor "
+                "with max_concurrency > 1, or with async methods, may call from any thread)")
 
     def _on_message(self, frame: zmq.Frame) -> None:
         try:
@@ -517,18 +555,29 @@ class Worker:
             table = self.tables[graph] = decode_table(self.raw_tables[graph])
         return table
 
+    def _peer_sockets(self) -> dict[str, zmq.Socket]:
+        """This thread's sockets to other workers' data servers (a zmq socket is
+        used by one thread only; a concurrent actor's calls fetch in parallel)."""
+        if threading.current_thread() is threading.main_thread():
+            return self.peers
+        peers = getattr(self._thread_state, "peers", None)
+        if peers is None:
+            peers = self._thread_state.peers = {}
+        return peers
+
     def _input(self, object_id: int, source: tuple) -> Any:
         if source[0] == "peer":
-            sock = self.peers.get(source[1])
+            peers = self._peer_sockets()
+            sock = peers.get(source[1])
             if sock is None:
-                sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1])
+                sock = peers[source[1]] = transport.dealer(self.ctx, source[1])
             lost = self.server.lost_peers
             try:
                 return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS,
                                     holder_lost=lambda: source[1] in lost)
             except BaseException:
                 # its answer may still come: a later fetch must not read it as its own
-                self.peers.pop(source[1], None)
+                peers.pop(source[1], None)
                 sock.close(0)
                 raise
         try:
