@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -27,7 +28,7 @@ from typing import Sequence
 from .errors import ClusterError
 from .runtime import standalone
 from .runtime.cluster import SESSION_PREFIX, START_TIMEOUT_SECONDS
-from .runtime.process import alive, pidfd, spawn
+from .runtime.process import pidfd, spawn
 
 STOP_TIMEOUT_SECONDS = 30.0
 
@@ -86,7 +87,6 @@ def start(args: argparse.Namespace) -> int:
                 sys.stderr.write(f.read()[-4000:])
         except OSError:
             pass
-        import shutil
         shutil.rmtree(session_dir, ignore_errors=True)
         return 1
     address = answer.split(" ", 1)[1]
@@ -122,6 +122,8 @@ def status(args: argparse.Namespace) -> int:
     from .runtime.store_memory import HostStore
 
     clusters = standalone.running_clusters()
+    for log in standalone.crash_logs():
+        print(f"a cluster stopped without being asked to; its log: {log}")
     if not clusters:
         print("daskray: no running cluster (start one with `daskray start --head`)")
         return 1
@@ -145,25 +147,32 @@ def stop(args: argparse.Namespace) -> int:
         print("daskray: no running cluster to stop")
         return 0
     for info in clusters:
-        try:
-            os.kill(info["owner_pid"], signal.SIGTERM)
-        except ProcessLookupError:
-            pass
+        if standalone.owner_alive(info["session_dir"]):  # so the pid is still the owner's
+            try:
+                os.kill(info["owner_pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
     deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
     code = 0
     for info in clusters:
-        _wait_exit(info["owner_pid"], deadline)
-        if alive(info["owner_pid"]):
-            print(f"daskray stop: the cluster at {info['address']} did not stop within "
-                  f"{STOP_TIMEOUT_SECONDS:.0f} s; killing it", file=sys.stderr)
-            for pid in (info["owner_pid"], info["head_pid"]):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            code = 1
-        else:
+        while standalone.owner_alive(info["session_dir"]) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the owner is not our child: its lock tells when it is gone
+        if not standalone.owner_alive(info["session_dir"]):
+            # its files are gone; the process itself may still be exiting
+            _wait_exit(info["owner_pid"], deadline)
             print(f"daskray: stopped the cluster at {info['address']}")
+            continue
+        print(f"daskray stop: the cluster at {info['address']} did not stop within "
+              f"{STOP_TIMEOUT_SECONDS:.0f} s; killing it", file=sys.stderr)
+        for pid in (info["head_pid"], info["owner_pid"]):  # workers follow their head
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _wait_exit(info["owner_pid"], time.monotonic() + 5)
+        shutil.rmtree(info["session_dir"], ignore_errors=True)
+        shutil.rmtree(standalone.shm_dir_of(info), ignore_errors=True)
+        code = 1
     return code
 
 
@@ -172,9 +181,7 @@ def _wait_exit(pid: int, deadline: float) -> None:
     import select
 
     fd = pidfd(pid)
-    if fd is None:  # gone already, or no pidfds here: poll
-        while alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    if fd is None:  # gone already, or no pidfds here
         return
     try:
         select.select([fd], [], [], max(0.0, deadline - time.monotonic()))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import psutil
@@ -17,6 +19,34 @@ from daskray.runtime.standalone import running_clusters
 from daskray.runtime.store_memory import HostStore
 
 from helpers import wait_until
+
+
+@pytest.fixture(autouse=True)
+def own_tmpdir(monkeypatch):
+    """Clusters of these tests live under a temp directory of their own: `daskray
+    stop` here must not stop a cluster the user runs meanwhile."""
+    path = tempfile.mkdtemp(prefix="dr-", dir="/tmp")  # short: ipc paths have a limit
+    monkeypatch.setenv("TMPDIR", path)
+    monkeypatch.setattr(tempfile, "tempdir", path)
+    yield path
+    # a test that failed half-way must not leave its cluster running
+    stray = [p for p in psutil.process_iter(["cmdline"])
+             if "daskray.runtime.standalone" in " ".join(p.info["cmdline"] or ())
+             and _environ(p).get("TMPDIR") == path]
+    for proc in stray:
+        proc.terminate()
+    psutil.wait_procs(stray, timeout=20)
+    leftovers = os.listdir(path)
+    shutil.rmtree(path, ignore_errors=True)
+    assert not stray, f"clusters left running: {stray}"
+    assert not leftovers, f"files left in the temp directory: {leftovers}"
+
+
+def _environ(proc: psutil.Process) -> dict:
+    try:
+        return proc.environ()
+    except psutil.Error:
+        return {}
 
 
 def daskray_cmd(*args: str, timeout: float = 90) -> subprocess.CompletedProcess:
@@ -36,16 +66,16 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 
 
 @pytest.fixture
-def standalone():
+def standalone(own_tmpdir):
     """A cluster started with the command line; stopped (and checked gone) after."""
     assert not running_clusters(), "a daskray cluster started by someone else is running"
     started = daskray_cmd("start", "--head", "--num-workers", "2")
-    assert started.returncode == 0, started.stderr
-    (info,) = running_clusters()
-    assert info["address"] in started.stdout
-    owner = psutil.Process(info["owner_pid"])
-    processes = [owner, *owner.children(recursive=True)]
     try:
+        assert started.returncode == 0, started.stderr
+        (info,) = running_clusters()
+        assert info["address"] in started.stdout
+        owner = psutil.Process(info["owner_pid"])
+        processes = [owner, *owner.children(recursive=True)]
         yield info
     finally:
         stopped = daskray_cmd("stop")
@@ -152,3 +182,48 @@ def test_joining_without_a_cluster_or_with_a_bad_address_says_what_to_do():
     assert stop.returncode == 0 and "no running cluster" in stop.stdout
     joining = daskray_cmd("start", "--address", "10.0.0.1:6379")
     assert joining.returncode == 2 and "one machine" in joining.stderr
+
+
+def test_only_a_private_cluster_file_of_a_running_owner_is_trusted(own_tmpdir):
+    from daskray.errors import ClusterError
+    from daskray.runtime.standalone import find_cluster
+
+    session = os.path.join(own_tmpdir, "daskray-planted")
+    os.mkdir(session, 0o700)
+    info = {"address": f"ipc://{session}/head.sock", "session_dir": session,
+            "shm_prefix": session + "/shm/", "owner_pid": os.getpid(), "started": 0}
+    path = os.path.join(session, "cluster.json")
+    with open(path, "w") as f:
+        json.dump(info, f)
+    os.chmod(path, 0o600)
+    # a well-formed file, but no owner holds its lock (a dead owner, a reused pid)
+    with pytest.raises(ClusterError, match="has stopped"):
+        find_cluster(session)
+    assert running_clusters() == []
+    for mode in (0o755, 0o711):  # anyone else could have planted it
+        os.chmod(session, mode)
+        with pytest.raises(ClusterError, match="only you could have written"):
+            find_cluster(info["address"])
+    os.chmod(session, 0o700)
+    os.chmod(path, 0o644)
+    with pytest.raises(ClusterError, match="only you could have written"):
+        find_cluster(info["address"])
+    shutil.rmtree(session)
+
+
+@pytest.mark.timeout(120)
+def test_a_cluster_whose_head_dies_stops_and_keeps_its_log(own_tmpdir):
+    started = daskray_cmd("start", "--head", "--num-workers", "1")
+    assert started.returncode == 0, started.stderr
+    (info,) = running_clusters()
+    owner = psutil.Process(info["owner_pid"])
+    processes = [owner, *owner.children(recursive=True)]
+    os.kill(info["head_pid"], 9)
+    assert wait_until(lambda: not any(alive(p.pid) for p in processes), 30)
+    assert not os.path.exists(info["session_dir"]) and not running_clusters()
+    (log,) = [p for p in os.listdir(own_tmpdir) if p.startswith("daskray-crashed-")]
+    status = daskray_cmd("status")
+    assert os.path.join(own_tmpdir, log) in status.stdout
+    with open(os.path.join(own_tmpdir, log)) as f:
+        assert "the head process exited" in f.read()
+    os.remove(os.path.join(own_tmpdir, log))

@@ -980,6 +980,33 @@ def _bump(handle, k):
     return daskray.get(handle.add.remote(k))
 
 
+@daskray.remote
+class _Signal:
+    """Ray's test pattern: wait() blocks until another call send()s."""
+
+    def __init__(self):
+        self.event = asyncio.Event()
+
+    async def wait(self):
+        await self.event.wait()
+        return "released"
+
+    async def send(self):
+        self.event.set()
+
+
+@pytest.mark.timeout(60)
+def test_local_mode_async_actor_calls_share_one_loop_and_interleave(local_mode):
+    signal = _Signal.remote()
+    waiting = signal.wait.remote()
+    ready, not_ready = daskray.wait([waiting], timeout=0.2)
+    assert ready == [] and not_ready == [waiting]
+    daskray.get(signal.send.remote())
+    assert daskray.get(waiting, timeout=10) == "released"
+    again = signal.wait.remote()  # the event is set: returns at once, on the same loop
+    assert daskray.get(again, timeout=10) == "released"
+
+
 @pytest.mark.timeout(60)
 def test_local_mode_runs_actors_in_the_driver_in_call_order(local_mode):
     counter = _LocalCounter.options(name="counter").remote(5)

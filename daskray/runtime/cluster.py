@@ -76,8 +76,10 @@ def worker_ttl() -> float | None:
         raise ValueError(
             f"distributed.scheduler.worker-ttl must be a duration such as '60s', got {value!r}"
         ) from None
-    if seconds is None or seconds <= 0:
-        raise ValueError(f"distributed.scheduler.worker-ttl must be positive, got {value!r}")
+    if seconds is None or seconds < 1.5:
+        raise ValueError(
+            f"distributed.scheduler.worker-ttl must be at least 1.5 s (three of the head's "
+            f"pings), got {value!r}")
     return float(seconds)
 
 

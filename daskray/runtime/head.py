@@ -14,6 +14,7 @@ workers and removes the session directory.
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import sys
@@ -30,10 +31,10 @@ from . import protocol as P
 from . import shared_memory, transport
 from . import store_memory
 from .store_memory import HostStore
-from .process import child_setup, describe_exit, pidfd, spawn
+from .process import alive, child_setup, describe_exit, pidfd, spawn
 
 STOP_GRACE_SECONDS = 2.0
-HEARTBEAT_SECONDS = 1.0
+HEARTBEAT_SECONDS = 0.5
 MAX_RESPAWNS_PER_MINUTE = 10
 
 
@@ -59,9 +60,11 @@ class Head:
         self.procs: dict[str, Any] = {}  # worker id -> Popen
         self.worker_fds: dict[int, str] = {}
         self.client_fds: dict[int, bytes] = {}  # pidfd -> a joined driver's identity
+        self.client_pid: dict[bytes, int] = {}  # a joined driver's identity -> its pid
         #: seconds of silence after which a worker is killed as hung (None: never)
         self.worker_ttl: float | None = config.get("worker_ttl")
-        self.last_heard: dict[str, float] = {}  # worker id -> when it last said anything
+        #: worker id -> when the oldest ping it has not answered was sent
+        self.unanswered_since: dict[str, float] = {}
         self.last_ping = 0.0
         self.hung: dict[str, float] = {}  # worker id -> seconds silent when it was killed
         self.worker_address: dict[str, str] = {}
@@ -72,6 +75,8 @@ class Head:
         self.graph_table: dict[Any, bytes] = {}  # graph id -> its table id
         self.tables_sent: dict[str, set] = {}  # worker id -> table ids it has
         self.waiting_clients: list[bytes] = []
+        #: every worker was up once and the first driver was welcomed
+        self.started = False
         self.next_worker = 0
         self.slot_of: dict[str, int] = {}
         self.respawns: list[float] = []
@@ -174,7 +179,7 @@ class Head:
         if silent is not None:
             reason = (f"pid {proc.pid if proc else '?'} stopped answering for {silent:.0f} s "
                       "and was killed")
-        self.last_heard.pop(wid, None)
+        self.unanswered_since.pop(wid, None)
         actor = self.actor_of.pop(wid, None)
         if actor is not None:  # the scheduler decides whether it restarts
             if self.worker_of_actor.get(actor) == wid:
@@ -184,8 +189,8 @@ class Head:
             else:
                 self.apply(E.ActorStartFailed(actor, reason))
             return
-        if wid not in self.state.workers and self.waiting_clients:
-            # died before it ever joined: a start-up failure, not bad luck
+        if wid not in self.state.workers and not self.started:
+            # died before it ever joined, at start: a start-up failure, not bad luck
             for ident in self.waiting_clients:
                 self.client_out.setdefault(ident, []).append(P.Rejected(
                     f"worker {wid} ({reason}) during start-up; its error output is above"))
@@ -252,10 +257,13 @@ class Head:
         _, _, pid = name.partition(":")
         if not pid.isdigit() or int(pid) == self.parent_pid:
             return
+        self.client_pid[ident] = int(pid)
         fd = pidfd(int(pid))
         if fd is not None:
             self.client_fds[fd] = ident
             self.poller.register(fd, zmq.POLLIN)
+        elif not alive(int(pid)):  # gone before its hello was read
+            self.client_gone(ident)
 
     def client_gone(self, ident: bytes) -> None:
         """A driver disconnected or died: cancel its dask graphs, drop its refs."""
@@ -268,6 +276,13 @@ class Head:
             self.waiting_clients = [c for c in self.waiting_clients if c != ident]
             self.client_out.pop(ident, None)
             self.apply(E.ClientLost(ident))
+        pid = self.client_pid.pop(ident, None)
+        if pid is not None:  # files it wrote but never told about (killed in a put)
+            known = {ts.shared for ts in self.state.tasks.values() if ts.shared}
+            for writer in ("put", "g"):
+                for path in glob.glob(f"{glob.escape(self.shm_prefix)}{writer}-{pid}-*"):
+                    if path not in known:
+                        shared_memory.unlink(path)
 
     def reject(self, ident: bytes, peer: tuple, reason: str, graph: Any = None) -> None:
         print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
@@ -275,7 +290,7 @@ class Head:
             self.client_out.setdefault(ident, []).append(P.Rejected(reason, graph))
 
     def on_worker_message(self, wid: str, msg: Any) -> None:
-        self.last_heard[wid] = time.monotonic()
+        self.unanswered_since.pop(wid, None)  # it is alive
         if type(msg) is P.Reports:
             apply = self.apply
             for item in msg.items:
@@ -363,7 +378,7 @@ class Head:
                 frames = control.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self.last_heard[wid] = time.monotonic()
+            self.unanswered_since.pop(wid, None)
             if len(frames) == 2 and frames[0] == P.DROPPED:
                 for task in frames[1].split(b","):
                     if task.isdigit():
@@ -371,28 +386,40 @@ class Head:
 
     def check_heartbeats(self) -> None:
         """Ping every worker's data server (a thread of its own, so it answers while
-        a task runs) once a second; kill a worker silent for ``worker_ttl`` seconds
-        (stopped, or hung with the GIL held).  Its exit then goes the usual way:
-        its tasks run again elsewhere and a replacement starts."""
+        a task runs) every ``HEARTBEAT_SECONDS``; kill a worker that has not
+        answered a ping sent ``worker_ttl`` seconds ago (stopped, or hung with the
+        GIL held).  Its exit then goes the usual way: its tasks run again
+        elsewhere and a replacement starts.  Silence counts from the oldest
+        unanswered ping, after reading every answer already there, so a head
+        that was busy itself does not take its workers for dead."""
         now = time.monotonic()
         if self.worker_ttl is None or now - self.last_ping < HEARTBEAT_SECONDS:
             return
         self.last_ping = now
+        for wid, control in list(self.worker_control.items()):
+            self.on_control_reply(wid, control)  # answers that came meanwhile
         for wid, control in self.worker_control.items():
-            heard = self.last_heard.setdefault(wid, now)
+            asked = self.unanswered_since.get(wid)
             proc = self.procs.get(wid)
-            if now - heard > self.worker_ttl and proc is not None and wid not in self.hung:
-                self.hung[wid] = now - heard
-                print(f"daskray: worker {wid} pid {proc.pid} has not answered for "
-                      f"{now - heard:.0f} s (distributed.scheduler.worker-ttl); killing it",
-                      file=sys.stderr)
-                proc.kill()
-            else:
-                control.send_multipart([self.token, P.PING, b""])
+            if asked is not None and now - asked > self.worker_ttl and proc is not None:
+                if wid not in self.hung:
+                    self.hung[wid] = now - asked
+                    print(f"daskray: worker {wid} pid {proc.pid} has not answered for "
+                          f"{now - asked:.0f} s (distributed.scheduler.worker-ttl); "
+                          "killing it", file=sys.stderr)
+                    proc.kill()
+                continue
+            if asked is None:
+                self.unanswered_since[wid] = now
+            control.send_multipart([self.token, P.PING, b""])
 
     def welcome_clients(self) -> None:
-        if len([w for w in self.worker_address if w not in self.actor_of]) < self.num_workers:
+        """Welcome waiting drivers: at start, once every worker is up; later (a
+        driver joining), at once, whatever replacements are still starting."""
+        if not self.started and len(
+                [w for w in self.worker_address if w not in self.actor_of]) < self.num_workers:
             return
+        self.started = True
         for ident in self.waiting_clients:
             self.client_out.setdefault(ident, []).append(
                 P.Welcome(dict(self.worker_address), self.session_dir))

@@ -13,13 +13,16 @@ behaves as on a cluster; a name finds the handle, ``kill`` ends the actor.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import itertools
+import threading
+import time
 import traceback
 from typing import Any, Callable, Sequence
 
-from ..errors import ActorDiedError, ActorError, DaskrayError
+from ..errors import ActorDiedError, ActorError, DaskrayError, GetTimeoutError
 from ..refs import ObjectRef, RefKey
 from ..remote_function import RemoteFunction
 
@@ -34,13 +37,24 @@ class _Failed:
 
 
 class _LocalActor:
-    __slots__ = ("instance", "init_failure", "dead", "name")
+    __slots__ = ("instance", "init_failure", "dead", "name", "loop")
 
     def __init__(self, name: str | None) -> None:
         self.instance: Any = None
         self.init_failure: str | None = None
         self.dead: str | None = None
         self.name = name
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def submit(self, coro: Any) -> concurrent.futures.Future:
+        """Run an ``async def`` method's coroutine on this actor's own event loop
+        (a thread of its own, as in an actor process): its calls interleave, and
+        loop-bound state (events, tasks) lives from one call to the next."""
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+            threading.Thread(target=self.loop.run_forever, name="daskray-local-actor",
+                             daemon=True).start()
+        return asyncio.run_coroutine_threadsafe(coro, self.loop)
 
 
 class LocalSession:
@@ -133,7 +147,10 @@ class LocalSession:
             func = getattr(actor.instance, method)
         outcome = self._call(func, args, kwargs)
         if inspect.iscoroutine(outcome):
-            outcome = self._call(asyncio.run, (outcome,), {})
+            future = actor.submit(outcome)
+            if n == 1:  # get() waits for it; calls after it need not
+                return self._store(future)
+            outcome = self._call(future.result, (), {})
         return self._refs(outcome, n, label)
 
     def kill_actor(self, handle: Any) -> None:
@@ -141,6 +158,8 @@ class LocalSession:
         if actor is not None and actor.dead is None:
             actor.dead = "killed with daskray.kill()"
             actor.instance = None
+            if actor.loop is not None:
+                actor.loop.call_soon_threadsafe(actor.loop.stop)
             if actor.name is not None:
                 self.actor_names.pop(actor.name, None)
 
@@ -152,8 +171,18 @@ class LocalSession:
 
     def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
         out = []
+        deadline = None if timeout is None else time.monotonic() + timeout
         for ref in refs:
             value = self.values[ref._key]
+            if isinstance(value, concurrent.futures.Future):  # an async actor call
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    value = value.result(left)
+                except concurrent.futures.TimeoutError:
+                    raise GetTimeoutError(f"get timed out after {timeout} s") from None
+                except Exception as exc:  # noqa: BLE001 - the method's own error
+                    value = _Failed(exc)
+                self.values[ref._key] = value
             if isinstance(value, _Failed):
                 raise value.error
             out.append(value)
@@ -163,7 +192,21 @@ class LocalSession:
              timeout: float | None = None) -> tuple[list, list]:
         if not 0 <= num_returns <= len(refs):
             raise ValueError(f"num_returns must be between 0 and {len(refs)}, got {num_returns}")
-        return list(refs[:num_returns]), list(refs[num_returns:])
+        def running() -> list:  # async actor calls not finished yet
+            return [v for v in (self.values.get(r._key) for r in refs)
+                    if isinstance(v, concurrent.futures.Future) and not v.done()]
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while len(refs) - len(running()) < num_returns:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            concurrent.futures.wait(running(), left,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        still = {id(f) for f in running()}
+        ready = [r for r in refs if id(self.values.get(r._key)) not in still][:num_returns]
+        chosen = {id(r) for r in ready}
+        return ready, [r for r in refs if id(r) not in chosen]
 
     def cancel(self, refs: Sequence[ObjectRef]) -> None:
         """Everything already ran; nothing to cancel."""

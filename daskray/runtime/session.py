@@ -122,6 +122,9 @@ class Session:
     def put(self, value: Any) -> ObjectRef:
         if isinstance(value, ObjectRef):
             raise TypeError("daskray.put() of an ObjectRef is not allowed; pass the ref itself")
+        failure = getattr(self.conn, "failure", None)
+        if failure is not None:  # the cluster is gone: write nothing where it was
+            raise errors.ClusterError(failure)
         number = self.conn.next_number()
         key = (self.conn.client_id, number, 0)
         frames = dumps_frames(value)

@@ -15,11 +15,14 @@ head dies, and removes everything of the session, log included.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import json
 import os
 import select
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -27,29 +30,82 @@ from typing import Any
 
 from ..errors import ClusterError
 from .cluster import SESSION_PREFIX, LocalCluster
-from .process import alive, child_setup, pidfd
+from .process import child_setup, pidfd
 
 CLUSTER_FILE = "cluster.json"
 LOG_FILE = "cluster.log"
+LOCK_FILE = "owner.lock"
+CRASH_LOG_PREFIX = "daskray-crashed-"
 
 
 def cluster_file(session_dir: str) -> str:
     return os.path.join(session_dir, CLUSTER_FILE)
 
 
+def _private_dir(path: str) -> bool:
+    """Whether ``path`` is a real directory of this user that nobody else can enter."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def _read_cluster_file(session_dir: str) -> dict | None:
+    """The cluster file of ``session_dir`` if this user made it and nobody else could
+    have (the directory and the file private, no symlink), else None.  A driver
+    trusts what it says: the head it names sends pickles."""
+    if not _private_dir(session_dir):
+        return None
+    try:
+        fd = os.open(cluster_file(session_dir), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return None
+    with os.fdopen(fd) as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        try:
+            info = json.load(f)
+        except ValueError:
+            return None
+    if not isinstance(info, dict) or info.get("session_dir") != session_dir:
+        return None
+    shm_dir = shm_dir_of(info)
+    if not (shm_dir.startswith(session_dir + os.sep) or _private_dir(shm_dir)):
+        return None
+    return info
+
+
+def shm_dir_of(info: dict) -> str:
+    """The directory of the cluster's shared-memory segments (its ``shm_prefix``
+    is that directory's path with a trailing separator)."""
+    return os.path.normpath(str(info.get("shm_prefix", "")).rstrip(os.sep) or "/nonexistent")
+
+
+def owner_alive(session_dir: str) -> bool:
+    """Whether the owner of the cluster in ``session_dir`` runs: it holds a lock on
+    its lock file for its whole life (a pid could have been reused; a lock cannot)."""
+    try:
+        fd = os.open(os.path.join(session_dir, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def running_clusters() -> list[dict]:
     """This user's clusters started with ``daskray start --head`` whose owner
-    process is alive, newest first."""
+    process runs, newest first."""
     found = []
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), SESSION_PREFIX + "*", CLUSTER_FILE)):
-        try:
-            if os.stat(path).st_uid != os.getuid():
-                continue
-            with open(path) as f:
-                info = json.load(f)
-        except (OSError, ValueError):
-            continue  # another user's, or being written
-        if isinstance(info, dict) and alive(info.get("owner_pid", -1)):
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), SESSION_PREFIX + "*")):
+        info = _read_cluster_file(path)
+        if info is not None and owner_alive(path):
             found.append(info)
     return sorted(found, key=lambda i: i.get("started", 0), reverse=True)
 
@@ -67,20 +123,19 @@ def find_cluster(address: str) -> dict:
                 "address to start one for this process")
         return clusters[0]
     path = address[len("ipc://"):] if address.startswith("ipc://") else address
-    session_dir = path if os.path.isdir(path) else os.path.dirname(path)
+    session_dir = os.path.normpath(path if os.path.isdir(path) else os.path.dirname(path))
     if not os.path.basename(session_dir).startswith(SESSION_PREFIX):
         raise ClusterError(
             f"{address!r} is not the address of a daskray cluster on this machine: give "
             "the address `daskray start --head` printed (ipc://...), or 'auto'. daskray "
             "runs on one machine; it cannot join another host's cluster")
-    try:
-        with open(cluster_file(session_dir)) as f:
-            info = json.load(f)
-    except (OSError, ValueError):
+    info = _read_cluster_file(session_dir)
+    if info is None:
         raise ClusterError(
-            f"no running daskray cluster at {address!r} (no readable cluster file in "
-            f"{session_dir}); `daskray status` lists the running ones") from None
-    if not alive(info.get("owner_pid", -1)):
+            f"no running daskray cluster of yours at {address!r} (no cluster file in "
+            f"{session_dir} that only you could have written); `daskray status` lists "
+            "the running ones")
+    if not owner_alive(session_dir):
         raise ClusterError(f"the daskray cluster at {address!r} has stopped")
     return info
 
@@ -98,6 +153,10 @@ def main() -> None:
     """The owner process (``python -m daskray.runtime.standalone``)."""
     config = child_setup()
     ready_fd: int = config["ready_fd"]
+    # held until this process ends, however it ends: the proof that it runs
+    lock_fd = os.open(os.path.join(config["session_dir"], LOCK_FILE),
+                      os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    fcntl.flock(lock_fd, fcntl.LOCK_EX)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_r, False)
     os.set_blocking(wake_w, False)
@@ -144,8 +203,19 @@ def main() -> None:
             print("daskray: the head process exited; the cluster is stopping", file=sys.stderr)
             code = 1
     finally:
+        if code:  # not asked to stop: the log says why, so it outlives the session
+            log = os.path.join(cluster.session_dir, LOG_FILE)
+            with contextlib.suppress(OSError):
+                os.replace(log, os.path.join(os.path.dirname(cluster.session_dir),
+                                             f"{CRASH_LOG_PREFIX}{os.getpid()}.log"))
         cluster.close()  # removes the session directory, cluster file and log with it
     raise SystemExit(code)
+
+
+def crash_logs() -> list[str]:
+    """Logs of this user's clusters that stopped without being asked to."""
+    pattern = os.path.join(tempfile.gettempdir(), CRASH_LOG_PREFIX + "*.log")
+    return sorted(p for p in glob.glob(pattern) if os.stat(p).st_uid == os.getuid())
 
 
 if __name__ == "__main__":

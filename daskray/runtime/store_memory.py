@@ -124,7 +124,7 @@ class HostStore:
         ``path`` in ``/dev/shm``, or its spill path when the object is larger
         than the whole limit."""
         if size > self.limit:
-            os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+            _make_dir(self.spill_dir)
             return _create(self.spill_path(path), size)
         with self._locked("space"):  # one writer at a time makes room
             fd = self._from_pool(path, size)
@@ -262,7 +262,7 @@ class HostStore:
                         sum(e[1] for e in self._pooled()) + size > self.limit * POOL_FRACTION:
                     return None
                 where = self.pool_dir
-            os.makedirs(where, mode=0o700, exist_ok=True)
+            _make_dir(where)
             try:
                 os.rename(path, os.path.join(where, os.path.basename(path)))
             except FileNotFoundError:
@@ -370,7 +370,7 @@ class HostStore:
         return pinned
 
     def _copy_out(self, fd: int, path: str) -> None:
-        os.makedirs(self.spill_dir, mode=0o700, exist_ok=True)
+        _make_dir(self.spill_dir)
         target = self.spill_path(path)
         partial = target + ".partial"
         try:
@@ -447,6 +447,15 @@ def _still_at(fd: int, path: str) -> os.stat_result | None:
     except FileNotFoundError:
         pass
     return None
+
+
+def _make_dir(path: str) -> None:
+    """Make a private directory of the store, its parent being the session's: not
+    ``makedirs``, which would bring back a session directory already removed."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
 
 
 def _unlink_quietly(*paths: str) -> None:
