@@ -252,6 +252,23 @@ def custom_cluster(cluster):
     daskray.init(num_workers=NUM_WORKERS)
 
 
+@daskray.remote
+def _config_value(key):
+    return dask.config.get(key, None)
+
+
+@pytest.mark.timeout(60)
+def test_workers_start_with_the_drivers_dask_config(custom_cluster):
+    # as dask.distributed's workers do: what is set when the cluster starts
+    with dask.config.set({"daskray-test.marker": 42, "daskray-test.nested": {"a": [1, "x"]},
+                          "daskray-test.function": len}):
+        custom_cluster(num_workers=2)
+    assert daskray.get(_config_value.remote("daskray-test.marker"), timeout=30) == 42
+    assert daskray.get(_config_value.remote("daskray-test.nested.a"), timeout=30) == [1, "x"]
+    # a value JSON cannot carry stays behind rather than failing the start
+    assert daskray.get(_config_value.remote("daskray-test.function"), timeout=30) is None
+
+
 @pytest.fixture
 def pin_cluster(custom_cluster):
     """Two workers; only the first has the custom resource ``pin``."""

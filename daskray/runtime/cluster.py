@@ -27,7 +27,7 @@ from . import host_transfer, shared_memory, store_memory
 from .client import Client
 from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
-from .process import alive, describe_exit, spawn
+from .process import alive, describe_exit, inherited_dask_config, spawn
 from .transport import ipc_address
 
 SESSION_PREFIX = "daskray-"
@@ -116,7 +116,7 @@ class LocalCluster:
             "validate": validate,
             "resources": resources,
             "worker_ttl": ttl,
-        })
+        }, env=inherited_dask_config())  # the workers inherit the head's environment
         self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
         self.client.shm_prefix = own_prefix if shared_memory.available() else None
         self.object_server = None

@@ -29,10 +29,11 @@ ONE_THREAD_ENV = {name: "1" for name in (
 
 
 def spawn(module: str, config: dict[str, Any], output: Any = None,
-          pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+          pass_fds: tuple[int, ...] = (), env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``python -m module`` with ``config`` and this process's ``sys.path``;
-    its stdout and stderr go to ``output`` (a file) if given, else to ours."""
-    env = {**ONE_THREAD_ENV, **os.environ}
+    its stdout and stderr go to ``output`` (a file) if given, else to ours.
+    ``env`` adds to (and overrides) this process's environment."""
+    env = {**ONE_THREAD_ENV, **os.environ, **(env or {})}
     config = dict(config, sys_path=[p for p in sys.path if p], parent_pid=os.getpid())
     env[CONFIG_ENV] = json.dumps(config)
     return subprocess.Popen(
@@ -97,3 +98,27 @@ def describe_exit(returncode: int | None) -> str:
         hint = " (out of memory?)" if name == "SIGKILL" else ""
         return f"was killed by {name}{hint}"
     return f"exited with code {returncode}"
+
+
+def inherited_dask_config() -> dict[str, str]:
+    """This process's dask config for the processes it starts, as dask.distributed
+    hands it to its workers: dask reads ``DASK_INTERNAL_INHERIT_CONFIG`` when it
+    is imported.  Values JSON cannot carry (functions, say) stay behind."""
+    import dask.config
+
+    return {"DASK_INTERNAL_INHERIT_CONFIG": dask.config.serialize(_json_safe(dask.config.config))}
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: v for k, v in ((str(k), _json_safe(v)) for k, v in value.items())
+                if v is not _DROP}
+    if isinstance(value, (list, tuple)):
+        items = [_json_safe(v) for v in value]
+        return _DROP if any(v is _DROP for v in items) else items
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return _DROP
+
+
+_DROP = object()
