@@ -1013,6 +1013,24 @@ class _Signal:
 
 
 @pytest.mark.timeout(60)
+def test_local_mode_actor_ends_with_its_last_handle_unless_named(local_mode):
+    import gc
+    import weakref
+
+    sessions = daskray.api._runtime.session
+    handle = _LocalCounter.remote(1)
+    named = _LocalCounter.options(name="kept").remote(2)
+    instance = weakref.ref(sessions.actors[handle._actor_id].instance)
+    assert daskray.get(handle.add.remote(1)) == 2
+    del handle
+    gc.collect()
+    assert instance() is None  # as on a cluster, where its process stops
+    del named
+    gc.collect()
+    assert daskray.get(daskray.get_actor("kept").add.remote(1)) == 3
+
+
+@pytest.mark.timeout(60)
 def test_local_mode_async_actor_calls_share_one_loop_and_interleave(local_mode):
     signal = _Signal.remote()
     waiting = signal.wait.remote()

@@ -64,6 +64,8 @@ class LocalSession:
         self._numbers = itertools.count(1)
         self.values: dict[RefKey, Any] = {}
         self.actors: dict[str, _LocalActor] = {}
+        #: the creation ref of each actor that ends with its last handle -> its id
+        self._creations: dict[RefKey, str] = {}
         self.actor_names: dict[str, Any] = {}
 
     def _store(self, value: Any) -> ObjectRef:
@@ -121,8 +123,10 @@ class LocalSession:
                 traceback.format_exception(type(exc), exc, exc.__traceback__))
         else:
             actor.instance = outcome
-        handle = ActorHandle(actor_id, cls.__name__, _methods(cls),
-                             self._store(outcome if isinstance(outcome, _Failed) else None))
+        creation = self._store(outcome if isinstance(outcome, _Failed) else None)
+        handle = ActorHandle(actor_id, cls.__name__, _methods(cls), creation)
+        if name is None and actor_class._options.get("lifetime") != "detached":
+            self._creations[creation._key] = actor_id
         if name is not None:
             self.actor_names[name] = handle
         return handle
@@ -154,9 +158,12 @@ class LocalSession:
         return self._refs(outcome, n, label)
 
     def kill_actor(self, handle: Any) -> None:
-        actor = self.actors.get(handle._actor_id)
+        self.kill_actor_id(handle._actor_id, "killed with daskray.kill()")
+
+    def kill_actor_id(self, actor_id: str, why: str) -> None:
+        actor = self.actors.get(actor_id)
         if actor is not None and actor.dead is None:
-            actor.dead = "killed with daskray.kill()"
+            actor.dead = why
             actor.instance = None
             if actor.loop is not None:
                 actor.loop.call_soon_threadsafe(actor.loop.stop)
@@ -213,3 +220,7 @@ class LocalSession:
 
     def forget(self, key: RefKey) -> None:
         self.values.pop(key, None)
+        actor_id = self._creations.pop(key, None)
+        if actor_id is not None:  # its last handle is gone: so is the actor, as on a cluster
+            self.kill_actor_id(actor_id, "all its handles were dropped")
+            self.actors.pop(actor_id, None)
