@@ -180,7 +180,7 @@ class ObjectRef:
     def __await__(self):
         import asyncio
 
-        return asyncio.get_running_loop().run_in_executor(None, self.get).__await__()
+        return asyncio.get_running_loop().run_in_executor(_await_pool(), self.get).__await__()
 
     # ---------------------------------------------------------------- dask collection
 
@@ -219,3 +219,21 @@ def _first(results: Any) -> Any:
 
 def _rebuild_persisted(dsk: Any, key: RefKey, rename: Any = None) -> ObjectRef:
     return ObjectRef(key)
+
+
+#: threads that wait in get() for awaited refs: not asyncio's default executor,
+#: whose few threads (cores + 4) an async actor's concurrent awaits would use up
+#: while the awaited calls wait for those same threads: a deadlock
+AWAIT_THREADS = 1000
+_await_executor = None
+_await_lock = threading.Lock()
+
+
+def _await_pool():
+    global _await_executor
+    with _await_lock:
+        if _await_executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _await_executor = ThreadPoolExecutor(AWAIT_THREADS, thread_name_prefix="daskray-await")
+        return _await_executor

@@ -832,6 +832,77 @@ def test_a_threaded_actor_calls_tasks_from_its_calls_threads():
     assert daskray.get(c.put_and_use.remote(), timeout=60) == 400_000.0
 
 
+FORWARDER_SCRIPT = """
+import daskray
+
+@daskray.remote
+def add(a, b):
+    return a + b
+
+class Forwarder:
+    def __init__(self):
+        self.pending = []
+
+    def forward(self, refs):
+        self.pending.append(add.remote(refs[0], 1))  # keeps the result, drops the input
+        return 1
+
+    def collect(self):
+        out = []
+        for ref in self.pending:
+            try:
+                out.append(daskray.get(ref, timeout=20))
+            except daskray.ObjectLostError:
+                out.append("lost")
+        return out
+
+daskray.init(num_workers=2)
+f = daskray.remote(max_concurrency=4)(Forwarder).remote()
+for i in range(10):
+    daskray.get(f.forward.remote([add.remote(i, 0)]), timeout=30)
+print(daskray.get(f.collect.remote(), timeout=60))
+daskray.shutdown()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_what_a_threaded_actors_call_sends_reaches_the_head_before_its_finish():
+    # the call's finish releases its pin on refs[0]: the submission made in the
+    # call must be known to the head by then, or refs[0] is freed under it.  A
+    # script of its own: the race shows with a fresh cluster and __main__ functions
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", FORWARDER_SCRIPT], capture_output=True,
+                          text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str([i + 1 for i in range(10)])
+
+
+@daskray.remote
+class Nested:
+    def __init__(self):
+        self.me = None
+
+    def set_me(self, handle):
+        self.me = handle
+
+    async def inner(self):
+        return await add.remote(1, 1)
+
+    async def outer(self):
+        return await self.me.inner.remote()
+
+
+@pytest.mark.timeout(90)
+def test_many_concurrent_awaits_in_an_async_actor_do_not_starve_each_other():
+    # each await holds a thread while it waits: more than asyncio's default
+    # executor has (cores + 4), waiting on calls that need threads too
+    a = Nested.remote()
+    daskray.get(a.set_me.remote(a), timeout=30)
+    assert daskray.get([a.outer.remote() for _ in range(16)], timeout=60) == [2] * 16
+
+
 @pytest.mark.timeout(60)
 def test_an_async_actor_awaits_object_refs():
     a = AwaitingActor.remote()

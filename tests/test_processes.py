@@ -911,6 +911,36 @@ def test_remote_results_lost_with_a_killed_worker_are_computed_again(fresh_clust
     assert daskray.get(total.remote(blocks), timeout=30) == sum(i * 200_000.0 for i in range(4))
 
 
+def _store_keys():
+    from daskray.runtime import context
+
+    return sorted(map(str, context.worker_session.conn.store._objects))
+
+
+def _use(d, gate):
+    return float(d.sum()) + gate
+
+
+def _boom(x):
+    raise ValueError("boom")
+
+
+@pytest.mark.timeout(90)
+def test_an_inline_input_of_a_task_dropped_in_the_same_turn_is_freed(no_cluster):
+    import numpy as np
+
+    daskray.init(num_workers=1)
+    probe = daskray.remote(_store_keys)
+    before = daskray.get(probe.remote(), timeout=30)
+    for _ in range(5):  # "bad" fails while "A" is dispatched with "d" inline
+        dsk = {"d": np.ones(5000), "gate": (abs, 1), "A": (_use, "d", "gate"),
+               "bad": (_boom, 2), "B": (abs, "bad")}
+        with pytest.raises(ValueError, match="boom"):
+            daskray.get(dsk, ["A", "B"])
+    assert wait_until(lambda: daskray.get(probe.remote(), timeout=30) == before, 10), (
+        daskray.get(probe.remote(), timeout=30), before)
+
+
 # =========================================================================== the wire
 
 

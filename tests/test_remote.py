@@ -269,6 +269,18 @@ def test_workers_start_with_the_drivers_dask_config(custom_cluster):
     assert daskray.get(_config_value.remote("daskray-test.function"), timeout=30) is None
 
 
+@daskray.remote
+def _nested_compute():
+    return dask.delayed(sum)([1, 2, 3]).compute()
+
+
+@pytest.mark.timeout(60)
+def test_the_drivers_scheduler_setting_is_not_passed_to_workers(custom_cluster):
+    with dask.config.set(scheduler="daskray"):  # meaningless in a worker
+        custom_cluster(num_workers=2)
+        assert daskray.get(_nested_compute.remote(), timeout=30) == 6
+
+
 @pytest.fixture
 def pin_cluster(custom_cluster):
     """Two workers; only the first has the custom resource ``pin``."""

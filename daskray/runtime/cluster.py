@@ -105,18 +105,24 @@ class LocalCluster:
         self.store = HostStore(own_prefix, self.session_dir,
                                store_limit or store_memory.default_limit())
         self.head_address = ipc_address(self.session_dir, "head.sock")
-        self.head = spawn("daskray.runtime.start_head", {
-            "token": self.token.hex(),
-            "session_dir": self.session_dir,
-            "head_address": self.head_address,
-            "shm_prefix": self.shm_prefix,
-            "store_limit": self.store.limit,
-            "store_namespaces": store_namespaces,
-            "num_workers": num_workers,
-            "validate": validate,
-            "resources": resources,
-            "worker_ttl": ttl,
-        }, env=inherited_dask_config())  # the workers inherit the head's environment
+        try:
+            self.head = spawn("daskray.runtime.start_head", {
+                "token": self.token.hex(),
+                "session_dir": self.session_dir,
+                "head_address": self.head_address,
+                "shm_prefix": self.shm_prefix,
+                "store_limit": self.store.limit,
+                "store_namespaces": store_namespaces,
+                "num_workers": num_workers,
+                "validate": validate,
+                "resources": resources,
+                "worker_ttl": ttl,
+            }, env=inherited_dask_config())  # the workers inherit the head's environment
+        except BaseException:  # nothing of the session may stay
+            shared_memory.remove_session(self.shm_prefix)
+            self.store.close()
+            shutil.rmtree(self.session_dir, ignore_errors=True)
+            raise
         self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
         self.client.shm_prefix = own_prefix if shared_memory.available() else None
         self.object_server = None

@@ -449,8 +449,8 @@ class Head:
             (ins.task, table_id, ins.body, deps, ins.notify, ins.parent))
 
     def _do_free(self, ins: I.FreeObjects) -> None:
-        # gathered into one Free per worker and loop turn: the scheduler frees
-        # only what no queued task reads, so the Free may go before the Runs
+        # gathered into one Free per worker and loop turn, sent after its Runs (a
+        # Run stores the inline inputs it carries, even of a task then dropped)
         self.frees.setdefault(ins.worker, []).extend(ins.objects)
 
     def _do_cancel(self, ins: I.CancelTasks) -> None:
@@ -532,12 +532,12 @@ class Head:
             print(f"daskray head: could not send to {ident!r}: {exc}", file=sys.stderr)
 
     def flush(self) -> None:
-        for wid, objects in self.frees.items():
-            if wid in self.procs:
-                self.worker_out.setdefault(wid, []).insert(0, P.Free(tuple(objects)))
-        self.frees = {}
         for wid in list(self.runs):
             self._flush_runs(wid)
+        for wid, objects in self.frees.items():  # last: a Run may carry one of them inline
+            if wid in self.procs:
+                self.worker_out.setdefault(wid, []).append(P.Free(tuple(objects)))
+        self.frees = {}
         for wid, msgs in self.worker_out.items():
             ident = wid.encode()
             for msg in msgs:

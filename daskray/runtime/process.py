@@ -100,13 +100,28 @@ def describe_exit(returncode: int | None) -> str:
     return f"exited with code {returncode}"
 
 
+#: the largest config passed on: one environment string may not exceed 128 KiB
+MAX_INHERITED_CONFIG = 64 * 1024
+
+
 def inherited_dask_config() -> dict[str, str]:
     """This process's dask config for the processes it starts, as dask.distributed
     hands it to its workers: dask reads ``DASK_INTERNAL_INHERIT_CONFIG`` when it
-    is imported.  Values JSON cannot carry (functions, say) stay behind."""
+    is imported.  Values JSON cannot carry (functions, say) stay behind, and so
+    does ``scheduler``: the driver's choice of scheduler ("daskray" included) is
+    not one a task's own compute could use."""
+    import warnings
+
     import dask.config
 
-    return {"DASK_INTERNAL_INHERIT_CONFIG": dask.config.serialize(_json_safe(dask.config.config))}
+    config = {k: v for k, v in dask.config.config.items() if k != "scheduler"}
+    text = dask.config.serialize(_json_safe(config))
+    if len(text) > MAX_INHERITED_CONFIG:
+        warnings.warn(f"the dask config is too large to pass to daskray's workers "
+                      f"({len(text):,} bytes encoded); they start with their own",
+                      RuntimeWarning, stacklevel=2)
+        return {}
+    return {"DASK_INTERNAL_INHERIT_CONFIG": text}
 
 
 def _json_safe(value: Any) -> Any:

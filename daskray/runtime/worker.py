@@ -208,7 +208,6 @@ class Worker:
         self.outbox: deque = deque()
         #: notified when the main thread has filed messages (results, replies)
         self.news = threading.Condition()
-        self._thread_state = threading.local()
         #: as a client of the cluster (tasks calling .remote() and get()): see session
         self.client_id = self.id.encode()
         self.results: dict = {}
@@ -314,12 +313,16 @@ class Worker:
                         self.wake_pull.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
+            # order matters: what a call sent (a submission pinning a ref, a put)
+            # goes before its finish report and before ref drops recorded after it
+            # (a finish releases the call's pins; a drop of an unknown object is lost)
+            done = []
             while self.done:
-                self._report(self.done.popleft())
-            if self.outbox:
-                self._flush()  # reports and ref changes first: they may be what msgs rely on
-                while self.outbox:
-                    self.head.send(P.encode(self.outbox.popleft()))
+                done.append(self.done.popleft())
+            while self.outbox:
+                self.head.send(P.encode(self.outbox.popleft()))
+            for item in done:
+                self._report(item)
             with self.news:
                 self._drain()
                 self.news.notify_all()
@@ -555,29 +558,27 @@ class Worker:
             table = self.tables[graph] = decode_table(self.raw_tables[graph])
         return table
 
-    def _peer_sockets(self) -> dict[str, zmq.Socket]:
-        """This thread's sockets to other workers' data servers (a zmq socket is
-        used by one thread only; a concurrent actor's calls fetch in parallel)."""
-        if threading.current_thread() is threading.main_thread():
-            return self.peers
-        peers = getattr(self._thread_state, "peers", None)
-        if peers is None:
-            peers = self._thread_state.peers = {}
-        return peers
-
     def _input(self, object_id: int, source: tuple) -> Any:
         if source[0] == "peer":
-            peers = self._peer_sockets()
-            sock = peers.get(source[1])
-            if sock is None:
-                sock = peers[source[1]] = transport.dealer(self.ctx, source[1])
             lost = self.server.lost_peers
+            if threading.current_thread() is not threading.main_thread():
+                # a concurrent actor's thread: a socket of its own for this fetch
+                # (a zmq socket serves one thread; an actor may have 1000 of them)
+                sock = transport.dealer(self.ctx, source[1])
+                try:
+                    return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS,
+                                        holder_lost=lambda: source[1] in lost)
+                finally:
+                    sock.close(0)
+            sock = self.peers.get(source[1])
+            if sock is None:
+                sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1])
             try:
                 return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS,
                                     holder_lost=lambda: source[1] in lost)
             except BaseException:
                 # its answer may still come: a later fetch must not read it as its own
-                peers.pop(source[1], None)
+                self.peers.pop(source[1], None)
                 sock.close(0)
                 raise
         try:
