@@ -904,6 +904,12 @@ def test_many_concurrent_awaits_in_an_async_actor_do_not_starve_each_other():
 
 
 @pytest.mark.timeout(60)
+def test_an_async_actor_with_max_concurrency_one_awaits_refs_one_call_at_a_time():
+    a = AwaitingActor.options(max_concurrency=1).remote()
+    assert daskray.get([a.total.remote([1, 2]), a.total.remote([3])], timeout=30) == [5, 4]
+
+
+@pytest.mark.timeout(60)
 def test_an_async_actor_awaits_object_refs():
     a = AwaitingActor.remote()
     assert daskray.get(a.total.remote([1, 2, 3, 4]), timeout=30) == 14

@@ -185,13 +185,19 @@ def actor_options_for_graph(actor_class: ActorClass, actor_id: str, handle_bytes
         "name": opts.get("name"),
         "handle": handle_bytes,
         "max_concurrency": opts.get("max_concurrency", _default_concurrency(actor_class._cls)),
+        # async methods run on an event loop thread: its calls (awaits included)
+        # go through the main thread, which then only does the I/O
+        "threaded": _is_async(actor_class._cls) or opts.get("max_concurrency", 1) > 1,
     }
 
 
 def _default_concurrency(cls: type) -> int:
     """Ray's defaults: 1 call at a time, 1000 for a class with ``async def`` methods."""
-    is_async = any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in dir(cls))
-    return 1000 if is_async else 1
+    return 1000 if _is_async(cls) else 1
+
+
+def _is_async(cls: type) -> bool:
+    return any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in dir(cls))
 
 
 def resources_of(options: dict) -> dict | None:

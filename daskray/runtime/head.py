@@ -116,7 +116,8 @@ class Head:
         return store_memory.namespace_prefix(self.shm_prefix, max(slot, 0) % self.store_namespaces)
 
     def spawn_worker(self, slot: int, actor: str | None = None,
-                     actor_resources: dict | None = None, max_concurrency: int = 1) -> str:
+                     actor_resources: dict | None = None, max_concurrency: int = 1,
+                     threaded: bool = False) -> str:
         """Start the worker for ``slot`` (0..num_workers-1: which resources it has),
         or, with ``actor``, the process of that actor."""
         self.next_worker += 1
@@ -129,6 +130,7 @@ class Head:
         proc = spawn("daskray.runtime.start_worker", {
             "actor": actor,
             "max_concurrency": max_concurrency,
+            "threaded": threaded or max_concurrency > 1,
             "resources": (actor_resources or {}) if actor is not None
             else resources[slot] if slot < len(resources) else {},
             "worker_id": wid,
@@ -479,7 +481,7 @@ class Head:
     def _do_start_actor(self, ins: I.StartActor) -> None:
         if self.running:
             self.spawn_worker(-1, actor=ins.actor, actor_resources=ins.resources,
-                              max_concurrency=ins.max_concurrency)
+                              max_concurrency=ins.max_concurrency, threaded=ins.threaded)
 
     def _do_stop_actor(self, ins: I.StopActor) -> None:
         wid = self.worker_of_actor.get(ins.actor)

@@ -197,8 +197,8 @@ class Worker:
         #: reports come back through ``done`` and a wake-up socket
         self.pool: ThreadPoolExecutor | None = None
         self.done: deque = deque()
-        if self.actor is not None and config.get("max_concurrency", 1) > 1:
-            self.pool = ThreadPoolExecutor(config["max_concurrency"], "daskray-actor")
+        if self.actor is not None and config.get("threaded"):
+            self.pool = ThreadPoolExecutor(config.get("max_concurrency", 1), "daskray-actor")
             self.wake_pull = self.ctx.socket(zmq.PULL)
             self.wake_pull.bind(f"inproc://daskray-wake-{self.id}")
             self.wake_push = self.ctx.socket(zmq.PUSH)
@@ -305,8 +305,17 @@ class Worker:
         poller = zmq.Poller()
         poller.register(self.head, zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
+        # refs the calls' threads drop wake this loop through a pipe: safe from any
+        # thread and from a finalizer, where a zmq socket or a lock is not
+        refs_r, refs_w = os.pipe()
+        os.set_blocking(refs_r, False)
+        os.set_blocking(refs_w, False)
+        poller.register(refs_r, zmq.POLLIN)
+        tracker.wake = partial(_poke, refs_w)
         while self.running:
             ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+            if refs_r in ready:
+                _drain_pipe(refs_r)
             if self.wake_pull in ready:
                 while True:
                     try:
@@ -316,13 +325,17 @@ class Worker:
             # order matters: what a call sent (a submission pinning a ref, a put)
             # goes before its finish report and before ref drops recorded after it
             # (a finish releases the call's pins; a drop of an unknown object is lost)
+            # (and the ref changes are taken before the outbox is: a drop recorded
+            # after a message was queued, say of a put's own ref, goes after it)
             done = []
             while self.done:
                 done.append(self.done.popleft())
+            changes = tracker.take_changes()
             while self.outbox:
                 self.head.send(P.encode(self.outbox.popleft()))
             for item in done:
                 self._report(item)
+            self._flush(changes)
             with self.news:
                 self._drain()
                 self.news.notify_all()
@@ -542,8 +555,10 @@ class Worker:
             self.first_report_at = time.perf_counter()
         self.reports.append(item)
 
-    def _flush(self) -> None:
-        added, dropped = tracker.take_changes()
+    def _flush(self, changes: tuple | None = None) -> None:
+        """Send the pending reports, after the ref changes recorded so far (or
+        ``changes``, taken earlier by the caller)."""
+        added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
             self.reports.insert(0, ("refs", added, dropped))
         if self.reports:
@@ -639,6 +654,21 @@ class Worker:
         for sock in self.peers.values():
             sock.close(0)
         self.head.close(0)
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"r")
+    except OSError:
+        pass  # woken already
+
+
+def _drain_pipe(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 #: nested tasks run on the stack of the task waiting in get(): room for that

@@ -117,6 +117,8 @@ class StartActor:
     resources: dict | None
     restart: bool
     max_concurrency: int = 1
+    #: its calls run on threads (max_concurrency > 1, or async methods)
+    threaded: bool = False
 
 
 @dataclass(frozen=True, slots=True)

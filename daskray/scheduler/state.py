@@ -180,6 +180,7 @@ class ActorState:
     in_flight: list[TaskId] = field(default_factory=list)
     death: str = ""
     max_concurrency: int = 1
+    threaded: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -493,7 +494,8 @@ class SchedulerState:
             creation.graph.unfinished += 1
             creation.failure = None
         actor.calls.extendleft(reversed(([actor.creation] if creation else []) + retried))
-        self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency))
+        self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency,
+                                        actor.threaded))
         self._fail_calls(failed, message)
         return []
 
@@ -503,7 +505,8 @@ class SchedulerState:
             return
         if actor.restarts_left > 0:
             actor.restarts_left -= 1
-            self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency))
+            self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency,
+                                        actor.threaded))
             return
         self._actor_dead(actor, f"its process died before it started ({ev.reason})")
         creation = self.tasks.get(actor.creation)
@@ -707,12 +710,14 @@ class SchedulerState:
             actor = ActorState(
                 opts["id"], call.id, ev.resources, opts.get("max_restarts", 0),
                 opts.get("max_task_retries", 0), bool(opts.get("detached")),
-                opts.get("name"), max_concurrency=opts.get("max_concurrency", 1))
+                opts.get("name"), max_concurrency=opts.get("max_concurrency", 1),
+                threaded=bool(opts.get("threaded")))
             self.actors[actor.id] = actor
             if actor.name is not None:
                 self.actor_names[actor.name] = (actor.id, opts.get("handle", b""))
             call.retries_left = 0
-            self._out.append(StartActor(actor.id, ev.resources, False, actor.max_concurrency))
+            self._out.append(StartActor(actor.id, ev.resources, False, actor.max_concurrency,
+                                        actor.threaded))
         else:
             actor = self.actors.get(ev.actor)
             if actor is None or actor.state == "dead":
