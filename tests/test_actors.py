@@ -909,6 +909,26 @@ def test_an_async_actor_with_max_concurrency_one_awaits_refs_one_call_at_a_time(
     assert daskray.get([a.total.remote([1, 2]), a.total.remote([3])], timeout=30) == [5, 4]
 
 
+class Putter:
+    def put_and_drop(self, n):
+        import numpy as np
+
+        for _ in range(n):
+            daskray.put(np.ones(200_000))  # 1.6 MB in shared memory; its ref dropped at once
+        return n
+
+
+@pytest.mark.timeout(90)
+def test_objects_a_threaded_actor_puts_and_drops_are_freed():
+    before = daskray.object_store_stats()["objects"]
+    putter = daskray.remote(max_concurrency=4)(Putter).remote()
+    for _ in range(5):  # the drop of a put's ref must not overtake the put itself
+        assert daskray.get([putter.put_and_drop.remote(4) for _ in range(2)],
+                           timeout=60) == [4, 4]
+    assert wait_until(lambda: daskray.object_store_stats()["objects"] == before, 10), (
+        daskray.object_store_stats(), before)
+
+
 @pytest.mark.timeout(60)
 def test_an_async_actor_awaits_object_refs():
     a = AwaitingActor.remote()

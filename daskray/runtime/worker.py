@@ -322,30 +322,34 @@ class Worker:
                         self.wake_pull.recv(zmq.NOBLOCK)
                     except zmq.Again:
                         break
-            # order matters: what a call sent (a submission pinning a ref, a put)
-            # goes before its finish report and before ref drops recorded after it
-            # (a finish releases the call's pins; a drop of an unknown object is lost)
-            # (and the ref changes are taken before the outbox is: a drop recorded
-            # after a message was queued, say of a put's own ref, goes after it)
-            done = []
-            while self.done:
-                done.append(self.done.popleft())
-            changes = tracker.take_changes()
-            while self.outbox:
-                self.head.send(P.encode(self.outbox.popleft()))
-            for item in done:
-                self._report(item)
-            self._flush(changes)
+            self._send_from_calls()
             with self.news:
                 self._drain()
                 self.news.notify_all()
             while self.queue:
                 item = self.queue.popleft()
                 self.pool.submit(self._execute, *item).add_done_callback(self._call_done)
-            self._flush()
+            self._send_from_calls()
         with self.news:
             self.news.notify_all()  # waiters see running is False
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+    def _send_from_calls(self) -> None:
+        """Send what the calls' threads sent, then their finish reports and the ref
+        changes.  Order matters: what a call sent (a submission pinning a ref, a
+        put) goes before its finish report (which releases the call's pins) and
+        before ref drops recorded after it (a drop of an object the head does not
+        know yet is lost).  So the reports and changes are taken first, and then
+        every message queued by then goes ahead of them."""
+        done = []
+        while self.done:
+            done.append(self.done.popleft())
+        changes = tracker.take_changes()
+        while self.outbox:
+            self.head.send(P.encode(self.outbox.popleft()))
+        for item in done:
+            self._report(item)
+        self._flush(changes)
 
     def _call_done(self, future: Any) -> None:
         """In a pool thread: hand the report to the main thread and wake it."""
