@@ -241,6 +241,24 @@ def worker_pids(cluster) -> set[int]:
     return {p.pid for p in head_process(cluster).children() if _alive(p)}
 
 
+def get_sleeper_in_thread(pidfile: Path, seconds: float) -> tuple[threading.Thread, dict]:
+    """``daskray.get`` of a task that writes its pid and sleeps (once: it returns
+    "ran again" when run again), in a thread; the thread and where its outcome
+    ("value" or "error") lands."""
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = daskray.get(
+                {"sleeper": (sleep_unless_run_before, str(pidfile), seconds)}, "sleeper")
+        except BaseException as exc:  # noqa: BLE001
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, outcome
+
+
 def wait_for_file_pid(path: Path, timeout: float) -> int:
     assert wait_until(lambda: path.exists() and path.read_text().strip(), timeout), (
         f"no task wrote {path} within {timeout} s")
@@ -744,17 +762,7 @@ def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster):
 def test_sigkilled_worker_is_replaced_and_its_task_runs_again(proc_cluster, tmp_path):
     workers = worker_pids(proc_cluster)
     pidfile = tmp_path / "pid"
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = daskray.get(
-                {"sleeper": (sleep_unless_run_before, str(pidfile), 30)}, "sleeper")
-        except BaseException as exc:  # noqa: BLE001
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = get_sleeper_in_thread(pidfile, 30)
     victim = wait_for_file_pid(pidfile, 20)
     assert victim in workers
     t0 = time.monotonic()
@@ -786,17 +794,7 @@ def test_a_stopped_worker_is_killed_after_the_worker_ttl_and_its_task_runs_again
         daskray.init(num_workers=NUM_WORKERS)
     cluster = daskray.api._runtime.cluster
     pidfile = tmp_path / "pid"
-    outcome: dict = {}
-
-    def run() -> None:
-        try:
-            outcome["value"] = daskray.get(
-                {"sleeper": (sleep_unless_run_before, str(pidfile), 60)}, "sleeper")
-        except BaseException as exc:  # noqa: BLE001
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    thread, outcome = get_sleeper_in_thread(pidfile, 60)
     victim = wait_for_file_pid(pidfile, 20)
     time.sleep(3)  # a busy worker is not a silent one: its task sleeps past the ttl
     assert _pid_alive_runtime(victim) and "value" not in outcome

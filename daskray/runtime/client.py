@@ -201,7 +201,7 @@ class Client:
             while True:
                 ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
                 if self._ref_wake_r in ready:
-                    _drain_pipe(self._ref_wake_r)
+                    transport.drain_pipe(self._ref_wake_r)
                 # taken before draining the queue below: a drop recorded after a
                 # submission that pins the same ref is then sent after it
                 added, dropped = tracker.take_changes()
@@ -287,15 +287,4 @@ class Client:
 
     def wake_for_refs(self) -> None:
         """Have the I/O thread send the ref changes now (any thread, any context)."""
-        try:
-            os.write(self._ref_wake_w, b"r")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or closed
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
+        transport.poke(self._ref_wake_w)  # a closed pipe (-1) fails quietly too

@@ -6,6 +6,8 @@
 * High-water marks are off: daskray bounds its queues itself (prefetch), and a
   silently dropped task report would hang a graph.
 * ``MAXMSGSIZE`` bounds what an unauthenticated peer can make us buffer.
+
+Also the wake-up pipes that threads (and finalizers) use to wake a polling loop.
 """
 
 from __future__ import annotations
@@ -47,3 +49,21 @@ def dealer(ctx: zmq.Context, address: str, identity: str | bytes | None = None) 
 
 def ipc_address(directory: str, name: str) -> str:
     return f"ipc://{os.path.join(directory, name)}"
+
+
+def poke(fd: int) -> None:
+    """Wake whoever polls the read end of pipe ``fd`` (any thread, even a
+    finalizer, where a zmq socket or a lock is not safe); a full pipe is awake."""
+    try:
+        os.write(fd, b"r")
+    except OSError:
+        pass
+
+
+def drain_pipe(fd: int) -> None:
+    """Empty the (non-blocking) read end of a wake-up pipe."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass

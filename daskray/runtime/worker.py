@@ -311,11 +311,11 @@ class Worker:
         os.set_blocking(refs_r, False)
         os.set_blocking(refs_w, False)
         poller.register(refs_r, zmq.POLLIN)
-        tracker.wake = partial(_poke, refs_w)
+        tracker.wake = partial(transport.poke, refs_w)
         while self.running:
             ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
             if refs_r in ready:
-                _drain_pipe(refs_r)
+                transport.drain_pipe(refs_r)
             if self.wake_pull in ready:
                 while True:
                     try:
@@ -658,21 +658,6 @@ class Worker:
         for sock in self.peers.values():
             sock.close(0)
         self.head.close(0)
-
-
-def _poke(fd: int) -> None:
-    try:
-        os.write(fd, b"r")
-    except OSError:
-        pass  # woken already
-
-
-def _drain_pipe(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except BlockingIOError:
-        pass
 
 
 #: nested tasks run on the stack of the task waiting in get(): room for that
