@@ -56,7 +56,7 @@ def start(args: argparse.Namespace) -> int:
         return 2
     from .api import _store_limit
 
-    num_workers = args.num_workers or os.cpu_count() or 1
+    num_workers = args.num_workers if args.num_workers is not None else os.cpu_count() or 1
     if num_workers < 1:
         print("daskray start: --num-workers must be at least 1", file=sys.stderr)
         return 2

@@ -182,6 +182,11 @@ def test_joining_without_a_cluster_or_with_a_bad_address_says_what_to_do():
     assert stop.returncode == 0 and "no running cluster" in stop.stdout
     joining = daskray_cmd("start", "--address", "10.0.0.1:6379")
     assert joining.returncode == 2 and "one machine" in joining.stderr
+    for bad, says in ((["--num-workers", "0"], "at least 1"), (["--resources", "{x"], "not JSON"),
+                      (["--object-store-memory", "lots"], "give bytes")):
+        refused = daskray_cmd("start", "--head", *bad)
+        assert refused.returncode != 0 and says in refused.stderr, refused.stderr
+    assert not running_clusters()
 
 
 def test_only_a_private_cluster_file_of_a_running_owner_is_trusted(own_tmpdir):
