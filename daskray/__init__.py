@@ -28,7 +28,8 @@ __version__ = "0.1.0"
 _LAZY = {
     **dict.fromkeys(
         ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
-         "kill", "get_actor", "object_store_stats"], "api"),
+         "kill", "get_actor", "object_store_stats", "cluster_resources",
+         "available_resources", "nodes"], "api"),
     "ObjectRef": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors",
     "ActorPool": "actors.pool",

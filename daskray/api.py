@@ -339,6 +339,27 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     _session().kill_actor(actor)
 
 
+def cluster_resources() -> dict:
+    """What the cluster's task workers offer, as Ray's ``cluster_resources()``:
+    ``{"CPU": workers, <custom resource>: amount, "object_store_memory": bytes}``
+    (floats).  In ``local_mode``, one CPU: calls run one at a time."""
+    return _session().resources()[0]
+
+
+def available_resources() -> dict:
+    """What is free now, as Ray's ``available_resources()``: the resources of the
+    workers running no task (each runs one at a time), and the store's free bytes."""
+    return _session().resources()[1]
+
+
+def nodes() -> list[dict]:
+    """The machines of the cluster, as Ray's ``nodes()``: daskray runs on one."""
+    import platform
+
+    return [{"NodeID": "local", "Alive": True, "NodeManagerAddress": "127.0.0.1",
+             "NodeManagerHostname": platform.node(), "Resources": cluster_resources()}]
+
+
 def get_actor(name: str, namespace: str | None = None, *, _missing_ok: bool = False) -> Any:
     """The handle of the actor created with ``name=...``; ``ValueError`` if none."""
     handle = _session().get_actor(name)

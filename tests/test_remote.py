@@ -642,6 +642,25 @@ def test_custom_resources_restrict_where_tasks_run(pin_cluster):
     assert pinned.remote().get(timeout=30) == pin_worker
 
 
+@daskray.remote
+def _resources_inside():
+    return daskray.cluster_resources()["CPU"]
+
+
+@pytest.mark.timeout(60)
+def test_cluster_and_available_resources_as_in_ray(pin_cluster):
+    total = daskray.cluster_resources()
+    assert total["CPU"] == 2.0 and total["pin"] == 1.0 and total["object_store_memory"] > 0
+    assert daskray.get(_resources_inside.remote(), timeout=30) == 2.0  # from a task too
+    assert wait_until(lambda: daskray.available_resources()["CPU"] == 2.0, 10)
+    busy = sleep_then_pid.options(resources={"pin": 1}).remote(2.0)  # on the "pin" worker
+    assert wait_until(lambda: daskray.available_resources().get("pin", 0.0) == 0.0, 10)
+    assert daskray.available_resources()["CPU"] == 1.0
+    daskray.get(busy, timeout=30)
+    (node,) = daskray.nodes()
+    assert node["Alive"] and node["Resources"]["CPU"] == 2.0
+
+
 @pytest.mark.timeout(60)
 def test_infeasible_resources_raise_a_clear_error(pin_cluster):
     for resources in ({"nope": 1}, {"pin": 2}):

@@ -250,9 +250,9 @@ class Client:
                 with self._results_changed:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()
-        elif t is P.ActorReply:
+        elif t is P.ActorReply or t is P.ResourcesReply:
             with self._results_changed:
-                self.results[("actor-reply", msg.request)] = msg
+                self.results[("reply", msg.request)] = msg
                 self._results_changed.notify_all()
         elif t is P.Rejected and msg.graph is not None:
             self._fail_graph(msg.graph, f"the head rejected graph {msg.graph}: {msg.reason}")

@@ -364,6 +364,10 @@ class Head:
             self.apply(E.KillActor(msg.actor))
         elif t is P.GetActor:
             self.apply(E.LookupActor(ident, msg.name, msg.request))
+        elif t is P.GetResources:
+            total, available = self.resources()
+            self.client_out.setdefault(ident, []).append(
+                P.ResourcesReply(msg.request, total, available))
         elif t is P.ReleaseGraph:
             self.apply(E.GraphReleased((ident, msg.graph)))
         elif t is P.CancelGraph:
@@ -414,6 +418,24 @@ class Head:
             if asked is None:
                 self.unanswered_since[wid] = now
             control.send_multipart([self.token, P.PING, b""])
+
+    def resources(self) -> tuple[dict, dict]:
+        """What the task workers offer in all, and what the idle ones offer (a
+        worker runs one task at a time); plus the object store's bytes."""
+        total: dict = {}
+        available: dict = {}
+        for ws in self.state.workers.values():
+            if ws.actor is not None:
+                continue
+            idle = not ws.processing and not ws.queue
+            for name, amount in ws.resources.items():
+                total[name] = total.get(name, 0.0) + float(amount)
+                if idle:
+                    available[name] = available.get(name, 0.0) + float(amount)
+        total["object_store_memory"] = float(self.store_limit)
+        available["object_store_memory"] = float(
+            max(0, self.store_limit - shared_memory.store().stats()["used"]))
+        return total, available
 
     def welcome_clients(self) -> None:
         """Welcome waiting drivers: at start, once every worker is up; later (a

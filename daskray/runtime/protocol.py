@@ -192,6 +192,13 @@ class KillActorRequest:
     actor: str
 
 
+@message(31)
+class GetResources:
+    """Ask what the cluster has and what is free; answered by :class:`ResourcesReply`."""
+
+    request: int
+
+
 @message(30)
 class GetActor:
     """Ask for the handle of a named actor; answered by :class:`ActorReply`."""
@@ -261,6 +268,13 @@ class RefResult:
 class ActorReply:
     request: int
     handle: bytes | None
+
+
+@message(32)
+class ResourcesReply:
+    request: int
+    total: dict
+    available: dict
 
 
 @message(15)

@@ -111,13 +111,23 @@ class Session:
 
     def get_actor(self, name: str, timeout: float | None = 30.0) -> Any:
         """The handle of the actor named ``name``, or None."""
-        request = self.conn.next_number()
-        key = ("actor-reply", request)
-        self.conn.send(P.GetActor(name, request))
-        if not self.conn.wait_for(lambda: key in self.conn.results, timeout):
-            raise errors.GetTimeoutError(f"no answer about actor {name!r} within {timeout} s")
-        reply = self.conn.results.pop(key)
+        reply = self._ask(P.GetActor(name, self.conn.next_number()), timeout,
+                          f"no answer about actor {name!r}")
         return None if reply.handle is None else loads(reply.handle)
+
+    def resources(self, timeout: float | None = 30.0) -> tuple[dict, dict]:
+        """(what the cluster has, what is free now): see ``daskray.cluster_resources``."""
+        reply = self._ask(P.GetResources(self.conn.next_number()), timeout,
+                          "no answer about the cluster's resources")
+        return reply.total, reply.available
+
+    def _ask(self, msg: Any, timeout: float | None, what: str) -> Any:
+        """Send a request to the head and wait for its reply."""
+        key = ("reply", msg.request)
+        self.conn.send(msg)
+        if not self.conn.wait_for(lambda: key in self.conn.results, timeout):
+            raise errors.GetTimeoutError(f"{what} within {timeout} s")
+        return self.conn.results.pop(key)
 
     def put(self, value: Any) -> ObjectRef:
         if isinstance(value, ObjectRef):

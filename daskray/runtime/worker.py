@@ -541,8 +541,8 @@ class Worker:
         elif type(msg) is P.RefResult:
             if msg.ref in tracker.counts:
                 self.results[msg.ref] = msg
-        elif type(msg) is P.ActorReply:
-            self.results[("actor-reply", msg.request)] = msg
+        elif type(msg) is P.ActorReply or type(msg) is P.ResourcesReply:
+            self.results[("reply", msg.request)] = msg
         elif type(msg) is P.Stop:
             self.running = False
         elif type(msg) is P.Rejected:
