@@ -339,6 +339,26 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     _session().kill_actor(actor)
 
 
+def exit_actor() -> None:
+    """Ray's ``exit_actor()``: called in an actor's method, end that actor now, for
+    good (no restart).  The call itself and the calls queued after it raise
+    ``ActorDiedError``; later calls too."""
+    session = _session()
+    if isinstance(session, LocalSession):
+        session.exit_actor()
+    conn = getattr(session, "conn", None)
+    actor = getattr(conn, "actor", None)
+    if actor is None:
+        raise TypeError("exit_actor() ends the actor it is called in: call it from a "
+                        "method of an actor")
+    from .runtime import protocol as P
+
+    conn.send(P.KillActorRequest(actor))
+    # the head stops this process now; nothing more of the method may run meanwhile
+    threading.Event().wait(60)
+    os._exit(1)
+
+
 def cluster_resources() -> dict:
     """What the cluster's task workers offer, as Ray's ``cluster_resources()``:
     ``{"CPU": workers, <custom resource>: amount, "object_store_memory": bytes}``

@@ -935,6 +935,34 @@ def test_an_async_actor_awaits_object_refs():
     assert daskray.get(a.total.remote([1, 2, 3, 4]), timeout=30) == 14
 
 
+@daskray.remote(max_restarts=2)
+class Quitter:
+    def ping(self):
+        return "pong"
+
+    def quit(self):
+        daskray.exit_actor()
+        return "not reached"
+
+    @daskray.method(num_returns=2)
+    def pair(self):
+        return "a", "b"
+
+
+@pytest.mark.timeout(60)
+def test_method_defaults_and_exit_actor_as_in_ray():
+    q = Quitter.remote()
+    first, second = q.pair.remote()  # num_returns=2 from @daskray.method
+    assert daskray.get([first, second], timeout=30) == ["a", "b"]
+    assert daskray.get(q.ping.remote(), timeout=30) == "pong"
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(q.quit.remote(), timeout=30)
+    with pytest.raises(daskray.ActorDiedError):  # gone for good, max_restarts or not
+        daskray.get(q.ping.remote(), timeout=30)
+    with pytest.raises(TypeError, match="method of an actor"):
+        daskray.exit_actor()
+
+
 # =========================================================================== ActorPool
 
 

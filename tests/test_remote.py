@@ -1022,6 +1022,9 @@ class _LocalCounter:
     def boom(self):
         raise KeyError("method-marker")
 
+    def quit(self):
+        daskray.exit_actor()
+
 
 @daskray.remote
 def _bump(handle, k):
@@ -1093,6 +1096,11 @@ def test_local_mode_runs_actors_in_the_driver_in_call_order(local_mode):
     daskray.kill(counter)
     with pytest.raises(daskray.ActorDiedError, match="killed"):
         daskray.get(counter.add.remote(1))
+    quitter = _LocalCounter.remote(0)
+    with pytest.raises(daskray.ActorDiedError, match="exit_actor"):
+        daskray.get(quitter.quit.remote())
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(quitter.add.remote(1))
     with pytest.raises(ValueError, match="no actor named"):
         daskray.get_actor("counter")
 

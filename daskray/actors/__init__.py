@@ -53,6 +53,28 @@ def _methods(cls: type) -> list[str]:
     return names
 
 
+def method(**options: Any) -> Any:
+    """Ray's ``@ray.method(num_returns=...)``: default options of an actor method,
+    as ``handle.method.options(...)`` would give them at each call."""
+    checked = check_options(options, METHOD_OPTIONS, "an actor method")
+
+    def mark(func: Any) -> Any:
+        func.__daskray_method_options__ = checked
+        return func
+    return mark
+
+
+def _method_options(cls: type) -> dict:
+    """{method name: options} of the methods marked with :func:`method`."""
+    found = {}
+    for name in _methods(cls):
+        options = getattr(inspect.getattr_static(cls, name, None), "__daskray_method_options__",
+                          None)
+        if options:
+            found[name] = dict(options)
+    return found
+
+
 class ActorClass:
     """What ``@daskray.remote`` makes of a class: create instances with ``.remote()``."""
 
@@ -124,10 +146,13 @@ class ActorMethod:
 class ActorHandle:
     """A reference to one actor; picklable, so tasks and actors can call it too."""
 
-    def __init__(self, actor_id: str, class_name: str, methods: list[str], creation: Any) -> None:
+    def __init__(self, actor_id: str, class_name: str, methods: list[str], creation: Any,
+                 method_options: dict | None = None) -> None:
         self._actor_id = actor_id
         self._class_name = class_name
         self._method_names = list(methods)
+        #: defaults of methods marked ``@daskray.method(...)``: {name: options}
+        self._method_options = method_options or {}
         #: ObjectRef to the constructor's result: keeps the actor alive
         self._creation = creation
         self._calls: dict[str, tuple[ActorCall, _FunctionTable]] = {}
@@ -137,7 +162,7 @@ class ActorHandle:
             raise AttributeError(name)
         if name not in self._method_names:
             raise AttributeError(f"actor {self._class_name} has no method {name!r}")
-        return ActorMethod(self, name)
+        return ActorMethod(self, name, self._method_options.get(name))
 
     def _call(self, method: str) -> tuple[ActorCall, _FunctionTable]:
         """The task body of ``method`` calls and its pickled table, made once."""
@@ -148,7 +173,8 @@ class ActorHandle:
         return made
 
     def __reduce__(self) -> tuple:
-        return ActorHandle, (self._actor_id, self._class_name, self._method_names, self._creation)
+        return ActorHandle, (self._actor_id, self._class_name, self._method_names, self._creation,
+                             self._method_options)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ActorHandle) and other._actor_id == self._actor_id

@@ -36,6 +36,10 @@ class _Failed:
         self.error = error
 
 
+class _ExitActor(BaseException):
+    """Raised by ``exit_actor()`` in a local-mode actor's method: it ends there."""
+
+
 class _LocalActor:
     __slots__ = ("instance", "init_failure", "dead", "name", "loop")
 
@@ -64,6 +68,8 @@ class LocalSession:
         self._numbers = itertools.count(1)
         self.values: dict[RefKey, Any] = {}
         self.actors: dict[str, _LocalActor] = {}
+        #: the actors whose methods are running now, innermost last
+        self._running_actor: list[str] = []
         #: the creation ref of each actor that ends with its last handle -> its id
         self._creations: dict[RefKey, str] = {}
         self.actor_names: dict[str, Any] = {}
@@ -107,7 +113,7 @@ class LocalSession:
                           getattr(func, "__name__", str(func)))
 
     def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
-        from ..actors import ActorHandle, _methods, new_actor_id
+        from ..actors import ActorHandle, _method_options, _methods, new_actor_id
 
         cls = actor_class._cls
         name = actor_class._options.get("name")
@@ -124,7 +130,8 @@ class LocalSession:
         else:
             actor.instance = outcome
         creation = self._store(outcome if isinstance(outcome, _Failed) else None)
-        handle = ActorHandle(actor_id, cls.__name__, _methods(cls), creation)
+        handle = ActorHandle(actor_id, cls.__name__, _methods(cls), creation,
+                             _method_options(cls))
         if name is None and actor_class._options.get("lifetime") != "detached":
             self._creations[creation._key] = actor_id
         if name is not None:
@@ -149,13 +156,28 @@ class LocalSession:
             func = functools.partial(attr.__wrapped__, actor.instance)
         else:
             func = getattr(actor.instance, method)
-        outcome = self._call(func, args, kwargs)
+        self._running_actor.append(handle._actor_id)
+        try:
+            outcome = self._call(func, args, kwargs)
+        except _ExitActor:
+            self.kill_actor_id(handle._actor_id, "it called exit_actor()")
+            outcome = _Failed(ActorDiedError(
+                f"actor {handle._class_name} called exit_actor() in {method}()"))
+        finally:
+            self._running_actor.pop()
         if inspect.iscoroutine(outcome):
             future = actor.submit(outcome)
             if n == 1:  # get() waits for it; calls after it need not
                 return self._store(future)
             outcome = self._call(future.result, (), {})
         return self._refs(outcome, n, label)
+
+    def exit_actor(self) -> None:
+        """``exit_actor()`` in a method of a local-mode actor."""
+        if not self._running_actor:
+            raise TypeError("exit_actor() ends the actor it is called in: call it from a "
+                            "method of an actor")
+        raise _ExitActor()
 
     def kill_actor(self, handle: Any) -> None:
         self.kill_actor_id(handle._actor_id, "killed with daskray.kill()")

@@ -76,7 +76,8 @@ class Session:
 
     def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
         from ..actors import (
-            ActorHandle, _methods, actor_options_for_graph, new_actor_id, resources_of)
+            ActorHandle, _method_options, _methods, actor_options_for_graph, new_actor_id,
+            resources_of)
 
         number = self.conn.next_number()
         me = self.conn.client_id
@@ -84,7 +85,8 @@ class Session:
         parts = build_call(actor_class._init, actor_class._init_table, f"{cls.__name__}.__init__",
                            args, kwargs, {"max_retries": 0}, number)
         creation = ObjectRef((me, number, parts["wanted"][0]), owned=True)
-        handle = ActorHandle(new_actor_id(me), cls.__name__, _methods(cls), creation)
+        handle = ActorHandle(new_actor_id(me), cls.__name__, _methods(cls), creation,
+                             _method_options(cls))
         parts["create_actor"] = actor_options_for_graph(actor_class, handle._actor_id,
                                                         dumps(handle))
         parts["resources"] = resources_of(actor_class._options)
