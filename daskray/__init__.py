@@ -29,7 +29,7 @@ _LAZY = {
     **dict.fromkeys(
         ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
          "kill", "get_actor", "object_store_stats", "cluster_resources",
-         "available_resources", "nodes", "exit_actor"], "api"),
+         "available_resources", "nodes", "exit_actor", "get_runtime_context"], "api"),
     "ObjectRef": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors", "method": "actors",
     "ActorPool": "actors.pool",

@@ -359,6 +359,50 @@ def exit_actor() -> None:
     os._exit(1)
 
 
+class RuntimeContext:
+    """Where the calling code runs, as Ray's ``get_runtime_context()`` tells it."""
+
+    def __init__(self) -> None:
+        session = _session()
+        conn = getattr(session, "conn", None)
+        self._in_worker = context.worker_session is not None
+        self._worker_id = getattr(conn, "id", None) if self._in_worker else None
+        self._actor_id = getattr(conn, "actor", None) if self._in_worker else None
+        self._task_id = getattr(conn, "current", None) if self._in_worker else None
+        self._job_id = conn.client_id.hex() if conn is not None and not self._in_worker \
+            else None
+
+    def get_job_id(self) -> str | None:
+        """The driver's id (in the driver; None inside the cluster's processes)."""
+        return self._job_id
+
+    def get_node_id(self) -> str:
+        """daskray runs on one machine: always ``"local"``."""
+        return "local"
+
+    def get_worker_id(self) -> str | None:
+        """The worker process running this code, or None in the driver."""
+        return self._worker_id
+
+    def get_actor_id(self) -> str | None:
+        """The actor whose method runs this code, or None."""
+        return self._actor_id
+
+    def get_task_id(self) -> str | None:
+        """The task running this code (a remote call or an actor call), or None."""
+        return None if self._task_id is None else str(self._task_id)
+
+    def __repr__(self) -> str:
+        return (f"RuntimeContext(worker={self._worker_id}, actor={self._actor_id}, "
+                f"task={self._task_id}, job={self._job_id})")
+
+
+def get_runtime_context() -> RuntimeContext:
+    """Ray's ``get_runtime_context()``: ids of the job, worker, actor and task
+    running the calling code."""
+    return RuntimeContext()
+
+
 def cluster_resources() -> dict:
     """What the cluster's task workers offer, as Ray's ``cluster_resources()``:
     ``{"CPU": workers, <custom resource>: amount, "object_store_memory": bytes}``

@@ -949,6 +949,32 @@ class Quitter:
         return "a", "b"
 
 
+@daskray.remote
+def runtime_ids():
+    ctx = daskray.get_runtime_context()
+    return ctx.get_worker_id(), ctx.get_actor_id(), ctx.get_task_id(), ctx.get_job_id()
+
+
+@daskray.remote
+class WhoAmI:
+    def ids(self):
+        ctx = daskray.get_runtime_context()
+        return ctx.get_worker_id(), ctx.get_actor_id(), ctx.get_task_id()
+
+
+@pytest.mark.timeout(60)
+def test_the_runtime_context_names_the_worker_actor_and_task():
+    driver = daskray.get_runtime_context()
+    assert driver.get_job_id() and driver.get_worker_id() is None
+    assert driver.get_actor_id() is None and driver.get_node_id() == "local"
+    worker, actor, task, job = daskray.get(runtime_ids.remote(), timeout=30)
+    assert worker and actor is None and task and job is None
+    a, b = WhoAmI.remote(), WhoAmI.remote()
+    ids_a, ids_b = daskray.get([a.ids.remote(), b.ids.remote()], timeout=30)
+    assert ids_a[1] and ids_b[1] and ids_a[1] != ids_b[1]  # each actor its own id
+    assert ids_a[0] != ids_b[0] and ids_a[2] != ids_b[2]
+
+
 @pytest.mark.timeout(60)
 def test_method_defaults_and_exit_actor_as_in_ray():
     q = Quitter.remote()
