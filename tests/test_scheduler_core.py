@@ -490,17 +490,14 @@ def test_a_task_needing_a_dead_workers_resources_waits_for_its_replacement():
     s = SchedulerState(validate=True)
     s.handle(WorkerJoined("a", resources={"pin": 1}))
     s.handle(WorkerJoined("b"))
-    ev = GraphSubmitted(("c", 1), ["call"], [()], [0], [b"body"], {}, [0], ["g"], False,
-                        False, max_retries=3, resources={"pin": 1})
-    out = s.handle(ev)
+    out = s.handle(remote_call(("c", 1), resources={"pin": 1}))
     assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("a", 0)]
     out = s.handle(WorkerLost("a", "was killed by SIGKILL"))
     assert not of(NotifyRef, out) and not of(Dispatch, out)  # b lacks "pin": it waits
     out = s.handle(WorkerJoined("a2", resources={"pin": 1}))
     assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("a2", 0)]
     # resources no worker ever had fail at once, with what to do
-    out = s.handle(GraphSubmitted(("c", 2), ["other"], [()], [0], [b"body"], {}, [0], ["g"],
-                                  False, False, resources={"gpu": 1}))
+    out = s.handle(remote_call(("c", 2), resources={"gpu": 1}))
     (failed,) = of(NotifyRef, out)
     assert failed.kind == "DaskrayError" and "daskray.init(resources=" in failed.message
 
@@ -552,17 +549,14 @@ def test_tasks_waiting_for_a_dead_workers_resources_fail_once_no_replacement_com
     s.handle(WorkerJoined("a", resources={"pin": 1}))
     s.handle(WorkerJoined("b"))
     s.handle(WorkerLost("a", "was killed by SIGKILL"))
-    out = s.handle(GraphSubmitted(("c", 1), ["call"], [()], [0], [b"body"], {}, [0], ["g"],
-                                  False, False, resources={"pin": 1}))
+    out = s.handle(remote_call(("c", 1), resources={"pin": 1}))
     assert not of(NotifyRef, out)  # waits for a's replacement
     out = s.handle(ReplacementsStopped())
     (failed,) = of(NotifyRef, out)
     assert failed.kind == "DaskrayError" and "no more are started" in failed.message
-    out = s.handle(GraphSubmitted(("c", 2), ["call"], [()], [0], [b"body"], {}, [0], ["g"],
-                                  False, False, resources={"pin": 1}))
+    out = s.handle(remote_call(("c", 2), resources={"pin": 1}))
     assert "no more are started" in of(NotifyRef, out)[0].message
-    out = s.handle(GraphSubmitted(("c", 3), ["call"], [()], [0], [b"body"], {}, [0], ["g"],
-                                  False, False))
+    out = s.handle(remote_call(("c", 3)))
     assert [d.worker for d in of(Dispatch, out)] == ["b"]
 
 

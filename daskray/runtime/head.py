@@ -130,7 +130,7 @@ class Head:
         proc = spawn("daskray.runtime.start_worker", {
             "actor": actor,
             "max_concurrency": max_concurrency,
-            "threaded": threaded or max_concurrency > 1,
+            "threaded": threaded,
             "resources": (actor_resources or {}) if actor is not None
             else resources[slot] if slot < len(resources) else {},
             "worker_id": wid,

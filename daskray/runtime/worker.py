@@ -193,7 +193,7 @@ class Worker:
             self.shm_prefix = None
         self.resources: dict = config.get("resources") or {}
         self.actor: str | None = config.get("actor")
-        #: an actor with max_concurrency > 1 runs calls on a thread pool; their
+        #: an actor with max_concurrency > 1 or async methods runs calls on a thread pool; their
         #: reports come back through ``done`` and a wake-up socket
         self.pool: ThreadPoolExecutor | None = None
         self.done: deque = deque()
@@ -301,7 +301,8 @@ class Worker:
                 self.heap_used = False
 
     def _run_concurrent(self) -> None:
-        """An actor with max_concurrency > 1: calls start in order on the pool."""
+        """An actor with max_concurrency > 1 or async methods: calls start in order
+        on the pool, and this thread does the I/O."""
         poller = zmq.Poller()
         poller.register(self.head, zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
@@ -388,7 +389,7 @@ class Worker:
         return next(self._numbers)
 
     def send(self, msg: Any) -> None:
-        if self._from_pool_thread():  # the main thread sends it, after pending reports
+        if self._from_pool_thread():  # the main thread sends it (see _send_from_calls)
             self.outbox.append(msg)
             self._wake_main()
             return
