@@ -24,7 +24,7 @@ from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
 from .dask_graph import convert, external_keys
 from .refs import ObjectRef, ref_key_of, tracker
 from .remote_function import TASK_OPTIONS, RemoteFunction, check_options
-from .runtime.cluster import AttachedCluster, LocalCluster
+from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
@@ -162,7 +162,13 @@ def init(
         elif not local_mode:
             cluster = LocalCluster(n, validate=_validate, resources=resources,
                                    store_limit=store_limit, store_namespaces=_store_namespaces)
-        _runtime = _Runtime(cluster, set_dask_scheduler)
+        try:
+            _runtime = _Runtime(cluster, set_dask_scheduler)
+        except BaseException:  # Ctrl-C, say: the cluster just started must not stay
+            if cluster is not None:
+                with sigint_deferred():
+                    cluster.close()
+            raise
 
 
 def _store_limit(value: int | str | None) -> int | None:
@@ -211,7 +217,8 @@ def shutdown() -> None:
         tracker.wake = None
         tracker.take_changes()
         if runtime.cluster is not None:
-            runtime.cluster.close()
+            with sigint_deferred():  # a Ctrl-C now would leave the cluster running
+                runtime.cluster.close()
 
 
 atexit.register(shutdown)

@@ -21,13 +21,12 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from typing import Sequence
 
 from .errors import ClusterError
 from .runtime import standalone
-from .runtime.cluster import SESSION_PREFIX, START_TIMEOUT_SECONDS
+from .runtime.cluster import START_TIMEOUT_SECONDS, make_session_dir
 from .runtime.process import pidfd, spawn
 
 STOP_TIMEOUT_SECONDS = 30.0
@@ -66,10 +65,12 @@ def start(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"daskray start: {exc}", file=sys.stderr)
         return 2
-    session_dir = tempfile.mkdtemp(prefix=SESSION_PREFIX)
+    session_dir = make_session_dir()
     log_path = os.path.join(session_dir, standalone.LOG_FILE)
     ready_r, ready_w = os.pipe()
-    with open(log_path, "w") as log:
+    # private from the start: tasks' output goes there, and it may outlive the session
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(log_fd, "w") as log:
         owner = spawn("daskray.runtime.standalone", {
             "num_workers": num_workers, "resources": resources, "store_limit": store_limit,
             "session_dir": session_dir, "ready_fd": ready_w,
@@ -121,9 +122,11 @@ def _read_answer(fd: int, timeout: float) -> str:
 def status(args: argparse.Namespace) -> int:
     from .runtime.store_memory import HostStore
 
-    clusters = standalone.running_clusters()
+    clusters, malformed = standalone.scan_clusters()
     for log in standalone.crash_logs():
         print(f"a cluster stopped without being asked to; its log: {log}")
+    for exc in malformed:
+        print(f"daskray status: {exc}", file=sys.stderr)
     if not clusters:
         print("daskray: no running cluster (start one with `daskray start --head`)")
         return 1
@@ -142,10 +145,12 @@ def status(args: argparse.Namespace) -> int:
 
 
 def stop(args: argparse.Namespace) -> int:
-    clusters = standalone.running_clusters()
+    clusters, malformed = standalone.scan_clusters()
+    for exc in malformed:
+        print(f"daskray stop: {exc}", file=sys.stderr)
     if not clusters:
         print("daskray: no running cluster to stop")
-        return 0
+        return 1 if malformed else 0
     for info in clusters:
         if standalone.owner_alive(info["session_dir"]):  # so the pid is still the owner's
             try:
@@ -173,7 +178,7 @@ def stop(args: argparse.Namespace) -> int:
         shutil.rmtree(info["session_dir"], ignore_errors=True)
         shutil.rmtree(standalone.shm_dir_of(info), ignore_errors=True)
         code = 1
-    return code
+    return 1 if malformed else code
 
 
 def _wait_exit(pid: int, deadline: float) -> None:

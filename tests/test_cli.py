@@ -232,3 +232,209 @@ def test_a_cluster_whose_head_dies_stops_and_keeps_its_log(own_tmpdir):
     with open(os.path.join(own_tmpdir, log)) as f:
         assert "the head process exited" in f.read()
     os.remove(os.path.join(own_tmpdir, log))
+
+
+# =========================================================================== hardening
+
+
+@pytest.mark.timeout(180)
+def test_shutdown_of_a_joined_driver_wakes_threads_waiting_for_results(standalone):
+    from daskray.runtime import shared_memory
+    from daskray.runtime.cluster import sweep_stale_sessions
+
+    # the session of a `daskray start` cluster is marked like a driver's, and kept
+    assert shared_memory.marked_session(standalone["session_dir"]) is not None
+    assert sweep_stale_sessions() == [] and os.path.isdir(standalone["session_dir"])
+    proc = run_driver(f"""
+        import json, os, sys, tempfile, threading, time, dask, daskray
+
+        marks = tempfile.mkdtemp(dir=os.environ["TMPDIR"], prefix="marks-")
+
+        def running_long(name):
+            open(os.path.join(marks, name), "w").close()
+            time.sleep(60)
+            return name
+
+        daskray.init(address={standalone["address"]!r})
+        waiting = {{
+            "get": lambda: daskray.get(daskray.remote(running_long).remote("get")),
+            "compute": lambda: dask.delayed(running_long)("compute").compute(),
+        }}
+        outcome = {{}}
+
+        def wait(name):
+            try:
+                waiting[name]()
+                outcome[name] = "returned"
+            except BaseException as exc:
+                outcome[name] = type(exc).__name__
+
+        threads = [threading.Thread(target=wait, args=(n,), daemon=True) for n in waiting]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(marks)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(os.listdir(marks)) == 2, "the tasks did not start"
+        t0 = time.monotonic()
+        daskray.shutdown()
+        for t in threads:
+            t.join(max(0.0, t0 + 10 - time.monotonic()))
+        outcome["seconds"] = time.monotonic() - t0
+        for name in os.listdir(marks):
+            os.remove(os.path.join(marks, name))
+        os.rmdir(marks)
+        print(json.dumps(outcome), flush=True)
+    """, timeout=150)
+    out = last_json(proc)
+    assert out.get("get") == "ClusterError" and out.get("compute") == "ClusterError", out
+    assert out["seconds"] < 5, out
+
+
+@pytest.mark.timeout(120)
+def test_a_crash_log_is_private_and_a_name_planted_for_it_is_not_followed(own_tmpdir):
+    import stat
+
+    started = daskray_cmd("start", "--head", "--num-workers", "1")
+    assert started.returncode == 0, started.stderr
+    (info,) = running_clusters()
+    assert stat.S_IMODE(os.lstat(info["log"]).st_mode) == 0o600, "tasks' output goes there"
+    victim = os.path.join(own_tmpdir, "victim.txt")
+    with open(victim, "w") as f:
+        f.write("untouched")
+    planted = os.path.join(own_tmpdir, f"daskray-crashed-{info['owner_pid']}.log")
+    os.symlink(victim, planted)
+    owner = psutil.Process(info["owner_pid"])
+    processes = [owner, *owner.children(recursive=True)]
+    os.kill(info["head_pid"], 9)
+    assert wait_until(lambda: not any(alive(p.pid) for p in processes), 30)
+    try:
+        assert os.path.islink(planted) and os.readlink(planted) == victim
+        assert open(victim).read() == "untouched"
+        (log,) = [os.path.join(own_tmpdir, n) for n in os.listdir(own_tmpdir)
+                  if n.startswith("daskray-crashed-") and not os.path.islink(
+                      os.path.join(own_tmpdir, n))]
+        st = os.lstat(log)
+        assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+        with open(log) as f:
+            assert "the head process exited" in f.read()
+        status = daskray_cmd("status")
+        assert log in status.stdout and planted not in status.stdout, status.stdout
+    finally:
+        for path in (planted, victim, *[os.path.join(own_tmpdir, n) for n in os.listdir(
+                own_tmpdir) if n.startswith("daskray-crashed-")]):
+            if os.path.lexists(path):
+                os.remove(path)
+
+
+def test_status_lists_only_crash_logs_a_cluster_of_this_user_left(own_tmpdir):
+    def make(name: str, mode: int = 0o600, uid: int | None = None) -> str:
+        path = os.path.join(own_tmpdir, name)
+        with open(path, "w") as f:
+            f.write("a log\n")
+        os.chmod(path, mode)
+        if uid is not None:
+            os.chown(path, uid, uid)
+        return path
+
+    genuine = make("daskray-crashed-116.log")
+    planted = [
+        make("daskray-crashed-113.log", uid=12345),  # another user's
+        make("daskray-crashed-abc.log"),  # not the shape daskray makes
+        make("daskray-crashed-115.log", mode=0o644),  # readable by all: not daskray's
+    ]
+    notes = make("notes.txt")
+    os.symlink(notes, os.path.join(own_tmpdir, "daskray-crashed-111.log"))
+    os.symlink(os.path.join(own_tmpdir, "nowhere"), os.path.join(own_tmpdir,
+                                                                   "daskray-crashed-112.log"))
+    os.mkdir(os.path.join(own_tmpdir, "daskray-crashed-114.log"), 0o700)
+    try:
+        status = daskray_cmd("status")
+        assert "Traceback" not in status.stderr, status.stderr
+        listed = [line.rsplit(" ", 1)[1] for line in status.stdout.splitlines()
+                  if "its log:" in line]
+        assert listed == [genuine], (listed, planted)
+    finally:
+        for name in os.listdir(own_tmpdir):
+            path = os.path.join(own_tmpdir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                os.rmdir(path)
+            else:
+                os.remove(path)
+
+
+MALFORMED_DRIVER = """
+    import contextlib, fcntl, io, json, math, os, sys, time
+    import daskray
+    from daskray import cli
+
+    session = sys.argv[1]
+    good = {"address": f"ipc://{session}/head.sock", "token": "ab" * 32,
+            "session_dir": session, "shm_prefix": session + "/shm/",
+            "store_limit": 1 << 26, "num_workers": 1, "owner_pid": os.getpid(),
+            "head_pid": os.getpid(), "log": session + "/cluster.log",
+            "started": time.time(), "resources": None}
+    cases = {"not JSON": b"{not json", "a list": b"[]", "null": b"null",
+             "a string": b'"a string"', "empty": b"{}", "not UTF-8": b"\\xff\\xfe{"}
+    for key, bad in [("token", 5), ("token", "zz"), ("head_pid", "x"),
+                     ("store_limit", "lots"), ("started", "yesterday"),
+                     ("started", math.nan), ("num_workers", None), ("num_workers", True),
+                     ("shm_prefix", 7), ("resources", "gpu"), ("owner_pid", -3)]:
+        cases[f"{key}={bad!r}"] = json.dumps({**good, key: bad}).encode()
+    for key in ("address", "token", "session_dir", "started"):
+        cases[f"no {key}"] = json.dumps({k: v for k, v in good.items() if k != key}).encode()
+
+    path = os.path.join(session, "cluster.json")
+    report = {}
+    for case, data in cases.items():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(fd, data)
+        os.close(fd)
+        outcome = report[case] = {}
+        for address in ("auto", session):
+            try:
+                daskray.init(address=address)
+                outcome[address] = "joined"
+                daskray.shutdown()
+            except daskray.ClusterError as exc:  # MalformedClusterFile is one
+                outcome[address] = ["ClusterError", str(exc)]
+            except BaseException as exc:
+                outcome[address] = [type(exc).__name__, str(exc)]
+        for command in ("status", "stop"):
+            out, err = io.StringIO(), io.StringIO()
+            try:
+                with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                    code = cli.main([command])
+                outcome[command] = [code, err.getvalue()]
+            except BaseException as exc:
+                outcome[command] = [type(exc).__name__, str(exc)]
+    print(json.dumps(report), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_malformed_cluster_file_is_a_cluster_error_that_names_it(own_tmpdir):
+    import fcntl
+
+    from daskray.runtime.cluster import make_session_dir
+
+    session = make_session_dir()
+    lock = os.open(os.path.join(session, "owner.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # as if its owner ran
+    try:
+        proc = subprocess.run([sys.executable, "-c", textwrap.dedent(MALFORMED_DRIVER), session],
+                              capture_output=True, text=True, timeout=100)
+        report = last_json(proc)
+        path = os.path.join(session, "cluster.json")
+        assert len(report) >= 20
+        for case, outcome in report.items():
+            for address in ("auto", session):
+                kind, message = outcome[address]
+                assert kind == "ClusterError" and path in message and "malformed" in message, \
+                    (case, address, outcome[address])
+            for command in ("status", "stop"):
+                code, err = outcome[command]
+                assert code == 1 and path in err and "malformed" in err, (case, command, err)
+    finally:
+        os.close(lock)
+        shutil.rmtree(session)

@@ -174,6 +174,9 @@ class Client:
             sock.close(0)
 
     def close(self) -> None:
+        """Disconnect from the head.  Threads still waiting for results (in ``get``,
+        ``wait`` or a dask compute) raise :class:`ClusterError` instead of waiting
+        forever for a connection that is gone."""
         with self._lock:
             if self.closed:
                 return
@@ -186,6 +189,10 @@ class Client:
         os.close(fd)
         if not self._thread.is_alive():  # else a socket is still open and term() would block
             self.ctx.term()
+        if self.failure is None:
+            self._fail_all("daskray.shutdown() was called while this was waiting: the "
+                           "connection to the cluster is closed. Call daskray.init() again "
+                           "to run more work")
 
     # ------------------------------------------------------------------ I/O thread
 
@@ -197,6 +204,7 @@ class Client:
         head_fd = pidfd(self._head_pid) if self._head_pid else None
         if head_fd is not None:
             poller.register(head_fd, zmq.POLLIN)
+        watched_fd = head_fd  # closed when the loop ends, watched or not
         try:
             while True:
                 ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
@@ -231,6 +239,8 @@ class Client:
         finally:
             self._head.close(self.linger_ms)
             os.close(self._ref_wake_r)
+            if watched_fd is not None:
+                os.close(watched_fd)
             self._wake_pull.close(0)
 
     def _deliver(self, frame: zmq.Frame) -> None:

@@ -31,7 +31,9 @@ import itertools
 import mmap
 import os
 import pickle
+import re
 import shutil
+import stat
 import tempfile
 from typing import Any, Callable
 
@@ -45,6 +47,11 @@ _ALIGN = 64
 #: a pickle header larger than this goes into the file too (an object that pickles
 #: in-band -- bytes, lists, object columns -- is all header)
 HEADER_INLINE_LIMIT = 4096
+#: the marker file in each session directory daskray makes, and its text's start
+SESSION_MARKER = ".daskray-session"
+_MARKER_TEXT = "daskray session of pid "
+#: a session directory's name: the driver's pid, then mkdtemp's 8 random characters
+_SESSION_DIR_NAME = re.compile(r"daskray-(\d+)-[a-z0-9_]{8}\Z")
 _counter = itertools.count()
 #: this process's view of its session's store; None outside a cluster session
 _store: HostStore | None = None
@@ -73,12 +80,19 @@ def available() -> bool:
 
 def create_session_dir(driver_pid: int) -> str:
     """A new private directory (mode 0700, random name) for one cluster session's
-    segments; the prefix of every segment path, ending in ``/``.
+    segments, holding daskray's marker; the prefix of every segment path, ending
+    in ``/``.
 
     ``/dev/shm`` is shared by every user: segments at predictable names there
     could be created first, or replaced once spilled, by someone else.  Inside
     a directory only we can enter, they cannot."""
-    return os.path.join(tempfile.mkdtemp(prefix=f"daskray-{driver_pid}-", dir=SHM_DIR), "")
+    path = tempfile.mkdtemp(prefix=f"daskray-{driver_pid}-", dir=SHM_DIR)
+    try:
+        write_marker(path, driver_pid)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+    return os.path.join(path, "")
 
 
 def is_descriptor(data: Any) -> bool:
@@ -217,17 +231,56 @@ def _remove(path: str) -> None:
         pass
 
 
-def sweep_dead_sessions(alive: Any) -> int:
-    """Unlink segments of sessions whose driver process is gone."""
+def write_marker(directory: str, pid: int) -> None:
+    """Write daskray's marker into a session directory it has just made: the proof,
+    which a sweep asks for, that daskray made it (for the process ``pid``).  A
+    dot-file: segment listings never see it."""
+    fd = os.open(os.path.join(directory, SESSION_MARKER),
+                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{_MARKER_TEXT}{pid}\n")
+
+
+def marked_session(path: str) -> int | None:
+    """The pid in daskray's marker if ``path`` is a session directory daskray made
+    for this user: a real directory (not a symlink) of this user that nobody
+    else may enter, holding a marker file of this user in daskray's format.
+    None for anything else."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+        # O_NONBLOCK: a FIFO planted there must not hang the sweep
+        fd = os.open(os.path.join(path, SESSION_MARKER),
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            return None
+        text = f.read(64)
+    match = re.fullmatch(rb"%s(\d+)\n" % _MARKER_TEXT.encode(), text)
+    return int(match.group(1)) if match else None
+
+
+def sweep_dead_sessions(alive: Callable[[int], bool]) -> int:
+    """Remove the session directories daskray made for this user (see
+    :func:`marked_session`) whose driver process is gone; how many.  Nothing
+    else in ``/dev/shm`` is touched, whatever its name."""
     removed = 0
-    for path in glob.glob(os.path.join(SHM_DIR, "daskray-*")):
-        try:
-            pid = int(os.path.basename(path).split("-")[1])
-            if os.stat(path).st_uid != os.getuid():
-                continue  # another user's session: not ours to judge
-        except (IndexError, ValueError, OSError):
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return 0
+    for name in names:
+        match = _SESSION_DIR_NAME.match(name)
+        if match is None:
             continue
-        if not alive(pid):
-            _remove(path)
-            removed += 1
+        path = os.path.join(SHM_DIR, name)
+        pid = int(match.group(1))
+        if marked_session(path) != pid or alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
     return removed

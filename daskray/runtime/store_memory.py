@@ -31,7 +31,8 @@ There is no store server: the processes coordinate through the file system.
   making room drops them before spilling any object.
 * **Full**: when the objects that could be spilled do not make room,
   :class:`~daskray.errors.ObjectStoreFullError` says how much was asked for, the
-  limit, what is in use, and how much of it live views pin.
+  limit, what is in use: objects still referenced by ObjectRefs and how much of
+  them live views pin, and values still in use whose ObjectRefs are gone.
 """
 
 from __future__ import annotations
@@ -133,18 +134,36 @@ class HostStore:
             with self._locked("count") as count_fd:
                 used = _read_used(count_fd)
             if used + size > self.limit:
-                used, pinned = self._make_room(size)
+                used, _ = self._make_room(size)
                 if used + size > self.limit:
-                    raise ObjectStoreFullError(
-                        f"the object store is full: an object of {_mib(size)} does not fit "
-                        f"in its limit of {_mib(self.limit)}; {_mib(used)} is in use, "
-                        f"{_mib(pinned)} of it pinned by live views (values still referenced "
-                        "in some process) and the rest could not be spilled. Drop references "
-                        "to objects you no longer need, or raise the limit with "
-                        "daskray.init(object_store_memory=...)")
+                    raise self._full_error(size, used)
             fd = _create(path, size)
             self._count(size)
             return fd
+
+    def _full_error(self, size: int, used: int) -> ObjectStoreFullError:
+        """The error for a writer of ``size`` bytes when even spilling left only
+        ``limit - used`` free: what fills the store, in the user's terms.
+
+        The objects' files belong to objects still referenced by ObjectRefs; those
+        live views map are pinned and cannot spill (values got with ``get`` and
+        still in use, arguments of running tasks).  Freed objects' files that
+        live views still map keep their memory too: values in use whose
+        ObjectRefs are gone."""
+        _, entries = self._scan()
+        referenced = sum(e[1] for e in entries)
+        pinned = sum(e[1] for e in entries if _pinned(e[2]))
+        in_use = _files(self.freed_dir)
+        return ObjectStoreFullError(
+            f"the object store is full: an object of {_mib(size)} does not fit in its limit "
+            f"of {_mib(self.limit)}; {_mib(used)} in use: {_mib(referenced)} in "
+            f"{_counted(len(entries), 'object')} still referenced by ObjectRefs, "
+            f"{_mib(pinned)} of it pinned by live views (values got with daskray.get and "
+            f"still in use, arguments of running tasks), and "
+            f"{_mib(sum(e[1] for e in in_use))} in {_counted(len(in_use), 'value')} in use "
+            "whose ObjectRefs are gone. Delete values you no longer need (or copy what you "
+            "keep), drop ObjectRefs, or raise the limit with "
+            "daskray.init(object_store_memory=...)")
 
     def make_room(self, size: int) -> None:
         """Spill until ``size`` more bytes fit, as far as possible (a writer found
@@ -336,7 +355,8 @@ class HostStore:
         name = os.path.basename(self.prefix)
         entries = []
         for entry in _scandir(os.path.dirname(self.prefix)):
-            if entry.name.startswith(name) and (st := _stat(entry)) is not None:
+            if entry.name.startswith(name) and not entry.name.startswith(".") \
+                    and (st := _stat(entry)) is not None:  # (not the session's marker)
                 entries.append((st.st_mtime, st.st_size, entry.path))
         kept = sum(e[1] for e in self._pooled()) + sum(e[1] for e in _files(self.freed_dir))
         return sum(e[1] for e in entries) + kept, entries
@@ -477,6 +497,25 @@ def _scandir(path: str) -> list[os.DirEntry]:
             return list(it)
     except FileNotFoundError:
         return []
+
+
+def _pinned(path: str) -> bool:
+    """Whether a live view (or its writer) holds the object file ``path``."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (which releases a lock taken)
+    return False
+
+
+def _counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _mib(n: int) -> str:
