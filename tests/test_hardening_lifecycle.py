@@ -18,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -202,6 +203,35 @@ def test_init_and_shutdown_cycles_leak_no_descriptor(no_runtime):
         assert daskray.get(daskray.put(1)) == 1
         daskray.shutdown()
     assert descriptors() == (total, pidfds)
+
+
+def mark_then_sleep(path: str, seconds: float) -> None:
+    with open(path, "w"):
+        pass
+    time.sleep(seconds)
+
+
+@pytest.mark.timeout(60)
+def test_shutdown_tells_threads_still_waiting_that_it_was_called(no_runtime, tmp_path):
+    daskray.init(num_workers=1)
+    marker = str(tmp_path / "running")
+    ref = daskray.remote(mark_then_sleep).remote(marker, 60)
+    outcome: list = []
+
+    def wait() -> None:
+        try:
+            daskray.get(ref)
+        except BaseException as exc:  # noqa: BLE001 - what the thread saw is the result
+            outcome.append(exc)
+
+    thread = threading.Thread(target=wait, daemon=True)
+    thread.start()
+    assert wait_until(lambda: os.path.exists(marker), 30)
+    daskray.shutdown()
+    thread.join(10)
+    assert not thread.is_alive(), "get() still waits after shutdown()"
+    (exc,) = outcome
+    assert isinstance(exc, daskray.ClusterError) and "shutdown() was called" in str(exc), exc
 
 
 @pytest.mark.timeout(120)

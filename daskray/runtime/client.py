@@ -32,6 +32,9 @@ from .serialization import frames_nbytes
 from .worker import fetch_object
 
 FETCH_TIMEOUT_MS = 60_000
+#: what threads still waiting for results are told when this process shuts down
+SHUT_DOWN = ("daskray.shutdown() was called while this was waiting: the connection to the "
+             "cluster is closed. Call daskray.init() again to run more work")
 
 
 class Client:
@@ -189,10 +192,13 @@ class Client:
         os.close(fd)
         if not self._thread.is_alive():  # else a socket is still open and term() would block
             self.ctx.term()
+        self.fail_waiters(SHUT_DOWN)
+
+    def fail_waiters(self, reason: str) -> None:
+        """Make every thread waiting for results raise :class:`ClusterError` with
+        ``reason``, and any later wait too; a failure already known stands."""
         if self.failure is None:
-            self._fail_all("daskray.shutdown() was called while this was waiting: the "
-                           "connection to the cluster is closed. Call daskray.init() again "
-                           "to run more work")
+            self._fail_all(reason)
 
     # ------------------------------------------------------------------ I/O thread
 
@@ -232,7 +238,7 @@ class Client:
                             break
                         self._deliver(frame)
                 if head_fd is not None and head_fd in ready:
-                    self._fail_all("the daskray head process died; the cluster is gone. "
+                    self.fail_waiters("the daskray head process died; the cluster is gone. "
                                    "Call daskray.shutdown() and daskray.init() to start a new one.")
                     poller.unregister(head_fd)
                     head_fd = None

@@ -33,7 +33,7 @@ from typing import Iterator
 from ..errors import ClusterError
 from . import protocol as P
 from . import host_transfer, shared_memory, store_memory
-from .client import Client
+from .client import SHUT_DOWN, Client
 from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
 from .process import alive, describe_exit, inherited_dask_config, spawn
@@ -240,6 +240,7 @@ class LocalCluster:
         if self.head.poll() is not None:
             return
         if self.client is not None:
+            self.client.fail_waiters(SHUT_DOWN)  # before the head's death tells them otherwise
             try:
                 self.client.send(P.StopCluster())
             except ClusterError:
