@@ -22,7 +22,6 @@ Choices where dask's contract is silent:
 
 from __future__ import annotations
 
-import hashlib
 import queue
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -38,7 +37,7 @@ from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
 from .runtime import protocol as P
 from .runtime.client import Client
 from .runtime import shared_memory
-from .runtime.serialization import dumps_frames, frames_nbytes, loads
+from .runtime.serialization import dumps_frames, frames_nbytes, loads, table_id
 from .runtime.session import error_of
 
 POLL_SECONDS = 0.1
@@ -126,7 +125,7 @@ def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
     return P.SubmitGraph(
         number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
         data, wanted, [key_split(k) for k in spec.keys], table,
-        hashlib.blake2b(table, digest_size=16).digest(), fail_fast, notify, spec.external,
+        table_id(table), fail_fast, notify, spec.external,
         [], allowed_failures(), False, None, None, None, data_holders, None, shared,
     )
 

@@ -10,14 +10,13 @@ ObjectRefs handed back.  The function itself is cloudpickled once per function
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import itertools
 import numbers
 from typing import Any, Callable
 
 from .refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
-from .runtime.serialization import GraphEncoder
+from .runtime.serialization import GraphEncoder, table_id
 
 #: option -> check, for functions (actors add their own in actors/)
 TASK_OPTIONS = {
@@ -107,10 +106,6 @@ class _FunctionTable:
     def __init__(self, func: Callable) -> None:
         self.data = GraphEncoder(preload=[func]).encode_table()
         self.id = table_id(self.data)
-
-
-def table_id(data: bytes) -> bytes:
-    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def build_call(func: Callable, table: "_FunctionTable", name: str, args: tuple,

@@ -42,6 +42,7 @@ import daskray
 from helpers import wait_until
 import daskray.api
 from daskray.runtime import protocol as P
+from daskray.runtime import transport
 from daskray.runtime.cluster import OWNER_FILE, SESSION_PREFIX, sweep_stale_sessions
 
 NUM_WORKERS = 2
@@ -949,7 +950,11 @@ def zmq_ctx():
     ctx.destroy(linger=0)
 
 
-def _dealer(ctx, address):
+def _dealer(ctx, address, token=None):
+    """A raw DEALER: without ``token`` it cannot pass the handshake's
+    authentication; with it, it is as authenticated as daskray's own peers."""
+    if token is not None:
+        return transport.dealer(ctx, address, token)
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
@@ -985,7 +990,7 @@ def test_wrong_token_is_refused(proc_cluster, zmq_ctx):
     sock = _dealer(zmq_ctx, proc_cluster.head_address)
     sock.send_multipart(P.hello_frames(wrong, P.ROLE_CLIENT, "intruder"))
     sock.send(P.encode(P.StopCluster()))  # must not stop the cluster
-    other = _dealer(zmq_ctx, proc_cluster.head_address)
+    other = _dealer(zmq_ctx, proc_cluster.head_address, proc_cluster.token)
     other.send_multipart(P.hello_frames(proc_cluster.token, b"admin", "bad-role"))
     other.send(P.encode(P.StopCluster()))
     _assert_cluster_unharmed(proc_cluster, workers)
@@ -993,10 +998,41 @@ def test_wrong_token_is_refused(proc_cluster, zmq_ctx):
     assert other.poll(0) == 0, "the head answered a peer with an unknown role"
 
 
+def _framed(payload: bytes) -> bytes:
+    """``payload`` with the checksum a message frame starts with."""
+    import zlib
+    return zlib.crc32(payload).to_bytes(4, "little") + payload
+
+
+class _Pwn:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+@pytest.mark.timeout(60)
+def test_a_message_naming_a_class_is_not_unpickled(proc_cluster, zmq_ctx, tmp_path):
+    """Even from an authenticated peer, the head decodes plain data only: a
+    message that would call a function while unpickled is refused."""
+    workers = worker_pids(proc_cluster)
+    marker = tmp_path / "pwned"
+    sock = _dealer(zmq_ctx, proc_cluster.head_address, proc_cluster.token)
+    sock.send_multipart(P.hello_frames(proc_cluster.token, P.ROLE_CLIENT, "clumsy"))
+    assert sock.poll(10_000) and type(P.decode(sock.recv())) is P.Welcome
+    sock.send(_framed(pickle.dumps((P.CancelRefs.TAG, [_Pwn(str(marker))]))))
+    assert sock.poll(10_000)
+    reply = P.decode(sock.recv())
+    assert type(reply) is P.Rejected and "may not refer to" in reply.reason, reply
+    assert not marker.exists()
+    _assert_cluster_unharmed(proc_cluster, workers)
+
+
 @pytest.mark.timeout(60)
 def test_authenticated_client_sending_undecodable_frames(proc_cluster, zmq_ctx):
     workers = worker_pids(proc_cluster)
-    sock = _dealer(zmq_ctx, proc_cluster.head_address)
+    sock = _dealer(zmq_ctx, proc_cluster.head_address, proc_cluster.token)
     sock.send_multipart(P.hello_frames(proc_cluster.token, P.ROLE_CLIENT, "clumsy"))
     assert sock.poll(10_000), "an authenticated client got no Welcome"
     assert type(P.decode(sock.recv())) is P.Welcome
@@ -1004,12 +1040,13 @@ def test_authenticated_client_sending_undecodable_frames(proc_cluster, zmq_ctx):
     bad = [
         [b"not a pickle at all"],
         [b""],
-        [b"\x80\x05\x95"],  # truncated pickle
-        [b"\x80\x04cno_such_module_xyz\nThing\n."],  # unpickling imports a missing module
-        [pickle.dumps((999, "unknown tag"))],
-        [pickle.dumps("not a tuple")],
-        [pickle.dumps((P.SubmitGraph.TAG, "too", "few"))],
+        [_framed(b"\x80\x05\x95")],  # truncated pickle
+        [_framed(b"\x80\x04cno_such_module_xyz\nThing\n.")],  # names a class
+        [_framed(pickle.dumps((999, "unknown tag")))],
+        [_framed(pickle.dumps("not a tuple"))],
+        [_framed(pickle.dumps((P.SubmitGraph.TAG, "too", "few")))],
         [P.encode(P.StopCluster()), b"an extra frame"],
+        [P.encode(P.StopCluster())[:-1]],  # cut short: the checksum fails
     ]
     for frames in bad:
         sock.send_multipart(frames)
@@ -1025,7 +1062,7 @@ def test_authenticated_client_sending_undecodable_frames(proc_cluster, zmq_ctx):
 @pytest.mark.timeout(60)
 def test_authenticated_client_sending_a_malformed_submit(fresh_cluster, zmq_ctx):
     workers = worker_pids(fresh_cluster)
-    sock = _dealer(zmq_ctx, fresh_cluster.head_address)
+    sock = _dealer(zmq_ctx, fresh_cluster.head_address, fresh_cluster.token)
     sock.send_multipart(P.hello_frames(fresh_cluster.token, P.ROLE_CLIENT, "clumsy"))
     assert sock.poll(10_000)
     assert type(P.decode(sock.recv())) is P.Welcome

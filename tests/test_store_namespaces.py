@@ -22,6 +22,7 @@ import daskray
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime import shared_memory, store_memory
+from daskray.runtime import transport
 from daskray.runtime.transport import ipc_address
 
 NUM_WORKERS = 2
@@ -118,14 +119,20 @@ def test_the_object_server_ignores_strangers_and_paths_outside_its_store(two_hos
     ref = daskray.put(random_array(100_000, seed=4))
     assert daskray.get(total.options(**on("h1")).remote(ref)) > 0
     ctx = zmq.Context.instance()
-    sock = ctx.socket(zmq.DEALER)
-    sock.connect(ipc_address(cluster.session_dir, "driver-objects.sock"))
+    address = ipc_address(cluster.session_dir, "driver-objects.sock")
+    stranger = ctx.socket(zmq.DEALER)  # no token at the handshake
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(address)
+    sock = transport.dealer(ctx, address, cluster.token)
     try:
         secret = tmp_path / "secret"
         secret.write_bytes(b"not for you")
         forged = shared_memory.MARKER + __import__("pickle").dumps(
             (str(secret), None, [(0, 11)], None))
-        # a wrong token: no answer at all
+        # no token at the handshake: no answer at all, even with the token inside
+        stranger.send_multipart([cluster.token, P.GETSHM, forged])
+        assert not stranger.poll(500)
+        # a wrong token inside the request: no answer either
         sock.send_multipart([b"x" * 32, P.GETSHM, forged])
         assert not sock.poll(500)
         # the right token, a path outside the store: refused
@@ -137,4 +144,5 @@ def test_the_object_server_ignores_strangers_and_paths_outside_its_store(two_hos
         assert sock.poll(5000) and sock.recv_multipart()[0] == P.MISSING
     finally:
         sock.close(0)
+        stranger.close(0)
     assert daskray.get(total.options(**on("h1")).remote(ref)) > 0

@@ -52,7 +52,7 @@ class Client:
         self._push = self.ctx.socket(zmq.PUSH)
         self._push.connect(self._wake_address)
         self.client_id = b"c" + os.urandom(7)
-        self._head = transport.dealer(self.ctx, head_address, identity=self.client_id)
+        self._head = transport.dealer(self.ctx, head_address, token, identity=self.client_id)
         self._head_pid = head_pid
         #: what is known of ObjectRefs: {ref key: RefResult}, filed by the I/O thread
         self.results: dict = {}
@@ -132,8 +132,9 @@ class Client:
                 load[wid] += frames_nbytes(frames)
                 sock = socks.get(wid)
                 if sock is None:
-                    sock = socks[wid] = transport.dealer(self.ctx, self.workers[wid])
-                sock.send_multipart([self.token, P.PUT, key.encode(), *frames], copy=False)
+                    sock = socks[wid] = transport.dealer(self.ctx, self.workers[wid], self.token)
+                layout, pieces = transport.split_buffers(frames)
+                sock.send_multipart([self.token, P.PUT, key.encode(), layout, *pieces], copy=False)
                 placed[key] = wid
             self._next_store += 1
             pending = {wid: sum(1 for w in placed.values() if w == wid) for wid in socks}
@@ -169,7 +170,7 @@ class Client:
 
     def fetch(self, address: str, object_id: int) -> Any:
         """Read an object straight from the worker holding it."""
-        sock = transport.dealer(self.ctx, address)
+        sock = transport.dealer(self.ctx, address, self.token)
         try:
             return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS, shared=True,
                                 holder_lost=lambda: address in self.lost_workers)
@@ -227,9 +228,9 @@ class Client:
                             break
                         if not len(data.buffer):
                             return
-                        self._head.send(data, copy=False)
+                        transport.send_message(self._head, data)
                     if added or dropped:
-                        self._head.send(P.encode(P.RefsUpdate(added, dropped)))
+                        transport.send_message(self._head, P.encode(P.RefsUpdate(added, dropped)))
                 if self._head in ready:
                     while True:
                         try:

@@ -32,6 +32,7 @@ from . import shared_memory, transport
 from . import store_memory
 from .store_memory import HostStore
 from .process import alive, child_setup, describe_exit, pidfd, spawn
+from .serialization import table_id
 
 STOP_GRACE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
@@ -54,7 +55,9 @@ class Head:
         self.store_namespaces: int = config.get("store_namespaces", 1)
         shared_memory.configure(HostStore(self.namespace_prefix(0), self.session_dir,
                                           self.store_limit))
-        self.sock = transport.router(self.ctx, self.address)
+        self.sock = transport.router(self.ctx, self.address, self.token)
+        #: complaints about peers, at most one line per kind every few seconds
+        self.log = transport.ThrottledLog(prefix="daskray head")
         self.state = SchedulerState(validate=config.get("validate", False))
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
         self.procs: dict[str, Any] = {}  # worker id -> Popen
@@ -225,7 +228,7 @@ class Head:
         if peer is None:
             hello = P.check_hello([f.bytes for f in frames[1:]], self.token)
             if hello is None:
-                print("daskray head: refused a peer that did not authenticate", file=sys.stderr)
+                self.log.write("ignored a peer whose first message was not a valid hello")
                 return
             self.peers[ident] = hello
             if hello[0] == P.ROLE_CLIENT:
@@ -233,12 +236,9 @@ class Head:
                 self.waiting_clients.append(ident)
                 self.welcome_clients()
             return
-        if len(frames) != 2:
-            self.reject(ident, peer, f"expected one frame after the identity, got {len(frames) - 1}")
-            return
         try:
-            msg = P.decode(frames[1].buffer)
-        except P.ProtocolError as exc:
+            msg = P.decode(transport.join_frames(frames[1:]))
+        except (P.ProtocolError, ValueError) as exc:
             self.reject(ident, peer, str(exc))
             return
         role, name = peer
@@ -250,8 +250,13 @@ class Head:
             else:
                 self.on_client_message(ident, msg)
         except P.ProtocolError as exc:
-            graph = msg.graph if type(msg) is P.SubmitGraph else None
-            self.reject(ident, peer, str(exc), graph)
+            self.reject(ident, peer, str(exc), _graph_of(msg))
+        except Exception as exc:  # noqa: BLE001 - no message may take the head down
+            # well-formed frames with nonsense inside (decode checks the shape only)
+            self.log.write(f"failed on a {type(msg).__name__} from {name}",
+                           traceback.format_exc(limit=-3))
+            self.reject(ident, peer, f"{type(msg).__name__} could not be handled: {exc!r}",
+                        _graph_of(msg))
 
     def watch_client(self, ident: bytes, name: str) -> None:
         """Notice when a driver other than the cluster's owner exits, however it
@@ -287,7 +292,7 @@ class Head:
                         shared_memory.unlink(path)
 
     def reject(self, ident: bytes, peer: tuple, reason: str, graph: Any = None) -> None:
-        print(f"daskray head: dropped a malformed message from {peer[1]}: {reason}", file=sys.stderr)
+        self.log.write(f"dropped a malformed message from {peer[1]}", reason[:300])
         if peer[0] == P.ROLE_CLIENT or graph is not None:  # a task's call: it waits
             self.client_out.setdefault(ident, []).append(P.Rejected(reason, graph))
 
@@ -313,7 +318,7 @@ class Head:
             if wid not in self.procs:
                 return
             self.worker_address[wid] = msg.address
-            control = self.worker_control[wid] = transport.dealer(self.ctx, msg.address)
+            control = self.worker_control[wid] = transport.dealer(self.ctx, msg.address, self.token)
             self.poller.register(control, zmq.POLLIN)
             self.control_of[control] = wid
             self.tables_sent[wid] = set()
@@ -341,7 +346,12 @@ class Head:
             if any(not _in_session(p, self.shm_prefix) for p in (msg.shared or {}).values()):
                 raise P.ProtocolError("graph message: a shared file is not of this session")
             check_graph(event)
-            self.tables.setdefault(msg.table_id, msg.function_table)
+            if msg.table_id not in self.tables:  # kept for every graph that names it
+                if type(msg.function_table) is not bytes \
+                        or table_id(msg.function_table) != msg.table_id:
+                    raise P.ProtocolError("graph message: the function table does not match "
+                                          "its id")
+                self.tables[msg.table_id] = msg.function_table
             self.table_users[msg.table_id] = self.table_users.get(msg.table_id, 0) + 1
             self.graph_table[gid] = msg.table_id
             self.apply(event)
@@ -373,6 +383,8 @@ class Head:
         elif t is P.CancelGraph:
             self.apply(E.GraphCancelled((ident, msg.graph)))
         elif t is P.StopCluster:
+            if self.peers.get(ident) != (P.ROLE_CLIENT, f"driver:{self.parent_pid}"):
+                raise P.ProtocolError("only the driver that started the cluster may stop it")
             self.running = False
         elif t is P.ClientGoodbye:
             self.client_gone(ident)
@@ -553,7 +565,7 @@ class Head:
         try:
             self.sock.send_multipart([ident, P.encode(msg)], copy=False)
         except zmq.ZMQError as exc:  # the peer is gone; its loss is handled elsewhere
-            print(f"daskray head: could not send to {ident!r}: {exc}", file=sys.stderr)
+            self.log.write("could not send to a peer that left", f"{ident!r}: {exc}")
 
     def flush(self) -> None:
         for wid in list(self.runs):
@@ -621,6 +633,12 @@ class Head:
         self.ctx.term()
         shared_memory.remove_session(self.shm_prefix)
         shutil.rmtree(self.session_dir, ignore_errors=True)
+
+
+def _graph_of(msg: Any) -> int | None:
+    """The graph a rejected message submitted, whose caller waits for an answer."""
+    graph = msg.graph if type(msg) is P.SubmitGraph else None
+    return graph if isinstance(graph, int) else None
 
 
 def _in_session(path: Any, prefix: str) -> bool:

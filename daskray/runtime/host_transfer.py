@@ -15,7 +15,6 @@ which stands in for several hosts in the tests.
 from __future__ import annotations
 
 import contextlib
-import sys
 import threading
 from typing import Any
 
@@ -44,7 +43,7 @@ def serve_descriptor(sock: zmq.Socket, ident: Any, descriptor: bytes) -> None:
 
 def fetch(ctx: zmq.Context, token: bytes, server: str, descriptor: bytes) -> Any:
     """The object behind another host's ``descriptor``, from ``server``."""
-    sock = transport.dealer(ctx, server)
+    sock = transport.dealer(ctx, server, token)
     try:
         sock.send_multipart([token, P.GETSHM, descriptor])
         if not sock.poll(FETCH_TIMEOUT_MS):
@@ -65,7 +64,8 @@ class SharedObjectServer(threading.Thread):
         super().__init__(name="daskray-object-server", daemon=True)
         self.address = address
         self.token = token
-        self.sock = transport.router(ctx, address)
+        self.sock = transport.router(ctx, address, token)
+        self.log = transport.ThrottledLog()
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -81,7 +81,7 @@ class SharedObjectServer(threading.Thread):
                 try:
                     serve_descriptor(self.sock, frames[0], frames[3].bytes)
                 except Exception as exc:  # noqa: BLE001 - the server outlives any request
-                    print(f"daskray: object request failed: {exc!r}", file=sys.stderr)
+                    self.log.write("an object request failed", repr(exc)[:300])
                     with contextlib.suppress(zmq.ZMQError):
                         self.sock.send_multipart([frames[0], P.MISSING])
         finally:

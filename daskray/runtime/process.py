@@ -20,6 +20,8 @@ import subprocess
 import sys
 from typing import Any
 
+from .transport import raise_open_files_limit
+
 CONFIG_ENV = "DASKRAY_CONFIG"
 #: one thread per numeric library in each process: the cluster already runs one
 #: worker per core (dask.distributed's nanny does the same); a user's own setting wins
@@ -55,6 +57,7 @@ def child_setup() -> dict[str, Any]:
         if path not in sys.path:
             sys.path.insert(0, path)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise_open_files_limit()  # every peer connection costs a file descriptor
     return config
 
 

@@ -5,7 +5,9 @@ the peer's payload is unpickled::
 
     [b"daskray-hello", token, role, name]          role: b"client" | b"worker"
 
-After that a message is one frame, a pickled tuple ``(tag, field, field, ...)``.
+After that a message is one frame: a CRC-32 of the payload, then the payload, a
+pickled tuple ``(tag, field, field, ...)`` of plain data (no class or function
+may be named in it: see :func:`decode`).
 Object transfers between processes (``GET`` on a worker's data server) are raw
 frames: ``[token, b"get", object id]`` → ``[b"ok", header, buffer, ...]``, the
 buffers sent without a copy.
@@ -17,7 +19,9 @@ message is reported and dropped instead of killing the receiver.
 from __future__ import annotations
 
 import hmac
+import io
 import pickle
+import zlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -79,15 +83,37 @@ def message(tag: int):
 
 
 def encode(msg: Any) -> bytes:
-    return pickle.dumps((msg.TAG, *[getattr(msg, f) for f in msg._FIELDS]), protocol=5)
+    """The frame of ``msg``: a CRC-32 of the payload, then the payload (the
+    message as a pickled tuple of plain data)."""
+    payload = pickle.dumps((msg.TAG, *[getattr(msg, f) for f in msg._FIELDS]), protocol=5)
+    return zlib.crc32(payload).to_bytes(4, "little") + payload
+
+
+class _PlainDataUnpickler(pickle.Unpickler):
+    """Unpickles plain data only (tuples, lists, dicts, sets, str, bytes,
+    numbers, None): a message that names any class or function is refused, so
+    decoding a message runs no code of the sender's choosing.  Values of the
+    user's (task bodies, results, exceptions) travel inside as bytes, unpickled
+    by the process that needs them."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(f"a message may not refer to {module}.{name}")
 
 
 def decode(frame: bytes | memoryview) -> Any:
+    """The message in ``frame``.  A frame whose checksum does not match (cut,
+    garbled, or not daskray's) is refused before it is unpickled: a garbled pickle
+    can make the unpickler allocate without bound (its memo opcodes)."""
+    view = memoryview(frame).cast("B")
+    if len(view) < 5 or zlib.crc32(view[4:]) != int.from_bytes(view[:4], "little"):
+        raise ProtocolError(f"undecodable message ({len(view)} bytes): its checksum does "
+                            "not match")
     try:
-        data = pickle.loads(frame)
+        data = _PlainDataUnpickler(io.BytesIO(view[4:])).load()
     except Exception as exc:
         raise ProtocolError(f"undecodable message ({len(frame)} bytes): {exc!r}") from None
-    if not isinstance(data, tuple) or not data or data[0] not in _REGISTRY:
+    if type(data) is not tuple or not data or type(data[0]) is not int \
+            or data[0] not in _REGISTRY:
         raise ProtocolError(f"unknown message: {str(data)[:100]}")
     cls = _REGISTRY[data[0]]
     if len(data) - 1 != len(cls._FIELDS):

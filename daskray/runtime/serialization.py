@@ -19,6 +19,7 @@ Three kinds of payload cross process boundaries:
 
 from __future__ import annotations
 
+import hashlib
 import io
 import pickle
 import sys
@@ -284,6 +285,11 @@ class GraphEncoder:
                         "the unpicklable object inside the function."
                     ) from exc
             raise
+
+
+def table_id(data: bytes) -> bytes:
+    """The content hash a function table is known by, in every process."""
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def decode_table(data: bytes) -> list[Any]:

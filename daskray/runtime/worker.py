@@ -88,7 +88,8 @@ class DataServer(threading.Thread):
         parent_pid: int, on_interrupt: Any,
     ) -> None:
         super().__init__(name="daskray-data-server", daemon=True)
-        self.sock = transport.router(ctx, address)
+        self.sock = transport.router(ctx, address, token)
+        self.log = transport.ThrottledLog(prefix="daskray worker")
         self.token = token
         self.store = store
         self.parent_pid = parent_pid
@@ -113,7 +114,9 @@ class DataServer(threading.Thread):
     def _serve(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0]
         if len(frames) < 4 or not P.hmac.compare_digest(frames[1].bytes, self.token):
-            return  # unauthenticated: not a byte of it is looked at further
+            # every peer has the token (the handshake checked it): a bug, not an attack
+            self.log.write("ignored a data request without the session token")
+            return
         verb, arg = frames[2].bytes, frames[3].bytes
         try:
             if verb == P.GET:
@@ -135,8 +138,8 @@ class DataServer(threading.Thread):
                         except (ObjectStoreFullError, OSError) as exc:
                             # no room (or no way) in shared memory: the asker gets a
                             # copy of its own
-                            print(f"daskray worker: object {object_id} sent, not "
-                                  f"shared: {exc}", file=sys.stderr)
+                            self.log.write("an object was sent, not shared",
+                                           f"object {object_id}: {exc}")
                             descriptor = None
                         if descriptor is not None:
                             self.sock.send_multipart([ident, P.SHARED, descriptor])
@@ -154,7 +157,10 @@ class DataServer(threading.Thread):
             elif verb == P.GETSHM:  # a reader on another host
                 host_transfer.serve_descriptor(self.sock, ident, arg)
             elif verb == P.PUT:
-                self.store.put_frames(decode_object_id(arg), [f.buffer for f in frames[4:]])
+                key = decode_object_id(arg)
+                if len(frames) < 5 or not isinstance(key, str) or key in self.store:
+                    raise ValueError("a put must name a new key and the layout of its buffers")
+                self.store.put_frames(key, transport.join_buffers(frames[4].bytes, frames[5:]))
                 self.sock.send_multipart([ident, P.OK])
             elif verb == P.INTERRUPT:
                 dropped = self.on_interrupt([int(x) for x in arg.split(b",") if x])
@@ -162,7 +168,7 @@ class DataServer(threading.Thread):
                     self.sock.send_multipart(
                         [ident, P.DROPPED, b",".join(str(t).encode() for t in dropped)])
         except Exception as exc:  # noqa: BLE001 - this thread must outlive any request
-            print(f"daskray worker: request {verb!r} failed: {exc!r}", file=sys.stderr)
+            self.log.write(f"a {verb[:20]!r} request failed", repr(exc)[:300])
             if verb in (P.GET, P.GETSHM):  # the asker fails now, not after its timeout
                 with contextlib.suppress(zmq.ZMQError):
                     self.sock.send_multipart([ident, P.MISSING])
@@ -181,7 +187,8 @@ class Worker:
             self.ctx, self.address, self.token, self.store, config["parent_pid"],
             self._interrupt,
         )
-        self.head = transport.dealer(self.ctx, config["head_address"], identity=self.id)
+        self.head = transport.dealer(self.ctx, config["head_address"], self.token,
+                                     identity=self.id)
         if config.get("shm_prefix") and shared_memory.available():
             self.server.shm_prefix = config["shm_prefix"]
             self.shm_prefix = config["shm_prefix"]
@@ -347,7 +354,7 @@ class Worker:
             done.append(self.done.popleft())
         changes = tracker.take_changes()
         while self.outbox:
-            self.head.send(P.encode(self.outbox.popleft()))
+            transport.send_message(self.head, P.encode(self.outbox.popleft()))
         for item in done:
             self._report(item)
         self._flush(changes)
@@ -397,7 +404,7 @@ class Worker:
         self._flush()  # reports and ref changes first: they may be what msg relies on
         if type(msg) is P.SubmitGraph and self.stack:
             msg = dataclasses.replace(msg, parent=self.stack[-1])
-        self.head.send(P.encode(msg))
+        transport.send_message(self.head, P.encode(msg))
 
     def wait_for(self, predicate: Any, timeout: float | None) -> bool:
         """Block a task until ``predicate()`` holds, running other queued tasks
@@ -567,7 +574,7 @@ class Worker:
         if added or dropped:  # first: a finish report may release a pin they rely on
             self.reports.insert(0, ("refs", added, dropped))
         if self.reports:
-            self.head.send(P.encode(P.Reports(self.reports)), copy=False)
+            transport.send_message(self.head, P.encode(P.Reports(self.reports)))
             self.reports = []
 
     # -------------------------------------------------------------- running a task
@@ -584,7 +591,7 @@ class Worker:
             if threading.current_thread() is not threading.main_thread():
                 # a concurrent actor's thread: a socket of its own for this fetch
                 # (a zmq socket serves one thread; an actor may have 1000 of them)
-                sock = transport.dealer(self.ctx, source[1])
+                sock = transport.dealer(self.ctx, source[1], self.token)
                 try:
                     return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS,
                                         holder_lost=lambda: source[1] in lost)
@@ -592,7 +599,7 @@ class Worker:
                     sock.close(0)
             sock = self.peers.get(source[1])
             if sock is None:
-                sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1])
+                sock = self.peers[source[1]] = transport.dealer(self.ctx, source[1], self.token)
             try:
                 return fetch_object(sock, self.token, object_id, FETCH_TIMEOUT_MS,
                                     holder_lost=lambda: source[1] in lost)
