@@ -13,6 +13,7 @@ leaves no orphans.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -87,6 +88,24 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except (OSError, IndexError):
         return True
+
+
+def lock_held(path: str, exclusive: bool = False) -> bool:
+    """Whether another process holds a lock (``flock``) on the file ``path`` that
+    keeps this one from taking a shared one (``exclusive``: any lock at all).
+    Liveness by lock: a pid can be reused, a lock dies with its holder.  A path
+    that cannot be opened (or is a symlink) holds no lock."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # (which releases a lock taken)
+    return False
 
 
 def describe_exit(returncode: int | None) -> str:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import ClusterError
 from .cluster import SESSION_PREFIX, LocalCluster
-from .process import child_setup, pidfd
+from .process import child_setup, lock_held, pidfd
 
 CLUSTER_FILE = "cluster.json"
 LOG_FILE = "cluster.log"
@@ -157,10 +157,7 @@ def shm_dir_of(info: dict) -> str:
 def owner_alive(session_dir: str) -> bool:
     """Whether the owner of the cluster in ``session_dir`` runs: it holds a lock on
     its lock file for its whole life (a pid could have been reused; a lock cannot)."""
-    try:
-        fd = os.open(os.path.join(session_dir, LOCK_FILE), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return False
+    return lock_held(os.path.join(session_dir, LOCK_FILE))
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:

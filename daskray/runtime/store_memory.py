@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from ..errors import ObjectStoreFullError
+from .process import lock_held
 
 SHM_DIR = "/dev/shm"
 #: share of the machine's memory the store may use when no limit is given (Ray's default)
@@ -501,10 +502,7 @@ def _scandir(path: str) -> list[os.DirEntry]:
 
 def _pinned(path: str) -> bool:
     """Whether a live view (or its writer) holds the object file ``path``."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return False
+    return lock_held(path, exclusive=True)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
