@@ -6,12 +6,16 @@ Task functions live at module level so the workers can import them.
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 
 import dask
+import dask.array as da
 import pytest
 
 import daskray
+from helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
@@ -110,3 +114,62 @@ def test_an_exception_that_cannot_travel_arrives_as_a_task_error(kind, marker):
     text = str(info.value)
     assert marker in text
     assert "could not be sent back" in text and "raise_it" in text  # the remote traceback
+
+
+# =========================================================================== workers that keep dying
+
+
+@daskray.remote(max_retries=5)
+def crash_the_worker():
+    os._exit(1)
+
+
+@daskray.remote
+def double(x):
+    return 2 * x
+
+
+def _task_workers() -> int:
+    return int(daskray.cluster_resources().get("CPU", 0))
+
+
+@pytest.mark.timeout(110)
+def test_workers_that_keep_dying_are_replaced_after_a_backoff(restart_cluster):
+    """3 calls x 6 attempts = 18 deaths in seconds, more than the replacements
+    started at once: the next ones start after a (bounded) backoff, so the
+    cluster gets its workers back and work submitted meanwhile runs."""
+    daskray.shutdown()
+    with dask.config.set({"daskray.worker-replacement-backoff-max": "3s"}):
+        daskray.init(num_workers=2)
+    for _ in range(3):  # one after the other: each uses all its 6 attempts
+        with pytest.raises(daskray.WorkerCrashedError):
+            daskray.get(crash_the_worker.remote(), timeout=60)
+    deadline = time.monotonic() + 90
+    # the last replacement waits out its 3 s backoff: what follows waits for it
+    assert _task_workers() < 2, "every replacement started at once"
+    x = da.arange(100, chunks=10)
+    assert int((x * 2).sum().compute()) == 2 * sum(range(100))
+    assert daskray.get(double.remote(21), timeout=max(1, deadline - time.monotonic())) == 42
+    assert wait_until(lambda: _task_workers() == 2, max(1, deadline - time.monotonic())), (
+        f"the cluster has {_task_workers()} workers, not 2")
+
+
+def test_the_replacement_backoff_doubles_up_to_its_cap():
+    from daskray.runtime.head import REPLACEMENTS_AT_ONCE_PER_MINUTE, replacement_delay
+
+    at_once = REPLACEMENTS_AT_ONCE_PER_MINUTE
+    assert [replacement_delay(n, 30.0) for n in range(1, at_once + 1)] == [0.0] * at_once
+    delays = [replacement_delay(at_once + k, 30.0) for k in range(1, 12)]
+    assert 0 < delays[0] <= 0.5
+    assert all(b == min(30.0, 2 * a) for a, b in zip(delays, delays[1:]))
+    assert delays[-1] == 30.0 and replacement_delay(10_000, 30.0) == 30.0
+
+
+def test_a_bad_replacement_backoff_setting_is_refused_with_its_name():
+    from daskray.runtime.head import replacement_backoff_max
+
+    with dask.config.set({"daskray.worker-replacement-backoff-max": "soon"}):
+        with pytest.raises(ValueError, match="worker-replacement-backoff-max"):
+            replacement_backoff_max()
+    with dask.config.set({"daskray.worker-replacement-backoff-max": "1.5s"}):
+        assert replacement_backoff_max() == 1.5

@@ -542,24 +542,6 @@ def test_an_actor_call_whose_input_is_lost_fails_instead_of_running_out_of_order
     assert s.tasks[call].state == "erred" and of(NotifyRef, out)
 
 
-def test_tasks_waiting_for_a_dead_workers_resources_fail_once_no_replacement_comes():
-    from daskray.scheduler.events import ReplacementsStopped
-
-    s = SchedulerState(validate=True)
-    s.handle(WorkerJoined("a", resources={"pin": 1}))
-    s.handle(WorkerJoined("b"))
-    s.handle(WorkerLost("a", "was killed by SIGKILL"))
-    out = s.handle(remote_call(("c", 1), resources={"pin": 1}))
-    assert not of(NotifyRef, out)  # waits for a's replacement
-    out = s.handle(ReplacementsStopped())
-    (failed,) = of(NotifyRef, out)
-    assert failed.kind == "DaskrayError" and "no more are started" in failed.message
-    out = s.handle(remote_call(("c", 2), resources={"pin": 1}))
-    assert "no more are started" in of(NotifyRef, out)[0].message
-    out = s.handle(remote_call(("c", 3)))
-    assert [d.worker for d in of(Dispatch, out)] == ["b"]
-
-
 def test_results_of_a_num_returns_call_are_computed_again_and_the_call_is_forgotten_with_them():
     s = SchedulerState(validate=True)
     s.handle(WorkerJoined("a"))

@@ -35,7 +35,47 @@ from .process import alive, child_setup, describe_exit, pidfd, spawn
 
 STOP_GRACE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
-MAX_RESPAWNS_PER_MINUTE = 10
+#: the head's poll wakes at least this often (heartbeats, due replacements)
+TICK_MS = 1000
+#: worker deaths in a minute whose replacements start at once; past them, each
+#: replacement waits (:func:`replacement_delay`)
+REPLACEMENTS_AT_ONCE_PER_MINUTE = 10
+#: the first delayed replacement waits this long, each next one twice as long
+REPLACEMENT_BACKOFF_BASE = 0.1
+#: the longest wait, unless dask config ``daskray.worker-replacement-backoff-max`` says
+REPLACEMENT_BACKOFF_MAX = 30.0
+
+
+def replacement_delay(recent_deaths: int, cap: float) -> float:
+    """Seconds to wait before replacing a worker, given the deaths of task
+    workers in the last minute (this one included): none for the first
+    ``REPLACEMENTS_AT_ONCE_PER_MINUTE``, then doubling from
+    ``REPLACEMENT_BACKOFF_BASE``, never more than ``cap``.  Workers that keep
+    dying (a task that crashes every worker it runs on, retried) then cost
+    little, and the cluster never stays without workers."""
+    excess = recent_deaths - REPLACEMENTS_AT_ONCE_PER_MINUTE
+    if excess <= 0:
+        return 0.0
+    return min(cap, REPLACEMENT_BACKOFF_BASE * 2.0 ** min(excess - 1, 64))
+
+
+def replacement_backoff_max() -> float:
+    """The longest wait before a replacement starts: dask config
+    ``daskray.worker-replacement-backoff-max`` (a duration), default 30 s."""
+    import dask.config
+    import dask.utils
+
+    value = dask.config.get("daskray.worker-replacement-backoff-max", None)
+    if value is None:
+        return REPLACEMENT_BACKOFF_MAX
+    try:
+        seconds = dask.utils.parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        seconds = None
+    if seconds is None or not seconds > 0:
+        raise ValueError("dask config daskray.worker-replacement-backoff-max must be a "
+                         f"positive duration such as '30s', got {value!r}")
+    return float(seconds)
 
 
 class Head:
@@ -79,7 +119,11 @@ class Head:
         self.started = False
         self.next_worker = 0
         self.slot_of: dict[str, int] = {}
-        self.respawns: list[float] = []
+        #: when task workers died in the last minute (replacement_delay counts them)
+        self.deaths: list[float] = []
+        self.backoff_max = replacement_backoff_max()
+        #: replacements waiting out their backoff: (when due, slot), soonest first
+        self.pending_replacements: list[tuple[float, int]] = []
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.running = True
@@ -199,16 +243,41 @@ class Head:
             self.waiting_clients = []
             self.running = False
             return
-        print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
         self.apply(E.WorkerLost(wid, reason))
         self.broadcast_workers()
+        self.replace_worker(wid, reason)
+
+    def replace_worker(self, wid: str, reason: str) -> None:
+        """Start the dead task worker's replacement: at once, or, when workers
+        keep dying, once its backoff has passed (``start_due_replacements``, from
+        the loop's tick).  Work waits for it meanwhile."""
         now = time.monotonic()
-        self.respawns = [t for t in self.respawns if now - t < 60] + [now]
-        if len(self.respawns) <= MAX_RESPAWNS_PER_MINUTE:
-            self.spawn_worker(self.slot_of.get(wid, 0))
-        else:
-            print("daskray: workers keep dying; not starting more", file=sys.stderr)
-            self.apply(E.ReplacementsStopped())
+        self.deaths = [t for t in self.deaths if now - t < 60] + [now]
+        delay = replacement_delay(len(self.deaths), self.backoff_max)
+        slot = self.slot_of.get(wid, 0)
+        if delay == 0:
+            print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
+            self.spawn_worker(slot)
+            return
+        print(f"daskray: worker {wid} {reason}; workers keep dying ({len(self.deaths)} in "
+              f"the last minute), so its replacement starts in {delay:.1f} s", file=sys.stderr)
+        self.pending_replacements.append((now + delay, slot))
+        self.pending_replacements.sort()
+
+    def start_due_replacements(self) -> None:
+        """Start the replacements whose backoff has passed."""
+        now = time.monotonic()
+        while self.pending_replacements and self.pending_replacements[0][0] <= now:
+            _, slot = self.pending_replacements.pop(0)
+            self.spawn_worker(slot)
+
+    def poll_timeout_ms(self) -> int:
+        """How long the loop may sleep in poll: a tick, or less when a
+        replacement is due sooner."""
+        if not self.pending_replacements:
+            return TICK_MS
+        wait = self.pending_replacements[0][0] - time.monotonic()
+        return max(0, min(TICK_MS, int(wait * 1000) + 1))
 
     def broadcast_workers(self) -> None:
         msg = P.WorkersChanged(
@@ -584,7 +653,7 @@ class Head:
             self.poller.register(parent_fd, zmq.POLLIN)
         sock = self.sock
         while self.running:
-            ready = dict(self.poller.poll(1000))
+            ready = dict(self.poller.poll(self.poll_timeout_ms()))
             if sock in ready:
                 for _ in range(1000):
                     try:
@@ -601,6 +670,7 @@ class Head:
             if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:
                 self.running = False
             self.check_heartbeats()
+            self.start_due_replacements()
             self.flush()
 
     def stop(self) -> None:
