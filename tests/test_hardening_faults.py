@@ -7,14 +7,17 @@ Task functions live at module level so the workers can import them.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
 import dask
 import dask.array as da
+import psutil
 import pytest
 
 import daskray
+import daskray.api
 from helpers import wait_until
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -152,6 +155,62 @@ def test_workers_that_keep_dying_are_replaced_after_a_backoff(restart_cluster):
     assert daskray.get(double.remote(21), timeout=max(1, deadline - time.monotonic())) == 42
     assert wait_until(lambda: _task_workers() == 2, max(1, deadline - time.monotonic())), (
         f"the cluster has {_task_workers()} workers, not 2")
+
+
+@daskray.remote
+def getpid():
+    return os.getpid()
+
+
+def _live_workers() -> set[int]:
+    head = psutil.Process(daskray.api._runtime.cluster.head.pid)
+    alive = set()
+    for proc in head.children():
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                alive.add(proc.pid)
+        except psutil.Error:
+            pass
+    return alive
+
+
+@pytest.mark.timeout(110)
+def test_workers_killed_after_doing_work_are_replaced_at_once_however_many(restart_cluster):
+    """The backoff is for workers that die before they finish a single task (a
+    crash loop); workers killed from outside after doing work (the OOM killer, a
+    chaos test) are replaced at once, or the cluster would crawl."""
+    daskray.shutdown()
+    daskray.init(num_workers=2)
+    waits = []
+    for _ in range(18):  # past the deaths a minute whose replacements start at once
+        pid = daskray.get(getpid.remote(), timeout=30)  # it finished a task
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert wait_until(lambda: pid not in _live_workers() and len(_live_workers()) == 2
+                          and _task_workers() == 2, 30), "no replacement within 30 s"
+        waits.append(time.monotonic() - t0)
+    assert max(waits) < 5, f"replacements waited {[round(w, 1) for w in waits]} s"
+
+
+@pytest.mark.timeout(110)
+def test_workers_killed_while_idle_or_starting_are_replaced_at_once_however_many(
+        restart_cluster):
+    """Killed from outside before they did any work, they are no crash loop
+    either: each replacement starts at once (and is killed in turn)."""
+    daskray.shutdown()
+    daskray.init(num_workers=2)
+    victim = min(_live_workers())  # idle: nothing was submitted
+    waits = []
+    for _ in range(18):
+        before = _live_workers()
+        os.kill(victim, signal.SIGKILL)
+        t0 = time.monotonic()
+        assert wait_until(lambda: _live_workers() - before, 30), "no replacement within 30 s"
+        waits.append(time.monotonic() - t0)
+        victim = min(_live_workers() - before)  # the replacement, still starting
+    assert max(waits) < 5, f"replacements waited {[round(w, 1) for w in waits]} s"
+    assert wait_until(lambda: _task_workers() == 2, 30)
+    assert daskray.get(double.remote(4), timeout=30) == 8
 
 
 def test_the_replacement_backoff_doubles_up_to_its_cap():

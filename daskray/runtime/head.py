@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -37,8 +38,8 @@ STOP_GRACE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
 #: the head's poll wakes at least this often (heartbeats, due replacements)
 TICK_MS = 1000
-#: worker deaths in a minute whose replacements start at once; past them, each
-#: replacement waits (:func:`replacement_delay`)
+#: crash-loop deaths in a minute (``Head.crash_loop_death``) whose replacements
+#: start at once; past them, each replacement waits (:func:`replacement_delay`)
 REPLACEMENTS_AT_ONCE_PER_MINUTE = 10
 #: the first delayed replacement waits this long, each next one twice as long
 REPLACEMENT_BACKOFF_BASE = 0.1
@@ -47,12 +48,12 @@ REPLACEMENT_BACKOFF_MAX = 30.0
 
 
 def replacement_delay(recent_deaths: int, cap: float) -> float:
-    """Seconds to wait before replacing a worker, given the deaths of task
-    workers in the last minute (this one included): none for the first
+    """Seconds to wait before replacing a worker, given the crash-loop deaths of
+    task workers in the last minute, this one included (a task that kills every
+    worker it runs on, retried; workers that cannot start): none for the first
     ``REPLACEMENTS_AT_ONCE_PER_MINUTE``, then doubling from
-    ``REPLACEMENT_BACKOFF_BASE``, never more than ``cap``.  Workers that keep
-    dying (a task that crashes every worker it runs on, retried) then cost
-    little, and the cluster never stays without workers."""
+    ``REPLACEMENT_BACKOFF_BASE``, never more than ``cap``.  A crash loop then
+    costs little, and the cluster never stays without workers."""
     excess = recent_deaths - REPLACEMENTS_AT_ONCE_PER_MINUTE
     if excess <= 0:
         return 0.0
@@ -119,8 +120,10 @@ class Head:
         self.started = False
         self.next_worker = 0
         self.slot_of: dict[str, int] = {}
-        #: when task workers died in the last minute (replacement_delay counts them)
-        self.deaths: list[float] = []
+        #: task workers that finished (or failed) a task: their deaths are no crash loop
+        self.proven: set[str] = set()
+        #: when crash-loop deaths (crash_loop_death) happened, in the last minute
+        self.crash_loop_deaths: list[float] = []
         self.backoff_max = replacement_backoff_max()
         #: replacements waiting out their backoff: (when due, slot), soonest first
         self.pending_replacements: list[tuple[float, int]] = []
@@ -243,24 +246,44 @@ class Head:
             self.waiting_clients = []
             self.running = False
             return
+        crash_loop = self.crash_loop_death(wid, returncode)
         self.apply(E.WorkerLost(wid, reason))
         self.broadcast_workers()
-        self.replace_worker(wid, reason)
+        self.replace_worker(wid, reason, crash_loop)
 
-    def replace_worker(self, wid: str, reason: str) -> None:
+    def crash_loop_death(self, wid: str, returncode: int | None) -> bool:
+        """Whether a task worker's death may be a crash loop's: it had finished
+        no task, and either was running one (which may be what kills every
+        worker) or exited on its own before it joined (it cannot start).  Workers
+        killed after doing work, while idle, or while starting (the OOM killer,
+        a chaos test) are no crash loop.  Asked before the scheduler forgets it."""
+        if wid in self.proven:
+            self.proven.discard(wid)
+            return False
+        ws = self.state.workers.get(wid)
+        if ws is not None:
+            return bool(ws.processing)
+        return returncode != -signal.SIGKILL
+
+    def replace_worker(self, wid: str, reason: str, crash_loop: bool) -> None:
         """Start the dead task worker's replacement: at once, or, when workers
-        keep dying, once its backoff has passed (``start_due_replacements``, from
-        the loop's tick).  Work waits for it meanwhile."""
+        keep dying in a crash loop, once its backoff has passed
+        (``start_due_replacements``, from the loop's tick).  Work waits for it
+        meanwhile."""
         now = time.monotonic()
-        self.deaths = [t for t in self.deaths if now - t < 60] + [now]
-        delay = replacement_delay(len(self.deaths), self.backoff_max)
+        self.crash_loop_deaths = [t for t in self.crash_loop_deaths if now - t < 60]
+        delay = 0.0
+        if crash_loop:
+            self.crash_loop_deaths.append(now)
+            delay = replacement_delay(len(self.crash_loop_deaths), self.backoff_max)
         slot = self.slot_of.get(wid, 0)
         if delay == 0:
             print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
             self.spawn_worker(slot)
             return
-        print(f"daskray: worker {wid} {reason}; workers keep dying ({len(self.deaths)} in "
-              f"the last minute), so its replacement starts in {delay:.1f} s", file=sys.stderr)
+        print(f"daskray: worker {wid} {reason}; workers keep dying before they finish a task "
+              f"({len(self.crash_loop_deaths)} in the last minute), so its replacement starts "
+              f"in {delay:.1f} s", file=sys.stderr)
         self.pending_replacements.append((now + delay, slot))
         self.pending_replacements.sort()
 
@@ -363,6 +386,9 @@ class Head:
     def on_worker_message(self, wid: str, msg: Any) -> None:
         self.unanswered_since.pop(wid, None)  # it is alive
         if type(msg) is P.Reports:
+            if wid not in self.proven and wid not in self.actor_of and any(
+                    item[0] in ("f", "e") for item in msg.items):
+                self.proven.add(wid)
             apply = self.apply
             for item in msg.items:
                 kind = item[0]
@@ -437,6 +463,9 @@ class Head:
             total, available = self.resources()
             self.client_out.setdefault(ident, []).append(
                 P.ResourcesReply(msg.request, total, available))
+        elif t is P.GetStateSizes:
+            self.client_out.setdefault(ident, []).append(
+                P.StateSizesReply(msg.request, self.state_sizes()))
         elif t is P.ReleaseGraph:
             self.apply(E.GraphReleased((ident, msg.graph)))
         elif t is P.CancelGraph:
@@ -505,6 +534,13 @@ class Head:
         available["object_store_memory"] = float(
             max(0, self.store_limit - shared_memory.store().stats()["used"]))
         return total, available
+
+    def state_sizes(self) -> dict[str, int]:
+        """The scheduler state's sizes (``SchedulerState.sizes``) and the head's
+        own per-graph bookkeeping: what a finished workload must not leave."""
+        return {**self.state.sizes(), "function tables": len(self.tables),
+                "graph tables": len(self.graph_table),
+                "pending replacements": len(self.pending_replacements)}
 
     def welcome_clients(self) -> None:
         """Welcome waiting drivers: at start, once every worker is up; later (a

@@ -257,6 +257,25 @@ class SchedulerState:
             ClientLost: self._client_lost,
         }
 
+    def sizes(self) -> dict[str, int]:
+        """How much the state holds, by kind.  Once every ObjectRef and graph is
+        released, all but ``workers`` (and named or detached actors) are 0: tests
+        check that a workload, faults included, leaves nothing behind."""
+        task_workers = [w for w in self.workers.values() if w.actor is None]
+        return {
+            "workers": len(task_workers),
+            "tasks": len(self.tasks),
+            "graphs": len(self.graphs),
+            "refs": len(self.refs),
+            "ref holders": sum(len(held) for held in self.ref_holders.values()),
+            "actors": len(self.actors),
+            "ready": len(self.ready),
+            "awaiting resources": len(self.awaiting_resources),
+            "queued": sum(len(w.queue) for w in self.workers.values()),
+            "processing": sum(len(w.processing) for w in self.workers.values()),
+            "held objects": sum(len(w.holds) for w in self.workers.values()),
+        }
+
     # ------------------------------------------------------------------ the one entry
 
     def handle(self, event: Event) -> list[Instruction]:
