@@ -566,3 +566,16 @@ def test_results_of_a_num_returns_call_are_computed_again_and_the_call_is_forgot
     out = s.handle(RefsChanged([], [("c", 1, 1), ("c", 1, 2)], "c"))
     assert of(ForgetGraph, out) == [ForgetGraph(("c", 1))]
     assert not s.tasks and not s.graphs
+
+
+def test_sizes_count_what_the_state_holds_and_nothing_once_released():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    s.handle(remote_call(("c", 1)))
+    held = s.sizes()
+    assert held["workers"] == 2 and held["tasks"] == 1 and held["graphs"] == 1
+    assert held["processing"] == 1
+    s.handle(TaskFinished(0, s.tasks[0].worker, 8, b"x", 0.001))
+    s.handle(RefsChanged([], [("c", 1, 0)], "c"))
+    assert {k: v for k, v in s.sizes().items() if v} == {"workers": 2}
