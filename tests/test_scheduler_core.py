@@ -542,24 +542,6 @@ def test_an_actor_call_whose_input_is_lost_fails_instead_of_running_out_of_order
     assert s.tasks[call].state == "erred" and of(NotifyRef, out)
 
 
-def test_tasks_waiting_for_a_dead_workers_resources_fail_once_no_replacement_comes():
-    from daskray.scheduler.events import ReplacementsStopped
-
-    s = SchedulerState(validate=True)
-    s.handle(WorkerJoined("a", resources={"pin": 1}))
-    s.handle(WorkerJoined("b"))
-    s.handle(WorkerLost("a", "was killed by SIGKILL"))
-    out = s.handle(remote_call(("c", 1), resources={"pin": 1}))
-    assert not of(NotifyRef, out)  # waits for a's replacement
-    out = s.handle(ReplacementsStopped())
-    (failed,) = of(NotifyRef, out)
-    assert failed.kind == "DaskrayError" and "no more are started" in failed.message
-    out = s.handle(remote_call(("c", 2), resources={"pin": 1}))
-    assert "no more are started" in of(NotifyRef, out)[0].message
-    out = s.handle(remote_call(("c", 3)))
-    assert [d.worker for d in of(Dispatch, out)] == ["b"]
-
-
 def test_results_of_a_num_returns_call_are_computed_again_and_the_call_is_forgotten_with_them():
     s = SchedulerState(validate=True)
     s.handle(WorkerJoined("a"))
@@ -584,3 +566,16 @@ def test_results_of_a_num_returns_call_are_computed_again_and_the_call_is_forgot
     out = s.handle(RefsChanged([], [("c", 1, 1), ("c", 1, 2)], "c"))
     assert of(ForgetGraph, out) == [ForgetGraph(("c", 1))]
     assert not s.tasks and not s.graphs
+
+
+def test_sizes_count_what_the_state_holds_and_nothing_once_released():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    s.handle(remote_call(("c", 1)))
+    held = s.sizes()
+    assert held["workers"] == 2 and held["tasks"] == 1 and held["graphs"] == 1
+    assert held["processing"] == 1
+    s.handle(TaskFinished(0, s.tasks[0].worker, 8, b"x", 0.001))
+    s.handle(RefsChanged([], [("c", 1, 0)], "c"))
+    assert {k: v for k, v in s.sizes().items() if v} == {"workers": 2}

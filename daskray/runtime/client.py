@@ -267,7 +267,7 @@ class Client:
                 with self._results_changed:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()
-        elif t is P.ActorReply or t is P.ResourcesReply:
+        elif t is P.ActorReply or t is P.ResourcesReply or t is P.StateSizesReply:
             with self._results_changed:
                 self.results[("reply", msg.request)] = msg
                 self._results_changed.notify_all()

@@ -36,6 +36,7 @@ from . import host_transfer, shared_memory, store_memory
 from .client import SHUT_DOWN, Client
 from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
+from .head import replacement_backoff_max
 from .process import alive, describe_exit, inherited_dask_config, spawn
 from .transport import ipc_address
 
@@ -155,6 +156,7 @@ class LocalCluster:
                  resources: list | None = None, store_limit: int | None = None,
                  store_namespaces: int = 1, session_dir: str | None = None) -> None:
         ttl = worker_ttl()  # a bad setting fails before anything exists
+        replacement_backoff_max()  # read again by the head
         sweep_stale_sessions()
         self.num_workers = num_workers
         # what is started is recorded here at once: close() stops what exists

@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -36,7 +37,47 @@ from .serialization import table_id
 
 STOP_GRACE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
-MAX_RESPAWNS_PER_MINUTE = 10
+#: the head's poll wakes at least this often (heartbeats, due replacements)
+TICK_MS = 1000
+#: crash-loop deaths in a minute (``Head.crash_loop_death``) whose replacements
+#: start at once; past them, each replacement waits (:func:`replacement_delay`)
+REPLACEMENTS_AT_ONCE_PER_MINUTE = 10
+#: the first delayed replacement waits this long, each next one twice as long
+REPLACEMENT_BACKOFF_BASE = 0.1
+#: the longest wait, unless dask config ``daskray.worker-replacement-backoff-max`` says
+REPLACEMENT_BACKOFF_MAX = 30.0
+
+
+def replacement_delay(recent_deaths: int, cap: float) -> float:
+    """Seconds to wait before replacing a worker, given the crash-loop deaths of
+    task workers in the last minute, this one included (a task that kills every
+    worker it runs on, retried; workers that cannot start): none for the first
+    ``REPLACEMENTS_AT_ONCE_PER_MINUTE``, then doubling from
+    ``REPLACEMENT_BACKOFF_BASE``, never more than ``cap``.  A crash loop then
+    costs little, and the cluster never stays without workers."""
+    excess = recent_deaths - REPLACEMENTS_AT_ONCE_PER_MINUTE
+    if excess <= 0:
+        return 0.0
+    return min(cap, REPLACEMENT_BACKOFF_BASE * 2.0 ** min(excess - 1, 64))
+
+
+def replacement_backoff_max() -> float:
+    """The longest wait before a replacement starts: dask config
+    ``daskray.worker-replacement-backoff-max`` (a duration), default 30 s."""
+    import dask.config
+    import dask.utils
+
+    value = dask.config.get("daskray.worker-replacement-backoff-max", None)
+    if value is None:
+        return REPLACEMENT_BACKOFF_MAX
+    try:
+        seconds = dask.utils.parse_timedelta(value, default="seconds")
+    except (TypeError, ValueError, KeyError):
+        seconds = None
+    if seconds is None or not seconds > 0:
+        raise ValueError("dask config daskray.worker-replacement-backoff-max must be a "
+                         f"positive duration such as '30s', got {value!r}")
+    return float(seconds)
 
 
 class Head:
@@ -82,7 +123,13 @@ class Head:
         self.started = False
         self.next_worker = 0
         self.slot_of: dict[str, int] = {}
-        self.respawns: list[float] = []
+        #: task workers that finished (or failed) a task: their deaths are no crash loop
+        self.proven: set[str] = set()
+        #: when crash-loop deaths (crash_loop_death) happened, in the last minute
+        self.crash_loop_deaths: list[float] = []
+        self.backoff_max = replacement_backoff_max()
+        #: replacements waiting out their backoff: (when due, slot), soonest first
+        self.pending_replacements: list[tuple[float, int]] = []
         self.poller = zmq.Poller()
         self.poller.register(self.sock, zmq.POLLIN)
         self.running = True
@@ -202,16 +249,61 @@ class Head:
             self.waiting_clients = []
             self.running = False
             return
-        print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
+        crash_loop = self.crash_loop_death(wid, returncode)
         self.apply(E.WorkerLost(wid, reason))
         self.broadcast_workers()
+        self.replace_worker(wid, reason, crash_loop)
+
+    def crash_loop_death(self, wid: str, returncode: int | None) -> bool:
+        """Whether a task worker's death may be a crash loop's: it had finished
+        no task, and either was running one (which may be what kills every
+        worker) or exited on its own before it joined (it cannot start).  Workers
+        killed after doing work, while idle, or while starting (the OOM killer,
+        a chaos test) are no crash loop.  Asked before the scheduler forgets it."""
+        if wid in self.proven:
+            self.proven.discard(wid)
+            return False
+        ws = self.state.workers.get(wid)
+        if ws is not None:
+            return bool(ws.processing)
+        return returncode != -signal.SIGKILL
+
+    def replace_worker(self, wid: str, reason: str, crash_loop: bool) -> None:
+        """Start the dead task worker's replacement: at once, or, when workers
+        keep dying in a crash loop, once its backoff has passed
+        (``start_due_replacements``, from the loop's tick).  Work waits for it
+        meanwhile."""
         now = time.monotonic()
-        self.respawns = [t for t in self.respawns if now - t < 60] + [now]
-        if len(self.respawns) <= MAX_RESPAWNS_PER_MINUTE:
-            self.spawn_worker(self.slot_of.get(wid, 0))
-        else:
-            print("daskray: workers keep dying; not starting more", file=sys.stderr)
-            self.apply(E.ReplacementsStopped())
+        self.crash_loop_deaths = [t for t in self.crash_loop_deaths if now - t < 60]
+        delay = 0.0
+        if crash_loop:
+            self.crash_loop_deaths.append(now)
+            delay = replacement_delay(len(self.crash_loop_deaths), self.backoff_max)
+        slot = self.slot_of.get(wid, 0)
+        if delay == 0:
+            print(f"daskray: worker {wid} {reason}; starting a replacement", file=sys.stderr)
+            self.spawn_worker(slot)
+            return
+        print(f"daskray: worker {wid} {reason}; workers keep dying before they finish a task "
+              f"({len(self.crash_loop_deaths)} in the last minute), so its replacement starts "
+              f"in {delay:.1f} s", file=sys.stderr)
+        self.pending_replacements.append((now + delay, slot))
+        self.pending_replacements.sort()
+
+    def start_due_replacements(self) -> None:
+        """Start the replacements whose backoff has passed."""
+        now = time.monotonic()
+        while self.pending_replacements and self.pending_replacements[0][0] <= now:
+            _, slot = self.pending_replacements.pop(0)
+            self.spawn_worker(slot)
+
+    def poll_timeout_ms(self) -> int:
+        """How long the loop may sleep in poll: a tick, or less when a
+        replacement is due sooner."""
+        if not self.pending_replacements:
+            return TICK_MS
+        wait = self.pending_replacements[0][0] - time.monotonic()
+        return max(0, min(TICK_MS, int(wait * 1000) + 1))
 
     def broadcast_workers(self) -> None:
         msg = P.WorkersChanged(
@@ -299,6 +391,9 @@ class Head:
     def on_worker_message(self, wid: str, msg: Any) -> None:
         self.unanswered_since.pop(wid, None)  # it is alive
         if type(msg) is P.Reports:
+            if wid not in self.proven and wid not in self.actor_of and any(
+                    item[0] in ("f", "e") for item in msg.items):
+                self.proven.add(wid)
             apply = self.apply
             for item in msg.items:
                 kind = item[0]
@@ -378,6 +473,9 @@ class Head:
             total, available = self.resources()
             self.client_out.setdefault(ident, []).append(
                 P.ResourcesReply(msg.request, total, available))
+        elif t is P.GetStateSizes:
+            self.client_out.setdefault(ident, []).append(
+                P.StateSizesReply(msg.request, self.state_sizes()))
         elif t is P.ReleaseGraph:
             self.apply(E.GraphReleased((ident, msg.graph)))
         elif t is P.CancelGraph:
@@ -448,6 +546,13 @@ class Head:
         available["object_store_memory"] = float(
             max(0, self.store_limit - shared_memory.store().stats()["used"]))
         return total, available
+
+    def state_sizes(self) -> dict[str, int]:
+        """The scheduler state's sizes (``SchedulerState.sizes``) and the head's
+        own per-graph bookkeeping: what a finished workload must not leave."""
+        return {**self.state.sizes(), "function tables": len(self.tables),
+                "graph tables": len(self.graph_table),
+                "pending replacements": len(self.pending_replacements)}
 
     def welcome_clients(self) -> None:
         """Welcome waiting drivers: at start, once every worker is up; later (a
@@ -596,7 +701,7 @@ class Head:
             self.poller.register(parent_fd, zmq.POLLIN)
         sock = self.sock
         while self.running:
-            ready = dict(self.poller.poll(1000))
+            ready = dict(self.poller.poll(self.poll_timeout_ms()))
             if sock in ready:
                 for _ in range(1000):
                     try:
@@ -613,6 +718,7 @@ class Head:
             if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:
                 self.running = False
             self.check_heartbeats()
+            self.start_due_replacements()
             self.flush()
 
     def stop(self) -> None:

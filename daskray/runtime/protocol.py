@@ -225,6 +225,14 @@ class GetResources:
     request: int
 
 
+@message(40)
+class GetStateSizes:
+    """Ask how much the head's scheduler state holds (a debugging aid: tests check
+    that a finished workload leaves nothing); answered by :class:`StateSizesReply`."""
+
+    request: int
+
+
 @message(30)
 class GetActor:
     """Ask for the handle of a named actor; answered by :class:`ActorReply`."""
@@ -301,6 +309,13 @@ class ResourcesReply:
     request: int
     total: dict
     available: dict
+
+
+@message(41)
+class StateSizesReply:
+    request: int
+    #: {what: how many}, see ``Head.state_sizes``
+    sizes: dict
 
 
 @message(15)

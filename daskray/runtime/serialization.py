@@ -140,10 +140,13 @@ def dumps_exception(exc: BaseException, key: Any) -> bytes:
     The exception object itself travels when it pickles *and* unpickles (checked
     here, where the failure can still be reported); otherwise only text does.
     """
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    except Exception as failure:  # noqa: BLE001 - the task's failure must still be told
+        tb_text = f"(its traceback could not be formatted: {failure!r})\n"
     blob: bytes | None
     try:
-        blob = dumps(exc)
+        blob = _dumps_exception_object(exc)
         loads(blob)
     except Exception:
         blob = None
@@ -154,6 +157,43 @@ def dumps_exception(exc: BaseException, key: Any) -> bytes:
     return pickle.dumps(
         (blob, type(exc).__qualname__, message, tb_text, describe(key)), protocol=PROTOCOL
     )
+
+
+class _ExceptionPickler(pickle.Pickler):
+    """Pickles exceptions as their own classes reduce them: type, args, attributes.
+
+    Reducers registered with ``copyreg`` for exception types are bypassed:
+    ``import dask`` installs tblib's for every exception class then defined, which
+    would also pickle the traceback (20,000 frames deep for a ``RecursionError``
+    in a worker, too deep to pickle) and the chained exceptions (which may not
+    pickle).  The traceback travels as text instead, whatever was imported.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException):
+            return obj.__reduce_ex__(PROTOCOL)
+        return NotImplemented
+
+
+class _ExceptionCloudPickler(_Pickler):
+    """:class:`_ExceptionPickler` for exceptions plain pickle cannot handle (a
+    class defined in ``__main__``): cloudpickle, exceptions reduced as themselves."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if isinstance(obj, BaseException):
+            return obj.__reduce_ex__(PROTOCOL)
+        return super().reducer_override(obj)
+
+
+def _dumps_exception_object(exc: BaseException) -> bytes:
+    """Pickle the exception object itself (see :class:`_ExceptionPickler`)."""
+    buf = io.BytesIO()
+    try:
+        _ExceptionPickler(buf, protocol=PROTOCOL).dump(exc)
+    except _PICKLE_FAILURES:
+        buf = io.BytesIO()
+        _ExceptionCloudPickler(buf, protocol=PROTOCOL).dump(exc)
+    return buf.getvalue()
 
 
 def loads_exception(data: bytes) -> BaseException:

@@ -123,6 +123,13 @@ class Session:
                           "no answer about the cluster's resources")
         return reply.total, reply.available
 
+    def state_sizes(self, timeout: float | None = 30.0) -> dict[str, int]:
+        """How much the head's scheduler state holds, by kind (a debugging aid:
+        once every ObjectRef is dropped, only the workers may be left)."""
+        reply = self._ask(P.GetStateSizes(self.conn.next_number()), timeout,
+                          "no answer about the head's state")
+        return reply.sizes
+
     def _ask(self, msg: Any, timeout: float | None, what: str) -> Any:
         """Send a request to the head and wait for its reply."""
         key = ("reply", msg.request)

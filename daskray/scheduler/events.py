@@ -204,14 +204,8 @@ class ClientLost:
     client: Any
 
 
-@dataclass(frozen=True, slots=True)
-class ReplacementsStopped:
-    """Workers kept dying, so the head starts no more: a task waiting for the
-    resources only dead workers had will not get them."""
-
-
 Event = (
     WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
     | CancelRef | KillActor | ActorStartFailed | LookupActor | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
-    | GraphCancelled | ClientLost | ReplacementsStopped
+    | GraphCancelled | ClientLost
 )

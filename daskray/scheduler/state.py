@@ -61,7 +61,7 @@ from typing import Any, Iterable
 
 from . import policy
 from .events import (
-    ActorStartFailed, CancelRef, ClientLost, Event, ReplacementsStopped, GraphCancelled, KillActor, LookupActor, GraphId, GraphReleased, GraphSubmitted,
+    ActorStartFailed, CancelRef, ClientLost, Event, GraphCancelled, KillActor, LookupActor, GraphId, GraphReleased, GraphSubmitted,
     ObjectPut, RefKey, RefsChanged, Subscribe, TaskErred, WorkerBlocked, TaskFinished, TaskId,
     TaskReleased, TaskStarted, WorkerId, WorkerJoined, WorkerLost,
 )
@@ -227,8 +227,6 @@ class SchedulerState:
         self.worker_shapes: list[dict] = []
         #: ready tasks whose resources no live worker has (yet): placed on join
         self.awaiting_resources: list[TaskId] = []
-        #: the head starts no more workers (they kept dying)
-        self.replacements_stopped = False
         self.durations = policy.DurationEstimates()
         self.validate = validate
         self._next_task_id = 0
@@ -257,7 +255,25 @@ class SchedulerState:
             GraphReleased: self._graph_released,
             GraphCancelled: self._graph_cancelled,
             ClientLost: self._client_lost,
-            ReplacementsStopped: self._replacements_stopped,
+        }
+
+    def sizes(self) -> dict[str, int]:
+        """How much the state holds, by kind.  Once every ObjectRef and graph is
+        released, all but ``workers`` (and named or detached actors) are 0: tests
+        check that a workload, faults included, leaves nothing behind."""
+        task_workers = [w for w in self.workers.values() if w.actor is None]
+        return {
+            "workers": len(task_workers),
+            "tasks": len(self.tasks),
+            "graphs": len(self.graphs),
+            "refs": len(self.refs),
+            "ref holders": sum(len(held) for held in self.ref_holders.values()),
+            "actors": len(self.actors),
+            "ready": len(self.ready),
+            "awaiting resources": len(self.awaiting_resources),
+            "queued": sum(len(w.queue) for w in self.workers.values()),
+            "processing": sum(len(w.processing) for w in self.workers.values()),
+            "held objects": sum(len(w.holds) for w in self.workers.values()),
         }
 
     # ------------------------------------------------------------------ the one entry
@@ -815,20 +831,6 @@ class SchedulerState:
         if gs is not None:
             self._cancel_graph(gs)
 
-    def _replacements_stopped(self, ev: ReplacementsStopped) -> None:
-        """Only live workers count from now on: what waits for resources that none
-        of them has fails (see _place)."""
-        self.worker_shapes = []
-        for ws in self.workers.values():
-            if ws.actor is None and ws.resources not in self.worker_shapes:
-                self.worker_shapes.append(ws.resources)
-        self.replacements_stopped = True
-        waiting, self.awaiting_resources = self.awaiting_resources, []
-        for tid in waiting:
-            ts = self.tasks.get(tid)
-            if ts is not None and ts.state == READY:
-                self._place(ts)
-
     def _client_lost(self, ev: ClientLost) -> None:
         """The client's process is gone: cancel its dask graphs, drop its ObjectRefs
         (references it passed on to other processes keep their objects alive)."""
@@ -1085,17 +1087,14 @@ class SchedulerState:
         candidates = [w for w in self.workers.values()
                       if w.actor is None and _fits(ts.resources, w)]
         if ts.resources and not candidates:
-            if (not self.worker_shapes and not self.replacements_stopped) or any(
+            if not self.worker_shapes or any(
                     _covers(shape, ts.resources) for shape in self.worker_shapes):
                 self.awaiting_resources.append(ts.id)  # the worker that has them comes back
             else:
                 ts.cancel_requested = True  # no retry can help
                 self._fail(ts, (None, "DaskrayError", (
                     f"task {ts.name} needs resources {ts.resources}, but no worker has "
-                    "them; declare them with daskray.init(resources=...)"
-                    if not self.replacements_stopped else
-                    f"task {ts.name} needs resources {ts.resources}, which only workers "
-                    "that died had; they kept dying, so no more are started")))
+                    "them; declare them with daskray.init(resources=...)")))
             return
         held: dict[WorkerId, int] = {}
         for d in ts.deps:
