@@ -372,7 +372,6 @@ def _fuzz_frames(rng: random.Random, valid: list[bytes], count: int) -> list[lis
     return messages
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_fuzzed_frames_to_the_head_and_a_data_server(own_cluster, tmp_path):
     rng = random.Random(int(os.environ.get("DASKRAY_FUZZ_SEED", "1234")))
