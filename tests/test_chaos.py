@@ -176,9 +176,9 @@ def test_a_big_graph_comes_out_right_while_workers_are_killed(restart_cluster):
 
 #: sequence numbers the restarted actor forwards to the sink
 NUMBERS = 1200
-#: the actor's process is killed once each life of it has served this many calls
-#: (a restart costs ~0.3 s of process start here: 1 would take minutes)
-KILL_AFTER_CALLS = 10
+#: numbers per call: the actor is killed after every call it serves, and a
+#: restart costs ~0.3 s of process start here (1,200 one-number calls: minutes)
+PER_CALL = 10
 
 
 @daskray.remote
@@ -202,11 +202,11 @@ class Forwarder:
         self.sink = sink
         self.log = log
 
-    def forward(self, seq: int) -> int:
-        daskray.get(self.sink.record.remote(seq))
+    def forward(self, seqs: list[int]) -> list[int]:
+        daskray.get([self.sink.record.remote(seq) for seq in seqs])
         with open(self.log, "a") as f:
             f.write(f"{os.getpid()}\n")
-        return seq
+        return seqs
 
 
 class LifeKiller:
@@ -257,13 +257,15 @@ def test_an_actor_killed_after_each_call_it_serves_delivers_every_number(cluster
     sink = Sink.remote()
     forwarder = Forwarder.remote(sink, log)
     t0 = time.monotonic()
-    with LifeKiller(log, KILL_AFTER_CALLS) as killer:
-        refs = [forwarder.forward.remote(i) for i in range(NUMBERS)]
-        assert daskray.get(refs, timeout=120) == list(range(NUMBERS))
+    batches = [list(range(i, i + PER_CALL)) for i in range(0, NUMBERS, PER_CALL)]
+    with LifeKiller(log, after=1) as killer:
+        refs = [forwarder.forward.remote(batch) for batch in batches]
+        assert daskray.get(refs, timeout=120) == batches
     took = time.monotonic() - t0
     assert daskray.get(sink.numbers.remote(), timeout=30) == list(range(NUMBERS))
     assert len(killer.kills) >= 3
-    print(f"\nchaos: {NUMBERS} calls, the actor killed {len(killer.kills)} times, {took:.1f} s")
+    print(f"\nchaos: {NUMBERS} numbers in {len(batches)} calls, the actor killed "
+          f"{len(killer.kills)} times, {took:.1f} s")
     daskray.kill(forwarder)
     daskray.kill(sink)
     del refs, forwarder, sink
