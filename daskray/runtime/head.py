@@ -10,6 +10,11 @@ sits in the same poll as the socket, so a dead worker is noticed at once, its
 work is failed (or, later, retried) and a replacement is started.  When the
 driver that started the cluster exits, however it exits, the head stops the
 workers and removes the session directory.
+
+While tasks wait in ``get()``, the scheduler may ask for *extra* workers to use
+their CPUs (``StartExtraWorker``) and later retire them (``RetireWorker``); the
+head starts and stops those processes, never replaces them, and leaves them out
+of the cluster's resources.
 """
 
 from __future__ import annotations
@@ -36,6 +41,29 @@ from .process import alive, child_setup, describe_exit, pidfd, spawn
 STOP_GRACE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
 MAX_RESPAWNS_PER_MINUTE = 10
+#: the scheduler hears the time this often while extra workers run (see Tick)
+TICK_SECONDS = 0.25
+#: extra workers per worker when ``daskray.max-extra-workers`` is not set
+EXTRA_WORKERS_PER_WORKER = 2
+
+
+def max_extra_workers(num_workers: int) -> int:
+    """How many extra workers may stand in for workers whose tasks wait in get()
+    at once: dask config ``daskray.max-extra-workers``, by default
+    ``EXTRA_WORKERS_PER_WORKER`` per worker."""
+    import dask.config
+
+    value = dask.config.get("daskray.max-extra-workers", None)
+    if value is None:
+        return EXTRA_WORKERS_PER_WORKER * num_workers
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"daskray.max-extra-workers must be a whole number >= 0, got {value!r}; "
+            "set it with dask.config.set({'daskray.max-extra-workers': 4}) before "
+            "daskray.init()")
+    return value
 
 
 class Head:
@@ -56,6 +84,10 @@ class Head:
                                           self.store_limit))
         self.sock = transport.router(self.ctx, self.address)
         self.state = SchedulerState(validate=config.get("validate", False))
+        #: extra workers running, and those of them told to stop
+        self.extra_workers: set[str] = set()
+        self.retiring: set[str] = set()
+        self.last_tick = 0.0
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
         self.procs: dict[str, Any] = {}  # worker id -> Popen
         self.worker_fds: dict[int, str] = {}
@@ -103,6 +135,8 @@ class Head:
             I.StopActor: self._do_stop_actor,
             I.ReplyActor: self._do_reply_actor,
             I.FreeShared: self._do_free_shared,
+            I.StartExtraWorker: self._do_start_extra,
+            I.RetireWorker: self._do_retire,
         }
         self.actor_of: dict[str, str] = {}  # worker id -> the actor it hosts
         self.worker_of_actor: dict[str, str] = {}  # actor id -> its current process
@@ -117,21 +151,27 @@ class Head:
 
     def spawn_worker(self, slot: int, actor: str | None = None,
                      actor_resources: dict | None = None, max_concurrency: int = 1,
-                     threaded: bool = False) -> str:
+                     threaded: bool = False, extra: str | None = None,
+                     extra_resources: dict | None = None) -> str:
         """Start the worker for ``slot`` (0..num_workers-1: which resources it has),
-        or, with ``actor``, the process of that actor."""
+        or, with ``actor``, the process of that actor, or, with ``extra`` (the id
+        the scheduler chose), an extra worker with ``extra_resources`` in the store
+        namespace of ``slot``."""
         self.next_worker += 1
-        wid = f"w{self.next_worker}" if actor is None else f"a{self.next_worker}"
+        wid = extra or (f"w{self.next_worker}" if actor is None else f"a{self.next_worker}")
         self.slot_of[wid] = slot
         resources = self.config.get("resources") or []
         if actor is not None:
             self.actor_of[wid] = actor
             self.worker_of_actor[actor] = wid
+        if extra is not None:
+            self.extra_workers.add(wid)
         proc = spawn("daskray.runtime.start_worker", {
             "actor": actor,
             "max_concurrency": max_concurrency,
             "threaded": threaded,
             "resources": (actor_resources or {}) if actor is not None
+            else (extra_resources or {}) if extra is not None
             else resources[slot] if slot < len(resources) else {},
             "worker_id": wid,
             "token": self.token.hex(),
@@ -191,6 +231,14 @@ class Head:
             else:
                 self.apply(E.ActorStartFailed(actor, reason))
             return
+        if wid in self.extra_workers:  # never replaced: the scheduler starts one if need be
+            self.extra_workers.discard(wid)
+            if wid in self.retiring:
+                self.retiring.discard(wid)
+            else:
+                print(f"daskray: extra worker {wid} {reason}", file=sys.stderr)
+                self.apply(E.WorkerLost(wid, reason))
+            return
         if wid not in self.state.workers and not self.started:
             # died before it ever joined, at start: a start-up failure, not bad luck
             for ident in self.waiting_clients:
@@ -211,8 +259,8 @@ class Head:
             self.apply(E.ReplacementsStopped())
 
     def broadcast_workers(self) -> None:
-        msg = P.WorkersChanged(
-            {w: a for w, a in self.worker_address.items() if w not in self.actor_of})
+        msg = P.WorkersChanged({w: a for w, a in self.worker_address.items()
+                                if w not in self.actor_of and w not in self.extra_workers})
         for ident, (role, _) in self.peers.items():
             if role == P.ROLE_CLIENT:
                 self.client_out.setdefault(ident, []).append(msg)
@@ -293,6 +341,8 @@ class Head:
 
     def on_worker_message(self, wid: str, msg: Any) -> None:
         self.unanswered_since.pop(wid, None)  # it is alive
+        if wid in self.retiring:
+            return  # the scheduler forgot it, and the refs it held, when it retired it
         if type(msg) is P.Reports:
             apply = self.apply
             for item in msg.items:
@@ -308,7 +358,7 @@ class Head:
                 elif kind == "refs":
                     apply(E.RefsChanged(item[1], item[2], wid.encode()))
                 elif kind == "blocked":
-                    apply(E.WorkerBlocked(wid, item[1], item[2]))
+                    apply(E.WorkerBlocked(wid, item[1], item[2], *item[3:5]))
         elif type(msg) is P.WorkerReady:
             if wid not in self.procs:
                 return
@@ -318,7 +368,7 @@ class Head:
             self.control_of[control] = wid
             self.tables_sent[wid] = set()
             self.apply(E.WorkerJoined(wid, msg.slots, msg.resources, msg.actor))
-            if msg.actor is None:
+            if msg.actor is None and wid not in self.extra_workers:
                 self.broadcast_workers()
                 self.welcome_clients()
         else:  # code running in a worker may use the cluster like any client
@@ -425,7 +475,7 @@ class Head:
         total: dict = {}
         available: dict = {}
         for ws in self.state.workers.values():
-            if ws.actor is not None:
+            if ws.actor is not None or ws.extra:  # extra workers stand in for waiting ones
                 continue
             idle = not ws.processing and not ws.queue
             for name, amount in ws.resources.items():
@@ -470,7 +520,7 @@ class Head:
             sent.add(table_id)
             self.run_tables.setdefault(wid, {})[table_id] = self.tables[table_id]
         self.runs.setdefault(wid, []).append(
-            (ins.task, table_id, ins.body, deps, ins.notify, ins.parent))
+            (ins.task, table_id, ins.body, deps, ins.notify, ins.parent, ins.depth))
 
     def _do_free(self, ins: I.FreeObjects) -> None:
         # gathered into one Free per worker and loop turn, sent after its Runs (a
@@ -510,6 +560,18 @@ class Head:
         proc = self.procs.get(wid) if wid else None
         if proc is not None and proc.poll() is None:
             proc.kill()  # its exit is noticed through its pidfd, like any death
+
+    def _do_start_extra(self, ins: I.StartExtraWorker) -> None:
+        if self.running:  # in the store namespace ("host") of the worker it is for
+            self.spawn_worker(self.slot_of.get(ins.like, 0), extra=ins.worker,
+                              extra_resources=ins.resources)
+
+    def _do_retire(self, ins: I.RetireWorker) -> None:
+        if ins.worker in self.procs:
+            self.retiring.add(ins.worker)
+            self._flush_runs(ins.worker)
+            self.frees.pop(ins.worker, None)
+            self.worker_out.setdefault(ins.worker, []).append(P.Stop())
 
     def _do_free_shared(self, ins: I.FreeShared) -> None:
         shared_memory.unlink(ins.path)
@@ -579,12 +641,14 @@ class Head:
     def run(self) -> None:
         for slot in range(self.num_workers):
             self.spawn_worker(slot)
+        # read while the workers start: it imports dask
+        self.state.max_extra_workers = max_extra_workers(self.num_workers)
         parent_fd = pidfd(self.parent_pid)
         if parent_fd is not None:
             self.poller.register(parent_fd, zmq.POLLIN)
         sock = self.sock
         while self.running:
-            ready = dict(self.poller.poll(1000))
+            ready = dict(self.poller.poll(int(TICK_SECONDS * 1000) if self.extra_workers else 1000))
             if sock in ready:
                 for _ in range(1000):
                     try:
@@ -601,7 +665,16 @@ class Head:
             if (parent_fd is not None and parent_fd in ready) or os.getppid() != self.parent_pid:
                 self.running = False
             self.check_heartbeats()
+            self.tick()
             self.flush()
+
+    def tick(self) -> None:
+        """Tell the scheduler the time, every ``TICK_SECONDS`` (it retires extra
+        workers idle for long enough)."""
+        now = time.monotonic()
+        if now - self.last_tick >= TICK_SECONDS:
+            self.last_tick = now
+            self.apply(E.Tick(now))
 
     def stop(self) -> None:
         """Stop every worker (politely, then by force) and remove the session files."""

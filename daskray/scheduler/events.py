@@ -29,11 +29,17 @@ class WorkerJoined:
 
 @dataclass(frozen=True, slots=True)
 class WorkerBlocked:
-    """Task ``task`` on ``worker`` started (``blocked``) or stopped waiting in ``get``."""
+    """Task ``task`` on ``worker`` started (``blocked``) or stopped waiting in
+    ``get``/``wait``.  While it waits its worker runs no other work but the
+    tasks ``task`` waits for (on the same stack), so its CPU is lent out."""
 
     worker: WorkerId
     blocked: bool
     task: TaskId | None = None
+    #: the ObjectRefs (ref keys) the task waits for
+    awaits: tuple = ()
+    #: whether the worker's stack has room for a task run on top of this one
+    nest: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +211,14 @@ class ClientLost:
 
 
 @dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes: ``now`` is the head's monotonic clock, in seconds.  Extra
+    workers idle for long enough are retired on a tick."""
+
+    now: float
+
+
+@dataclass(frozen=True, slots=True)
 class ReplacementsStopped:
     """Workers kept dying, so the head starts no more: a task waiting for the
     resources only dead workers had will not get them."""
@@ -213,5 +227,5 @@ class ReplacementsStopped:
 Event = (
     WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
     | CancelRef | KillActor | ActorStartFailed | LookupActor | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
-    | GraphCancelled | ClientLost | ReplacementsStopped
+    | GraphCancelled | ClientLost | ReplacementsStopped | Tick
 )
