@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import threading
 
 import dask
 import numpy as np
@@ -180,6 +181,66 @@ def test_an_extra_worker_has_the_resources_of_the_worker_it_stands_in_for(start)
     assert result == float(1 << 18) and producer_pid != waiter_pid
     assert resources == daskray.cluster_resources()  # the extra one is not counted
     assert resources["pin"] == 1.0 and resources["CPU"] == 2.0
+
+
+# =========================================================================== ml
+
+
+@daskray.remote
+def passed(shard, _opened):
+    return shard
+
+
+def _search(train, valid):
+    from daskray.ml import ASHAScheduler, Trainer, TuneConfig, models, tune
+
+    return Trainer(config=TuneConfig(num_samples=8, seed=3, scheduler=ASHAScheduler(max_t=3)),
+                   model=models.SoftmaxRegression, train_config={"epochs": 3, "batch_size": 32},
+                   param_space={"lr": tune.loguniform(1e-3, 1.0)}).fit(train, valid=valid).grid
+
+
+@pytest.mark.timeout(120)
+def test_a_search_started_while_its_shards_are_still_being_made_finishes(start):
+    """The segment tasks of a Trainer search read the shards with get(): here
+    both workers wait in them before the shards' last tasks can run, and those
+    are queued on the workers holding their inputs."""
+    from daskray.ml import Dataset, Standardization
+
+    start(2)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8000, 16))
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    train, valid = Dataset.from_numpy(X, y, num_shards=4, seed=0).train_test_split(0.25, seed=0)
+    train, stats = train.standardize()
+    valid, _ = valid.standardize(stats)
+    expected = _search(train, valid)  # all shards made already
+    gate = Gate.remote()
+    opened = gate.wait.remote()
+    # the same rows again, made once the gate opens: a task copies each shard (a
+    # large result, kept on its worker), another one "standardizes" it there
+    held = Dataset([passed.remote(shard, opened) for shard in train.shards], train.sizes,
+                   train.n_features, train.classes)
+    same = Standardization(np.zeros(train.n_features), np.ones(train.n_features))
+    gated, _ = held.standardize(same)
+
+    both_busy = []
+
+    def open_once_the_search_runs():  # both workers busy: in its segment tasks
+        both_busy.append(wait_until(
+            lambda: daskray.available_resources().get("CPU", 0.0) == 0, timeout=60))
+        gate.open.remote()
+
+    opener = threading.Thread(target=open_once_the_search_runs, daemon=True)
+    opener.start()
+    grid = _search(gated, valid)
+    opener.join(timeout=60)
+    assert both_busy == [True]  # the gate opened while both workers ran segments
+    assert [r.config for r in grid] == [r.config for r in expected]
+    for got, want in zip(grid, expected):
+        assert got.metrics_dataframe.drop(columns="time_total_s").equals(
+            want.metrics_dataframe.drop(columns="time_total_s"))
+        assert all(np.array_equal(got.checkpoint.params[k], want.checkpoint.params[k])
+                   for k in want.checkpoint.params)
 
 
 # =========================================================================== random DAGs

@@ -679,8 +679,11 @@ class Head:
     def stop(self) -> None:
         """Stop every worker (politely, then by force) and remove the session files."""
         self.running = False
-        for wid in list(self.procs):
-            self._send(wid.encode(), P.Stop())
+        for wid, proc in self.procs.items():
+            if wid.encode() in self.peers:
+                self._send(wid.encode(), P.Stop())
+            else:  # still starting (an extra worker, a replacement): nothing to lose
+                proc.kill()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for proc in self.procs.values():
             try:

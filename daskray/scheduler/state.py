@@ -56,14 +56,15 @@ cluster going, whoever submitted the work it waits for and in whatever order:
   deadlock: the waiting task could not go on before it finished anyway.  Any
   other task could wait for one below it on the stack, which cannot resume
   before it returns.  A recursion (``fib``) thus runs depth first on one stack.
-* **extra workers**: when a waiting worker has nothing to nest and ready work
-  waits for a CPU, an *extra* worker process stands in for it, with its
-  resources (``StartExtraWorker``; an idle one is reused).  Extra workers are
+* **extra workers**: when a waiting worker has had nothing to run for a while
+  (``policy.EXTRA_START_DELAY``, time comes with ``Tick``) and ready work waits
+  for a CPU, an *extra* worker process stands in for it, with its resources
+  (``StartExtraWorker``; an idle one is reused at once).  Extra workers are
   capped (``max_extra_workers``), are not counted as the cluster's resources,
   take work only while they stand in for a waiting worker, and are retired
   (``RetireWorker``) once idle, at once when no task waits any more, else after
-  ``policy.EXTRA_IDLE_SECONDS`` (time comes with ``Tick``) -- unless they hold
-  the only copy of an object still needed.
+  ``policy.EXTRA_IDLE_SECONDS`` -- unless they hold the only copy of an object
+  still needed.
 
 Invariants (checked after every event when ``validate=True``):
 
@@ -234,6 +235,8 @@ class WorkerState:
     standin_for: WorkerId | None = None
     #: (a waiting worker) the extra worker standing in for it, joined or starting
     stand_in: WorkerId | None = None
+    #: (a waiting worker) the first Tick since when it has had nothing to run
+    lending_since: float | None = None
     #: when it last ran out of work (the time of the latest Tick)
     idle_since: float = 0.0
 
@@ -292,6 +295,8 @@ class SchedulerState:
         self._ready_grew = False
         #: workers that got room or work during this event: filled at its end
         self._room: set[WorkerId] = set()
+        #: a task became ready during this event (see _review_waiting)
+        self._readied = False
         self._handlers = {
             WorkerJoined: self._worker_joined,
             WorkerLost: self._worker_lost,
@@ -320,6 +325,7 @@ class SchedulerState:
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what must be done because of it."""
         self._out = out = []
+        self._readied = False
         self._handlers[type(event)](event)
         for _ in range(SETTLE_ROUNDS):
             if self._ready_grew:
@@ -401,6 +407,7 @@ class SchedulerState:
             ws.nest = True  # the one below had room for it
             if not ws.waiting:
                 self.blocked.discard(ws.id)
+                ws.lending_since = None
                 self._release_stand_in(ws)
         self._room.add(ws.id)
 
@@ -418,6 +425,10 @@ class SchedulerState:
 
     def _tick(self, ev: Tick) -> None:
         self.now = ev.now
+        for wid in self.blocked:
+            ws = self.workers[wid]
+            if ws.lending_since is None and self._lending(ws):
+                ws.lending_since = ev.now
 
     def _worker_lost(self, ev: WorkerLost) -> None:
         like = self.extras_starting.pop(ev.worker, None)
@@ -1175,26 +1186,33 @@ class SchedulerState:
         what their innermost task waits for; idle workers take the work queued on
         waiting ones; a waiting worker with nothing to run lends its CPU to an
         extra worker when ready work waits for one; idle extras retire."""
-        for wid in sorted(self.blocked):
-            self._fill_nested(self.workers[wid])
-        if self.blocked:
+        if self._readied and self.blocked:  # workers with room were filled already
+            self._readied = False
+            for wid in sorted(self.blocked):
+                self._fill_nested(self.workers[wid])
             for ws in list(self.workers.values()):
                 if not ws.processing and not ws.waiting and self._takes_work(ws):
                     self._fill(ws)
         for wid in sorted(self.blocked):
             ws = self.workers[wid]
-            if ws.stand_in is None and self._lending(ws):
+            if not self._lending(ws):
+                ws.lending_since = None
+            elif ws.stand_in is None:
                 self._find_stand_in(ws)
         self._retire_idle_extras()
 
     def _find_stand_in(self, ws: WorkerState) -> None:
         """Let an extra worker alike use the CPU of waiting worker ``ws``, if ready
-        work waits for a CPU: a spare one, or a new one while under the cap."""
+        work waits for a CPU: a spare one, or -- once ``ws`` has had nothing to run
+        for ``policy.EXTRA_START_DELAY`` (short waits are not worth a process) -- a
+        new one, while under the cap."""
         spares = [self.workers[e] for e in sorted(self.extras)
                   if self.workers[e].standin_for is None and not self.workers[e].waiting
                   and self.workers[e].resources == ws.resources]
         can_start = (len(self.extras) + len(self.extras_starting) < self.max_extra_workers
-                     and self.extra_failures < policy.MAX_EXTRA_START_FAILURES)
+                     and self.extra_failures < policy.MAX_EXTRA_START_FAILURES
+                     and ws.lending_since is not None
+                     and self.now - ws.lending_since >= policy.EXTRA_START_DELAY)
         if not (spares or can_start) or not self._work_waiting(ws):
             return
         if spares:
@@ -1307,6 +1325,7 @@ class SchedulerState:
             if actor is not None:
                 self._pump_actor(actor)
             return
+        self._readied = True
         candidates = [w for w in self.workers.values()
                       if self._takes_work(w) and _fits(ts.resources, w)]
         if ts.resources and not candidates:
@@ -1425,11 +1444,10 @@ class SchedulerState:
                 self._dispatch(ts, ws, nested_for=ws.waiting[-1])
 
     def _lending(self, ws: WorkerState) -> bool:
-        """Whether every task dispatched to ``ws`` waits in get(): its CPU is idle."""
-        if not ws.waiting:
-            return False
-        waiting = sum(1 for t in set(ws.waiting) if t in ws.processing)
-        return len(ws.processing) == waiting
+        """Whether every task dispatched to ``ws`` waits in get(): its CPU is idle.
+        (A waiting task is one of its dispatched ones until it has stopped waiting.)"""
+        waiting = ws.waiting
+        return bool(waiting) and len(ws.processing) <= len(waiting) - waiting.count(None)
 
     def _takes_work(self, ws: WorkerState) -> bool:
         """Whether ready work may be queued on ``ws``: not an actor's process, nor an
