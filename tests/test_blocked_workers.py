@@ -82,6 +82,14 @@ def test_recursion_past_the_limit_raises_nesting_limit_error_in_the_driver(start
     assert depth.remote(5).get(timeout=30) == 5  # the cluster goes on
 
 
+@pytest.mark.timeout(120)
+def test_past_the_default_limit_the_error_comes_back_through_every_level_in_time(start):
+    start(1)
+    assert depth.remote(999).get(timeout=60) == 999  # 1000 calls deep: the default limit
+    with pytest.raises(NestingLimitError, match="past daskray.max-nesting-depth = 1000"):
+        depth.remote(1200).get(timeout=60)  # 1000 levels re-raise it, each a traceback
+
+
 # =========================================================================== producers queued
 
 

@@ -648,7 +648,9 @@ class Head:
             self.poller.register(parent_fd, zmq.POLLIN)
         sock = self.sock
         while self.running:
-            ready = dict(self.poller.poll(int(TICK_SECONDS * 1000) if self.extra_workers else 1000))
+            # the scheduler's clock runs finer while tasks wait or extra workers run
+            timed = self.extra_workers or self.state.blocked
+            ready = dict(self.poller.poll(int(TICK_SECONDS * 1000) if timed else 1000))
             if sock in ready:
                 for _ in range(1000):
                     try:

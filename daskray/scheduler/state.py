@@ -424,6 +424,7 @@ class SchedulerState:
         return ids
 
     def _tick(self, ev: Tick) -> None:
+        """Time passes: waiting workers with nothing to run start counting how long."""
         self.now = ev.now
         for wid in self.blocked:
             ws = self.workers[wid]
