@@ -567,11 +567,15 @@ class Head:
                               extra_resources=ins.resources)
 
     def _do_retire(self, ins: I.RetireWorker) -> None:
+        """Tell the extra worker to stop; nothing else is sent to it from now on
+        (see flush): it is idle, and it may close its socket any moment."""
         if ins.worker in self.procs:
             self.retiring.add(ins.worker)
-            self._flush_runs(ins.worker)
+            self.runs.pop(ins.worker, None)
+            self.run_tables.pop(ins.worker, None)
             self.frees.pop(ins.worker, None)
-            self.worker_out.setdefault(ins.worker, []).append(P.Stop())
+            self.worker_out.pop(ins.worker, None)
+            self._send(ins.worker.encode(), P.Stop())
 
     def _do_free_shared(self, ins: I.FreeShared) -> None:
         shared_memory.unlink(ins.path)
@@ -625,6 +629,8 @@ class Head:
                 self.worker_out.setdefault(wid, []).append(P.Free(tuple(objects)))
         self.frees = {}
         for wid, msgs in self.worker_out.items():
+            if wid in self.retiring:
+                continue
             ident = wid.encode()
             for msg in msgs:
                 self._send(ident, msg)
@@ -632,6 +638,8 @@ class Head:
         for ident, msgs in self.client_out.items():
             if ident not in self.peers:
                 continue  # a driver that left: nothing can reach it
+            if self.retiring and ident.decode(errors="replace") in self.retiring:
+                continue  # a task on a retiring extra worker called: it has ended
             for msg in msgs:
                 self._send(ident, msg)
         self.client_out = {}
