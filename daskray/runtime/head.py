@@ -41,7 +41,8 @@ from .process import alive, child_setup, describe_exit, pidfd, spawn
 STOP_GRACE_SECONDS = 2.0
 HEARTBEAT_SECONDS = 0.5
 MAX_RESPAWNS_PER_MINUTE = 10
-#: the scheduler hears the time this often while extra workers run (see Tick)
+#: the scheduler hears the time this often (see Tick): it starts extra workers for
+#: waits that last, and retires those idle for long enough
 TICK_SECONDS = 0.25
 #: extra workers per worker when ``daskray.max-extra-workers`` is not set
 EXTRA_WORKERS_PER_WORKER = 2
@@ -679,8 +680,7 @@ class Head:
             self.flush()
 
     def tick(self) -> None:
-        """Tell the scheduler the time, every ``TICK_SECONDS`` (it retires extra
-        workers idle for long enough)."""
+        """Tell the scheduler the time, every ``TICK_SECONDS``."""
         now = time.monotonic()
         if now - self.last_tick >= TICK_SECONDS:
             self.last_tick = now
