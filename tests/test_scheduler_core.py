@@ -718,6 +718,19 @@ def test_a_busy_extra_worker_takes_no_new_work_once_the_waiting_worker_goes_on()
     assert of(RetireWorker, out) == [RetireWorker("x1")]
 
 
+def test_a_worker_waiting_again_before_its_extra_worker_joined_gets_that_one():
+    s = SchedulerState(validate=True, max_extra_workers=3)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 3)
+    block(s, "a", 0)
+    assert of(StartExtraWorker, lend_a_while(s)) == [StartExtraWorker("x1", {}, "a")]
+    s.handle(resumed("a", 0))
+    block(s, "a", 0)
+    assert not of(StartExtraWorker, lend_a_while(s))  # x1 is on its way
+    out = s.handle(WorkerJoined("x1"))
+    assert s.workers["x1"].standin_for == "a" and {d.worker for d in of(Dispatch, out)} == {"x1"}
+
+
 def test_a_spare_extra_worker_is_reused_and_retired_after_its_idle_time():
     s = SchedulerState(validate=True, max_extra_workers=1)
     s.handle(WorkerJoined("a"))

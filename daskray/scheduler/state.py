@@ -1207,6 +1207,10 @@ class SchedulerState:
         work waits for a CPU: a spare one, or -- once ``ws`` has had nothing to run
         for ``policy.EXTRA_START_DELAY`` (short waits are not worth a process) -- a
         new one, while under the cap."""
+        starting = [name for name, like in self.extras_starting.items() if like == ws.id]
+        if starting:  # started for it before, and still on its way: it will do
+            ws.stand_in = starting[0]
+            return
         spares = [self.workers[e] for e in sorted(self.extras)
                   if self.workers[e].standin_for is None and not self.workers[e].waiting
                   and self.workers[e].resources == ws.resources]
