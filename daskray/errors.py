@@ -105,3 +105,10 @@ class ActorError(DaskrayError):
 class ObjectStoreFullError(DaskrayError, MemoryError):
     """A new object does not fit in the object store's memory limit, and the objects
     that could make room are pinned by live views (values still referenced)."""
+
+
+class NestingLimitError(DaskrayError):
+    """A task nested inside other tasks' ``get()`` calls went deeper than
+    ``daskray.max-nesting-depth`` allows: its ``.remote()`` call was refused.
+    Every call below it waits on the stack of a worker process, so the depth is
+    bounded (raise the setting before ``daskray.init()``, or recurse less deep)."""

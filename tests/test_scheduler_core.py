@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from daskray.scheduler import SchedulerState
 from daskray.scheduler.events import (
     ClientLost, GraphCancelled, GraphReleased, GraphSubmitted, KillActor, RefsChanged,
     TaskErred, TaskFinished,
-    TaskReleased, TaskStarted, WorkerJoined, WorkerLost,
+    TaskReleased, TaskStarted, Tick, WorkerBlocked, WorkerJoined, WorkerLost,
 )
 from daskray.scheduler.instructions import (
     CancelTasks, Dispatch, ForgetGraph, FreeObjects, NotifyRef, ReportError, ReportFinished,
     StartActor, StopActor,
-    ReportResult, ReportStarted,
+    ReportResult, ReportStarted, RetireWorker, StartExtraWorker,
 )
-from daskray.scheduler.policy import INLINE_THRESHOLD
+from daskray.scheduler.policy import EXTRA_IDLE_SECONDS, EXTRA_START_DELAY, INLINE_THRESHOLD
 
 G = ("client", 1)
 
@@ -579,3 +581,236 @@ def test_sizes_count_what_the_state_holds_and_nothing_once_released():
     s.handle(TaskFinished(0, s.tasks[0].worker, 8, b"x", 0.001))
     s.handle(RefsChanged([], [("c", 1, 0)], "c"))
     assert {k: v for k, v in s.sizes().items() if v} == {"workers": 2}
+
+
+# ============================================================== tasks waiting in get()
+
+
+def blocked(worker, task, *refs, nest=True):
+    """Task ``task`` on ``worker`` waits in get() for the objects of ``refs``."""
+    return WorkerBlocked(worker, True, task, tuple(refs), nest)
+
+
+def resumed(worker, task):
+    return WorkerBlocked(worker, False, task)
+
+
+def block(s, worker, task, *refs, nest=True):
+    """As a worker does when its task starts waiting: it says so, then hands back
+    the tasks queued behind it but the calls that task made (it runs those on top
+    of it).  The instructions of both."""
+    out = s.handle(blocked(worker, task, *refs, nest=nest))
+    for tid in sorted(s.workers[worker].processing - {task}):
+        if s.tasks[tid].graph.parent != task or not nest:
+            out += s.handle(TaskReleased(tid, worker))
+    return out
+
+
+def calls(s, first, last):
+    """Remote calls ("c", first) .. ("c", last) from the driver."""
+    for i in range(first, last + 1):
+        s.handle(remote_call(("c", i)))
+
+
+def test_a_waiting_worker_runs_a_driver_call_its_task_waits_for_wherever_it_is_queued():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 3)  # task 0 runs on a, task 1 is queued there, task 2 waits: a is full
+    assert s.workers["a"].processing == {0, 1} and s.tasks[2].state == "ready"
+    # task 0 waits for task 2 (a ref it got inside an argument): a hands back task 1
+    out = s.handle(blocked("a", 0, ("c", 3, 0)))
+    assert not of(Dispatch, out)  # task 1 counts as a's until it is handed back
+    out = s.handle(TaskReleased(1, "a"))
+    # what task 0 waits for runs on top of it; task 1 is not for it
+    assert of(Dispatch, out) == [Dispatch("a", 2, ("c", 3), b"body-3", (), False, 0)]
+    out = finish(s, 2, "a")
+    assert not of(Dispatch, out)  # still waiting: a runs nothing else
+    out = s.handle(resumed("a", 0))
+    assert [(d.task, d.parent) for d in of(Dispatch, out)] == [(1, None)]  # queued as before
+
+
+def test_a_waiting_worker_runs_the_inputs_of_what_its_task_waits_for():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 2)  # tasks 0 and 1
+    # call 3 (task 3, node 1 of its graph) takes call 2's result as its argument
+    s.handle(remote_call(("c", 3), deps=(0,), external={0: ("c", 2, 0)}))
+    out = block(s, "a", 0, ("c", 3, 1))
+    # task 0 waits for call 3, which waits for call 2: that one runs first
+    assert [(d.worker, d.task, d.parent) for d in of(Dispatch, out)] == [("a", 1, 0)]
+    out = finish(s, 1, "a")
+    assert [(d.worker, d.task, d.parent) for d in of(Dispatch, out)] == [("a", 3, 0)]
+
+
+def test_a_waiting_worker_runs_nothing_its_task_does_not_wait_for():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    calls(s, 1, 5)  # a runs 0 (2 queued), b runs 1 (3 queued), 4 waits
+    assert s.workers["a"].processing == {0, 2} and s.workers["b"].processing == {1, 3}
+    # a's task waits for b's, which runs: a takes nothing (and there are no extras)
+    out = block(s, "a", 0, ("c", 2, 0)) + lend_a_while(s)
+    assert not of(Dispatch, out) and not of(StartExtraWorker, out)
+    assert s.workers["a"].processing == {0}
+    out = finish(s, 1, "b")
+    assert {d.worker for d in of(Dispatch, out)} == {"b"}
+
+
+def test_a_waiting_worker_with_a_full_stack_runs_nothing_on_it():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 3)
+    out = block(s, "a", 0, ("c", 3, 0), nest=False)
+    assert not of(Dispatch, out) and s.tasks[2].state == "ready"
+
+
+def lend_a_while(s):
+    """Time passes (Ticks over ``EXTRA_START_DELAY`` apart) while waiting workers
+    have nothing to run: the instructions."""
+    now = s.now + 1.0
+    return s.handle(Tick(now)) + s.handle(Tick(now + 1.5 * EXTRA_START_DELAY))
+
+
+def test_an_extra_worker_with_the_waiting_workers_resources_runs_the_work_waiting():
+    s = SchedulerState(validate=True, max_extra_workers=1)
+    s.handle(WorkerJoined("a", resources={"pin": 1}))
+    s.handle(remote_call(("c", 1), resources={"pin": 1}))  # task 0 on a
+    s.handle(remote_call(("c", 2), resources={"pin": 1}))  # task 1 queued there
+    # task 0 waits for what nothing here can run (an actor's call, say)
+    out = block(s, "a", 0, ("elsewhere", 1, 0))
+    assert not of(StartExtraWorker, out)  # not at once: the wait may be a short one
+    assert s.tasks[1].state == "ready"
+    out = lend_a_while(s)
+    assert of(StartExtraWorker, out) == [StartExtraWorker("x1", {"pin": 1}, "a")]
+    assert not of(StartExtraWorker, lend_a_while(s))  # one is starting already
+    out = s.handle(WorkerJoined("x1", resources={"pin": 1}))
+    assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("x1", 1)]
+    assert s.workers["x1"].extra and s.workers["x1"].standin_for == "a"
+    finish(s, 1, "x1")
+    assert "x1" in s.workers  # idle, but a still waits: x1 stays a while for more
+    out = s.handle(remote_call(("c", 3), resources={"pin": 1}))
+    assert [(d.worker, d.task) for d in of(Dispatch, out)] == [("x1", 2)]
+    finish(s, 2, "x1")
+    # a's task goes on: x1 stands in for nobody, and as it is idle it retires
+    out = s.handle(resumed("a", 0))
+    assert of(RetireWorker, out) == [RetireWorker("x1")]
+    assert "x1" not in s.workers and not s.extras
+
+
+def test_a_busy_extra_worker_takes_no_new_work_once_the_waiting_worker_goes_on():
+    s = SchedulerState(validate=True, max_extra_workers=2)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 2)
+    block(s, "a", 0)
+    assert of(StartExtraWorker, lend_a_while(s))
+    out = s.handle(WorkerJoined("x1"))
+    assert [d.task for d in of(Dispatch, out)] == [1]
+    out = s.handle(resumed("a", 0))
+    assert not of(RetireWorker, out)  # it is busy: it finishes first
+    out = s.handle(remote_call(("c", 3)))
+    assert [d.worker for d in of(Dispatch, out)] == ["a"]
+    out = finish(s, 1, "x1")
+    assert of(RetireWorker, out) == [RetireWorker("x1")]
+
+
+def test_a_worker_waiting_again_before_its_extra_worker_joined_gets_that_one():
+    s = SchedulerState(validate=True, max_extra_workers=3)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 3)
+    block(s, "a", 0)
+    assert of(StartExtraWorker, lend_a_while(s)) == [StartExtraWorker("x1", {}, "a")]
+    s.handle(resumed("a", 0))
+    block(s, "a", 0)
+    assert not of(StartExtraWorker, lend_a_while(s))  # x1 is on its way
+    out = s.handle(WorkerJoined("x1"))
+    assert s.workers["x1"].standin_for == "a" and {d.worker for d in of(Dispatch, out)} == {"x1"}
+
+
+def test_a_spare_extra_worker_is_reused_and_retired_after_its_idle_time():
+    s = SchedulerState(validate=True, max_extra_workers=1)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    calls(s, 1, 5)  # a runs 0 (2 queued), b runs 1 (3 queued), 4 waits
+    block(s, "a", 0)
+    assert of(StartExtraWorker, lend_a_while(s)) == [StartExtraWorker("x1", {}, "a")]
+    s.handle(WorkerJoined("x1"))
+    assert s.workers["x1"].processing == {2, 4}
+    finish(s, 2, "x1")
+    finish(s, 4, "x1")
+    s.handle(blocked("b", 1))
+    out = s.handle(resumed("a", 0))
+    assert not of(RetireWorker, out)  # a spare now, while b's task waits
+    s.handle(remote_call(("c", 6)))  # a takes it: a is full again
+    assert s.workers["a"].processing == {0, 5}
+    # b hands back its queued task: the spare stands in for b at once
+    out = s.handle(TaskReleased(3, "b"))
+    assert not of(StartExtraWorker, out) and [d.worker for d in of(Dispatch, out)] == ["x1"]
+    assert s.workers["x1"].standin_for == "b"
+    finish(s, 3, "x1")
+    idle_from = s.now
+    assert not of(RetireWorker, s.handle(Tick(idle_from + EXTRA_IDLE_SECONDS / 2)))
+    out = s.handle(Tick(idle_from + 1.5 * EXTRA_IDLE_SECONDS))
+    assert of(RetireWorker, out) == [RetireWorker("x1")]
+    assert s.workers["b"].stand_in is None
+
+
+def test_an_extra_worker_holding_the_only_copy_of_a_needed_result_is_not_retired():
+    s = SchedulerState(validate=True, max_extra_workers=1)
+    s.handle(WorkerJoined("a"))
+    calls(s, 1, 2)
+    block(s, "a", 0)
+    lend_a_while(s)
+    s.handle(WorkerJoined("x1"))
+    s.handle(TaskFinished(1, "x1", INLINE_THRESHOLD * 10, None, 0.001))  # large: kept there
+    out = s.handle(resumed("a", 0))
+    assert not of(RetireWorker, out)
+    assert not of(RetireWorker, s.handle(Tick(s.now + 2 * EXTRA_IDLE_SECONDS)))
+    out = s.handle(RefsChanged([], [("c", 2, 0)], "c"))  # the driver drops its ref
+    assert FreeObjects("x1", (1,)) in out and of(RetireWorker, out) == [RetireWorker("x1")]
+
+
+def test_extra_workers_are_capped_and_no_more_start_once_they_keep_dying():
+    s = SchedulerState(validate=True, max_extra_workers=1)
+    s.handle(WorkerJoined("a"))
+    s.handle(WorkerJoined("b"))
+    calls(s, 1, 6)
+    block(s, "a", 0)
+    block(s, "b", 1)
+    started = of(StartExtraWorker, lend_a_while(s))
+    assert [x.worker for x in started] == ["x1"]  # two workers wait: the cap is one
+    for _ in range(10):  # each dies starting: the next starts at once, for a while
+        more = of(StartExtraWorker, s.handle(WorkerLost(started[-1].worker, "exited: 1")))
+        if not more:
+            break
+        started += more
+    assert [x.worker for x in started] == ["x1", "x2", "x3"]  # 3 failures in a row: no more
+    assert not of(StartExtraWorker, lend_a_while(s))
+    assert not s.extras and not s.extras_starting
+
+
+def test_an_actor_waiting_in_get_is_not_lent_out():
+    s = SchedulerState(validate=True, max_extra_workers=2)
+    s.handle(WorkerJoined("w"))
+    s.handle(GraphSubmitted(("c", 1), ["A.__init__"], [()], [0], [b"init"], {}, [0],
+                            fail_fast=False, create_actor={"id": "A1"}))
+    s.handle(WorkerJoined("p", actor="A1"))
+    finish(s, 0, "p")
+    s.handle(GraphSubmitted(("c", 2), ["A.m"], [()], [0], [b"m"], {}, [0], fail_fast=False,
+                            actor="A1"))
+    calls(s, 3, 5)
+    out = s.handle(blocked("p", 1)) + lend_a_while(s)
+    assert not of(StartExtraWorker, out) and not s.blocked
+
+
+def test_calls_made_inside_tasks_carry_how_deep_they_are():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    out = s.handle(remote_call(("c", 1)))
+    assert of(Dispatch, out)[0].depth == 1
+    caller = 0
+    for level in range(2, 5):  # each call's task calls the next and waits for it
+        out = s.handle(dataclasses.replace(remote_call((b"a", level)), parent=caller))
+        out += block(s, "a", caller, (b"a", level, 0))
+        (d,) = [d for d in of(Dispatch, out) if d.task == caller + 1]
+        assert d.depth == level and d.parent == caller
+        caller = d.task

@@ -96,8 +96,10 @@ class Client:
     def next_number(self) -> int:
         return next(self._graph_numbers)
 
-    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool:
-        """Block until ``predicate()`` holds (checked as results arrive) or timeout."""
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None,
+                 awaits: Any = None) -> bool:
+        """Block until ``predicate()`` holds (checked as results arrive) or timeout.
+        ``awaits`` (what is waited for) matters only inside a worker."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._results_changed:
             while not predicate():

@@ -10,6 +10,11 @@ sits in the same poll as the socket, so a dead worker is noticed at once, its
 work is failed (or, later, retried) and a replacement is started.  When the
 driver that started the cluster exits, however it exits, the head stops the
 workers and removes the session directory.
+
+While tasks wait in ``get()``, the scheduler may ask for *extra* workers to use
+their CPUs (``StartExtraWorker``) and later retire them (``RetireWorker``); the
+head starts and stops those processes, never replaces them, and leaves them out
+of the cluster's resources.
 """
 
 from __future__ import annotations
@@ -78,6 +83,30 @@ def replacement_backoff_max() -> float:
         raise ValueError("dask config daskray.worker-replacement-backoff-max must be a "
                          f"positive duration such as '30s', got {value!r}")
     return float(seconds)
+#: the scheduler hears the time this often (see Tick): it starts extra workers for
+#: waits that last, and retires those idle for long enough
+TICK_SECONDS = 0.25
+#: extra workers per worker when ``daskray.max-extra-workers`` is not set
+EXTRA_WORKERS_PER_WORKER = 2
+
+
+def max_extra_workers(num_workers: int) -> int:
+    """How many extra workers may stand in for workers whose tasks wait in get()
+    at once: dask config ``daskray.max-extra-workers``, by default
+    ``EXTRA_WORKERS_PER_WORKER`` per worker."""
+    import dask.config
+
+    value = dask.config.get("daskray.max-extra-workers", None)
+    if value is None:
+        return EXTRA_WORKERS_PER_WORKER * num_workers
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"daskray.max-extra-workers must be a whole number >= 0, got {value!r}; "
+            "set it with dask.config.set({'daskray.max-extra-workers': 4}) before "
+            "daskray.init()")
+    return value
 
 
 class Head:
@@ -100,6 +129,10 @@ class Head:
         #: complaints about peers, at most one line per kind every few seconds
         self.log = transport.ThrottledLog(prefix="daskray head")
         self.state = SchedulerState(validate=config.get("validate", False))
+        #: extra workers running, and those of them told to stop
+        self.extra_workers: set[str] = set()
+        self.retiring: set[str] = set()
+        self.last_tick = 0.0
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
         self.procs: dict[str, Any] = {}  # worker id -> Popen
         self.worker_fds: dict[int, str] = {}
@@ -153,6 +186,8 @@ class Head:
             I.StopActor: self._do_stop_actor,
             I.ReplyActor: self._do_reply_actor,
             I.FreeShared: self._do_free_shared,
+            I.StartExtraWorker: self._do_start_extra,
+            I.RetireWorker: self._do_retire,
         }
         self.actor_of: dict[str, str] = {}  # worker id -> the actor it hosts
         self.worker_of_actor: dict[str, str] = {}  # actor id -> its current process
@@ -167,21 +202,27 @@ class Head:
 
     def spawn_worker(self, slot: int, actor: str | None = None,
                      actor_resources: dict | None = None, max_concurrency: int = 1,
-                     threaded: bool = False) -> str:
+                     threaded: bool = False, extra: str | None = None,
+                     extra_resources: dict | None = None) -> str:
         """Start the worker for ``slot`` (0..num_workers-1: which resources it has),
-        or, with ``actor``, the process of that actor."""
+        or, with ``actor``, the process of that actor, or, with ``extra`` (the id
+        the scheduler chose), an extra worker with ``extra_resources`` in the store
+        namespace of ``slot``."""
         self.next_worker += 1
-        wid = f"w{self.next_worker}" if actor is None else f"a{self.next_worker}"
+        wid = extra or (f"w{self.next_worker}" if actor is None else f"a{self.next_worker}")
         self.slot_of[wid] = slot
         resources = self.config.get("resources") or []
         if actor is not None:
             self.actor_of[wid] = actor
             self.worker_of_actor[actor] = wid
+        if extra is not None:
+            self.extra_workers.add(wid)
         proc = spawn("daskray.runtime.start_worker", {
             "actor": actor,
             "max_concurrency": max_concurrency,
             "threaded": threaded,
             "resources": (actor_resources or {}) if actor is not None
+            else (extra_resources or {}) if extra is not None
             else resources[slot] if slot < len(resources) else {},
             "worker_id": wid,
             "token": self.token.hex(),
@@ -241,6 +282,14 @@ class Head:
             else:
                 self.apply(E.ActorStartFailed(actor, reason))
             return
+        if wid in self.extra_workers:  # never replaced: the scheduler starts one if need be
+            self.extra_workers.discard(wid)
+            if wid in self.retiring:
+                self.retiring.discard(wid)
+            else:
+                print(f"daskray: extra worker {wid} {reason}", file=sys.stderr)
+                self.apply(E.WorkerLost(wid, reason))
+            return
         if wid not in self.state.workers and not self.started:
             # died before it ever joined, at start: a start-up failure, not bad luck
             for ident in self.waiting_clients:
@@ -298,16 +347,18 @@ class Head:
             self.spawn_worker(slot)
 
     def poll_timeout_ms(self) -> int:
-        """How long the loop may sleep in poll: a tick, or less when a
-        replacement is due sooner."""
+        """How long the loop may sleep in poll: a tick (a finer one while tasks
+        wait in get() or extra workers run: the scheduler's clock), or less when
+        a replacement is due sooner."""
+        tick = int(TICK_SECONDS * 1000) if self.extra_workers or self.state.blocked else TICK_MS
         if not self.pending_replacements:
-            return TICK_MS
+            return tick
         wait = self.pending_replacements[0][0] - time.monotonic()
-        return max(0, min(TICK_MS, int(wait * 1000) + 1))
+        return max(0, min(tick, int(wait * 1000) + 1))
 
     def broadcast_workers(self) -> None:
-        msg = P.WorkersChanged(
-            {w: a for w, a in self.worker_address.items() if w not in self.actor_of})
+        msg = P.WorkersChanged({w: a for w, a in self.worker_address.items()
+                                if w not in self.actor_of and w not in self.extra_workers})
         for ident, (role, _) in self.peers.items():
             if role == P.ROLE_CLIENT:
                 self.client_out.setdefault(ident, []).append(msg)
@@ -390,6 +441,8 @@ class Head:
 
     def on_worker_message(self, wid: str, msg: Any) -> None:
         self.unanswered_since.pop(wid, None)  # it is alive
+        if wid in self.retiring:
+            return  # the scheduler forgot it, and the refs it held, when it retired it
         if type(msg) is P.Reports:
             if wid not in self.proven and wid not in self.actor_of and any(
                     item[0] in ("f", "e") for item in msg.items):
@@ -408,7 +461,7 @@ class Head:
                 elif kind == "refs":
                     apply(E.RefsChanged(item[1], item[2], wid.encode()))
                 elif kind == "blocked":
-                    apply(E.WorkerBlocked(wid, item[1], item[2]))
+                    apply(E.WorkerBlocked(wid, item[1], item[2], *item[3:5]))
         elif type(msg) is P.WorkerReady:
             if wid not in self.procs:
                 return
@@ -418,7 +471,7 @@ class Head:
             self.control_of[control] = wid
             self.tables_sent[wid] = set()
             self.apply(E.WorkerJoined(wid, msg.slots, msg.resources, msg.actor))
-            if msg.actor is None:
+            if msg.actor is None and wid not in self.extra_workers:
                 self.broadcast_workers()
                 self.welcome_clients()
         else:  # code running in a worker may use the cluster like any client
@@ -535,7 +588,7 @@ class Head:
         total: dict = {}
         available: dict = {}
         for ws in self.state.workers.values():
-            if ws.actor is not None:
+            if ws.actor is not None or ws.extra:  # extra workers stand in for waiting ones
                 continue
             idle = not ws.processing and not ws.queue
             for name, amount in ws.resources.items():
@@ -587,7 +640,7 @@ class Head:
             sent.add(table_id)
             self.run_tables.setdefault(wid, {})[table_id] = self.tables[table_id]
         self.runs.setdefault(wid, []).append(
-            (ins.task, table_id, ins.body, deps, ins.notify, ins.parent))
+            (ins.task, table_id, ins.body, deps, ins.notify, ins.parent, ins.depth))
 
     def _do_free(self, ins: I.FreeObjects) -> None:
         # gathered into one Free per worker and loop turn, sent after its Runs (a
@@ -627,6 +680,22 @@ class Head:
         proc = self.procs.get(wid) if wid else None
         if proc is not None and proc.poll() is None:
             proc.kill()  # its exit is noticed through its pidfd, like any death
+
+    def _do_start_extra(self, ins: I.StartExtraWorker) -> None:
+        if self.running:  # in the store namespace ("host") of the worker it is for
+            self.spawn_worker(self.slot_of.get(ins.like, 0), extra=ins.worker,
+                              extra_resources=ins.resources)
+
+    def _do_retire(self, ins: I.RetireWorker) -> None:
+        """Tell the extra worker to stop; nothing else is sent to it from now on
+        (see flush): it is idle, and it may close its socket any moment."""
+        if ins.worker in self.procs:
+            self.retiring.add(ins.worker)
+            self.runs.pop(ins.worker, None)
+            self.run_tables.pop(ins.worker, None)
+            self.frees.pop(ins.worker, None)
+            self.worker_out.pop(ins.worker, None)
+            self._send(ins.worker.encode(), P.Stop())
 
     def _do_free_shared(self, ins: I.FreeShared) -> None:
         shared_memory.unlink(ins.path)
@@ -680,6 +749,8 @@ class Head:
                 self.worker_out.setdefault(wid, []).append(P.Free(tuple(objects)))
         self.frees = {}
         for wid, msgs in self.worker_out.items():
+            if wid in self.retiring:
+                continue
             ident = wid.encode()
             for msg in msgs:
                 self._send(ident, msg)
@@ -687,6 +758,8 @@ class Head:
         for ident, msgs in self.client_out.items():
             if ident not in self.peers:
                 continue  # a driver that left: nothing can reach it
+            if self.retiring and ident.decode(errors="replace") in self.retiring:
+                continue  # a task on a retiring extra worker called: it has ended
             for msg in msgs:
                 self._send(ident, msg)
         self.client_out = {}
@@ -696,6 +769,8 @@ class Head:
     def run(self) -> None:
         for slot in range(self.num_workers):
             self.spawn_worker(slot)
+        # read while the workers start: it imports dask
+        self.state.max_extra_workers = max_extra_workers(self.num_workers)
         parent_fd = pidfd(self.parent_pid)
         if parent_fd is not None:
             self.poller.register(parent_fd, zmq.POLLIN)
@@ -719,13 +794,24 @@ class Head:
                 self.running = False
             self.check_heartbeats()
             self.start_due_replacements()
+            self.tick()
             self.flush()
+
+    def tick(self) -> None:
+        """Tell the scheduler the time, every ``TICK_SECONDS``."""
+        now = time.monotonic()
+        if now - self.last_tick >= TICK_SECONDS:
+            self.last_tick = now
+            self.apply(E.Tick(now))
 
     def stop(self) -> None:
         """Stop every worker (politely, then by force) and remove the session files."""
         self.running = False
-        for wid in list(self.procs):
-            self._send(wid.encode(), P.Stop())
+        for wid, proc in self.procs.items():
+            if wid.encode() in self.peers:
+                self._send(wid.encode(), P.Stop())
+            else:  # still starting (an extra worker, a replacement): nothing to lose
+                proc.kill()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for proc in self.procs.values():
             try:

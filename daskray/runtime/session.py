@@ -35,7 +35,8 @@ class Connection(Protocol):
 
     def next_number(self) -> int: ...
     def send(self, msg: Any) -> None: ...
-    def wait_for(self, predicate: Callable[[], bool], timeout: float | None) -> bool: ...
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None,
+                 awaits: Sequence[RefKey] | None = None) -> bool: ...
     def fetch(self, address: str, object_id: Any) -> Any: ...
     def store_large(self, key: str, frames: list) -> str: ...
 
@@ -191,7 +192,8 @@ class Session:
         keys = [r._key for r in refs]
         self._subscribe(keys)
         results = self.conn.results
-        self.conn.wait_for(lambda: sum(k in results for k in keys) >= num_returns, timeout)
+        self.conn.wait_for(lambda: sum(k in results for k in keys) >= num_returns, timeout,
+                           awaits=keys)
         ready: list = []
         not_ready: list = []
         for ref in refs:
@@ -209,7 +211,8 @@ class Session:
         while True:
             self._subscribe(keys)
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            if not self.conn.wait_for(lambda: all(k in results for k in keys), left):
+            if not self.conn.wait_for(lambda: all(k in results for k in keys), left,
+                                      awaits=keys):
                 missing = sum(1 for k in keys if k not in results)
                 raise errors.GetTimeoutError(
                     f"get timed out after {time.monotonic() - start:.1f} s: {missing} of "

@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import resource
 import signal
 import sys
 import threading
@@ -33,8 +34,8 @@ from typing import Any
 import zmq
 
 from ..errors import (
-    ClusterError, HolderLostError, ObjectLostError, ObjectStoreFullError, SerializationError,
-    TaskCancelledError,
+    ClusterError, HolderLostError, NestingLimitError, ObjectLostError, ObjectStoreFullError,
+    RemoteTraceback, SerializationError, TaskCancelledError,
 )
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD, SHARE_THRESHOLD
@@ -50,12 +51,41 @@ from .serialization import (
 FLUSH_SECONDS = 0.001
 FLUSH_COUNT = 256
 FETCH_TIMEOUT_MS = 60_000
+#: a task's exception leaves with at most this many frames of traceback, and this
+#: many characters of the remote traceback it carries (an error re-raised through
+#: nested calls gathers every level's frames and text otherwise: a thousand
+#: levels would take minutes and gigabytes to report)
+MAX_TRAVEL_FRAMES = 100
+MAX_TRAVEL_CAUSE = 40_000
 
 
 def decode_object_id(arg: bytes) -> int | str:
     """Objects are kept under a task id (digits) or a put's key (a string)."""
     text = arg.decode()
     return int(text) if text.isdigit() else text
+
+
+def bound_for_travel(exc: BaseException) -> None:
+    """Cut the middle out of ``exc``'s traceback and out of the remote traceback it
+    carries (its ``__cause__``, when it was raised by ``get()``) where they are
+    longer than ``MAX_TRAVEL_FRAMES`` / ``MAX_TRAVEL_CAUSE``, in place.  The
+    outermost and the innermost parts -- this task's own frames and where the
+    error started -- stay."""
+    cause = exc.__cause__
+    if isinstance(cause, RemoteTraceback) and len(cause.tb) > MAX_TRAVEL_CAUSE:
+        half = MAX_TRAVEL_CAUSE // 2
+        text = cause.tb
+        exc.__cause__ = RemoteTraceback(
+            f"{text[:half]}\n... {len(text) - 2 * half} characters of the tracebacks of "
+            f"nested calls left out ...\n{text[-half:]}")
+    frames = []
+    tb = exc.__traceback__
+    while tb is not None:
+        frames.append(tb)
+        tb = tb.tb_next
+    if len(frames) > MAX_TRAVEL_FRAMES:
+        keep = MAX_TRAVEL_FRAMES // 2
+        frames[keep - 1].tb_next = frames[-keep]
 
 
 def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int,
@@ -219,10 +249,12 @@ class Worker:
         self.client_id = self.id.encode()
         self.results: dict = {}
         self._numbers = itertools.count(1)
-        #: tasks waiting in get() on this worker's stack
-        self.nesting = 0
         #: ids of the tasks running on the main thread's stack, outermost first
         self.stack: list[int] = []
+        #: how deep in nested calls each of them is (1: a call the driver made)
+        self.depths: list[int] = []
+        #: ``daskray.max-nesting-depth``, read when a task first needs it
+        self._max_depth: int | None = None
         self.queue: deque = deque()
         self.tables: dict[Any, Any] = {}
         self.raw_tables: dict[Any, bytes] = {}
@@ -401,15 +433,42 @@ class Worker:
             self._wake_main()
             return
         self._require_main_thread()
-        self._flush()  # reports and ref changes first: they may be what msg relies on
         if type(msg) is P.SubmitGraph and self.stack:
+            self._check_depth(msg)
             msg = dataclasses.replace(msg, parent=self.stack[-1])
+        self._flush()  # reports and ref changes first: they may be what msg relies on
         transport.send_message(self.head, P.encode(msg))
 
-    def wait_for(self, predicate: Any, timeout: float | None) -> bool:
-        """Block a task until ``predicate()`` holds, running other queued tasks
-        meanwhile; the head lends this task's slot out while it waits.  In a
-        concurrent actor's thread: wait for the main thread to file news."""
+    def max_nesting_depth(self) -> int:
+        """``daskray.max-nesting-depth``: how deep calls made inside tasks may nest.
+        Read on first use (a task calling daskray has imported dask by then), when
+        the process also makes room on its stack for that many nested tasks."""
+        if self._max_depth is None:
+            self._max_depth = read_max_nesting_depth()
+            make_room_for_nesting(self._max_depth)
+        return self._max_depth
+
+    def _check_depth(self, msg: P.SubmitGraph) -> None:
+        """Refuse a call from the running task that would nest deeper than allowed."""
+        depth = self.depths[-1] + 1
+        limit = self.max_nesting_depth()
+        if depth > limit:
+            called = next((name for name, body in zip(msg.names, msg.bodies) if body is not None),
+                          "a task")
+            raise NestingLimitError(
+                f"{called} was called {depth} calls deep, past daskray.max-nesting-depth = "
+                f"{limit} (each call waiting in get() holds a worker's stack): make the "
+                "recursion shallower, or raise the limit with dask.config.set("
+                "{'daskray.max-nesting-depth': N}) before daskray.init()")
+
+    def wait_for(self, predicate: Any, timeout: float | None,
+                 awaits: Any = None) -> bool:
+        """Block a task until ``predicate()`` holds.  ``awaits``: the ObjectRef keys
+        it waits for; the head is told, lends this worker's CPU out meanwhile and
+        sends it what the task waits for, to run on top of it (see
+        SchedulerState._next_nested).  None: a short wait for the head's answer,
+        which lends nothing.  In a concurrent actor's thread: wait for the main
+        thread to file news."""
         if self._from_pool_thread():
             deadline = None if timeout is None else time.monotonic() + timeout
             with self.news:
@@ -425,14 +484,13 @@ class Worker:
         if predicate():
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.nesting += 1
-        lend = self.actor is None and self.nesting <= MAX_NESTING  # an actor's calls stay in order
         waiting = self.stack[-1] if self.stack else None
+        # an actor's calls stay in order: its process runs nothing else meanwhile
+        lend = awaits is not None and self.actor is None
+        nest = lend and len(self.stack) < self.max_nesting_depth()  # room on the stack
         interruptible, self.interruptible = self.interruptible, False
         if lend:
-            self._report(("blocked", True, waiting))
-        elif self.actor is None:
-            self._give_back_queue()
+            self._report(("blocked", True, waiting, tuple(awaits), nest))
         self._flush()
         try:
             while not predicate():
@@ -440,10 +498,9 @@ class Worker:
                     raise ClusterError("the worker is stopping")
                 if waiting is not None and waiting in self.cancelled:
                     raise TaskCancelledError(f"task {waiting} was cancelled while it waited")
+                if self.queue and nest and self._step_nested():
+                    continue
                 if self.queue and lend:
-                    if self._step_nested():
-                        continue
-                if self.queue and self.actor is None:
                     self._give_back_queue()
                 self._flush()
                 wait_ms = 1000 if deadline is None else int((deadline - time.monotonic()) * 1000)
@@ -454,15 +511,15 @@ class Worker:
             return True
         finally:
             self.interruptible = interruptible
-            self.nesting -= 1
             if lend:
                 self._report(("blocked", False, waiting))
             self._flush()
 
     def _step_nested(self) -> bool:
-        """Inside a waiting task: take messages, run one queued call the waiting
-        task made (only those: see SchedulerState._next_nested); hand the head
-        back the other queued tasks, for other workers to run.  Whether it ran one."""
+        """Inside a waiting task: take messages, run one queued task meant to run on
+        top of it (the head sent it for this task, or it is a call this task made);
+        hand the head back the other queued tasks, for other workers to run.
+        Whether it ran one."""
         self._drain()
         innermost = self.stack[-1] if self.stack else None
         kept: deque = deque()
@@ -470,7 +527,7 @@ class Worker:
         for queued in self.queue:
             if queued[0] in self.dropped:
                 self.dropped.discard(queued[0])
-            elif queued[5] != innermost and queued[5] is not None:
+            elif queued[5] != innermost or innermost is None:
                 self._report(("r", queued[0]))
             elif item is None:
                 item = queued
@@ -616,8 +673,8 @@ class Worker:
             ) from None
 
     def _execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
-                 notify: bool, parent: int | None = None) -> tuple:
-        """Run one task; its report (finished or erred)."""
+                 notify: bool, parent: int | None = None, depth: int = 1) -> tuple:
+        """Run one task (``depth`` calls deep); its report (finished or erred)."""
         if notify and self.pool is None:
             self._report(("s", task_id))
             self._flush()
@@ -630,6 +687,7 @@ class Worker:
             if self.pool is None:
                 self.current = task_id
                 self.stack.append(task_id)
+                self.depths.append(depth)
                 self.interruptible = True
             try:
                 result = node(values)
@@ -637,12 +695,14 @@ class Worker:
                 if self.pool is None:
                     self.interruptible = False
                     self.stack.pop()
+                    self.depths.pop()
             if self.pool is None:
                 self.current = outer
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's
             if self.pool is None:
                 self.current = outer
             self.cancelled.discard(task_id)
+            bound_for_travel(exc)
             return ("e", task_id, dumps_exception(exc, getattr(node, "key", task_id)))
         duration = time.perf_counter() - start
         try:
@@ -670,9 +730,42 @@ class Worker:
 
 #: nested tasks run on the stack of the task waiting in get(): room for that
 RECURSION_LIMIT = 20_000
-#: tasks run inside a waiting task at most this deep; deeper, the worker gives its
-#: queued tasks back to the head instead, so the stack stays bounded
-MAX_NESTING = 100
+#: calls made inside tasks nest at most this deep unless ``daskray.max-nesting-depth``
+#: says otherwise; a task that deep cannot make calls (NestingLimitError)
+DEFAULT_MAX_NESTING_DEPTH = 1000
+#: what one nested task may take of the stack: Python frames (the task's own, the
+#: get() it waits in, the worker's) and bytes of C stack, generously
+FRAMES_PER_NESTED_TASK = 50
+STACK_BYTES_PER_NESTED_TASK = 64 * 1024
+
+
+def read_max_nesting_depth() -> int:
+    """``daskray.max-nesting-depth`` from this process's dask config (the driver's,
+    as it was at ``init()``)."""
+    import dask.config
+
+    value = dask.config.get("daskray.max-nesting-depth", DEFAULT_MAX_NESTING_DEPTH)
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"daskray.max-nesting-depth must be a whole number >= 1, got {value!r}; set it "
+            "with dask.config.set({'daskray.max-nesting-depth': 2000}) before daskray.init()")
+    return value
+
+
+def make_room_for_nesting(depth: int) -> None:
+    """Let this process's main thread hold ``depth`` nested tasks: a recursion
+    limit and a stack size limit to fit (the main thread's stack grows on demand
+    up to the soft limit in force, as far as the hard limit allows)."""
+    sys.setrecursionlimit(max(sys.getrecursionlimit(),
+                              RECURSION_LIMIT + depth * FRAMES_PER_NESTED_TASK))
+    soft, hard = resource.getrlimit(resource.RLIMIT_STACK)
+    want = 8 * 1024 * 1024 + depth * STACK_BYTES_PER_NESTED_TASK
+    if hard != resource.RLIM_INFINITY:
+        want = min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
 
 
 def main() -> None:

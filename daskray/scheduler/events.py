@@ -29,11 +29,17 @@ class WorkerJoined:
 
 @dataclass(frozen=True, slots=True)
 class WorkerBlocked:
-    """Task ``task`` on ``worker`` started (``blocked``) or stopped waiting in ``get``."""
+    """Task ``task`` on ``worker`` started (``blocked``) or stopped waiting in
+    ``get``/``wait``.  While it waits its worker runs no other work but the
+    tasks ``task`` waits for (on the same stack), so its CPU is lent out."""
 
     worker: WorkerId
     blocked: bool
     task: TaskId | None = None
+    #: the ObjectRefs (ref keys) the task waits for
+    awaits: tuple = ()
+    #: whether the worker's stack has room for a task run on top of this one
+    nest: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +210,16 @@ class ClientLost:
     client: Any
 
 
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Time passes: ``now`` is the head's monotonic clock, in seconds.  Extra
+    workers idle for long enough are retired on a tick."""
+
+    now: float
+
+
 Event = (
     WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
     | CancelRef | KillActor | ActorStartFailed | LookupActor | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
-    | GraphCancelled | ClientLost
+    | GraphCancelled | ClientLost | Tick
 )

@@ -30,8 +30,13 @@ class Dispatch:
     deps: tuple[tuple[TaskId, DepSource], ...]
     #: report TaskStarted for this task
     notify: bool = False
-    #: the task whose code submitted this one (it may be waiting for it)
+    #: the waiting task this one may run on top of, on the worker's stack: the
+    #: task whose code submitted it, or (dispatched to a worker whose task waits)
+    #: the waiting task it was sent for
     parent: TaskId | None = None
+    #: how deep in nested calls it is: 1 for a call the driver made, 2 for a
+    #: call made by such a task, ...
+    depth: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +144,25 @@ class ReplyActor:
 
 
 @dataclass(frozen=True, slots=True)
+class StartExtraWorker:
+    """Start a worker process named ``worker`` with ``resources`` (besides its one
+    CPU), to stand in for worker ``like`` (and its likes) while their tasks wait
+    in ``get()``.  It joins as any worker does (``WorkerJoined``)."""
+
+    worker: WorkerId
+    resources: dict
+    like: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
+class RetireWorker:
+    """Stop extra worker ``worker``: it is idle and no longer needed.  The
+    scheduler has forgotten it already; its exit needs no replacement."""
+
+    worker: WorkerId
+
+
+@dataclass(frozen=True, slots=True)
 class FreeShared:
     """Remove a shared-memory file: the object in it was freed."""
 
@@ -148,5 +172,5 @@ class FreeShared:
 Instruction = (
     Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
     | ReportStarted | ReportFinished | NotifyRef | StartActor | StopActor
-    | ReplyActor | FreeShared
+    | ReplyActor | FreeShared | StartExtraWorker | RetireWorker
 )

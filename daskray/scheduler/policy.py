@@ -30,6 +30,13 @@ UNKNOWN_DURATION = 0.5
 EWMA_ALPHA = 0.3
 #: an input at most this big travels inline through the head (and is kept there)
 INLINE_THRESHOLD = 100 * 1024
+#: a worker whose tasks wait in get() with nothing to run for this long gets an
+#: extra worker to stand in for it (see SchedulerState, tasks waiting in get())
+EXTRA_START_DELAY = 0.2
+#: an extra worker out of work this long is retired even while tasks still wait
+EXTRA_IDLE_SECONDS = 2.0
+#: extra workers dying before they joined, in a row, after which no more are started
+MAX_EXTRA_START_FAILURES = 3
 #: a result at least this big, asked for by another worker, goes to shared memory
 #: instead of a socket: one copy on the host however many processes read it
 #: (smaller ones are copied: fresh shared pages cost more than a copy)

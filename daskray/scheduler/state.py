@@ -30,6 +30,7 @@ State
                                             (their large inputs live there, or
                                             only it has the resources they need)
     WorkerState.holds      :: {task id}     results kept by the worker
+    WorkerState.waiting    :: [task id]     its tasks waiting in get(), outermost first
 
 Two kinds of graph share the machinery:
 
@@ -43,6 +44,27 @@ Two kinds of graph share the machinery:
 
 A task id is also the id of the object holding its result.  Data nodes are born
 in ``memory`` with their value inline.
+
+Tasks waiting in ``get()``
+--------------------------
+A task that waits in ``get()``/``wait()`` stays on its worker's stack, and its
+worker reports what it waits for (``WorkerBlocked``).  Two things keep the
+cluster going, whoever submitted the work it waits for and in whatever order:
+
+* **nesting**: the worker runs, on top of the waiting task, a ready task that
+  task waits for (directly, or as an input of one it waits for).  That cannot
+  deadlock: the waiting task could not go on before it finished anyway.  Any
+  other task could wait for one below it on the stack, which cannot resume
+  before it returns.  A recursion (``fib``) thus runs depth first on one stack.
+* **extra workers**: when a waiting worker has had nothing to run for a while
+  (``policy.EXTRA_START_DELAY``, time comes with ``Tick``) and ready work waits
+  for a CPU, an *extra* worker process stands in for it, with its resources
+  (``StartExtraWorker``; an idle one is reused at once).  Extra workers are
+  capped (``max_extra_workers``), are not counted as the cluster's resources,
+  take work only while they stand in for a waiting worker, and are retired
+  (``RetireWorker``) once idle, at once when no task waits any more, else after
+  ``policy.EXTRA_IDLE_SECONDS`` -- unless they hold the only copy of an object
+  still needed.
 
 Invariants (checked after every event when ``validate=True``):
 
@@ -63,14 +85,19 @@ from . import policy
 from .events import (
     ActorStartFailed, CancelRef, ClientLost, Event, GraphCancelled, KillActor, LookupActor, GraphId, GraphReleased, GraphSubmitted,
     ObjectPut, RefKey, RefsChanged, Subscribe, TaskErred, WorkerBlocked, TaskFinished, TaskId,
-    TaskReleased, TaskStarted, WorkerId, WorkerJoined, WorkerLost,
+    TaskReleased, TaskStarted, Tick, WorkerId, WorkerJoined, WorkerLost,
 )
 from .instructions import (
     CancelTasks, Dispatch, ForgetGraph, FreeObjects, FreeShared, Instruction, NotifyRef, ReplyActor,
-    ReportError, ReportFinished, ReportResult, ReportStarted, StartActor, StopActor,
+    ReportError, ReportFinished, ReportResult, ReportStarted, RetireWorker, StartActor,
+    StartExtraWorker, StopActor,
 )
 
 WAITING, READY, PROCESSING, MEMORY, ERRED = "waiting", "ready", "processing", "memory", "erred"
+
+#: an event's consequences (fills, stand-ins, retirements) settle in at most this
+#: many rounds; what is left waits for the next event
+SETTLE_ROUNDS = 4
 
 #: allowed (from, to) transitions; anything else is a bug and raises
 TRANSITIONS = {
@@ -152,6 +179,8 @@ class GraphState:
     unfinished: int = 0
     #: the task whose code submitted this graph, if a task did
     parent: TaskId | None = None
+    #: how deep in nested calls its tasks are (1: the driver's own calls)
+    depth: int = 1
     #: objects of other graphs kept alive until this graph's tasks are done
     #: (ObjectRefs inside its arguments); pinned again if lineage runs a task again
     pinned: list[TaskId] = field(default_factory=list)
@@ -194,8 +223,22 @@ class WorkerState:
     queued_estimate: float = 0.0
     actor: str | None = None
     #: tasks of this worker waiting in get(), outermost first: the worker runs them
-    #: nested on one stack, so while any waits it may run only the innermost's calls
+    #: nested on one stack, so while any waits it may run only what the innermost
+    #: waits for (see SchedulerState._next_nested)
     waiting: list[TaskId] = field(default_factory=list)
+    #: its stack has room for one more task on top of the innermost waiting one
+    nest: bool = True
+    #: an extra worker, started to stand in for workers whose tasks wait
+    extra: bool = False
+    #: (an extra worker) the waiting worker whose CPU it uses now; None: it takes
+    #: no new work
+    standin_for: WorkerId | None = None
+    #: (a waiting worker) the extra worker standing in for it, joined or starting
+    stand_in: WorkerId | None = None
+    #: (a waiting worker) the first Tick since when it has had nothing to run
+    lending_since: float | None = None
+    #: when it last ran out of work (the time of the latest Tick)
+    idle_since: float = 0.0
 
 
 def _fits(needed: dict | None, ws: WorkerState) -> bool:
@@ -211,7 +254,7 @@ def _covers(resources: dict, needed: dict | None) -> bool:
 class SchedulerState:
     """See the module docstring."""
 
-    def __init__(self, validate: bool = False) -> None:
+    def __init__(self, validate: bool = False, max_extra_workers: int = 0) -> None:
         self.tasks: dict[TaskId, TaskState] = {}
         self.graphs: dict[GraphId, GraphState] = {}
         self.refs: dict[RefKey, TaskId] = {}
@@ -229,6 +272,20 @@ class SchedulerState:
         self.awaiting_resources: list[TaskId] = []
         self.durations = policy.DurationEstimates()
         self.validate = validate
+        #: extra workers (joined or starting) at most at once
+        self.max_extra_workers = max_extra_workers
+        #: workers with tasks waiting in get(); what each waiting task waits for
+        self.blocked: set[WorkerId] = set()
+        self.awaits: dict[TaskId, list[TaskId]] = {}
+        #: extra workers that joined; those starting, each with the worker it is for
+        self.extras: set[WorkerId] = set()
+        self.extras_starting: dict[WorkerId, WorkerId] = {}
+        self._next_extra = 0
+        #: extra workers in a row that died before they joined: past
+        #: ``policy.MAX_EXTRA_START_FAILURES`` no more are started
+        self.extra_failures = 0
+        #: the time of the latest Tick
+        self.now = 0.0
         self._next_task_id = 0
         self._next_graph_seq = 0
         self._out: list[Instruction] = []
@@ -236,6 +293,8 @@ class SchedulerState:
         self._ready_grew = False
         #: workers that got room or work during this event: filled at its end
         self._room: set[WorkerId] = set()
+        #: a task became ready during this event (see _review_waiting)
+        self._readied = False
         self._handlers = {
             WorkerJoined: self._worker_joined,
             WorkerLost: self._worker_lost,
@@ -255,6 +314,7 @@ class SchedulerState:
             GraphReleased: self._graph_released,
             GraphCancelled: self._graph_cancelled,
             ClientLost: self._client_lost,
+            Tick: self._tick,
         }
 
     def sizes(self) -> dict[str, int]:
@@ -274,6 +334,8 @@ class SchedulerState:
             "queued": sum(len(w.queue) for w in self.workers.values()),
             "processing": sum(len(w.processing) for w in self.workers.values()),
             "held objects": sum(len(w.holds) for w in self.workers.values()),
+            "blocked workers": len(self.blocked),
+            "awaited": len(self.awaits),
         }
 
     # ------------------------------------------------------------------ the one entry
@@ -281,16 +343,22 @@ class SchedulerState:
     def handle(self, event: Event) -> list[Instruction]:
         """Apply one event; return what must be done because of it."""
         self._out = out = []
+        self._readied = False
         self._handlers[type(event)](event)
-        if self._ready_grew:
-            self._ready_grew = False
-            self._fill_round_robin()
-        if self._room:
-            for wid in self._room:
-                ws = self.workers.get(wid)
-                if ws is not None:
-                    self._fill(ws)
-            self._room = set()
+        for _ in range(SETTLE_ROUNDS):
+            if self._ready_grew:
+                self._ready_grew = False
+                self._fill_round_robin()
+            if self._room:
+                room, self._room = self._room, set()
+                for wid in sorted(room):
+                    ws = self.workers.get(wid)
+                    if ws is not None:
+                        self._fill(ws)
+            if self.blocked or self.extras or self.extras_starting:
+                self._review_waiting()
+            if not (self._ready_grew or self._room):
+                break
         if self.validate:
             self.validate_state()
         return out
@@ -302,6 +370,10 @@ class SchedulerState:
             return
         resources = {"CPU": ev.slots, **(ev.resources or {})}
         ws = self.workers[ev.worker] = WorkerState(ev.worker, ev.slots, resources)
+        like = self.extras_starting.pop(ev.worker, None)
+        if like is not None:
+            self._extra_joined(ws, like)
+            return
         if ev.actor is None:
             if resources not in self.worker_shapes:
                 self.worker_shapes.append(resources)
@@ -321,23 +393,74 @@ class SchedulerState:
         actor.state = "alive"
         self._pump_actor(actor)
 
-    def _worker_blocked(self, ev: WorkerBlocked) -> None:
-        """A task on the worker waits for other tasks: lend its slot out meanwhile."""
-        ws = self.workers.get(ev.worker)
-        if ws is not None:
-            if ev.blocked:
-                ws.slots += 1
-                ws.waiting.append(ev.task)
-            else:
-                ws.slots = max(1, ws.slots - 1)
-                if ev.task in ws.waiting:
-                    ws.waiting.remove(ev.task)
+    def _extra_joined(self, ws: WorkerState, like: WorkerId) -> None:
+        """Extra worker ``ws``, started for worker ``like``, joined: it stands in
+        for it if it still waits, else it is a spare (see _review_waiting)."""
+        ws.extra = True
+        ws.idle_since = self.now
+        self.extras.add(ws.id)
+        self.extra_failures = 0
+        waiting = self.workers.get(like)
+        if waiting is not None and waiting.stand_in == ws.id:
+            ws.standin_for = waiting.id
             self._room.add(ws.id)
 
+    def _worker_blocked(self, ev: WorkerBlocked) -> None:
+        """A task on the worker started or stopped waiting in get(): while one waits,
+        the worker runs only what it waits for (_fill_nested), and an extra worker
+        may use its CPU (_review_waiting)."""
+        ws = self.workers.get(ev.worker)
+        if ws is None or ws.actor is not None:
+            return
+        if ev.blocked:
+            ws.waiting.append(ev.task)
+            ws.nest = ev.nest
+            if ev.task is not None:
+                self.awaits[ev.task] = self._await_ids(ev.awaits)
+            self.blocked.add(ws.id)
+        else:
+            if ev.task in ws.waiting:  # the innermost: those below wait on it
+                del ws.waiting[len(ws.waiting) - 1 - ws.waiting[::-1].index(ev.task)]
+                self.awaits.pop(ev.task, None)
+            ws.nest = True  # the one below had room for it
+            if not ws.waiting:
+                self.blocked.discard(ws.id)
+                ws.lending_since = None
+                self._release_stand_in(ws)
+        self._room.add(ws.id)
+
+    def _await_ids(self, keys: Iterable) -> list[TaskId]:
+        """The tasks behind the ObjectRefs a waiting task waits for (those known)."""
+        ids = []
+        for key in keys:
+            try:
+                ts = self._lookup(tuple(key))
+            except TypeError:  # not a ref key: nothing to wait for
+                continue
+            if ts is not None:
+                ids.append(ts.id)
+        return ids
+
+    def _tick(self, ev: Tick) -> None:
+        """Time passes: waiting workers with nothing to run start counting how long."""
+        self.now = ev.now
+        for wid in self.blocked:
+            ws = self.workers[wid]
+            if ws.lending_since is None and self._lending(ws):
+                ws.lending_since = ev.now
+
     def _worker_lost(self, ev: WorkerLost) -> None:
+        like = self.extras_starting.pop(ev.worker, None)
+        if like is not None:  # an extra worker that died before it joined
+            self.extra_failures += 1
+            waiting = self.workers.get(like)
+            if waiting is not None and waiting.stand_in == ev.worker:
+                waiting.stand_in = None
+            return
         ws = self.workers.pop(ev.worker, None)
         if ws is None:
             return
+        self._forget_waiting(ws)
         self._drop_holder(ev.worker.encode())
         crashed: list[tuple[TaskState, str]] = []
         if ws.actor is not None:
@@ -615,8 +738,10 @@ class SchedulerState:
         # program ran sequentially -- that bounds the stacks of waiting workers
         nested = self._submitting_worker(ev.graph) is not None
         seq = -self._next_graph_seq if nested else self._next_graph_seq
+        caller = self.tasks.get(ev.parent) if ev.parent is not None else None
         gs = GraphState(ev.graph, seq, base, n, ev.fail_fast, ev.notify, ev.retry_exceptions,
-                        parent=ev.parent if nested else None)
+                        parent=ev.parent if nested else None,
+                        depth=caller.graph.depth + 1 if caller is not None else 1)
         self._next_graph_seq += 1
         self.graphs[ev.graph] = gs
         groups = ev.groups or ev.names
@@ -1059,6 +1184,131 @@ class SchedulerState:
         holder = None if ts.inline is not None else next(iter(ts.holders), None)
         self._out.append(ReportResult(ts.graph.id, ts.node, ts.inline, holder, ts.store_key))
 
+    # ------------------------------------------------------------------ waiting tasks
+
+    def _review_waiting(self) -> None:
+        """While tasks wait in get(), keep the cluster going: waiting workers run
+        what their innermost task waits for; idle workers take the work queued on
+        waiting ones; a waiting worker with nothing to run lends its CPU to an
+        extra worker when ready work waits for one; idle extras retire."""
+        if self._readied and self.blocked:  # workers with room were filled already
+            self._readied = False
+            for wid in sorted(self.blocked):
+                self._fill_nested(self.workers[wid])
+            for ws in list(self.workers.values()):
+                if not ws.processing and not ws.waiting and self._takes_work(ws):
+                    self._fill(ws)
+        for wid in sorted(self.blocked):
+            ws = self.workers[wid]
+            if not self._lending(ws):
+                ws.lending_since = None
+            elif ws.stand_in is None:
+                self._find_stand_in(ws)
+        self._retire_idle_extras()
+
+    def _find_stand_in(self, ws: WorkerState) -> None:
+        """Let an extra worker alike use the CPU of waiting worker ``ws``, if ready
+        work waits for a CPU: a spare one, or -- once ``ws`` has had nothing to run
+        for ``policy.EXTRA_START_DELAY`` (short waits are not worth a process) -- a
+        new one, while under the cap."""
+        starting = [name for name, like in self.extras_starting.items() if like == ws.id]
+        if starting:  # started for it before, and still on its way: it will do
+            ws.stand_in = starting[0]
+            return
+        spares = [self.workers[e] for e in sorted(self.extras)
+                  if self.workers[e].standin_for is None and not self.workers[e].waiting
+                  and self.workers[e].resources == ws.resources]
+        can_start = (len(self.extras) + len(self.extras_starting) < self.max_extra_workers
+                     and self.extra_failures < policy.MAX_EXTRA_START_FAILURES
+                     and ws.lending_since is not None
+                     and self.now - ws.lending_since >= policy.EXTRA_START_DELAY)
+        if not (spares or can_start) or not self._work_waiting(ws):
+            return
+        if spares:
+            extra = min(spares, key=lambda e: len(e.processing))
+            extra.standin_for = ws.id
+            extra.idle_since = self.now
+            ws.stand_in = extra.id
+            self._fill(extra)
+            return
+        self._next_extra += 1
+        name = f"x{self._next_extra}"
+        self.extras_starting[name] = ws.id
+        ws.stand_in = name
+        resources = {k: v for k, v in ws.resources.items() if k != "CPU"}
+        self._out.append(StartExtraWorker(name, resources, ws.id))
+
+    def _work_waiting(self, ws: WorkerState) -> bool:
+        """Whether a ready task a worker like ``ws`` could run waits for a CPU (it
+        would have been dispatched had one been free)."""
+        tasks = self.tasks
+        for heap in (self.ready, *(w.queue for w in self.workers.values())):
+            for _, tid in heap:
+                ts = tasks.get(tid)
+                if (ts is not None and ts.state == READY and ts.actor is None
+                        and _fits(ts.resources, ws)):
+                    return True
+        return False
+
+    def _release_stand_in(self, ws: WorkerState) -> None:
+        """Worker ``ws`` no longer waits (or is gone): its stand-in, joined or still
+        starting, takes no new work for it."""
+        name, ws.stand_in = ws.stand_in, None
+        extra = self.workers.get(name) if name is not None else None
+        if extra is not None and extra.standin_for == ws.id:
+            self._unbind(extra)
+
+    def _unbind(self, extra: WorkerState) -> None:
+        """Extra worker ``extra`` stands in for nobody now: it finishes what it was
+        sent, and what was queued for it goes elsewhere."""
+        extra.standin_for = None
+        queue, extra.queue = extra.queue, []
+        for _, tid in queue:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts.state == READY:
+                self._place(ts)
+
+    def _forget_waiting(self, ws: WorkerState) -> None:
+        """Worker ``ws`` is gone: so are its waiting tasks and its stand-in ties."""
+        for tid in ws.waiting:
+            self.awaits.pop(tid, None)
+        self.blocked.discard(ws.id)
+        self.extras.discard(ws.id)
+        if ws.stand_in is not None:
+            self._release_stand_in(ws)
+        stood_for = self.workers.get(ws.standin_for) if ws.standin_for is not None else None
+        if stood_for is not None and stood_for.stand_in == ws.id:
+            stood_for.stand_in = None
+
+    def _retire_idle_extras(self) -> None:
+        """Retire the extra workers out of work: at once when no task waits any
+        more, else after ``policy.EXTRA_IDLE_SECONDS`` (a spare is kept that long
+        for the next worker whose task waits) -- but not one holding the only copy
+        of an object still needed."""
+        for wid in sorted(self.extras):
+            extra = self.workers[wid]
+            if extra.processing or extra.waiting or any(
+                    tid in self.tasks and self.tasks[tid].state == READY for _, tid in extra.queue):
+                continue
+            idle_long = self.now - extra.idle_since >= policy.EXTRA_IDLE_SECONDS
+            if not idle_long and (extra.standin_for is not None or self.blocked):
+                continue
+            if self._holds_only_copy(extra):
+                continue
+            if extra.standin_for is not None:
+                self._release_stand_in(self.workers[extra.standin_for])
+            self._worker_lost(WorkerLost(wid, "retired: it was idle"))
+            self._out.append(RetireWorker(wid))
+
+    def _holds_only_copy(self, ws: WorkerState) -> bool:
+        """Whether ``ws`` is the only holder of an object something still needs."""
+        for tid in ws.holds:
+            ts = self.tasks.get(tid)
+            if (ts is not None and ts.inline is None and ts.holders == {ws.id}
+                    and (ts.pending_dependents or ts.refs)):
+                return True
+        return False
+
     # ------------------------------------------------------------------ placement
 
     def _transition(self, ts: TaskState, new: str) -> None:
@@ -1084,8 +1334,9 @@ class SchedulerState:
             if actor is not None:
                 self._pump_actor(actor)
             return
+        self._readied = True
         candidates = [w for w in self.workers.values()
-                      if w.actor is None and _fits(ts.resources, w)]
+                      if self._takes_work(w) and _fits(ts.resources, w)]
         if ts.resources and not candidates:
             if not self.worker_shapes or any(
                     _covers(shape, ts.resources) for shape in self.worker_shapes):
@@ -1111,7 +1362,7 @@ class SchedulerState:
             target = min(candidates, key=lambda w: len(w.processing) + len(w.queue)).id
         if target is None and not ts.graph.fail_fast:
             parent = self._submitting_worker(ts.graph.id)
-            if parent is not None and _fits(ts.resources, parent):
+            if parent is not None and self._takes_work(parent) and _fits(ts.resources, parent):
                 target = parent.id  # idle workers still take it from there
         if target is None:
             heapq.heappush(self.ready, (ts.priority, ts.id))
@@ -1125,8 +1376,6 @@ class SchedulerState:
         whichever has the higher priority; when both are empty and the worker is
         idle, take the longest other worker's queued work it can run."""
         tasks = self.tasks
-        if ws.waiting:
-            return self._next_nested(ws)
         for heap in (ws.queue, self.ready):
             self._drop_stale(heap)
         if ws.queue and (not self.ready or ws.queue[0] <= self.ready[0]):
@@ -1158,29 +1407,58 @@ class SchedulerState:
             heapq.heappop(heap)
 
     def _next_nested(self, ws: WorkerState) -> TaskState | None:
-        """For a worker whose tasks wait in get(): the best queued call made by the
-        innermost waiting task.  It runs on that task's stack; anything else there
-        could need a task below it on the stack (a deadlock), or grow the stack
-        without bound.  Other workers take the rest from this worker's queue."""
-        innermost = ws.waiting[-1]
-        best = None
-        for i, (prio, tid) in enumerate(ws.queue):
-            ts = self.tasks.get(tid)
-            if (ts is not None and ts.state == READY and ts.graph.parent == innermost
-                    and (best is None or prio < ws.queue[best][0])):
-                best = i
-        if best is None:
-            # independent ready work (submitted by the driver: all its inputs are
-            # there) keeps the cluster going when every worker waits
-            self._drop_stale(self.ready)
-            if self.ready and self.tasks[self.ready[0][1]].graph.parent is None:
-                return self.tasks[heapq.heappop(self.ready)[1]]
+        """For a worker whose tasks wait in get(): the first ready task (in the order
+        awaited) the innermost waiting task waits for, directly or as an input of a
+        task it waits for, that ``ws`` can run -- wherever it is queued.  It runs on
+        that task's stack, which cannot deadlock: the waiting task could not go on
+        before it finished anyway.  Anything else could wait for a task below it on
+        the stack, which cannot resume before it returns."""
+        awaited = self.awaits.get(ws.waiting[-1])
+        if not awaited:
             return None
-        tid = ws.queue[best][1]
-        ws.queue[best] = ws.queue[-1]
-        ws.queue.pop()
-        heapq.heapify(ws.queue)
-        return self.tasks[tid]
+        tasks = self.tasks
+        done = 0
+        for tid in awaited:  # finished ones, from the front: they are what it has
+            ts = tasks.get(tid)
+            if ts is not None and ts.state not in (MEMORY, ERRED):
+                break
+            done += 1
+        del awaited[:done]
+        seen: set[TaskId] = set()
+        stack = awaited[::-1]
+        while stack:
+            tid = stack.pop()
+            if tid in seen:
+                continue
+            seen.add(tid)
+            ts = tasks.get(tid)
+            if ts is None:
+                continue
+            if ts.state == READY:
+                if ts.actor is None and _fits(ts.resources, ws):
+                    return ts  # its entry in a queue is dropped there as stale
+            elif ts.state == WAITING:
+                stack.extend(reversed(ts.deps))
+        return None
+
+    def _fill_nested(self, ws: WorkerState) -> None:
+        """A worker whose innermost task waits and which runs nothing else: give it
+        a task to run on top of that one, if there is one (see _next_nested)."""
+        if ws.nest and self._lending(ws):
+            ts = self._next_nested(ws)
+            if ts is not None:
+                self._dispatch(ts, ws, nested_for=ws.waiting[-1])
+
+    def _lending(self, ws: WorkerState) -> bool:
+        """Whether every task dispatched to ``ws`` waits in get(): its CPU is idle.
+        (A waiting task is one of its dispatched ones until it has stopped waiting.)"""
+        waiting = ws.waiting
+        return bool(waiting) and len(ws.processing) <= len(waiting) - waiting.count(None)
+
+    def _takes_work(self, ws: WorkerState) -> bool:
+        """Whether ready work may be queued on ``ws``: not an actor's process, nor an
+        extra worker that stands in for no waiting worker."""
+        return ws.actor is None and (not ws.extra or ws.standin_for is not None)
 
     def _fill_round_robin(self) -> None:
         """Share new ready work out one task (with its siblings) per worker per
@@ -1188,7 +1466,8 @@ class SchedulerState:
         while self.ready:
             progressed = False
             for ws in sorted(self.workers.values(), key=lambda w: len(w.processing)):
-                if ws.actor is None and policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
+                if (self._takes_work(ws) and not ws.waiting
+                        and policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate)):
                     ts = self._next_task(ws)
                     if ts is not None:
                         self._dispatch_with_siblings(ts, ws)
@@ -1220,11 +1499,17 @@ class SchedulerState:
             self._room.add(ws.id)
 
     def _fill(self, ws: WorkerState) -> None:
-        """Dispatch tasks to ``ws`` while it has room (an actor's process: its calls)."""
+        """Dispatch tasks to ``ws`` while it has room (an actor's process: its calls;
+        a worker whose task waits: what that task waits for)."""
         if ws.actor is not None:
             actor = self.actors.get(ws.actor)
             if actor is not None and actor.worker == ws.id:
                 self._pump_actor(actor)
+            return
+        if ws.waiting:
+            self._fill_nested(ws)
+            return
+        if not self._takes_work(ws):
             return
         while policy.has_capacity(len(ws.processing), ws.slots, ws.queued_estimate):
             ts = self._next_task(ws)
@@ -1232,7 +1517,8 @@ class SchedulerState:
                 return
             self._dispatch_with_siblings(ts, ws)
 
-    def _dispatch(self, ts: TaskState, ws: WorkerState) -> None:
+    def _dispatch(self, ts: TaskState, ws: WorkerState, nested_for: TaskId | None = None) -> None:
+        """Send ``ts`` to ``ws``; ``nested_for``: the waiting task it is to run on top of."""
         self._transition(ts, PROCESSING)
         ts.worker = ws.id
         ts.est = self.durations.estimate(ts.group)
@@ -1253,7 +1539,7 @@ class SchedulerState:
                 deps.append((key, ("peer", next(iter(dep.holders)))))
         self._out.append(
             Dispatch(ws.id, ts.id, ts.graph.id, ts.body, tuple(deps), ts.graph.notify,
-                     ts.graph.parent)
+                     ts.graph.parent if nested_for is None else nested_for, ts.graph.depth)
         )
 
     def _unqueue(self, ws: WorkerState, tid: TaskId) -> None:
@@ -1267,6 +1553,7 @@ class SchedulerState:
             ws.queued_estimate = max(0.0, ws.queued_estimate - (ts.est if ts else 0.0))
             if not ws.processing:
                 ws.queued_estimate = 0.0
+                ws.idle_since = self.now
 
     # ------------------------------------------------------------------ freeing
 
@@ -1349,3 +1636,12 @@ class SchedulerState:
             for tid in ws.holds:
                 ts = self.tasks.get(tid)
                 assert ts is not None and ws.id in ts.holders, (ws.id, tid)
+            assert bool(ws.waiting) == (ws.id in self.blocked), ws.id
+            assert ws.extra == (ws.id in self.extras), ws.id
+            if ws.standin_for is not None:
+                assert ws.extra and self.workers[ws.standin_for].stand_in == ws.id, ws.id
+            if ws.stand_in is not None:
+                assert ws.waiting, ws.id
+                assert (self.extras_starting.get(ws.stand_in) == ws.id
+                        or self.workers[ws.stand_in].standin_for == ws.id), ws.id
+        assert len(self.extras) + len(self.extras_starting) <= self.max_extra_workers
