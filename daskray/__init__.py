@@ -18,8 +18,8 @@ from typing import Any
 
 from .errors import (
     ActorDiedError, ActorError, ClusterError, DaskrayError, GetTimeoutError, GraphError,
-    ObjectLostError, ObjectStoreFullError, RemoteTraceback, SerializationError,
-    TaskCancelledError, TaskError, WorkerCrashedError,
+    NestingLimitError, ObjectLostError, ObjectStoreFullError, RemoteTraceback,
+    SerializationError, TaskCancelledError, TaskError, WorkerCrashedError,
 )
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "DaskrayError", "ClusterError", "GraphError", "SerializationError", "TaskError",
     "RemoteTraceback", "WorkerCrashedError", "ObjectLostError", "TaskCancelledError",
     "GetTimeoutError", "ActorDiedError", "ActorError", "ObjectStoreFullError",
+    "NestingLimitError",
 ]
 
 
