@@ -97,18 +97,16 @@ def live_children(pid: int, marker: str) -> list[int]:
     return found
 
 
-class Killer:
-    """SIGKILLs a random live task worker every ``period`` seconds until stopped."""
+class _KillerThread:
+    """A thread that SIGKILLs processes (``_run`` says which) while the ``with``
+    block runs; ``kills`` lists the pids it killed."""
 
-    def __init__(self, period: float, seed: int = 0) -> None:
-        self.period = period
-        self.random = random.Random(seed)
+    def __init__(self) -> None:
         self.kills: list[int] = []
         self._stop = threading.Event()
-        self._head = head_pid()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> "Killer":
+    def __enter__(self):
         self._thread.start()
         return self
 
@@ -116,16 +114,31 @@ class Killer:
         self._stop.set()
         self._thread.join(10)
 
+    def kill(self, pid: int) -> None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            self.kills.append(pid)
+        except ProcessLookupError:
+            pass
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class Killer(_KillerThread):
+    """SIGKILLs a random live task worker every ``period`` seconds until stopped."""
+
+    def __init__(self, period: float, seed: int = 0) -> None:
+        super().__init__()
+        self.period = period
+        self.random = random.Random(seed)
+        self._head = head_pid()
+
     def _run(self) -> None:
         while not self._stop.wait(self.period):
             pids = live_children(self._head, "start_worker")
             if pids:
-                pid = self.random.choice(pids)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                    self.kills.append(pid)
-                except ProcessLookupError:
-                    pass
+                self.kill(self.random.choice(pids))
 
 
 def assert_state_empty(timeout: float = 20) -> None:
@@ -209,25 +222,15 @@ class Forwarder:
         return seqs
 
 
-class LifeKiller:
+class LifeKiller(_KillerThread):
     """SIGKILLs the actor's process once it has served ``after`` calls in its
     life (read from the log the actor writes), each of its lives."""
 
     def __init__(self, log: str, after: int) -> None:
+        super().__init__()
         self.log = log
         self.after = after
-        self.kills: list[int] = []
         self._served: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> "LifeKiller":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(10)
 
     def _run(self) -> None:
         offset = 0
@@ -244,11 +247,7 @@ class LifeKiller:
                 pid = int(line)
                 self._served[pid] = self._served.get(pid, 0) + 1
                 if self._served[pid] == self.after:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                        self.kills.append(pid)
-                    except ProcessLookupError:
-                        pass
+                    self.kill(pid)
 
 
 @pytest.mark.timeout(150)
