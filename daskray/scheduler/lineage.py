@@ -83,6 +83,21 @@ class Lineage:
                 self._make_ready(ts)
         return None
 
+    def _rerun_reader(self, ts: TaskState) -> None:
+        """``ts`` failed while an input it read was lost and being computed again
+        (``input_lost``): it waits for that input and runs again -- or, if computing
+        the input again failed, fails with its error."""
+        ts.input_lost = False
+        failed = next((self.tasks[d] for d in ts.deps if self.tasks[d].state == ERRED), None)
+        if failed is not None:
+            self._fail(ts, failed.failure)
+            return
+        ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
+        if ts.waiting_on:
+            self._transition(ts, WAITING)
+        else:
+            self._make_ready(ts)
+
     def _cannot_run_again(self, ts: TaskState) -> str | None:
         """Why lineage cannot run ``ts`` again, or None if it can."""
         if ts.body is None:

@@ -80,16 +80,7 @@ class TaskOutcomes:
             return
         ts.worker = None
         if ts.input_lost and not ts.cancel_requested:  # it read an input that was lost
-            ts.input_lost = False
-            failed = next((self.tasks[d] for d in ts.deps if self.tasks[d].state == ERRED), None)
-            if failed is not None:  # and computing it again failed
-                self._fail(ts, failed.failure)
-                return
-            ts.waiting_on = sum(1 for d in ts.deps if self.tasks[d].state != MEMORY)
-            if ts.waiting_on:
-                self._transition(ts, WAITING)
-            else:
-                self._make_ready(ts)
+            self._rerun_reader(ts)
             return
         if ts.graph.retry_exceptions and ts.retries_left > 0 and not ts.cancel_requested:
             ts.retries_left -= 1

@@ -4,33 +4,24 @@ Events in, instructions out; :meth:`SchedulerState.handle` is the only way state
 changes.  No sockets, no pickle, no threads, no clock: time arrives inside events
 (task durations) and payloads are opaque bytes.
 
-State
------
-::
+Where things are
+----------------
+``SchedulerState`` (here) holds the state, the event table and ``handle``; each
+concern is a mixin working on that one state, in a module of its own:
 
-    tasks        :: {task id: TaskState}        every live node of every graph
-    graphs       :: {graph id: GraphState}
-    refs         :: {ref key: task id}          objects of remote graphs, by ObjectRef key
-    workers      :: {worker id: WorkerState}
-    ready        :: heap[(priority, task id)]   ready tasks free to run anywhere
-    durations    :: DurationEstimates           per task group
-
-    TaskState.state in  waiting ─> ready ─> processing ─> memory ─> (forgotten)
-                          │          ^          │  │
-                          │          └──────────┘  └─> erred ─> (forgotten)
-                          └─────────────────────────────┘   (an input failed)
-
-    and back to waiting (lineage, dask graphs): a memory task whose only copy
-    died with its worker runs again, with any of its inputs freed meanwhile;
-    its readers that were ready wait again, those already running run again
-    if they fail.
-
-    WorkerState.processing :: {task id}     dispatched, not yet reported back
-    WorkerState.queue      :: heap          ready tasks placed on this worker
-                                            (their large inputs live there, or
-                                            only it has the resources they need)
-    WorkerState.holds      :: {task id}     results kept by the worker
-    WorkerState.waiting    :: [task id]     its tasks waiting in get(), outermost first
+==============  =============================================================
+``model``       the records (TaskState, GraphState, ActorState, WorkerState),
+                the task states and the transitions allowed between them
+``workers``     workers joining and leaving
+``graphs``      graph intake: graphs and ``put`` objects in, released, cancelled
+``outcomes``    worker reports on tasks, failures, telling clients of results
+``lifetimes``   reference counts, pins, freeing what nothing needs any more
+``lineage``     computing lost results again
+``actors``      actor creation, calls in order, restarts, death, names
+``placement``   where ready tasks go, dispatch, siblings, stealing (the tunable
+                choices are in ``policy``)
+``waiting``     tasks waiting in ``get()``: nesting and extra workers
+==============  =============================================================
 
 Two kinds of graph share the machinery:
 
@@ -72,20 +63,15 @@ Invariants (checked after every event when ``validate=True``):
 * ``waiting_on`` counts the task's inputs not in memory;
 * a ``memory`` object still needed has its value inline or at least one holder;
 * a worker holds only objects whose task lists it as a holder.
+* a worker is in ``blocked`` exactly while tasks of it wait in get();
+* an extra worker is in ``extras``; it and the waiting worker it stands in
+  for name each other; extra workers joined or starting are at most
+  ``max_extra_workers``.
 """
 
 from __future__ import annotations
 
 from . import policy
-from .workers import Membership
-from .graphs import GraphIntake
-from .outcomes import TaskOutcomes
-from .lifetimes import RefLifetimes
-from .lineage import Lineage
-from .actors import ActorLifecycle
-from .placement import Placement
-from .waiting import WaitingTasks
-
 from .events import (
     ActorStartFailed, CancelRef, ClientLost, Event, GraphCancelled, KillActor, LookupActor,
     GraphId, GraphReleased, GraphSubmitted, ObjectPut, RefKey, RefsChanged, Subscribe,
@@ -97,10 +83,80 @@ from .model import (
     WAITING, PROCESSING, MEMORY, SETTLE_ROUNDS, TRANSITIONS, InvalidTransition, TaskState,
     GraphState, ActorState, WorkerState,
 )
+from .workers import Membership
+from .graphs import GraphIntake
+from .outcomes import TaskOutcomes
+from .lifetimes import RefLifetimes
+from .lineage import Lineage
+from .actors import ActorLifecycle
+from .placement import Placement
+from .waiting import WaitingTasks
+
+__all__ = ["SchedulerState", "InvalidTransition"]
 
 
-class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineage, ActorLifecycle, Placement, WaitingTasks):
-    """See the module docstring."""
+class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineage,
+                     ActorLifecycle, Placement, WaitingTasks):
+    """The scheduler's whole state, changed only by :meth:`handle` (see the module
+    docstring; each concern's methods are in its own module).
+
+    State
+    -----
+    Every container of the state (the records' own fields are in ``model``)::
+
+        tasks              :: {task id: TaskState}       every live node of every graph
+        graphs             :: {graph id: GraphState}     graphs not yet released or done
+        refs               :: {ref key: task id}         objects of remote graphs, by ObjectRef key
+        ref_holders        :: {process: {task id}}       the ObjectRefs each process holds
+        actors             :: {actor id: ActorState}     actors until dead and unreferenced
+        actor_names        :: {name: (actor id, handle)} named actors still alive
+        workers            :: {worker id: WorkerState}   joined workers, actors' processes too
+        ready              :: heap[(priority, task id)]  ready tasks free to run anywhere
+        worker_shapes      :: [resources]                of every task worker that joined
+        awaiting_resources :: [task id]                  ready tasks no live worker can run yet
+        durations          :: DurationEstimates          per task group
+        blocked            :: {worker id}                workers with tasks waiting in get()
+        awaits             :: {task id: [task id]}       what each waiting task waits for
+        extras             :: {worker id}                extra workers that joined
+        extras_starting    :: {worker id: worker id}     extra workers starting, and for whom
+        extra_failures     :: int                        extras that died unjoined, in a row
+        now                :: float                      the time of the latest Tick
+
+    and, per event (emptied by :meth:`handle`): ``_out`` (the instructions),
+    ``_room`` (workers to fill), ``_ready_grew`` and ``_readied`` (the ready
+    heap grew; a task became ready).  ``validate``, ``max_extra_workers`` and
+    the id counters ``_next_task_id``, ``_next_graph_seq``, ``_next_extra``
+    complete it.
+
+    ::
+
+        TaskState.state in  waiting ─> ready ─> processing ─> memory ─> (forgotten)
+                              │          ^          │  │
+                              │          └──────────┘  └─> erred ─> (forgotten)
+                              └─────────────────────────────┘   (an input failed)
+
+        and back to waiting (lineage, dask graphs): a memory task whose only copy
+        died with its worker runs again, with any of its inputs freed meanwhile;
+        its readers that were ready wait again, those already running run again
+        if they fail.  (``model.TRANSITIONS`` lists every transition allowed.)
+
+        TaskState.dependents   :: [task id]    tasks reading this one's result
+        TaskState.holders      :: {worker id}  workers holding its result
+        TaskState.subscribers  :: {client}     told when it is ready or failed
+        TaskState.contained    :: [task id]    objects whose ObjectRefs its value holds
+
+        GraphState.pinned      :: [task id]    objects its arguments refer to
+
+        ActorState.calls       :: deque        calls not yet dispatched, in order
+        ActorState.in_flight   :: [task id]    calls dispatched, not yet reported back
+
+        WorkerState.processing :: {task id}    dispatched, not yet reported back
+        WorkerState.queue      :: heap         ready tasks placed on this worker
+                                               (their large inputs live there, or
+                                               only it has the resources they need)
+        WorkerState.holds      :: {task id}    results kept by the worker
+        WorkerState.waiting    :: [task id]    its tasks waiting in get(), outermost first
+    """
 
     def __init__(self, validate: bool = False, max_extra_workers: int = 0) -> None:
         self.tasks: dict[TaskId, TaskState] = {}
