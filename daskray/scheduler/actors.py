@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .events import ActorStartFailed, KillActor, LookupActor, GraphSubmitted
+from .events import ActorStartFailed, GraphSubmitted, KillActor, LookupActor, TaskId
 from .instructions import ReplyActor, StartActor, StopActor
 from .model import (
     WAITING, READY, PROCESSING, MEMORY, ERRED, TaskState, GraphState, ActorState, WorkerState,
@@ -55,6 +55,57 @@ class ActorLifecycle:
         call.actor = actor.id
         call.resources = None  # the actor's process has them
         actor.calls.append(call.id)
+
+    def _actor_process_joined(self, ws: WorkerState, actor_id: str) -> None:
+        """The process started for actor ``actor_id`` joined: it runs the actor's
+        calls, or stops at once if the actor died meanwhile."""
+        ws.actor = actor_id
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.state == "dead":
+            self._out.append(StopActor(actor_id, ws.id))
+            return
+        actor.worker = ws.id
+        actor.state = "alive"
+        self._pump_actor(actor)
+
+    def _queue_call(self, ts: TaskState) -> None:
+        """Actor call ``ts`` is ready: it runs when its actor gets to it, in order."""
+        actor = self.actors.get(ts.actor)
+        if actor is not None:
+            self._pump_actor(actor)
+
+    def _fill_actor_process(self, ws: WorkerState) -> None:
+        """The process of an actor has room: it takes the actor's next calls."""
+        actor = self.actors.get(ws.actor)
+        if actor is not None and actor.worker == ws.id:
+            self._pump_actor(actor)
+
+    def _call_returned(self, ws: WorkerState, tid: TaskId) -> None:
+        """The process of an actor reported call ``tid`` back: no longer in flight."""
+        actor = self.actors.get(ws.actor)
+        if actor is not None and tid in actor.in_flight:
+            actor.in_flight.remove(tid)
+
+    def _constructor_of_live_actor(self, ts: TaskState) -> bool:
+        """Whether ``ts`` is the constructor of an actor not dead: a restart runs it
+        again, so its inputs are kept."""
+        actor = self.actors.get(ts.actor)
+        return actor is not None and actor.creation == ts.id and actor.state != "dead"
+
+    def _drop_actor_of(self, ts: TaskState) -> bool:
+        """Nothing references the object of ``ts`` any more.  If ``ts`` is an
+        actor's constructor, its handles are all gone: the actor is killed (unless
+        detached) and forgotten once dead.  Whether the object may be freed: not
+        while a detached actor lives (a restart runs its constructor again)."""
+        actor = self.actors.get(ts.actor)
+        if actor is None or actor.creation != ts.id:
+            return True
+        if actor.state != "dead" and not actor.detached:
+            self._kill_actor(KillActor(actor.id), "all its handles were dropped")
+        if actor.state != "dead":
+            return False
+        self.actors.pop(actor.id, None)
+        return True
 
     def _actor_lost(self, ws: WorkerState, reason: str) -> list[tuple[TaskState, str]]:
         """The process of an actor died: restart it, or fail what it was to run."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .events import KillActor, RefsChanged, TaskId
+from .events import RefsChanged, TaskId
 from .instructions import ForgetGraph, FreeObjects, FreeShared
 from .model import MEMORY, ERRED, TaskState, GraphState
 
@@ -58,10 +58,8 @@ class RefLifetimes:
         """``ts`` no longer needs its inputs (it finished, failed or was dropped)."""
         if ts.deps_released:
             return
-        if ts.actor is not None:
-            actor = self.actors.get(ts.actor)
-            if actor is not None and actor.creation == ts.id and actor.state != "dead":
-                return  # a restart re-runs the constructor with the same arguments
+        if ts.actor is not None and self._constructor_of_live_actor(ts):
+            return  # a restart re-runs the constructor with the same arguments
         ts.deps_released = True
         for d in ts.deps:
             dep = self.tasks.get(d)
@@ -77,14 +75,8 @@ class RefLifetimes:
             return
         if ts.body is None and ts.graph.fail_fast and ts.graph.id in self.graphs:
             return
-        if ts.actor is not None:
-            actor = self.actors.get(ts.actor)
-            if actor is not None and actor.creation == ts.id:
-                if actor.state != "dead" and not actor.detached:
-                    self._kill_actor(KillActor(actor.id), "all its handles were dropped")
-                if actor.state != "dead":
-                    return  # a detached actor keeps its constructor, to re-run on restart
-                self.actors.pop(actor.id, None)
+        if ts.actor is not None and not self._drop_actor_of(ts):
+            return  # a detached actor keeps its constructor, to re-run on restart
         for wid in ts.holders:
             ws = self.workers.get(wid)
             if ws is not None:

@@ -11,10 +11,6 @@ from .events import GraphId, TaskId, WorkerId
 
 WAITING, READY, PROCESSING, MEMORY, ERRED = "waiting", "ready", "processing", "memory", "erred"
 
-#: an event's consequences (fills, stand-ins, retirements) settle in at most this
-#: many rounds; what is left waits for the next event
-SETTLE_ROUNDS = 4
-
 #: allowed (from, to) transitions; anything else is a bug and raises
 TRANSITIONS = {
     (WAITING, READY), (READY, PROCESSING), (PROCESSING, MEMORY), (PROCESSING, READY),

@@ -26,9 +26,7 @@ class Placement:
         least loaded one able to run it), else in the global ready heap.  A call of
         an actor waits in its actor's own queue instead."""
         if ts.actor is not None:
-            actor = self.actors.get(ts.actor)
-            if actor is not None:
-                self._pump_actor(actor)
+            self._queue_call(ts)
             return
         self._readied = True
         candidates = [w for w in self.workers.values()
@@ -149,9 +147,7 @@ class Placement:
         """Dispatch tasks to ``ws`` while it has room (an actor's process: its calls;
         a worker whose task waits: what that task waits for)."""
         if ws.actor is not None:
-            actor = self.actors.get(ws.actor)
-            if actor is not None and actor.worker == ws.id:
-                self._pump_actor(actor)
+            self._fill_actor_process(ws)
             return
         if ws.waiting:
             self._fill_nested(ws)
@@ -191,9 +187,7 @@ class Placement:
 
     def _unqueue(self, ws: WorkerState, tid: TaskId) -> None:
         if ws.actor is not None:
-            actor = self.actors.get(ws.actor)
-            if actor is not None and tid in actor.in_flight:
-                actor.in_flight.remove(tid)
+            self._call_returned(ws, tid)
         if tid in ws.processing:
             ws.processing.discard(tid)
             ts = self.tasks.get(tid)

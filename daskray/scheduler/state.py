@@ -80,7 +80,7 @@ from .events import (
 )
 from .instructions import Instruction
 from .model import (
-    WAITING, PROCESSING, MEMORY, SETTLE_ROUNDS, TRANSITIONS, InvalidTransition, TaskState,
+    WAITING, PROCESSING, MEMORY, TRANSITIONS, InvalidTransition, TaskState,
     GraphState, ActorState, WorkerState,
 )
 from .workers import Membership
@@ -93,6 +93,10 @@ from .placement import Placement
 from .waiting import WaitingTasks
 
 __all__ = ["SchedulerState", "InvalidTransition"]
+
+#: an event's consequences (fills, stand-ins, retirements) settle in at most this
+#: many rounds; what is left waits for the next event
+SETTLE_ROUNDS = 4
 
 
 class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineage,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .events import WorkerJoined, WorkerLost
-from .instructions import StopActor
 from .model import READY, PROCESSING, MEMORY, TaskState, WorkerState
 
 
@@ -33,14 +32,7 @@ class Membership:
                 if ts is not None and ts.state == READY:
                     self._place(ts)
             return
-        ws.actor = ev.actor
-        actor = self.actors.get(ev.actor)
-        if actor is None or actor.state == "dead":
-            self._out.append(StopActor(ev.actor, ev.worker))
-            return
-        actor.worker = ev.worker
-        actor.state = "alive"
-        self._pump_actor(actor)
+        self._actor_process_joined(ws, ev.actor)
 
     def _worker_lost(self, ev: WorkerLost) -> None:
         like = self.extras_starting.pop(ev.worker, None)
