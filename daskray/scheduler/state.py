@@ -2,7 +2,7 @@
 
 Events in, instructions out; :meth:`SchedulerState.handle` is the only way state
 changes.  No sockets, no pickle, no threads, no clock: time arrives inside events
-(task durations) and payloads are opaque bytes.
+(task durations, ``Tick``) and payloads are opaque bytes.
 
 Where things are
 ----------------
