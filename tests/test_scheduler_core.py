@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import pathlib
+import sys
 
 import pytest
 
@@ -814,3 +817,21 @@ def test_calls_made_inside_tasks_carry_how_deep_they_are():
         (d,) = [d for d in of(Dispatch, out) if d.task == caller + 1]
         assert d.depth == level and d.parent == caller
         caller = d.task
+
+
+def test_the_core_imports_nothing_that_does_io():
+    """Every module of the core imports only its siblings and pure standard-library
+    helpers: no sockets, pickle, threads or clock, so it stays testable as data."""
+    allowed = {"__future__", "collections", "dataclasses", "heapq", "typing"}
+    modules = sorted(pathlib.Path(sys.modules[SchedulerState.__module__].__file__).parent.glob("*.py"))
+    assert len(modules) > 3
+    for path in modules:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                assert name.split(".")[0] in allowed, f"{path.name} imports {name}"

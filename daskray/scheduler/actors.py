@@ -1,0 +1,230 @@
+"""Actors: creation, their calls in order, restarts, death and names."""
+
+from __future__ import annotations
+
+from collections import deque
+
+from .events import ActorStartFailed, GraphSubmitted, KillActor, LookupActor, TaskId
+from .instructions import ReplyActor, StartActor, StopActor
+from .model import (
+    WAITING, READY, PROCESSING, MEMORY, ERRED, TaskState, GraphState, ActorState, WorkerState,
+)
+
+
+class ActorLifecycle:
+    """An actor is a process of its own running its calls in order; it restarts
+    after a crash while ``max_restarts`` lasts, and dies when killed, when its
+    handles are dropped (unless detached) or when it cannot restart.
+
+    A part of :class:`SchedulerState`, working on its containers."""
+
+    def _bind_actor(self, ev: GraphSubmitted, gs: GraphState, new: list[TaskState]) -> None:
+        """Pin the graph's call to its actor (creating the actor for a constructor)."""
+        call = next((ts for ts in new if ts.body is not None), None)
+        if call is None:
+            return
+        if ev.create_actor is not None:
+            opts = ev.create_actor
+            taken = self.actor_names.get(opts.get("name")) if opts.get("name") else None
+            if taken is not None:
+                call.cancel_requested = True
+                self._fail(call, (None, "DaskrayError", (
+                    f"an actor named {opts['name']!r} exists already; use "
+                    "daskray.get_actor(name), or get_if_exists=True")))
+                return
+            actor = ActorState(
+                opts["id"], call.id, ev.resources, opts.get("max_restarts", 0),
+                opts.get("max_task_retries", 0), bool(opts.get("detached")),
+                opts.get("name"), max_concurrency=opts.get("max_concurrency", 1),
+                threaded=bool(opts.get("threaded")))
+            self.actors[actor.id] = actor
+            if actor.name is not None:
+                self.actor_names[actor.name] = (actor.id, opts.get("handle", b""))
+            call.retries_left = 0
+            self._out.append(StartActor(actor.id, ev.resources, False, actor.max_concurrency,
+                                        actor.threaded))
+        else:
+            actor = self.actors.get(ev.actor)
+            if actor is None or actor.state == "dead":
+                why = actor.death if actor is not None else "no such actor in this cluster"
+                call.actor = ev.actor
+                call.cancel_requested = True
+                self._fail(call, (None, "ActorDiedError", f"actor {ev.actor} is dead: {why}"))
+                return
+            call.retries_left = actor.task_retries
+        call.actor = actor.id
+        call.resources = None  # the actor's process has them
+        actor.calls.append(call.id)
+
+    def _actor_process_joined(self, ws: WorkerState, actor_id: str) -> None:
+        """The process started for actor ``actor_id`` joined: it runs the actor's
+        calls, or stops at once if the actor died meanwhile."""
+        ws.actor = actor_id
+        actor = self.actors.get(actor_id)
+        if actor is None or actor.state == "dead":
+            self._out.append(StopActor(actor_id, ws.id))
+            return
+        actor.worker = ws.id
+        actor.state = "alive"
+        self._pump_actor(actor)
+
+    def _queue_call(self, ts: TaskState) -> None:
+        """Actor call ``ts`` is ready: it runs when its actor gets to it, in order."""
+        actor = self.actors.get(ts.actor)
+        if actor is not None:
+            self._pump_actor(actor)
+
+    def _fill_actor_process(self, ws: WorkerState) -> None:
+        """The process of an actor has room: it takes the actor's next calls."""
+        actor = self.actors.get(ws.actor)
+        if actor is not None and actor.worker == ws.id:
+            self._pump_actor(actor)
+
+    def _call_returned(self, ws: WorkerState, tid: TaskId) -> None:
+        """The process of an actor reported call ``tid`` back: no longer in flight."""
+        actor = self.actors.get(ws.actor)
+        if actor is not None and tid in actor.in_flight:
+            actor.in_flight.remove(tid)
+
+    def _constructor_of_live_actor(self, ts: TaskState) -> bool:
+        """Whether ``ts`` is the constructor of an actor not dead: a restart runs it
+        again, so its inputs are kept."""
+        actor = self.actors.get(ts.actor)
+        return actor is not None and actor.creation == ts.id and actor.state != "dead"
+
+    def _drop_actor_of(self, ts: TaskState) -> bool:
+        """Nothing references the object of ``ts`` any more.  If ``ts`` is an
+        actor's constructor, its handles are all gone: the actor is killed (unless
+        detached) and forgotten once dead.  Whether the object may be freed: not
+        while a detached actor lives (a restart runs its constructor again)."""
+        actor = self.actors.get(ts.actor)
+        if actor is None or actor.creation != ts.id:
+            return True
+        if actor.state != "dead" and not actor.detached:
+            self._kill_actor(KillActor(actor.id), "all its handles were dropped")
+        if actor.state != "dead":
+            return False
+        self.actors.pop(actor.id, None)
+        return True
+
+    def _actor_lost(self, ws: WorkerState, reason: str) -> list[tuple[TaskState, str]]:
+        """The process of an actor died: restart it, or fail what it was to run."""
+        actor = self.actors.get(ws.actor)
+        if actor is None:
+            return []
+        in_flight = [self.tasks[t] for t in actor.in_flight
+                     if t in self.tasks and self.tasks[t].state == PROCESSING]
+        actor.in_flight = []
+        actor.worker = None
+        if actor.state == "dead":
+            self._fail_calls(in_flight, f"actor {actor.id} is dead ({actor.death}); "
+                                        "the call did not finish")
+            return []
+        message = (f"the process of actor {actor.id} ({ws.id}) died ({reason}) while the "
+                   "call was running or queued")
+        failed: list[TaskState] = []
+        if actor.restarts_left == 0:
+            self._actor_dead(actor, f"its process died ({reason}) and max_restarts is used up")
+            self._fail_calls(in_flight, message)
+            self._fail_actor_calls(actor)
+            creation = self.tasks.get(actor.creation)
+            if creation is not None:
+                self._release_deps(creation)
+            return []
+        actor.restarts_left -= 1
+        actor.state = "restarting"
+        retried = []
+        for ts in in_flight:
+            ts.worker = None
+            if ts.id == actor.creation:  # died in the constructor: it runs again first
+                self._transition(ts, READY)
+            elif ts.retries_left > 0 and not ts.cancel_requested:
+                ts.retries_left -= 1
+                self._transition(ts, READY)
+                retried.append(ts.id)
+            else:
+                failed.append(ts)
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (MEMORY, ERRED):
+            self._transition(creation, READY)
+            creation.graph.unfinished += 1
+            creation.failure = None
+        actor.calls.extendleft(reversed(([actor.creation] if creation else []) + retried))
+        self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency,
+                                        actor.threaded))
+        self._fail_calls(failed, message)
+        return []
+
+    def _actor_start_failed(self, ev: ActorStartFailed) -> None:
+        actor = self.actors.get(ev.actor)
+        if actor is None or actor.state == "dead":
+            return
+        if actor.restarts_left > 0:
+            actor.restarts_left -= 1
+            self._out.append(StartActor(actor.id, actor.resources, True, actor.max_concurrency,
+                                        actor.threaded))
+            return
+        self._actor_dead(actor, f"its process died before it started ({ev.reason})")
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (WAITING, READY):
+            self._fail(creation, (None, "ActorDiedError", f"actor {actor.id}: {actor.death}"))
+        self._fail_actor_calls(actor)
+
+    def _fail_calls(self, calls: list[TaskState], message: str) -> None:
+        for ts in calls:
+            if ts.id in self.tasks and ts.state in (PROCESSING, WAITING, READY):
+                ts.worker = None
+                self._fail(ts, (None, "ActorDiedError", message))
+
+    def _fail_actor_calls(self, actor: ActorState) -> None:
+        failure = (None, "ActorDiedError", f"actor {actor.id} is dead: {actor.death}")
+        calls, actor.calls = list(actor.calls), deque()
+        for tid in calls:
+            ts = self.tasks.get(tid)
+            if ts is not None and ts.state in (WAITING, READY) and tid != actor.creation:
+                self._fail(ts, failure)
+
+    def _kill_actor(self, ev: KillActor, reason: str = "it was killed with daskray.kill") -> None:
+        actor = self.actors.get(ev.actor)
+        if actor is None or actor.state == "dead":
+            return
+        self._actor_dead(actor, reason)
+        self._out.append(StopActor(actor.id, actor.worker))
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (WAITING, READY):
+            self._fail(creation, (None, "ActorDiedError", f"actor {actor.id} is dead: {reason}"))
+        self._fail_actor_calls(actor)
+        creation = self.tasks.get(actor.creation)
+        if creation is not None and creation.state in (MEMORY, ERRED):
+            self._release_deps(creation)
+            self._release_if_unused(creation)
+
+    def _actor_dead(self, actor: ActorState, reason: str) -> None:
+        """The actor will never run again: it frees its name."""
+        actor.state = "dead"
+        actor.death = reason
+        actor.restarts_left = 0
+        if actor.name is not None and self.actor_names.get(actor.name, (None,))[0] == actor.id:
+            del self.actor_names[actor.name]
+
+    def _lookup_actor(self, ev: LookupActor) -> None:
+        found = self.actor_names.get(ev.name)
+        self._out.append(ReplyActor(ev.client, ev.request, found[1] if found else None))
+
+    def _pump_actor(self, actor: ActorState) -> None:
+        """Dispatch the actor's calls in order, up to the first one not ready."""
+        if actor.state != "alive":
+            return
+        ws = self.workers[actor.worker]
+        while actor.calls:
+            if actor.creation in actor.in_flight:
+                return  # no call may start before the constructor has finished
+            ts = self.tasks.get(actor.calls[0])
+            if ts is None or ts.state in (MEMORY, ERRED):
+                actor.calls.popleft()
+                continue
+            if ts.state != READY:
+                return
+            actor.calls.popleft()
+            actor.in_flight.append(ts.id)
+            self._dispatch(ts, ws)
