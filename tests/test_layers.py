@@ -12,6 +12,10 @@ import pathlib
 
 import pytest
 
+from daskray.backend import Backend
+from daskray.runtime.local_session import LocalSession
+from daskray.runtime.session import Session
+
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "daskray"
 
 #: bottom first; a module may import its own layer and those below, never above.
@@ -163,3 +167,12 @@ def test_the_checks_see_a_cycle_and_an_upward_import() -> None:
     assert layer_of("daskray.scheduler.anything_new") == 1
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("daskray_other.thing")
+
+
+def test_every_session_offers_the_backend_protocol() -> None:
+    """The seam's protocol is what the sessions behind it offer, call for call."""
+    calls = [n for n, v in vars(Backend).items() if callable(v) and not n.startswith("_")]
+    assert "submit_call" in calls and "get" in calls
+    for session in (Session, LocalSession):
+        missing = [n for n in calls if not callable(getattr(session, n, None))]
+        assert missing == [], f"{session.__name__} lacks {missing}"
