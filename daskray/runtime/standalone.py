@@ -31,7 +31,7 @@ from typing import Any
 
 from ..errors import ClusterError
 from .cluster import LOCK_FILE, SESSION_PREFIX, LocalCluster, owner_alive
-from .process import child_setup, lock_held, pidfd
+from .process import child_setup, pidfd
 
 CLUSTER_FILE = "cluster.json"
 LOG_FILE = "cluster.log"
