@@ -18,7 +18,7 @@ import dask.base
 import dask.local
 import dask.utils
 
-from . import dask_scheduler
+from . import backend, dask_scheduler
 from .errors import ClusterError
 from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
 from .dask_graph import convert, external_keys
@@ -28,6 +28,7 @@ from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
+from .runtime import protocol as P
 from .runtime.session import Session
 
 _UNSET = object()
@@ -164,6 +165,7 @@ def init(
                                    store_limit=store_limit, store_namespaces=_store_namespaces)
         try:
             _runtime = _Runtime(cluster, set_dask_scheduler)
+            backend.install(_runtime.session)
         except BaseException:  # Ctrl-C, say: the cluster just started must not stay
             if cluster is not None:
                 with sigint_deferred():
@@ -211,6 +213,7 @@ def shutdown() -> None:
         runtime, _runtime = _runtime, None
         if runtime is None:
             return
+        backend.uninstall()
         runtime.restore_config()
         tracker.on_drop = None
         tracker.reporting = False
@@ -232,10 +235,9 @@ def _current() -> _Runtime:
 
 
 def _session() -> Session | LocalSession:
-    """The session remote calls go through: the driver's, or the worker's inside a task."""
-    if context.worker_session is not None:
-        return context.worker_session
-    return _current().session
+    """The session remote calls go through: the driver's, or the worker's inside a task
+    (see :mod:`daskray.backend`)."""
+    return backend.current()
 
 
 def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -358,8 +360,6 @@ def exit_actor() -> None:
     if actor is None:
         raise TypeError("exit_actor() ends the actor it is called in: call it from a "
                         "method of an actor")
-    from .runtime import protocol as P
-
     conn.send(P.KillActorRequest(actor))
     # the head stops this process now; nothing more of the method may run meanwhile
     threading.Event().wait(60)

@@ -24,10 +24,12 @@ import sys
 import time
 from typing import Sequence
 
+from .api import _store_limit
 from .errors import ClusterError
 from .runtime import standalone
 from .runtime.cluster import START_TIMEOUT_SECONDS, make_session_dir
 from .runtime.process import pidfd, spawn
+from .runtime.store_memory import HostStore
 
 STOP_TIMEOUT_SECONDS = 30.0
 
@@ -53,8 +55,6 @@ def start(args: argparse.Namespace) -> int:
         print("daskray start: only --head is supported: daskray runs on one machine, so "
               "there is no other host's cluster to join", file=sys.stderr)
         return 2
-    from .api import _store_limit
-
     num_workers = args.num_workers if args.num_workers is not None else os.cpu_count() or 1
     if num_workers < 1:
         print("daskray start: --num-workers must be at least 1", file=sys.stderr)
@@ -120,8 +120,6 @@ def _read_answer(fd: int, timeout: float) -> str:
 
 
 def status(args: argparse.Namespace) -> int:
-    from .runtime.store_memory import HostStore
-
     clusters, malformed = standalone.scan_clusters()
     for log in standalone.crash_logs():
         print(f"a cluster stopped without being asked to; its log: {log}")

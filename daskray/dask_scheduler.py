@@ -31,7 +31,7 @@ from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.local import finish_task, start_state_from_dask
 from dask.utils import key_split
 
-from . import errors
+from . import backend, errors
 from .refs import ObjectRef
 from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
 from .runtime import protocol as P
@@ -229,9 +229,7 @@ def _receive(client: Client, spec: GraphSpec, inbox: queue.SimpleQueue, outstand
 
 
 def session_get(refs: list) -> list:
-    from .api import _session
-
-    return _session().get(refs)
+    return backend.current().get(refs)
 
 
 def _quietly(fn: Any, *args: Any) -> None:

@@ -15,6 +15,7 @@ import itertools
 import numbers
 from typing import Any, Callable
 
+from . import backend
 from .refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
 from .runtime.serialization import GraphEncoder, table_id
 
@@ -198,11 +199,9 @@ class RemoteFunction:
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Submit a call; return its ObjectRef (a list of them when ``num_returns > 1``)."""
-        from .api import _session
-
         if self._table is None:
             self._table = _FunctionTable(self._func)
-        return _session().submit_call(self._func, self._table, args, kwargs, self._options)
+        return backend.current().submit_call(self._func, self._table, args, kwargs, self._options)
 
     def bind(self, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("daskray has no DAG API; call .remote() instead")

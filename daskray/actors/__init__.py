@@ -23,6 +23,7 @@ import itertools
 import numbers
 from typing import Any
 
+from .. import backend
 from ..remote_function import TASK_OPTIONS, RemoteFunction, check_options, _FunctionTable
 from .host import ActorCall, ActorInit
 
@@ -100,17 +101,35 @@ class ActorClass:
 
     def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
         """Create the actor; its handle comes back at once."""
-        from ..api import _session, get_actor
-
+        session = backend.current()
         opts = self._options
         name = opts.get("name")
         if name is not None and opts.get("get_if_exists"):
-            existing = get_actor(name, _missing_ok=True)
+            existing = session.get_actor(name)
             if existing is not None:
                 return existing
         if self._init_table is None:
             self._init_table = _FunctionTable(self._init)
-        return _session().create_actor(self, args, kwargs)
+        return session.create_actor(self, args, kwargs)
+
+    # what a backend asks of the class it creates an actor of (backend.ActorSpec)
+
+    def new_actor_id(self, owner: bytes) -> str:
+        """A new actor id, unique within the process ``owner`` (its client id)."""
+        return new_actor_id(owner)
+
+    def handle_for(self, actor_id: str, creation: Any) -> "ActorHandle":
+        """The handle of the actor ``actor_id`` whose constructor's result is ``creation``."""
+        return ActorHandle(actor_id, self._cls.__name__, _methods(self._cls), creation,
+                           _method_options(self._cls))
+
+    def graph_options(self, actor_id: str, handle_bytes: bytes) -> dict:
+        """The ``create_actor`` part of the graph that starts the actor."""
+        return actor_options_for_graph(self, actor_id, handle_bytes)
+
+    def resources(self) -> dict | None:
+        """The resources the actor's process holds for its whole life."""
+        return resources_of(self._options)
 
 
 class ActorMethod:
@@ -127,14 +146,13 @@ class ActorMethod:
         return ActorMethod(self._handle, self._name, {**self._options, **checked})
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        from ..api import _session
-
-        return _session().call_actor(self._handle, self._name, args, kwargs, self._options)
+        return backend.current().call_actor(self._handle, self._name, args, kwargs, self._options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        from ..api import get
-
-        return get(self.remote(*args, **kwargs))
+        result = self.remote(*args, **kwargs)
+        if isinstance(result, list):  # num_returns > 1
+            return backend.current().get(result)
+        return backend.current().get([result])[0]
 
     def __reduce__(self) -> tuple:
         return ActorMethod, (self._handle, self._name, self._options)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
+from ..api import get, wait
+from ..errors import GetTimeoutError
 from ..refs import ObjectRef
 
 
@@ -51,8 +53,6 @@ class ActorPool:
 
     def get_next(self, timeout: float | None = None) -> Any:
         """The next result in submission order."""
-        from ..api import get
-
         if not self.has_next():
             raise StopIteration("no more results to get")
         while self._next_return not in self._results:
@@ -67,8 +67,6 @@ class ActorPool:
 
     def get_next_unordered(self, timeout: float | None = None) -> Any:
         """The next result to finish, whichever call it belongs to."""
-        from ..api import get
-
         if not self.has_next():
             raise StopIteration("no more results to get")
         while not self._running:
@@ -79,9 +77,6 @@ class ActorPool:
         return get(ref)
 
     def _wait_one(self, timeout: float | None) -> ObjectRef:
-        from ..api import wait
-        from ..errors import GetTimeoutError
-
         ready, _ = wait(list(self._running), num_returns=1, timeout=timeout)
         if not ready:
             raise GetTimeoutError(f"no actor call finished within {timeout} s")

@@ -29,7 +29,7 @@ from . import protocol as P
 from . import transport
 from .process import pidfd
 from .serialization import frames_nbytes
-from .worker import fetch_object
+from .fetch import fetch_object
 
 FETCH_TIMEOUT_MS = 60_000
 #: what threads still waiting for results are told when this process shuts down

@@ -37,11 +37,13 @@ from .client import SHUT_DOWN, Client
 from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
 from .head import replacement_backoff_max
-from .process import alive, describe_exit, inherited_dask_config, spawn
+from .process import alive, describe_exit, inherited_dask_config, lock_held, spawn
 from .transport import ipc_address
 
 SESSION_PREFIX = "daskray-"
 OWNER_FILE = "driver.pid"
+#: held locked by the owner of a standalone cluster (``daskray start --head``) for its whole life
+LOCK_FILE = "owner.lock"
 START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 5.0
 #: a session directory's name: mkdtemp's 8 random characters after the prefix
@@ -95,9 +97,13 @@ def _stale(path: str) -> bool:
         pid = maker  # the driver has not written its pid yet
     if pid > 0 and alive(pid):
         return False
-    from .standalone import owner_alive  # standalone builds on this module
-
     return not owner_alive(path)
+
+
+def owner_alive(session_dir: str) -> bool:
+    """Whether the owner of the cluster in ``session_dir`` runs: it holds a lock on
+    its lock file for its whole life (a pid could have been reused; a lock cannot)."""
+    return lock_held(os.path.join(session_dir, LOCK_FILE))
 
 
 @contextlib.contextmanager

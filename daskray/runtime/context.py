@@ -1,8 +1,9 @@
-"""What code running inside a worker process uses to reach the cluster.
+"""Whether this process is a worker, and the session its tasks use.
 
-Set once by the worker at start-up; ``daskray.api`` looks here before it looks
-for a driver's runtime, so a task's ``.remote()`` and ``get()`` go through the
-worker it runs on.  Kept apart from ``api`` so a worker starts without dask.
+Set once by the worker at start-up, which also installs that session in
+:mod:`daskray.backend` (where a task's ``.remote()`` and ``get()`` find it);
+read here by what asks where the calling code runs (``get_runtime_context``).
+Kept apart from ``api`` so a worker starts without dask.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import time
 import traceback
 from typing import Any, Callable, Sequence
 
+from ..backend import ActorSpec
 from ..errors import ActorDiedError, ActorError, DaskrayError, GetTimeoutError
 from ..refs import ObjectRef, RefKey
 from ..remote_function import RemoteFunction
@@ -112,15 +113,13 @@ class LocalSession:
         return self._refs(self._call(func, args, kwargs), options.get("num_returns", 1),
                           getattr(func, "__name__", str(func)))
 
-    def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
-        from ..actors import ActorHandle, _method_options, _methods, new_actor_id
-
+    def create_actor(self, actor_class: ActorSpec, args: tuple, kwargs: dict) -> Any:
         cls = actor_class._cls
         name = actor_class._options.get("name")
         if name is not None and name in self.actor_names:
             raise DaskrayError(f"an actor named {name!r} exists already; use "
                                "daskray.get_actor(name), or get_if_exists=True")
-        actor_id = new_actor_id(_LOCAL_OWNER)
+        actor_id = actor_class.new_actor_id(_LOCAL_OWNER)
         actor = self.actors[actor_id] = _LocalActor(name)
         outcome = self._call(cls, args, kwargs)
         if isinstance(outcome, _Failed):
@@ -130,8 +129,7 @@ class LocalSession:
         else:
             actor.instance = outcome
         creation = self._store(outcome if isinstance(outcome, _Failed) else None)
-        handle = ActorHandle(actor_id, cls.__name__, _methods(cls), creation,
-                             _method_options(cls))
+        handle = actor_class.handle_for(actor_id, creation)
         if name is None and actor_class._options.get("lifetime") != "detached":
             self._creations[creation._key] = actor_id
         if name is not None:

@@ -21,6 +21,7 @@ import time
 from typing import Any, Callable, Protocol, Sequence
 
 from .. import errors
+from ..backend import ActorSpec
 from ..refs import ObjectRef, RefKey, dask_key_of
 from ..remote_function import build_call
 from ..scheduler.policy import INLINE_THRESHOLD
@@ -75,22 +76,16 @@ class Session:
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         return refs[0] if options.get("num_returns", 1) == 1 else refs
 
-    def create_actor(self, actor_class: Any, args: tuple, kwargs: dict) -> Any:
-        from ..actors import (
-            ActorHandle, _method_options, _methods, actor_options_for_graph, new_actor_id,
-            resources_of)
-
+    def create_actor(self, actor_class: ActorSpec, args: tuple, kwargs: dict) -> Any:
         number = self.conn.next_number()
         me = self.conn.client_id
         cls = actor_class._cls
         parts = build_call(actor_class._init, actor_class._init_table, f"{cls.__name__}.__init__",
                            args, kwargs, {"max_retries": 0}, number)
         creation = ObjectRef((me, number, parts["wanted"][0]), owned=True)
-        handle = ActorHandle(new_actor_id(me), cls.__name__, _methods(cls), creation,
-                             _method_options(cls))
-        parts["create_actor"] = actor_options_for_graph(actor_class, handle._actor_id,
-                                                        dumps(handle))
-        parts["resources"] = resources_of(actor_class._options)
+        handle = actor_class.handle_for(actor_class.new_actor_id(me), creation)
+        parts["create_actor"] = actor_class.graph_options(handle._actor_id, dumps(handle))
+        parts["resources"] = actor_class.resources()
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         return handle
 

@@ -30,12 +30,11 @@ import time
 from typing import Any
 
 from ..errors import ClusterError
-from .cluster import SESSION_PREFIX, LocalCluster
-from .process import child_setup, lock_held, pidfd
+from .cluster import LOCK_FILE, SESSION_PREFIX, LocalCluster, owner_alive
+from .process import child_setup, pidfd
 
 CLUSTER_FILE = "cluster.json"
 LOG_FILE = "cluster.log"
-LOCK_FILE = "owner.lock"
 CRASH_LOG_PREFIX = "daskray-crashed-"
 _CRASH_LOG_NAME = re.compile(r"daskray-crashed-\d+(-\d+)?\.log\Z")
 #: no cluster file is larger; a larger one is malformed
@@ -152,19 +151,6 @@ def shm_dir_of(info: dict) -> str:
     """The directory of the cluster's shared-memory segments (its ``shm_prefix``
     is that directory's path with a trailing separator)."""
     return os.path.normpath(str(info.get("shm_prefix", "")).rstrip(os.sep) or "/nonexistent")
-
-
-def owner_alive(session_dir: str) -> bool:
-    """Whether the owner of the cluster in ``session_dir`` runs: it holds a lock on
-    its lock file for its whole life (a pid could have been reused; a lock cannot)."""
-    return lock_held(os.path.join(session_dir, LOCK_FILE))
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
 
 
 def running_clusters() -> list[dict]:

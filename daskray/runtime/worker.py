@@ -29,19 +29,21 @@ import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from typing import Any
+from typing import Any, Callable
 
 import zmq
 
 from ..errors import (
-    ClusterError, HolderLostError, NestingLimitError, ObjectLostError, ObjectStoreFullError,
+    ClusterError, NestingLimitError, ObjectLostError, ObjectStoreFullError,
     RemoteTraceback, SerializationError, TaskCancelledError,
 )
+from .. import backend
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD, SHARE_THRESHOLD
 from . import protocol as P
 from . import allocator, context, host_transfer, shared_memory, transport
 from .store_memory import HostStore
+from .fetch import fetch_object
 from .object_store import ObjectStore
 from .process import child_setup, pidfd
 from .serialization import (
@@ -86,28 +88,6 @@ def bound_for_travel(exc: BaseException) -> None:
     if len(frames) > MAX_TRAVEL_FRAMES:
         keep = MAX_TRAVEL_FRAMES // 2
         frames[keep - 1].tb_next = frames[-keep]
-
-
-def fetch_object(sock: zmq.Socket, token: bytes, object_id: Any, timeout_ms: int,
-                 shared: bool = False, holder_lost: Any = None) -> Any:
-    """Ask the data server behind ``sock`` for an object; ``ObjectLostError`` if it is
-    gone.  ``shared``: have it put in shared memory (worth it when read again).
-    ``holder_lost()``: whether the holder is known dead (checked while waiting)."""
-    request = [token, P.GET, str(object_id).encode()]
-    sock.send_multipart(request + [P.SHARED] if shared else request)
-    deadline = time.monotonic() + timeout_ms / 1000
-    while not sock.poll(100 if holder_lost is not None else timeout_ms):
-        if holder_lost is not None and holder_lost():
-            raise HolderLostError(f"object {object_id}: the worker holding it died")
-        if holder_lost is None or time.monotonic() > deadline:
-            raise ObjectLostError(
-                f"object {object_id}: its holder did not answer within {timeout_ms} ms")
-    reply = sock.recv_multipart(copy=False)
-    if reply[0].bytes == P.SHARED:
-        return loads(reply[1].bytes)
-    if reply[0].bytes != P.OK:
-        raise ObjectLostError(f"object {object_id} is no longer held by the process asked for it")
-    return loads(reply[1].buffer, buffers=[f.buffer for f in reply[2:]])
 
 
 class DataServer(threading.Thread):
@@ -768,14 +748,16 @@ def make_room_for_nesting(depth: int) -> None:
         resource.setrlimit(resource.RLIMIT_STACK, (want, hard))
 
 
-def main() -> None:
-    from .session import Session
-
+def main(make_session: Callable[["Worker"], Any]) -> None:
+    """Run a worker process; ``make_session(worker)`` gives the session its tasks'
+    Ray-style calls go through (passed in: sessions build on the runtime, not the
+    other way round)."""
     sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
     worker.start()
-    context.worker_session = session = Session(worker)  # tasks may use the cluster
+    context.worker_session = session = make_session(worker)  # tasks may use the cluster
+    backend.install(session, in_task=True)
     tracker.on_drop = session.forget
     tracker.reporting = True
     try:
