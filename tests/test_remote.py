@@ -288,6 +288,11 @@ def pin_cluster(custom_cluster):
     yield
 
 
+@daskray.remote
+def _runtime_context_is_local_mode():
+    return daskray.get_runtime_context().is_local_mode()
+
+
 @pytest.fixture
 def local_mode(custom_cluster):
     custom_cluster(local_mode=True)
@@ -991,6 +996,16 @@ def test_local_mode_runs_remote_calls_in_the_driver(local_mode):
     ready, not_ready = daskray.wait([inc.remote(1), inc.remote(2)], num_returns=1)
     assert len(ready) == 1 and len(not_ready) == 1
     assert fib.remote(8).get() == 21
+
+
+@pytest.mark.timeout(60)
+def test_the_runtime_context_tells_local_mode(custom_cluster):
+    custom_cluster(local_mode=True)
+    assert daskray.get_runtime_context().is_local_mode()
+    assert getpid.remote().get() == os.getpid()  # what local mode means
+    custom_cluster(num_workers=1)
+    assert not daskray.get_runtime_context().is_local_mode()
+    assert daskray.get(_runtime_context_is_local_mode.remote(), timeout=30) is False
 
 
 @pytest.mark.timeout(60)
