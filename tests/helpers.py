@@ -3,7 +3,21 @@
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
+
+import daskray
+
+#: the size of the cluster every test that uses the shared ``cluster`` fixture runs on
+NUM_WORKERS = 2
+
+
+def start_cluster(**options: Any) -> None:
+    """``daskray.init`` of the cluster the tests share: ``NUM_WORKERS`` workers, with
+    the scheduler core checking its invariants after every event (``_validate``),
+    so each integration test also checks the core.  ``options`` add to or override
+    these (e.g. ``resources=...``).  A test that stopped the shared cluster starts
+    it again with this."""
+    daskray.init(**{"num_workers": NUM_WORKERS, "_validate": True, **options})
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:

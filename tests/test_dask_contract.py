@@ -37,13 +37,13 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils_test import GetFunctionTestMixin, inc
 
 import daskray
+from helpers import start_cluster
 
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
 get = daskray.get
 
-NUM_WORKERS = 2  # as conftest.py's cluster fixture
 
 # the graph of dask's progress/profiler tests: data a, b; tasks c, d, e
 DSK = {"a": 1, "b": 2, "c": (add, "a", "b"), "d": (mul, "a", "b"), "e": (mul, "c", "d")}
@@ -959,7 +959,7 @@ def test_init_makes_daskray_default_and_shutdown_restores(restart_cluster):
     for previous in ["sync", dask.threaded.get, None]:
         ctx = dask.config.set(scheduler=previous) if previous else contextlib.nullcontext()
         with ctx:
-            daskray.init(num_workers=NUM_WORKERS)
+            start_cluster()
             try:
                 assert dask.config.get("scheduler") is daskray.get
                 assert dask.base.get_scheduler() is daskray.get

@@ -28,9 +28,8 @@ import pytest
 import daskray
 from daskray.runtime import shared_memory
 from daskray.runtime.cluster import OWNER_FILE, make_session_dir, sweep_stale_sessions
-from helpers import wait_until
+from helpers import start_cluster, wait_until
 
-NUM_WORKERS = 2
 MB = 1 << 20
 OTHER_UID = 12345
 AN_HOUR_AGO = time.time() - 7200
@@ -178,7 +177,7 @@ def no_runtime():
     yield
     daskray.shutdown()
     if was_running:
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 def descriptors() -> tuple[int, int]:

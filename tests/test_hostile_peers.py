@@ -25,8 +25,7 @@ import zmq
 
 import daskray
 import daskray.api
-from conftest import NUM_WORKERS
-from helpers import wait_until
+from helpers import NUM_WORKERS, start_cluster, wait_until
 from daskray.runtime import protocol as P
 from daskray.runtime import transport
 
@@ -43,7 +42,7 @@ def _double(x):
 def own_cluster(restart_cluster):
     """A cluster of its own for one test (the attack may leave it worse for wear)."""
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     yield daskray.api._runtime.cluster
     daskray.shutdown()
 

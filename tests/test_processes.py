@@ -39,13 +39,12 @@ import zmq
 from dask._task_spec import Task, TaskRef
 
 import daskray
-from helpers import wait_until
+from helpers import NUM_WORKERS, start_cluster, wait_until
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime import transport
 from daskray.runtime.cluster import OWNER_FILE, SESSION_PREFIX, sweep_stale_sessions
 
-NUM_WORKERS = 2
 SCRIPTS = Path(__file__).parent / "scripts"
 TMP = tempfile.gettempdir()
 RUNTIME_MARK = "daskray.runtime"
@@ -345,7 +344,7 @@ def proc_cluster(_module_runtime):
     """A running cluster of NUM_WORKERS workers, shared by the tests that need one."""
     if not _healthy(daskray.api._runtime):
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
     cluster = daskray.api._runtime.cluster
     assert len(worker_pids(cluster)) == NUM_WORKERS
     return cluster
@@ -355,7 +354,7 @@ def proc_cluster(_module_runtime):
 def fresh_cluster(_module_runtime):
     """A cluster of its own for one test, stopped afterwards (the test may wreck it)."""
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     yield daskray.api._runtime.cluster
     daskray.shutdown()
 
@@ -375,7 +374,7 @@ def no_cluster(_module_runtime):
 def test_shutdown_leaves_nothing_behind(no_cluster):
     before = Snapshot()
     assert not daskray.is_initialized()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     assert daskray.is_initialized()
     cluster = daskray.api._runtime.cluster
     head = head_process(cluster)
@@ -481,7 +480,7 @@ def test_init_twice(proc_cluster):
     assert daskray.is_initialized()
     workers = worker_pids(proc_cluster)
     with pytest.raises(daskray.ClusterError) as info:
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
     message = str(info.value)
     assert "twice" in message
     assert "shutdown()" in message and "ignore_reinit_error=True" in message
@@ -792,7 +791,7 @@ def test_a_stopped_worker_is_killed_after_the_worker_ttl_and_its_task_runs_again
         no_cluster, tmp_path):
     # dask's own setting, as with dask.distributed (default 5 minutes)
     with dask.config.set({"distributed.scheduler.worker-ttl": "2s"}):
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
     cluster = daskray.api._runtime.cluster
     pidfile = tmp_path / "pid"
     thread, outcome = get_sleeper_in_thread(pidfile, 60)
@@ -882,7 +881,7 @@ def test_remote_results_lost_with_a_killed_worker_are_computed_again(fresh_clust
     import numpy as np
 
     daskray.shutdown()  # the first worker alone has "pin": every call below runs there
-    daskray.init(num_workers=NUM_WORKERS, resources=[{"pin": 1}, {}])
+    start_cluster(resources=[{"pin": 1}, {}])
     markers = tmp_path / "markers"
     markers.mkdir()
     make = daskray.remote(make_block).options(resources={"pin": 1})

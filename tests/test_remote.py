@@ -16,6 +16,7 @@ import asyncio
 import copy
 import gc
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -33,12 +34,11 @@ import psutil
 import pytest
 
 import daskray
-from helpers import wait_until
+from helpers import NUM_WORKERS, start_cluster, wait_until
 import daskray.api
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
-NUM_WORKERS = 2
 MB = 1 << 20
 
 
@@ -249,7 +249,7 @@ def custom_cluster(cluster):
     yield fresh_cluster
     if daskray.is_initialized():
         daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
 
 
 @daskray.remote
@@ -300,6 +300,13 @@ def local_mode(custom_cluster):
 
 
 # =========================================================================== basic calls
+
+
+@pytest.mark.timeout(60)
+def test_the_shared_cluster_checks_the_core_invariants(cluster):
+    head = psutil.Process(daskray.api._runtime.cluster.head.pid)
+    config = json.loads(head.environ()["DASKRAY_CONFIG"])
+    assert config["validate"] is True  # SchedulerState(validate=True) in the head
 
 
 @pytest.mark.timeout(60)
