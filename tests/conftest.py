@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 import daskray
@@ -35,3 +37,16 @@ def restart_cluster(cluster):
     if daskray.is_initialized():
         daskray.shutdown()
     start_cluster()
+
+
+@pytest.fixture
+def sigint_raises():
+    """SIGINT raises KeyboardInterrupt in the main thread during the test, whatever
+    this process inherited: started in the background of a non-interactive shell
+    (as CI jobs often are), a process ignores SIGINT and Python then installs no
+    handler, so a simulated Ctrl-C would do nothing."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)

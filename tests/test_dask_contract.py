@@ -477,7 +477,7 @@ def test_failing_graph_does_not_disturb_a_concurrent_one():
 
 
 @pytest.mark.timeout(30)
-def test_ctrl_c_while_waiting():
+def test_ctrl_c_while_waiting(sigint_raises):
     # The cross-process counterpart of test_threaded.py::test_interrupt: SIGINT to the
     # driver's main thread while it waits for a graph interrupts the get promptly,
     # runs finish(errored=True), and leaves the cluster usable.

@@ -292,6 +292,8 @@ INTERRUPTED_DRIVER = """
     import psutil, daskray
 
     delay = float(sys.argv[1])
+    # Ctrl-C raises KeyboardInterrupt here even if this process inherited SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
     outcome = "not interrupted"
     try:
@@ -349,6 +351,7 @@ def test_ctrl_c_during_init_leaves_nothing(delay):
         if report["outcome"] == "interrupted in init":
             assert report["left_in_init"] == [], \
                 f"init raised KeyboardInterrupt, but left running: {report}"
+        assert report["outcome"].startswith("interrupted"), report  # the signal arrived
         assert report["children"] == [], report
         assert daskray_processes_of(tmpdir) == []
         assert [n for n in os.listdir(tmpdir) if n.startswith("daskray-")] == []

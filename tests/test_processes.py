@@ -701,7 +701,7 @@ def test_missing_output_key(proc_cluster, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster):
+def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster, sigint_raises):
     # one 30 s task per worker: if they are not interrupted, nothing else can run
     dsk = {("sleep", i): (time.sleep, 30) for i in range(NUM_WORKERS)}
     computing = threading.Event()
