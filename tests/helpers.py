@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any, Callable
 
@@ -29,6 +30,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+def mark_started(path: str | None) -> None:
+    """In a task or an actor call: say that it runs now, by creating ``path``
+    (the test waits for it with :func:`wait_for_path` rather than sleeping)."""
+    if path is not None:
+        open(path, "w").close()
+
+
+def wait_for_path(path: str | os.PathLike, timeout: float = 20.0) -> None:
+    """Wait until ``path`` exists (a task said it runs); fail the test if it does not."""
+    assert wait_until(lambda: os.path.exists(path), timeout), \
+        f"{path} did not appear within {timeout} s: the task it marks never ran"
 
 
 def digits_split():

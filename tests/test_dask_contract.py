@@ -37,7 +37,7 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils_test import GetFunctionTestMixin, inc
 
 import daskray
-from helpers import start_cluster
+from helpers import mark_started, start_cluster, wait_for_path
 
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -446,6 +446,11 @@ def _sleep_then(seconds, value):
     return value
 
 
+def _mark_then_sleep(path, seconds, value):
+    mark_started(path)
+    return _sleep_then(seconds, value)
+
+
 def _boom():
     raise ValueError("boom")
 
@@ -463,13 +468,14 @@ def test_error_is_raised_without_waiting_for_other_tasks():
 
 
 @pytest.mark.timeout(30)
-def test_failing_graph_does_not_disturb_a_concurrent_one():
-    ok = {("s", i): (_sleep_then, 0.05, i) for i in range(10)}
+def test_failing_graph_does_not_disturb_a_concurrent_one(tmp_path):
+    started = str(tmp_path / "started")
+    ok = {("s", i): (_mark_then_sleep, started, 0.05, i) for i in range(10)}
     ok["total"] = (sum, list(ok))
     result = []
     t = threading.Thread(target=lambda: result.append(get(ok, "total")), daemon=True)
     t.start()
-    time.sleep(0.05)
+    wait_for_path(started)  # the first graph runs
     with pytest.raises(ValueError, match="boom"):
         get({"b": (_boom,), "c": (inc, "b")}, "c")
     t.join(20)

@@ -39,7 +39,7 @@ import zmq
 from dask._task_spec import Task, TaskRef
 
 import daskray
-from helpers import NUM_WORKERS, start_cluster, wait_until
+from helpers import NUM_WORKERS, mark_started, start_cluster, wait_until
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime import transport
@@ -73,6 +73,11 @@ def write_pid_then_sleep(path, seconds):
     Path(path).write_text(str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
+
+
+def mark_then_sleep(path, seconds):
+    mark_started(path)
+    time.sleep(seconds)
 
 
 def sleep_unless_run_before(path, seconds):
@@ -701,29 +706,31 @@ def test_missing_output_key(proc_cluster, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster, sigint_raises):
+def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster, sigint_raises,
+                                                            tmp_path):
     # one 30 s task per worker: if they are not interrupted, nothing else can run
-    dsk = {("sleep", i): (time.sleep, 30) for i in range(NUM_WORKERS)}
+    running = [tmp_path / f"running{i}" for i in range(NUM_WORKERS)]
+    dsk = {("sleep", i): (mark_then_sleep, str(running[i]), 30) for i in range(NUM_WORKERS)}
     computing = threading.Event()
+    interrupted_at: list = []
 
     def interrupt_soon() -> None:
-        if computing.wait(10):
-            time.sleep(1.0)
+        if computing.wait(10) and wait_until(lambda: all(p.exists() for p in running), 20):
             if computing.is_set():
+                interrupted_at.append(time.monotonic())
                 _thread.interrupt_main()
 
     interrupter = threading.Thread(target=interrupt_soon, daemon=True)
     interrupter.start()
-    t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
             computing.set()
             daskray.get(dsk, list(dsk))
     finally:
         computing.clear()
-    elapsed = time.monotonic() - t0
+    elapsed = time.monotonic() - interrupted_at[0]
     interrupter.join(5)
-    assert elapsed < 5, f"KeyboardInterrupt took {elapsed:.1f} s to surface"
+    assert elapsed < 4, f"KeyboardInterrupt took {elapsed:.1f} s to surface"
 
     # the next compute must not wait for the 30 s sleeps
     outcome: dict = {}
