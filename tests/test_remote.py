@@ -454,7 +454,7 @@ def test_cancel_task_prefetched_on_a_busy_worker_is_prompt(tmp_path):
         for i in range(2):
             wait_for_file(tmp_path / f"b{i}", 20)
         queued = inc.remote(1)  # queued behind a blocker, on a worker or in the head
-        time.sleep(0.2)
+        daskray.available_resources()  # a round trip after it: the head has the task now
         daskray.cancel(queued)
         with pytest.raises(daskray.TaskCancelledError):
             queued.get(timeout=5)
