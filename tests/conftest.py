@@ -40,6 +40,20 @@ def restart_cluster(cluster):
 
 
 @pytest.fixture
+def cluster_without_checks(cluster):
+    """The shared cluster restarted without the core's invariant checks, for a test
+    of so many tasks that they would take minutes: each check walks every task the
+    head holds, after every event.  The checked cluster runs again afterwards."""
+    daskray.shutdown()
+    start_cluster(_validate=False)
+    try:
+        yield daskray
+    finally:
+        daskray.shutdown()
+        start_cluster()
+
+
+@pytest.fixture
 def sigint_raises():
     """SIGINT raises KeyboardInterrupt in the main thread during the test, whatever
     this process inherited: started in the background of a non-interactive shell
