@@ -66,8 +66,8 @@ class Standardization:
 class Dataset:
     """Shards of ``(X, y)`` in the cluster; see the module docstring."""
 
-    def __init__(self, shards: Sequence[daskray.ObjectRef], sizes: Sequence[int], n_features: int,
-                 classes: np.ndarray | None = None) -> None:
+    def __init__(self, shards: Sequence[daskray.ObjectRef], sizes: Sequence[int],
+                 n_features: int, classes: np.ndarray | None = None) -> None:
         self.shards = list(shards)
         self.sizes = list(sizes)
         self.n_features = n_features
@@ -96,7 +96,8 @@ class Dataset:
             raise ValueError(f"num_shards must be between 1 and the number of rows, got {num_shards}")
         order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
         parts = np.array_split(order, num_shards)
-        shards = [daskray.put((np.ascontiguousarray(X[p]), np.ascontiguousarray(y[p]))) for p in parts]
+        shards = [daskray.put((np.ascontiguousarray(X[p]), np.ascontiguousarray(y[p])))
+                  for p in parts]
         return cls(shards, [len(p) for p in parts], X.shape[1], _classes(y))
 
     @classmethod

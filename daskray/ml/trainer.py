@@ -147,7 +147,8 @@ def numbered_shard_gradients(params: dict, model: Model, classes: Any, epoch: in
     out = []
     for shard, (X, y) in zip(shard_ids, shards):
         rows = batch_rows(len(y), epoch, step, steps, seed, shard)
-        out.append((model.gradient(params, X[rows], model_targets(model, y[rows], classes)), len(rows)))
+        target = model_targets(model, y[rows], classes)
+        out.append((model.gradient(params, X[rows], target), len(rows)))
     return out
 
 
