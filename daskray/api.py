@@ -378,6 +378,7 @@ class RuntimeContext:
         self._task_id = getattr(conn, "current", None) if self._in_worker else None
         self._job_id = conn.client_id.hex() if conn is not None and not self._in_worker \
             else None
+        self._local_mode = isinstance(session, LocalSession)
 
     def get_job_id(self) -> str | None:
         """The driver's id (in the driver; None inside the cluster's processes)."""
@@ -398,6 +399,11 @@ class RuntimeContext:
     def get_task_id(self) -> str | None:
         """The task running this code (a remote call or an actor call), or None."""
         return None if self._task_id is None else str(self._task_id)
+
+    def is_local_mode(self) -> bool:
+        """Whether daskray runs in ``local_mode`` (``init(local_mode=True)``): every
+        call then runs in this process, one at a time, and no other process exists."""
+        return self._local_mode
 
     def __repr__(self) -> str:
         return (f"RuntimeContext(worker={self._worker_id}, actor={self._actor_id}, "

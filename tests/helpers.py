@@ -2,8 +2,23 @@
 
 from __future__ import annotations
 
+import os
 import time
-from typing import Callable
+from typing import Any, Callable
+
+import daskray
+
+#: the size of the cluster every test that uses the shared ``cluster`` fixture runs on
+NUM_WORKERS = 2
+
+
+def start_cluster(**options: Any) -> None:
+    """``daskray.init`` of the cluster the tests share: ``NUM_WORKERS`` workers, with
+    the scheduler core checking its invariants after every event (``_validate``),
+    so each integration test also checks the core.  ``options`` add to or override
+    these (e.g. ``resources=...``).  A test that stopped the shared cluster starts
+    it again with this."""
+    daskray.init(**{"num_workers": NUM_WORKERS, "_validate": True, **options})
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 0.02) -> bool:
@@ -15,6 +30,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
         if time.monotonic() > deadline:
             return False
         time.sleep(interval)
+
+
+def mark_started(path: str | None) -> None:
+    """In a task or an actor call: say that it runs now, by creating ``path``
+    (the test waits for it with :func:`wait_for_path` rather than sleeping)."""
+    if path is not None:
+        open(path, "w").close()
+
+
+def wait_for_path(path: str | os.PathLike, timeout: float = 20.0) -> None:
+    """Wait until ``path`` exists (a task said it runs); fail the test if it does not."""
+    assert wait_until(lambda: os.path.exists(path), timeout), \
+        f"{path} did not appear within {timeout} s: the task it marks never ran"
 
 
 def digits_split():

@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 import daskray
-from helpers import wait_until
+from helpers import mark_started, wait_for_path, wait_until
 import daskray.api
 
 pytestmark = pytest.mark.usefixtures("cluster")
@@ -97,7 +97,8 @@ def getpid_slow():
 
 
 @daskray.remote
-def slow_value(x, delay):
+def slow_value(x, delay, started=None):
+    mark_started(started)
     time.sleep(delay)
     return x
 
@@ -148,11 +149,13 @@ class Counter:
     def init_pid_(self):
         return self.init_pid
 
-    def sleep(self, seconds):
+    def sleep(self, seconds, started=None):
+        mark_started(started)
         time.sleep(seconds)
         return seconds
 
-    def sleep_then_pid(self, seconds):
+    def sleep_then_pid(self, seconds, started=None):
+        mark_started(started)
         time.sleep(seconds)
         return os.getpid()
 
@@ -218,7 +221,8 @@ class Restartable:
     def pid(self):
         return os.getpid()
 
-    def sleep(self, seconds):
+    def sleep(self, seconds, started=None):
+        mark_started(started)
         time.sleep(seconds)
         return seconds
 
@@ -231,7 +235,8 @@ class Retrying:
     def pid(self):
         return os.getpid()
 
-    def sleep_then_pid(self, seconds):
+    def sleep_then_pid(self, seconds, started=None):
+        mark_started(started)
         time.sleep(seconds)
         return os.getpid()
 
@@ -256,7 +261,8 @@ class BarrierActor:
     def pid(self):
         return os.getpid()
 
-    def sleep(self, seconds):
+    def sleep(self, seconds, started=None):
+        mark_started(started)
         time.sleep(seconds)
         return seconds
 
@@ -525,12 +531,12 @@ def test_constructor_raising_makes_every_call_raise_actor_error_with_traceback()
 
 
 @pytest.mark.timeout(60)
-def test_sigkill_fails_the_call_in_flight_and_later_calls_quickly():
+def test_sigkill_fails_the_call_in_flight_and_later_calls_quickly(tmp_path):
     c = Counter.remote(0)
     pid = daskray.get(c.pid.remote())
-    in_flight = c.sleep.remote(30)
+    in_flight = c.sleep.remote(30, str(tmp_path / "running"))
     queued = c.incr.remote()
-    time.sleep(0.5)  # the sleep is running
+    wait_for_path(tmp_path / "running")
     os.kill(pid, signal.SIGKILL)
     _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(in_flight, timeout=20))
     assert elapsed < QUICK
@@ -544,12 +550,12 @@ def test_sigkill_fails_the_call_in_flight_and_later_calls_quickly():
 
 
 @pytest.mark.timeout(60)
-def test_max_restarts_next_call_works_on_a_new_process():
+def test_max_restarts_next_call_works_on_a_new_process(tmp_path):
     r = Restartable.remote(100)
     pid = daskray.get(r.pid.remote())
     assert daskray.get(r.incr.remote(5)) == 105
-    in_flight = r.sleep.remote(30)
-    time.sleep(0.5)
+    in_flight = r.sleep.remote(30, str(tmp_path / "running"))
+    wait_for_path(tmp_path / "running")
     os.kill(pid, signal.SIGKILL)
     # max_task_retries is 0: the call in flight is not retried
     _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(in_flight, timeout=20))
@@ -569,11 +575,11 @@ def test_max_restarts_next_call_works_on_a_new_process():
 
 
 @pytest.mark.timeout(60)
-def test_max_task_retries_retries_the_call_in_flight_on_the_new_process():
+def test_max_task_retries_retries_the_call_in_flight_on_the_new_process(tmp_path):
     r = Retrying.remote()
     pid = daskray.get(r.pid.remote())
-    in_flight = r.sleep_then_pid.remote(1.0)
-    time.sleep(0.4)
+    in_flight = r.sleep_then_pid.remote(1.0, str(tmp_path / "running"))
+    wait_for_path(tmp_path / "running")
     os.kill(pid, signal.SIGKILL)
     new_pid = daskray.get(in_flight, timeout=30)
     assert new_pid != pid
@@ -581,11 +587,11 @@ def test_max_task_retries_retries_the_call_in_flight_on_the_new_process():
 
 
 @pytest.mark.timeout(60)
-def test_kill_fails_later_calls_quickly_and_ends_the_process():
+def test_kill_fails_later_calls_quickly_and_ends_the_process(tmp_path):
     c = Counter.remote(0)
     pid = daskray.get(c.pid.remote())
-    in_flight = c.sleep.remote(30)
-    time.sleep(0.3)
+    in_flight = c.sleep.remote(30, str(tmp_path / "running"))
+    wait_for_path(tmp_path / "running")
     daskray.kill(c)
     _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(in_flight, timeout=20))
     assert elapsed < QUICK
@@ -1158,34 +1164,35 @@ def test_call_whose_objectref_argument_failed_raises_that_error_and_later_calls_
 
 
 @pytest.mark.timeout(60)
-def test_calls_waiting_on_arguments_fail_quickly_when_the_actor_dies():
+def test_calls_waiting_on_arguments_fail_quickly_when_the_actor_dies(tmp_path):
     c = Counter.remote(0)
     pid = daskray.get(c.pid.remote())
-    waiting = c.incr.remote(slow_value.remote(1, 3.0))
-    time.sleep(0.3)
+    waiting = c.incr.remote(slow_value.remote(1, 3.0, str(tmp_path / "argument")))
+    wait_for_path(tmp_path / "argument")  # the call now waits on a running task
     os.kill(pid, signal.SIGKILL)
     _, elapsed = timed_raises(daskray.ActorDiedError, lambda: daskray.get(waiting, timeout=20))
     assert elapsed < 2.5  # not after its argument arrived
 
 
 @pytest.mark.timeout(60)
-def test_calls_waiting_on_arguments_run_on_the_restarted_process():
+def test_calls_waiting_on_arguments_run_on_the_restarted_process(tmp_path):
     r = Restartable.remote(0)
     pid = daskray.get(r.pid.remote())
-    waiting = r.incr.remote(slow_value.remote(5, 1.5))
-    time.sleep(0.3)
+    waiting = r.incr.remote(slow_value.remote(5, 1.5, str(tmp_path / "argument")))
+    wait_for_path(tmp_path / "argument")  # the call now waits on a running task
     os.kill(pid, signal.SIGKILL)
     assert daskray.get(waiting, timeout=30) == 5
     assert daskray.get(r.pid.remote()) != pid
 
 
 @pytest.mark.timeout(60)
-def test_sigkill_of_a_concurrent_actor_fails_every_call_in_flight():
+def test_sigkill_of_a_concurrent_actor_fails_every_call_in_flight(tmp_path):
     a = daskray.remote(max_concurrency=4)(BarrierActor).remote()
     assert daskray.get(a.ping.remote()) == "pong"
     pid = daskray.get(a.pid.remote())
-    calls = [a.sleep.remote(30) for _ in range(3)]  # all three run at once
-    time.sleep(0.5)
+    calls = [a.sleep.remote(30, str(tmp_path / f"running{i}")) for i in range(3)]
+    for i in range(3):  # all three run at once
+        wait_for_path(tmp_path / f"running{i}")
     os.kill(pid, signal.SIGKILL)
     start = time.monotonic()
     for ref in calls:

@@ -37,13 +37,13 @@ from dask.highlevelgraph import HighLevelGraph
 from dask.utils_test import GetFunctionTestMixin, inc
 
 import daskray
+from helpers import mark_started, start_cluster, wait_for_path
 
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
 get = daskray.get
 
-NUM_WORKERS = 2  # as conftest.py's cluster fixture
 
 # the graph of dask's progress/profiler tests: data a, b; tasks c, d, e
 DSK = {"a": 1, "b": 2, "c": (add, "a", "b"), "d": (mul, "a", "b"), "e": (mul, "c", "d")}
@@ -72,6 +72,9 @@ class TestDaskrayGet(GetFunctionTestMixin):
 
     get = staticmethod(daskray.get)
 
+    # a chain of 10,001 tasks, all held by the head until the end: checking every
+    # invariant after each of its ~20,000 events takes longer than the time limit
+    @pytest.mark.usefixtures("cluster_without_checks")
     def test_get_stack_limit(self):
         t0 = time.perf_counter()
         super().test_get_stack_limit()
@@ -446,6 +449,11 @@ def _sleep_then(seconds, value):
     return value
 
 
+def _mark_then_sleep(path, seconds, value):
+    mark_started(path)
+    return _sleep_then(seconds, value)
+
+
 def _boom():
     raise ValueError("boom")
 
@@ -463,13 +471,14 @@ def test_error_is_raised_without_waiting_for_other_tasks():
 
 
 @pytest.mark.timeout(30)
-def test_failing_graph_does_not_disturb_a_concurrent_one():
-    ok = {("s", i): (_sleep_then, 0.05, i) for i in range(10)}
+def test_failing_graph_does_not_disturb_a_concurrent_one(tmp_path):
+    started = str(tmp_path / "started")
+    ok = {("s", i): (_mark_then_sleep, started, 0.05, i) for i in range(10)}
     ok["total"] = (sum, list(ok))
     result = []
     t = threading.Thread(target=lambda: result.append(get(ok, "total")), daemon=True)
     t.start()
-    time.sleep(0.05)
+    wait_for_path(started)  # the first graph runs
     with pytest.raises(ValueError, match="boom"):
         get({"b": (_boom,), "c": (inc, "b")}, "c")
     t.join(20)
@@ -477,7 +486,7 @@ def test_failing_graph_does_not_disturb_a_concurrent_one():
 
 
 @pytest.mark.timeout(30)
-def test_ctrl_c_while_waiting():
+def test_ctrl_c_while_waiting(sigint_raises):
     # The cross-process counterpart of test_threaded.py::test_interrupt: SIGINT to the
     # driver's main thread while it waits for a graph interrupts the get promptly,
     # runs finish(errored=True), and leaves the cluster usable.
@@ -959,7 +968,7 @@ def test_init_makes_daskray_default_and_shutdown_restores(restart_cluster):
     for previous in ["sync", dask.threaded.get, None]:
         ctx = dask.config.set(scheduler=previous) if previous else contextlib.nullcontext()
         with ctx:
-            daskray.init(num_workers=NUM_WORKERS)
+            start_cluster()
             try:
                 assert dask.config.get("scheduler") is daskray.get
                 assert dask.base.get_scheduler() is daskray.get

@@ -28,9 +28,8 @@ import pytest
 import daskray
 from daskray.runtime import shared_memory
 from daskray.runtime.cluster import OWNER_FILE, make_session_dir, sweep_stale_sessions
-from helpers import wait_until
+from helpers import start_cluster, wait_until
 
-NUM_WORKERS = 2
 MB = 1 << 20
 OTHER_UID = 12345
 AN_HOUR_AGO = time.time() - 7200
@@ -178,7 +177,7 @@ def no_runtime():
     yield
     daskray.shutdown()
     if was_running:
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 def descriptors() -> tuple[int, int]:
@@ -293,6 +292,8 @@ INTERRUPTED_DRIVER = """
     import psutil, daskray
 
     delay = float(sys.argv[1])
+    # Ctrl-C raises KeyboardInterrupt here even if this process inherited SIGINT ignored
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(delay, os.kill, (os.getpid(), signal.SIGINT))
     outcome = "not interrupted"
     try:
@@ -350,6 +351,7 @@ def test_ctrl_c_during_init_leaves_nothing(delay):
         if report["outcome"] == "interrupted in init":
             assert report["left_in_init"] == [], \
                 f"init raised KeyboardInterrupt, but left running: {report}"
+        assert report["outcome"].startswith("interrupted"), report  # the signal arrived
         assert report["children"] == [], report
         assert daskray_processes_of(tmpdir) == []
         assert [n for n in os.listdir(tmpdir) if n.startswith("daskray-")] == []

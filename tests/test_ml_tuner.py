@@ -18,8 +18,8 @@ from daskray.ml import (
     ASHAScheduler, Checkpoint, Dataset, FailureConfig, RunConfig, Trainer, TuneConfig, Tuner,
     models, reference_fit, tune,
 )
-from daskray.ml.trainer import _config
-from daskray.ml.tune import _SearchSpec, _Shards, generate_configs, train_trial
+from daskray.ml.search import _SearchSpec, _Shards, _linear_fast_path, generate_configs, train_trial
+from daskray.ml.steps import full_config
 
 pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(120)]
 
@@ -263,7 +263,7 @@ def test_a_trial_trains_bit_for_bit_as_reference_fit(model, cuts):
     for config in ({"optimizer": "sgd", "lr": 0.05, "batch_size": 5, "l2": 1e-3, "seed": 3},
                    {"optimizer": "momentum", "lr": 0.02, "batch_size": 64, "seed": 1},
                    {"optimizer": "adam", "lr": 0.01, "batch_size": 200, "l2": 0.1, "seed": 2}):
-        config = _config({**config, "epochs": 3})
+        config = full_config({**config, "epochs": 3})
         state, _, _ = train_trial(spec, data, 0, config, None, 1)  # in two segments
         (params, _, epochs, _), rows, _ = train_trial(spec, data, 0, config, state, 3)
         expected = reference_fit(model, shards, config, classes=classes)
@@ -272,7 +272,7 @@ def test_a_trial_trains_bit_for_bit_as_reference_fit(model, cuts):
             assert np.array_equal(params[key], expected[key]), (config, key)
     fast = isinstance(model, (models.SoftmaxRegression, models.LogisticRegression,
                               models.LinearRegression))
-    assert tune._linear_fast_path(model) == fast  # the fast path is the one tested
+    assert _linear_fast_path(model) == fast  # the fast path is the one tested
 
 
 def _digits(num_shards=4):

@@ -31,11 +31,10 @@ import daskray
 import daskray.api
 from daskray.runtime import shared_memory
 from daskray.runtime.store_memory import HostStore
-from helpers import wait_until
+from helpers import start_cluster, wait_until
 
 MB = 1 << 20
 LIMIT = 64 * MB
-NUM_WORKERS = 2
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="needs a writable /dev/shm")
 
@@ -250,12 +249,12 @@ def test_a_full_dev_shm_with_nothing_to_spill_is_a_clear_error(store, monkeypatc
 def limited_cluster(cluster):
     """A cluster with a 64 MiB store; afterwards the shared default one runs again."""
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS, object_store_memory=LIMIT)
+    start_cluster(object_store_memory=LIMIT)
     try:
         yield daskray.api._runtime.cluster
     finally:
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 @daskray.remote
@@ -375,7 +374,7 @@ def test_object_store_memory_comes_from_dask_config_too(cluster):
         assert daskray.object_store_stats()["limit"] == 96 * MB
     finally:
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 @pytest.mark.parametrize("bad", [0, -5, "lots", 1.5])
@@ -387,7 +386,7 @@ def test_a_bad_limit_is_a_clear_error(cluster, bad):
         assert not daskray.is_initialized()
     finally:
         if not daskray.is_initialized():
-            daskray.init(num_workers=NUM_WORKERS)
+            start_cluster()
 
 
 @pytest.mark.timeout(90)
@@ -420,6 +419,6 @@ def test_spilled_objects_of_a_sigkilled_session_are_swept(cluster, tmp_path):
         proc.wait(30)
     # the next init on the host sweeps it
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     assert not glob.glob(glob.escape(info["prefix"]) + "*")
     assert not os.path.exists(info["session"])

@@ -39,13 +39,12 @@ import zmq
 from dask._task_spec import Task, TaskRef
 
 import daskray
-from helpers import wait_until
+from helpers import NUM_WORKERS, mark_started, start_cluster, wait_until
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime import transport
 from daskray.runtime.cluster import OWNER_FILE, SESSION_PREFIX, sweep_stale_sessions
 
-NUM_WORKERS = 2
 SCRIPTS = Path(__file__).parent / "scripts"
 TMP = tempfile.gettempdir()
 RUNTIME_MARK = "daskray.runtime"
@@ -74,6 +73,11 @@ def write_pid_then_sleep(path, seconds):
     Path(path).write_text(str(os.getpid()))
     time.sleep(seconds)
     return os.getpid()
+
+
+def mark_then_sleep(path, seconds):
+    mark_started(path)
+    time.sleep(seconds)
 
 
 def sleep_unless_run_before(path, seconds):
@@ -345,7 +349,7 @@ def proc_cluster(_module_runtime):
     """A running cluster of NUM_WORKERS workers, shared by the tests that need one."""
     if not _healthy(daskray.api._runtime):
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
     cluster = daskray.api._runtime.cluster
     assert len(worker_pids(cluster)) == NUM_WORKERS
     return cluster
@@ -355,7 +359,7 @@ def proc_cluster(_module_runtime):
 def fresh_cluster(_module_runtime):
     """A cluster of its own for one test, stopped afterwards (the test may wreck it)."""
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     yield daskray.api._runtime.cluster
     daskray.shutdown()
 
@@ -375,7 +379,7 @@ def no_cluster(_module_runtime):
 def test_shutdown_leaves_nothing_behind(no_cluster):
     before = Snapshot()
     assert not daskray.is_initialized()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     assert daskray.is_initialized()
     cluster = daskray.api._runtime.cluster
     head = head_process(cluster)
@@ -481,7 +485,7 @@ def test_init_twice(proc_cluster):
     assert daskray.is_initialized()
     workers = worker_pids(proc_cluster)
     with pytest.raises(daskray.ClusterError) as info:
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
     message = str(info.value)
     assert "twice" in message
     assert "shutdown()" in message and "ignore_reinit_error=True" in message
@@ -702,29 +706,31 @@ def test_missing_output_key(proc_cluster, monkeypatch):
 
 
 @pytest.mark.timeout(60)
-def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster):
+def test_keyboard_interrupt_cancels_the_graph_on_the_cluster(fresh_cluster, sigint_raises,
+                                                            tmp_path):
     # one 30 s task per worker: if they are not interrupted, nothing else can run
-    dsk = {("sleep", i): (time.sleep, 30) for i in range(NUM_WORKERS)}
+    running = [tmp_path / f"running{i}" for i in range(NUM_WORKERS)]
+    dsk = {("sleep", i): (mark_then_sleep, str(running[i]), 30) for i in range(NUM_WORKERS)}
     computing = threading.Event()
+    interrupted_at: list = []
 
     def interrupt_soon() -> None:
-        if computing.wait(10):
-            time.sleep(1.0)
+        if computing.wait(10) and wait_until(lambda: all(p.exists() for p in running), 20):
             if computing.is_set():
+                interrupted_at.append(time.monotonic())
                 _thread.interrupt_main()
 
     interrupter = threading.Thread(target=interrupt_soon, daemon=True)
     interrupter.start()
-    t0 = time.monotonic()
     try:
         with pytest.raises(KeyboardInterrupt):
             computing.set()
             daskray.get(dsk, list(dsk))
     finally:
         computing.clear()
-    elapsed = time.monotonic() - t0
+    elapsed = time.monotonic() - interrupted_at[0]
     interrupter.join(5)
-    assert elapsed < 5, f"KeyboardInterrupt took {elapsed:.1f} s to surface"
+    assert elapsed < 4, f"KeyboardInterrupt took {elapsed:.1f} s to surface"
 
     # the next compute must not wait for the 30 s sleeps
     outcome: dict = {}
@@ -792,7 +798,7 @@ def test_a_stopped_worker_is_killed_after_the_worker_ttl_and_its_task_runs_again
         no_cluster, tmp_path):
     # dask's own setting, as with dask.distributed (default 5 minutes)
     with dask.config.set({"distributed.scheduler.worker-ttl": "2s"}):
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
     cluster = daskray.api._runtime.cluster
     pidfile = tmp_path / "pid"
     thread, outcome = get_sleeper_in_thread(pidfile, 60)
@@ -882,7 +888,7 @@ def test_remote_results_lost_with_a_killed_worker_are_computed_again(fresh_clust
     import numpy as np
 
     daskray.shutdown()  # the first worker alone has "pin": every call below runs there
-    daskray.init(num_workers=NUM_WORKERS, resources=[{"pin": 1}, {}])
+    start_cluster(resources=[{"pin": 1}, {}])
     markers = tmp_path / "markers"
     markers.mkdir()
     make = daskray.remote(make_block).options(resources={"pin": 1})

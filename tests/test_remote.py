@@ -16,6 +16,7 @@ import asyncio
 import copy
 import gc
 import hashlib
+import json
 import os
 import pickle
 import signal
@@ -33,12 +34,11 @@ import psutil
 import pytest
 
 import daskray
-from helpers import wait_until
+from helpers import NUM_WORKERS, start_cluster, wait_until
 import daskray.api
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
-NUM_WORKERS = 2
 MB = 1 << 20
 
 
@@ -249,7 +249,7 @@ def custom_cluster(cluster):
     yield fresh_cluster
     if daskray.is_initialized():
         daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
 
 
 @daskray.remote
@@ -288,6 +288,11 @@ def pin_cluster(custom_cluster):
     yield
 
 
+@daskray.remote
+def _runtime_context_is_local_mode():
+    return daskray.get_runtime_context().is_local_mode()
+
+
 @pytest.fixture
 def local_mode(custom_cluster):
     custom_cluster(local_mode=True)
@@ -295,6 +300,13 @@ def local_mode(custom_cluster):
 
 
 # =========================================================================== basic calls
+
+
+@pytest.mark.timeout(60)
+def test_the_shared_cluster_checks_the_core_invariants(cluster):
+    head = psutil.Process(daskray.api._runtime.cluster.head.pid)
+    config = json.loads(head.environ()["DASKRAY_CONFIG"])
+    assert config["validate"] is True  # SchedulerState(validate=True) in the head
 
 
 @pytest.mark.timeout(60)
@@ -442,7 +454,7 @@ def test_cancel_task_prefetched_on_a_busy_worker_is_prompt(tmp_path):
         for i in range(2):
             wait_for_file(tmp_path / f"b{i}", 20)
         queued = inc.remote(1)  # queued behind a blocker, on a worker or in the head
-        time.sleep(0.2)
+        daskray.available_resources()  # a round trip after it: the head has the task now
         daskray.cancel(queued)
         with pytest.raises(daskray.TaskCancelledError):
             queued.get(timeout=5)
@@ -991,6 +1003,16 @@ def test_local_mode_runs_remote_calls_in_the_driver(local_mode):
     ready, not_ready = daskray.wait([inc.remote(1), inc.remote(2)], num_returns=1)
     assert len(ready) == 1 and len(not_ready) == 1
     assert fib.remote(8).get() == 21
+
+
+@pytest.mark.timeout(60)
+def test_the_runtime_context_tells_local_mode(custom_cluster):
+    custom_cluster(local_mode=True)
+    assert daskray.get_runtime_context().is_local_mode()
+    assert getpid.remote().get() == os.getpid()  # what local mode means
+    custom_cluster(num_workers=1)
+    assert not daskray.get_runtime_context().is_local_mode()
+    assert daskray.get(_runtime_context_is_local_mode.remote(), timeout=30) is False
 
 
 @pytest.mark.timeout(60)

@@ -44,13 +44,12 @@ import psutil
 import pytest
 
 import daskray
-from helpers import wait_until
+from helpers import NUM_WORKERS, start_cluster, wait_until
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime.client import Client
 from daskray.runtime.cluster import sweep_stale_sessions
 
-NUM_WORKERS = 2
 MB = 1 << 20
 SHM_DIR = "/dev/shm"
 
@@ -172,12 +171,12 @@ def in_band_digest(value):
 def own_cluster(cluster):
     """A cluster of this test's own; afterwards the shared two-worker one runs again."""
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS)
+    start_cluster()
     try:
         yield current_cluster()
     finally:
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 @pytest.fixture
@@ -188,7 +187,7 @@ def no_cluster(cluster):
         yield
     finally:
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 # =========================================================================== one copy
@@ -317,12 +316,12 @@ def test_large_task_result_read_twice_reuses_its_shm_file(cluster):
 def two_named_workers(cluster):
     """Workers told apart by resources ``a`` and ``b``; afterwards the shared cluster."""
     daskray.shutdown()
-    daskray.init(num_workers=NUM_WORKERS, resources=[{"a": 1}, {"b": 1}])
+    start_cluster(resources=[{"a": 1}, {"b": 1}])
     try:
         yield
     finally:
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 @pytest.mark.timeout(120)
@@ -533,7 +532,7 @@ def test_next_init_sweeps_a_sigkilled_session_but_never_a_live_one(no_cluster, t
         assert all(os.path.exists(f) for f in info["files"]), (
             "the SIGKILLed session left nothing: the test cannot check the sweep")
 
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
         left = [f for f in info["files"] if os.path.exists(f)]
         assert not left, f"init() did not sweep the dead session's files: {left}"
         assert session_files(info["prefix"]) == set()

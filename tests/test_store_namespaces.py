@@ -19,13 +19,13 @@ import pytest
 import zmq
 
 import daskray
+from helpers import start_cluster
 import daskray.api
 from daskray.runtime import protocol as P
 from daskray.runtime import shared_memory, store_memory
 from daskray.runtime import transport
 from daskray.runtime.transport import ipc_address
 
-NUM_WORKERS = 2
 
 pytestmark = pytest.mark.skipif(not shared_memory.available(), reason="needs a writable /dev/shm")
 
@@ -69,7 +69,7 @@ def two_hosts(cluster):
         yield {h: store_memory.namespace_prefix(c.shm_prefix, i) for i, h in enumerate(("h0", "h1"))}
     finally:
         daskray.shutdown()
-        daskray.init(num_workers=NUM_WORKERS)
+        start_cluster()
 
 
 @pytest.mark.timeout(90)

@@ -10,11 +10,11 @@ many trials on the cluster, stopping poor ones early (ASHA).
 """
 
 from . import datasets, models, optimizers, tune
+from .checkpoints import Checkpoint, Result
 from .dataset import Dataset, Standardization
 from .models import Model
 from .trainer import (
-    Checkpoint, Evaluation, FailureConfig, Result, RunConfig, ScalingConfig, Trainer,
-    reference_fit,
+    Evaluation, FailureConfig, RunConfig, ScalingConfig, Trainer, reference_fit,
 )
 from .tune import ASHAScheduler, FIFOScheduler, ResultGrid, TuneConfig
 from .tuner import Tuner, get_checkpoint, report, with_parameters

@@ -15,8 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .. import api
-from ..refs import ObjectRef
+import daskray
 
 
 def _as_xy(X: Any, y: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -67,8 +66,8 @@ class Standardization:
 class Dataset:
     """Shards of ``(X, y)`` in the cluster; see the module docstring."""
 
-    def __init__(self, shards: Sequence[ObjectRef], sizes: Sequence[int], n_features: int,
-                 classes: np.ndarray | None = None) -> None:
+    def __init__(self, shards: Sequence[daskray.ObjectRef], sizes: Sequence[int],
+                 n_features: int, classes: np.ndarray | None = None) -> None:
         self.shards = list(shards)
         self.sizes = list(sizes)
         self.n_features = n_features
@@ -97,7 +96,8 @@ class Dataset:
             raise ValueError(f"num_shards must be between 1 and the number of rows, got {num_shards}")
         order = np.random.default_rng(seed).permutation(len(y)) if shuffle else np.arange(len(y))
         parts = np.array_split(order, num_shards)
-        shards = [api.put((np.ascontiguousarray(X[p]), np.ascontiguousarray(y[p]))) for p in parts]
+        shards = [daskray.put((np.ascontiguousarray(X[p]), np.ascontiguousarray(y[p])))
+                  for p in parts]
         return cls(shards, [len(p) for p in parts], X.shape[1], _classes(y))
 
     @classmethod
@@ -126,7 +126,7 @@ class Dataset:
             y = y.rechunk((data.chunks[0],))
             pieces = [dask.delayed(_shard_of_blocks)(xb, yb) for xb, yb in
                       zip(data.to_delayed().ravel(), y.to_delayed().ravel())]
-        persisted = dask.persist(*pieces, scheduler=api.get)
+        persisted = dask.persist(*pieces, scheduler=daskray.get)
         shards = [next(iter(dict(p.dask).values())) for p in persisted]
         sizes, n_features, classes = _describe(shards)
         return cls(shards, sizes, n_features, classes)
@@ -137,7 +137,7 @@ class Dataset:
         """Each shard split by a seeded draw: (train, test), shard for shard."""
         if not 0.0 < test_size < 1.0:
             raise ValueError(f"test_size must be between 0 and 1, got {test_size}")
-        split = api.remote(num_returns=2)(_split_shard)
+        split = daskray.remote(num_returns=2)(_split_shard)
         pairs = [split.remote(s, test_size, seed * 1_000_003 + i) for i, s in enumerate(self.shards)]
         n_test = [int(round(n * test_size)) for n in self.sizes]
         train = Dataset([p[0] for p in pairs], [n - t for n, t in zip(self.sizes, n_test)],
@@ -150,7 +150,7 @@ class Dataset:
         """Features centred and scaled; by this data's own statistics unless ``stats``
         (from the training data) are given.  Returns the new dataset and the stats."""
         if stats is None:
-            sums = api.get([api.remote(_shard_sums).remote(s) for s in self.shards])
+            sums = daskray.get([daskray.remote(_shard_sums).remote(s) for s in self.shards])
             n = sum(s[0] for s in sums)
             total = np.sum([s[1] for s in sums], axis=0)
             squares = np.sum([s[2] for s in sums], axis=0)
@@ -159,13 +159,13 @@ class Dataset:
             scale = np.sqrt(var)
             scale[scale == 0] = 1.0
             stats = Standardization(mean, scale)
-        task = api.remote(_standardize_shard)
+        task = daskray.remote(_standardize_shard)
         shards = [task.remote(s, stats.mean, stats.scale) for s in self.shards]
         return Dataset(shards, self.sizes, self.n_features, self.classes), stats
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """All rows in the driver, shard after shard (for checks and small data)."""
-        parts = api.get(self.shards)
+        parts = daskray.get(self.shards)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -182,6 +182,6 @@ def _describe_shard(shard: tuple) -> tuple[int, int, np.ndarray]:
 
 
 def _describe(shards: list) -> tuple[list[int], int, np.ndarray | None]:
-    infos = api.get([api.remote(_describe_shard).remote(s) for s in shards])
+    infos = daskray.get([daskray.remote(_describe_shard).remote(s) for s in shards])
     classes = np.unique(np.concatenate([i[2] for i in infos])) if infos else None
     return [i[0] for i in infos], infos[0][1] if infos else 0, classes if len(classes) else None

@@ -68,8 +68,9 @@ except ImportError as error:  # pragma: no cover - exercised only without torch
         "`pip install torch==2.13.0` (or the `torch` extra: `pip install 'daskray[torch]'`)."
     ) from error
 
-from ..runtime import context
-from .models import TASKS, Model, Params, _check_2d, _check_sizes, _class_labels
+import daskray
+
+from .model_base import TASKS, Model, Params, check_2d, check_sizes, class_labels
 
 __all__ = ["TorchModel"]
 
@@ -86,6 +87,15 @@ _SUM_CHECK_RTOL = 1e-6
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def _in_daskray_worker() -> bool:
+    """Whether this process is a worker of a daskray cluster: only there does the
+    runtime context name a worker (outside any cluster it cannot be asked)."""
+    try:
+        return daskray.get_runtime_context().get_worker_id() is not None
+    except daskray.ClusterError:  # neither a driver after init() nor a worker
+        return False
+
+
 @contextmanager
 def _one_thread() -> Iterator[None]:
     """Run the enclosed torch work on one intra-op thread (see the module docstring).
@@ -93,7 +103,7 @@ def _one_thread() -> Iterator[None]:
     In a daskray worker the setting is made once and kept for the process; in
     any other process it is restored on exit.
     """
-    if context.worker_session is not None:
+    if _in_daskray_worker():
         if torch.get_num_threads() != 1:
             torch.set_num_threads(1)
         yield
@@ -238,7 +248,7 @@ class TorchModel(Model):
                 X: np.ndarray) -> torch.Tensor:
         """The module's output for the rows of ``X``, checked against the task."""
         X = np.asarray(X, dtype=np.float64)
-        _check_2d("X", X)
+        check_2d("X", X)
         out = functional_call(module, tensors, (_tensor(X),))
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"the module returned {type(out).__name__}; daskray.ml needs one "
@@ -261,7 +271,7 @@ class TorchModel(Model):
     def _target(self, y: np.ndarray, out: torch.Tensor) -> torch.Tensor:
         """``y`` as the loss's target: int64 labels, or floats shaped like ``out``."""
         if self.task == "multiclass":
-            return torch.from_numpy(_class_labels(y, out.shape[1]).astype(np.int64))
+            return torch.from_numpy(class_labels(y, out.shape[1]).astype(np.int64))
         t = np.asarray(y, dtype=np.float64)
         if t.size != out.numel():
             raise ValueError(f"y has {t.size} values for a module output of shape "
@@ -309,7 +319,7 @@ class TorchModel(Model):
         """Float64 copies of the module's parameters, checked to fit ``n_features`` inputs
         and ``n_outputs`` outputs: a module built with torch seeded from ``rng`` when
         the model has a factory, else the given module's own values."""
-        _check_sizes(self, n_features, n_outputs)
+        check_sizes(self, n_features, n_outputs)
         if self.task == "binary" and n_outputs != 1:
             raise ValueError(f"a binary TorchModel has one logit output; got n_outputs={n_outputs}")
         if self.factory is not None:

@@ -32,25 +32,25 @@ in one process with :func:`reference_fit` gives bit-identical parameters.
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import threading
 from collections import Counter, OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from .. import api
+import daskray
+
+from .checkpoints import Checkpoint, Result
 from .dataset import Dataset
 from .models import Model
-from .optimizers import get_optimizer
-
-DEFAULT_TRAIN_CONFIG = {
-    "optimizer": "sgd", "lr": 0.1, "batch_size": 1024, "epochs": 10, "l2": 0.0, "seed": 0,
-}
-
+from .search import run_search
+from .steps import (
+    apply_evaluator, evaluate_shard, full_config, make_optimizer, model_targets, output_count,
+    steps_per_epoch, summarize, update,
+)
+from .steps import DEFAULT_TRAIN_CONFIG, tree_sum  # noqa: F401 - their old home was here
 
 # ---------------------------------------------------------------------- configs
 
@@ -91,73 +91,7 @@ class FailureConfig:
     max_failures: int = 3
 
 
-@dataclass
-class Checkpoint:
-    """Parameters (and the optimizer state) after some epoch."""
-
-    params: dict
-    epoch: int
-    opt_state: dict = field(default_factory=dict)
-    config: dict = field(default_factory=dict)
-
-    def to_directory(self, path: str) -> str:
-        os.makedirs(path, exist_ok=True)
-        np.savez(os.path.join(path, "params.npz"), **self.params)
-        np.savez(os.path.join(path, "opt_state.npz"), **_flatten_state(self.opt_state))
-        with open(os.path.join(path, "checkpoint.json"), "w") as f:
-            json.dump({"epoch": self.epoch, "config": self.config}, f, default=str)
-        return path
-
-    @classmethod
-    def from_directory(cls, path: str) -> "Checkpoint":
-        with np.load(os.path.join(path, "params.npz")) as data:
-            params = {k: data[k] for k in data.files}
-        with np.load(os.path.join(path, "opt_state.npz")) as data:
-            state = _unflatten_state({k: data[k] for k in data.files})
-        with open(os.path.join(path, "checkpoint.json")) as f:
-            meta = json.load(f)
-        return cls(params, meta["epoch"], state, meta.get("config", {}))
-
-
-@dataclass
-class Result:
-    metrics: dict
-    metrics_dataframe: Any
-    checkpoint: Checkpoint | None
-    error: BaseException | None = None
-    best_checkpoints: list = field(default_factory=list)
-    config: dict = field(default_factory=dict)
-    #: for a search: every trial (a ResultGrid)
-    grid: Any = None
-
-
-def _flatten_state(state: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in state.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten_state(value, name + "/"))
-        else:
-            flat[name] = np.asarray(value)
-    return flat
-
-
-def _unflatten_state(flat: dict) -> dict:
-    state: dict = {}
-    for name, value in flat.items():
-        parts = name.split("/")
-        node = state
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value if value.shape else value.item()
-    return state
-
-
 # ---------------------------------------------------------------------- the algorithm
-
-
-def steps_per_epoch(num_rows: int, batch_size: int) -> int:
-    return max(1, math.ceil(num_rows / batch_size))
 
 
 #: bytes of per-epoch row orders a process keeps (see :func:`epoch_order`)
@@ -199,12 +133,6 @@ def batch_rows(n: int, epoch: int, step: int, steps: int, seed: int, shard: int)
     return order[step * n // steps:(step + 1) * n // steps]
 
 
-def _targets(model: Model, y: np.ndarray, classes: np.ndarray | None) -> np.ndarray:
-    if model.task == "regression" or classes is None:
-        return y.astype(np.float64)
-    return np.searchsorted(classes, y)
-
-
 def shard_gradients(params: dict, model: Model, classes: Any, epoch: int, step: int,
                     steps: int, seed: int, first_shard: int, *shards: tuple) -> list:
     """Gradient sums of consecutive shards for one step: [(grads, rows), ...]."""
@@ -219,45 +147,9 @@ def numbered_shard_gradients(params: dict, model: Model, classes: Any, epoch: in
     out = []
     for shard, (X, y) in zip(shard_ids, shards):
         rows = batch_rows(len(y), epoch, step, steps, seed, shard)
-        out.append((model.gradient(params, X[rows], _targets(model, y[rows], classes)), len(rows)))
+        target = model_targets(model, y[rows], classes)
+        out.append((model.gradient(params, X[rows], target), len(rows)))
     return out
-
-
-def tree_sum(items: list) -> dict:
-    """Add gradient dicts pairwise in a fixed tree: ((g0+g1)+(g2+g3))+..."""
-    while len(items) > 1:
-        paired = [{k: a[k] + b[k] for k in a} for a, b in zip(items[0::2], items[1::2])]
-        if len(items) % 2:
-            paired.append(items[-1])
-        items = paired
-    return items[0]
-
-
-def update(params: dict, opt_state: dict, model: Model, optimizer: Any, l2: float,
-           *groups: list) -> tuple[dict, dict]:
-    """One optimizer step from the per-shard gradient sums of every group."""
-    per_shard = [g for group in groups for g in group]
-    rows = sum(n for _, n in per_shard)
-    total = tree_sum([g for g, _ in per_shard])
-    weights = set(model.weight_keys())
-    grads = {k: total[k] / rows + (l2 * params[k] if k in weights and l2 else 0.0) for k in total}
-    return optimizer.step(params, grads, opt_state)
-
-
-def evaluate_shard(params: dict, model: Model, classes: Any, shard: tuple,
-                   with_predictions: bool = False) -> tuple:
-    """(loss sum, correct predictions, rows, predictions, labels) of one shard; the
-    last two only ``with_predictions`` (for an evaluator), else None."""
-    X, y = shard
-    target = _targets(model, y, classes)
-    loss = float(model.loss(params, X, target))
-    predicted = model.predict(params, X) if model.task != "regression" or with_predictions else None
-    correct = int(np.sum(predicted == target)) if model.task != "regression" else 0
-    if not with_predictions:
-        return loss, correct, len(y), None, None
-    if classes is not None and model.task != "regression":
-        return loss, correct, len(y), classes[predicted], y
-    return loss, correct, len(y), predicted, y
 
 
 def in_shard_order(shard_ids: Sequence[int], items: Sequence) -> list:
@@ -430,50 +322,14 @@ class Evaluation:
         raise NotImplementedError(f"{type(self).__name__} must define __call__(predictions, labels)")
 
 
-def apply_evaluator(evaluator: Any, parts: list) -> dict:
-    """Run ``evaluator`` on the predictions of evaluated shards; metrics to add."""
-    if evaluator is None or not parts:
-        return {}
-    evaluate = evaluator() if isinstance(evaluator, type) else evaluator
-    value = evaluate(np.concatenate([p[3] for p in parts]), np.concatenate([p[4] for p in parts]))
-    return dict(value) if isinstance(value, dict) else {"score": float(value)}
-
-
-def summarize(parts: list, prefix: str, task: str) -> dict:
-    """``{prefix}_loss`` (mean) and, for classifiers, ``{prefix}_accuracy``."""
-    n = sum(p[2] for p in parts)
-    row = {f"{prefix}_loss": sum(p[0] for p in parts) / n}
-    if task != "regression":
-        row[f"{prefix}_accuracy"] = sum(p[1] for p in parts) / n
-    return row
-
-
-def _config(train_config: dict | None) -> dict:
-    config = {**DEFAULT_TRAIN_CONFIG, **(train_config or {})}
-    unknown = set(config) - set(DEFAULT_TRAIN_CONFIG) - {"momentum", "beta1", "beta2", "eps"}
-    if unknown:
-        raise ValueError(f"unknown train_config keys {sorted(unknown)}; known: "
-                         f"{sorted(DEFAULT_TRAIN_CONFIG)} and optimizer settings")
-    return config
-
-
-def _optimizer(config: dict) -> Any:
-    extra = {k: config[k] for k in ("momentum", "beta1", "beta2", "eps") if k in config}
-    return get_optimizer(config["optimizer"], config["lr"], **extra)
-
-
-def _n_outputs(model: Model, classes: Any) -> int:
-    return len(classes) if model.task == "multiclass" and classes is not None else 1
-
-
 def reference_fit(model: Model, shards: Sequence[tuple], train_config: dict | None = None,
                   classes: Any = None) -> dict:
     """The trainer's algorithm in this process, on ``[(X, y), ...]`` shards: the
     parameters ``Trainer.fit`` computes, bit for bit."""
-    config = _config(train_config)
-    optimizer = _optimizer(config)
+    config = full_config(train_config)
+    optimizer = make_optimizer(config)
     n_features = shards[0][0].shape[1]
-    params = model.init_params(n_features, _n_outputs(model, classes),
+    params = model.init_params(n_features, output_count(model, classes),
                                np.random.default_rng(config["seed"]))
     state = optimizer.init_state(params)
     steps = steps_per_epoch(sum(len(s[1]) for s in shards), config["batch_size"])
@@ -503,7 +359,7 @@ class Trainer:
         self.model = model
         self.tune_config = config
         self.param_space = param_space or {}
-        self.config = _config({k: v for k, v in (train_config or {}).items()})
+        self.config = full_config({k: v for k, v in (train_config or {}).items()})
         if config is None and isinstance(model, type):
             raise ValueError("a model class needs a search (config=TuneConfig(...)); "
                              "pass a model instance to train one model")
@@ -519,8 +375,6 @@ class Trainer:
         import pandas as pd
 
         if self.tune_config is not None:
-            from .tune import run_search
-
             grid = run_search(self.model, self.config, self.param_space, self.tune_config,
                               train, valid, self.evaluator)
             best = grid.get_best_result()
@@ -528,12 +382,12 @@ class Trainer:
             return best
 
         model, config = self.model, self.config
-        optimizer = _optimizer(config)
+        optimizer = make_optimizer(config)
         classes = train.classes if model.task != "regression" else None
         if self.resume is not None:
             params, state, start = self.resume.params, self.resume.opt_state, self.resume.epoch + 1
         else:
-            params = model.init_params(train.n_features, _n_outputs(model, classes),
+            params = model.init_params(train.n_features, output_count(model, classes),
                                        np.random.default_rng(config["seed"]))
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
@@ -544,10 +398,10 @@ class Trainer:
                         if valid is not None else [[] for _ in groups])
         valid_order = [i for g in valid_groups for i in g]
         retries = self.failure.max_failures
-        plan = api.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
+        plan = daskray.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
         judged = self.evaluator is not None
         judge_train, judge_valid = judged and valid is None, judged
-        closed = [api.put(((params, state), [], []))] * n_groups
+        closed = [daskray.put(((params, state), [], []))] * n_groups
         history: list[dict] = []
         pending: list[tuple] = []  # epochs submitted, metrics not read yet
         final, stopped = (params, state), False
@@ -555,12 +409,12 @@ class Trainer:
             shards = [[train.shards[j] for j in g] for g in groups]
             valid_shards = [[valid.shards[j] for j in g] for g in valid_groups]
             if n_groups == 1:  # nothing to exchange between steps: one task per epoch
-                closed = [api.remote(max_retries=retries)(_epoch_task).remote(
+                closed = [daskray.remote(max_retries=retries)(_epoch_task).remote(
                     plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
                     *shards[0], *valid_shards[0])]
                 submitted = list(closed)
             else:
-                step_task = api.remote(max_retries=retries)(_step_task)
+                step_task = daskray.remote(max_retries=retries)(_step_task)
                 outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
                            for i, g in enumerate(groups)]
                 submitted = list(outputs)
@@ -569,7 +423,7 @@ class Trainer:
                                                 *shards[i], *outputs)
                                for i, g in enumerate(groups)]
                     submitted += outputs
-                close_task = api.remote(max_retries=retries)(_close_task)
+                close_task = daskray.remote(max_retries=retries)(_close_task)
                 closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
                                             judge_train, judge_valid, *shards[i],
                                             *valid_shards[i], *outputs)
@@ -585,7 +439,7 @@ class Trainer:
             stopped = self._record(pending.pop(0), order, valid_order, history)
         for _, _, submitted in pending:  # stopped early: later epochs are not wanted
             for ref in reversed(submitted):
-                api.cancel(ref)
+                daskray.cancel(ref)
         if history:
             final = history[-1].pop("_carry")
         for row in history:
@@ -605,8 +459,8 @@ class Trainer:
         them (see :func:`local_groups`), and the process holding most of each."""
         if min(n_groups, data.num_shards) == 1:
             return [list(range(data.num_shards))], [None]
-        locate = api.remote(_locate)
-        owners = api.get([locate.remote(s) for s in data.shards])
+        locate = daskray.remote(_locate)
+        owners = daskray.get([locate.remote(s) for s in data.shards])
         groups = local_groups(owners, n_groups)
         return groups, [Counter(owners[i] for i in g).most_common(1)[0][0] for g in groups]
 
@@ -614,7 +468,7 @@ class Trainer:
         """Add a submitted epoch's metrics to ``history`` (waiting for them), with its
         parameters under ``"_carry"``; whether training should stop there."""
         epoch, closed, _ = entry
-        outputs = api.get(closed)
+        outputs = daskray.get(closed)
         train = in_shard_order(order, [p for out in outputs for p in out[1]])
         valid = in_shard_order(valid_order, [p for out in outputs for p in out[2]])
         row: dict = {"epoch": epoch, "training_iteration": epoch + 1,

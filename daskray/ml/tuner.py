@@ -67,14 +67,15 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple
 
-from .. import api
-from ..actors import ActorHandle
+import daskray
+
+from .checkpoints import Checkpoint, Result
 from .dataset import Dataset
-from .trainer import Checkpoint, FailureConfig, Result, RunConfig, Trainer
-from .tune import (
-    ASHAScheduler, FIFOScheduler, ResultGrid, TuneConfig, _local_mode, _num_workers, check_stop,
-    generate_configs, run_search, stop_reached,
+from .search import (
+    ASHAScheduler, FIFOScheduler, ResultGrid, TuneConfig, check_stop, generate_configs,
+    num_workers, run_search, stop_reached,
 )
+from .trainer import FailureConfig, RunConfig, Trainer
 
 __all__ = ["Tuner", "report", "get_checkpoint", "with_parameters"]
 
@@ -107,16 +108,21 @@ class _Attempt(NamedTuple):
     error: BaseException | None = None
 
 
+def _local_mode() -> bool:
+    """Whether calls run in this process (``init(local_mode=True)``)."""
+    return daskray.get_runtime_context().is_local_mode()
+
+
 class _Channel:
     """Messages to the controller: an actor's methods, or a local object's."""
 
     def __init__(self, controller: Any) -> None:
         self.controller = controller
-        self.remote = isinstance(controller, ActorHandle)
+        self.remote = isinstance(controller, daskray.ActorHandle)
 
     def ask(self, *args: Any) -> Any:
         if self.remote:
-            return api.get(self.controller.report.remote(*args))
+            return daskray.get(self.controller.report.remote(*args))
         return self.controller.report(*args)
 
 
@@ -280,15 +286,15 @@ class _FunctionSearch:
         self.controller = None
         if asha or max_failures > 0:
             self.controller = (_Controller(scheduler, tune_config.mode) if _local_mode() else
-                               api.remote(_Controller).remote(scheduler, tune_config.mode))
+                               daskray.remote(_Controller).remote(scheduler, tune_config.mode))
         self.history: dict[int, list] = {i: [] for i in range(len(configs))}
         self.checkpoints: dict[int, tuple] = {}
         self.errors: dict[int, BaseException] = {}
         self.failures = dict.fromkeys(range(len(configs)), 0)
 
     def run(self) -> ResultGrid:
-        task = api.remote(max_retries=0)(_run_trial)
-        limit = self.tune_config.max_concurrent_trials or 2 * _num_workers()
+        task = daskray.remote(max_retries=0)(_run_trial)
+        limit = self.tune_config.max_concurrent_trials or 2 * num_workers()
         waiting = deque(range(len(self.configs)))
         running: dict = {}
         while waiting or running:
@@ -297,7 +303,7 @@ class _FunctionSearch:
                 ref = task.remote(self.trainable, trial, self.configs[trial], self.plan,
                                   self.controller, self._resume(trial))
                 running[ref] = trial
-            ready, _ = api.wait(list(running), num_returns=1)
+            ready, _ = daskray.wait(list(running), num_returns=1)
             trial = running.pop(ready[0])
             if self._record(trial, self._attempt(ready[0], trial)):
                 waiting.appendleft(trial)  # a retry goes first
@@ -305,12 +311,12 @@ class _FunctionSearch:
 
     def _attempt(self, ref: Any, trial: int) -> _Attempt:
         try:
-            return api.get(ref)
+            return daskray.get(ref)
         except Exception as exc:  # the task itself failed: its worker died, say
             if self.controller is None:
                 return _Attempt([], None, exc)
             sent = (self.controller.trial(trial) if isinstance(self.controller, _Controller)
-                    else api.get(self.controller.trial.remote(trial)))
+                    else daskray.get(self.controller.trial.remote(trial)))
             return sent._replace(error=exc)
 
     def _record(self, trial: int, attempt: _Attempt) -> bool:
@@ -406,7 +412,7 @@ class Tuner:
         """Run every trial; a :class:`ResultGrid` of their Results.  For a Trainer,
         ``train`` (and ``valid``) are the datasets, as ``Trainer.fit`` takes them; a
         function trainable gets its data itself (a closure, or :func:`with_parameters`)."""
-        if not api.is_initialized():
+        if not daskray.is_initialized():
             raise RuntimeError("daskray is not running: call daskray.init() before Tuner.fit()")
         if isinstance(self.trainable, Trainer):
             for name, value in (("train", train), ("valid", valid)):
@@ -451,7 +457,7 @@ class _WithParameters:
         self.__name__ = getattr(trainable, "__name__", "trainable")
 
     def __call__(self, config: dict) -> Any:
-        values = api.get(list(self.refs.values()))
+        values = daskray.get(list(self.refs.values()))
         return self.trainable(config, **dict(zip(self.refs, values)))
 
 
@@ -469,4 +475,4 @@ def with_parameters(trainable: Callable, **kwargs: Any) -> Callable:
                         f"trainable(config, {', '.join(kwargs)}): {exc}") from None
     except ValueError:
         pass
-    return _WithParameters(trainable, {k: api.put(v) for k, v in kwargs.items()})
+    return _WithParameters(trainable, {k: daskray.put(v) for k, v in kwargs.items()})
