@@ -32,7 +32,7 @@ from typing import Iterator
 
 from ..errors import ClusterError
 from . import protocol as P
-from . import host_transfer, shared_memory, store_memory
+from . import host_transfer, settings, shared_memory, store_memory
 from .client import SHUT_DOWN, Client
 from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
@@ -136,23 +136,8 @@ def worker_ttl() -> float | None:
     """Seconds a worker may stay silent before the head kills it as hung: dask's
     own ``distributed.scheduler.worker-ttl`` (default 5 minutes), as with
     dask.distributed; None (or "none") never."""
-    import dask.config
-    import dask.utils
-
-    value = dask.config.get("distributed.scheduler.worker-ttl", "5 minutes")
-    if value is None or str(value).lower() in ("none", "false"):
-        return None
-    try:
-        seconds = dask.utils.parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError):
-        raise ValueError(
-            f"distributed.scheduler.worker-ttl must be a duration such as '60s', got {value!r}"
-        ) from None
-    if seconds is None or seconds < 1.5:
-        raise ValueError(
-            f"distributed.scheduler.worker-ttl must be at least 1.5 s (three of the head's "
-            f"pings), got {value!r}")
-    return float(seconds)
+    return settings.duration("distributed.scheduler.worker-ttl", "5 minutes", 1.5, "60s",
+                             why="three of the head's pings", never=True)
 
 
 class LocalCluster:

@@ -34,7 +34,7 @@ from ..scheduler import events as E
 from ..scheduler import instructions as I
 from ..scheduler.state import SchedulerState
 from . import protocol as P
-from . import shared_memory, transport
+from . import settings, shared_memory, transport
 from . import store_memory
 from .store_memory import HostStore
 from .process import alive, child_setup, describe_exit, pidfd, spawn
@@ -69,20 +69,10 @@ def replacement_delay(recent_deaths: int, cap: float) -> float:
 def replacement_backoff_max() -> float:
     """The longest wait before a replacement starts: dask config
     ``daskray.worker-replacement-backoff-max`` (a duration), default 30 s."""
-    import dask.config
-    import dask.utils
+    return settings.duration("daskray.worker-replacement-backoff-max",
+                             REPLACEMENT_BACKOFF_MAX, 0, "30s")
 
-    value = dask.config.get("daskray.worker-replacement-backoff-max", None)
-    if value is None:
-        return REPLACEMENT_BACKOFF_MAX
-    try:
-        seconds = dask.utils.parse_timedelta(value, default="seconds")
-    except (TypeError, ValueError, KeyError):
-        seconds = None
-    if seconds is None or not seconds > 0:
-        raise ValueError("dask config daskray.worker-replacement-backoff-max must be a "
-                         f"positive duration such as '30s', got {value!r}")
-    return float(seconds)
+
 #: the scheduler hears the time this often (see Tick): it starts extra workers for
 #: waits that last, and retires those idle for long enough
 TICK_SECONDS = 0.25
@@ -94,19 +84,8 @@ def max_extra_workers(num_workers: int) -> int:
     """How many extra workers may stand in for workers whose tasks wait in get()
     at once: dask config ``daskray.max-extra-workers``, by default
     ``EXTRA_WORKERS_PER_WORKER`` per worker."""
-    import dask.config
-
-    value = dask.config.get("daskray.max-extra-workers", None)
-    if value is None:
-        return EXTRA_WORKERS_PER_WORKER * num_workers
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(
-            f"daskray.max-extra-workers must be a whole number >= 0, got {value!r}; "
-            "set it with dask.config.set({'daskray.max-extra-workers': 4}) before "
-            "daskray.init()")
-    return value
+    return settings.whole_number("daskray.max-extra-workers",
+                                 EXTRA_WORKERS_PER_WORKER * num_workers, 0, 4)
 
 
 class Head:

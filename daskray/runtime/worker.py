@@ -41,7 +41,7 @@ from .. import backend
 from ..refs import collect_pickled_refs, tracker
 from ..scheduler.policy import INLINE_THRESHOLD, SHARE_THRESHOLD
 from . import protocol as P
-from . import allocator, context, host_transfer, shared_memory, transport
+from . import allocator, context, host_transfer, settings, shared_memory, transport
 from .store_memory import HostStore
 from .fetch import fetch_object
 from .object_store import ObjectStore
@@ -722,16 +722,8 @@ STACK_BYTES_PER_NESTED_TASK = 64 * 1024
 def read_max_nesting_depth() -> int:
     """``daskray.max-nesting-depth`` from this process's dask config (the driver's,
     as it was at ``init()``)."""
-    import dask.config
-
-    value = dask.config.get("daskray.max-nesting-depth", DEFAULT_MAX_NESTING_DEPTH)
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"daskray.max-nesting-depth must be a whole number >= 1, got {value!r}; set it "
-            "with dask.config.set({'daskray.max-nesting-depth': 2000}) before daskray.init()")
-    return value
+    return settings.whole_number("daskray.max-nesting-depth", DEFAULT_MAX_NESTING_DEPTH,
+                                 1, 2000)
 
 
 def make_room_for_nesting(depth: int) -> None:
