@@ -240,10 +240,7 @@ class Head:
             for sock in self.worker_control.values():
                 sock.send_multipart([self.token, P.PEER_LOST, address.encode()])
         self.tables_sent.pop(wid, None)
-        self.runs.pop(wid, None)
-        self.run_tables.pop(wid, None)
-        self.worker_out.pop(wid, None)
-        self.frees.pop(wid, None)
+        self._drop_outgoing(wid)
         if not self.running:
             return
         reason = f"pid {proc.pid if proc else '?'} {describe_exit(returncode)}"
@@ -670,10 +667,7 @@ class Head:
         (see flush): it is idle, and it may close its socket any moment."""
         if ins.worker in self.procs:
             self.retiring.add(ins.worker)
-            self.runs.pop(ins.worker, None)
-            self.run_tables.pop(ins.worker, None)
-            self.frees.pop(ins.worker, None)
-            self.worker_out.pop(ins.worker, None)
+            self._drop_outgoing(ins.worker)
             self._send(ins.worker.encode(), P.Stop())
 
     def _do_free_shared(self, ins: I.FreeShared) -> None:
@@ -705,6 +699,14 @@ class Head:
             P.Finished(ins.graph[1], ins.node, ins.worker, ins.inline))
 
     # ------------------------------------------------------------------ sending
+
+    def _drop_outgoing(self, wid: str) -> None:
+        """Forget what this loop turn would have sent to worker ``wid`` (it is gone
+        or retiring: nothing may reach it any more)."""
+        self.runs.pop(wid, None)
+        self.run_tables.pop(wid, None)
+        self.worker_out.pop(wid, None)
+        self.frees.pop(wid, None)
 
     def _flush_runs(self, wid: str) -> None:
         """Queue pending Run items before a later message to the same worker,
