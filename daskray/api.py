@@ -31,6 +31,9 @@ from .runtime import context
 from .runtime import protocol as P
 from .runtime.session import Session
 
+#: the address schemes of dask's comm layer: an address with one names a dask scheduler
+DASK_SCHEMES = ("tcp://", "tls://", "ws://", "wss://", "inproc://", "ucx://")
+
 _UNSET = object()
 _lock = threading.RLock()
 _runtime: "_Runtime | None" = None
@@ -40,20 +43,40 @@ class _Runtime:
     """What ``init`` started, and the dask settings it replaced."""
 
     def __init__(self, cluster: LocalCluster | AttachedCluster | None,
-                 set_dask_scheduler: bool) -> None:
+                 set_dask_scheduler: bool, session: Any = None) -> None:
         self.cluster = cluster
-        self.local_mode = cluster is None
-        self.session: Session | LocalSession = (
-            LocalSession() if cluster is None else Session(cluster.client))
+        #: the dask.distributed backend's session (``distributed_backend.session``), when
+        #: daskray runs on such a cluster
+        self.distributed = session
+        self.local_mode = cluster is None and session is None
+        self.session: Any
+        if session is not None:
+            self.session = session
+            tracker.wake = session.wake
+        elif cluster is None:
+            self.session = LocalSession()
+            tracker.wake = None
+        else:
+            self.session = Session(cluster.client)
+            tracker.wake = cluster.client.wake_for_refs
         tracker.on_drop = self.session.forget
-        tracker.reporting = cluster is not None
-        tracker.wake = cluster.client.wake_for_refs if cluster is not None else None
+        tracker.reporting = not self.local_mode
+        self.context = ClusterContext(*self._address())
         self.saved_config: dict[str, Any] = {}
         if set_dask_scheduler:
             self._set_config("scheduler", get)
             if dask.config.get("dataframe.shuffle.method", None) is None:
                 # p2p needs distributed's workers, "disk" a shared disk: tasks work anywhere
                 self._set_config("dataframe.shuffle.method", "tasks")
+
+    def _address(self) -> tuple[str | None, str | None]:
+        """(the cluster's address, its dashboard's URL)."""
+        if self.distributed is not None:
+            return self.distributed.client.scheduler.address, self.distributed.dashboard_url()
+        if self.cluster is not None:
+            return (getattr(self.cluster, "head_address", None)
+                    or getattr(self.cluster, "session_dir", None)), None
+        return None, None
 
     def _set_config(self, key: str, value: Any) -> None:
         self.saved_config[key] = dask.config.get(key, _UNSET)
@@ -88,11 +111,13 @@ def init(
     resources: dict | list | None = None,
     num_cpus: int | None = None,
     address: str | None = None,
+    client: Any = None,
+    security: Any = None,
     object_store_memory: int | str | None = None,
     _validate: bool = False,
     _store_namespaces: int = 1,
     **ray_options: Any,
-) -> None:
+) -> "ClusterContext":
     """Start daskray on this machine: a head process and ``num_workers`` workers.
 
     ``num_workers`` defaults to the number of cores.  With ``local_mode=True`` no
@@ -116,25 +141,39 @@ def init(
     options about its dashboard, logging and namespaces are accepted and have no
     effect here.
 
-    ``address`` joins a cluster already running on this machine, started with
-    ``daskray start --head``: the address it printed, or ``"auto"`` for the
-    newest one (also taken from the ``DASKRAY_ADDRESS`` environment variable).
-    The cluster's size and resources are its own; :func:`shutdown` then only
-    disconnects this process, and the cluster drops its ObjectRefs.
+    ``address`` joins a cluster already running: a dask.distributed scheduler's
+    address (``"tcp://HOST:8786"``, ``tls://`` with ``security=`` or dask's TLS
+    config, ``ws://``), so the same program runs on many machines; or a daskray
+    cluster on this machine started with ``daskray start --head`` (the address it
+    printed, or ``"auto"`` for the newest one).  Without an argument the address
+    comes from the ``DASKRAY_ADDRESS`` environment variable, if set.
+    ``client=distributed.Client(...)`` joins that client's cluster.  A joined
+    cluster's size and resources are its own; :func:`shutdown` then closes only what
+    ``init`` opened, and the cluster drops this driver's objects.
+
+    Returns a :class:`ClusterContext` (Ray's ``RayContext``): ``dashboard_url`` and
+    ``address_info``; ``with daskray.init(): ...`` shuts down at the block's end.
     """
     unknown = set(ray_options) - _IGNORED_RAY_OPTIONS
     if unknown:
         raise TypeError(f"daskray.init() got unexpected keyword arguments {sorted(unknown)}")
-    if address is None:
+    if client is not None and address is not None:
+        raise ValueError("give address= or client=, not both")
+    if address is None and client is None:
         address = os.environ.get("DASKRAY_ADDRESS") or None
-    if address not in (None, "local"):
+    joining = client is not None or address not in (None, "local")
+    if joining:
         given = [name for name, value in (
             ("num_workers", num_workers), ("num_cpus", num_cpus), ("resources", resources),
             ("object_store_memory", object_store_memory)) if value is not None]
         if given or local_mode:
+            where = f"address={address!r}" if client is None else "client=..."
             raise ValueError(
                 f"{', '.join(given) or 'local_mode'}: these are set when a cluster starts; "
-                f"a driver joining one (address={address!r}) cannot change them")
+                f"a driver joining one ({where}) cannot change them")
+    on_dask = client is not None or (isinstance(address, str) and address.startswith(DASK_SCHEMES))
+    if security is not None and not (client is None and on_dask):
+        raise ValueError("security= applies to a dask scheduler's address (tls://...)")
     if num_cpus is not None:
         if num_workers is not None and num_workers != num_cpus:
             raise ValueError("give num_workers or num_cpus, not both")
@@ -143,11 +182,13 @@ def init(
     with _lock:
         if _runtime is not None:
             if ignore_reinit_error:
-                return
+                return _runtime.context
             raise ClusterError(
                 "daskray.init() was called twice; call daskray.shutdown() first, or "
                 "pass ignore_reinit_error=True to keep the running cluster"
             )
+        if on_dask:
+            return _join_distributed(address, client, security, set_dask_scheduler)
         if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
             raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
         cluster = None
@@ -171,6 +212,50 @@ def init(
                 with sigint_deferred():
                     cluster.close()
             raise
+        return _runtime.context
+
+
+def _join_distributed(address: str | None, client: Any, security: Any,
+                      set_dask_scheduler: bool) -> "ClusterContext":
+    """``init`` on a dask.distributed cluster (called with ``_lock`` held)."""
+    global _runtime
+    # loaded on first use: a program on daskray's own runtime never imports distributed
+    from .distributed_backend.joining import join
+
+    session = join(address, client, security)
+    try:
+        _runtime = _Runtime(None, set_dask_scheduler, session)
+        backend.install(session)
+    except BaseException:
+        _runtime = None
+        session.close()
+        raise
+    return _runtime.context
+
+
+class ClusterContext:
+    """What :func:`init` returns, as Ray's ``RayContext``: ``dashboard_url`` (dask's
+    dashboard on a dask.distributed cluster; None where there is none) and
+    ``address_info``; ``ctx["dashboard_url"]`` works too.  Used as a context manager,
+    the block's end calls :func:`shutdown`."""
+
+    def __init__(self, address: str | None, dashboard_url: str | None) -> None:
+        self.dashboard_url = dashboard_url
+        self.address_info = {"address": address, "dashboard_url": dashboard_url}
+
+    def __getitem__(self, name: str) -> Any:
+        if name == "dashboard_url":
+            return self.dashboard_url
+        return self.address_info[name]
+
+    def __enter__(self) -> "ClusterContext":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        shutdown()
+
+    def __repr__(self) -> str:
+        return f"ClusterContext({self.address_info})"
 
 
 def _store_limit(value: int | str | None) -> int | None:
@@ -196,6 +281,9 @@ def object_store_stats() -> dict:
     ``limit``, ``used`` and ``objects`` in memory, ``spilled`` and
     ``spilled_objects`` on disk (bytes and counts), and ``spill_dir``."""
     runtime = _current()
+    if runtime.distributed is not None:
+        raise ClusterError("a dask.distributed cluster has no daskray object store: objects "
+                           "live in the dask workers' memory (see dask's dashboard)")
     if runtime.cluster is None:
         raise ClusterError("local_mode has no object store: values stay in this process")
     return runtime.cluster.store.stats()
@@ -222,6 +310,8 @@ def shutdown() -> None:
         if runtime.cluster is not None:
             with sigint_deferred():  # a Ctrl-C now would leave the cluster running
                 runtime.cluster.close()
+        if runtime.distributed is not None:
+            runtime.distributed.close()
 
 
 atexit.register(shutdown)
@@ -276,6 +366,8 @@ def _persist(collections: list, optimize_graph: bool = True, **kwargs: Any) -> l
     if runtime.local_mode:
         return [dask.persist(c, scheduler="sync", optimize_graph=optimize_graph)[0]
                 for c in collections]
+    if runtime.distributed is not None:
+        return runtime.distributed.persist(collections, optimize_graph, **kwargs)
     return dask_scheduler.persist(runtime.cluster.client, collections, optimize_graph, **kwargs)
 
 
@@ -292,6 +384,8 @@ def _get_dask(dsk: Any, keys: Any, **kwargs: Any) -> Any:
             kwargs["cache"] = {**(kwargs.get("cache") or {}),
                                **dict(zip(refs, runtime.session.get(list(refs.values()))))}
         return dask.local.get_sync(graph, keys, **kwargs)
+    if runtime.distributed is not None:
+        return runtime.distributed.compute(dsk, keys, **kwargs)
     return dask_scheduler.get(runtime.cluster.client, dsk, keys, **kwargs)
 
 
@@ -433,6 +527,9 @@ def nodes() -> list[dict]:
     """The machines of the cluster, as Ray's ``nodes()``: daskray runs on one."""
     import platform
 
+    machines = getattr(_session(), "nodes", None)  # a cluster of many machines tells its own
+    if machines is not None:
+        return machines()
     return [{"NodeID": "local", "Alive": True, "NodeManagerAddress": "127.0.0.1",
              "NodeManagerHostname": platform.node(), "Resources": cluster_resources()}]
 

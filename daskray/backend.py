@@ -80,6 +80,11 @@ def uninstall() -> None:
     _driver = None
 
 
+def installed() -> Backend | None:
+    """The session calls would go through here, or None when there is none."""
+    return _in_task if _in_task is not None else _driver
+
+
 def current() -> Backend:
     """The session calls go through here: the worker's inside a task, else the driver's."""
     session = _in_task if _in_task is not None else _driver

@@ -1,0 +1,84 @@
+"""Joining a dask.distributed cluster: the client, and a check that its workers can
+run daskray's tasks (they unpickle ObjectRefs and call daskray's own code)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from distributed import Client
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from .. import __version__
+from ..errors import ClusterError
+from ..refs import tracker
+from . import worker_side
+from .session import DistributedSession
+
+PLUGIN_NAME = "daskray"
+
+
+def connect(address: str, security: Any = None, timeout: float = 30.0) -> Any:
+    """A ``distributed.Client`` of the scheduler at ``address``; it does not become
+    dask's default scheduler (daskray does, through ``daskray.get``)."""
+    try:
+        return Client(address, security=security, timeout=timeout, set_as_default=False)
+    except OSError as exc:
+        raise ClusterError(
+            f"could not reach the dask scheduler at {address!r} within {timeout:.0f} s "
+            f"({exc}); is `dask scheduler` running there, and reachable from this host?"
+        ) from None
+
+
+def check_workers(client: Any, version: str) -> None:
+    """Install daskray's worker plugin on every worker (and on those that join later):
+    a worker without daskray, or with another version, is named in the error."""
+    try:
+        replies = client.register_plugin(DaskrayWorkerPlugin(version), name=PLUGIN_NAME)
+    except Exception as exc:
+        raise ClusterError(
+            f"the dask workers could not set daskray up ({type(exc).__name__}: {exc}); "
+            f"install daskray {version} in the workers' Python environment (tasks "
+            "unpickle ObjectRefs and actor handles there)") from None
+    bad = {addr: reply for addr, reply in (replies or {}).items()
+           if isinstance(reply, dict) and reply.get("status") == "error"}
+    if bad:
+        addr, reply = next(iter(bad.items()))
+        raise ClusterError(
+            f"{len(bad)} dask worker(s) could not set daskray up, e.g. {addr}: "
+            f"{reply.get('exception_text') or reply.get('exception')}; install daskray "
+            f"{version} in the workers' Python environment")
+
+
+class DaskrayWorkerPlugin(WorkerPlugin):
+    """Installed on every dask worker by ``daskray.init`` (and on those that join
+    later): checks the worker runs the driver's daskray version, and starts counting
+    the ObjectRefs its process unpickles (task arguments, fetched values) so that it
+    can want them too."""
+
+    idempotent = True
+
+    def __init__(self, version: str) -> None:
+        self.version = version
+
+    def setup(self, worker: Any = None) -> None:
+        if __version__ != self.version:
+            raise RuntimeError(
+                f"this dask worker runs daskray {__version__}, the driver {self.version}: "
+                "install the same daskray version on the driver and every worker")
+        worker_side.session_class = DistributedSession
+        tracker.reporting = True
+
+
+def join(address: str | None, client: Any, security: Any) -> DistributedSession:
+    """The driver's session on the dask cluster at ``address`` (a client of its own)
+    or behind ``client`` (the caller's, left open at the end)."""
+    owns_client = client is None
+    if owns_client:
+        client = connect(address, security)
+    try:
+        check_workers(client, __version__)
+    except BaseException:
+        if owns_client:
+            client.close()
+        raise
+    return DistributedSession(client, owns_client=owns_client)

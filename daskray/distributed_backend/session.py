@@ -1,0 +1,341 @@
+"""Ray's core calls over a ``distributed.Client``: the dask.distributed backend's session.
+
+An ObjectRef ``(owner, number, node)`` is the distributed key ``dask_key_of`` gives
+it, so dask graphs that mix refs with collections name the same key.  A call is one
+distributed task running :func:`~.worker_side.run_call`; its top-level ObjectRefs are
+passed as Futures (distributed resolves them to values, moving the data worker to
+worker), refs nested in containers travel as refs and are pinned until the task
+finished.  ``put`` scatters the value under its own key (equal values stay separate
+objects).  Errors are daskray's: a task whose workers kept dying raises
+``WorkerCrashedError``, a cancelled one ``TaskCancelledError``, an object the cluster
+no longer knows ``ObjectLostError``.
+
+The one rule that differs from the local runtime: a worker that dies while running a
+call re-runs it as distributed decides (``distributed.scheduler.allowed-failures``,
+default 3, which is also ``max_retries``' default); ``max_retries`` counts the re-runs
+after exceptions when ``retry_exceptions=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import threading
+import time
+import traceback
+import uuid
+from typing import Any, Callable, Iterator, Sequence
+
+import cloudpickle
+
+from ..backend import ActorSpec
+from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTraceback,
+                      TaskCancelledError, WorkerCrashedError)
+from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
+from . import graphs
+from .futures import FutureTable
+from .worker_side import CallArguments, nth_return, run_call
+
+#: values ``put`` need not search for nested ObjectRefs
+_PLAIN = (int, float, complex, str, bytes, bool, type(None))
+
+_seceded = threading.local()
+
+
+class DistributedSession:
+    """The session of one process (the driver, or a dask worker's tasks) on a
+    dask.distributed cluster."""
+
+    #: tells a session of this backend from the others without importing this module
+    on_dask = True
+
+    def __init__(self, client: Any, *, in_task: bool = False, owns_client: bool = False) -> None:
+        self.client = client
+        self.in_task = in_task
+        self.owns_client = owns_client
+        self.owner = os.urandom(8)
+        self._numbers = itertools.count(1)
+        self.table = FutureTable(client)
+        self._cancelled: set[RefKey] = set()
+
+    # ---------------------------------------------------------------- lifetimes
+
+    def wake(self) -> None:
+        """The ref tracker has news: announce the refs received, on the client's loop."""
+        try:
+            self.client.loop.add_callback(self.table.sync_with_tracker)
+        except Exception:  # the client is closing: nothing left to announce to
+            pass
+
+    def forget(self, key: RefKey) -> None:
+        """This process holds no ObjectRef to ``key`` any more."""
+        self.table.release(key)
+        self._cancelled.discard(key)
+
+    def settle_received(self, since: int, timeout: float = 30.0) -> None:
+        """At the end of a task: make sure the scheduler has recorded this process's
+        wants of the refs it received since ``since`` (``table.announced``) before the
+        task's end lets their senders drop them: its result may hold them."""
+        self.table.sync_with_tracker()
+        if self.table.announced != since:
+            self.barrier(timeout)
+
+    def barrier(self, timeout: float) -> None:
+        """Wait until the scheduler processed every message this client sent so far:
+        it answers a report request about a key nobody has with "cancelled"."""
+        marker = f"daskray-barrier-{uuid.uuid4().hex}"
+        from distributed import Future
+
+        future = Future(marker, self.client)
+        self.client._send_to_scheduler({"op": "report-key", "key": marker})
+        try:
+            self._wait([future], timeout)
+        except TimeoutError:
+            raise ClusterError(
+                f"the dask scheduler did not answer within {timeout:.0f} s") from None
+        finally:
+            future.release()
+
+    # ---------------------------------------------------------------- submitting
+
+    def _call_arguments(self, args: tuple, kwargs: dict) -> tuple[CallArguments, list]:
+        """The arguments as distributed gets them: the top-level ObjectRefs as Futures
+        (resolved to values there, the data moving worker to worker), the rest opaque."""
+        slots, futures = [], []
+        clean_args, clean_kwargs = list(args), dict(kwargs)
+        for slot, value in itertools.chain(enumerate(args), kwargs.items()):
+            if type(value) is ObjectRef:
+                slots.append(slot)
+                futures.append(self.table.future_of(value._key))
+                if type(slot) is int:
+                    clean_args[slot] = None
+                else:
+                    clean_kwargs[slot] = None
+        return CallArguments(tuple(clean_args), clean_kwargs, tuple(slots)), futures
+
+    def submit_call(self, func: Callable, table: Any, args: tuple, kwargs: dict,
+                    options: dict) -> ObjectRef | list[ObjectRef]:
+        number = next(self._numbers)
+        name = options.get("name") or getattr(func, "__name__", "task")
+        num_returns = options.get("num_returns", 1)
+        keys = [(self.owner, number, i) for i in range(num_returns)]
+        retries = options.get("max_retries", 3)
+        exception_retries = (10**6 if retries == -1 else retries) \
+            if options.get("retry_exceptions") else 0
+        call, inputs = self._call_arguments(args, kwargs)
+        base_key = dask_key_of(keys[0]) if num_returns == 1 else \
+            f"daskray-call-{self.owner.hex()}-{number}"
+        with collect_pickled_refs() as pinned:
+            base = self.client.submit(run_call, func, exception_retries, call, *inputs,
+                                      key=base_key, pure=False, **self._placement(options))
+        if num_returns == 1:
+            futures = [base]
+        else:
+            futures = [self.client.submit(nth_return, base, i, num_returns, name,
+                                          key=dask_key_of(k), pure=False)
+                       for i, k in enumerate(keys)]
+        pins = list(dict.fromkeys(pinned))
+        for key, future in zip(keys, futures):
+            self.table.own(key, future, pins)
+        refs = [ObjectRef(k, owned=True) for k in keys]
+        return refs[0] if num_returns == 1 else refs
+
+    def _placement(self, options: dict) -> dict:
+        """distributed's ``resources=`` for a call's options; refused at once when no
+        worker offers them (the task would wait forever)."""
+        resources = dict(options.get("resources") or {})
+        if options.get("num_gpus"):
+            resources["GPU"] = options["num_gpus"]
+        if options.get("num_cpus", 1) > 1:
+            resources["CPU"] = options["num_cpus"]
+        if not resources:
+            return {}
+        offered = [w.get("resources") or {} for w in self._workers().values()]
+        if not any(all(r.get(name, 0) >= amount for name, amount in resources.items())
+                   for r in offered):
+            raise ValueError(
+                f"no dask worker offers the resources {resources}: start workers that "
+                "declare them, e.g. `dask worker ADDRESS --resources \"GPU=1 CPU=4\"` "
+                "(num_cpus > 1 asks for the resource CPU)")
+        return {"resources": resources}
+
+    def put(self, value: Any) -> ObjectRef:
+        if isinstance(value, ObjectRef):
+            raise TypeError("daskray.put() of an ObjectRef is not allowed; pass the ref itself")
+        key = (self.owner, next(self._numbers), 0)
+        pins = () if isinstance(value, _PLAIN) else nested_refs(value)
+        futures = self.client.scatter({dask_key_of(key): value}, hash=False)
+        self.table.own(key, futures[dask_key_of(key)], pins)
+        return ObjectRef(key, owned=True)
+
+    def cancel(self, refs: Sequence[ObjectRef]) -> None:
+        pending = []
+        for ref in refs:
+            future = self.table.future_of(ref._key)
+            if not future.done():
+                self._cancelled.add(ref._key)
+                pending.append(future)
+        if pending:
+            self.client.cancel(pending)
+
+    # ---------------------------------------------------------------- waiting
+
+    def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
+        futures = [self.table.future_of(r._key) for r in refs]
+        start = time.monotonic()
+        with leave_worker_pool():
+            if timeout is not None:
+                try:
+                    self._wait(futures, timeout)
+                except TimeoutError:
+                    missing = sum(1 for f in futures if not f.done())
+                    raise GetTimeoutError(
+                        f"get timed out after {time.monotonic() - start:.1f} s: {missing} "
+                        f"of {len(futures)} objects not ready") from None
+            try:
+                return self.client.gather(futures)
+            except BaseException as exc:
+                raise self._error(exc) from _remote_cause(exc)
+
+    def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
+             timeout: float | None = None) -> tuple[list, list]:
+        if not 0 <= num_returns <= len(refs):
+            raise ValueError(f"num_returns must be between 0 and {len(refs)}, got {num_returns}")
+        futures = [self.table.future_of(r._key) for r in refs]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with leave_worker_pool():
+            while sum(f.done() for f in futures) < num_returns:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    break
+                try:
+                    self._wait([f for f in futures if not f.done()], left, "FIRST_COMPLETED")
+                except TimeoutError:
+                    break
+        ready: list = []
+        not_ready: list = []
+        for ref, future in zip(refs, futures):
+            (ready if future.done() and len(ready) < num_returns else not_ready).append(ref)
+        return ready, not_ready
+
+    def _wait(self, futures: list, timeout: float | None,
+              return_when: str = "ALL_COMPLETED") -> None:
+        """``distributed.wait`` on this session's client (not dask's default one)."""
+        from distributed.client import _wait
+
+        self.client.sync(_wait, futures, timeout=timeout, return_when=return_when)
+
+    def _error(self, exc: BaseException) -> BaseException:
+        """daskray's error for what distributed raised from a gather."""
+        from distributed.client import FutureCancelledError
+        from distributed.scheduler import KilledWorker
+
+        if isinstance(exc, KilledWorker):
+            return WorkerCrashedError(
+                f"the dask workers running task {exc.task!r} died (distributed gave up after "
+                f"distributed.scheduler.allowed-failures deaths; last: {exc.last_worker})")
+        if isinstance(exc, FutureCancelledError):
+            key = ref_key_of(exc.key)
+            if key in self._cancelled:
+                return TaskCancelledError(f"task {exc.key!r} was cancelled")
+            why = exc.reason or "it was released, or its data was lost"
+            return ObjectLostError(
+                f"the object {exc.key!r} is gone from the dask cluster ({why}); compute it again")
+        return exc
+
+    # ---------------------------------------------------------------- the cluster
+
+    def _workers(self) -> dict:
+        return self.client.scheduler_info(n_workers=-1).get("workers", {})
+
+    def resources(self) -> tuple[dict, dict]:
+        """(total, free): ``CPU`` is the workers' threads, plus their dask resources."""
+        total: dict[str, float] = {"CPU": 0.0}
+        free: dict[str, float] = {"CPU": 0.0}
+        for info in self._workers().values():
+            threads = float(info.get("nthreads", 0))
+            busy = float((info.get("metrics") or {}).get("executing", 0))
+            total["CPU"] += threads
+            free["CPU"] += max(0.0, threads - busy)
+            for name, amount in (info.get("resources") or {}).items():
+                total[name] = total.get(name, 0.0) + float(amount)
+                free[name] = free.get(name, 0.0) + float(amount)
+        return total, free
+
+    def nodes(self) -> list[dict]:
+        """One entry per dask worker, in Ray's ``nodes()`` shape."""
+        out = []
+        for address, info in sorted(self._workers().items()):
+            resources = {"CPU": float(info.get("nthreads", 0)),
+                         **{k: float(v) for k, v in (info.get("resources") or {}).items()}}
+            out.append({"NodeID": address, "Alive": True,
+                        "NodeManagerAddress": info.get("host", ""),
+                        "NodeManagerHostname": str(info.get("name", address)),
+                        "Resources": resources})
+        return out
+
+    def compute(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
+        """``daskray.get(dsk, keys)``: a dask graph's results (see ``graphs``)."""
+        return graphs.get(self, dsk, keys, **kwargs)
+
+    def persist(self, collections: list, optimize_graph: bool = True, **kwargs: Any) -> list:
+        """``dask.persist``: the collections with their data kept on the cluster."""
+        return graphs.persist(self, collections, optimize_graph, **kwargs)
+
+    def dashboard_url(self) -> str | None:
+        return getattr(self.client, "dashboard_link", None)
+
+    # ---------------------------------------------------------------- actors
+
+    def _no_actors(self, *_: Any, **__: Any) -> Any:
+        raise ClusterError(
+            "actors do not run on the dask.distributed backend yet; run them on daskray's "
+            "own runtime (daskray.init() without a dask scheduler address)")
+
+    create_actor = call_actor = kill_actor = get_actor = _no_actors
+
+    def close(self) -> None:
+        """End this session: release its objects; close the client if it opened it."""
+        self.table.clear()
+        if self.owns_client:
+            self.client.close()
+
+
+@contextlib.contextmanager
+def leave_worker_pool() -> Iterator[None]:
+    """Inside a task on a dask worker: give its thread slot back while this waits, so
+    the tasks it waits for can run there (``secede``; ``rejoin`` afterwards)."""
+    from distributed.worker import thread_state
+
+    if getattr(_seceded, "active", False) or not hasattr(thread_state, "start_time"):
+        yield
+        return
+    from distributed import rejoin, secede
+
+    try:
+        secede()
+    except (KeyError, ValueError):  # not a task thread after all
+        yield
+        return
+    _seceded.active = True
+    try:
+        yield
+    finally:
+        _seceded.active = False
+        rejoin()
+
+
+def nested_refs(value: Any) -> list[RefKey]:
+    """The keys of the ObjectRefs inside ``value`` (found by pickling it with its
+    large buffers left out, so an array costs no copy)."""
+    with collect_pickled_refs() as found:
+        cloudpickle.dumps(value, protocol=5, buffer_callback=lambda _buffer: None)
+    return list(dict.fromkeys(found))
+
+
+def _remote_cause(exc: BaseException) -> BaseException | None:
+    """The traceback a task's exception had on its worker, as a RemoteTraceback."""
+    if exc.__traceback__ is None:
+        return None
+    return RemoteTraceback("".join(traceback.format_exception(exc)))

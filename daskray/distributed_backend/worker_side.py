@@ -1,0 +1,110 @@
+"""What runs on the dask workers: the wrapper of every remote call, and the session
+the tasks there call through."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import threading
+from typing import Any, Callable
+
+from .. import backend
+from ..refs import tracker
+
+_lock = threading.Lock()
+
+
+#: the session class tasks here call through, set by daskray's worker plugin on each
+#: worker (``joining.DaskrayWorkerPlugin``; the class lives above this module)
+session_class: Any = None
+
+
+def task_session() -> Any:
+    """The session a task on a dask worker calls through: the driver's when the
+    worker runs in the driver's process, else this worker's own, made on first use
+    over the worker's client."""
+    current = backend.installed()
+    if getattr(current, "on_dask", False):
+        return current
+    with _lock:
+        current = backend.installed()
+        if getattr(current, "on_dask", False):
+            return current
+        from distributed import get_client
+
+        if session_class is None:
+            raise RuntimeError("daskray's worker plugin has not run on this dask worker: "
+                               "call daskray.init(address=...) on the driver first")
+        session = session_class(get_client(), in_task=True)
+        backend.install(session, in_task=True)
+        tracker.reporting = True
+        tracker.on_drop = session.forget
+        tracker.wake = session.wake
+        return session
+
+
+class CallArguments:
+    """A call's arguments as the user gave them, opaque to distributed (which would
+    take any ObjectRef, even one nested in a list, for a future to resolve): the
+    top-level refs' places are ``slots``, their values come as the task's own
+    arguments."""
+
+    __slots__ = ("args", "kwargs", "slots")
+
+    def __init__(self, args: tuple, kwargs: dict, slots: tuple) -> None:
+        self.args = args
+        self.kwargs = kwargs
+        #: (position or keyword, ...) in the order of the values passed
+        self.slots = slots
+
+    def __getstate__(self) -> tuple:
+        return self.args, self.kwargs, self.slots
+
+    def __setstate__(self, state: tuple) -> None:
+        self.args, self.kwargs, self.slots = state
+
+    def filled(self, values: tuple) -> tuple[list, dict]:
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for slot, value in zip(self.slots, values):
+            if type(slot) is int:
+                args[slot] = value
+            else:
+                kwargs[slot] = value
+        return args, kwargs
+
+
+def run_call(func: Callable, exception_retries: int, call: CallArguments, *values: Any) -> Any:
+    """Run one remote call on a dask worker: its top-level ObjectRefs arrive as
+    ``values`` (distributed resolved them), nested ones as refs.  With
+    ``retry_exceptions`` an exception re-runs the call here, ``exception_retries``
+    times at most."""
+    args, kwargs = call.filled(values)
+    session = task_session()
+    since = session.table.announced
+    session.table.sync_with_tracker()
+    attempt = 0
+    while True:
+        try:
+            result = func(*args, **kwargs)
+            if inspect.iscoroutine(result):
+                result = asyncio.run(result)
+            break
+        except Exception:
+            if attempt >= exception_retries:
+                raise
+            attempt += 1
+    session.settle_received(since)
+    return result
+
+
+def nth_return(value: Any, index: int, count: int, name: str) -> Any:
+    """The ``index``-th of a ``num_returns=count`` call's values."""
+    try:
+        n = len(value)
+    except TypeError:
+        n = -1
+    if n != count:
+        raise ValueError(
+            f"task {name} was declared with num_returns={count} but returned "
+            f"{'a ' + type(value).__name__ if n < 0 else f'{n} values'}")
+    return value[index]
