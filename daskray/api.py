@@ -61,7 +61,9 @@ class _Runtime:
             tracker.wake = cluster.client.wake_for_refs
         tracker.on_drop = self.session.forget
         tracker.reporting = not self.local_mode
-        self.context = ClusterContext(*self._address())
+        kind = "distributed" if session is not None else \
+            "local_mode" if self.local_mode else "local"
+        self.context = ClusterContext(kind, *self._address())
         self.saved_config: dict[str, Any] = {}
         if set_dask_scheduler:
             self._set_config("scheduler", get)
@@ -239,7 +241,10 @@ class ClusterContext:
     ``address_info``; ``ctx["dashboard_url"]`` works too.  Used as a context manager,
     the block's end calls :func:`shutdown`."""
 
-    def __init__(self, address: str | None, dashboard_url: str | None) -> None:
+    def __init__(self, backend: str, address: str | None, dashboard_url: str | None) -> None:
+        #: what runs the calls: "local" (daskray's runtime on this machine),
+        #: "local_mode" (this process alone) or "distributed" (a dask.distributed cluster)
+        self.backend = backend
         self.dashboard_url = dashboard_url
         self.address_info = {"address": address, "dashboard_url": dashboard_url}
 

@@ -7,7 +7,10 @@ import signal
 import pytest
 
 import daskray
-from helpers import start_cluster
+from helpers import running_backend, start_cluster, start_dask_cluster
+
+#: the backends a test that takes the ``backend`` fixture runs on
+BACKENDS = ["local", "distributed"]
 
 
 @pytest.fixture(scope="session")
@@ -64,3 +67,38 @@ def sigint_raises():
         yield
     finally:
         signal.signal(signal.SIGINT, before)
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A dask.distributed cluster (scheduler + ``helpers.NUM_WORKERS`` worker
+    processes), started once for the tests of the dask.distributed backend."""
+    with start_dask_cluster() as dask_cluster:
+        yield dask_cluster
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request, cluster):
+    """daskray running on each backend in turn: its own runtime (the shared
+    ``cluster``) and a dask.distributed cluster (``dask_cluster``).  The value is the
+    backend's name.  Tests on the distributed backend run after all the others (see
+    ``pytest_collection_modifyitems``), so the switch happens once."""
+    if request.param == "distributed":
+        dask_cluster = request.getfixturevalue("dask_cluster")
+        if running_backend() != "distributed":
+            daskray.shutdown()
+            daskray.init(address=dask_cluster.scheduler_address)
+    elif running_backend() != "local":
+        daskray.shutdown()
+        start_cluster()
+    yield request.param
+
+
+def pytest_collection_modifyitems(items):
+    """Tests on the dask.distributed backend last: daskray then switches backend once.
+    A local test that restarts the cluster after them still gets a local one."""
+    def on_distributed(item) -> bool:
+        callspec = getattr(item, "callspec", None)
+        return callspec is not None and callspec.params.get("backend") == "distributed"
+
+    items.sort(key=on_distributed)

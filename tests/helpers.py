@@ -58,3 +58,20 @@ def digits_split():
     train, stats = train.standardize()
     test, _ = test.standardize(stats)
     return train, test
+
+
+def start_dask_cluster() -> Any:
+    """A dask.distributed cluster on this machine for the tests of daskray's
+    dask.distributed backend: ``NUM_WORKERS`` worker processes (with nannies) of one
+    thread each, listening on loopback, dashboard on a free port."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=NUM_WORKERS, threads_per_worker=1, processes=True,
+                        host="127.0.0.1", dashboard_address="127.0.0.1:0")
+
+
+def running_backend() -> str | None:
+    """The backend daskray runs on now ("local", "local_mode", "distributed"), or None."""
+    if not daskray.is_initialized():
+        return None
+    return daskray.init(ignore_reinit_error=True).backend

@@ -1,0 +1,58 @@
+"""daskray on a dask.distributed cluster: joining, remote calls, objects and their
+lifetimes, nested calls, errors.  Tests that hold on both backends take the
+``backend`` fixture and run on each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import daskray
+from daskray import GetTimeoutError, TaskCancelledError
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@daskray.remote
+def inc(x):
+    return x + 1
+
+
+@daskray.remote
+def total(refs):
+    return sum(daskray.get(list(refs)))
+
+
+@daskray.remote
+def depth(n):
+    return 0 if n == 0 else daskray.get(depth.remote(n - 1)) + 1
+
+
+def test_remote_calls_and_objects(backend):
+    assert daskray.get(inc.remote(1)) == 2
+    refs = [inc.remote(i) for i in range(10)]
+    assert daskray.get(total.remote(refs)) == 55  # refs inside a list arrive as refs
+    big = daskray.put(np.arange(1_000_000))
+    assert daskray.get(inc.remote(big))[:3].tolist() == [1, 2, 3]  # top-level: its value
+
+
+def test_nested_calls_deeper_than_the_workers(backend):
+    assert daskray.get(depth.remote(8)) == 8
+
+
+def test_get_timeout(backend, tmp_path):
+    @daskray.remote
+    def wait_for_file(path):
+        import os
+        import time
+
+        while not os.path.exists(path):
+            time.sleep(0.01)
+        return 1
+
+    gate = tmp_path / "go"
+    ref = wait_for_file.remote(str(gate))
+    with pytest.raises(GetTimeoutError):
+        daskray.get(ref, timeout=0.3)
+    gate.touch()
+    assert daskray.get(ref, timeout=30) == 1
