@@ -74,7 +74,11 @@ def dask_cluster():
     """A dask.distributed cluster (scheduler + ``helpers.NUM_WORKERS`` worker
     processes), started once for the tests of the dask.distributed backend."""
     with start_dask_cluster() as dask_cluster:
-        yield dask_cluster
+        try:
+            yield dask_cluster
+        finally:  # daskray's client first, or it would wait for the scheduler to come back
+            if running_backend() == "distributed":
+                daskray.shutdown()
 
 
 @pytest.fixture(params=BACKENDS)

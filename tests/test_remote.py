@@ -310,7 +310,7 @@ def test_the_shared_cluster_checks_the_core_invariants(cluster):
 
 
 @pytest.mark.timeout(60)
-def test_remote_call_returns_ref_at_once_and_get_gives_value():
+def test_remote_call_returns_ref_at_once_and_get_gives_value(backend):
     ref = add.remote(2, 3)
     assert isinstance(ref, daskray.ObjectRef)
     assert ref.get() == 5
@@ -326,7 +326,7 @@ def test_remote_call_returns_ref_at_once_and_get_gives_value():
 
 
 @pytest.mark.timeout(60)
-def test_decorator_options_and_per_call_options():
+def test_decorator_options_and_per_call_options(backend):
     @daskray.remote(num_cpus=1, max_retries=1, name="my-task")
     def mul(a, b):
         return a * b
@@ -342,7 +342,7 @@ def test_decorator_options_and_per_call_options():
 
 
 @pytest.mark.timeout(60)
-def test_hundred_refs_depending_on_one_come_back_in_order():
+def test_hundred_refs_depending_on_one_come_back_in_order(backend):
     task = add.remote(2, 3)
     refs = [add.remote(task, i) for i in range(100)]
     assert daskray.get(refs, timeout=30) == [5 + i for i in range(100)]
@@ -354,7 +354,7 @@ def test_hundred_refs_depending_on_one_come_back_in_order():
 
 
 @pytest.mark.timeout(60)
-def test_put_large_numpy_array_read_bit_exact_by_tasks():
+def test_put_large_numpy_array_read_bit_exact_by_tasks(backend):
     rng = np.random.default_rng(0)
     arr = rng.standard_normal(3 * MB)  # 24 MB of float64, every bit pattern random
     expected = ("ndarray", arr.dtype.str, arr.shape, hashlib.sha256(arr.tobytes()).hexdigest())
@@ -376,7 +376,7 @@ def test_put_large_numpy_array_read_bit_exact_by_tasks():
 
 
 @pytest.mark.timeout(60)
-def test_wait_splits_ready_and_not_ready_in_input_order():
+def test_wait_splits_ready_and_not_ready_in_input_order(backend):
     fast_a = sleep_then.remote(0, "a")
     fast_b = sleep_then.remote(0, "b")
     assert daskray.get([fast_a, fast_b], timeout=30) == ["a", "b"]
@@ -403,7 +403,7 @@ def test_wait_splits_ready_and_not_ready_in_input_order():
 
 
 @pytest.mark.timeout(60)
-def test_wait_without_timeout_returns_when_num_returns_are_ready():
+def test_wait_without_timeout_returns_when_num_returns_are_ready(backend):
     refs = [sleep_then.remote(0.2 * i, i) for i in range(4)]
     ready, not_ready = daskray.wait(refs, num_returns=3)
     assert len(ready) == 3 and len(not_ready) == 1
@@ -413,7 +413,7 @@ def test_wait_without_timeout_returns_when_num_returns_are_ready():
 
 
 @pytest.mark.timeout(30)
-def test_wait_bad_input():
+def test_wait_bad_input(backend):
     ref = inc.remote(1)
     with pytest.raises(TypeError):
         daskray.wait([ref, 3])
@@ -499,7 +499,7 @@ def test_dependents_of_a_cancelled_task_are_cancelled(tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_top_level_refs_are_resolved_nested_refs_are_passed_as_refs():
+def test_top_level_refs_are_resolved_nested_refs_are_passed_as_refs(backend):
     x = daskray.put(10)
     y = inc.remote(20)
     args, kwargs = describe_args.remote(x, [y, x], {"k": y}, kw=x, nested=[x]).get(timeout=30)
@@ -509,7 +509,7 @@ def test_top_level_refs_are_resolved_nested_refs_are_passed_as_refs():
 
 
 @pytest.mark.timeout(60)
-def test_refs_dropped_by_the_driver_stay_alive_while_tasks_need_them():
+def test_refs_dropped_by_the_driver_stay_alive_while_tasks_need_them(backend):
     big = daskray.put(np.ones(MB // 8 * 4))       # 4 MB: stored on a worker
     small = daskray.put("small value")              # inline
     produced = sleep_then.remote(0.3, "produced")   # not even finished yet
@@ -564,7 +564,7 @@ def test_objects_are_freed_when_their_refs_are_dropped():
 
 
 @pytest.mark.timeout(60)
-def test_num_returns():
+def test_num_returns(backend):
     refs = three.remote(10)
     assert isinstance(refs, list) and len(refs) == 3
     assert all(isinstance(r, daskray.ObjectRef) for r in refs)
@@ -587,7 +587,7 @@ def test_num_returns():
 
 
 @pytest.mark.timeout(60)
-def test_retry_exceptions(tmp_path):
+def test_retry_exceptions(backend, tmp_path):
     counter = tmp_path / "retried"
     ok = fail_first_n_times.options(retry_exceptions=True, max_retries=3).remote(str(counter), 2)
     assert ok.get(timeout=30) == 3  # failed twice, succeeded on the third run
@@ -698,7 +698,7 @@ def test_same_resources_on_every_worker(custom_cluster):
 
 
 @pytest.mark.timeout(60)
-def test_task_exception_type_and_remote_traceback_with_users_line():
+def test_task_exception_type_and_remote_traceback_with_users_line(backend):
     ref = raise_value_error.remote(3)
     with pytest.raises(ValueError, match="boom-marker 3") as info:
         ref.get(timeout=30)
@@ -721,7 +721,7 @@ def test_task_exception_type_and_remote_traceback_with_users_line():
 
 
 @pytest.mark.timeout(60)
-def test_dependents_of_a_failed_task_raise_the_same_error():
+def test_dependents_of_a_failed_task_raise_the_same_error(backend):
     bad = raise_value_error.remote(5)
     child = inc.remote(bad)
     grandchild = add.remote(child, 1)
@@ -739,7 +739,7 @@ def test_dependents_of_a_failed_task_raise_the_same_error():
 
 
 @pytest.mark.timeout(60)
-def test_get_timeout():
+def test_get_timeout(backend):
     ref = sleep_then.remote(30, "late")
     try:
         start = time.monotonic()
@@ -831,7 +831,7 @@ def test_get_after_shutdown_raises_instead_of_hanging(custom_cluster):
 
 
 @pytest.mark.timeout(30)
-def test_get_dispatches_on_its_first_argument():
+def test_get_dispatches_on_its_first_argument(backend):
     ref = inc.remote(1)
     assert daskray.get(ref) == 2
     assert daskray.get([ref]) == [2]
@@ -849,7 +849,7 @@ def test_get_dispatches_on_its_first_argument():
 
 
 @pytest.mark.timeout(60)
-def test_object_ref_is_hashable_picklable_and_comparable():
+def test_object_ref_is_hashable_picklable_and_comparable(backend):
     a = inc.remote(1)
     b = inc.remote(1)
     assert a != b
@@ -870,7 +870,7 @@ def test_object_ref_is_hashable_picklable_and_comparable():
 
 
 @pytest.mark.timeout(60)
-def test_await_ref():
+def test_await_ref(backend):
     async def main():
         one = await inc.remote(1)
         many = await asyncio.gather(*(add.remote(i, i) for i in range(5)))
@@ -923,7 +923,7 @@ def test_persist_keeps_results_in_the_cluster():
 
 
 @pytest.mark.timeout(60)
-def test_nested_tasks_submit_wait_and_get():
+def test_nested_tasks_submit_wait_and_get(backend):
     assert submit_children_and_wait.remote(5).get(timeout=30) == (5, 0, [1, 2, 3, 4, 5])
     assert fib.remote(7).get(timeout=30) == 13
 
@@ -1138,7 +1138,7 @@ def _echo(value):
 
 
 @pytest.mark.timeout(60)
-def test_an_own_ref_dropped_then_received_back_can_still_be_read():
+def test_an_own_ref_dropped_then_received_back_can_still_be_read(backend):
     import gc
 
     ref = _forty_two.remote()

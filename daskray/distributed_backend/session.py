@@ -31,11 +31,12 @@ import cloudpickle
 
 from ..backend import ActorSpec
 from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTraceback,
+                      SerializationError,
                       TaskCancelledError, WorkerCrashedError)
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from . import graphs
 from .futures import FutureTable
-from .worker_side import CallArguments, nth_return, run_call
+from .worker_side import REMOTE_TRACEBACK, CallArguments, interrupt_calls, nth_return, run_call
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
@@ -127,8 +128,12 @@ class DistributedSession:
         base_key = dask_key_of(keys[0]) if num_returns == 1 else \
             f"daskray-call-{self.owner.hex()}-{number}"
         with collect_pickled_refs() as pinned:
-            base = self.client.submit(run_call, func, exception_retries, call, *inputs,
-                                      key=base_key, pure=False, **self._placement(options))
+            try:
+                base = self.client.submit(run_call, table.id, table.data, exception_retries, call,
+                                          *inputs, key=base_key, pure=False,
+                                          **self._placement(options))
+            except Exception as exc:
+                raise _unpicklable(f"task {name}", (args, kwargs), exc) from exc
         if num_returns == 1:
             futures = [base]
         else:
@@ -164,8 +169,11 @@ class DistributedSession:
         if isinstance(value, ObjectRef):
             raise TypeError("daskray.put() of an ObjectRef is not allowed; pass the ref itself")
         key = (self.owner, next(self._numbers), 0)
-        pins = () if isinstance(value, _PLAIN) else nested_refs(value)
-        futures = self.client.scatter({dask_key_of(key): value}, hash=False)
+        try:
+            pins = () if isinstance(value, _PLAIN) else nested_refs(value)
+            futures = self.client.scatter({dask_key_of(key): value}, hash=False)
+        except Exception as exc:
+            raise _unpicklable("the value given to put()", value, exc) from exc
         self.table.own(key, futures[dask_key_of(key)], pins)
         return ObjectRef(key, owned=True)
 
@@ -178,6 +186,8 @@ class DistributedSession:
                 pending.append(future)
         if pending:
             self.client.cancel(pending)
+            # distributed lets a running task run on: stop it where it runs
+            self.client.run(interrupt_calls, [f.key for f in pending])
 
     # ---------------------------------------------------------------- waiting
 
@@ -222,9 +232,12 @@ class DistributedSession:
     def _wait(self, futures: list, timeout: float | None,
               return_when: str = "ALL_COMPLETED") -> None:
         """``distributed.wait`` on this session's client (not dask's default one)."""
-        from distributed.client import _wait
+        from distributed.client import FuturesCancelledError, _wait
 
-        self.client.sync(_wait, futures, timeout=timeout, return_when=return_when)
+        try:
+            self.client.sync(_wait, futures, timeout=timeout, return_when=return_when)
+        except FuturesCancelledError:  # done all the same: gather tells why
+            pass
 
     def _error(self, exc: BaseException) -> BaseException:
         """daskray's error for what distributed raised from a gather."""
@@ -237,11 +250,14 @@ class DistributedSession:
                 f"distributed.scheduler.allowed-failures deaths; last: {exc.last_worker})")
         if isinstance(exc, FutureCancelledError):
             key = ref_key_of(exc.key)
-            if key in self._cancelled:
-                return TaskCancelledError(f"task {exc.key!r} was cancelled")
-            why = exc.reason or "it was released, or its data was lost"
-            return ObjectLostError(
-                f"the object {exc.key!r} is gone from the dask cluster ({why}); compute it again")
+            if key in self.table.adopted and key not in self._cancelled:
+                # a ref received from elsewhere whose key the scheduler no longer has
+                return ObjectLostError(
+                    f"the object {exc.key!r} is gone from the dask cluster (it was released, "
+                    "or its data was lost); compute it again")
+            return TaskCancelledError(
+                f"task {exc.key!r} was cancelled (daskray.cancel, of it or of a task it "
+                "depends on)")
         return exc
 
     # ---------------------------------------------------------------- the cluster
@@ -326,6 +342,19 @@ def leave_worker_pool() -> Iterator[None]:
         rejoin()
 
 
+def _unpicklable(what: str, value: Any, exc: BaseException) -> BaseException:
+    """A SerializationError naming what cannot be pickled, when that is why
+    distributed refused ``value``; else ``exc`` itself."""
+    try:
+        cloudpickle.dumps(value)
+    except Exception as cause:
+        return SerializationError(
+            f"{what} cannot be pickled: {cause}. Values are sent to the dask workers, so "
+            "they must be picklable (open files, locks, sockets and generators are not); "
+            "create such objects inside the task.")
+    return exc
+
+
 def nested_refs(value: Any) -> list[RefKey]:
     """The keys of the ObjectRefs inside ``value`` (found by pickling it with its
     large buffers left out, so an array costs no copy)."""
@@ -336,6 +365,7 @@ def nested_refs(value: Any) -> list[RefKey]:
 
 def _remote_cause(exc: BaseException) -> BaseException | None:
     """The traceback a task's exception had on its worker, as a RemoteTraceback."""
-    if exc.__traceback__ is None:
-        return None
-    return RemoteTraceback("".join(traceback.format_exception(exc)))
+    text = exc.__dict__.get(REMOTE_TRACEBACK) if hasattr(exc, "__dict__") else None
+    if text is None and exc.__traceback__ is not None:
+        text = "".join(traceback.format_exception(exc))
+    return None if text is None else RemoteTraceback(text)

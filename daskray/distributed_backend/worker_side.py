@@ -6,12 +6,25 @@ from __future__ import annotations
 import asyncio
 import inspect
 import threading
+import traceback
 from typing import Any, Callable
 
 from .. import backend
+from ..errors import TaskCancelledError
 from ..refs import tracker
+from ..runtime.serialization import decode_table
 
 _lock = threading.Lock()
+
+#: the thread running each remote call in this process, by its dask key
+_running: dict[Any, int] = {}
+
+#: functions of remote calls unpickled in this process, by their table's id
+_functions: dict[bytes, Callable] = {}
+MAX_CACHED_FUNCTIONS = 512
+
+#: the attribute a call's exception carries its worker-side traceback text in
+REMOTE_TRACEBACK = "_daskray_remote_traceback"
 
 
 #: the session class tasks here call through, set by daskray's worker plugin on each
@@ -73,13 +86,40 @@ class CallArguments:
         return args, kwargs
 
 
-def run_call(func: Callable, exception_retries: int, call: CallArguments, *values: Any) -> Any:
+def function_of(table_id: bytes, table: bytes) -> Callable:
+    """The function of a remote call, unpickled once per process: its table (daskray's
+    own pickle of it, keeping the user's file names for tracebacks) and the table's id."""
+    func = _functions.get(table_id)
+    if func is None:
+        func = decode_table(table)[0]
+        with _lock:
+            if len(_functions) >= MAX_CACHED_FUNCTIONS:
+                _functions.pop(next(iter(_functions)))
+            _functions[table_id] = func
+    return func
+
+
+def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallArguments,
+             *values: Any) -> Any:
     """Run one remote call on a dask worker: its top-level ObjectRefs arrive as
     ``values`` (distributed resolved them), nested ones as refs.  With
     ``retry_exceptions`` an exception re-runs the call here, ``exception_retries``
     times at most."""
+    func = function_of(table_id, table)
     args, kwargs = call.filled(values)
     session = task_session()
+    key = _task_key()
+    with _lock:
+        _running[key] = threading.get_ident()
+    try:
+        return _run(session, func, exception_retries, args, kwargs)
+    finally:
+        with _lock:  # an interruption is only ever aimed at a registered call
+            _running.pop(key, None)
+
+
+def _run(session: Any, func: Callable, exception_retries: int, args: list,
+         kwargs: dict) -> Any:
     since = session.table.announced
     session.table.sync_with_tracker()
     attempt = 0
@@ -89,12 +129,38 @@ def run_call(func: Callable, exception_retries: int, call: CallArguments, *value
             if inspect.iscoroutine(result):
                 result = asyncio.run(result)
             break
-        except Exception:
+        except Exception as exc:
             if attempt >= exception_retries:
+                # the traceback as it is here, with the user's file and line; the one
+                # distributed rebuilds in the driver may not have them
+                exc.__dict__[REMOTE_TRACEBACK] = traceback.format_exc()
                 raise
             attempt += 1
     session.settle_received(since)
     return result
+
+
+def _task_key() -> Any:
+    from distributed.worker import thread_state
+
+    return getattr(thread_state, "key", None)
+
+
+def interrupt_calls(keys: list) -> list:
+    """On a dask worker: raise TaskCancelledError in the threads running these calls
+    (``daskray.cancel``).  Python code stops at its next line; a call blocked inside C
+    (a sleep, a read) stops when that returns.  The keys interrupted here."""
+    import ctypes
+
+    hit = []
+    with _lock:
+        for key in keys:
+            ident = _running.get(key)
+            if ident is not None:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(ident), ctypes.py_object(TaskCancelledError))
+                hit.append(key)
+    return hit
 
 
 def nth_return(value: Any, index: int, count: int, name: str) -> Any:
