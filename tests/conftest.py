@@ -81,6 +81,20 @@ def dask_cluster():
                 daskray.shutdown()
 
 
+def _run_on_dask(dask_cluster) -> None:
+    if running_backend() != "distributed":
+        daskray.shutdown()
+        daskray.init(address=dask_cluster.scheduler_address)
+
+
+@pytest.fixture
+def on_distributed(cluster, dask_cluster):
+    """daskray running on the dask.distributed cluster ``dask_cluster`` (the value),
+    for tests of that backend alone; they run with the other distributed tests, last."""
+    _run_on_dask(dask_cluster)
+    yield dask_cluster
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request, cluster):
     """daskray running on each backend in turn: its own runtime (the shared
@@ -88,10 +102,7 @@ def backend(request, cluster):
     backend's name.  Tests on the distributed backend run after all the others (see
     ``pytest_collection_modifyitems``), so the switch happens once."""
     if request.param == "distributed":
-        dask_cluster = request.getfixturevalue("dask_cluster")
-        if running_backend() != "distributed":
-            daskray.shutdown()
-            daskray.init(address=dask_cluster.scheduler_address)
+        _run_on_dask(request.getfixturevalue("dask_cluster"))
     elif running_backend() != "local":
         daskray.shutdown()
         start_cluster()
@@ -101,8 +112,9 @@ def backend(request, cluster):
 def pytest_collection_modifyitems(items):
     """Tests on the dask.distributed backend last: daskray then switches backend once.
     A local test that restarts the cluster after them still gets a local one."""
-    def on_distributed(item) -> bool:
+    def runs_on_dask(item) -> bool:
         callspec = getattr(item, "callspec", None)
-        return callspec is not None and callspec.params.get("backend") == "distributed"
+        return "on_distributed" in getattr(item, "fixturenames", ()) or (
+            callspec is not None and callspec.params.get("backend") == "distributed")
 
-    items.sort(key=on_distributed)
+    items.sort(key=runs_on_dask)

@@ -9,6 +9,7 @@ import pytest
 
 import daskray
 from daskray import GetTimeoutError, TaskCancelledError
+from helpers import wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,8 +87,6 @@ def spin_until(path, marker=None):
 
 
 def test_cancel_stops_a_running_call_and_its_dependents(backend, tmp_path):
-    from helpers import wait_for_path
-
     running = spin_until.remote(str(tmp_path / "never"), str(tmp_path / "started"))
     child = inc.remote(running)
     wait_for_path(tmp_path / "started")
@@ -110,3 +109,75 @@ def test_a_finished_call_is_not_cancelled(backend):
     assert ref.get(timeout=30) == 2
     daskray.cancel(ref)
     assert ref.get(timeout=30) == 2
+
+
+# ---------------------------------------------------------------- lifetimes (distributed only)
+
+def _scheduler_state(dask_cluster, key):
+    """The dask scheduler's state of ``key`` (None once it forgot the key)."""
+    task = dask_cluster.scheduler.tasks.get(key)
+    return None if task is None else task.state
+
+
+@daskray.remote
+def make_refs(n):
+    return [daskray.put(i * 10) for i in range(n)]
+
+
+@daskray.remote
+def read_nested(holder):
+    return daskray.get(holder[0])
+
+
+def test_objects_are_freed_on_the_cluster_when_their_last_ref_is_gone(on_distributed, tmp_path):
+    dask_cluster = on_distributed
+    put_ref = daskray.put(np.ones(1000))
+    call_ref = inc.remote(1)
+    assert call_ref.get(timeout=30) == 2
+    keys = [put_ref.key, call_ref.key]
+    assert [_scheduler_state(dask_cluster, k) for k in keys] == ["memory", "memory"]
+    del put_ref, call_ref
+    assert wait_until(lambda: all(_scheduler_state(dask_cluster, k) is None for k in keys),
+                      timeout=10), [_scheduler_state(dask_cluster, k) for k in keys]
+
+    # equal values put twice are two objects (distributed would merge them by hash)
+    a, b = daskray.put(123), daskray.put(123)
+    assert a.key != b.key and a != b
+    assert daskray.get([a, b]) == [123, 123]
+
+    # refs made by a task and returned in a list stay readable while the list is held
+    inner = make_refs.remote(3).get(timeout=30)
+    assert daskray.get(inner, timeout=30) == [0, 10, 20]
+    inner_keys = [r.key for r in inner]
+    del inner
+    assert wait_until(lambda: all(_scheduler_state(dask_cluster, k) is None
+                                  for k in inner_keys), timeout=10)
+
+    # a ref nested in an argument lives until the call ran, even if dropped at once
+    gate = daskray.put("payload")
+    reader = read_nested.remote([gate])
+    del gate
+    assert reader.get(timeout=30) == "payload"
+
+    # a call whose result is dropped at once still runs (Ray's rule), then is freed
+    gate = tmp_path / "gate"
+    dropped = spin_until.remote(str(gate), str(tmp_path / "ran"))
+    key = dropped.key
+    del dropped
+    wait_for_path(tmp_path / "ran")
+    gate.touch()
+    assert wait_until(lambda: _scheduler_state(dask_cluster, key) is None, timeout=10)
+
+
+@daskray.remote
+def crash_worker():
+    import os
+
+    os._exit(1)
+
+
+def test_a_call_whose_workers_keep_dying_raises_worker_crashed_error(on_distributed):
+    """distributed re-runs it allowed-failures times (3), then daskray's error."""
+    with pytest.raises(daskray.WorkerCrashedError, match="died"):
+        crash_worker.remote().get(timeout=90)
+    assert inc.remote(1).get(timeout=60) == 2  # the cluster recovers
