@@ -470,6 +470,12 @@ class RuntimeContext:
 
     def __init__(self) -> None:
         session = _session()
+        self._node_id = "local"
+        ids = getattr(session, "runtime_ids", None)  # a backend that tells its own
+        if ids is not None:
+            self.__dict__.update({f"_{name}": value for name, value in ids().items()})
+            self._local_mode = False
+            return
         conn = getattr(session, "conn", None)
         self._in_worker = context.worker_session is not None
         self._worker_id = getattr(conn, "id", None) if self._in_worker else None
@@ -484,8 +490,10 @@ class RuntimeContext:
         return self._job_id
 
     def get_node_id(self) -> str:
-        """daskray runs on one machine: always ``"local"``."""
-        return "local"
+        """The machine running this code: ``"local"`` on daskray's own runtime (one
+        machine), the dask worker's address on a dask.distributed cluster (the driver's
+        is ``"driver"``)."""
+        return self._node_id
 
     def get_worker_id(self) -> str | None:
         """The worker process running this code, or None in the driver."""

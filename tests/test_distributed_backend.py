@@ -181,3 +181,55 @@ def test_a_call_whose_workers_keep_dying_raises_worker_crashed_error(on_distribu
     with pytest.raises(daskray.WorkerCrashedError, match="died"):
         crash_worker.remote().get(timeout=90)
     assert inc.remote(1).get(timeout=60) == 2  # the cluster recovers
+
+
+@daskray.remote
+def where_am_i():
+    ctx = daskray.get_runtime_context()
+    return ctx.get_worker_id(), ctx.get_node_id(), ctx.get_task_id(), ctx.get_job_id()
+
+
+def test_joining_tells_the_dask_cluster(on_distributed):
+    dask_cluster = on_distributed
+    ctx = daskray.init(ignore_reinit_error=True)
+    assert ctx.backend == "distributed" and ctx["dashboard_url"] == ctx.dashboard_url
+    assert ctx.address_info["address"] == dask_cluster.scheduler_address
+    workers = dask_cluster.scheduler_info["workers"]
+    assert daskray.cluster_resources() == {"CPU": float(len(workers))}
+    assert sorted(n["NodeID"] for n in daskray.nodes()) == sorted(workers)
+    worker, node, task, job = where_am_i.remote().get(timeout=30)
+    assert worker in workers and node == worker and task.startswith("daskray-ref-")
+    assert job is None
+    assert daskray.get_runtime_context().get_job_id() is not None
+    with pytest.raises(daskray.ClusterError, match="object store"):
+        daskray.object_store_stats()
+    with pytest.raises(ValueError, match="num_workers"):
+        daskray.shutdown()
+        daskray.init(num_workers=3, address=dask_cluster.scheduler_address)
+
+
+def test_a_worker_without_daskray_is_named_at_init(on_distributed, tmp_path):
+    """A dask worker whose Python cannot import daskray: init fails and says so."""
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    # a worker process where ``import daskray`` fails, as where it is not installed
+    no_daskray = ("import sys; sys.modules['daskray'] = None; "
+                  "from distributed.cli.dask_worker import main; main()")
+    with LocalCluster(n_workers=0, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as bare:
+        worker = subprocess.Popen(
+            [sys.executable, "-c", no_daskray, bare.scheduler_address,
+             "--nthreads", "1", "--no-nanny", "--host", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: len(bare.scheduler.workers) == 1, timeout=60)
+            daskray.shutdown()
+            with pytest.raises(daskray.ClusterError, match="install daskray"):
+                daskray.init(address=bare.scheduler_address)
+            assert not daskray.is_initialized()
+        finally:
+            worker.terminate()
+            worker.wait(timeout=30)

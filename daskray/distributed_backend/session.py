@@ -299,6 +299,21 @@ class DistributedSession:
         """``dask.persist``: the collections with their data kept on the cluster."""
         return graphs.persist(self, collections, optimize_graph, **kwargs)
 
+    def runtime_ids(self) -> dict:
+        """What ``get_runtime_context()`` tells here: in a task, its dask worker and
+        key; in the driver, the client's id as the job's."""
+        from distributed.worker import thread_state
+
+        key = getattr(thread_state, "key", None) if self.in_task else None
+        worker = None
+        if self.in_task:
+            from distributed import get_worker
+
+            worker = get_worker().address
+        return {"in_worker": self.in_task, "worker_id": worker, "actor_id": None,
+                "task_id": key, "job_id": None if self.in_task else self.client.id,
+                "node_id": worker or "driver"}
+
     def dashboard_url(self) -> str | None:
         return getattr(self.client, "dashboard_link", None)
 
