@@ -22,7 +22,7 @@ def _blobs(n=600, d=5, k=3, seed=0):
     return centers[y] + rng.normal(0, 1, (n, d)), y
 
 
-def test_parameters_are_bit_identical_for_1_and_2_workers_and_reference():
+def test_parameters_are_bit_identical_for_1_and_2_workers_and_reference(backend):
     X, y = _blobs()
     ds = Dataset.from_numpy(X, y, num_shards=6, seed=1)
     config = {"optimizer": "adam", "lr": 0.05, "batch_size": 128, "epochs": 3, "l2": 1e-3}
@@ -38,7 +38,7 @@ def test_parameters_are_bit_identical_for_1_and_2_workers_and_reference():
         assert np.array_equal(fitted[2][key], reference[key]), key
 
 
-def test_full_batch_gradient_descent_matches_plain_numpy():
+def test_full_batch_gradient_descent_matches_plain_numpy(backend):
     rng = np.random.default_rng(3)
     X = rng.normal(size=(400, 4))
     y = X @ np.array([1.0, -2.0, 0.5, 3.0]) + 0.25 + rng.normal(0, 0.1, 400)
@@ -57,7 +57,7 @@ def test_full_batch_gradient_descent_matches_plain_numpy():
     np.testing.assert_allclose(params["b"], b, rtol=1e-12, atol=1e-12)
 
 
-def test_softmax_regression_on_digits_reaches_95_percent():
+def test_softmax_regression_on_digits_reaches_95_percent(backend):
     train, test = digits_split()
     result = Trainer(model=models.SoftmaxRegression(),
                      train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,
@@ -66,7 +66,7 @@ def test_softmax_regression_on_digits_reaches_95_percent():
     assert list(result.metrics_dataframe["epoch"]) == list(range(20))
 
 
-def test_mlp_on_digits_reaches_97_percent():
+def test_mlp_on_digits_reaches_97_percent(backend):
     train, test = digits_split()
     result = Trainer(model=models.MLP(hidden=(64,)),
                      train_config={"optimizer": "adam", "lr": 0.01, "batch_size": 64,
@@ -74,7 +74,7 @@ def test_mlp_on_digits_reaches_97_percent():
     assert result.metrics["valid_accuracy"] >= 0.97, result.metrics
 
 
-def test_checkpoint_round_trip_and_resume_gives_the_same_parameters(tmp_path):
+def test_checkpoint_round_trip_and_resume_gives_the_same_parameters(backend, tmp_path):
     X, y = _blobs(seed=5)
     ds = Dataset.from_numpy(X, y, num_shards=4, seed=0)
     config = {"optimizer": "adam", "lr": 0.05, "batch_size": 100, "epochs": 4}
@@ -90,7 +90,7 @@ def test_checkpoint_round_trip_and_resume_gives_the_same_parameters(tmp_path):
     assert half.checkpoint.epoch == 1
 
 
-def test_stop_condition_ends_training_early():
+def test_stop_condition_ends_training_early(backend):
     X, y = _blobs(seed=7)
     ds = Dataset.from_numpy(X, y, num_shards=4, seed=0)
     result = Trainer(model=models.SoftmaxRegression(),
@@ -117,7 +117,7 @@ def test_dataset_from_pandas_and_from_dask_hold_the_same_rows():
     np.testing.assert_array_equal(yb, y)
 
 
-def test_bad_input_is_refused_with_a_clear_message():
+def test_bad_input_is_refused_with_a_clear_message(backend):
     with pytest.raises(ValueError, match="X of shape"):
         Dataset.from_numpy(np.zeros((3, 2)), np.zeros(4))
     with pytest.raises(ValueError, match="unknown train_config"):
@@ -257,7 +257,7 @@ def test_the_seeds_shape_searches_by_seed_with_an_evaluator():
     assert best.metrics["score"] == max(r.metrics["score"] for r in best.grid)
 
 
-def test_an_evaluator_adds_its_metric_to_every_epoch():
+def test_an_evaluator_adds_its_metric_to_every_epoch(backend):
     X, y = _blobs(n=300, seed=4)
     train, valid = Dataset.from_numpy(X, y, num_shards=3, seed=0).train_test_split(0.3, seed=0)
     result = Trainer(model=models.SoftmaxRegression(), evaluator=BalancedAccuracy(),
