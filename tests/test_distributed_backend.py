@@ -233,3 +233,46 @@ def test_a_worker_without_daskray_is_named_at_init(on_distributed, tmp_path):
         finally:
             worker.terminate()
             worker.wait(timeout=30)
+
+
+def test_init_with_a_client_leaves_it_open_and_never_takes_a_default_one(on_distributed):
+    from distributed import Client
+
+    dask_cluster = on_distributed
+    daskray.shutdown()
+    with Client(dask_cluster.scheduler_address, set_as_default=True) as client:
+        # a default distributed client exists: init() without an address still starts
+        # daskray's own runtime, it never joins the dask cluster by itself
+        ctx = daskray.init(num_workers=1)
+        assert ctx.backend == "local"
+        daskray.shutdown()
+        ctx = daskray.init(client=client)
+        assert ctx.backend == "distributed"
+        assert inc.remote(1).get(timeout=30) == 2
+        daskray.shutdown()
+        assert client.submit(sum, [1, 2]).result(timeout=30) == 3  # still open
+        with pytest.raises(ValueError, match="address= or client="):
+            daskray.init(client=client, address=dask_cluster.scheduler_address)
+
+
+@pytest.mark.timeout(180)
+def test_joining_over_tls(on_distributed):
+    """A cluster whose comms are TLS: joined with security=, refused without it."""
+    from distributed import LocalCluster
+    from distributed.security import Security
+
+    security = Security.temporary()  # a self-signed CA and certificate (cryptography)
+    daskray.shutdown()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      protocol="tls://", security=security,
+                      dashboard_address="127.0.0.1:0") as tls_cluster:
+        address = tls_cluster.scheduler_address
+        assert address.startswith("tls://")
+        with pytest.raises(daskray.ClusterError, match="TLS"):
+            daskray.init(address=address)  # no certificates: no connection
+        assert not daskray.is_initialized()
+        daskray.init(address=address, security=security)
+        try:
+            assert inc.remote(41).get(timeout=30) == 42
+        finally:
+            daskray.shutdown()

@@ -22,11 +22,19 @@ def connect(address: str, security: Any = None, timeout: float = 30.0) -> Any:
     dask's default scheduler (daskray does, through ``daskray.get``)."""
     try:
         return Client(address, security=security, timeout=timeout, set_as_default=False)
+    except TypeError as exc:
+        if "ssl_context" not in str(exc):
+            raise
+        problem = (f"{address!r} is a TLS address and no TLS settings were given: pass "
+                   "security=distributed.security.Security(tls_ca_file=..., "
+                   "tls_client_cert=..., tls_client_key=...) to daskray.init, or set dask's "
+                   "config distributed.comm.tls.*")
     except OSError as exc:
-        raise ClusterError(
-            f"could not reach the dask scheduler at {address!r} within {timeout:.0f} s "
-            f"({exc}); is `dask scheduler` running there, and reachable from this host?"
-        ) from None
+        problem = (f"could not reach the dask scheduler at {address!r} within {timeout:.0f} s "
+                   f"({exc}); is `dask scheduler` running there, and reachable from this host?")
+    # raised here, not in the handler: the error must not keep the half-started client
+    # (and with it distributed's event loop) alive through its context
+    raise ClusterError(problem)
 
 
 def check_workers(client: Any, version: str) -> None:
