@@ -276,3 +276,48 @@ def test_joining_over_tls(on_distributed):
             assert inc.remote(41).get(timeout=30) == 42
         finally:
             daskray.shutdown()
+
+
+@daskray.remote
+def worker_address():
+    return daskray.get_runtime_context().get_worker_id()
+
+
+@pytest.mark.timeout(180)
+def test_resources_place_calls_on_workers_that_declare_them(on_distributed):
+    """dask worker resources are daskray's custom resources; num_cpus > 1 asks for the
+    resource CPU; a call no worker can take is refused at once, not left waiting."""
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    daskray.shutdown()
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0") as mixed:
+        daskray.init(address=mixed.scheduler_address)
+        try:
+            with pytest.raises(ValueError, match="no dask worker offers"):
+                worker_address.options(resources={"special": 1}).remote()
+            with pytest.raises(ValueError, match="CPU"):
+                worker_address.options(num_cpus=2).remote()
+        finally:
+            daskray.shutdown()
+        special = subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_worker", mixed.scheduler_address,
+             "--nthreads", "2", "--no-nanny", "--host", "127.0.0.1",
+             "--resources", "special=2 CPU=2"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert wait_until(lambda: len(mixed.scheduler.workers) == 2, timeout=60)
+            special_worker = next(a for a, w in mixed.scheduler.workers.items() if w.resources)
+            daskray.init(address=mixed.scheduler_address)
+            # CPU: the threads of a worker, or the CPU resource it declares
+            assert daskray.cluster_resources() == {"CPU": 1.0 + 2.0, "special": 2.0}
+            refs = [worker_address.options(resources={"special": 1}).remote() for _ in range(6)]
+            refs.append(worker_address.options(num_cpus=2).remote())
+            assert set(daskray.get(refs, timeout=60)) == {special_worker}
+        finally:
+            daskray.shutdown()
+            special.terminate()
+            special.wait(timeout=30)

@@ -266,29 +266,27 @@ class DistributedSession:
         return self.client.scheduler_info(n_workers=-1).get("workers", {})
 
     def resources(self) -> tuple[dict, dict]:
-        """(total, free): ``CPU`` is the workers' threads, plus their dask resources."""
+        """(total, free): ``CPU`` is a worker's threads, or the CPU resource it
+        declares; other dask resources by name."""
         total: dict[str, float] = {"CPU": 0.0}
         free: dict[str, float] = {"CPU": 0.0}
         for info in self._workers().values():
-            threads = float(info.get("nthreads", 0))
+            offered = _offered(info)
             busy = float((info.get("metrics") or {}).get("executing", 0))
-            total["CPU"] += threads
-            free["CPU"] += max(0.0, threads - busy)
-            for name, amount in (info.get("resources") or {}).items():
-                total[name] = total.get(name, 0.0) + float(amount)
-                free[name] = free.get(name, 0.0) + float(amount)
+            for name, amount in offered.items():
+                total[name] = total.get(name, 0.0) + amount
+                spare = max(0.0, amount - busy) if name == "CPU" else amount
+                free[name] = free.get(name, 0.0) + spare
         return total, free
 
     def nodes(self) -> list[dict]:
         """One entry per dask worker, in Ray's ``nodes()`` shape."""
         out = []
         for address, info in sorted(self._workers().items()):
-            resources = {"CPU": float(info.get("nthreads", 0)),
-                         **{k: float(v) for k, v in (info.get("resources") or {}).items()}}
             out.append({"NodeID": address, "Alive": True,
                         "NodeManagerAddress": info.get("host", ""),
                         "NodeManagerHostname": str(info.get("name", address)),
-                        "Resources": resources})
+                        "Resources": _offered(info)})
         return out
 
     def compute(self, dsk: Any, keys: Any, **kwargs: Any) -> Any:
@@ -331,6 +329,14 @@ class DistributedSession:
         self.table.clear()
         if self.owns_client:
             self.client.close()
+
+
+def _offered(worker_info: dict) -> dict[str, float]:
+    """What one dask worker offers in Ray's terms: its dask resources, with ``CPU``
+    its thread count unless it declares a CPU resource of its own."""
+    offered = {"CPU": float(worker_info.get("nthreads", 0))}
+    offered.update({k: float(v) for k, v in (worker_info.get("resources") or {}).items()})
+    return offered
 
 
 @contextlib.contextmanager
