@@ -149,7 +149,7 @@ class InTaskConnection:
         nest = lend and len(worker.stack) < self.max_nesting_depth()  # room on the stack
         interruptible, worker.interruptible = worker.interruptible, False
         if lend:
-            worker.report(("blocked", True, waiting, tuple(awaits), nest))
+            worker.report(P.BlockedReport(True, waiting, tuple(awaits), nest))
         worker.flush()
         try:
             while not predicate():
@@ -171,7 +171,7 @@ class InTaskConnection:
         finally:
             worker.interruptible = interruptible
             if lend:
-                worker.report(("blocked", False, waiting))
+                worker.report(P.BlockedReport(False, waiting))
             worker.flush()
 
     def _step_nested(self) -> bool:
@@ -185,10 +185,10 @@ class InTaskConnection:
         kept: deque = deque()
         item = None
         for queued in worker.queue:
-            if queued[0] in worker.dropped:
-                worker.dropped.discard(queued[0])
-            elif queued[5] != innermost or innermost is None:
-                worker.report(("r", queued[0]))
+            if queued.task in worker.dropped:
+                worker.dropped.discard(queued.task)
+            elif queued.parent != innermost or innermost is None:
+                worker.report(P.ReleasedReport(queued.task))
             elif item is None:
                 item = queued
             else:
@@ -203,7 +203,7 @@ class InTaskConnection:
         """Hand every queued task back to the head, to run elsewhere."""
         worker = self.worker
         while worker.queue:
-            worker.report(("r", worker.queue.popleft()[0]))
+            worker.report(P.ReleasedReport(worker.queue.popleft().task))
 
     def fetch(self, address: str, object_id: Any) -> Any:
         if address == self.worker.address:

@@ -63,7 +63,8 @@ class InstructionHandlers:
             )
         table_id, table = self.tables.for_run(ins.worker, ins.graph)
         self.outbox.run(ins.worker,
-                        (ins.task, table_id, ins.body, deps, ins.notify, ins.parent, ins.depth),
+                        P.RunTask(ins.task, table_id, ins.body, deps, ins.notify, ins.parent,
+                                  ins.depth),
                         table_id, table)
 
     def _do_free(self, ins: I.FreeObjects) -> None:

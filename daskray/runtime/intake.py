@@ -9,7 +9,7 @@ malformed message must not take the cluster down.  What fails raises
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Iterator
 
 from ..scheduler import events as E
 from . import protocol as P
@@ -55,27 +55,27 @@ def put_event(msg: P.PutObject, graph: Any, shm_prefix: str) -> E.ObjectPut:
 
 def ran_a_task(items: list) -> bool:
     """Whether a worker's reports say it finished (or failed) a task."""
-    return any(item[0] in ("f", "e") for item in items)
+    return any(type(item) is P.FinishedReport or type(item) is P.ErredReport for item in items)
 
 
-def report_events(wid: str, items: list) -> list[Any]:
-    """The scheduler's events for a batch of reports from worker ``wid``."""
-    events: list[Any] = []
+def report_events(wid: str, items: list) -> Iterator[Any]:
+    """The scheduler's events for a batch of reports from worker ``wid`` (what is
+    no report is left out)."""
     for item in items:
-        kind = item[0]
-        if kind == "f":
-            events.append(E.TaskFinished(item[1], wid, item[2], item[3], item[4], item[5]))
-        elif kind == "e":
-            events.append(E.TaskErred(item[1], wid, item[2]))
-        elif kind == "s":
-            events.append(E.TaskStarted(item[1], wid))
-        elif kind == "r":
-            events.append(E.TaskReleased(item[1], wid))
-        elif kind == "refs":
-            events.append(E.RefsChanged(item[1], item[2], wid.encode()))
-        elif kind == "blocked":
-            events.append(E.WorkerBlocked(wid, item[1], item[2], *item[3:5]))
-    return events
+        t = type(item)
+        if t is P.FinishedReport:
+            yield E.TaskFinished(item.task, wid, item.nbytes, item.inline, item.duration,
+                                 item.contained)
+        elif t is P.ErredReport:
+            yield E.TaskErred(item.task, wid, item.error)
+        elif t is P.StartedReport:
+            yield E.TaskStarted(item.task, wid)
+        elif t is P.ReleasedReport:
+            yield E.TaskReleased(item.task, wid)
+        elif t is P.RefsReport:
+            yield E.RefsChanged(item.added, item.dropped, wid.encode())
+        elif t is P.BlockedReport:
+            yield E.WorkerBlocked(wid, item.blocked, item.task, item.awaits, item.nest)
 
 
 def request_events(ident: bytes, msg: Any) -> list[Any]:

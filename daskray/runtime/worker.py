@@ -122,7 +122,7 @@ class Worker:
         self.queue: deque = deque()
         self.tables: dict[Any, Any] = {}
         self.raw_tables: dict[Any, bytes] = {}
-        self.reports: list[tuple] = []
+        self.reports: list = []  # protocol records, see Reports
         self.first_report_at = 0.0
         self.current: int | None = None
         self.cancelled: set[int] = set()
@@ -215,8 +215,8 @@ class Worker:
         self.drain()
         if self.queue and self.running:
             item = self.queue.popleft()
-            if item[0] in self.dropped:
-                self.dropped.discard(item[0])
+            if item.task in self.dropped:
+                self.dropped.discard(item.task)
                 return
             self.report(self.execute(*item))
             self.last_task_end = time.monotonic()
@@ -236,11 +236,11 @@ class Worker:
         if type(msg) is P.Run:
             self.raw_tables.update(msg.tables)
             for item in msg.tasks:
-                for object_id, source in item[3]:
+                for object_id, source in item.deps:
                     if source[0] == "inline":  # kept even if the task is dropped:
                         self.store.put_pickled(object_id, source[1])  # the head counts it
-                if item[0] in self.dropped:  # cancelled before it even arrived
-                    self.dropped.discard(item[0])
+                if item.task in self.dropped:  # cancelled before it even arrived
+                    self.dropped.discard(item.task)
                     continue
                 self.queue.append(item)
         elif type(msg) is P.Free:
@@ -250,10 +250,10 @@ class Worker:
             drop = set(msg.tasks)
             kept = deque()
             for item in self.queue:
-                if item[0] in drop:
-                    if item[0] not in self.dropped:
-                        self.report(("r", item[0]))
-                    self.dropped.discard(item[0])
+                if item.task in drop:
+                    if item.task not in self.dropped:
+                        self.report(P.ReleasedReport(item.task))
+                    self.dropped.discard(item.task)
                 else:
                     kept.append(item)
             self.queue = kept
@@ -277,7 +277,7 @@ class Worker:
                         key, None, None, 0, None, "ClusterError",
                         f"the head rejected graph {msg.graph}: {msg.reason}")
 
-    def report(self, item: tuple) -> None:
+    def report(self, item: Any) -> None:
         """Queue a report for the head (sent by ``flush``)."""
         if not self.reports:
             self.first_report_at = time.perf_counter()
@@ -288,7 +288,7 @@ class Worker:
         ``changes``, taken earlier by the caller)."""
         added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
-            self.reports.insert(0, ("refs", added, dropped))
+            self.reports.insert(0, P.RefsReport(added, dropped))
         if self.reports:
             transport.send_message(self.head, P.encode(P.Reports(self.reports)))
             self.reports = []
@@ -312,10 +312,11 @@ class Worker:
             ) from None
 
     def execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
-                notify: bool, parent: int | None = None, depth: int = 1) -> tuple:
+                notify: bool, parent: int | None = None,
+                depth: int = 1) -> P.FinishedReport | P.ErredReport:
         """Run one task (``depth`` calls deep); its report (finished or erred)."""
         if notify and self.concurrent is None:
-            self.report(("s", task_id))
+            self.report(P.StartedReport(task_id))
             self.flush()
         start = time.perf_counter()
         node = None
@@ -342,7 +343,7 @@ class Worker:
                 self.current = outer
             self.cancelled.discard(task_id)
             bound_for_travel(exc)
-            return ("e", task_id, dumps_exception(exc, getattr(node, "key", task_id)))
+            return P.ErredReport(task_id, dumps_exception(exc, getattr(node, "key", task_id)))
         duration = time.perf_counter() - start
         try:
             with collect_pickled_refs() as contained:
@@ -357,9 +358,9 @@ class Worker:
             key = getattr(node, "key", task_id)
             error = SerializationError(
                 f"the result of task {key!r} cannot be sent to other processes: {exc}")
-            return ("e", task_id, dumps_exception(error, key))
+            return P.ErredReport(task_id, dumps_exception(error, key))
         self.store.put(task_id, result)
-        return ("f", task_id, nbytes, inline, duration, tuple(contained))
+        return P.FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
 
     def close(self) -> None:
         self.peers.close()
