@@ -13,6 +13,7 @@ from typing import NamedTuple
 import pytest
 
 from daskray.runtime import protocol as P
+from daskray.runtime import records as R
 from daskray.scheduler import events as E
 
 
@@ -22,13 +23,13 @@ def _framed(payload: bytes) -> bytes:
 
 
 REPORTS = [
-    P.FinishedReport(task=7, nbytes=8, inline=b"v", duration=0.5, contained=((b"c", 1, 0),)),
-    P.ErredReport(task=8, error=b"pickled exception"),
-    P.StartedReport(task=9),
-    P.ReleasedReport(task=10),
-    P.RefsReport(added=[(b"c", 1, 0)], dropped=[]),
-    P.BlockedReport(blocked=True, task=11, awaits=((b"c", 2, 0),), nest=False),
-    P.BlockedReport(blocked=False, task=11),
+    R.FinishedReport(task=7, nbytes=8, inline=b"v", duration=0.5, contained=((b"c", 1, 0),)),
+    R.ErredReport(task=8, error=b"pickled exception"),
+    R.StartedReport(task=9),
+    R.ReleasedReport(task=10),
+    R.RefsReport(added=[(b"c", 1, 0)], dropped=[]),
+    R.BlockedReport(blocked=True, task=11, awaits=((b"c", 2, 0),), nest=False),
+    R.BlockedReport(blocked=False, task=11),
 ]
 
 
@@ -40,10 +41,10 @@ def test_reports_travel_as_their_record_types():
 
 
 def test_run_tasks_travel_as_records():
-    task = P.RunTask(task=3, table_id=b"t" * 16, body=b"body", deps=((1, ("local",)),),
+    task = R.RunTask(task=3, table_id=b"t" * 16, body=b"body", deps=((1, ("local",)),),
                      notify=False, parent=None, depth=1)
     decoded = P.decode(P.encode(P.Run([task], {b"t" * 16: b"table"})))
-    assert decoded.tasks == [task] and type(decoded.tasks[0]) is P.RunTask
+    assert decoded.tasks == [task] and type(decoded.tasks[0]) is R.RunTask
     assert decoded.tasks[0].deps == ((1, ("local",)),)
 
 
@@ -75,14 +76,14 @@ def test_a_class_named_like_a_record_elsewhere_is_refused():
 
 
 def test_a_record_with_the_wrong_number_of_fields_is_refused():
-    payload = pickle.dumps((P.Reports.TAG, [_Impostor(P.FinishedReport, (1, 2))]), protocol=5)
+    payload = pickle.dumps((P.Reports.TAG, [_Impostor(R.FinishedReport, (1, 2))]), protocol=5)
     with pytest.raises(P.ProtocolError, match="undecodable"):
         P.decode(_framed(payload))
 
 
 def test_only_a_namedtuple_can_be_made_a_record():
     with pytest.raises(TypeError, match="NamedTuple"):
-        P.record(type("Loose", (), {}))
+        R.record(type("Loose", (), {}))
 
 
 def test_a_graph_event_takes_all_but_its_core_fields_by_name():

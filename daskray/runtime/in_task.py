@@ -21,6 +21,7 @@ from typing import Any, Callable, Sequence
 from ..errors import ClusterError, NestingLimitError, TaskCancelledError
 from . import protocol as P
 from . import settings, transport
+from .records import BlockedReport, ReleasedReport
 
 #: nested tasks run on the stack of the task waiting in get(): room for that
 RECURSION_LIMIT = 20_000
@@ -149,7 +150,7 @@ class InTaskConnection:
         nest = lend and len(worker.stack) < self.max_nesting_depth()  # room on the stack
         interruptible, worker.interruptible = worker.interruptible, False
         if lend:
-            worker.report(P.BlockedReport(True, waiting, tuple(awaits), nest))
+            worker.report(BlockedReport(True, waiting, tuple(awaits), nest))
         worker.flush()
         try:
             while not predicate():
@@ -171,7 +172,7 @@ class InTaskConnection:
         finally:
             worker.interruptible = interruptible
             if lend:
-                worker.report(P.BlockedReport(False, waiting))
+                worker.report(BlockedReport(False, waiting))
             worker.flush()
 
     def _step_nested(self) -> bool:
@@ -188,7 +189,7 @@ class InTaskConnection:
             if queued.task in worker.dropped:
                 worker.dropped.discard(queued.task)
             elif queued.parent != innermost or innermost is None:
-                worker.report(P.ReleasedReport(queued.task))
+                worker.report(ReleasedReport(queued.task))
             elif item is None:
                 item = queued
             else:
@@ -203,7 +204,7 @@ class InTaskConnection:
         """Hand every queued task back to the head, to run elsewhere."""
         worker = self.worker
         while worker.queue:
-            worker.report(P.ReleasedReport(worker.queue.popleft().task))
+            worker.report(ReleasedReport(worker.queue.popleft().task))
 
     def fetch(self, address: str, object_id: Any) -> Any:
         if address == self.worker.address:

@@ -15,6 +15,7 @@ from . import protocol as P
 from . import shared_memory
 from .function_tables import FunctionTables
 from .outbox import Outbox
+from .records import RunTask
 from .supervision import WorkerProcesses
 from .worker_control import WorkerControl
 
@@ -63,7 +64,7 @@ class InstructionHandlers:
             )
         table_id, table = self.tables.for_run(ins.worker, ins.graph)
         self.outbox.run(ins.worker,
-                        P.RunTask(ins.task, table_id, ins.body, deps, ins.notify, ins.parent,
+                        RunTask(ins.task, table_id, ins.body, deps, ins.notify, ins.parent,
                                   ins.depth),
                         table_id, table)
 

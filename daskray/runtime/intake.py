@@ -13,6 +13,9 @@ from typing import Any, Iterator
 
 from ..scheduler import events as E
 from . import protocol as P
+from .records import (
+    BlockedReport, ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport,
+)
 
 
 def graph_of(msg: Any) -> int | None:
@@ -55,7 +58,7 @@ def put_event(msg: P.PutObject, graph: Any, shm_prefix: str) -> E.ObjectPut:
 
 def ran_a_task(items: list) -> bool:
     """Whether a worker's reports say it finished (or failed) a task."""
-    return any(type(item) is P.FinishedReport or type(item) is P.ErredReport for item in items)
+    return any(type(item) is FinishedReport or type(item) is ErredReport for item in items)
 
 
 def report_events(wid: str, items: list) -> Iterator[Any]:
@@ -63,18 +66,18 @@ def report_events(wid: str, items: list) -> Iterator[Any]:
     no report is left out)."""
     for item in items:
         t = type(item)
-        if t is P.FinishedReport:
+        if t is FinishedReport:
             yield E.TaskFinished(item.task, wid, item.nbytes, item.inline, item.duration,
                                  item.contained)
-        elif t is P.ErredReport:
+        elif t is ErredReport:
             yield E.TaskErred(item.task, wid, item.error)
-        elif t is P.StartedReport:
+        elif t is StartedReport:
             yield E.TaskStarted(item.task, wid)
-        elif t is P.ReleasedReport:
+        elif t is ReleasedReport:
             yield E.TaskReleased(item.task, wid)
-        elif t is P.RefsReport:
+        elif t is RefsReport:
             yield E.RefsChanged(item.added, item.dropped, wid.encode())
-        elif t is P.BlockedReport:
+        elif t is BlockedReport:
             yield E.WorkerBlocked(wid, item.blocked, item.task, item.awaits, item.nest)
 
 

@@ -12,10 +12,10 @@ frames: ``[token, b"get", object id]`` → ``[b"ok", header, buffer, ...]``, the
 buffers sent without a copy.
 
 Records inside messages (a worker's reports, the tasks of a ``Run``) are typed
-too: small NamedTuples (:func:`record`), the same class at both ends.  They travel
-as what they are, a reference to their class and their fields: the decoder
+too: small NamedTuples (:mod:`.records`), the same class at both ends.  They
+travel as what they are, a reference to their class and their fields: the decoder
 refuses every class a message may name but these, listed by name in an explicit
-allow-list (``_RECORDS``).  A record's construction runs no code but a tuple's,
+allow-list (``records.RECORDS``).  A record's construction runs no code but a tuple's,
 and checks its number of fields.  (Plain tuples converted at both ends were the
 other choice: as cheap, within a microsecond per record, but with a converter to
 keep beside every record.)
@@ -31,7 +31,9 @@ import io
 import pickle
 import zlib
 from dataclasses import dataclass, fields
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
+
+from . import records
 
 HELLO = b"daskray-hello"
 ROLE_CLIENT = b"client"
@@ -97,26 +99,6 @@ def encode(msg: Any) -> bytes:
     return zlib.crc32(payload).to_bytes(4, "little") + payload
 
 
-#: the record classes a message may hold, by name: the decoder's allow-list
-_RECORDS: dict[str, type] = {}
-
-
-def _reduce_record(self: tuple) -> tuple:
-    return type(self), tuple(self)
-
-
-def record(cls: type) -> type:
-    """Class decorator: a NamedTuple that may travel inside messages.  It pickles
-    as its class and its fields (no more: faster than a NamedTuple's own way)."""
-    if not (issubclass(cls, tuple) and hasattr(cls, "_fields")):
-        raise TypeError(f"{cls.__name__}: a record is a NamedTuple")
-    if cls.__name__ in _RECORDS:
-        raise ValueError(f"record {cls.__name__} defined twice")
-    cls.__reduce__ = _reduce_record
-    _RECORDS[cls.__name__] = cls
-    return cls
-
-
 class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickles plain data only (tuples, lists, dicts, sets, str, bytes,
     numbers, None) and the protocol's records: a message that names any other
@@ -125,8 +107,8 @@ class _PlainDataUnpickler(pickle.Unpickler):
     travel inside as bytes, unpickled by the process that needs them."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module == __name__ and name in _RECORDS:
-            return _RECORDS[name]
+        if module == records.__name__ and name in records.RECORDS:
+            return records.RECORDS[name]
         raise pickle.UnpicklingError(f"a message may not refer to {module}.{name}")
 
 
@@ -376,98 +358,19 @@ class WorkerReady:
     actor: str | None
 
 
-@record
-class FinishedReport(NamedTuple):
-    """A task finished; its result stays in the worker's store."""
-
-    task: int
-    #: the result's size, pickled
-    nbytes: int
-    #: the pickled result, when small (or when the driver wants every value)
-    inline: bytes | None
-    #: seconds it ran
-    duration: float
-    #: the ObjectRefs pickled inside the result
-    contained: tuple
-
-
-@record
-class ErredReport(NamedTuple):
-    """A task raised (or its result could not be pickled)."""
-
-    task: int
-    #: the pickled exception (``serialization.dumps_exception``)
-    error: bytes
-
-
-@record
-class StartedReport(NamedTuple):
-    """A task started (sent only for tasks whose driver wants to know)."""
-
-    task: int
-
-
-@record
-class ReleasedReport(NamedTuple):
-    """A task the worker was sent is handed back unrun (cancelled, or given
-    back by a task waiting in ``get()``)."""
-
-    task: int
-
-
-@record
-class RefsReport(NamedTuple):
-    """ObjectRefs this process started (``added``) or stopped (``dropped``) holding."""
-
-    added: list
-    dropped: list
-
-
-@record
-class BlockedReport(NamedTuple):
-    """Task ``task`` started (``blocked``) or stopped waiting in ``get()``/``wait()``."""
-
-    blocked: bool
-    task: int | None
-    #: the ObjectRef keys it waits for
-    awaits: tuple = ()
-    #: whether the worker's stack has room for a task run on top of this one
-    nest: bool = True
-
-
-@record
-class RunTask(NamedTuple):
-    """One task of a :class:`Run`."""
-
-    task: int
-    #: the id of the function table its body refers to
-    table_id: bytes
-    #: the pickled task (``serialization.decode_task``)
-    body: bytes
-    #: one ``(object id, source)`` per input, in the order of the graph's deps;
-    #: source ``("local",)``, ``("inline", pickled)`` or ``("peer", address)``
-    deps: tuple
-    #: report its start (``StartedReport``) and send its value inline
-    notify: bool
-    #: the waiting task it may run on top of, on the worker's stack
-    parent: int | None
-    #: how deep in nested calls it is (1: a call the driver made)
-    depth: int
-
-
 @message(21)
 class Reports:
-    """A batch of reports from a worker, in the order they happened: each a
-    ``FinishedReport``, ``ErredReport``, ``StartedReport``, ``ReleasedReport``,
-    ``RefsReport`` or ``BlockedReport``."""
+    """A batch of reports from a worker, in the order they happened: each one of
+    the records ``FinishedReport``, ``ErredReport``, ``StartedReport``,
+    ``ReleasedReport``, ``RefsReport`` or ``BlockedReport`` (see :mod:`.records`)."""
 
     items: list
 
 
 @message(22)
 class Run:
-    """Tasks to run, in order (``RunTask`` each), plus the function tables this
-    worker has not been sent yet, by id."""
+    """Tasks to run, in order (a ``RunTask`` record each, see :mod:`.records`),
+    plus the function tables this worker has not been sent yet, by id."""
 
     tasks: list
     tables: dict

@@ -43,7 +43,10 @@ from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .object_store import ObjectStore
 from .process import child_setup
-from .serialization import decode_table, decode_task, dumps, dumps_exception, dumps_frames, frames_nbytes
+from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
+from .serialization import (
+    decode_table, decode_task, dumps, dumps_exception, dumps_frames, frames_nbytes,
+)
 from .store_memory import HostStore
 
 FLUSH_SECONDS = 0.001
@@ -252,7 +255,7 @@ class Worker:
             for item in self.queue:
                 if item.task in drop:
                     if item.task not in self.dropped:
-                        self.report(P.ReleasedReport(item.task))
+                        self.report(ReleasedReport(item.task))
                     self.dropped.discard(item.task)
                 else:
                     kept.append(item)
@@ -288,7 +291,7 @@ class Worker:
         ``changes``, taken earlier by the caller)."""
         added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
-            self.reports.insert(0, P.RefsReport(added, dropped))
+            self.reports.insert(0, RefsReport(added, dropped))
         if self.reports:
             transport.send_message(self.head, P.encode(P.Reports(self.reports)))
             self.reports = []
@@ -313,10 +316,10 @@ class Worker:
 
     def execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
                 notify: bool, parent: int | None = None,
-                depth: int = 1) -> P.FinishedReport | P.ErredReport:
+                depth: int = 1) -> FinishedReport | ErredReport:
         """Run one task (``depth`` calls deep); its report (finished or erred)."""
         if notify and self.concurrent is None:
-            self.report(P.StartedReport(task_id))
+            self.report(StartedReport(task_id))
             self.flush()
         start = time.perf_counter()
         node = None
@@ -343,7 +346,7 @@ class Worker:
                 self.current = outer
             self.cancelled.discard(task_id)
             bound_for_travel(exc)
-            return P.ErredReport(task_id, dumps_exception(exc, getattr(node, "key", task_id)))
+            return ErredReport(task_id, dumps_exception(exc, getattr(node, "key", task_id)))
         duration = time.perf_counter() - start
         try:
             with collect_pickled_refs() as contained:
@@ -358,9 +361,9 @@ class Worker:
             key = getattr(node, "key", task_id)
             error = SerializationError(
                 f"the result of task {key!r} cannot be sent to other processes: {exc}")
-            return P.ErredReport(task_id, dumps_exception(error, key))
+            return ErredReport(task_id, dumps_exception(error, key))
         self.store.put(task_id, result)
-        return P.FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
+        return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
 
     def close(self) -> None:
         self.peers.close()
