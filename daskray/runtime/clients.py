@@ -61,6 +61,10 @@ class Clients:
         self.waiting = [c for c in self.waiting if c != ident]
         return self.pid.pop(ident, None)
 
+    def await_welcome(self, ident: bytes) -> None:
+        """The driver ``ident`` said hello: it waits for its welcome."""
+        self.waiting.append(ident)
+
     def take_waiting(self) -> list[bytes]:
         """The drivers waiting for their welcome, now no longer waiting."""
         waiting, self.waiting = self.waiting, []

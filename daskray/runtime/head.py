@@ -321,7 +321,7 @@ class Head:
             if self.clients.watch(ident, hello[1]):
                 self.client_gone(ident)  # gone before its hello was read
                 return
-            self.clients.waiting.append(ident)
+            self.clients.await_welcome(ident)
             self.welcome_clients()
 
     def reject(self, ident: bytes, peer: tuple, reason: str, graph: Any = None) -> None:
