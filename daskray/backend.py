@@ -7,7 +7,7 @@ protocol.  Three sessions implement it today:
 * the driver's session over its local cluster (``runtime/session.py``),
   installed by ``daskray.init()`` and removed by ``daskray.shutdown()``;
 * the local-mode session (``runtime/local_session.py``), installed the same way;
-* a worker's in-task session (``runtime/session.py`` over the worker itself),
+* a worker's in-task session (``runtime/session.py`` over ``runtime/in_task.py``),
   installed by the worker at start-up; in a worker it wins over any other.
 
 This module sits at the bottom of the package (it imports only ``errors``), so

@@ -123,10 +123,12 @@ def _submit_message(client: Client, spec: GraphSpec, number: int, wanted: list,
         }
     table = spec.function_table
     return P.SubmitGraph(
-        number, [str(k) for k in spec.keys], spec.deps, spec.priorities, spec.task_blobs,
-        data, wanted, [key_split(k) for k in spec.keys], table,
-        table_id(table), fail_fast, notify, spec.external,
-        [], allowed_failures(), False, None, None, None, data_holders, None, shared,
+        graph=number, names=[str(k) for k in spec.keys], deps=spec.deps,
+        priorities=spec.priorities, bodies=spec.task_blobs, data=data, wanted=wanted,
+        groups=[key_split(k) for k in spec.keys], function_table=table,
+        table_id=table_id(table), fail_fast=fail_fast, notify=notify, external=spec.external,
+        pinned=[], max_retries=allowed_failures(), retry_exceptions=False, resources=None,
+        actor=None, create_actor=None, data_holders=data_holders, parent=None, shared=shared,
     )
 
 

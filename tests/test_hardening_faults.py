@@ -214,7 +214,7 @@ def test_workers_killed_while_idle_or_starting_are_replaced_at_once_however_many
 
 
 def test_the_replacement_backoff_doubles_up_to_its_cap():
-    from daskray.runtime.head import REPLACEMENTS_AT_ONCE_PER_MINUTE, replacement_delay
+    from daskray.runtime.supervision import REPLACEMENTS_AT_ONCE_PER_MINUTE, replacement_delay
 
     at_once = REPLACEMENTS_AT_ONCE_PER_MINUTE
     assert [replacement_delay(n, 30.0) for n in range(1, at_once + 1)] == [0.0] * at_once
@@ -225,7 +225,7 @@ def test_the_replacement_backoff_doubles_up_to_its_cap():
 
 
 def test_a_bad_replacement_backoff_setting_is_refused_with_its_name():
-    from daskray.runtime.head import replacement_backoff_max
+    from daskray.runtime.supervision import replacement_backoff_max
 
     with dask.config.set({"daskray.worker-replacement-backoff-max": "soon"}):
         with pytest.raises(ValueError, match="worker-replacement-backoff-max"):

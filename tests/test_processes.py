@@ -1072,7 +1072,7 @@ def test_authenticated_client_sending_a_malformed_submit(fresh_cluster, zmq_ctx)
     sock.send_multipart(P.hello_frames(fresh_cluster.token, P.ROLE_CLIENT, "clumsy"))
     assert sock.poll(10_000)
     assert type(P.decode(sock.recv())) is P.Welcome
-    sock.send(P.encode(P.SubmitGraph(*([None] * len(P.SubmitGraph._FIELDS)))))
+    sock.send(P.encode(P.SubmitGraph(**dict.fromkeys(P.SubmitGraph._FIELDS))))
     _assert_cluster_unharmed(fresh_cluster, workers)
 
 

@@ -31,7 +31,7 @@ def graph(deps, wanted, gid=G, priorities=None, data=None, notify=False, groups=
     return GraphSubmitted(
         gid, [f"t{i}" for i in range(n)], deps, priorities or list(range(n)),
         [None if i in data else f"body{i}".encode() for i in range(n)],
-        data, wanted, groups or ["g"] * n, True, notify,
+        data, wanted, groups=groups or ["g"] * n, fail_fast=True, notify=notify,
     )
 
 
@@ -320,8 +320,8 @@ def test_siblings_are_not_hoarded_behind_a_long_task():
 def lineage_graph(deps, wanted, max_retries=3):
     n = len(deps)
     return GraphSubmitted(G, [f"t{i}" for i in range(n)], deps, list(range(n)),
-                          [f"body{i}".encode() for i in range(n)], {}, wanted, ["g"] * n,
-                          True, False, max_retries=max_retries)
+                          [f"body{i}".encode() for i in range(n)], {}, wanted, groups=["g"] * n,
+                          fail_fast=True, notify=False, max_retries=max_retries)
 
 
 def test_a_lost_intermediate_is_computed_again_with_its_freed_inputs():
@@ -389,7 +389,8 @@ def remote_call(gid, deps=(), max_retries=3, external=None, pinned=None, resourc
     names = [f"arg{i}" for i in range(n - 1)] + [f"call-{gid[1]}"]
     bodies = [None] * (n - 1) + [f"body-{gid[1]}".encode()]
     return GraphSubmitted(gid, names, [()] * (n - 1) + [tuple(deps)], [0] * n, bodies, {},
-                          [call], ["g"] * n, False, False, external=external, pinned=pinned,
+                          [call], groups=["g"] * n, fail_fast=False, notify=False,
+                          external=external, pinned=pinned,
                           max_retries=max_retries, resources=resources)
 
 
@@ -478,8 +479,8 @@ def test_lineage_reaches_back_to_the_graphs_data():
     s = SchedulerState(validate=True)
     s.handle(WorkerJoined("a"))
     ev = GraphSubmitted(G, ["d", "t1", "t2", "t3"], [(), (0,), (1,), (1, 2)], [0, 1, 2, 3],
-                        [None, b"b1", b"b2", b"b3"], {0: b"data"}, [3], ["g"] * 4, True,
-                        False, max_retries=3)
+                        [None, b"b1", b"b2", b"b3"], {0: b"data"}, [3], groups=["g"] * 4,
+                        fail_fast=True, notify=False, max_retries=3)
     s.handle(ev)
     s.handle(TaskFinished(1, "a", big, None, 0.001))  # d's only reader is done
     assert s.tasks[0].inline == b"data", "graph data is kept for lineage"
@@ -531,12 +532,13 @@ def test_an_actor_call_whose_input_is_lost_fails_instead_of_running_out_of_order
     s.handle(actor_graph((b"c", 1), create={"id": "A"}))
     s.handle(WorkerJoined("a1", actor="A"))
     s.handle(TaskFinished(0, "a1", 8, b"h", 0.001))
-    s.handle(GraphSubmitted((b"c", 2), ["f"], [()], [0], [b"f"], {}, [0], ["g"], False, False,
-                            max_retries=3))
+    s.handle(GraphSubmitted((b"c", 2), ["f"], [()], [0], [b"f"], {}, [0], groups=["g"],
+                            fail_fast=False, notify=False, max_retries=3))
     s.handle(TaskFinished(1, "w1", INLINE_THRESHOLD * 10, None, 0.001))
     n = len(s.tasks)
     s.handle(GraphSubmitted((b"c", 3), ["x", "call"], [(), (0,)], [0, 1], [None, b"m"], {}, [1],
-                            ["g", "g"], False, False, external={0: (b"c", 2, 0)},
+                            groups=["g", "g"], fail_fast=False, notify=False,
+                            external={0: (b"c", 2, 0)},
                             actor="A", max_retries=0))
     call = max(s.tasks)
     assert len(s.tasks) == n + 1 and s.tasks[call].state == "processing"
@@ -553,8 +555,8 @@ def test_results_of_a_num_returns_call_are_computed_again_and_the_call_is_forgot
     big = INLINE_THRESHOLD * 10
     # num_returns=2: node 0 is the call, nodes 1 and 2 pick its results
     s.handle(GraphSubmitted(("c", 1), ["call", "call[0]", "call[1]"], [(), (0,), (0,)],
-                            [0, 1, 2], [b"call", b"n0", b"n1"], {}, [1, 2], ["g"] * 3, False,
-                            False, max_retries=3))
+                            [0, 1, 2], [b"call", b"n0", b"n1"], {}, [1, 2], groups=["g"] * 3,
+                            fail_fast=False, notify=False, max_retries=3))
     for t in (0, 1, 2):
         out = s.handle(TaskFinished(t, "a", big, None, 0.001))
     assert FreeObjects("a", (0,)) in out  # the call's own value goes; its lineage stays

@@ -36,7 +36,7 @@ from . import host_transfer, settings, shared_memory, store_memory
 from .client import SHUT_DOWN, Client
 from .host_transfer import SharedObjectServer
 from .store_memory import HostStore
-from .head import replacement_backoff_max
+from .supervision import replacement_backoff_max
 from .process import alive, describe_exit, inherited_dask_config, lock_held, spawn
 from .transport import ipc_address
 

@@ -1,13 +1,21 @@
-"""Where a worker keeps the objects it computed or received.
+"""Where a worker keeps the objects it computed or received, by id (a task's id,
+or a put's key).
 
-The interface is what the rest of the runtime relies on; this implementation keeps
-objects in the process's own memory.  A shared-memory store (one copy per host,
-zero-copy readers) slots in behind the same methods.
+An entry is a live Python value, or an object as it arrived: pickled bytes (an
+input inline in a ``Run``), out-of-band frames (a large ``put``), or the
+descriptor of a shared-memory file another process wrote.  Pickled entries are
+unpickled on first read and the value kept, so an input never read costs nothing;
+a descriptor is mapped anew at every read and never kept (a kept mapping would pin
+the file in memory).
 
-Entries are either live Python values or the pickled bytes an object arrived as;
-bytes are unpickled on first use, so an input that is never read costs nothing.
-Called from the worker's main thread and from its data-server thread: every
-method is a single dict operation or guards its read-modify-write with a lock.
+Values live in this process's memory.  Another process that asks for one gets it
+as frames, or, once the data server decides to share it, from a shared-memory
+file written on first request (:meth:`ObjectStore.export`) and read in place by
+every reader on the host; the file is removed when the object is deleted.
+
+Called from the worker's main thread, its data-server thread and a concurrent
+actor's call threads: every method is a single dict operation or guards its
+read-modify-write with a lock.
 """
 
 from __future__ import annotations

@@ -6,11 +6,19 @@ the peer's payload is unpickled::
     [b"daskray-hello", token, role, name]          role: b"client" | b"worker"
 
 After that a message is one frame: a CRC-32 of the payload, then the payload, a
-pickled tuple ``(tag, field, field, ...)`` of plain data (no class or function
-may be named in it: see :func:`decode`).
+pickled tuple ``(tag, field, field, ...)`` of plain data (see :func:`decode`).
 Object transfers between processes (``GET`` on a worker's data server) are raw
 frames: ``[token, b"get", object id]`` → ``[b"ok", header, buffer, ...]``, the
 buffers sent without a copy.
+
+Records inside messages (a worker's reports, the tasks of a ``Run``) are typed
+too: small NamedTuples (:mod:`.records`), the same class at both ends.  They
+travel as what they are, a reference to their class and their fields: the decoder
+refuses every class a message may name but these, listed by name in an explicit
+allow-list (``records.RECORDS``).  A record's construction runs no code but a tuple's,
+and checks its number of fields.  (Plain tuples converted at both ends were the
+other choice: as cheap, within a microsecond per record, but with a converter to
+keep beside every record.)
 
 Decoding never raises anything but :class:`ProtocolError`, so a malformed
 message is reported and dropped instead of killing the receiver.
@@ -24,6 +32,8 @@ import pickle
 import zlib
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
+
+from . import records
 
 HELLO = b"daskray-hello"
 ROLE_CLIENT = b"client"
@@ -91,12 +101,14 @@ def encode(msg: Any) -> bytes:
 
 class _PlainDataUnpickler(pickle.Unpickler):
     """Unpickles plain data only (tuples, lists, dicts, sets, str, bytes,
-    numbers, None): a message that names any class or function is refused, so
-    decoding a message runs no code of the sender's choosing.  Values of the
-    user's (task bodies, results, exceptions) travel inside as bytes, unpickled
-    by the process that needs them."""
+    numbers, None) and the protocol's records: a message that names any other
+    class or function is refused, so decoding a message runs no code of the
+    sender's choosing.  Values of the user's (task bodies, results, exceptions)
+    travel inside as bytes, unpickled by the process that needs them."""
 
     def find_class(self, module: str, name: str) -> Any:
+        if module == records.__name__ and name in records.RECORDS:
+            return records.RECORDS[name]
         raise pickle.UnpicklingError(f"a message may not refer to {module}.{name}")
 
 
@@ -348,19 +360,16 @@ class WorkerReady:
 
 @message(21)
 class Reports:
-    """A batch of task reports from a worker; each item a tuple:
-
-    ``("f", task, nbytes, inline, duration)`` finished, ``("e", task, error)``
-    erred, ``("s", task)`` started, ``("r", task)`` released unrun,
-    ``("refs", added, dropped)`` ObjectRefs this process started or stopped holding.
-    """
+    """A batch of reports from a worker, in the order they happened: each one of
+    the records ``FinishedReport``, ``ErredReport``, ``StartedReport``,
+    ``ReleasedReport``, ``RefsReport`` or ``BlockedReport`` (see :mod:`.records`)."""
 
     items: list
 
 
 @message(22)
 class Run:
-    """Tasks to run, in order: ``(task, table id, body, deps, notify, parent)`` each,
+    """Tasks to run, in order (a ``RunTask`` record each, see :mod:`.records`),
     plus the function tables this worker has not been sent yet, by id."""
 
     tasks: list

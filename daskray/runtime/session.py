@@ -5,9 +5,10 @@ is the :class:`Connection` underneath:
 
 * in the driver, a :class:`~daskray.runtime.client.Client` whose I/O thread
   files results as they arrive and wakes waiters;
-* inside a worker, the worker itself: a task that waits in ``get`` pumps the
-  worker's own socket and meanwhile runs other tasks queued on it, and the head
-  lends the waiting task's slot out, so nested parallelism cannot deadlock.
+* inside a worker, an :class:`~daskray.runtime.in_task.InTaskConnection` over the
+  worker's own socket: a task that waits in ``get`` pumps it and meanwhile runs
+  other tasks queued on it, and the head lends the waiting task's slot out, so
+  nested parallelism cannot deadlock.
 
 Results of ObjectRefs arrive as ``RefResult`` messages: the owner of a ref is told
 unasked, any other process subscribes on first use.  What is known of a ref is

@@ -8,10 +8,16 @@ authentication.
   A peer without the token is dropped before a single message of it is read, so
   it can neither take an identity another process will need nor hold a
   connection open past the handshake.
-* ``MAXMSGSIZE`` on bound sockets is :data:`MAX_FRAME_BYTES`: the most a peer can
-  make the process buffer before it has authenticated (the handshake's own
-  commands are frames too).  Authenticated senders split larger messages into
-  frames of at most that size (:func:`send_message`, :func:`split_buffers`).
+* ``MAXMSGSIZE`` on bound sockets is :data:`MAX_FRAME_BYTES`.  libzmq applies it
+  to each frame, not to a multipart message: a peer sending a larger frame (the
+  handshake's own commands included, before it has authenticated) is
+  disconnected, so no single frame makes this process allocate more.  Senders
+  to a bound socket split larger messages into frames of at most that size
+  (:func:`send_message`, :func:`split_buffers`).  Connected sockets set no limit:
+  they hear only the bound sockets daskray made (the head's messages to workers,
+  data servers' replies).  It bounds frames, not what an authenticated peer may
+  queue: high-water marks are off (below), and the session token is the trust
+  boundary.
 * ``HANDSHAKE_IVL`` is short: a peer that connects and never finishes the
   handshake loses its connection (and file descriptor) within seconds.
 * ``LINGER`` is finite, so closing a socket never blocks shutdown.

@@ -7,7 +7,7 @@ unpickled user data: task bodies and results are opaque ``bytes``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 WorkerId = str
@@ -66,6 +66,8 @@ class GraphSubmitted:
     data: dict[int, bytes]
     #: the nodes whose values go back to the client
     wanted: list[int]
+    #: what follows is given by name: a reader of the call sees what each value is
+    _: KW_ONLY
     #: per node: a duration group (tasks of one group take similar time)
     groups: list[str] = field(default_factory=list)
     #: stop the whole graph at the first error (dask semantics)
