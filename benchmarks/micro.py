@@ -2,17 +2,30 @@
 
 Usage::
 
-    python benchmarks/micro.py [--window 1.0] [--runtimes daskray,ray]
+    python benchmarks/micro.py [--window 1.0]
+                               [--runtimes daskray,daskray-dask,dask-futures,ray]
+
+Runtimes:
+
+- ``daskray``: daskray's own runtime, ``daskray.init(num_workers=2)``;
+- ``daskray-dask``: daskray on the dask.distributed backend: a
+  ``distributed.LocalCluster`` (2 worker processes x 1 thread) started first, then
+  ``daskray.init(address=cluster.scheduler_address)``; its ``init_s`` is that
+  ``init`` call alone, not the cluster's start;
+- ``dask-futures``: the same LocalCluster driven by a plain ``distributed.Client``
+  (``submit(pure=False)``, ``gather``, ``scatter(hash=False)``): what daskray-dask
+  costs on top of distributed itself;
+- ``ray``: Ray with ``num_cpus=2``, only if ``import ray`` works (otherwise it is
+  skipped with a note).
 
 Each runtime runs in a subprocess of its own, one after the other, so two runtimes
 never compete for the (two) cores.  The subprocess starts the runtime with two
 workers, measures every figure and prints one JSON line per figure; the parent
 collects them and prints a table with:
 
-- daskray's value and Ray's value measured in this run (Ray only if ``import ray``
-  works; otherwise it is skipped with a note),
-- Ray 2.60's figures on this machine copied from ``/work/shared/ANCHORS.md``
-  ("busy machine" column) -- a reference, *not measured in this run*,
+- each runtime's values measured in this run,
+- Ray 2.60's figures measured earlier on a machine like this one (2 cores, busy),
+  copied into this file -- a reference, *not measured in this run*,
 - the issue targets with PASS/FAIL.
 
 Rates are operations per second over a time window after a warm-up call: each
@@ -26,6 +39,7 @@ The machine is noisy (2 shared cores): compare figures within one run.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import importlib
 import json
@@ -52,7 +66,7 @@ ARG_BYTES = 10 * MB        # the task argument
 SMALL_BYTES = 1024         # the 1 KB object of the in-task get
 ASYNC_BATCH = 500          # tasks / actor calls in flight
 
-# figure key -> (label, unit, Ray 2.60 on this machine, busy, from ANCHORS.md or None)
+# figure key -> (label, unit, Ray 2.60 on a busy 2-core machine like this one, or None)
 FIGURES: dict[str, tuple[str, str, float | None]] = {
     "init_s": ("init() seconds", "s", 8.6),
     "tasks_sync_per_s": ("tasks, sync round trip", "/s", 379),
@@ -67,7 +81,7 @@ FIGURES: dict[str, tuple[str, str, float | None]] = {
     "actor_calls_sync_per_s": ("actor calls, sync", "/s", 1008),
     "actor_calls_async_per_s": (f"actor calls, async ({ASYNC_BATCH} in flight)", "/s", 2243),
 }
-ANCHOR_COLUMN = "Ray 2.60 here, busy (ANCHORS.md)"
+ANCHOR_COLUMN = "Ray 2.60, 2 busy cores (earlier)"
 
 
 # --------------------------------------------------------------------------
@@ -82,18 +96,49 @@ def noop(*args: Any) -> int:
     return 0
 
 
-def get_probe(runtime: str, small: list, big: list, seconds: float) -> dict:
+class HeldFuture:
+    """A distributed Future passed to a task as itself: ``client.submit`` replaces the
+    Futures inside lists, tuples and dicts of a task's arguments by their values, and
+    the get-in-a-task figure must pass the ref (Ray and daskray leave refs nested in a
+    list alone).  Unpickled in the task, the Future belongs to no client yet."""
+
+    __slots__ = ("future",)
+
+    def __init__(self, future: Any) -> None:
+        self.future = future
+
+    def bound_to(self, client: Any) -> Any:
+        """The Future, bound to ``client`` (the task's worker client, or the driver's),
+        which then tells the scheduler it wants the key: until then the client never
+        hears that the data is there, and a gather would wait forever.  (What
+        ``Client.get_dataset`` does with the Futures it unpickles.)"""
+        self.future.bind_client(client)
+        client._send_to_scheduler({"op": "client-desires-keys", "keys": [self.future.key],
+                                   "client": client.id})
+        return self.future
+
+
+def runtime_api(runtime: str) -> Any:
+    """The calls (``get``, ...) of ``runtime`` as seen from here: the driver, or a task."""
+    if runtime == "dask-futures":
+        from distributed import get_client
+
+        return DaskFutures(get_client())
+    return importlib.import_module("daskray" if runtime == "daskray-dask" else runtime)
+
+
+def get_probe(runtime: str, small: Any, big: Any, seconds: float) -> dict:
     """Time ``get`` of a 1 KB and a 100 MB object, from inside a task or the driver.
 
-    ``small`` and ``big`` each hold one ObjectRef, nested in a list so the runtime
-    passes the ref (not the value) to the task.  Each object is read once untimed
-    (``first_s`` is kept for information), then repeatedly for about ``seconds``
-    in all; the median of the repeated reads is what counts.
+    ``small`` and ``big`` each hold one ref, nested in a list (or a :class:`HeldFuture`)
+    so the runtime passes the ref, not the value, to the task.  Each object is read
+    once untimed (``first_s`` is kept for information), then repeatedly for about
+    ``seconds`` in all; the median of the repeated reads is what counts.
     """
-    rt = importlib.import_module(runtime)
+    rt = runtime_api(runtime)
     out: dict[str, Any] = {"pid": os.getpid()}
     for name, holder in (("1KB", small), ("100MB", big)):
-        ref = holder[0]
+        ref = holder.bound_to(rt.client) if isinstance(holder, HeldFuture) else holder[0]
         t = time.perf_counter()
         value = rt.get(ref)
         out[f"first_{name}_s"] = time.perf_counter() - t
@@ -116,6 +161,55 @@ class Actor:
 
     def small(self, *args: Any) -> int:
         return 0
+
+
+# --------------------------------------------------------------------------
+# A plain distributed.Client with the calls the figures make (dask-futures).
+# --------------------------------------------------------------------------
+
+
+class DaskFutures:
+    """``remote``/``get``/``put``/``shutdown`` over a ``distributed.Client``, the
+    way a dask user writes them by hand: the baseline of the daskray-dask column."""
+
+    NO_ACTORS = ("distributed's own actors (submit(cls, actor=True)) have other "
+                 "semantics than Ray's (no ordering promise, no restarts, one thread per "
+                 "worker shared by all actors), so they are not measured")
+
+    def __init__(self, client: Any, cluster: Any = None) -> None:
+        self.client = client
+        #: the LocalCluster to close at shutdown, if this process started one
+        self.cluster = cluster
+
+    def remote(self, target: Callable) -> "Submitter":
+        if isinstance(target, type):
+            raise NotImplementedError(self.NO_ACTORS)
+        return Submitter(self.client, target)
+
+    def get(self, futures: Any) -> Any:
+        return self.client.gather(futures)
+
+    def put(self, value: Any) -> Any:
+        # in a list, so that a container is one object (scatter splits a bare list)
+        return self.client.scatter([value], hash=False)[0]
+
+    def shutdown(self) -> None:
+        try:
+            self.client.close()
+        finally:
+            if self.cluster is not None:
+                self.cluster.close()
+
+
+class Submitter:
+    """``fn.remote(*args)`` as ``client.submit(fn, *args, pure=False)``."""
+
+    def __init__(self, client: Any, fn: Callable) -> None:
+        self.client = client
+        self.fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self.client.submit(self.fn, *args, pure=False)
 
 
 # --------------------------------------------------------------------------
@@ -160,21 +254,124 @@ def make_rate(window: float) -> Callable[..., float]:
     return rate
 
 
-def start_runtime(name: str) -> Any:
-    if name == "ray":
-        import ray as rt
-        rt.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    elif name == "daskray":
-        import daskray as rt
-        rt.init(num_workers=2)
-    else:
-        raise ValueError(f"unknown runtime {name!r}")
-    return rt
+#: the runtimes this script knows, in the order they run by default
+RUNTIMES = ("daskray", "daskray-dask", "dask-futures", "ray")
 
 
-def measure(name: str, rt: Any, window: float) -> None:
+def nest_in_list(ref: Any) -> list:
+    return [ref]
+
+
+@dataclasses.dataclass
+class Started:
+    """A runtime started in the child process: what the figures call, and its init."""
+
+    #: ``remote``, ``get``, ``put``: the daskray or ray module, or a DaskFutures
+    api: Any
+    #: stops the runtime and everything the child started for it
+    close: Callable[[], None]
+    init_s: float
+    #: what ``init_s`` covers, when that is not the obvious
+    init_detail: str | None = None
+    #: what creating an actor raises when the runtime has no actors (figures "n/a")
+    no_actors: tuple[type[BaseException], ...] = (NotImplementedError,)
+    #: wraps a ref so that a task receives the ref itself, not its value
+    nest: Callable[[Any], Any] = nest_in_list
+
+
+def start_local_cluster() -> Any:
+    """The dask cluster both dask runtimes measure on: 2 worker processes x 1 thread
+    on loopback (the dashboard on a free port, not dask's fixed 8787)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                        host="127.0.0.1", dashboard_address="127.0.0.1:0")
+
+
+def start_ray() -> Started:
+    t0 = time.perf_counter()
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return Started(ray, ray.shutdown, time.perf_counter() - t0)
+
+
+def start_daskray() -> Started:
+    t0 = time.perf_counter()
+    import daskray
+    daskray.init(num_workers=2)
+    return Started(daskray, daskray.shutdown, time.perf_counter() - t0)
+
+
+def start_daskray_dask() -> Started:
+    """daskray on the dask.distributed backend, joined to a LocalCluster started here."""
+    import daskray
+    from daskray.errors import ClusterError
+
+    t0 = time.perf_counter()
+    cluster = start_local_cluster()
+    cluster_s = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        daskray.init(address=cluster.scheduler_address)
+        init_s = time.perf_counter() - t0
+    except BaseException:
+        cluster.close()
+        raise
+
+    def close() -> None:
+        try:
+            daskray.shutdown()
+        finally:
+            cluster.close()
+
+    detail = (f"daskray.init(address=...) only; starting the LocalCluster before it "
+              f"took {cluster_s:.2f} s more")
+    # the backend refuses actors with a ClusterError naming the feature
+    return Started(daskray, close, init_s, detail,
+                   no_actors=(NotImplementedError, ClusterError))
+
+
+def start_dask_futures() -> Started:
+    """A plain ``distributed.Client`` of a LocalCluster started here."""
+    from distributed import Client
+
+    t0 = time.perf_counter()
+    cluster = start_local_cluster()
+    cluster_s = time.perf_counter() - t0
+    try:
+        t0 = time.perf_counter()
+        client = Client(cluster)
+        init_s = time.perf_counter() - t0
+    except BaseException:
+        cluster.close()
+        raise
+    api = DaskFutures(client, cluster)
+    detail = (f"Client(cluster) only; starting the LocalCluster before it took "
+              f"{cluster_s:.2f} s more")
+    return Started(api, api.shutdown, init_s, detail, nest=HeldFuture)
+
+
+STARTERS: dict[str, Callable[[], Started]] = {
+    "daskray": start_daskray,
+    "daskray-dask": start_daskray_dask,
+    "dask-futures": start_dask_futures,
+    "ray": start_ray,
+}
+
+
+def start_runtime(name: str) -> Started:
+    try:
+        starter = STARTERS[name]
+    except KeyError:
+        raise ValueError(f"unknown runtime {name!r}; choose from {', '.join(RUNTIMES)}") \
+            from None
+    return starter()
+
+
+def measure(name: str, started: Started, window: float) -> None:
     """Every figure after init, each reported as soon as it is known."""
     rate = make_rate(window)
+    rt, nest = started.api, started.nest
 
     def figure(key: str, fn: Callable[[], Any], scale: float = 1.0) -> None:
         try:
@@ -223,7 +420,7 @@ def measure(name: str, rt: Any, window: float) -> None:
         big_ref = rt.put(big)
         # two probes at once, so both workers are likely to run one: an object may
         # be cheaper to read on the worker that holds it than on the other one
-        probes = rt.get([remote_probe.remote(name, [small_ref], [big_ref], window)
+        probes = rt.get([remote_probe.remote(name, nest(small_ref), nest(big_ref), window)
                          for _ in range(2)])
         ratios = [p["median_100MB_s"] / p["median_1KB_s"] for p in probes]
         worst = max(range(len(probes)), key=lambda i: ratios[i])
@@ -238,7 +435,8 @@ def measure(name: str, rt: Any, window: float) -> None:
     figure("get_in_task_100MB_vs_1KB", get_in_task)
 
     def get_in_driver() -> tuple[float, dict]:
-        probe = get_probe(name, [rt.put(np.ones(SMALL_BYTES // 8))], [rt.put(big)], window)
+        probe = get_probe(name, nest(rt.put(np.ones(SMALL_BYTES // 8))), nest(rt.put(big)),
+                          window)
         detail = {k: (round(v * 1e6, 1) if k.endswith("_s") else v) for k, v in probe.items()}
         detail["note"] = "times in microseconds"
         return probe["median_100MB_s"] / probe["median_1KB_s"], detail
@@ -246,26 +444,28 @@ def measure(name: str, rt: Any, window: float) -> None:
     del big
     gc.collect()
 
-    try:
-        actor_class = rt.remote(Actor)
-    except NotImplementedError as exc:
-        for key in ("actor_calls_sync_per_s", "actor_calls_async_per_s"):
-            report(key, "n/a", detail=f"no actors: {short_error(exc)}")
+    actor = make_actor(started)
+    if actor is None:
         return
+    figure("actor_calls_sync_per_s", lambda: rate(lambda: rt.get(actor.small.remote())))
+    figure("actor_calls_async_per_s", lambda: rate(
+        lambda: rt.get([actor.small.remote() for _ in range(ASYNC_BATCH)]), ASYNC_BATCH))
 
-    state: dict[str, Any] = {}
 
-    def actor_sync() -> float:
-        state["actor"] = actor_class.remote()
-        a = state["actor"]
-        return rate(lambda: rt.get(a.small.remote()))
-    figure("actor_calls_sync_per_s", actor_sync)
-
-    def actor_async() -> float:
-        a = state.get("actor") or actor_class.remote()
-        return rate(lambda: rt.get([a.small.remote() for _ in range(ASYNC_BATCH)]),
-                    ASYNC_BATCH)
-    figure("actor_calls_async_per_s", actor_async)
+def make_actor(started: Started) -> Any:
+    """The actor of the actor figures, or None after reporting them: "n/a" with the
+    runtime's reason when it has no actors, ERROR when creating one failed."""
+    keys = ("actor_calls_sync_per_s", "actor_calls_async_per_s")
+    try:
+        return started.api.remote(Actor).remote()
+    except started.no_actors as exc:
+        for key in keys:
+            report(key, "n/a", detail=f"no actors: {short_error(exc)}")
+    except Exception as exc:
+        traceback.print_exc()
+        for key in keys:
+            report(key, error=short_error(exc))
+    return None
 
 
 def child_main(name: str, window: float) -> int:
@@ -274,22 +474,21 @@ def child_main(name: str, window: float) -> int:
         raise SystemExit(f"stopped by signal {signum}")
     signal.signal(signal.SIGTERM, on_term)  # so the finally below still runs
 
-    rt = None
+    started = None
     try:
-        t0 = time.perf_counter()
         try:
-            rt = start_runtime(name)
+            started = start_runtime(name)
         except Exception as exc:
             traceback.print_exc()
             report("init_s", error=short_error(exc))
             return 1
-        report("init_s", time.perf_counter() - t0)
-        measure(name, rt, window)
+        report("init_s", started.init_s, detail=started.init_detail)
+        measure(name, started, window)
         return 0
     finally:
-        if rt is not None:
+        if started is not None:
             try:
-                rt.shutdown()
+                started.close()
             except Exception:
                 traceback.print_exc()
 
@@ -345,7 +544,7 @@ def run_runtime(name: str, window: float) -> dict[str, dict]:
                     print(f"  [{name}] unreadable report: {line.rstrip()}")
                     continue
                 results[record["figure"]] = record
-                print(f"  {name:8s} {record['figure']:26s} {cell(record)}", flush=True)
+                print(f"  {name:12s} {record['figure']:26s} {cell(record)}", flush=True)
             rc = proc.wait()
         finally:
             timer.cancel()
@@ -399,7 +598,7 @@ def check_targets(results: dict[str, dict[str, dict]]) -> list[tuple[str, str, s
     if ray is not None:
         basis, ref = "Ray measured in this run", ray
     else:
-        basis, ref = "ANCHORS.md Ray 2.60 busy, not measured in this run", \
+        basis, ref = "Ray 2.60 on 2 busy cores, measured earlier, not in this run", \
             FIGURES["tasks_async_per_s"][2]
     for goal, name in ((1, "target"), (5, "goal")):
         label = f"async task throughput ≥ {goal}× Ray's ({name})"
@@ -423,7 +622,31 @@ def check_targets(results: dict[str, dict[str, dict]]) -> list[tuple[str, str, s
         rows.append((label, "FAIL" if "daskray" in results else "n/a", "daskray: no value"))
     else:
         rows.append((label, "PASS" if init <= 1.0 else "FAIL", f"{init:.2f} s"))
+    rows.append(dask_backend_target(results))
     return rows
+
+
+#: daskray-dask's async task rate must be at least this fraction of dask-futures'
+#: (its time within 1.25x of client.submit + gather on the same cluster)
+DASK_RATE_FLOOR = 1 / 1.25
+
+
+def dask_backend_target(results: dict[str, dict[str, dict]]) -> tuple[str, str, str]:
+    """Async tasks (500 in flight) on the dask.distributed backend against a plain
+    ``client.submit`` + ``gather`` on the same kind of cluster."""
+    label = "daskray-dask async tasks within 1.25× of client.submit + gather"
+    ours = number(results, "daskray-dask", "tasks_async_per_s")
+    theirs = number(results, "dask-futures", "tasks_async_per_s")
+    if theirs is None:
+        why = "not run" if "dask-futures" not in results else "no value"
+        return label, "n/a", f"dask-futures: {why}"
+    if ours is None:
+        return (label, "FAIL" if "daskray-dask" in results else "n/a",
+                "daskray-dask: " + ("no value" if "daskray-dask" in results else "not run"))
+    ratio = ours / theirs
+    return (label, "PASS" if ratio >= DASK_RATE_FLOOR else "FAIL",
+            f"{ours:,.0f}/s vs {theirs:,.0f}/s = {ratio:.2f}× "
+            f"(needs ≥ {DASK_RATE_FLOOR:.2f}×)")
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -446,8 +669,9 @@ def print_report(results: dict[str, dict[str, dict]], runtimes: list[str],
     print(f"Microbenchmarks, {window:g} s per figure, 2 workers each "
           f"({os.cpu_count()} cores, Python {platform.python_version()})")
     print(table(header, rows))
-    print(f"The '{ANCHOR_COLUMN}' column is copied from /work/shared/ANCHORS.md "
-          "(Ray core microbenchmarks, busy machine): NOT measured in this run.")
+    print(f"The '{ANCHOR_COLUMN}' column: Ray 2.60's core microbenchmarks, measured "
+          "earlier on a machine like this one (2 cores, busy) and copied into micro.py: "
+          "NOT measured in this run.")
     if "ray" not in runtimes:
         print("Ray was not measured in this run (not installed or not selected).")
 
@@ -465,7 +689,7 @@ def print_report(results: dict[str, dict[str, dict]], runtimes: list[str],
         for r, k, d in notes:
             print(f"  {r} {k}: {json.dumps(d)}")
 
-    print("\nIssue targets (daskray):")
+    print("\nIssue targets (daskray's own runtime unless the target names another):")
     print(table(["target", "result", "measured"],
                 [list(row) for row in check_targets(results)]))
 
@@ -474,8 +698,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--window", type=float, default=1.0,
                         help="seconds spent timing each figure (3 windows of a third each)")
-    parser.add_argument("--runtimes", default="daskray,ray",
-                        help="comma-separated, run in this order: daskray, ray")
+    parser.add_argument("--runtimes", default=",".join(RUNTIMES),
+                        help="comma-separated, run in this order; from "
+                             f"{', '.join(RUNTIMES)} (ray only when installed)")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one runtime's process
     args = parser.parse_args(argv)
     if args.window <= 0:
@@ -484,12 +709,12 @@ def main(argv: list[str] | None = None) -> int:
         return child_main(args.child, args.window)
 
     runtimes = [r.strip() for r in args.runtimes.split(",") if r.strip()]
-    unknown = [r for r in runtimes if r not in ("daskray", "ray")]
+    unknown = [r for r in runtimes if r not in RUNTIMES]
     if unknown or not runtimes:
-        parser.error(f"unknown runtime(s) {unknown}; choose from daskray, ray")
+        parser.error(f"unknown runtime(s) {unknown}; choose from {', '.join(RUNTIMES)}")
     if "ray" in runtimes and not ray_available():
-        print("note: `import ray` fails here, so Ray is skipped; the Ray column in the "
-              "table comes from ANCHORS.md, not from this run.")
+        print("note: `import ray` fails here, so Ray is skipped; the table's column "
+              f"'{ANCHOR_COLUMN}' was measured earlier, not in this run.")
         runtimes.remove("ray")
 
     start = time.perf_counter()
