@@ -75,3 +75,15 @@ def running_backend() -> str | None:
     if not daskray.is_initialized():
         return None
     return daskray.init(ignore_reinit_error=True).backend
+
+
+def stop_process(proc: Any, grace: float = 10.0) -> None:
+    """Stop a process a test started: SIGTERM, then SIGKILL after ``grace`` seconds."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=grace)

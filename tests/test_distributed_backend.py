@@ -9,7 +9,7 @@ import pytest
 
 import daskray
 from daskray import GetTimeoutError, TaskCancelledError
-from helpers import wait_for_path, wait_until
+from helpers import stop_process, wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -231,8 +231,7 @@ def test_a_worker_without_daskray_is_named_at_init(on_distributed, tmp_path):
                 daskray.init(address=bare.scheduler_address)
             assert not daskray.is_initialized()
         finally:
-            worker.terminate()
-            worker.wait(timeout=30)
+            stop_process(worker)
 
 
 def test_init_with_a_client_leaves_it_open_and_never_takes_a_default_one(on_distributed):
@@ -319,5 +318,4 @@ def test_resources_place_calls_on_workers_that_declare_them(on_distributed):
             assert set(daskray.get(refs, timeout=60)) == {special_worker}
         finally:
             daskray.shutdown()
-            special.terminate()
-            special.wait(timeout=30)
+            stop_process(special)

@@ -3,6 +3,7 @@ run daskray's tasks (they unpickle ObjectRefs and call daskray's own code)."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 from distributed import Client
@@ -32,8 +33,11 @@ def connect(address: str, security: Any = None, timeout: float = 30.0) -> Any:
     except OSError as exc:
         problem = (f"could not reach the dask scheduler at {address!r} within {timeout:.0f} s "
                    f"({exc}); is `dask scheduler` running there, and reachable from this host?")
-    # raised here, not in the handler: the error must not keep the half-started client
-    # (and with it distributed's event loop) alive through its context
+    # The half-started client closes itself when collected, and with it the event loop
+    # thread distributed shares between clients: collect it now, not in the middle of
+    # the next client's start.  Raised here, not in the handler, so that the error's
+    # context does not keep it alive.
+    gc.collect()
     raise ClusterError(problem)
 
 
