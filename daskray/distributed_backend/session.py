@@ -194,7 +194,10 @@ class DistributedSession:
     def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
         futures = [self.table.future_of(r._key) for r in refs]
         start = time.monotonic()
-        with leave_worker_pool():
+        # objects already made need no task to run: keep the worker's thread slot
+        waiting = leave_worker_pool() if not all(f.done() for f in futures) \
+            else contextlib.nullcontext()
+        with waiting:
             if timeout is not None:
                 try:
                     self._wait(futures, timeout)
