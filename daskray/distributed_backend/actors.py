@@ -68,6 +68,9 @@ class ActorCalls:
         self.names: list[str] = []
         #: call key -> (creation key, seq) of calls not known to be finished
         self.calls: dict[RefKey, tuple[RefKey, int]] = {}
+        #: where this session last saw each actor's host, and the workers then
+        self.addresses: dict[RefKey, str] = {}
+        self.workers: list[str] = []
 
     def next_seq(self, actor_id: str) -> int:
         with self._lock:
@@ -172,7 +175,8 @@ def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict
     base_key = dask_key_of(keys[0]) if num_returns == 1 else \
         f"daskray-call-{session.owner.hex()}-{number}"
     base = session.client.submit(run_actor_call, creation, session.owner, seq, method, label,
-                                 payload, key=base_key, pure=False)
+                                 payload, key=base_key, pure=False,
+                                 **_away_from_the_actor(session, creation))
     if num_returns == 1:
         futures = [base]
     else:
@@ -188,6 +192,25 @@ def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict
     base.add_done_callback(lambda _f, k=keys[0]: calls.pop(k, None))
     refs = [ObjectRef(k, owned=True) for k in keys]
     return refs[0] if num_returns == 1 else refs
+
+
+def _away_from_the_actor(session: Any, creation: RefKey) -> dict:
+    """distributed's placement for a call's task: a worker other than the actor's
+    when there is one, so that the death of the actor's worker does not also kill the
+    call's task (which distributed would then run again: a retry nobody asked for)."""
+    future = session.table.future_of(creation)
+    if future.status != "finished":
+        return {}
+    state = state_of(session)
+    address = state.addresses.get(creation)
+    if address is None:
+        holders = session.client.who_has([future]).get(future.key) or ()
+        if not holders:
+            return {}
+        address = state.addresses[creation] = holders[0]
+        state.workers = list(session._workers())
+    others = [w for w in state.workers if w != address]
+    return {"workers": others, "allow_other_workers": True} if others else {}
 
 
 def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:
@@ -300,7 +323,9 @@ def host_address(session: Any, creation: RefKey) -> str:
         with off_the_pool():
             session._wait([future], None)
         if future.status == "finished":
-            return future.result()._address
+            address = future.result()._address
+            state_of(session).addresses[creation] = address
+            return address
         if future.status == "cancelled":
             raise ActorDiedError("the actor is gone from the dask cluster (its key was "
                                  "released or cancelled); create it again")
@@ -312,6 +337,7 @@ def host_address(session: Any, creation: RefKey) -> str:
 def _wait_for_news(session: Any, creation: RefKey, address: str) -> None:
     """After the host at ``address`` could not be reached: wait until the scheduler
     says where it is now (or that it died)."""
+    state_of(session).addresses.pop(creation, None)
     future = session.table.future_of(creation)
 
     def news() -> bool:
