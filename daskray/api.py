@@ -452,8 +452,9 @@ def exit_actor() -> None:
     good (no restart).  The call itself and the calls queued after it raise
     ``ActorDiedError``; later calls too."""
     session = _session()
-    if isinstance(session, LocalSession):
-        session.exit_actor()
+    ends_it = getattr(session, "exit_actor", None)  # local mode, the dask.distributed backend
+    if ends_it is not None:
+        ends_it()
     conn = getattr(session, "conn", None)
     actor = getattr(conn, "actor", None)
     if actor is None:

@@ -34,7 +34,7 @@ from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTrac
                       SerializationError,
                       TaskCancelledError, WorkerCrashedError)
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
-from . import graphs
+from . import actors, graphs
 from .futures import FutureTable
 from .worker_side import REMOTE_TRACEBACK, CallArguments, interrupt_calls, nth_return, run_call
 
@@ -185,6 +185,7 @@ class DistributedSession:
                 self._cancelled.add(ref._key)
                 pending.append(future)
         if pending:
+            actors.cancelled(self, refs)
             self.client.cancel(pending)
             # distributed lets a running task run on: stop it where it runs
             self.client.run(interrupt_calls, [f.key for f in pending])
@@ -305,6 +306,9 @@ class DistributedSession:
         key; in the driver, the client's id as the job's."""
         from distributed.worker import thread_state
 
+        in_actor = actors.runtime_ids(self)
+        if in_actor is not None:
+            return in_actor
         key = getattr(thread_state, "key", None) if self.in_task else None
         worker = None
         if self.in_task:
@@ -320,15 +324,27 @@ class DistributedSession:
 
     # ---------------------------------------------------------------- actors
 
-    def _no_actors(self, *_: Any, **__: Any) -> Any:
-        raise ClusterError(
-            "actors do not run on the dask.distributed backend yet; run them on daskray's "
-            "own runtime (daskray.init() without a dask scheduler address)")
+    def create_actor(self, actor_class: ActorSpec, args: tuple, kwargs: dict) -> Any:
+        return actors.create_actor(self, actor_class, args, kwargs)
 
-    create_actor = call_actor = kill_actor = get_actor = _no_actors
+    def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
+                   options: dict) -> ObjectRef | list[ObjectRef]:
+        return actors.call_actor(self, handle, method, args, kwargs, options)
+
+    def kill_actor(self, handle: Any) -> None:
+        actors.kill_actor(self, handle)
+
+    def get_actor(self, name: str, timeout: float | None = None) -> Any:
+        """The handle of the actor named ``name``, or None."""
+        return actors.get_actor(self, name)
+
+    def exit_actor(self) -> None:
+        """``exit_actor()`` in an actor's method: end that actor, for good."""
+        actors.exit_actor()
 
     def close(self) -> None:
         """End this session: release its objects; close the client if it opened it."""
+        actors.close(self)
         self.table.clear()
         if self.owns_client:
             self.client.close()

@@ -1,0 +1,393 @@
+"""The worker side of a daskray actor on the dask.distributed backend: its host.
+
+distributed's own actors run every sync method on one thread per worker and promise
+no order, so daskray keeps its actor *inside* one: an :class:`ActorHost` is the
+distributed actor (its key is the creation ObjectRef's key), and the user's instance
+lives in threads of the host's own -- ``max_concurrency`` threads for calls, or an
+event loop thread for a class with ``async def`` methods -- so one actor blocked in
+``get()`` stalls nothing else on its worker.
+
+Calls reach the host through ``call(caller, seq, method, payload)`` (an ``async def``
+run on the worker's event loop by distributed's ``actor_execute``): each caller
+numbers its calls to this actor from 1, and the host hands them to its threads in
+that order; a call that arrives early waits here, on the loop, for its turn.  A
+restarted host takes the first number it sees from each caller as that caller's
+start.  Replies are pickled here: ``("ok", bytes, has_refs)`` or ``("error", bytes)``.
+
+Restarts and death are kept on the dask scheduler (the creation key's metadata), so a
+new host on another worker knows them: ``restarts`` (how many times the actor was
+re-created after its worker died) and ``killed`` (why it ended for good).  A host
+whose actor is dead still answers, every call with ``ActorDiedError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import ctypes
+import inspect
+import threading
+import traceback
+from typing import Any, Iterator
+
+import cloudpickle
+from distributed import get_worker, rejoin, secede
+from distributed.worker import thread_state
+
+from ..errors import ActorDiedError, ActorError, TaskCancelledError
+from ..refs import ObjectRef, collect_pickled_refs
+from ..remote_function import RemoteFunction
+from .worker_side import REMOTE_TRACEBACK, function_of, task_session
+
+#: the creation key's metadata fields the hosts of one actor share on the scheduler
+RESTARTS, KILLED = "daskray-restarts", "daskray-killed"
+
+#: in a thread running an actor's method: ``.host``, the ActorHost it belongs to
+running = threading.local()
+
+
+class ExitActor(BaseException):
+    """Raised by ``exit_actor()`` in a method: the host ends the actor there."""
+
+
+class ActorSpec:
+    """What a host needs to build the actor: its class (daskray's pickled table of
+    ``ActorInit``), constructor arguments (pickled, refs inside) and options."""
+
+    __slots__ = ("actor_id", "class_name", "table_id", "table", "arguments", "options")
+
+    def __init__(self, actor_id: str, class_name: str, table_id: bytes, table: bytes,
+                 arguments: bytes, options: dict) -> None:
+        self.actor_id = actor_id
+        self.class_name = class_name
+        self.table_id = table_id
+        self.table = table
+        self.arguments = arguments
+        self.options = options
+
+    def __getstate__(self) -> tuple:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple) -> None:
+        for name, value in zip(self.__slots__, state):
+            setattr(self, name, value)
+
+
+class ActorHost:
+    """The distributed actor that hosts one daskray actor on a dask worker."""
+
+    def __init__(self, spec: ActorSpec, key: str) -> None:
+        self.spec = spec
+        self.key = key
+        self.session = task_session()
+        self.worker = get_worker().address
+        self.instance: Any = None
+        self.init_failure: str | None = None
+        self._next: dict[bytes, int] = {}
+        self._turns: dict[tuple[bytes, int], asyncio.Event] = {}
+        self._skipped: set[tuple[bytes, int]] = set()
+        self._held: dict[tuple[bytes, int], Any] = {}
+        self._pending: set[asyncio.Future] = set()
+        self._threads: set[int] = set()
+        self._lock = threading.Lock()
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._limit: asyncio.Semaphore | None = None
+        metadata = self.session.client.get_metadata([key], default={}) or {}
+        self.restarts = int(metadata.get(RESTARTS, 0))
+        self.dead: str | None = metadata.get(KILLED) or self._restarts_used_up()
+        if self.dead is None:
+            self._build()
+            # a kill while the constructor ran (it may have waited for its arguments)
+            self.dead = self.session.client.get_metadata([key, KILLED], default=None)
+
+    # ------------------------------------------------------------ building
+
+    def _restarts_used_up(self) -> str | None:
+        allowed = self.spec.options["max_restarts"]
+        if self.restarts > allowed:
+            return (f"its dask worker died and its max_restarts={allowed} restart(s) are "
+                    "used up")
+        return None
+
+    def _build(self) -> None:
+        """Make the threads and the instance; the constructor runs in a thread of its
+        own (it may wait in ``get()``) while this task thread leaves the worker's pool."""
+        cls = function_of(self.spec.table_id, self.spec.table).cls
+        if self.spec.options["async"]:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, daemon=True,
+                             name=f"daskray-actor-{self.spec.class_name}").start()
+        else:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                self.spec.options["max_concurrency"],
+                thread_name_prefix=f"daskray-actor-{self.spec.class_name}")
+        done = concurrent.futures.Future()
+        threading.Thread(target=self._construct, args=(cls, done), daemon=True,
+                         name=f"daskray-actor-init-{self.spec.class_name}").start()
+        with off_the_pool():
+            done.result()
+
+    def _construct(self, cls: type, done: concurrent.futures.Future) -> None:
+        try:
+            running.host = self
+            args, kwargs = cloudpickle.loads(self.spec.arguments)
+            args, kwargs = resolve_arguments(self.session, args, kwargs)
+            self.instance = cls(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - every call reports it
+            self.init_failure = "".join(traceback.format_exception(exc))
+        finally:
+            running.host = None
+            done.set_result(None)
+
+    # ------------------------------------------------------------ calls (worker's loop)
+
+    async def call(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
+        """Run one call in its caller's order; its reply (see the module's docstring)."""
+        await self._turn(caller, seq)
+        if (caller, seq) in self._skipped:  # cancelled by its caller meanwhile
+            self._skipped.discard((caller, seq))
+            return failure(TaskCancelledError(f"{self.spec.class_name}.{method} was cancelled"))
+        try:
+            if self.dead is not None:
+                return failure(self._died(method))
+            work = self._dispatch(caller, seq, method, payload)
+        finally:
+            self._advance(caller, seq)
+        loop = asyncio.get_running_loop()
+        outcome = loop.create_future()
+        work.add_done_callback(
+            lambda done: loop.call_soon_threadsafe(self._settle, outcome, done, method))
+        self._pending.add(outcome)
+        try:
+            return await outcome
+        finally:
+            self._pending.discard(outcome)
+
+    def _settle(self, outcome: asyncio.Future, done: concurrent.futures.Future,
+                method: str) -> None:
+        if outcome.done():  # the actor ended first: the call failed with it
+            return
+        if done.cancelled() or done.exception() is not None:
+            outcome.set_result(failure(self._died(method)))
+        else:
+            outcome.set_result(done.result())
+
+    async def skip(self, caller: bytes, seq: int) -> None:
+        """The caller's call ``seq`` will never come (cancelled, or its arguments
+        failed): the calls after it need not wait for it."""
+        start = self._next.setdefault(caller, self._first(seq))
+        if seq == start:
+            self._advance(caller, seq)
+        elif seq > start:
+            self._skipped.add((caller, seq))
+
+    async def release(self, caller: bytes, seq: int) -> None:
+        """The caller holds the refs in its call's result now: drop ours."""
+        self._held.pop((caller, seq), None)
+
+    async def stop(self, why: str) -> str | None:
+        """End the actor for good (``kill``, ``exit_actor``): the calls in flight and
+        every later call raise ActorDiedError.  Its name, if any."""
+        self._end(why)
+        return self.spec.options.get("name")
+
+    async def task_retries(self) -> int:
+        """How many times a call whose host died while it ran is sent again."""
+        return self.spec.options["max_task_retries"]
+
+    def _first(self, seq: int) -> int:
+        """Where a caller's numbering starts here: 1, or after a restart wherever the
+        first call that reaches this host is."""
+        return 1 if self.restarts == 0 else seq
+
+    async def _turn(self, caller: bytes, seq: int) -> None:
+        start = self._next.setdefault(caller, self._first(seq))
+        if seq <= start or self.dead is not None:
+            return
+        event = self._turns.setdefault((caller, seq), asyncio.Event())
+        try:
+            await event.wait()
+        finally:
+            self._turns.pop((caller, seq), None)
+
+    def _advance(self, caller: bytes, seq: int) -> None:
+        if seq != self._next.get(caller):
+            return  # a late call (after a restart): it waited for nobody
+        seq += 1
+        while (caller, seq) in self._skipped:
+            self._skipped.discard((caller, seq))
+            seq += 1
+        self._next[caller] = seq
+        event = self._turns.get((caller, seq))
+        if event is not None:
+            event.set()
+
+    def _dispatch(self, caller: bytes, seq: int, method: str,
+                  payload: bytes) -> concurrent.futures.Future:
+        """Hand the call to the actor's threads (in call order)."""
+        if self._loop is not None:
+            return asyncio.run_coroutine_threadsafe(
+                self._run_async(caller, seq, method, payload), self._loop)
+        assert self._executor is not None
+        return self._executor.submit(self._run, caller, seq, method, payload)
+
+    async def _run_async(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
+        if self._limit is None:
+            self._limit = asyncio.Semaphore(self.spec.options["max_concurrency"])
+        async with self._limit:
+            return await self._invoke(caller, seq, method, payload)
+
+    def _run(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
+        result = self._invoke(caller, seq, method, payload)
+        if inspect.iscoroutine(result):  # an async method of a sync class: run it here
+            result = asyncio.run(result)
+        return result
+
+    def _invoke(self, caller: bytes, seq: int, method: str, payload: bytes) -> Any:
+        """Run the method (in an actor thread or on its loop); a coroutine comes back
+        as one that finishes the job."""
+        if self.instance is None:
+            return failure(ActorError(
+                f"actor {self.spec.class_name} cannot run {method}(): its constructor "
+                f"raised.\nThe constructor's traceback:\n{self.init_failure}"))
+        ident = threading.get_ident()
+        with self._lock:
+            self._threads.add(ident)
+        running.host = self
+        running.task = f"{self.spec.actor_id}-{caller.hex()}-{seq}"
+        since = self.session.table.announced
+        self.session.table.sync_with_tracker()
+        try:
+            args, kwargs = cloudpickle.loads(payload)
+            result = self._bound(method)(*args, **kwargs)
+        except ExitActor:
+            return self._exit(method)
+        except Exception as exc:  # noqa: BLE001 - the caller raises it
+            return failure(exc, traceback.format_exc())
+        finally:
+            running.host = None
+            with self._lock:
+                self._threads.discard(ident)
+        if inspect.iscoroutine(result):
+            return self._finish(caller, seq, method, result, since)
+        return self._reply(caller, seq, result, since)
+
+    async def _finish(self, caller: bytes, seq: int, method: str, coro: Any,
+                      since: int) -> tuple:
+        running.host = self
+        try:
+            result = await coro
+        except ExitActor:
+            return self._exit(method)
+        except Exception as exc:  # noqa: BLE001 - the caller raises it
+            return failure(exc, traceback.format_exc())
+        finally:
+            running.host = None
+        return self._reply(caller, seq, result, since)
+
+    def _reply(self, caller: bytes, seq: int, result: Any, since: int) -> tuple:
+        try:
+            with collect_pickled_refs() as refs:
+                data = cloudpickle.dumps(result, protocol=5)
+        except Exception as exc:  # noqa: BLE001
+            return failure(exc, traceback.format_exc())
+        self.session.settle_received(since)
+        if refs:  # kept until the caller announced its own want of them
+            self._held[(caller, seq)] = result
+        return ("ok", data, bool(refs))
+
+    def _bound(self, method: str) -> Any:
+        attr = inspect.getattr_static(self.instance, method)
+        if isinstance(attr, RemoteFunction):  # marked @daskray.remote in a daskray.Actor
+            return lambda *a, **k: attr.__wrapped__(self.instance, *a, **k)
+        return getattr(self.instance, method)
+
+    # ------------------------------------------------------------ the end
+
+    def _exit(self, method: str) -> tuple:
+        why = f"it called exit_actor() in {method}()"
+        mark_killed(self.session.client, self.key, why)
+        self.session.client.loop.add_callback(self._end, why)
+        return failure(self._died(method))
+
+    def _died(self, method: str) -> ActorDiedError:
+        return ActorDiedError(
+            f"actor {self.spec.class_name} is dead ({self.dead}); {method}() did not run")
+
+    def _end(self, why: str) -> None:
+        """On the worker's loop: mark dead, fail what is in flight, stop the threads."""
+        if self.dead is not None and self.instance is None:
+            return
+        self.dead = self.dead or why
+        self.instance = None
+        for work in list(self._pending):
+            if not work.done():
+                work.set_result(failure(ActorDiedError(
+                    f"actor {self.spec.class_name} is dead ({self.dead}) while this call ran")))
+        for event in self._turns.values():
+            event.set()
+        with self._lock:
+            for ident in self._threads:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                    ctypes.c_ulong(ident), ctypes.py_object(ActorDiedError))
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def failure(exc: BaseException, text: str | None = None) -> tuple:
+    """A reply that makes the caller raise ``exc`` (with this side's traceback)."""
+    exc.__dict__[REMOTE_TRACEBACK] = text or "".join(traceback.format_exception(exc))
+    try:
+        return ("error", cloudpickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - an exception that cannot travel: its text does
+        return ("error", cloudpickle.dumps(ActorError(
+            f"{type(exc).__name__}: {exc} (raised in the actor; the exception cannot "
+            f"be pickled)\n{exc.__dict__[REMOTE_TRACEBACK]}")))
+
+
+def mark_killed(client: Any, key: str, why: str) -> None:
+    """Record on the scheduler that the actor of ``key`` ended for good: a host made
+    again for it (after its worker died) starts dead."""
+    client.set_metadata([key, KILLED], why)
+
+
+def resolve_arguments(session: Any, args: tuple, kwargs: dict) -> tuple[list, dict]:
+    """The top-level ObjectRefs of a call's arguments replaced by their values."""
+    slots = [s for s, v in [*enumerate(args), *kwargs.items()] if type(v) is ObjectRef]
+    if not slots:
+        return list(args), dict(kwargs)
+    args, kwargs = list(args), dict(kwargs)
+    values = session.get([args[s] if type(s) is int else kwargs[s] for s in slots])
+    for slot, value in zip(slots, values):
+        if type(slot) is int:
+            args[slot] = value
+        else:
+            kwargs[slot] = value
+    return args, kwargs
+
+
+@contextlib.contextmanager
+def off_the_pool() -> Iterator[None]:
+    """In a dask task's thread: give its slot in the worker's pool back while this
+    waits (for the constructor, or for an actor's reply), so other tasks run there."""
+    if not hasattr(thread_state, "start_time"):
+        yield
+        return
+    try:
+        secede()
+    except (KeyError, ValueError):  # not a task thread after all
+        yield
+        return
+    try:
+        yield
+    finally:
+        rejoin()
+
+
+def current_host() -> ActorHost | None:
+    """The host whose method runs in this thread, or None."""
+    return getattr(running, "host", None)

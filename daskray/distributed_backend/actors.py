@@ -1,0 +1,425 @@
+"""daskray's actors on the dask.distributed backend: the caller's side.
+
+An actor is a distributed actor hosting daskray's own (``actor_host.ActorHost``),
+submitted under its creation ObjectRef's key: the actor lives while any handle, in any
+process, holds that ref (the FutureTable turns ref counts into the scheduler's wants).
+
+A method call is an ordinary distributed task (:func:`run_actor_call`) under the
+call's ObjectRef key: it resolves the call's top-level ObjectRefs itself (a failed one
+still frees the caller's turn at the host), sends the call to the host (worker to
+worker, distributed's comm layer) and returns the reply.  Each caller numbers its calls
+to an actor, and the host runs them in that order.
+
+When the host's worker dies distributed marks the creation key erred; the first caller
+to notice asks distributed to compute it again (under a scheduler lock, counting the
+restart in the key's metadata), which makes a new host on another worker: a restart,
+or a dead host once ``max_restarts`` is used up.  A call in flight on the dead worker is
+sent again ``max_task_retries`` times, else raises ``ActorDiedError``.
+
+Names are datasets published on the scheduler (``daskray-actor:NAME``: the creation
+Future and the pickled handle), which refuses a second actor of the same name and keeps
+the actor while published; detached actors without a name are published too.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import threading
+import time
+from typing import Any, Sequence
+
+import cloudpickle
+from distributed import Lock
+from distributed.comm.core import CommClosedError
+from distributed.core import send_recv
+
+from ..backend import ActorSpec as ActorClassSpec
+from ..errors import ActorDiedError, DaskrayError, SerializationError
+from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
+from .actor_host import (ExitActor, ActorHost, ActorSpec, RESTARTS, current_host, mark_killed,
+                         off_the_pool, resolve_arguments, running)
+from .worker_side import nth_return, task_session
+
+NAME_PREFIX = "daskray-actor:"
+DETACHED_PREFIX = "daskray-actor-detached:"
+#: how long a caller waits for a host to come back after its worker died
+RESTART_TIMEOUT = 120.0
+#: how long a caller tries to reach a host's worker before asking the scheduler again
+CONNECT_TIMEOUT = 10.0
+_FOREVER = 1_000_000
+
+
+class _NotDelivered(Exception):
+    """The host's worker could not be reached: the call did not get there."""
+
+
+class _Lost(Exception):
+    """The connection to the host's worker broke while the call was there."""
+
+
+class ActorCalls:
+    """One session's actor bookkeeping: call numbers per actor, names it published."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seqs: dict[str, itertools.count] = {}
+        #: names of non-detached actors this session made: unpublished at its end
+        self.names: list[str] = []
+        #: call key -> (creation key, seq) of calls not known to be finished
+        self.calls: dict[RefKey, tuple[RefKey, int]] = {}
+        #: where this session last saw each actor's host, and the workers then
+        self.addresses: dict[RefKey, str] = {}
+        self.workers: list[str] = []
+
+    def next_seq(self, actor_id: str) -> int:
+        with self._lock:
+            counter = self._seqs.setdefault(actor_id, itertools.count(1))
+            return next(counter)
+
+
+def state_of(session: Any) -> ActorCalls:
+    """The actor bookkeeping of ``session``, made on first use."""
+    state = session.__dict__.get("_actor_calls")
+    if state is None:
+        state = session.__dict__.setdefault("_actor_calls", ActorCalls())
+    return state
+
+
+# ---------------------------------------------------------------- creating
+
+
+def create_actor(session: Any, actor_class: ActorClassSpec, args: tuple, kwargs: dict) -> Any:
+    """Submit the actor's host; its handle at once (the constructor runs there)."""
+    opts = actor_class._options
+    number = next(session._numbers)
+    key = (session.owner, number, 0)
+    handle = actor_class.handle_for(actor_class.new_actor_id(session.owner),
+                                    ObjectRef(key, owned=True))
+    name = opts.get("name")
+    detached = opts.get("lifetime") == "detached"
+    with collect_pickled_refs() as pinned:
+        arguments = _pickled((args, kwargs), f"the arguments of {actor_class._cls.__name__}()")
+    spec = ActorSpec(handle._actor_id, actor_class._cls.__name__, actor_class._init_table.id,
+                     actor_class._init_table.data, arguments,
+                     _host_options(actor_class, handle._actor_id))
+    future = session.client.submit(ActorHost, spec, dask_key_of(key), actor=True,
+                                   key=dask_key_of(key), pure=False,
+                                   **session._placement({"resources": actor_class.resources()}
+                                                        if actor_class.resources() else {}))
+    session.table.own(key, future, list(dict.fromkeys(pinned)))
+    if name is not None:
+        return _publish_name(session, name, future, handle, opts.get("get_if_exists", False),
+                             detached)
+    if detached:
+        session.client.publish_dataset(**{DETACHED_PREFIX + handle._actor_id: [future]})
+    return handle
+
+
+def _host_options(actor_class: ActorClassSpec, actor_id: str) -> dict:
+    graph = actor_class.graph_options(actor_id, b"")
+    opts = actor_class._options
+    return {"max_restarts": graph["max_restarts"], "max_task_retries": graph["max_task_retries"],
+            "max_concurrency": graph["max_concurrency"], "name": opts.get("name"),
+            "async": any(inspect.iscoroutinefunction(getattr(actor_class._cls, n, None))
+                         for n in dir(actor_class._cls))}
+
+
+def _publish_name(session: Any, name: str, future: Any, handle: Any, get_if_exists: bool,
+                  detached: bool) -> Any:
+    """Claim ``name`` for the new actor on the scheduler; a name taken meanwhile gives
+    the existing actor (``get_if_exists``) or an error."""
+    try:
+        session.client.publish_dataset(**{NAME_PREFIX + name: [future, cloudpickle.dumps(handle)]})
+    except KeyError:
+        existing = get_actor(session, name) if get_if_exists else None
+        if existing is not None:
+            return existing
+        raise DaskrayError(f"an actor named {name!r} exists already; use "
+                           "daskray.get_actor(name), or get_if_exists=True") from None
+    if not detached:
+        state_of(session).names.append(name)
+    return handle
+
+
+def get_actor(session: Any, name: str) -> Any:
+    """The handle of the actor published as ``name``, or None."""
+    found = session.client.get_dataset(NAME_PREFIX + name, default=None)
+    return None if found is None else cloudpickle.loads(found[1])
+
+
+def _pickled(value: Any, what: str) -> bytes:
+    try:
+        return cloudpickle.dumps(value, protocol=5)
+    except Exception as exc:
+        raise SerializationError(
+            f"{what} cannot be pickled: {exc}. Values are sent to the dask workers, so "
+            "they must be picklable (open files, locks, sockets and generators are not); "
+            "create such objects inside the actor.") from exc
+
+
+# ---------------------------------------------------------------- calling
+
+
+def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict,
+               options: dict) -> ObjectRef | list[ObjectRef]:
+    """Submit one method call as a task under its ObjectRef's key."""
+    num_returns = options.get("num_returns", 1)
+    label = f"{handle._class_name}.{method}"
+    with collect_pickled_refs() as pinned:
+        payload = _pickled((args, kwargs), f"the arguments of {label}()")
+    seq = state_of(session).next_seq(handle._actor_id)
+    number = next(session._numbers)
+    keys = [(session.owner, number, i) for i in range(num_returns)]
+    creation = handle._creation._key
+    base_key = dask_key_of(keys[0]) if num_returns == 1 else \
+        f"daskray-call-{session.owner.hex()}-{number}"
+    base = session.client.submit(run_actor_call, creation, session.owner, seq, method, label,
+                                 payload, key=base_key, pure=False,
+                                 **_away_from_the_actor(session, creation))
+    if num_returns == 1:
+        futures = [base]
+    else:
+        futures = [session.client.submit(nth_return, base, i, num_returns, label,
+                                         key=dask_key_of(k), pure=False)
+                   for i, k in enumerate(keys)]
+    # the call keeps its actor alive even if the caller drops the handle at once
+    pins = list(dict.fromkeys([*pinned, creation]))
+    for key, future in zip(keys, futures):
+        session.table.own(key, future, pins)
+    calls = state_of(session).calls
+    calls[keys[0]] = (creation, seq)
+    base.add_done_callback(lambda _f, k=keys[0]: calls.pop(k, None))
+    refs = [ObjectRef(k, owned=True) for k in keys]
+    return refs[0] if num_returns == 1 else refs
+
+
+def _away_from_the_actor(session: Any, creation: RefKey) -> dict:
+    """distributed's placement for a call's task: a worker other than the actor's
+    when there is one, so that the death of the actor's worker does not also kill the
+    call's task (which distributed would then run again: a retry nobody asked for)."""
+    future = session.table.future_of(creation)
+    if future.status != "finished":
+        return {}
+    state = state_of(session)
+    address = state.addresses.get(creation)
+    if address is None:
+        holders = session.client.who_has([future]).get(future.key) or ()
+        if not holders:
+            return {}
+        address = state.addresses[creation] = holders[0]
+        state.workers = list(session._workers())
+    others = [w for w in state.workers if w != address]
+    return {"workers": others, "allow_other_workers": True} if others else {}
+
+
+def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:
+    """``daskray.cancel`` of actor calls: their hosts stop waiting for them, so the
+    caller's later calls still run."""
+    calls = state_of(session).calls
+    for ref in refs:
+        found = calls.pop(ref._key, None)
+        if found is not None:
+            try:
+                _send(session, found[0], "skip", session.owner, found[1])
+            except (_NotDelivered, _Lost, ActorDiedError):
+                pass  # no host to tell: none waits
+
+
+def run_actor_call(creation: RefKey, caller: bytes, seq: int, method: str, label: str,
+                   payload: bytes) -> Any:
+    """On a dask worker: one method call, from its arguments to its value."""
+    session = task_session()
+    since = session.table.announced
+    session.table.sync_with_tracker()
+    try:
+        args, kwargs = cloudpickle.loads(payload)
+        if any(type(v) is ObjectRef for v in [*args, *kwargs.values()]):
+            args, kwargs = resolve_arguments(session, args, kwargs)
+            payload = cloudpickle.dumps((args, kwargs), protocol=5)
+    except BaseException:
+        try:  # the caller's later calls must not wait for this one
+            _send(session, creation, "skip", caller, seq)
+        except (_NotDelivered, _Lost, ActorDiedError):
+            pass
+        raise
+    reply = _deliver(session, creation, caller, seq, method, label, payload)
+    if reply[0] == "error":
+        raise cloudpickle.loads(reply[1])
+    value = cloudpickle.loads(reply[1])
+    session.settle_received(since)
+    if reply[2]:  # refs in the value: this process wants them now, the host may let go
+        try:
+            _send(session, creation, "release", caller, seq)
+        except (_NotDelivered, _Lost, ActorDiedError):
+            pass
+    return value
+
+
+def _deliver(session: Any, creation: RefKey, caller: bytes, seq: int, method: str,
+             label: str, payload: bytes) -> tuple:
+    """Send the call to the actor's host until it answers; a call whose host died
+    with it is sent again to the restarted host ``max_task_retries`` times."""
+    attempts = 0
+    while True:
+        address = host_address(session, creation)
+        try:
+            return _execute(session, address, creation, "call", caller, seq, method, payload)
+        except _NotDelivered:
+            _wait_for_news(session, creation, address)
+        except _Lost:
+            _wait_for_news(session, creation, address)
+            retries = _execute(session, host_address(session, creation), creation,
+                               "task_retries")
+            if attempts >= retries:
+                raise ActorDiedError(
+                    f"the dask worker running {label}() died while the call ran; the actor "
+                    f"allows {retries} retries of such calls (max_task_retries)") from None
+            attempts += 1
+
+
+def _send(session: Any, creation: RefKey, function: str, *args: Any) -> Any:
+    """One request to the actor's host (waiting for it to be up)."""
+    return _execute(session, host_address(session, creation), creation, function, *args)
+
+
+def _execute(session: Any, address: str, creation: RefKey, function: str, *args: Any) -> Any:
+    """``function(*args)`` on the host at ``address``, this thread off the worker's
+    pool while it waits."""
+    with off_the_pool():
+        return session.client.sync(_execute_async, session.client.rpc, address,
+                                   dask_key_of(creation), function, list(args))
+
+
+async def _execute_async(pool: Any, address: str, key: str, function: str, args: list) -> Any:
+    try:
+        comm = await pool.connect(address, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        raise _NotDelivered(str(exc)) from None
+    try:
+        reply = await send_recv(comm, op="actor_execute", actor=key, function=function,
+                                args=args, kwargs={})
+    except (OSError, CommClosedError) as exc:
+        comm.abort()
+        raise _Lost(str(exc)) from None
+    pool.reuse(address, comm)
+    if reply.get("status") != "OK":
+        exc = reply.get("exception")
+        if isinstance(exc, KeyError):  # the worker no longer hosts it: ask again where
+            raise _NotDelivered(str(exc))
+        raise exc
+    return reply["result"]
+
+
+# ---------------------------------------------------------------- where the host is
+
+
+def host_address(session: Any, creation: RefKey) -> str:
+    """The address of the worker hosting the actor, once it is up; an actor whose
+    worker died is made again first (or its dead host, restarts used up)."""
+    future = session.table.future_of(creation)
+    deadline = time.monotonic() + RESTART_TIMEOUT
+    while True:
+        with off_the_pool():
+            session._wait([future], None)
+        if future.status == "finished":
+            address = future.result()._address
+            state_of(session).addresses[creation] = address
+            return address
+        if future.status == "cancelled":
+            raise ActorDiedError("the actor is gone from the dask cluster (its key was "
+                                 "released or cancelled); create it again")
+        _restart(session, future)
+        _wait_until(lambda: future.status != "error", deadline,
+                    "the actor's host did not come back after its worker died")
+
+
+def _wait_for_news(session: Any, creation: RefKey, address: str) -> None:
+    """After the host at ``address`` could not be reached: wait until the scheduler
+    says where it is now (or that it died)."""
+    state_of(session).addresses.pop(creation, None)
+    future = session.table.future_of(creation)
+
+    def news() -> bool:
+        if future.status != "finished":
+            return True
+        try:
+            return session.client.who_has([future]).get(future.key) != (address,)
+        except Exception:  # noqa: BLE001 - ask again
+            return False
+    _wait_until(news, time.monotonic() + RESTART_TIMEOUT,
+                f"the dask worker {address} hosting the actor cannot be reached")
+
+
+def _wait_until(done: Any, deadline: float, what: str) -> None:
+    """Poll the client's view of the cluster until ``done()``; it changes by itself
+    (the scheduler's reports), so this only checks now and then."""
+    pause = 0.01
+    with off_the_pool():
+        while not done():
+            if time.monotonic() > deadline:
+                raise ActorDiedError(f"{what} within {RESTART_TIMEOUT:.0f} s")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+
+def _restart(session: Any, future: Any) -> None:
+    """Ask distributed to compute the erred creation key again (a new host), once:
+    many callers may notice the death at the same time."""
+    client = session.client
+    with off_the_pool(), Lock(f"daskray-restart-{future.key}", client.scheduler, client.loop):
+        status = client.sync(client.scheduler.get_task_status, keys=[future.key])
+        if status.get(future.key) != "erred":
+            return
+        restarts = client.get_metadata([future.key, RESTARTS], default=0)
+        client.set_metadata([future.key, RESTARTS], restarts + 1)
+        client.retry([future])
+
+
+# ---------------------------------------------------------------- ending
+
+
+def kill_actor(session: Any, handle: Any) -> None:
+    """End the actor for good: no restart; calls in flight and later ones raise
+    ActorDiedError; its name is free again."""
+    creation = handle._creation._key
+    future = session.table.future_of(creation)
+    mark_killed(session.client, future.key, "killed with daskray.kill()")
+    name = None
+    if future.status == "finished":
+        try:
+            name = _execute(session, future.result()._address, creation, "stop",
+                            "killed with daskray.kill()")
+        except (_NotDelivered, _Lost):
+            pass  # its worker died: the host made again starts dead
+    for dataset in ([NAME_PREFIX + name] if name else []) + [DETACHED_PREFIX + handle._actor_id]:
+        try:
+            session.client.unpublish_dataset(dataset)
+        except KeyError:
+            pass
+
+
+def exit_actor() -> None:
+    """``exit_actor()`` in a method: end its actor (the host catches this)."""
+    if current_host() is None:
+        raise TypeError("exit_actor() ends the actor it is called in: call it from a "
+                        "method of an actor")
+    raise ExitActor()
+
+
+def close(session: Any) -> None:
+    """The session ends: the names of its non-detached actors are free again."""
+    for name in state_of(session).names:
+        try:
+            session.client.unpublish_dataset(NAME_PREFIX + name)
+        except Exception:  # noqa: BLE001 - killed meanwhile, or the scheduler is gone
+            pass
+
+
+def runtime_ids(session: Any) -> dict | None:
+    """Inside an actor's method: its worker and actor; else None."""
+    host = current_host()
+    if host is None:
+        return None
+    return {"in_worker": True, "worker_id": host.worker, "actor_id": host.spec.actor_id,
+            "task_id": getattr(running, "task", None), "job_id": None, "node_id": host.worker}
