@@ -212,6 +212,94 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     )
 
 
+@dataclass
+class CulledGraph:
+    """What the requested keys need, checked, as dask's own nodes: for a backend that
+    hands them to another dask scheduler (dask.distributed) rather than pickling
+    them itself (:func:`build_graph`)."""
+
+    #: the tasks and data the keys need, in dependency order; values given with
+    #: ``cache=`` as DataNodes; no Alias, no ObjectRef
+    nodes: dict[Key, GraphNode]
+    #: every alias the keys reach: {alias key: the key of the node it names}
+    aliases: dict[Key, Key]
+    #: the ObjectRef keys read (objects already in the cluster), as refs' keys
+    external: dict[Key, tuple]
+
+
+def cull_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> CulledGraph:
+    """Cull and check a converted graph (see :func:`convert`) for the requested ``keys``,
+    as :func:`build_graph` does, without numbering or pickling anything.
+
+    Raises ``KeyError`` for a requested key that is not in the graph and
+    :class:`~daskray.errors.GraphError` for a missing dependency or a cycle.
+    """
+    cache = dict(cache or {})
+    wanted = flatten_keys(keys)
+    for key in wanted:
+        if key not in graph and key not in cache and ref_key_of(key) is None:
+            raise KeyError(key)
+    found, aliases = _cull(graph, cache, wanted)
+    index = {key: i for i, key in enumerate(found)}
+    alias_index = {a: index[t] for a, t in aliases.items()}
+
+    def node_of(key: Key) -> int:
+        i = index.get(key)
+        return alias_index[key] if i is None else i
+
+    nodes: dict[Key, GraphNode] = {}
+    external: dict[Key, tuple] = {}
+    for i in _toposort(found, graph, cache, node_of):
+        key = found[i]
+        if key in cache:
+            nodes[key] = DataNode(key, cache[key])
+        elif key in graph:
+            nodes[key] = graph[key]
+        else:
+            external[key] = ref_key_of(key)
+    return CulledGraph(nodes, aliases, external)
+
+
+def persist_plan(collections: list, optimize_graph: bool = True) -> tuple[Any, list, Any]:
+    """How ``dask.persist`` hands collections to a scheduler:
+    ``(graph expression, keys to keep, rebuild)``, where ``rebuild({key: value or
+    ObjectRef})`` gives the persisted collections, in order."""
+    from dask._expr import CompositeExpr, _ExprSequence
+    from dask.base import _rebuild_composite_collection, collections_to_expr
+    from dask.core import flatten
+
+    expr = collections_to_expr(collections, optimize_graph)
+    exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    composite = any(isinstance(e, CompositeExpr) for e in exprs)
+    expr = expr.optimize()
+    if composite:
+        exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    if len(exprs) != len(collections):
+        exprs = [None] * len(collections)
+    keys: list = []
+    rebuilds = []
+    for coll, cexpr, ckeys in zip(collections, exprs, expr.__dask_keys__()):
+        flat = list(flatten(ckeys))
+        keys.extend(flat)
+        if isinstance(cexpr, CompositeExpr):
+            rebuilds.append((coll, cexpr, flat, None))
+        else:
+            rebuild, state = coll.__dask_postpersist__()
+            rebuilds.append((rebuild, None, flat, state))
+
+    def rebuild_all(held: dict) -> list:
+        out = []
+        for rebuild, cexpr, flat, state in rebuilds:
+            if state is None:
+                out.append(_rebuild_composite_collection(rebuild, flat, held,
+                                                         cull_to_child_keys=True))
+            else:
+                out.append(rebuild({k: held[k] for k in flat}, *state))
+        return out
+
+    return expr, keys, rebuild_all
+
+
 def _cull(graph: Mapping, cache: Mapping, wanted: list[Key]) -> tuple[list[Key], dict]:
     """Walk from the wanted keys; return the real nodes reached and ``{alias: target}``.
 

@@ -27,7 +27,8 @@ LAYERS = [
     ("calls and sessions", ["daskray.remote_function", "daskray.runtime.session",
                             "daskray.runtime.local_session", "daskray.runtime.start_worker"]),
     ("public API", ["daskray", "daskray.api", "daskray.actors", "daskray.actors.*",
-                    "daskray.dask_graph", "daskray.dask_scheduler"]),
+                    "daskray.dask_graph", "daskray.dask_scheduler",
+                    "daskray.distributed_backend", "daskray.distributed_backend.*"]),
     ("ml and cli", ["daskray.ml", "daskray.ml.*", "daskray.cli", "daskray.__main__",
                     "daskray.demo"]),
 ]
@@ -38,6 +39,9 @@ EXCEPTIONS = {
         "ObjectRef.__dask_scheduler__ hands a graph to daskray.get, dask's entry point in "
         "the public API, through the package's lazy loader (a worker must not import dask "
         "at start)",
+    ("daskray.api", "daskray.distributed_backend.joining"):
+        "the dask.distributed backend is loaded by the init() that joins a dask cluster: "
+        "a program on daskray's own runtime never imports distributed",
     ("daskray.ml", "daskray.ml.torch_model"):
         "TorchModel is loaded on first use: importing it imports torch, an optional extra",
     ("daskray.ml.models", "daskray.ml.torch_model"):
