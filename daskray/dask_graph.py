@@ -19,13 +19,17 @@ whatever ``dask.compute`` passes today -- a graph expression
 * Task bodies are pickled one by one with a shared function table
   (:class:`~daskray.runtime.serialization.GraphEncoder`), so the head can forward
   each worker only what it runs.
+
+A backend that hands the graph to another dask scheduler (dask.distributed) uses
+:func:`cull_graph` instead: the same culling and checks, dask's own nodes out.
+:func:`persist_plan` is what ``dask.persist`` asks of any backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
 from dask.order import order
@@ -129,19 +133,8 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     """
     cache = dict(cache or {})
     wanted = flatten_keys(keys)
-    for key in wanted:
-        if key not in graph and key not in cache and ref_key_of(key) is None:
-            raise KeyError(key)
-
-    nodes, aliases = _cull(graph, cache, wanted)
-    index = {key: i for i, key in enumerate(nodes)}
-    alias_index = {a: index[t] for a, t in aliases.items()}
-
-    def node_of(key: Key) -> int:
-        i = index.get(key)
-        return alias_index[key] if i is None else i
-
-    topo = _toposort(nodes, graph, cache, node_of)
+    nodes, aliases, node_of, topo = _cull_and_order(graph, wanted, cache)
+    alias_index = {a: node_of(a) for a in aliases}
     culled = {k: graph[k] for k in nodes if k in graph and k not in cache}
     culled.update((a, graph[a]) for a in aliases)
     culled.update((k, DataNode(k, None)) for k in nodes if k in cache or k not in graph)
@@ -235,21 +228,10 @@ def cull_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> CulledGr
     :class:`~daskray.errors.GraphError` for a missing dependency or a cycle.
     """
     cache = dict(cache or {})
-    wanted = flatten_keys(keys)
-    for key in wanted:
-        if key not in graph and key not in cache and ref_key_of(key) is None:
-            raise KeyError(key)
-    found, aliases = _cull(graph, cache, wanted)
-    index = {key: i for i, key in enumerate(found)}
-    alias_index = {a: index[t] for a, t in aliases.items()}
-
-    def node_of(key: Key) -> int:
-        i = index.get(key)
-        return alias_index[key] if i is None else i
-
+    found, aliases, _, topo = _cull_and_order(graph, flatten_keys(keys), cache)
     nodes: dict[Key, GraphNode] = {}
     external: dict[Key, tuple] = {}
-    for i in _toposort(found, graph, cache, node_of):
+    for i in topo:
         key = found[i]
         if key in cache:
             nodes[key] = DataNode(key, cache[key])
@@ -298,6 +280,25 @@ def persist_plan(collections: list, optimize_graph: bool = True) -> tuple[Any, l
         return out
 
     return expr, keys, rebuild_all
+
+
+def _cull_and_order(graph: Mapping, wanted: list[Key],
+                    cache: Mapping) -> tuple[list[Key], dict, Callable[[Key], int], list[int]]:
+    """The checks and culling :func:`build_graph` and :func:`cull_graph` share:
+    ``(nodes, {alias: target}, node_of, order)``, where ``node_of(key)`` is the index
+    in ``nodes`` of a key or alias and ``order`` those indices in dependency order."""
+    for key in wanted:
+        if key not in graph and key not in cache and ref_key_of(key) is None:
+            raise KeyError(key)
+    nodes, aliases = _cull(graph, cache, wanted)
+    index = {key: i for i, key in enumerate(nodes)}
+    alias_index = {a: index[t] for a, t in aliases.items()}
+
+    def node_of(key: Key) -> int:
+        i = index.get(key)
+        return alias_index[key] if i is None else i
+
+    return nodes, aliases, node_of, _toposort(nodes, graph, cache, node_of)
 
 
 def _cull(graph: Mapping, cache: Mapping, wanted: list[Key]) -> tuple[list[Key], dict]:

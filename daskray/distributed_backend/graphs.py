@@ -9,10 +9,11 @@ through the session's ``distributed.Client``, with daskray's graph contract.
 
 * *Names of this call.*  distributed keeps results by key: two graphs that use the
   same key names, one after the other or at once from two threads, would share
-  results.  Every key becomes ``"<its key_split>-<token of the call>-<i>"`` (the
-  dashboard still groups tasks by their name).  An ObjectRef keeps its key: it names
-  an object already on the cluster, which the session holds a Future for, so the
-  graph depends on it directly.
+  results.  Every key gets the call's token appended to its name (:func:`call_name`),
+  so distributed still groups a layer's tasks together, as it does for ``client.get``
+  (its scheduling heuristics, and the dashboard, go by those groups).  An ObjectRef
+  keeps its key: it names an object already on the cluster, which the session holds
+  a Future for, so the graph depends on it directly.
 * *Checked before sending.*  A requested key that is not in the graph raises
   ``KeyError``; a cycle or a missing dependency raises ``GraphError`` (a
   ``ValueError``), as on the local runtime, before anything runs.
@@ -21,7 +22,10 @@ through the session's ``distributed.Client``, with daskray's graph contract.
 * *Linear chains fused.*  A task that waits for the one before it costs distributed
   a few ms of messages; a chain whose links have one dependency and one dependent
   each runs as one task (dask's ``Task.fuse``), so a 10,001-task chain takes a
-  second, not a minute.  Not while pretask/posttask callbacks watch: they see every task.
+  second, not a minute.  Root tasks stay apart: distributed queues a layer's roots
+  and hands them out as threads free up, and a root hidden in its dependent's task
+  escapes that (an 8k array took twice as long).  Not while pretask/posttask
+  callbacks watch: they see every task.
 * *Errors.*  The task's own exception, its remote traceback as ``__cause__``; a task
   whose workers kept dying (``distributed.scheduler.allowed-failures``)
   ``WorkerCrashedError``.  A graph that fails or is interrupted is released at once:
@@ -47,7 +51,6 @@ from dask._task_spec import Alias, DataNode, Task
 from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.local import finish_task, start_state_from_dask
 from dask.order import order
-from dask.utils import key_split
 from distributed import as_completed
 
 from ..dask_graph import CulledGraph, convert, cull_graph, flatten_keys, persist_plan
@@ -112,8 +115,7 @@ def _compute(session: Any, culled: CulledGraph, wanted: list,
     else:
         watcher.start()
         by_name = _run_watched(session, plan, culled, watcher)
-        results = _gather(session, requested_refs, release=[])
-        by_name.update(zip(plan.requested_refs, results))
+        by_name.update(zip(plan.requested_refs, _gather(session, requested_refs, release=[])))
     for key in wanted:
         if key not in values:
             values[key] = by_name[plan.names[culled.aliases.get(key, key)]]
@@ -165,9 +167,9 @@ def _plan(culled: CulledGraph, wanted: list, fuse: bool,
             names[target] = next(output_names) if output_names else None
             outputs.append(target)
     token = uuid.uuid4().hex
-    for i, key in enumerate(nodes):
+    for key in nodes:
         if names.get(key) is None:
-            names[key] = f"{key_split(key)}-{token}-{i}"
+            names[key] = call_name(key, token)
     plan.outputs = [names[t] for t in outputs]
     names.update((k, k) for k in culled.external)
     names.update((a, names[t]) for a, t in culled.aliases.items())
@@ -180,6 +182,17 @@ def _plan(culled: CulledGraph, wanted: list, fuse: bool,
     if fuse:
         plan.graph = fuse_linear_chains(plan.graph, set(plan.outputs))
     return plan
+
+
+def call_name(key: Key, token: str) -> Key:
+    """``key``'s name in the call ``token``: the token appended to its name part,
+    ``"x-1a2b"`` -> ``"x-1a2b-TOKEN"``, ``("x-1a2b", 0)`` -> ``("x-1a2b-TOKEN", 0)``.
+    Distinct keys get distinct names; other keys (numbers, bytes) are wrapped."""
+    if type(key) is str:
+        return f"{key}-{token}"
+    if type(key) is tuple and key and type(key[0]) is str:
+        return (f"{key[0]}-{token}", *key[1:])
+    return (f"key-{token}-wrapped", key)
 
 
 def _read_keys(nodes: dict, names: dict) -> set:
@@ -195,8 +208,9 @@ def fuse_linear_chains(graph: dict, keep: set) -> dict:
     key of its last link.
 
     A node joins the task of its dependent when it is that dependent's only
-    dependency, the dependent is its only one, and it is not in ``keep`` (requested:
-    its value must stay addressable).  Inside, the chain runs as a subgraph
+    dependency, the dependent is its only one, it is not a root (it has
+    dependencies: distributed schedules roots its own way) and not in ``keep``
+    (requested: its value must stay addressable).  Inside, the chain runs as a subgraph
     (``Task.fuse``), so the fused task has the chain's first link's dependencies.
     """
     dependents: dict[Key, list] = {k: [] for k in graph}
@@ -208,6 +222,7 @@ def fuse_linear_chains(graph: dict, keep: set) -> dict:
     def joins_dependent(key: Key) -> bool:
         users = dependents[key]
         return (len(users) == 1 and key not in keep and not graph[key].block_fusion
+                and bool(graph[key].dependencies)
                 and len(graph[users[0]].dependencies) == 1
                 and not graph[users[0]].block_fusion)
 
@@ -236,6 +251,8 @@ def _gather(session: Any, futures: list, release: list) -> list:
     """The futures' values, waiting outside the worker's thread pool inside a task.
     ``release`` (this call's own Futures) are released at the end, so a graph that
     failed or was interrupted stops at once."""
+    if not futures:
+        return []
     try:
         with session.waiting():
             return session.client.gather(futures)
