@@ -10,6 +10,10 @@ Usage::
     python benchmarks/dask_workloads.py [--only W1,W3] [--schedulers daskray,sync,...] [--cold]
                                         [--repeat 3] [--json out.json] [--in-process]
 
+"daskray-dist" is daskray on a dask.distributed cluster (the same LocalCluster as
+"distributed": ``daskray.init(address=...)``, then ``daskray.get``); its own target
+is against ``client.get`` on that cluster.
+
 Each scheduler runs in a fresh interpreter of its own: it is started once, runs
 every selected workload, and is shut down before the next one starts, so two
 schedulers never compete for the cores, and none inherits what another left
@@ -145,13 +149,17 @@ WORKLOADS: dict[str, Callable[[], Any]] = {
     "W5_shuffle_2M": build_shuffle,
 }
 
-#: Issue targets: workload id -> [(competitor, highest allowed daskray/competitor ratio)].
-TARGETS: dict[str, list[tuple[str, float]]] = {
-    "W1": [("sync", 3.0)],
-    "W2": [("sync", 0.7)],
-    "W3": [("threads", 1.25), ("distributed", 0.5)],
-    "W4": [("threads", 1.25), ("distributed", 0.5)],
-    "W5": [("threads", 1.25), ("distributed", 0.5)],
+#: daskray on a dask.distributed cluster against ``client.get`` on the same cluster:
+#: it should cost about what distributed itself costs
+ON_DISTRIBUTED = ("daskray-dist", "distributed", 1.25)
+
+#: Issue targets: workload id -> [(daskray scheduler, competitor, highest allowed ratio)].
+TARGETS: dict[str, list[tuple[str, str, float]]] = {
+    "W1": [("daskray", "sync", 3.0), ON_DISTRIBUTED],
+    "W2": [("daskray", "sync", 0.7), ON_DISTRIBUTED],
+    "W3": [("daskray", "threads", 1.25), ("daskray", "distributed", 0.5), ON_DISTRIBUTED],
+    "W4": [("daskray", "threads", 1.25), ("daskray", "distributed", 0.5), ON_DISTRIBUTED],
+    "W5": [("daskray", "threads", 1.25), ("daskray", "distributed", 0.5), ON_DISTRIBUTED],
 }
 
 
@@ -208,13 +216,20 @@ def _daskray_scheduler() -> Iterator[Callable[..., Any]]:
         _quietly("daskray.shutdown", daskray.shutdown)
 
 
+def _local_dask_cluster() -> Any:
+    """distributed.LocalCluster: 2 worker processes with 1 thread each, no dashboard."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                        dashboard_address=None)
+
+
 @contextlib.contextmanager
 def _distributed_scheduler() -> Iterator[Callable[..., Any]]:
-    """distributed.LocalCluster: 2 worker processes with 1 thread each, no dashboard."""
-    from distributed import Client, LocalCluster
+    """``client.get`` on a :func:`_local_dask_cluster`."""
+    from distributed import Client
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                           dashboard_address=None)
+    cluster = _local_dask_cluster()
     try:
         client = Client(cluster)
     except BaseException:
@@ -224,6 +239,24 @@ def _distributed_scheduler() -> Iterator[Callable[..., Any]]:
         yield client.get
     finally:
         _quietly("Client.close", client.close)
+        _quietly("LocalCluster.close", cluster.close)
+
+
+@contextlib.contextmanager
+def _daskray_on_distributed_scheduler() -> Iterator[Callable[..., Any]]:
+    """daskray on a :func:`_local_dask_cluster` (``daskray.init(address=...)``)."""
+    import daskray
+
+    cluster = _local_dask_cluster()
+    try:
+        daskray.init(address=cluster.scheduler_address)
+    except BaseException:
+        _quietly("LocalCluster.close", cluster.close)
+        raise
+    try:
+        yield daskray.get
+    finally:
+        _quietly("daskray.shutdown", daskray.shutdown)
         _quietly("LocalCluster.close", cluster.close)
 
 
@@ -248,6 +281,7 @@ SCHEDULERS: dict[str, Callable[[], contextlib.AbstractContextManager[Any]]] = {
     "threads": lambda: _local_scheduler("threads"),
     "processes": lambda: _local_scheduler("processes"),
     "distributed": _distributed_scheduler,
+    "daskray-dist": _daskray_on_distributed_scheduler,
     "ray": _ray_scheduler,
 }
 
@@ -425,9 +459,11 @@ def print_progress(result: Result) -> None:
 # --------------------------------------------------------------------------
 
 
-def ratio(results: dict[tuple[str, str], Result], workload: str, competitor: str) -> float | None:
-    """daskray median / competitor median for one workload, or None if either is missing."""
-    ours = results.get((workload, "daskray"))
+def ratio(results: dict[tuple[str, str], Result], workload: str, competitor: str,
+          scheduler: str = "daskray") -> float | None:
+    """``scheduler`` (daskray) median / competitor median for one workload, or None if
+    either is missing."""
+    ours = results.get((workload, scheduler))
     theirs = results.get((workload, competitor))
     if ours is None or theirs is None or ours.median is None or not theirs.median:
         return None
@@ -442,9 +478,9 @@ def check_targets(results: dict[tuple[str, str], Result],
     compare with); FAIL if daskray errored or is too slow.
     """
     checks = []
-    ours = results.get((workload, "daskray"))
-    for competitor, limit in TARGETS.get(workload_id(workload), []):
-        r = ratio(results, workload, competitor)
+    for scheduler, competitor, limit in TARGETS.get(workload_id(workload), []):
+        ours = results.get((workload, scheduler))
+        r = ratio(results, workload, competitor, scheduler)
         theirs = results.get((workload, competitor))
         if ours is None or theirs is None or theirs.error is not None:
             status = "n/a"
@@ -452,8 +488,8 @@ def check_targets(results: dict[tuple[str, str], Result],
             status = "FAIL"
         else:
             status = "PASS" if r <= limit else "FAIL"
-        checks.append({"workload": workload, "competitor": competitor, "limit": limit,
-                       "ratio": r, "status": status})
+        checks.append({"workload": workload, "scheduler": scheduler,
+                       "competitor": competitor, "limit": limit, "ratio": r, "status": status})
     return checks
 
 
@@ -473,20 +509,25 @@ def _format_table(header: list[str], rows: list[list[str]]) -> str:
 
 def summary_table(results: list[Result], workloads: list[str], schedulers: list[str]) -> str:
     """Rows = workloads; columns = median seconds per scheduler, daskray/competitor
-    ratios, and the issue targets with PASS/FAIL."""
+    ratios (and daskray-dist/distributed), and the issue targets with PASS/FAIL."""
     by_key = {(r.workload, r.scheduler): r for r in results}
-    competitors = [s for s in schedulers if s != "daskray"] if "daskray" in schedulers else []
-    header = ["workload", *schedulers, *(f"daskray/{c}" for c in competitors), "targets"]
+    pairs = [("daskray", c) for c in schedulers
+             if "daskray" in schedulers and not c.startswith("daskray")]
+    ours, competitor, _ = ON_DISTRIBUTED
+    if ours in schedulers and competitor in schedulers:
+        pairs.append((ours, competitor))
+    header = ["workload", *schedulers, *(f"{s}/{c}" for s, c in pairs), "targets"]
     rows = []
     for w in workloads:
         cells = [w]
         for s in schedulers:
             r = by_key.get((w, s))
             cells.append("ERROR" if r is None or r.median is None else f"{r.median:.3f}")
-        for c in competitors:
-            x = ratio(by_key, w, c)
+        for s, c in pairs:
+            x = ratio(by_key, w, c, s)
             cells.append("n/a" if x is None else f"{x:.2f}x")
-        targets = [f"{t['competitor']}<={t['limit']:g}x {t['status']}"
+        targets = [("" if t["scheduler"] == "daskray" else f"{t['scheduler']}:")
+                   + f"{t['competitor']}<={t['limit']:g}x {t['status']}"
                    for t in check_targets(by_key, w)]
         cells.append(", ".join(targets))
         rows.append(cells)
@@ -587,7 +628,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dump([r.to_json() for r in results], f)
         return 0
 
-    print(f"\nMedian seconds of {args.repeat} run(s); ratios are daskray time / competitor time.")
+    print(f"\nMedian seconds of {args.repeat} run(s); ratios are daskray time / competitor "
+          "time (daskray-dist: daskray on the distributed cluster).")
     print(summary_table(results, args.workloads, schedulers))
     print_errors(results)
 

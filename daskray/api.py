@@ -367,19 +367,30 @@ def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: A
 
 def _persist(collections: list, optimize_graph: bool = True, **kwargs: Any) -> list:
     """``dask.persist(..., scheduler=daskray.get)``: results stay in the cluster."""
+    on_dask = _dask_session()
+    if on_dask is not None:
+        return on_dask.persist(collections, optimize_graph, **kwargs)
     runtime = _current()
     if runtime.local_mode:
         return [dask.persist(c, scheduler="sync", optimize_graph=optimize_graph)[0]
                 for c in collections]
-    if runtime.distributed is not None:
-        return runtime.distributed.persist(collections, optimize_graph, **kwargs)
     return dask_scheduler.persist(runtime.cluster.client, collections, optimize_graph, **kwargs)
 
 
 get.persist = _persist  # dask hands persist to a scheduler get that has this
 
 
+def _dask_session() -> Any:
+    """The dask.distributed backend's session of this process (the driver's, or a
+    task's on a dask worker, which has no runtime of its own), or None."""
+    session = backend.installed()
+    return session if getattr(session, "on_dask", False) else None
+
+
 def _get_dask(dsk: Any, keys: Any, **kwargs: Any) -> Any:
+    on_dask = _dask_session()
+    if on_dask is not None:
+        return on_dask.compute(dsk, keys, **kwargs)
     runtime = _current()
     if runtime.local_mode:
         kwargs.pop("num_workers", None)
@@ -389,8 +400,6 @@ def _get_dask(dsk: Any, keys: Any, **kwargs: Any) -> Any:
             kwargs["cache"] = {**(kwargs.get("cache") or {}),
                                **dict(zip(refs, runtime.session.get(list(refs.values()))))}
         return dask.local.get_sync(graph, keys, **kwargs)
-    if runtime.distributed is not None:
-        return runtime.distributed.compute(dsk, keys, **kwargs)
     return dask_scheduler.get(runtime.cluster.client, dsk, keys, **kwargs)
 
 

@@ -19,13 +19,17 @@ whatever ``dask.compute`` passes today -- a graph expression
 * Task bodies are pickled one by one with a shared function table
   (:class:`~daskray.runtime.serialization.GraphEncoder`), so the head can forward
   each worker only what it runs.
+
+A backend that hands the graph to another dask scheduler (dask.distributed) uses
+:func:`cull_graph` instead: the same culling and checks, dask's own nodes out.
+:func:`persist_plan` is what ``dask.persist`` asks of any backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 from dask._task_spec import Alias, DataNode, GraphNode, convert_legacy_graph
 from dask.order import order
@@ -129,19 +133,8 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
     """
     cache = dict(cache or {})
     wanted = flatten_keys(keys)
-    for key in wanted:
-        if key not in graph and key not in cache and ref_key_of(key) is None:
-            raise KeyError(key)
-
-    nodes, aliases = _cull(graph, cache, wanted)
-    index = {key: i for i, key in enumerate(nodes)}
-    alias_index = {a: index[t] for a, t in aliases.items()}
-
-    def node_of(key: Key) -> int:
-        i = index.get(key)
-        return alias_index[key] if i is None else i
-
-    topo = _toposort(nodes, graph, cache, node_of)
+    nodes, aliases, node_of, topo = _cull_and_order(graph, wanted, cache)
+    alias_index = {a: node_of(a) for a in aliases}
     culled = {k: graph[k] for k in nodes if k in graph and k not in cache}
     culled.update((a, graph[a]) for a in aliases)
     culled.update((k, DataNode(k, None)) for k in nodes if k in cache or k not in graph)
@@ -210,6 +203,102 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
         requested=wanted,
         external=external,
     )
+
+
+@dataclass
+class CulledGraph:
+    """What the requested keys need, checked, as dask's own nodes: for a backend that
+    hands them to another dask scheduler (dask.distributed) rather than pickling
+    them itself (:func:`build_graph`)."""
+
+    #: the tasks and data the keys need, in dependency order; values given with
+    #: ``cache=`` as DataNodes; no Alias, no ObjectRef
+    nodes: dict[Key, GraphNode]
+    #: every alias the keys reach: {alias key: the key of the node it names}
+    aliases: dict[Key, Key]
+    #: the ObjectRef keys read (objects already in the cluster), as refs' keys
+    external: dict[Key, tuple]
+
+
+def cull_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> CulledGraph:
+    """Cull and check a converted graph (see :func:`convert`) for the requested ``keys``,
+    as :func:`build_graph` does, without numbering or pickling anything.
+
+    Raises ``KeyError`` for a requested key that is not in the graph and
+    :class:`~daskray.errors.GraphError` for a missing dependency or a cycle.
+    """
+    cache = dict(cache or {})
+    found, aliases, _, topo = _cull_and_order(graph, flatten_keys(keys), cache)
+    nodes: dict[Key, GraphNode] = {}
+    external: dict[Key, tuple] = {}
+    for i in topo:
+        key = found[i]
+        if key in cache:
+            nodes[key] = DataNode(key, cache[key])
+        elif key in graph:
+            nodes[key] = graph[key]
+        else:
+            external[key] = ref_key_of(key)
+    return CulledGraph(nodes, aliases, external)
+
+
+def persist_plan(collections: list, optimize_graph: bool = True) -> tuple[Any, list, Any]:
+    """How ``dask.persist`` hands collections to a scheduler:
+    ``(graph expression, keys to keep, rebuild)``, where ``rebuild({key: value or
+    ObjectRef})`` gives the persisted collections, in order."""
+    from dask._expr import CompositeExpr, _ExprSequence
+    from dask.base import _rebuild_composite_collection, collections_to_expr
+    from dask.core import flatten
+
+    expr = collections_to_expr(collections, optimize_graph)
+    exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    composite = any(isinstance(e, CompositeExpr) for e in exprs)
+    expr = expr.optimize()
+    if composite:
+        exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
+    if len(exprs) != len(collections):
+        exprs = [None] * len(collections)
+    keys: list = []
+    rebuilds = []
+    for coll, cexpr, ckeys in zip(collections, exprs, expr.__dask_keys__()):
+        flat = list(flatten(ckeys))
+        keys.extend(flat)
+        if isinstance(cexpr, CompositeExpr):
+            rebuilds.append((coll, cexpr, flat, None))
+        else:
+            rebuild, state = coll.__dask_postpersist__()
+            rebuilds.append((rebuild, None, flat, state))
+
+    def rebuild_all(held: dict) -> list:
+        out = []
+        for rebuild, cexpr, flat, state in rebuilds:
+            if state is None:
+                out.append(_rebuild_composite_collection(rebuild, flat, held,
+                                                         cull_to_child_keys=True))
+            else:
+                out.append(rebuild({k: held[k] for k in flat}, *state))
+        return out
+
+    return expr, keys, rebuild_all
+
+
+def _cull_and_order(graph: Mapping, wanted: list[Key],
+                    cache: Mapping) -> tuple[list[Key], dict, Callable[[Key], int], list[int]]:
+    """The checks and culling :func:`build_graph` and :func:`cull_graph` share:
+    ``(nodes, {alias: target}, node_of, order)``, where ``node_of(key)`` is the index
+    in ``nodes`` of a key or alias and ``order`` those indices in dependency order."""
+    for key in wanted:
+        if key not in graph and key not in cache and ref_key_of(key) is None:
+            raise KeyError(key)
+    nodes, aliases = _cull(graph, cache, wanted)
+    index = {key: i for i, key in enumerate(nodes)}
+    alias_index = {a: index[t] for a, t in aliases.items()}
+
+    def node_of(key: Key) -> int:
+        i = index.get(key)
+        return alias_index[key] if i is None else i
+
+    return nodes, aliases, node_of, _toposort(nodes, graph, cache, node_of)
 
 
 def _cull(graph: Mapping, cache: Mapping, wanted: list[Key]) -> tuple[list[Key], dict]:

@@ -33,7 +33,7 @@ from dask.utils import key_split
 
 from . import backend, errors
 from .refs import ObjectRef
-from .dask_graph import GraphSpec, build_graph, convert, flatten_keys
+from .dask_graph import GraphSpec, build_graph, convert, flatten_keys, persist_plan
 from .runtime import protocol as P
 from .runtime.client import Client
 from .runtime import shared_memory
@@ -316,38 +316,10 @@ def persist(client: Client, collections: list, optimize_graph: bool = True,
     collections hold ObjectRefs to them (dask treats those as futures), so a
     later compute reads them in place and nothing travels to the driver.
     """
-    from dask._expr import CompositeExpr, _ExprSequence
-    from dask.base import _rebuild_composite_collection, collections_to_expr
-    from dask.core import flatten
-
-    expr = collections_to_expr(collections, optimize_graph)
-    exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
-    composite = any(isinstance(e, CompositeExpr) for e in exprs)
-    expr = expr.optimize()
-    if composite:
-        exprs = list(expr.operands) if isinstance(expr, _ExprSequence) else [expr]
-    if len(exprs) != len(collections):
-        exprs = [None] * len(collections)
-    keys: list = []
-    rebuilds = []
-    for coll, cexpr, ckeys in zip(collections, exprs, expr.__dask_keys__()):
-        flat = list(flatten(ckeys))
-        keys.extend(flat)
-        if isinstance(cexpr, CompositeExpr):
-            rebuilds.append((coll, cexpr, flat, None))
-        else:
-            rebuild, state = coll.__dask_postpersist__()
-            rebuilds.append((rebuild, None, flat, state))
+    expr, keys, rebuild = persist_plan(collections, optimize_graph)
     spec = build_graph(convert(expr), keys)
     refs = _submit_persistent(client, spec)
-    held = dict(zip(keys, refs))
-    out = []
-    for rebuild, cexpr, flat, state in rebuilds:
-        if state is None:
-            out.append(_rebuild_composite_collection(rebuild, flat, held, cull_to_child_keys=True))
-        else:
-            out.append(rebuild({k: held[k] for k in flat}, *state))
-    return out
+    return rebuild(dict(zip(keys, refs)))
 
 
 def _submit_persistent(client: Client, spec: GraphSpec) -> list:

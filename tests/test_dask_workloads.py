@@ -2,7 +2,7 @@
 
 Arrays, DataFrames (groupby, shuffle, merge, set_index), bags and delayed, at
 small sizes, plus results and intermediates large enough (several MB) to travel
-out of band rather than inline through the head.
+out of band rather than inline through the head.  Each runs on both backends.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import dask.dataframe as dd
 
 import daskray
 
-pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(60)]
+# every test runs on daskray's own runtime and on a dask.distributed cluster
+pytestmark = [pytest.mark.usefixtures("backend"), pytest.mark.timeout(60)]
 
 MB = 1 << 20
 

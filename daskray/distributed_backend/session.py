@@ -264,6 +264,24 @@ class DistributedSession:
                 "depends on)")
         return exc
 
+    # ---------------------------------------------------------------- for graphs
+
+    def new_number(self) -> int:
+        """A number no other object of this session has (``graphs.persist`` names
+        its results' ObjectRefs with it)."""
+        return next(self._numbers)
+
+    def waiting(self) -> contextlib.AbstractContextManager:
+        """:func:`leave_worker_pool`, for ``graphs`` (which this module imports)."""
+        return leave_worker_pool()
+
+    def daskray_error(self, exc: BaseException) -> BaseException:
+        """What to raise for ``exc`` from a gather: daskray's error, with the task's
+        remote traceback as ``__cause__``."""
+        error = self._error(exc)
+        error.__cause__ = _remote_cause(exc)
+        return error
+
     # ---------------------------------------------------------------- the cluster
 
     def _workers(self) -> dict:
