@@ -1,8 +1,8 @@
 """Run the same Dask workloads on daskray and on the schedulers it competes with.
 
-The workloads W1-W5 match ``/work/shared/bench/anchors.py`` (same sizes, seeds
-and expressions), so the ratios printed here can be compared with
-``/work/shared/ANCHORS.md``. Absolute times are noisy on a shared 2-core
+The workloads W1-W5 are those of the reference measurements the targets come from
+(same sizes, seeds and expressions; taken earlier on a 2-core machine like this one),
+so the ratios printed here can be compared with them. Absolute times are noisy on a shared 2-core
 machine; only the ratios from one run mean much.
 
 Usage::

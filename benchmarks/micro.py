@@ -305,7 +305,6 @@ def start_daskray() -> Started:
 def start_daskray_dask() -> Started:
     """daskray on the dask.distributed backend, joined to a LocalCluster started here."""
     import daskray
-    from daskray.errors import ClusterError
 
     t0 = time.perf_counter()
     cluster = start_local_cluster()
@@ -326,9 +325,7 @@ def start_daskray_dask() -> Started:
 
     detail = (f"daskray.init(address=...) only; starting the LocalCluster before it "
               f"took {cluster_s:.2f} s more")
-    # the backend refuses actors with a ClusterError naming the feature
-    return Started(daskray, close, init_s, detail,
-                   no_actors=(NotImplementedError, ClusterError))
+    return Started(daskray, close, init_s, detail)
 
 
 def start_dask_futures() -> Started:

@@ -3,7 +3,7 @@
     python benchmarks/ml_tune.py [--trials 1000] [--max-t 27] [--repeat 3]
                                  [--sklearn-iter 100] [--no-sklearn]
 
-The workload of the research doc (/work/shared/research/ml_anchor.md, 4.4):
+The reference workload (measured earlier on a 2-core busy machine like this one):
 softmax regression on scikit-learn's digits, standardized; 20 % of the rows held
 out as a test split, 20 % of the rest as the validation split the search ranks
 by; lr ~ logU(1e-3, 1), batch size in {32, 128, 512}, L2 ~ logU(1e-6, 1e-1);
@@ -181,8 +181,8 @@ def main() -> None:
         print(f"{name:<32}{anchor['seconds']:>9}{'-':>8}{anchor['trials']:>8}"
               f"{round(anchor['trials'] / anchor['seconds'], 1):>10}{anchor['iterations']:>12}"
               f"{anchor['best_valid_loss']:>12}{'-':>11}")
-    print("* from /work/shared/research/ml_anchor.md 4.4, measured there (2 cores, busy machine; "
-          "its validation split differs slightly), not in this run" + _ray_note())
+    print("* reference figures measured earlier on a 2-core busy machine (its "
+          "validation split differs slightly), not in this run" + _ray_note())
     print("  cpu s: of every daskray process (driver, head, workers); sklearn's 'best valid' is "
           "its 3-fold CV loss on training + validation rows")
     if "local" in rows and "cluster" in rows:

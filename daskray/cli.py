@@ -52,8 +52,10 @@ def _parse_resources(text: str | None, num_workers: int) -> list | None:
 
 def start(args: argparse.Namespace) -> int:
     if not args.head:
-        print("daskray start: only --head is supported: daskray runs on one machine, so "
-              "there is no other host's cluster to join", file=sys.stderr)
+        print("daskray start: only --head is supported: daskray's own cluster runs on one "
+              "machine. To use many machines, start a dask.distributed cluster "
+              "(`dask scheduler`, `dask worker tcp://HOST:8786` on each host) and call "
+              "daskray.init(address=\"tcp://HOST:8786\")", file=sys.stderr)
         return 2
     num_workers = args.num_workers if args.num_workers is not None else os.cpu_count() or 1
     if num_workers < 1:

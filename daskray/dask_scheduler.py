@@ -59,8 +59,11 @@ def get(client: Client, dsk: Any, keys: Any, cache: Any = None, callbacks: Any =
                 started.append(cb)
             spec = build_graph(graph, keys, cache)
             if cbs:
+                # the ObjectRefs the graph reads are there from the start, as data is
+                known = {**(cache or {}),
+                         **{spec.keys[n]: ObjectRef(r) for n, r in spec.external.items()}}
                 state = start_state_from_dask(
-                    graph, cache=dict(cache or {}),
+                    graph, cache=known,
                     sortkey=_priority_of(spec).get, keys=flatten_keys(keys))
                 for cb in cbs:
                     if cb[1]:

@@ -82,7 +82,10 @@ def dask_cluster():
 
 
 def _run_on_dask(dask_cluster) -> None:
-    if running_backend() != "distributed":
+    """daskray on ``dask_cluster`` (not merely on some dask cluster a test left it on)."""
+    if running_backend() != "distributed" or \
+            daskray.init(ignore_reinit_error=True).address_info["address"] \
+            != dask_cluster.scheduler_address:
         daskray.shutdown()
         daskray.init(address=dask_cluster.scheduler_address)
 

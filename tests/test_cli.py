@@ -160,9 +160,11 @@ def test_a_joined_driver_that_dies_frees_what_it_held(standalone):
 def test_joining_without_a_cluster_or_with_a_bad_address_says_what_to_do():
     assert not running_clusters()
     proc = run_driver("""
-        import json, daskray
+        import json, dask, daskray
+        dask.config.set({"distributed.comm.timeouts.connect": "2s"})
         out = {}
-        for address in ("auto", "tcp://10.0.0.1:6379", "/nonexistent/daskray-x/head.sock"):
+        for address in ("auto", "10.0.0.1:6379", "tcp://127.0.0.1:1",
+                        "/nonexistent/daskray-x/head.sock"):
             try:
                 daskray.init(address=address)
             except daskray.ClusterError as exc:
@@ -175,13 +177,16 @@ def test_joining_without_a_cluster_or_with_a_bad_address_says_what_to_do():
     """)
     out = last_json(proc)
     assert "daskray start --head" in out["auto"]
-    assert "not the address of a daskray cluster" in out["tcp://10.0.0.1:6379"]
+    assert "not the address of a daskray cluster" in out["10.0.0.1:6379"]
+    assert "dask scheduler's address" in out["10.0.0.1:6379"]
+    # a dask scheduler's address where none runs: said after dask's connect timeout
+    assert "could not reach the dask scheduler" in out["tcp://127.0.0.1:1"]
     assert "no running daskray cluster" in out["/nonexistent/daskray-x/head.sock"]
     assert "cannot change them" in out["num_workers"]
     stop = daskray_cmd("stop")
     assert stop.returncode == 0 and "no running cluster" in stop.stdout
     joining = daskray_cmd("start", "--address", "10.0.0.1:6379")
-    assert joining.returncode == 2 and "one machine" in joining.stderr
+    assert joining.returncode == 2 and "dask.distributed cluster" in joining.stderr
     for bad, says in ((["--num-workers", "0"], "at least 1"), (["--resources", "{x"], "not JSON"),
                       (["--object-store-memory", "lots"], "give bytes")):
         refused = daskray_cmd("start", "--head", *bad)

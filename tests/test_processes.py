@@ -491,7 +491,8 @@ def test_init_twice(proc_cluster):
     assert "shutdown()" in message and "ignore_reinit_error=True" in message
     assert isinstance(info.value, RuntimeError)
 
-    assert daskray.init(num_workers=5, ignore_reinit_error=True) is None
+    context = daskray.init(num_workers=5, ignore_reinit_error=True)
+    assert context.backend == "local"  # the running cluster's context
     assert daskray.api._runtime.cluster is proc_cluster  # the running cluster is kept
     assert proc_cluster.head.poll() is None
     assert worker_pids(proc_cluster) == workers  # and nothing new was started

@@ -6,6 +6,9 @@ from __future__ import annotations
 import gc
 from typing import Any
 
+import dask.config
+import dask.utils
+
 from distributed import Client
 from distributed.diagnostics.plugin import WorkerPlugin
 
@@ -18,9 +21,12 @@ from .session import DistributedSession
 PLUGIN_NAME = "daskray"
 
 
-def connect(address: str, security: Any = None, timeout: float = 30.0) -> Any:
+def connect(address: str, security: Any = None) -> Any:
     """A ``distributed.Client`` of the scheduler at ``address``; it does not become
-    dask's default scheduler (daskray does, through ``daskray.get``)."""
+    dask's default scheduler (daskray does, through ``daskray.get``).  It waits for the
+    scheduler as long as dask's ``distributed.comm.timeouts.connect`` says (30 s)."""
+    timeout = dask.utils.parse_timedelta(
+        dask.config.get("distributed.comm.timeouts.connect"), default="seconds")
     try:
         return Client(address, security=security, timeout=timeout, set_as_default=False)
     except TypeError as exc:

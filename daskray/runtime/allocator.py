@@ -4,7 +4,7 @@ Array and DataFrame tasks allocate and free buffers of a few MiB to a few tens o
 MiB, one after the other.  glibc's malloc serves such sizes with a fresh ``mmap``
 and gives them back with ``munmap`` on free (above its mmap threshold), or trims
 them off the top of the heap, so the next task's buffer page-faults all over
-again: 2-3x the cost of writing to memory already mapped (see ANCHORS.md).  On
+again: 2-3x the cost of writing to memory already mapped (measured on a 2-core machine).  On
 W3 (an 8000x8000 array in 8 MB chunks) that is ~16,000 page faults per compute
 per worker; with the settings below it is a few hundred.
 

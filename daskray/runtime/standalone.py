@@ -196,7 +196,8 @@ def find_cluster(address: str) -> dict:
         raise ClusterError(
             f"{address!r} is not the address of a daskray cluster on this machine: give "
             "the address `daskray start --head` printed (ipc://...), or 'auto'. daskray "
-            "runs on one machine; it cannot join another host's cluster")
+            "runs on one machine; for many machines give a dask scheduler's address "
+            "(tcp://HOST:8786) to run on a dask.distributed cluster")
     try:
         info = _read_cluster_file(session_dir)
     except MalformedClusterFile:
