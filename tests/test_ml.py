@@ -126,7 +126,7 @@ def test_bad_input_is_refused_with_a_clear_message(backend):
         Trainer()
 
 
-def test_search_with_asha_stops_poor_trials_and_finds_a_good_one():
+def test_search_with_asha_stops_poor_trials_and_finds_a_good_one(backend):
     from daskray.ml import TuneConfig, tune
 
     train, test = digits_split()
@@ -146,7 +146,7 @@ def test_search_with_asha_stops_poor_trials_and_finds_a_good_one():
     assert best.metrics["loss"] == frame["loss"][frame["training_iteration"] == 9].min()
 
 
-def test_grid_search_runs_every_combination_and_builds_model_classes():
+def test_grid_search_runs_every_combination_and_builds_model_classes(backend):
     from daskray.ml import TuneConfig, tune
 
     X, y = _blobs(n=300)

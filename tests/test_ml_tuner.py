@@ -33,7 +33,7 @@ def curve(config):
         ml.report({"loss": 1.0 / (1.0 + config["lr"] * (i + 1)), "executed": i + 1})
 
 
-def test_reports_add_iteration_time_and_config_and_every_report_is_kept():
+def test_reports_add_iteration_time_and_config_and_every_report_is_kept(backend):
     grid = Tuner(curve, param_space={"lr": tune.grid_search([0.1, 1.0, 10.0])},
                  tune_config=TuneConfig(metric="loss", mode="min")).fit()
     assert len(grid) == 3 and grid.num_terminated == 3 and grid.num_errors == 0
@@ -55,7 +55,7 @@ def uses_data(config, data, offset):
     ml.report({"loss": float(data.sum()) + offset + config["x"]})
 
 
-def test_with_parameters_passes_large_arguments_to_every_trial():
+def test_with_parameters_passes_large_arguments_to_every_trial(backend):
     data = np.arange(100_000, dtype=np.float64)
     grid = Tuner(tune.with_parameters(uses_data, data=data, offset=1.0),
                  param_space={"x": tune.grid_search([0.0, 1.0])}).fit()
@@ -70,7 +70,7 @@ def up_then_down(config):
         ml.report({"loss": value})
 
 
-def test_best_result_by_last_or_by_all_reports():
+def test_best_result_by_last_or_by_all_reports(backend):
     grid = Tuner(up_then_down, param_space={"path": tune.grid_search([(0.1, 5.0), (1.0, 2.0)])},
                  tune_config=TuneConfig(metric="loss", mode="min")).fit()
     assert grid.get_best_result(scope="last").config["path"] == (1.0, 2.0)
@@ -88,7 +88,7 @@ def counted(config):
         ml.report({"loss": 1.0 / (1.0 + config["lr"] * (i + 1)), "executed": i + 1})
 
 
-def test_asha_stops_poor_trials_and_their_functions_stop_running(tmp_path):
+def test_asha_stops_poor_trials_and_their_functions_stop_running(backend, tmp_path):
     grid = Tuner(counted, param_space={"lr": tune.loguniform(1e-3, 10), "dir": str(tmp_path)},
                  tune_config=TuneConfig(metric="loss", mode="min", num_samples=16, seed=3,
                                         max_concurrent_trials=2,
@@ -124,7 +124,7 @@ def fails_for_large_lr(config):
         ml.report({"loss": config["lr"] * (i + 1)})
 
 
-def test_a_trial_that_raises_has_its_error_and_the_search_goes_on():
+def test_a_trial_that_raises_has_its_error_and_the_search_goes_on(backend):
     grid = Tuner(fails_for_large_lr, param_space={"lr": tune.grid_search([0.5, 2.0, 0.25])}).fit()
     assert grid.num_errors == 1 and grid.num_terminated == 2
     failed = grid[1]
@@ -332,7 +332,7 @@ def _sequential_asha(train, valid, configs, scheduler, metric="loss"):
     return out
 
 
-def test_a_trainer_search_gives_the_same_trials_as_one_process_whatever_the_window():
+def test_a_trainer_search_gives_the_same_trials_as_one_process_whatever_the_window(backend):
     train, valid, _ = _digits()
     space = {"lr": tune.loguniform(1e-3, 1.0), "batch_size": tune.choice([32, 128])}
     grids = [Trainer(config=TuneConfig(num_samples=30, seed=4, max_concurrent_trials=window,
