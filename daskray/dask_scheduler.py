@@ -27,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.config
-from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.local import finish_task, start_state_from_dask
 from dask.utils import key_split
 
 from . import backend, errors
+from .dask_callbacks import CallbackRun
 from .refs import ObjectRef
 from .dask_graph import GraphSpec, build_graph, convert, flatten_keys, persist_plan
 from .runtime import protocol as P
@@ -47,34 +47,19 @@ def get(client: Client, dsk: Any, keys: Any, cache: Any = None, callbacks: Any =
         **kwargs: Any) -> Any:
     """Compute ``keys`` of ``dsk`` on the cluster behind ``client``."""
     graph = convert(dsk, cache)
-    with local_callbacks(callbacks) as cbs:
-        _, _, pretask, posttask, _ = unpack_callbacks(cbs)
-        started: list = []
+    with CallbackRun(graph, callbacks) as run:
+        spec = build_graph(graph, keys, cache)
         state: dict = {}
-        succeeded = False
-        try:
-            for cb in cbs:
-                if cb[0]:
-                    cb[0](graph)
-                started.append(cb)
-            spec = build_graph(graph, keys, cache)
-            if cbs:
-                # the ObjectRefs the graph reads are there from the start, as data is
-                known = {**(cache or {}),
-                         **{spec.keys[n]: ObjectRef(r) for n, r in spec.external.items()}}
-                state = start_state_from_dask(
-                    graph, cache=known,
-                    sortkey=_priority_of(spec).get, keys=flatten_keys(keys))
-                for cb in cbs:
-                    if cb[1]:
-                        cb[1](graph, state)
-            values = _run(client, spec, state, pretask, posttask, bool(pretask or posttask))
-            succeeded = True
-            return _pack(spec.outputs, values)
-        finally:
-            for cb in started:
-                if cb[4]:
-                    cb[4](graph, state, not succeeded)
+        if run.active:
+            # the ObjectRefs the graph reads are there from the start, as data is
+            known = {**(cache or {}),
+                     **{spec.keys[n]: ObjectRef(r) for n, r in spec.external.items()}}
+            state = start_state_from_dask(graph, cache=known, sortkey=_priority_of(spec).get,
+                                          keys=flatten_keys(keys))
+            run.begin(state)
+        values = _run(client, spec, state, run.pretask, run.posttask, run.per_task)
+        run.succeeded = True
+        return _pack(spec.outputs, values)
 
 
 def _priority_of(spec: GraphSpec) -> dict:

@@ -27,7 +27,7 @@ LAYERS = [
     ("calls and sessions", ["daskray.remote_function", "daskray.runtime.session",
                             "daskray.runtime.local_session", "daskray.runtime.start_worker"]),
     ("public API", ["daskray", "daskray.api", "daskray.actors", "daskray.actors.*",
-                    "daskray.dask_graph", "daskray.dask_scheduler",
+                    "daskray.dask_graph", "daskray.dask_scheduler", "daskray.dask_callbacks",
                     "daskray.distributed_backend", "daskray.distributed_backend.*"]),
     ("ml and cli", ["daskray.ml", "daskray.ml.*", "daskray.cli", "daskray.__main__",
                     "daskray.demo"]),

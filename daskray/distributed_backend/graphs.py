@@ -48,11 +48,11 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from dask._task_spec import Alias, DataNode, Task
-from dask.callbacks import local_callbacks, unpack_callbacks
 from dask.local import finish_task, start_state_from_dask
 from dask.order import order
 from distributed import as_completed
 
+from ..dask_callbacks import CallbackRun
 from ..dask_graph import CulledGraph, convert, cull_graph, flatten_keys, persist_plan
 from ..refs import ObjectRef, dask_key_of
 
@@ -71,32 +71,16 @@ def get(session: Any, dsk: Any, keys: Any, cache: Mapping | None = None,
     cluster's size is the dask cluster's.
     """
     graph = convert(dsk, cache)
-    with local_callbacks(callbacks) as cbs:
-        _, _, pretask, posttask, _ = unpack_callbacks(cbs)
-        started: list = []
-        state: dict = {}
-        succeeded = False
-        try:
-            for cb in cbs:
-                if cb[0]:
-                    cb[0](graph)
-                started.append(cb)
-            culled = cull_graph(graph, keys, cache)
-            watcher = None
-            if cbs:
-                watcher = _Watcher(graph, keys, cache, culled, pretask, posttask)
-                state = watcher.state
-                for cb in cbs:
-                    if cb[1]:
-                        cb[1](graph, state)
-            values = _compute(session, culled, flatten_keys(keys),
-                              watcher if pretask or posttask else None)
-            succeeded = True
-            return _pack(keys, values)
-        finally:
-            for cb in started:
-                if cb[4]:
-                    cb[4](graph, state, not succeeded)
+    with CallbackRun(graph, callbacks) as run:
+        culled = cull_graph(graph, keys, cache)
+        watcher = None
+        if run.active:
+            watcher = _Watcher(graph, keys, cache, culled, run.pretask, run.posttask)
+            run.begin(watcher.state)
+        values = _compute(session, culled, flatten_keys(keys),
+                          watcher if run.per_task else None)
+        run.succeeded = True
+        return _pack(keys, values)
 
 
 def _compute(session: Any, culled: CulledGraph, wanted: list,
