@@ -40,10 +40,19 @@ class _PoolProcess:
     """One of the pool's processes (an actor): runs the initializer, then chunks."""
 
     def __init__(self, initializer: Callable | None, initargs: tuple) -> None:
+        #: the initializer's error, raised by ready(): as the error of a call it
+        #: reaches the caller as its own type, not as a failed constructor
+        self._failed: Exception | None = None
         if initializer is not None:
-            initializer(*initargs)
+            try:
+                initializer(*initargs)
+            except Exception as error:
+                self._failed = error
 
     def ready(self) -> bool:
+        """Whether the initializer ran; its own exception if it raised."""
+        if self._failed is not None:
+            raise self._failed
         return True
 
     def run(self, func: Callable, chunk: list, star: bool) -> list:
@@ -459,6 +468,8 @@ def _deliver_errors(refused: list[tuple[_Work, Exception]]) -> None:
 
 def _chunked(func: Callable, items: list, chunksize: int, star: bool,
              result: Any) -> list[_Work]:
+    if not items:
+        return []
     return [_Work(func, items[start:start + chunksize], star, result, index)
             for index, start in enumerate(range(0, len(items), chunksize))]
 
