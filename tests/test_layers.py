@@ -29,8 +29,8 @@ LAYERS = [
     ("public API", ["daskray", "daskray.api", "daskray.actors", "daskray.actors.*",
                     "daskray.dask_graph", "daskray.dask_scheduler", "daskray.dask_callbacks",
                     "daskray.distributed_backend", "daskray.distributed_backend.*"]),
-    ("ml and cli", ["daskray.ml", "daskray.ml.*", "daskray.cli", "daskray.__main__",
-                    "daskray.demo"]),
+    ("ml, util and cli", ["daskray.ml", "daskray.ml.*", "daskray.util", "daskray.util.*",
+                          "daskray.cli", "daskray.__main__", "daskray.demo"]),
 ]
 
 #: (importer, imported) -> why this import is allowed to break the rules above
@@ -48,8 +48,9 @@ EXCEPTIONS = {
         "TorchModel is loaded on first use: importing it imports torch, an optional extra",
 }
 
-#: daskray/ml builds on the public API only: these and its own modules
+#: daskray/ml and daskray/util build on the public API only: these and their own modules
 ML = "daskray.ml"
+UTIL = "daskray.util"
 ML_MAY_IMPORT = {"daskray", "daskray.errors"}
 
 
@@ -134,8 +135,12 @@ def cycles(graph: dict[str, list[str]]) -> list[list[str]]:
     return found
 
 
+def in_package(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
 def in_ml(module: str) -> bool:
-    return module == ML or module.startswith(ML + ".")
+    return in_package(module, ML)
 
 
 def test_no_import_cycle() -> None:
@@ -145,6 +150,12 @@ def test_no_import_cycle() -> None:
 def test_ml_uses_only_the_public_api() -> None:
     reach = [f"{v} imports {w}" for v, edges in import_graph().items() if in_ml(v)
              for w, _ in edges if not in_ml(w) and w not in ML_MAY_IMPORT]
+    assert reach == []
+
+
+def test_util_uses_only_the_public_api() -> None:
+    reach = [f"{v} imports {w}" for v, edges in import_graph().items() if in_package(v, UTIL)
+             for w, _ in edges if not in_package(w, UTIL) and w not in ML_MAY_IMPORT]
     assert reach == []
 
 
