@@ -16,7 +16,8 @@ import time
 import pytest
 
 import daskray
-from helpers import mark_started, wait_for_path
+from daskray.refs import dask_key_of
+from helpers import NUM_WORKERS, mark_started, wait_for_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -125,6 +126,60 @@ def test_restart_after_its_worker_is_killed(on_distributed, tmp_path):
     _kill_actor_worker(c)  # the one restart is used up
     with pytest.raises(daskray.ActorDiedError, match="max_restarts"):
         daskray.get(c.incr.remote(), timeout=60)
+
+
+def test_a_call_made_while_no_dask_worker_is_up_runs_once_they_are_back(on_distributed):
+    """Every dask worker killed at once, then a call: it waits for the workers the
+    nannies start again, and the actor is made again there (a call's task must not be
+    tied to workers that left: distributed never hands such a task to new ones)."""
+    c = Counter.options(max_restarts=1).remote(100)
+    assert daskray.get(c.incr.remote(5), timeout=30) == 105
+    assert daskray.get(c.incr.remote(5), timeout=30) == 110
+    client = daskray.api._runtime.distributed.client
+    for pid in client.run(os.getpid).values():
+        os.kill(pid, signal.SIGKILL)
+    assert daskray.get(c.incr.remote(1), timeout=60) == 101  # the constructor ran again
+
+
+def _wait_for_file(started: str, release: str) -> None:
+    """A plain dask task holding its worker's one thread until ``release`` exists."""
+    open(started, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_call_whose_task_dies_with_its_actor_is_not_run_again(on_distributed, tmp_path):
+    """The call's task on the actor's own worker (the other worker kept busy): killing
+    that worker kills both, and distributed runs the task again; with
+    max_task_retries=0 the call must not run a second time."""
+    client = daskray.api._runtime.distributed.client
+    client.wait_for_workers(NUM_WORKERS, timeout=60)  # a test before may have killed some
+    c = Counter.options(max_restarts=1).remote(0)
+    actor_worker = daskray.get(c.worker.remote(), timeout=30)
+    pid = daskray.get(c.pid.remote(), timeout=30)
+    others = [w for w in client.scheduler_info(n_workers=-1)["workers"] if w != actor_worker]
+    assert others, "the test needs a dask worker besides the actor's"
+    started, release = tmp_path / "blocking", tmp_path / "release"
+    blocker = client.submit(_wait_for_file, str(started), str(release), workers=others,
+                            pure=False)
+    try:
+        wait_for_path(started)
+        in_flight = c.sleep.remote(60, str(tmp_path / "running"))
+        wait_for_path(tmp_path / "running")
+    finally:
+        release.touch()
+    assert client.run_on_scheduler(_worker_of, dask_key_of(in_flight._key)) == actor_worker
+    blocker.result(timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(daskray.ActorDiedError, match="max_task_retries"):
+        daskray.get(in_flight, timeout=30)
+    assert daskray.get(c.incr.remote(), timeout=60) == 1  # the constructor ran again
+
+
+def _worker_of(key, dask_scheduler=None):
+    """On the scheduler: the worker running the task ``key``."""
+    return dask_scheduler.tasks[key].processing_on.address
 
 
 def test_no_restart_without_max_restarts(on_distributed):

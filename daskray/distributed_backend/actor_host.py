@@ -7,7 +7,7 @@ lives in threads of the host's own -- ``max_concurrency`` threads for calls, or 
 event loop thread for a class with ``async def`` methods -- so one actor blocked in
 ``get()`` stalls nothing else on its worker.
 
-Calls reach the host through ``call(caller, seq, method, payload)`` (an ``async def``
+Calls reach the host through ``call(caller, seq, method, payload, ...)`` (an ``async def``
 run on the worker's event loop by distributed's ``actor_execute``): each caller
 numbers its calls to this actor from 1, and the host hands them to its threads in
 that order; a call that arrives early waits here, on the loop, for its turn.  A
@@ -42,6 +42,9 @@ from .worker_side import REMOTE_TRACEBACK, function_of, task_session
 
 #: the creation key's metadata fields the hosts of one actor share on the scheduler
 RESTARTS, KILLED = "daskray-restarts", "daskray-killed"
+#: a call key's metadata field: how many times the call reached a host on its own task's
+#: worker (a death there takes both, and distributed runs the task again)
+DELIVERED = "daskray-delivered"
 
 #: in a thread running an actor's method: ``.host``, the ActorHost it belongs to
 running = threading.local()
@@ -143,8 +146,16 @@ class ActorHost:
 
     # ------------------------------------------------------------ calls (worker's loop)
 
-    async def call(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
-        """Run one call in its caller's order; its reply (see the module's docstring)."""
+    async def call(self, caller: bytes, seq: int, method: str, payload: bytes, key: str,
+                   worker: str, lost: int) -> tuple:
+        """Run one call in its caller's order; its reply (see the module's docstring).
+
+        ``key`` is the call's task, running on ``worker``; ``lost`` counts the hosts it
+        reached before that died while it ran, as far as the task knows."""
+        if self.dead is None:
+            refused = await self._count_delivery(caller, seq, method, key, worker, lost)
+            if refused is not None:
+                return refused
         await self._turn(caller, seq)
         if (caller, seq) in self._skipped:  # cancelled by its caller meanwhile
             self._skipped.discard((caller, seq))
@@ -193,9 +204,30 @@ class ActorHost:
         self._end(why)
         return self.spec.options.get("name")
 
-    async def task_retries(self) -> int:
-        """How many times a call whose host died while it ran is sent again."""
-        return self.spec.options["max_task_retries"]
+    async def _count_delivery(self, caller: bytes, seq: int, method: str, key: str,
+                              worker: str, lost: int) -> tuple | None:
+        """``max_task_retries`` for a call that reached a host that died while it ran:
+        the refusal (ActorDiedError) once they are used up, else None.
+
+        A task on another worker knows when its host was lost (``lost``).  A task on
+        this host's worker dies with it, and distributed runs it again knowing nothing,
+        so such a delivery is recorded on the scheduler first (the call key's metadata,
+        dropped with the key) and a restarted host -- the only kind such a task can
+        reach again -- reads it."""
+        scheduler = self.session.client.scheduler
+        if self.restarts:
+            recorded = await scheduler.get_metadata(keys=[key, DELIVERED], default=0)
+            lost = max(lost, recorded or 0)
+        retries = self.spec.options["max_task_retries"]
+        if 0 <= retries < lost:
+            await self.skip(caller, seq)  # the caller's later calls must not wait for it
+            return failure(ActorDiedError(
+                f"the dask worker running {self.spec.class_name}.{method}() died while the "
+                f"call ran; the actor allows {retries} retries of such calls "
+                "(max_task_retries)"))
+        if worker == self.worker:
+            await scheduler.set_metadata(keys=[key, DELIVERED], value=lost + 1)
+        return None
 
     def _first(self, seq: int) -> int:
         """Where a caller's numbering starts here: 1, or after a restart wherever the

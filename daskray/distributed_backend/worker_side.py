@@ -108,7 +108,7 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
     func = function_of(table_id, table)
     args, kwargs = call.filled(values)
     session = task_session()
-    key = _task_key()
+    key = task_key()
     with _lock:
         _running[key] = threading.get_ident()
     try:
@@ -140,7 +140,7 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
     return result
 
 
-def _task_key() -> Any:
+def task_key() -> Any:
     from distributed.worker import thread_state
 
     return getattr(thread_state, "key", None)
