@@ -24,21 +24,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import inspect
 import threading
 import traceback
-from typing import Any, Iterator
+from typing import Any
 
 import cloudpickle
-from distributed import get_worker, rejoin, secede
-from distributed.worker import thread_state
+from distributed import get_worker
 
 from ..errors import ActorDiedError, ActorError, TaskCancelledError
 from ..refs import ObjectRef, collect_pickled_refs
 from ..remote_function import RemoteFunction
-from .worker_side import REMOTE_TRACEBACK, function_of, task_session
+from .worker_side import REMOTE_TRACEBACK, function_of, leave_worker_pool, task_session
 
 #: the creation key's metadata fields the hosts of one actor share on the scheduler
 RESTARTS, KILLED = "daskray-restarts", "daskray-killed"
@@ -129,7 +127,7 @@ class ActorHost:
         done = concurrent.futures.Future()
         threading.Thread(target=self._construct, args=(cls, done), daemon=True,
                          name=f"daskray-actor-init-{self.spec.class_name}").start()
-        with off_the_pool():
+        with leave_worker_pool():
             done.result()
 
     def _construct(self, cls: type, done: concurrent.futures.Future) -> None:
@@ -400,24 +398,6 @@ def resolve_arguments(session: Any, args: tuple, kwargs: dict) -> tuple[list, di
         else:
             kwargs[slot] = value
     return args, kwargs
-
-
-@contextlib.contextmanager
-def off_the_pool() -> Iterator[None]:
-    """In a dask task's thread: give its slot in the worker's pool back while this
-    waits (for the constructor, or for an actor's reply), so other tasks run there."""
-    if not hasattr(thread_state, "start_time"):
-        yield
-        return
-    try:
-        secede()
-    except (KeyError, ValueError):  # not a task thread after all
-        yield
-        return
-    try:
-        yield
-    finally:
-        rejoin()
 
 
 def current_host() -> ActorHost | None:

@@ -42,8 +42,8 @@ from ..backend import ActorSpec as ActorClassSpec
 from ..errors import ActorDiedError, DaskrayError, SerializationError
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
 from .actor_host import (ExitActor, ActorHost, ActorSpec, RESTARTS, current_host, mark_killed,
-                         off_the_pool, resolve_arguments, running)
-from .worker_side import nth_return, task_key, task_session
+                         resolve_arguments, running)
+from .worker_side import leave_worker_pool, nth_return, task_key, task_session
 
 NAME_PREFIX = "daskray-actor:"
 DETACHED_PREFIX = "daskray-actor-detached:"
@@ -281,7 +281,7 @@ def _send_to(session: Any, actor: Any, function: str, *args: Any) -> Any:
 def _execute(session: Any, address: str, key: str, function: str, *args: Any) -> Any:
     """``function(*args)`` on the host of the actor ``key`` at ``address``, this
     thread off the worker's pool while it waits."""
-    with off_the_pool():
+    with leave_worker_pool():
         return session.client.sync(_execute_async, session.client.rpc, address, key,
                                    function, list(args))
 
@@ -315,7 +315,7 @@ def host_address(session: Any, actor: Any) -> str:
     dead host, restarts used up)."""
     deadline = time.monotonic() + RESTART_TIMEOUT
     while True:
-        with off_the_pool():
+        with leave_worker_pool():
             session._wait([actor], None)
         if actor.status == "finished":
             return actor.result()._address
@@ -345,7 +345,7 @@ def _wait_until(done: Any, deadline: float, what: str) -> None:
     """Poll the client's view of the cluster until ``done()``; it changes by itself
     (the scheduler's reports), so this only checks now and then."""
     pause = 0.01
-    with off_the_pool():
+    with leave_worker_pool():
         while not done():
             if time.monotonic() > deadline:
                 raise ActorDiedError(f"{what} within {RESTART_TIMEOUT:.0f} s")
@@ -359,7 +359,7 @@ def _restart(session: Any, future: Any) -> None:
     client = session.client
     # one lock for every actor: restarts are rare, and a lock per actor would stay on
     # the scheduler for good (distributed keeps each lock's name)
-    with off_the_pool(), Lock(RESTART_LOCK, client.scheduler, client.loop):
+    with leave_worker_pool(), Lock(RESTART_LOCK, client.scheduler, client.loop):
         status = client.sync(client.scheduler.get_task_status, keys=[future.key])
         if status.get(future.key) != "erred":
             return

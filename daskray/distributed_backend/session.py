@@ -21,11 +21,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import cloudpickle
 
@@ -36,13 +35,11 @@ from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTrac
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from . import actors, graphs
 from .futures import FutureTable
-from .worker_side import REMOTE_TRACEBACK, CallArguments, interrupt_calls, nth_return, run_call
+from .worker_side import (REMOTE_TRACEBACK, CallArguments, interrupt_calls,
+                          leave_worker_pool, nth_return, run_call)
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
-
-_seceded = threading.local()
-
 
 class DistributedSession:
     """The session of one process (the driver, or a dask worker's tasks) on a
@@ -356,30 +353,6 @@ def _offered(worker_info: dict) -> dict[str, float]:
     offered = {"CPU": float(worker_info.get("nthreads", 0))}
     offered.update({k: float(v) for k, v in (worker_info.get("resources") or {}).items()})
     return offered
-
-
-@contextlib.contextmanager
-def leave_worker_pool() -> Iterator[None]:
-    """Inside a task on a dask worker: give its thread slot back while this waits, so
-    the tasks it waits for can run there (``secede``; ``rejoin`` afterwards)."""
-    from distributed.worker import thread_state
-
-    if getattr(_seceded, "active", False) or not hasattr(thread_state, "start_time"):
-        yield
-        return
-    from distributed import rejoin, secede
-
-    try:
-        secede()
-    except (KeyError, ValueError):  # not a task thread after all
-        yield
-        return
-    _seceded.active = True
-    try:
-        yield
-    finally:
-        _seceded.active = False
-        rejoin()
 
 
 def _unpicklable(what: str, value: Any, exc: BaseException) -> BaseException:

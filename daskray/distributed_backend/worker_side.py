@@ -4,10 +4,11 @@ the tasks there call through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import backend
 from ..errors import TaskCancelledError
@@ -26,6 +27,9 @@ MAX_CACHED_FUNCTIONS = 512
 #: the attribute a call's exception carries its worker-side traceback text in
 REMOTE_TRACEBACK = "_daskray_remote_traceback"
 
+
+#: ``.active`` in a task thread that left its worker's pool (``leave_worker_pool``)
+_seceded = threading.local()
 
 #: the session class tasks here call through, set by daskray's worker plugin on each
 #: worker (``joining.DaskrayWorkerPlugin``; the class lives above this module)
@@ -54,6 +58,32 @@ def task_session() -> Any:
         tracker.on_drop = session.forget
         tracker.wake = session.wake
         return session
+
+
+@contextlib.contextmanager
+def leave_worker_pool() -> Iterator[None]:
+    """Inside a task on a dask worker: give its thread slot back while this waits (in
+    ``get()``, for an actor's reply or constructor), so that the tasks it waits for can
+    run there (``secede``; ``rejoin`` afterwards).  Elsewhere (the driver, an actor's
+    own threads) and when already left, it does nothing."""
+    from distributed.worker import thread_state
+
+    if getattr(_seceded, "active", False) or not hasattr(thread_state, "start_time"):
+        yield
+        return
+    from distributed import rejoin, secede
+
+    try:
+        secede()
+    except (KeyError, ValueError):  # not a task thread after all
+        yield
+        return
+    _seceded.active = True
+    try:
+        yield
+    finally:
+        _seceded.active = False
+        rejoin()
 
 
 class CallArguments:
