@@ -6,6 +6,7 @@ async methods and max_concurrency."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ import pytest
 
 import daskray
 from daskray.refs import dask_key_of
-from helpers import NUM_WORKERS, mark_started, wait_for_path
+from helpers import NUM_WORKERS, mark_started, wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -241,6 +242,38 @@ def test_named_actor_with_get_if_exists_from_two_callers(on_distributed):
     daskray.kill(a)
     with pytest.raises(ValueError, match=name):
         daskray.get_actor(name)
+
+
+@daskray.remote
+class Holder:
+    def store(self, handle):
+        self.handle = handle
+        return True
+
+
+def _scheduler_has(key, dask_scheduler=None):
+    return key in dask_scheduler.tasks
+
+
+def test_an_actor_held_by_another_ends_with_it_with_no_cycle_collection(on_distributed):
+    """With the workers' cycle collector off: nothing left of a call (its frames,
+    kept by the exceptions distributed raises and daskray handles) may hold the
+    handle it passed, or the actor would live on."""
+    client = daskray.api._runtime.distributed.client
+    client.run(gc.disable)
+    try:
+        c = Counter.remote(0)
+        key = dask_key_of(c._creation._key)
+        holder = Holder.remote()
+        assert daskray.get(holder.store.remote(c), timeout=30)
+        del c
+        gc.collect()
+        assert client.run_on_scheduler(_scheduler_has, key)  # the holder keeps it
+        del holder
+        gc.collect()
+        assert wait_until(lambda: not client.run_on_scheduler(_scheduler_has, key), 10)
+    finally:
+        client.run(gc.enable)
 
 
 DETACHED_DRIVER = """

@@ -41,9 +41,11 @@ from distributed.core import send_recv
 from ..backend import ActorSpec as ActorClassSpec
 from ..errors import ActorDiedError, DaskrayError, SerializationError
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
-from .actor_host import (ExitActor, ActorHost, ActorSpec, RESTARTS, current_host, mark_killed,
-                         resolve_arguments, running)
-from .worker_side import leave_worker_pool, nth_return, task_key, task_session
+from .actor_host import (KILLED, MAX_RESTARTS, RESTARTS, ActorHost, ActorSpec, ExitActor,
+                         current_host, mark_killed, resolve_arguments, restarts_used_up,
+                         running)
+from .worker_side import (forget_frames, leave_worker_pool, nth_return, task_key,
+                          task_session)
 
 NAME_PREFIX = "daskray-actor:"
 DETACHED_PREFIX = "daskray-actor-detached:"
@@ -51,6 +53,8 @@ DETACHED_PREFIX = "daskray-actor-detached:"
 RESTART_TIMEOUT = 120.0
 #: the name of the scheduler lock a restart is decided under
 RESTART_LOCK = "daskray-actor-restart"
+#: how often a call waiting for its arguments looks whether its actor died
+WATCH_INTERVAL = 0.1
 #: how long a caller tries to reach a host's worker before asking the scheduler again
 CONNECT_TIMEOUT = 10.0
 _FOREVER = 1_000_000
@@ -204,7 +208,7 @@ def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:
         found = calls.pop(ref._key, None)
         if found is not None:
             try:
-                _send(session, found[0], "skip", session.owner, found[1])
+                _send(session, found[0], "skip", session.owner, found[1], True)
             except (_NotDelivered, _Lost, ActorDiedError):
                 pass  # no host to tell: none waits
 
@@ -225,6 +229,7 @@ def _run_actor_call(session: Any, actor: Any, caller: bytes, seq: int, method: s
     try:
         args, kwargs = cloudpickle.loads(payload)
         if any(type(v) is ObjectRef for v in [*args, *kwargs.values()]):
+            _await_arguments(session, actor, args, kwargs)
             args, kwargs = resolve_arguments(session, args, kwargs)
             payload = cloudpickle.dumps((args, kwargs), protocol=5)
     except BaseException:
@@ -244,6 +249,25 @@ def _run_actor_call(session: Any, actor: Any, caller: bytes, seq: int, method: s
         except (_NotDelivered, _Lost, ActorDiedError):
             pass
     return value
+
+
+def _await_arguments(session: Any, actor: Any, args: tuple, kwargs: dict) -> None:
+    """Wait until the call's top-level ObjectRefs are made, watching its actor: when
+    its worker dies meanwhile and the actor does not come back (restarts used up,
+    killed), the call fails at once rather than once its arguments are there."""
+    refs = [v for v in (*args, *kwargs.values()) if type(v) is ObjectRef]
+    futures = [session.table.future_of(r._key) for r in refs]
+    with leave_worker_pool():
+        while True:
+            pending = [f for f in futures if not f.done()]
+            if not pending:
+                return
+            if actor.status == "error":  # its worker died: made again, or dead for good
+                host_address(session, actor)
+            try:
+                session._wait(pending, WATCH_INTERVAL, "FIRST_COMPLETED")
+            except TimeoutError:
+                pass
 
 
 def _deliver(session: Any, actor: Any, caller: bytes, seq: int, method: str,
@@ -281,9 +305,13 @@ def _send_to(session: Any, actor: Any, function: str, *args: Any) -> Any:
 def _execute(session: Any, address: str, key: str, function: str, *args: Any) -> Any:
     """``function(*args)`` on the host of the actor ``key`` at ``address``, this
     thread off the worker's pool while it waits."""
-    with leave_worker_pool():
-        return session.client.sync(_execute_async, session.client.rpc, address, key,
-                                   function, list(args))
+    try:
+        with leave_worker_pool():
+            return session.client.sync(_execute_async, session.client.rpc, address, key,
+                                       function, list(args))
+    except (_NotDelivered, _Lost) as exc:  # handled by the callers: keep no frames alive
+        forget_frames(exc)
+        raise
 
 
 async def _execute_async(pool: Any, address: str, key: str, function: str, args: list) -> Any:
@@ -311,8 +339,8 @@ async def _execute_async(pool: Any, address: str, key: str, function: str, args:
 
 def host_address(session: Any, actor: Any) -> str:
     """The address of the worker hosting the actor whose creation Future is
-    ``actor``, once it is up; an actor whose worker died is made again first (or its
-    dead host, restarts used up)."""
+    ``actor``, once it is up; an actor whose worker died is made again first, or
+    raises ActorDiedError when it may not be (restarts used up, killed)."""
     deadline = time.monotonic() + RESTART_TIMEOUT
     while True:
         with leave_worker_pool():
@@ -322,7 +350,9 @@ def host_address(session: Any, actor: Any) -> str:
         if actor.status == "cancelled":
             raise ActorDiedError("the actor is gone from the dask cluster (its key was "
                                  "released or cancelled); create it again")
-        _restart(session, actor)
+        why = _restart(session, actor)
+        if why is not None:
+            raise ActorDiedError(f"the actor is dead ({why})")
         _wait_until(lambda: actor.status != "error", deadline,
                     "the actor's host did not come back after its worker died")
 
@@ -353,19 +383,36 @@ def _wait_until(done: Any, deadline: float, what: str) -> None:
             pause = min(pause * 2, 0.2)
 
 
-def _restart(session: Any, future: Any) -> None:
-    """Ask distributed to compute the erred creation key again (a new host), once:
-    many callers may notice the death at the same time."""
+def _restart(session: Any, future: Any) -> str | None:
+    """After the actor's worker died: ask distributed to compute the erred creation
+    key again (a new host), once, as many callers may notice the death at the same
+    time.  Why the actor is dead for good instead (killed, or its restarts used up:
+    no host is made then), or None."""
     client = session.client
+    why = _death(client, future.key)
+    if why is not None:
+        return why
     # one lock for every actor: restarts are rare, and a lock per actor would stay on
     # the scheduler for good (distributed keeps each lock's name)
     with leave_worker_pool(), Lock(RESTART_LOCK, client.scheduler, client.loop):
         status = client.sync(client.scheduler.get_task_status, keys=[future.key])
         if status.get(future.key) != "erred":
-            return
-        restarts = client.get_metadata([future.key, RESTARTS], default=0)
-        client.set_metadata([future.key, RESTARTS], restarts + 1)
+            return None
+        metadata = client.get_metadata([future.key], default=None) or {}
+        restarts = metadata.get(RESTARTS, 0) + 1
+        allowed = metadata.get(MAX_RESTARTS)  # None: its first host never came up
+        why = None if allowed is None else restarts_used_up(restarts, allowed)
+        if why is not None:
+            mark_killed(client, future.key, why)
+            return why
+        client.set_metadata([future.key, RESTARTS], restarts)
         client.retry([future])
+        return None
+
+
+def _death(client: Any, key: str) -> str | None:
+    """Why the actor of ``key`` ended for good, as recorded on the scheduler, or None."""
+    return client.get_metadata([key, KILLED], default=None)
 
 
 # ---------------------------------------------------------------- ending

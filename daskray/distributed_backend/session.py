@@ -35,7 +35,7 @@ from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTrac
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from . import actors, graphs
 from .futures import FutureTable
-from .worker_side import (REMOTE_TRACEBACK, CallArguments, interrupt_calls,
+from .worker_side import (REMOTE_TRACEBACK, CallArguments, forget_frames, interrupt_calls,
                           leave_worker_pool, nth_return, run_call)
 
 #: values ``put`` need not search for nested ObjectRefs
@@ -237,8 +237,11 @@ class DistributedSession:
 
         try:
             self.client.sync(_wait, futures, timeout=timeout, return_when=return_when)
-        except FuturesCancelledError:  # done all the same: gather tells why
-            pass
+        except FuturesCancelledError as exc:  # done all the same: gather tells why
+            forget_frames(exc)
+        except TimeoutError as exc:
+            forget_frames(exc)
+            raise
 
     def _error(self, exc: BaseException) -> BaseException:
         """daskray's error for what distributed raised from a gather."""

@@ -86,6 +86,16 @@ def leave_worker_pool() -> Iterator[None]:
         rejoin()
 
 
+def forget_frames(exc: BaseException) -> None:
+    """Drop the traceback of ``exc``, an exception this thread handles.  One raised
+    through ``client.sync`` stays in a reference cycle (with the asyncio task that
+    raised it), and its traceback's frames lead (``f_back``) to the frames of this
+    thread's callers: until Python's next cycle collection those would keep their
+    values alive -- a call's arguments, ObjectRefs and actor handles among them, and
+    with them the objects and actors they name."""
+    exc.__traceback__ = None
+
+
 class CallArguments:
     """A call's arguments as the user gave them, opaque to distributed (which would
     take any ObjectRef, even one nested in a list, for a future to resolve): the
