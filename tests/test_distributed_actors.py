@@ -17,6 +17,7 @@ import time
 import pytest
 
 import daskray
+import daskray.distributed_backend.actors
 from daskray.refs import dask_key_of
 from helpers import NUM_WORKERS, mark_started, wait_for_path, wait_until
 
@@ -181,6 +182,34 @@ def test_a_call_whose_task_dies_with_its_actor_is_not_run_again(on_distributed, 
 def _worker_of(key, dask_scheduler=None):
     """On the scheduler: the worker running the task ``key``."""
     return dask_scheduler.tasks[key].processing_on.address
+
+
+def _scheduler_leftovers(dask_scheduler=None):
+    """What the scheduler keeps by name for daskray: task metadata, and locks."""
+    return (sorted(map(str, dask_scheduler.task_metadata)),
+            sorted(dask_scheduler.extensions["semaphores"].leases))
+
+
+def test_an_actor_that_is_gone_leaves_nothing_on_the_scheduler(on_distributed):
+    """Restarts, a kill and calls record things on the scheduler (task metadata, the
+    restart lock): all of it goes with the actor's and its calls' keys, but one lock."""
+    client = daskray.api._runtime.distributed.client
+    client.wait_for_workers(NUM_WORKERS, timeout=60)  # a test before may have killed some
+    metadata_before, locks_before = client.run_on_scheduler(_scheduler_leftovers)
+    c = Counter.options(max_restarts=1).remote(0)
+    assert daskray.get(c.incr.remote(), timeout=30) == 1
+    _kill_actor_worker(c)
+    assert daskray.get(c.incr.remote(), timeout=60) == 1  # restarted
+    daskray.kill(c)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(c.incr.remote(), timeout=30)
+    del c
+    gc.collect()
+    assert wait_until(
+        lambda: client.run_on_scheduler(_scheduler_leftovers)[0] == metadata_before, 10), \
+        client.run_on_scheduler(_scheduler_leftovers)
+    locks = client.run_on_scheduler(_scheduler_leftovers)[1]
+    assert set(locks) - set(locks_before) <= {daskray.distributed_backend.actors.RESTART_LOCK}
 
 
 def test_no_restart_without_max_restarts(on_distributed):

@@ -19,6 +19,7 @@ after exceptions when ``retry_exceptions=True``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
 import time
@@ -207,7 +208,8 @@ class DistributedSession:
             try:
                 return self.client.gather(futures)
             except BaseException as exc:
-                raise self._error(exc) from _remote_cause(exc)
+                cause = _remote_cause(exc)
+                raise self._error(_unshared(exc, futures)) from cause
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
              timeout: float | None = None) -> tuple[list, list]:
@@ -356,6 +358,23 @@ def _offered(worker_info: dict) -> dict[str, float]:
     offered = {"CPU": float(worker_info.get("nthreads", 0))}
     offered.update({k: float(v) for k, v in (worker_info.get("resources") or {}).items()})
     return offered
+
+
+def _unshared(exc: BaseException, futures: list) -> BaseException:
+    """The exception to raise for ``exc``, from ``gather``: a copy when it is the one
+    distributed keeps for an erred Future.  Raised itself, it would take the frames
+    it passes through into its traceback, and they hold the refs waited for: a cycle
+    through the client's Futures that keeps those refs -- and the actors their calls
+    pin -- alive for good.  The copy carries the task's traceback from its worker."""
+    stored = next((f for f in futures if f.status == "error" and f.exception() is exc), None)
+    if stored is None:  # not a task's exception (an interrupt, a lost connection)
+        return exc
+    exc.__traceback__ = None  # drop the frames distributed's raise gave it
+    try:
+        own = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception that cannot be copied: itself
+        return exc
+    return own.with_traceback(stored.traceback())
 
 
 def _unpicklable(what: str, value: Any, exc: BaseException) -> BaseException:
