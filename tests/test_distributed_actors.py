@@ -197,8 +197,16 @@ def test_an_actor_that_is_gone_leaves_nothing_on_the_scheduler(on_distributed):
     client.wait_for_workers(NUM_WORKERS, timeout=60)  # a test before may have killed some
     metadata_before, locks_before = client.run_on_scheduler(_scheduler_leftovers)
     c = Counter.options(max_restarts=1).remote(0)
-    assert daskray.get(c.incr.remote(), timeout=30) == 1
-    _kill_actor_worker(c)
+    calls = [c.pid.remote(), c.incr.remote()]
+    pid, n = daskray.get(calls, timeout=30)
+    assert n == 1
+    # the calls' keys gone before the kill: a result lost with its worker while still
+    # wanted is computed again by distributed, its call run again
+    keys = [dask_key_of(ref._key) for ref in calls]
+    del calls
+    assert wait_until(lambda: not any(client.run_on_scheduler(_scheduler_has, k)
+                                      for k in keys), 10)
+    os.kill(pid, signal.SIGKILL)
     assert daskray.get(c.incr.remote(), timeout=60) == 1  # restarted
     daskray.kill(c)
     with pytest.raises(daskray.ActorDiedError):

@@ -346,7 +346,10 @@ def host_address(session: Any, actor: Any) -> str:
         with leave_worker_pool():
             session._wait([actor], None)
         if actor.status == "finished":
-            return actor.result()._address
+            try:
+                return actor.result()._address
+            except Exception:  # noqa: BLE001 - its worker died just now: look again
+                continue
         if actor.status == "cancelled":
             raise ActorDiedError("the actor is gone from the dask cluster (its key was "
                                  "released or cancelled); create it again")
