@@ -91,9 +91,10 @@ class FutureTable:
         from distributed import Future
 
         name = dask_key_of(key)
-        known = name in self.client.futures
         future = Future(name, self.client)
-        if not known:
+        # a state this client made just now (or one another thread's release is about
+        # to drop) hears nothing unless asked; asking again for a pending one is harmless
+        if future.status == "pending":
             send = self.client._send_to_scheduler
             send({"op": "client-desires-keys", "keys": [name], "client": self.client.id})
             send({"op": "report-key", "key": name})
