@@ -1,7 +1,9 @@
 """Actors on the dask.distributed backend: order under load, handles in tasks and in
-other actors, restarts after the actor's dask worker is killed, max_task_retries,
-kill, exit_actor, names from two callers, a detached actor outliving its driver,
-async methods and max_concurrency."""
+other actors, restarts after the actor's dask worker is killed (also every worker at
+once, and with the call's task dying with the actor), max_task_retries, kill,
+exit_actor, names from two callers, a detached actor outliving its driver, async
+methods and max_concurrency, the end of an actor held by another, and what a gone
+actor leaves on the scheduler.  tests/test_actors.py runs the rest on both backends."""
 
 from __future__ import annotations
 

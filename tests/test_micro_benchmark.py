@@ -93,7 +93,7 @@ def group_gone(pgid: int) -> bool:
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("runtime, no_actors", [
-    ("daskray-dask", "actors do not run on the dask.distributed backend"),
+    ("daskray-dask", None),  # daskray's actors run on the dask.distributed backend
     ("dask-futures", "distributed's own actors"),
 ])
 def test_a_dask_runtime_measures_every_figure_and_leaves_nothing(monkeypatch, runtime,
@@ -105,10 +105,11 @@ def test_a_dask_runtime_measures_every_figure_and_leaves_nothing(monkeypatch, ru
     errors = {k: r["error"] for k, r in results.items() if "error" in r}
     assert not errors
     for key in ("actor_calls_sync_per_s", "actor_calls_async_per_s"):
-        assert results[key]["value"] == "n/a"
-        assert no_actors in results[key]["detail"]
+        if no_actors is not None:
+            assert results[key]["value"] == "n/a"
+            assert no_actors in results[key]["detail"]
     for key, record in results.items():
-        if not key.startswith("actor_"):
+        if no_actors is None or not key.startswith("actor_"):
             assert isinstance(record["value"], float) and record["value"] > 0, record
     assert "LocalCluster" in results["init_s"]["detail"]  # init_s says what it covers
 
