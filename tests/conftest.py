@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 
+import dask
 import pytest
 
 import daskray
@@ -73,7 +74,10 @@ def sigint_raises():
 def dask_cluster():
     """A dask.distributed cluster (scheduler + ``helpers.NUM_WORKERS`` worker
     processes), started once for the tests of the dask.distributed backend."""
-    with start_dask_cluster() as dask_cluster:
+    # tests kill dask workers: LocalCluster gives up on one whose nanny has not brought
+    # it back within this time, which a loaded machine may well exceed (default 15 s)
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "300s"}), \
+            start_dask_cluster() as dask_cluster:
         try:
             yield dask_cluster
         finally:  # daskray's client first, or it would wait for the scheduler to come back

@@ -1,11 +1,14 @@
 """Actors on the dask.distributed backend: order under load, handles in tasks and in
-other actors, restarts after the actor's dask worker is killed, max_task_retries,
-kill, exit_actor, names from two callers, a detached actor outliving its driver,
-async methods and max_concurrency."""
+other actors, restarts after the actor's dask worker is killed (also every worker at
+once, and with the call's task dying with the actor), max_task_retries, kill,
+exit_actor, names from two callers, a detached actor outliving its driver, async
+methods and max_concurrency, the end of an actor held by another, and what a gone
+actor leaves on the scheduler.  tests/test_actors.py runs the rest on both backends."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import subprocess
@@ -16,7 +19,9 @@ import time
 import pytest
 
 import daskray
-from helpers import mark_started, wait_for_path
+import daskray.distributed_backend.actors
+from daskray.refs import dask_key_of
+from helpers import NUM_WORKERS, mark_started, wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -127,6 +132,96 @@ def test_restart_after_its_worker_is_killed(on_distributed, tmp_path):
         daskray.get(c.incr.remote(), timeout=60)
 
 
+def test_a_call_made_while_no_dask_worker_is_up_runs_once_they_are_back(on_distributed):
+    """Every dask worker killed at once, then a call: it waits for the workers the
+    nannies start again, and the actor is made again there (a call's task must not be
+    tied to workers that left: distributed never hands such a task to new ones)."""
+    c = Counter.options(max_restarts=1).remote(100)
+    assert daskray.get(c.incr.remote(5), timeout=30) == 105
+    assert daskray.get(c.incr.remote(5), timeout=30) == 110
+    client = daskray.api._runtime.distributed.client
+    for pid in client.run(os.getpid).values():
+        os.kill(pid, signal.SIGKILL)
+    assert daskray.get(c.incr.remote(1), timeout=60) == 101  # the constructor ran again
+
+
+def _wait_for_file(started: str, release: str) -> None:
+    """A plain dask task holding its worker's one thread until ``release`` exists."""
+    open(started, "w").close()
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_call_whose_task_dies_with_its_actor_is_not_run_again(on_distributed, tmp_path):
+    """The call's task on the actor's own worker (the other worker kept busy): killing
+    that worker kills both, and distributed runs the task again; with
+    max_task_retries=0 the call must not run a second time."""
+    client = daskray.api._runtime.distributed.client
+    client.wait_for_workers(NUM_WORKERS, timeout=60)  # a test before may have killed some
+    c = Counter.options(max_restarts=1).remote(0)
+    actor_worker = daskray.get(c.worker.remote(), timeout=30)
+    pid = daskray.get(c.pid.remote(), timeout=30)
+    others = [w for w in client.scheduler_info(n_workers=-1)["workers"] if w != actor_worker]
+    assert others, "the test needs a dask worker besides the actor's"
+    started, release = tmp_path / "blocking", tmp_path / "release"
+    blocker = client.submit(_wait_for_file, str(started), str(release), workers=others,
+                            pure=False)
+    try:
+        wait_for_path(started)
+        in_flight = c.sleep.remote(60, str(tmp_path / "running"))
+        wait_for_path(tmp_path / "running")
+    finally:
+        release.touch()
+    assert client.run_on_scheduler(_worker_of, dask_key_of(in_flight._key)) == actor_worker
+    blocker.result(timeout=30)
+    os.kill(pid, signal.SIGKILL)
+    with pytest.raises(daskray.ActorDiedError, match="max_task_retries"):
+        daskray.get(in_flight, timeout=30)
+    assert daskray.get(c.incr.remote(), timeout=60) == 1  # the constructor ran again
+
+
+def _worker_of(key, dask_scheduler=None):
+    """On the scheduler: the worker running the task ``key``."""
+    return dask_scheduler.tasks[key].processing_on.address
+
+
+def _scheduler_leftovers(dask_scheduler=None):
+    """What the scheduler keeps by name for daskray: task metadata, and locks."""
+    return (sorted(map(str, dask_scheduler.task_metadata)),
+            sorted(dask_scheduler.extensions["semaphores"].leases))
+
+
+def test_an_actor_that_is_gone_leaves_nothing_on_the_scheduler(on_distributed):
+    """Restarts, a kill and calls record things on the scheduler (task metadata, the
+    restart lock): all of it goes with the actor's and its calls' keys, but one lock."""
+    client = daskray.api._runtime.distributed.client
+    client.wait_for_workers(NUM_WORKERS, timeout=60)  # a test before may have killed some
+    metadata_before, locks_before = client.run_on_scheduler(_scheduler_leftovers)
+    c = Counter.options(max_restarts=1).remote(0)
+    calls = [c.pid.remote(), c.incr.remote()]
+    pid, n = daskray.get(calls, timeout=30)
+    assert n == 1
+    # the calls' keys gone before the kill: a result lost with its worker while still
+    # wanted is computed again by distributed, its call run again
+    keys = [dask_key_of(ref._key) for ref in calls]
+    del calls
+    assert wait_until(lambda: not any(client.run_on_scheduler(_scheduler_has, k)
+                                      for k in keys), 10)
+    os.kill(pid, signal.SIGKILL)
+    assert daskray.get(c.incr.remote(), timeout=60) == 1  # restarted
+    daskray.kill(c)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(c.incr.remote(), timeout=30)
+    del c
+    gc.collect()
+    assert wait_until(  # (an entry of a test before may have gone meanwhile)
+        lambda: set(client.run_on_scheduler(_scheduler_leftovers)[0]) <= set(metadata_before),
+        10), client.run_on_scheduler(_scheduler_leftovers)
+    locks = client.run_on_scheduler(_scheduler_leftovers)[1]
+    assert set(locks) - set(locks_before) <= {daskray.distributed_backend.actors.RESTART_LOCK}
+
+
 def test_no_restart_without_max_restarts(on_distributed):
     c = Counter.remote(0)
     _kill_actor_worker(c)
@@ -186,6 +281,38 @@ def test_named_actor_with_get_if_exists_from_two_callers(on_distributed):
     daskray.kill(a)
     with pytest.raises(ValueError, match=name):
         daskray.get_actor(name)
+
+
+@daskray.remote
+class Holder:
+    def store(self, handle):
+        self.handle = handle
+        return True
+
+
+def _scheduler_has(key, dask_scheduler=None):
+    return key in dask_scheduler.tasks
+
+
+def test_an_actor_held_by_another_ends_with_it_with_no_cycle_collection(on_distributed):
+    """With the workers' cycle collector off: nothing left of a call (its frames,
+    kept by the exceptions distributed raises and daskray handles) may hold the
+    handle it passed, or the actor would live on."""
+    client = daskray.api._runtime.distributed.client
+    client.run(gc.disable)
+    try:
+        c = Counter.remote(0)
+        key = dask_key_of(c._creation._key)
+        holder = Holder.remote()
+        assert daskray.get(holder.store.remote(c), timeout=30)
+        del c
+        gc.collect()
+        assert client.run_on_scheduler(_scheduler_has, key)  # the holder keeps it
+        del holder
+        gc.collect()
+        assert wait_until(lambda: not client.run_on_scheduler(_scheduler_has, key), 10)
+    finally:
+        client.run(gc.enable)
 
 
 DETACHED_DRIVER = """

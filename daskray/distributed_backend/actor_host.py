@@ -7,7 +7,7 @@ lives in threads of the host's own -- ``max_concurrency`` threads for calls, or 
 event loop thread for a class with ``async def`` methods -- so one actor blocked in
 ``get()`` stalls nothing else on its worker.
 
-Calls reach the host through ``call(caller, seq, method, payload)`` (an ``async def``
+Calls reach the host through ``call(caller, seq, method, payload, ...)`` (an ``async def``
 run on the worker's event loop by distributed's ``actor_execute``): each caller
 numbers its calls to this actor from 1, and the host hands them to its threads in
 that order; a call that arrives early waits here, on the loop, for its turn.  A
@@ -24,27 +24,33 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import ctypes
 import inspect
 import threading
 import traceback
-from typing import Any, Iterator
+import weakref
+from typing import Any
 
 import cloudpickle
-from distributed import get_worker, rejoin, secede
-from distributed.worker import thread_state
+from distributed import get_worker
 
 from ..errors import ActorDiedError, ActorError, TaskCancelledError
 from ..refs import ObjectRef, collect_pickled_refs
 from ..remote_function import RemoteFunction
-from .worker_side import REMOTE_TRACEBACK, function_of, task_session
+from .worker_side import REMOTE_TRACEBACK, function_of, leave_worker_pool, task_session
 
-#: the creation key's metadata fields the hosts of one actor share on the scheduler
-RESTARTS, KILLED = "daskray-restarts", "daskray-killed"
+#: the creation key's metadata fields the hosts of one actor and its callers share on
+#: the scheduler: how many restarts it had, why it ended (if it did), how many it allows
+RESTARTS, KILLED, MAX_RESTARTS = "daskray-restarts", "daskray-killed", "daskray-max-restarts"
+#: a call key's metadata field: how many times the call reached a host on its own task's
+#: worker (a death there takes both, and distributed runs the task again)
+DELIVERED = "daskray-delivered"
 
 #: in a thread running an actor's method: ``.host``, the ActorHost it belongs to
 running = threading.local()
+
+#: the hosts on this worker by key, for ``released``
+_hosts: weakref.WeakValueDictionary[str, ActorHost] = weakref.WeakValueDictionary()
 
 
 class ExitActor(BaseException):
@@ -87,6 +93,10 @@ class ActorHost:
         self._next: dict[bytes, int] = {}
         self._turns: dict[tuple[bytes, int], asyncio.Event] = {}
         self._skipped: set[tuple[bytes, int]] = set()
+        #: calls their callers cancelled: refused when (if) they come
+        self._cancelled: set[tuple[bytes, int]] = set()
+        #: calls handed to the actor's threads that have not started yet
+        self._queued: dict[tuple[bytes, int], concurrent.futures.Future] = {}
         self._held: dict[tuple[bytes, int], Any] = {}
         self._pending: set[asyncio.Future] = set()
         self._threads: set[int] = set()
@@ -97,19 +107,19 @@ class ActorHost:
         metadata = self.session.client.get_metadata([key], default={}) or {}
         self.restarts = int(metadata.get(RESTARTS, 0))
         self.dead: str | None = metadata.get(KILLED) or self._restarts_used_up()
+        if MAX_RESTARTS not in metadata:  # for the callers who decide on restarts
+            self.session.client.set_metadata([key, MAX_RESTARTS],
+                                             self.spec.options["max_restarts"])
         if self.dead is None:
             self._build()
             # a kill while the constructor ran (it may have waited for its arguments)
             self.dead = self.session.client.get_metadata([key, KILLED], default=None)
+        _hosts[key] = self
 
     # ------------------------------------------------------------ building
 
     def _restarts_used_up(self) -> str | None:
-        allowed = self.spec.options["max_restarts"]
-        if self.restarts > allowed:
-            return (f"its dask worker died and its max_restarts={allowed} restart(s) are "
-                    "used up")
-        return None
+        return restarts_used_up(self.restarts, self.spec.options["max_restarts"])
 
     def _build(self) -> None:
         """Make the threads and the instance; the constructor runs in a thread of its
@@ -126,7 +136,7 @@ class ActorHost:
         done = concurrent.futures.Future()
         threading.Thread(target=self._construct, args=(cls, done), daemon=True,
                          name=f"daskray-actor-init-{self.spec.class_name}").start()
-        with off_the_pool():
+        with leave_worker_pool():
             done.result()
 
     def _construct(self, cls: type, done: concurrent.futures.Future) -> None:
@@ -143,22 +153,34 @@ class ActorHost:
 
     # ------------------------------------------------------------ calls (worker's loop)
 
-    async def call(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
-        """Run one call in its caller's order; its reply (see the module's docstring)."""
+    async def call(self, caller: bytes, seq: int, method: str, payload: bytes, key: str,
+                   worker: str, lost: int) -> tuple:
+        """Run one call in its caller's order; its reply (see the module's docstring).
+
+        ``key`` is the call's task, running on ``worker``; ``lost`` counts the hosts it
+        reached before that died while it ran, as far as the task knows."""
+        if self.dead is None:
+            refused = await self._count_delivery(caller, seq, method, key, worker, lost)
+            if refused is not None:
+                return refused
         await self._turn(caller, seq)
-        if (caller, seq) in self._skipped:  # cancelled by its caller meanwhile
-            self._skipped.discard((caller, seq))
-            return failure(TaskCancelledError(f"{self.spec.class_name}.{method} was cancelled"))
+        if (caller, seq) in self._cancelled:  # cancelled by its caller before it came
+            self._cancelled.discard((caller, seq))
+            self._advance(caller, seq)
+            return failure(self._cancellation(method))
         try:
             if self.dead is not None:
                 return failure(self._died(method))
             work = self._dispatch(caller, seq, method, payload)
+            with self._lock:
+                if not work.done():
+                    self._queued[(caller, seq)] = work
         finally:
             self._advance(caller, seq)
         loop = asyncio.get_running_loop()
         outcome = loop.create_future()
-        work.add_done_callback(
-            lambda done: loop.call_soon_threadsafe(self._settle, outcome, done, method))
+        work.add_done_callback(lambda done: loop.call_soon_threadsafe(
+            self._settle, outcome, done, caller, seq, method))
         self._pending.add(outcome)
         try:
             return await outcome
@@ -166,17 +188,35 @@ class ActorHost:
             self._pending.discard(outcome)
 
     def _settle(self, outcome: asyncio.Future, done: concurrent.futures.Future,
-                method: str) -> None:
+                caller: bytes, seq: int, method: str) -> None:
+        self._started(caller, seq)  # if it started before ``call`` noted it queued
         if outcome.done():  # the actor ended first: the call failed with it
             return
-        if done.cancelled() or done.exception() is not None:
-            outcome.set_result(failure(self._died(method)))
+        if done.cancelled():  # by ``skip`` before it started, or by the actor's end
+            outcome.set_result(failure(self._died(method) if self.dead is not None
+                                       else self._cancellation(method)))
+        elif done.exception() is not None:  # the actor's end, or a fault of the host's own
+            outcome.set_result(failure(self._died(method) if self.dead is not None
+                                       else done.exception()))
         else:
             outcome.set_result(done.result())
 
-    async def skip(self, caller: bytes, seq: int) -> None:
-        """The caller's call ``seq`` will never come (cancelled, or its arguments
-        failed): the calls after it need not wait for it."""
+    async def skip(self, caller: bytes, seq: int, cancelled: bool = False) -> None:
+        """The caller's call ``seq`` is not to run (``cancelled``), or will never come
+        (its arguments failed): the calls after it need not wait for it.  A cancelled
+        call that is here already but has not started is dropped; one that comes later
+        is refused."""
+        with self._lock:
+            work = self._queued.pop((caller, seq), None)
+        if work is not None:
+            work.cancel()  # False once it started: it runs on, as a running task does
+            return
+        if cancelled:
+            self._cancelled.add((caller, seq))
+            event = self._turns.get((caller, seq))
+            if event is not None:  # it waits for its turn: it refuses itself now
+                event.set()
+                return
         start = self._next.setdefault(caller, self._first(seq))
         if seq == start:
             self._advance(caller, seq)
@@ -193,9 +233,30 @@ class ActorHost:
         self._end(why)
         return self.spec.options.get("name")
 
-    async def task_retries(self) -> int:
-        """How many times a call whose host died while it ran is sent again."""
-        return self.spec.options["max_task_retries"]
+    async def _count_delivery(self, caller: bytes, seq: int, method: str, key: str,
+                              worker: str, lost: int) -> tuple | None:
+        """``max_task_retries`` for a call that reached a host that died while it ran:
+        the refusal (ActorDiedError) once they are used up, else None.
+
+        A task on another worker knows when its host was lost (``lost``).  A task on
+        this host's worker dies with it, and distributed runs it again knowing nothing,
+        so such a delivery is recorded on the scheduler first (the call key's metadata,
+        dropped with the key) and a restarted host -- the only kind such a task can
+        reach again -- reads it."""
+        scheduler = self.session.client.scheduler
+        if self.restarts:
+            recorded = await scheduler.get_metadata(keys=[key, DELIVERED], default=0)
+            lost = max(lost, recorded or 0)
+        retries = self.spec.options["max_task_retries"]
+        if 0 <= retries < lost:
+            await self.skip(caller, seq)  # the caller's later calls must not wait for it
+            return failure(ActorDiedError(
+                f"the dask worker running {self.spec.class_name}.{method}() died while the "
+                f"call ran; the actor allows {retries} retries of such calls "
+                "(max_task_retries)"))
+        if worker == self.worker:
+            await scheduler.set_metadata(keys=[key, DELIVERED], value=lost + 1)
+        return None
 
     def _first(self, seq: int) -> int:
         """Where a caller's numbering starts here: 1, or after a restart wherever the
@@ -218,6 +279,9 @@ class ActorHost:
         seq += 1
         while (caller, seq) in self._skipped:
             self._skipped.discard((caller, seq))
+            event = self._turns.get((caller, seq))
+            if event is not None:  # a cancelled call that came after all: it refuses itself
+                event.set()
             seq += 1
         self._next[caller] = seq
         event = self._turns.get((caller, seq))
@@ -234,16 +298,26 @@ class ActorHost:
         return self._executor.submit(self._run, caller, seq, method, payload)
 
     async def _run_async(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
+        self._started(caller, seq)
         if self._limit is None:
             self._limit = asyncio.Semaphore(self.spec.options["max_concurrency"])
         async with self._limit:
-            return await self._invoke(caller, seq, method, payload)
+            result = self._invoke(caller, seq, method, payload)
+            if inspect.iscoroutine(result):  # an async method; a plain one is done
+                result = await result
+            return result
 
     def _run(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
+        self._started(caller, seq)
         result = self._invoke(caller, seq, method, payload)
         if inspect.iscoroutine(result):  # an async method of a sync class: run it here
             result = asyncio.run(result)
         return result
+
+    def _started(self, caller: bytes, seq: int) -> None:
+        """A call begins (in an actor thread or on its loop): too late to drop it."""
+        with self._lock:
+            self._queued.pop((caller, seq), None)
 
     def _invoke(self, caller: bytes, seq: int, method: str, payload: bytes) -> Any:
         """Run the method (in an actor thread or on its loop); a coroutine comes back
@@ -312,6 +386,9 @@ class ActorHost:
         self.session.client.loop.add_callback(self._end, why)
         return failure(self._died(method))
 
+    def _cancellation(self, method: str) -> TaskCancelledError:
+        return TaskCancelledError(f"{self.spec.class_name}.{method} was cancelled")
+
     def _died(self, method: str) -> ActorDiedError:
         return ActorDiedError(
             f"actor {self.spec.class_name} is dead ({self.dead}); {method}() did not run")
@@ -336,6 +413,23 @@ class ActorHost:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
+
+
+def restarts_used_up(restarts: int, allowed: int) -> str | None:
+    """Why an actor made ``restarts`` times after its worker died is dead, or None."""
+    if restarts > allowed:
+        return f"its dask worker died and its max_restarts={allowed} restart(s) are used up"
+    return None
+
+
+def released(key: str) -> None:
+    """On a dask worker's loop, when dask releases the task ``key`` there (daskray's
+    worker plugin): a host's actor has no handle left anywhere, so it ends now -- its
+    threads stop, and the handles its instance holds go, ending their actors in turn
+    -- rather than whenever Python collects it."""
+    host = _hosts.pop(key, None)
+    if host is not None:
+        host._end("its last handle is gone")
 
 
 def failure(exc: BaseException, text: str | None = None) -> tuple:
@@ -368,24 +462,6 @@ def resolve_arguments(session: Any, args: tuple, kwargs: dict) -> tuple[list, di
         else:
             kwargs[slot] = value
     return args, kwargs
-
-
-@contextlib.contextmanager
-def off_the_pool() -> Iterator[None]:
-    """In a dask task's thread: give its slot in the worker's pool back while this
-    waits (for the constructor, or for an actor's reply), so other tasks run there."""
-    if not hasattr(thread_state, "start_time"):
-        yield
-        return
-    try:
-        secede()
-    except (KeyError, ValueError):  # not a task thread after all
-        yield
-        return
-    try:
-        yield
-    finally:
-        rejoin()
 
 
 def current_host() -> ActorHost | None:

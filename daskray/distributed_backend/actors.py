@@ -14,7 +14,11 @@ When the host's worker dies distributed marks the creation key erred; the first 
 to notice asks distributed to compute it again (under a scheduler lock, counting the
 restart in the key's metadata), which makes a new host on another worker: a restart,
 or a dead host once ``max_restarts`` is used up.  A call in flight on the dead worker is
-sent again ``max_task_retries`` times, else raises ``ActorDiedError``.
+sent again ``max_task_retries`` times, else raises ``ActorDiedError``; the host counts
+the times (see ``ActorHost.call``), also for a call whose task died with the host and
+that distributed runs again.  A call's task goes wherever distributed puts it: worker
+restrictions would hang it for good when every worker they name is gone (distributed
+never gives a task restricted to workers that left to the ones that joined).
 
 Names are datasets published on the scheduler (``daskray-actor:NAME``: the creation
 Future and the pickled handle), which refuses a second actor of the same name and keeps
@@ -30,21 +34,27 @@ import time
 from typing import Any, Sequence
 
 import cloudpickle
-from distributed import Lock
+from distributed import Lock, get_worker
 from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 
 from ..backend import ActorSpec as ActorClassSpec
 from ..errors import ActorDiedError, DaskrayError, SerializationError
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
-from .actor_host import (ExitActor, ActorHost, ActorSpec, RESTARTS, current_host, mark_killed,
-                         off_the_pool, resolve_arguments, running)
-from .worker_side import nth_return, task_session
+from .actor_host import (KILLED, MAX_RESTARTS, RESTARTS, ActorHost, ActorSpec, ExitActor,
+                         current_host, mark_killed, resolve_arguments, restarts_used_up,
+                         running)
+from .worker_side import (forget_frames, leave_worker_pool, nth_return, task_key,
+                          task_session)
 
 NAME_PREFIX = "daskray-actor:"
 DETACHED_PREFIX = "daskray-actor-detached:"
 #: how long a caller waits for a host to come back after its worker died
 RESTART_TIMEOUT = 120.0
+#: the name of the scheduler lock a restart is decided under
+RESTART_LOCK = "daskray-actor-restart"
+#: how often a call waiting for its arguments looks whether its actor died
+WATCH_INTERVAL = 0.1
 #: how long a caller tries to reach a host's worker before asking the scheduler again
 CONNECT_TIMEOUT = 10.0
 _FOREVER = 1_000_000
@@ -68,9 +78,6 @@ class ActorCalls:
         self.names: list[str] = []
         #: call key -> (creation key, seq) of calls not known to be finished
         self.calls: dict[RefKey, tuple[RefKey, int]] = {}
-        #: where this session last saw each actor's host, and the workers then
-        self.addresses: dict[RefKey, str] = {}
-        self.workers: list[str] = []
 
     def next_seq(self, actor_id: str) -> int:
         with self._lock:
@@ -174,9 +181,8 @@ def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict
     creation = handle._creation._key
     base_key = dask_key_of(keys[0]) if num_returns == 1 else \
         f"daskray-call-{session.owner.hex()}-{number}"
-    base = session.client.submit(run_actor_call, creation, session.owner, seq, method, label,
-                                 payload, key=base_key, pure=False,
-                                 **_away_from_the_actor(session, creation))
+    base = session.client.submit(run_actor_call, creation, session.owner, seq, method, payload,
+                                 key=base_key, pure=False)
     if num_returns == 1:
         futures = [base]
     else:
@@ -194,25 +200,6 @@ def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict
     return refs[0] if num_returns == 1 else refs
 
 
-def _away_from_the_actor(session: Any, creation: RefKey) -> dict:
-    """distributed's placement for a call's task: a worker other than the actor's
-    when there is one, so that the death of the actor's worker does not also kill the
-    call's task (which distributed would then run again: a retry nobody asked for)."""
-    future = session.table.future_of(creation)
-    if future.status != "finished":
-        return {}
-    state = state_of(session)
-    address = state.addresses.get(creation)
-    if address is None:
-        holders = session.client.who_has([future]).get(future.key) or ()
-        if not holders:
-            return {}
-        address = state.addresses[creation] = holders[0]
-        state.workers = list(session._workers())
-    others = [w for w in state.workers if w != address]
-    return {"workers": others, "allow_other_workers": True} if others else {}
-
-
 def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:
     """``daskray.cancel`` of actor calls: their hosts stop waiting for them, so the
     caller's later calls still run."""
@@ -221,74 +208,110 @@ def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:
         found = calls.pop(ref._key, None)
         if found is not None:
             try:
-                _send(session, found[0], "skip", session.owner, found[1])
+                _send(session, found[0], "skip", session.owner, found[1], True)
             except (_NotDelivered, _Lost, ActorDiedError):
                 pass  # no host to tell: none waits
 
 
-def run_actor_call(creation: RefKey, caller: bytes, seq: int, method: str, label: str,
+def run_actor_call(creation: RefKey, caller: bytes, seq: int, method: str,
                    payload: bytes) -> Any:
     """On a dask worker: one method call, from its arguments to its value."""
     session = task_session()
+    with session.table.borrowed(creation) as actor:
+        return _run_actor_call(session, actor, caller, seq, method, payload)
+
+
+def _run_actor_call(session: Any, actor: Any, caller: bytes, seq: int, method: str,
+                    payload: bytes) -> Any:
+    """``run_actor_call`` with the actor's creation Future in hand."""
     since = session.table.announced
     session.table.sync_with_tracker()
     try:
         args, kwargs = cloudpickle.loads(payload)
         if any(type(v) is ObjectRef for v in [*args, *kwargs.values()]):
+            _await_arguments(session, actor, args, kwargs)
             args, kwargs = resolve_arguments(session, args, kwargs)
             payload = cloudpickle.dumps((args, kwargs), protocol=5)
     except BaseException:
         try:  # the caller's later calls must not wait for this one
-            _send(session, creation, "skip", caller, seq)
+            _send_to(session, actor, "skip", caller, seq)
         except (_NotDelivered, _Lost, ActorDiedError):
             pass
         raise
-    reply = _deliver(session, creation, caller, seq, method, label, payload)
+    reply = _deliver(session, actor, caller, seq, method, payload)
     if reply[0] == "error":
         raise cloudpickle.loads(reply[1])
     value = cloudpickle.loads(reply[1])
     session.settle_received(since)
     if reply[2]:  # refs in the value: this process wants them now, the host may let go
         try:
-            _send(session, creation, "release", caller, seq)
+            _send_to(session, actor, "release", caller, seq)
         except (_NotDelivered, _Lost, ActorDiedError):
             pass
     return value
 
 
-def _deliver(session: Any, creation: RefKey, caller: bytes, seq: int, method: str,
-             label: str, payload: bytes) -> tuple:
-    """Send the call to the actor's host until it answers; a call whose host died
-    with it is sent again to the restarted host ``max_task_retries`` times."""
-    attempts = 0
+def _await_arguments(session: Any, actor: Any, args: tuple, kwargs: dict) -> None:
+    """Wait until the call's top-level ObjectRefs are made, watching its actor: when
+    its worker dies meanwhile and the actor does not come back (restarts used up,
+    killed), the call fails at once rather than once its arguments are there."""
+    refs = [v for v in (*args, *kwargs.values()) if type(v) is ObjectRef]
+    futures = [session.table.future_of(r._key) for r in refs]
+    with leave_worker_pool():
+        while True:
+            pending = [f for f in futures if not f.done()]
+            if not pending:
+                return
+            if actor.status == "error":  # its worker died: made again, or dead for good
+                host_address(session, actor)
+            try:
+                session._wait(pending, WATCH_INTERVAL, "FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+
+
+def _deliver(session: Any, actor: Any, caller: bytes, seq: int, method: str,
+             payload: bytes) -> tuple:
+    """Send the call to the actor's host until it answers.  A call whose host died
+    while it ran is sent to the restarted host, which runs it again if its
+    ``max_task_retries`` allow (and else answers ActorDiedError): the host is told how
+    many times it was lost before, and where this task runs (when it is the host's
+    worker, a death takes this task with it, and distributed runs it again)."""
+    lost = 0
+    here = get_worker().address
     while True:
-        address = host_address(session, creation)
+        address = host_address(session, actor)
         try:
-            return _execute(session, address, creation, "call", caller, seq, method, payload)
+            return _execute(session, address, actor.key, "call", caller, seq, method, payload,
+                            task_key(), here, lost)
         except _NotDelivered:
-            _wait_for_news(session, creation, address)
+            _wait_for_news(session, actor, address)
         except _Lost:
-            _wait_for_news(session, creation, address)
-            retries = _execute(session, host_address(session, creation), creation,
-                               "task_retries")
-            if attempts >= retries:
-                raise ActorDiedError(
-                    f"the dask worker running {label}() died while the call ran; the actor "
-                    f"allows {retries} retries of such calls (max_task_retries)") from None
-            attempts += 1
+            _wait_for_news(session, actor, address)
+            lost += 1
 
 
 def _send(session: Any, creation: RefKey, function: str, *args: Any) -> Any:
-    """One request to the actor's host (waiting for it to be up)."""
-    return _execute(session, host_address(session, creation), creation, function, *args)
+    """One request to the actor of ``creation``'s host (waiting for it to be up)."""
+    with session.table.borrowed(creation) as actor:
+        return _send_to(session, actor, function, *args)
 
 
-def _execute(session: Any, address: str, creation: RefKey, function: str, *args: Any) -> Any:
-    """``function(*args)`` on the host at ``address``, this thread off the worker's
-    pool while it waits."""
-    with off_the_pool():
-        return session.client.sync(_execute_async, session.client.rpc, address,
-                                   dask_key_of(creation), function, list(args))
+def _send_to(session: Any, actor: Any, function: str, *args: Any) -> Any:
+    """One request to the host of the actor whose creation Future is ``actor``."""
+    return _execute(session, host_address(session, actor), actor.key, function, *args)
+
+
+def _execute(session: Any, address: str, key: str, function: str, *args: Any) -> Any:
+    """``function(*args)`` on the host of the actor ``key`` at ``address``, this
+    thread off the worker's pool while it waits."""
+    try:
+        with leave_worker_pool():
+            return session.client.sync(_execute_async, session.client.rpc, address, key,
+                                       function, list(args))
+    except (_NotDelivered, _Lost) as exc:  # handled by the callers: keep no frames alive
+        forget_frames(exc)
+        raise
 
 
 async def _execute_async(pool: Any, address: str, key: str, function: str, args: list) -> Any:
@@ -314,37 +337,37 @@ async def _execute_async(pool: Any, address: str, key: str, function: str, args:
 # ---------------------------------------------------------------- where the host is
 
 
-def host_address(session: Any, creation: RefKey) -> str:
-    """The address of the worker hosting the actor, once it is up; an actor whose
-    worker died is made again first (or its dead host, restarts used up)."""
-    future = session.table.future_of(creation)
+def host_address(session: Any, actor: Any) -> str:
+    """The address of the worker hosting the actor whose creation Future is
+    ``actor``, once it is up; an actor whose worker died is made again first, or
+    raises ActorDiedError when it may not be (restarts used up, killed)."""
     deadline = time.monotonic() + RESTART_TIMEOUT
     while True:
-        with off_the_pool():
-            session._wait([future], None)
-        if future.status == "finished":
-            address = future.result()._address
-            state_of(session).addresses[creation] = address
-            return address
-        if future.status == "cancelled":
+        with leave_worker_pool():
+            session._wait([actor], None)
+        if actor.status == "finished":
+            try:
+                return actor.result()._address
+            except Exception:  # noqa: BLE001 - its worker died just now: look again
+                continue
+        if actor.status == "cancelled":
             raise ActorDiedError("the actor is gone from the dask cluster (its key was "
                                  "released or cancelled); create it again")
-        _restart(session, future)
-        _wait_until(lambda: future.status != "error", deadline,
+        why = _restart(session, actor)
+        if why is not None:
+            raise ActorDiedError(f"the actor is dead ({why})")
+        _wait_until(lambda: actor.status != "error", deadline,
                     "the actor's host did not come back after its worker died")
 
 
-def _wait_for_news(session: Any, creation: RefKey, address: str) -> None:
+def _wait_for_news(session: Any, actor: Any, address: str) -> None:
     """After the host at ``address`` could not be reached: wait until the scheduler
     says where it is now (or that it died)."""
-    state_of(session).addresses.pop(creation, None)
-    future = session.table.future_of(creation)
-
     def news() -> bool:
-        if future.status != "finished":
+        if actor.status != "finished":
             return True
         try:
-            return session.client.who_has([future]).get(future.key) != (address,)
+            return session.client.who_has([actor]).get(actor.key) != (address,)
         except Exception:  # noqa: BLE001 - ask again
             return False
     _wait_until(news, time.monotonic() + RESTART_TIMEOUT,
@@ -355,7 +378,7 @@ def _wait_until(done: Any, deadline: float, what: str) -> None:
     """Poll the client's view of the cluster until ``done()``; it changes by itself
     (the scheduler's reports), so this only checks now and then."""
     pause = 0.01
-    with off_the_pool():
+    with leave_worker_pool():
         while not done():
             if time.monotonic() > deadline:
                 raise ActorDiedError(f"{what} within {RESTART_TIMEOUT:.0f} s")
@@ -363,17 +386,36 @@ def _wait_until(done: Any, deadline: float, what: str) -> None:
             pause = min(pause * 2, 0.2)
 
 
-def _restart(session: Any, future: Any) -> None:
-    """Ask distributed to compute the erred creation key again (a new host), once:
-    many callers may notice the death at the same time."""
+def _restart(session: Any, future: Any) -> str | None:
+    """After the actor's worker died: ask distributed to compute the erred creation
+    key again (a new host), once, as many callers may notice the death at the same
+    time.  Why the actor is dead for good instead (killed, or its restarts used up:
+    no host is made then), or None."""
     client = session.client
-    with off_the_pool(), Lock(f"daskray-restart-{future.key}", client.scheduler, client.loop):
+    why = _death(client, future.key)
+    if why is not None:
+        return why
+    # one lock for every actor: restarts are rare, and a lock per actor would stay on
+    # the scheduler for good (distributed keeps each lock's name)
+    with leave_worker_pool(), Lock(RESTART_LOCK, client.scheduler, client.loop):
         status = client.sync(client.scheduler.get_task_status, keys=[future.key])
         if status.get(future.key) != "erred":
-            return
-        restarts = client.get_metadata([future.key, RESTARTS], default=0)
-        client.set_metadata([future.key, RESTARTS], restarts + 1)
+            return None
+        metadata = client.get_metadata([future.key], default=None) or {}
+        restarts = metadata.get(RESTARTS, 0) + 1
+        allowed = metadata.get(MAX_RESTARTS)  # None: its first host never came up
+        why = None if allowed is None else restarts_used_up(restarts, allowed)
+        if why is not None:
+            mark_killed(client, future.key, why)
+            return why
+        client.set_metadata([future.key, RESTARTS], restarts)
         client.retry([future])
+        return None
+
+
+def _death(client: Any, key: str) -> str | None:
+    """Why the actor of ``key`` ended for good, as recorded on the scheduler, or None."""
+    return client.get_metadata([key, KILLED], default=None)
 
 
 # ---------------------------------------------------------------- ending
@@ -388,7 +430,7 @@ def kill_actor(session: Any, handle: Any) -> None:
     name = None
     if future.status == "finished":
         try:
-            name = _execute(session, future.result()._address, creation, "stop",
+            name = _execute(session, future.result()._address, future.key, "stop",
                             "killed with daskray.kill()")
         except (_NotDelivered, _Lost):
             pass  # its worker died: the host made again starts dead

@@ -16,8 +16,9 @@ the wants of this process's ``distributed.Client``:
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 from ..refs import RefKey, dask_key_of, tracker
 
@@ -78,6 +79,29 @@ class FutureTable:
             for key in new:  # a key the scheduler no longer has comes back "cancelled"
                 send({"op": "report-key", "key": key})
         return futures
+
+    @contextlib.contextmanager
+    def borrowed(self, key: RefKey) -> Iterator[Future]:
+        """A Future of ``key`` of the caller's own, for as long as the block runs.
+
+        Unlike ``future_of``'s, its want does not end when this process's last ObjectRef
+        of ``key`` goes (an actor call's task knows its actor by key alone, while other
+        refs of it here come and go), and it does not outlive its use (a want kept by a
+        process that holds no ref would keep the object, an actor, forever)."""
+        from distributed import Future
+
+        name = dask_key_of(key)
+        future = Future(name, self.client)
+        # a state this client made just now (or one another thread's release is about
+        # to drop) hears nothing unless asked; asking again for a pending one is harmless
+        if future.status == "pending":
+            send = self.client._send_to_scheduler
+            send({"op": "client-desires-keys", "keys": [name], "client": self.client.id})
+            send({"op": "report-key", "key": name})
+        try:
+            yield future
+        finally:
+            _release_all((future, ()))
 
     def sync_with_tracker(self) -> None:
         """Announce the refs this process received since the last call and still holds."""

@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .. import __version__
 from ..errors import ClusterError
 from ..refs import tracker
-from . import worker_side
+from . import actor_host, worker_side
 from .session import DistributedSession
 
 PLUGIN_NAME = "daskray"
@@ -69,9 +69,9 @@ def check_workers(client: Any, version: str) -> None:
 
 class DaskrayWorkerPlugin(WorkerPlugin):
     """Installed on every dask worker by ``daskray.init`` (and on those that join
-    later): checks the worker runs the driver's daskray version, and starts counting
+    later): checks the worker runs the driver's daskray version, starts counting
     the ObjectRefs its process unpickles (task arguments, fetched values) so that it
-    can want them too."""
+    can want them too, and ends an actor's host when dask releases it."""
 
     idempotent = True
 
@@ -85,6 +85,11 @@ class DaskrayWorkerPlugin(WorkerPlugin):
                 "install the same daskray version on the driver and every worker")
         worker_side.session_class = DistributedSession
         tracker.reporting = True
+
+    def transition(self, key: Any, start: str, finish: str, *args: Any, **kwargs: Any) -> None:
+        """An actor's host whose task dask released here ends at once."""
+        if finish in ("released", "forgotten"):
+            actor_host.released(key)
 
 
 def join(address: str | None, client: Any, security: Any) -> DistributedSession:

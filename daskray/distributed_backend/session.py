@@ -19,13 +19,13 @@ after exceptions when ``retry_exceptions=True``.
 from __future__ import annotations
 
 import contextlib
+import copy
 import itertools
 import os
-import threading
 import time
 import traceback
 import uuid
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import cloudpickle
 
@@ -36,13 +36,11 @@ from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTrac
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from . import actors, graphs
 from .futures import FutureTable
-from .worker_side import REMOTE_TRACEBACK, CallArguments, interrupt_calls, nth_return, run_call
+from .worker_side import (REMOTE_TRACEBACK, CallArguments, forget_frames, interrupt_calls,
+                          leave_worker_pool, nth_return, run_call)
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
-
-_seceded = threading.local()
-
 
 class DistributedSession:
     """The session of one process (the driver, or a dask worker's tasks) on a
@@ -210,7 +208,8 @@ class DistributedSession:
             try:
                 return self.client.gather(futures)
             except BaseException as exc:
-                raise self._error(exc) from _remote_cause(exc)
+                cause = _remote_cause(exc)
+                raise self._error(_unshared(exc, futures)) from cause
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
              timeout: float | None = None) -> tuple[list, list]:
@@ -240,8 +239,11 @@ class DistributedSession:
 
         try:
             self.client.sync(_wait, futures, timeout=timeout, return_when=return_when)
-        except FuturesCancelledError:  # done all the same: gather tells why
-            pass
+        except FuturesCancelledError as exc:  # done all the same: gather tells why
+            forget_frames(exc)
+        except TimeoutError as exc:
+            forget_frames(exc)
+            raise
 
     def _error(self, exc: BaseException) -> BaseException:
         """daskray's error for what distributed raised from a gather."""
@@ -376,28 +378,21 @@ def _offered(worker_info: dict) -> dict[str, float]:
     return offered
 
 
-@contextlib.contextmanager
-def leave_worker_pool() -> Iterator[None]:
-    """Inside a task on a dask worker: give its thread slot back while this waits, so
-    the tasks it waits for can run there (``secede``; ``rejoin`` afterwards)."""
-    from distributed.worker import thread_state
-
-    if getattr(_seceded, "active", False) or not hasattr(thread_state, "start_time"):
-        yield
-        return
-    from distributed import rejoin, secede
-
+def _unshared(exc: BaseException, futures: list) -> BaseException:
+    """The exception to raise for ``exc``, from ``gather``: a copy when it is the one
+    distributed keeps for an erred Future.  Raised itself, it would take the frames
+    it passes through into its traceback, and they hold the refs waited for: a cycle
+    through the client's Futures that keeps those refs -- and the actors their calls
+    pin -- alive for good.  The copy carries the task's traceback from its worker."""
+    stored = next((f for f in futures if f.status == "error" and f.exception() is exc), None)
+    if stored is None:  # not a task's exception (an interrupt, a lost connection)
+        return exc
+    exc.__traceback__ = None  # drop the frames distributed's raise gave it
     try:
-        secede()
-    except (KeyError, ValueError):  # not a task thread after all
-        yield
-        return
-    _seceded.active = True
-    try:
-        yield
-    finally:
-        _seceded.active = False
-        rejoin()
+        own = copy.copy(exc)
+    except Exception:  # noqa: BLE001 - an exception that cannot be copied: itself
+        return exc
+    return own.with_traceback(stored.traceback())
 
 
 def _unpicklable(what: str, value: Any, exc: BaseException) -> BaseException:

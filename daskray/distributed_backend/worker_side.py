@@ -4,10 +4,11 @@ the tasks there call through."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import threading
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .. import backend
 from ..errors import TaskCancelledError
@@ -26,6 +27,9 @@ MAX_CACHED_FUNCTIONS = 512
 #: the attribute a call's exception carries its worker-side traceback text in
 REMOTE_TRACEBACK = "_daskray_remote_traceback"
 
+
+#: ``.active`` in a task thread that left its worker's pool (``leave_worker_pool``)
+_seceded = threading.local()
 
 #: the session class tasks here call through, set by daskray's worker plugin on each
 #: worker (``joining.DaskrayWorkerPlugin``; the class lives above this module)
@@ -54,6 +58,42 @@ def task_session() -> Any:
         tracker.on_drop = session.forget
         tracker.wake = session.wake
         return session
+
+
+@contextlib.contextmanager
+def leave_worker_pool() -> Iterator[None]:
+    """Inside a task on a dask worker: give its thread slot back while this waits (in
+    ``get()``, for an actor's reply or constructor), so that the tasks it waits for can
+    run there (``secede``; ``rejoin`` afterwards).  Elsewhere (the driver, an actor's
+    own threads) and when already left, it does nothing."""
+    from distributed.worker import thread_state
+
+    if getattr(_seceded, "active", False) or not hasattr(thread_state, "start_time"):
+        yield
+        return
+    from distributed import rejoin, secede
+
+    try:
+        secede()
+    except (KeyError, ValueError):  # not a task thread after all
+        yield
+        return
+    _seceded.active = True
+    try:
+        yield
+    finally:
+        _seceded.active = False
+        rejoin()
+
+
+def forget_frames(exc: BaseException) -> None:
+    """Drop the traceback of ``exc``, an exception this thread handles.  One raised
+    through ``client.sync`` stays in a reference cycle (with the asyncio task that
+    raised it), and its traceback's frames lead (``f_back``) to the frames of this
+    thread's callers: until Python's next cycle collection those would keep their
+    values alive -- a call's arguments, ObjectRefs and actor handles among them, and
+    with them the objects and actors they name."""
+    exc.__traceback__ = None
 
 
 class CallArguments:
@@ -108,7 +148,7 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
     func = function_of(table_id, table)
     args, kwargs = call.filled(values)
     session = task_session()
-    key = _task_key()
+    key = task_key()
     with _lock:
         _running[key] = threading.get_ident()
     try:
@@ -140,7 +180,7 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
     return result
 
 
-def _task_key() -> Any:
+def task_key() -> Any:
     from distributed.worker import thread_state
 
     return getattr(thread_state, "key", None)
