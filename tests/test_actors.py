@@ -356,9 +356,7 @@ def test_decorated_class_inside_a_function(backend):
 
 
 @pytest.mark.timeout(60)
-def test_issue_example_counter_and_dask_delayed():
-    """Local only for now: dask graphs on the dask.distributed backend are not built
-    yet (``distributed_backend/graphs.py``); ``backend`` once they are."""
+def test_issue_example_counter_and_dask_delayed(backend):
     c = Counter.remote(5)
     assert isinstance(c, daskray.ActorHandle)
     assert daskray.get([c.incr.remote() for _ in range(3)]) == [6, 7, 8]
@@ -413,10 +411,7 @@ def test_handle_is_returned_at_once_while_constructor_args_are_pending(backend):
 
 
 @pytest.mark.timeout(60)
-def test_dask_delayed_actor_method():
-    """Local only for now, as ``test_issue_example_counter_and_dask_delayed``;
-    test_distributed_actors computes ``dask.delayed(handle.method)`` with distributed's
-    own client meanwhile."""
+def test_dask_delayed_actor_method(backend):
     c = Counter.remote(0)
     assert dask.delayed(c.incr)(10).compute() == 10
     # inside a bigger graph, its input from another delayed task
