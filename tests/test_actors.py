@@ -54,6 +54,9 @@ def no_actor_outlives_this_module(cluster):
     """The cluster is shared with other test files, which count the head's
     children: actor processes started here (and leaked by a daskray bug) are
     stopped when the module ends."""
+    if running_backend() != "local":  # only this file's tests on dask were chosen
+        yield
+        return
     before = _head_children()
     yield
     if running_backend() != "local":

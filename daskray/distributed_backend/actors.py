@@ -44,7 +44,7 @@ from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
 from .actor_host import (KILLED, MAX_RESTARTS, RESTARTS, ActorHost, ActorSpec, ExitActor,
                          current_host, mark_killed, resolve_arguments, restarts_used_up,
                          running)
-from .worker_side import (forget_frames, leave_worker_pool, nth_return, task_key,
+from .worker_side import (forget_frames, leave_worker_pool, task_key,
                           task_session)
 
 NAME_PREFIX = "daskray-actor:"
@@ -177,27 +177,15 @@ def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict
         payload = _pickled((args, kwargs), f"the arguments of {label}()")
     seq = state_of(session).next_seq(handle._actor_id)
     number = next(session._numbers)
-    keys = [(session.owner, number, i) for i in range(num_returns)]
+    keys, base_key = session.call_keys(number, num_returns)
     creation = handle._creation._key
-    base_key = dask_key_of(keys[0]) if num_returns == 1 else \
-        f"daskray-call-{session.owner.hex()}-{number}"
     base = session.client.submit(run_actor_call, creation, session.owner, seq, method, payload,
                                  key=base_key, pure=False)
-    if num_returns == 1:
-        futures = [base]
-    else:
-        futures = [session.client.submit(nth_return, base, i, num_returns, label,
-                                         key=dask_key_of(k), pure=False)
-                   for i, k in enumerate(keys)]
-    # the call keeps its actor alive even if the caller drops the handle at once
-    pins = list(dict.fromkeys([*pinned, creation]))
-    for key, future in zip(keys, futures):
-        session.table.own(key, future, pins)
     calls = state_of(session).calls
     calls[keys[0]] = (creation, seq)
     base.add_done_callback(lambda _f, k=keys[0]: calls.pop(k, None))
-    refs = [ObjectRef(k, owned=True) for k in keys]
-    return refs[0] if num_returns == 1 else refs
+    # the call keeps its actor alive even if the caller drops the handle at once
+    return session.returns(base, keys, label, list(dict.fromkeys([*pinned, creation])))
 
 
 def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:

@@ -118,13 +118,11 @@ class DistributedSession:
         number = next(self._numbers)
         name = options.get("name") or getattr(func, "__name__", "task")
         num_returns = options.get("num_returns", 1)
-        keys = [(self.owner, number, i) for i in range(num_returns)]
+        keys, base_key = self.call_keys(number, num_returns)
         retries = options.get("max_retries", 3)
         exception_retries = (10**6 if retries == -1 else retries) \
             if options.get("retry_exceptions") else 0
         call, inputs = self._call_arguments(args, kwargs)
-        base_key = dask_key_of(keys[0]) if num_returns == 1 else \
-            f"daskray-call-{self.owner.hex()}-{number}"
         with collect_pickled_refs() as pinned:
             try:
                 base = self.client.submit(run_call, table.id, table.data, exception_retries, call,
@@ -132,17 +130,31 @@ class DistributedSession:
                                           **self._placement(options))
             except Exception as exc:
                 raise _unpicklable(f"task {name}", (args, kwargs), exc) from exc
-        if num_returns == 1:
+        return self.returns(base, keys, name, list(dict.fromkeys(pinned)))
+
+    def call_keys(self, number: int, num_returns: int) -> tuple[list[RefKey], str]:
+        """The ObjectRef keys of call ``number``, and the dask key its task runs under
+        (its one ref's, or a key of its own whose value the refs take apart)."""
+        keys = [(self.owner, number, i) for i in range(num_returns)]
+        base_key = dask_key_of(keys[0]) if num_returns == 1 else \
+            f"daskray-call-{self.owner.hex()}-{number}"
+        return keys, base_key
+
+    def returns(self, base: Any, keys: list[RefKey], name: str,
+                pins: list[RefKey]) -> ObjectRef | list[ObjectRef]:
+        """The ObjectRefs of a submitted call whose task is ``base``: with
+        ``num_returns`` > 1, one small task per value takes it out of the result.
+        ``pins`` live until the call ran."""
+        if len(keys) == 1:
             futures = [base]
         else:
-            futures = [self.client.submit(nth_return, base, i, num_returns, name,
+            futures = [self.client.submit(nth_return, base, i, len(keys), name,
                                           key=dask_key_of(k), pure=False)
                        for i, k in enumerate(keys)]
-        pins = list(dict.fromkeys(pinned))
         for key, future in zip(keys, futures):
             self.table.own(key, future, pins)
         refs = [ObjectRef(k, owned=True) for k in keys]
-        return refs[0] if num_returns == 1 else refs
+        return refs[0] if len(keys) == 1 else refs
 
     def _placement(self, options: dict) -> dict:
         """distributed's ``resources=`` for a call's options; refused at once when no
