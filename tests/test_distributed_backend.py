@@ -200,6 +200,8 @@ def where_am_i():
 
 def test_joining_tells_the_dask_cluster(on_distributed):
     dask_cluster = on_distributed
+    # an earlier test may have killed a worker: its nanny brings it back
+    assert wait_until(lambda: len(dask_cluster.scheduler.workers) == NUM_WORKERS, timeout=60)
     ctx = daskray.init(ignore_reinit_error=True)
     assert ctx.backend == "distributed" and ctx["dashboard_url"] == ctx.dashboard_url
     assert ctx.address_info["address"] == dask_cluster.scheduler_address

@@ -39,12 +39,12 @@ from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 
 from ..backend import ActorSpec as ActorClassSpec
-from ..errors import ActorDiedError, DaskrayError, SerializationError
+from ..errors import ActorDiedError, DaskrayError
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
 from .actor_host import (KILLED, MAX_RESTARTS, RESTARTS, ActorHost, ActorSpec, ExitActor,
                          current_host, mark_killed, resolve_arguments, restarts_used_up,
                          running)
-from .worker_side import (forget_frames, leave_worker_pool, task_key,
+from .worker_side import (forget_frames, leave_worker_pool, task_key, unpicklable,
                           task_session)
 
 NAME_PREFIX = "daskray-actor:"
@@ -159,10 +159,7 @@ def _pickled(value: Any, what: str) -> bytes:
     try:
         return cloudpickle.dumps(value, protocol=5)
     except Exception as exc:
-        raise SerializationError(
-            f"{what} cannot be pickled: {exc}. Values are sent to the dask workers, so "
-            "they must be picklable (open files, locks, sockets and generators are not); "
-            "create such objects inside the actor.") from exc
+        raise unpicklable(what, exc, "actor") from exc
 
 
 # ---------------------------------------------------------------- calling

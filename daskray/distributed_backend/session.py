@@ -31,13 +31,12 @@ import cloudpickle
 
 from ..backend import ActorSpec
 from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTraceback,
-                      SerializationError,
                       TaskCancelledError, WorkerCrashedError)
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from . import actors, graphs
 from .futures import FutureTable
 from .worker_side import (REMOTE_TRACEBACK, CallArguments, forget_frames, interrupt_calls,
-                          leave_worker_pool, nth_return, run_call)
+                          leave_worker_pool, nth_return, run_call, unpicklable)
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
@@ -413,10 +412,7 @@ def _unpicklable(what: str, value: Any, exc: BaseException) -> BaseException:
     try:
         cloudpickle.dumps(value)
     except Exception as cause:
-        return SerializationError(
-            f"{what} cannot be pickled: {cause}. Values are sent to the dask workers, so "
-            "they must be picklable (open files, locks, sockets and generators are not); "
-            "create such objects inside the task.")
+        return unpicklable(what, cause)
     return exc
 
 

@@ -11,7 +11,7 @@ import traceback
 from typing import Any, Callable, Iterator
 
 from .. import backend
-from ..errors import TaskCancelledError
+from ..errors import SerializationError, TaskCancelledError
 from ..refs import tracker
 from ..runtime.serialization import decode_table
 
@@ -201,6 +201,15 @@ def interrupt_calls(keys: list) -> list:
                     ctypes.c_ulong(ident), ctypes.py_object(TaskCancelledError))
                 hit.append(key)
     return hit
+
+
+def unpicklable(what: str, cause: BaseException, where: str = "task") -> SerializationError:
+    """The error for a value that cannot be sent to the dask workers: ``what`` names
+    it, ``cause`` is pickle's complaint, ``where`` what should make it instead."""
+    return SerializationError(
+        f"{what} cannot be pickled: {cause}. Values are sent to the dask workers, so "
+        "they must be picklable (open files, locks, sockets and generators are not); "
+        f"create such objects inside the {where}.")
 
 
 def nth_return(value: Any, index: int, count: int, name: str) -> Any:
