@@ -1078,11 +1078,6 @@ def test_actor_pool_submit_get_next(backend):
         pool.get_next()
 
 
-def test_actor_pool_needs_actors():
-    with pytest.raises(ValueError):
-        daskray.ActorPool([])
-
-
 # =========================================================================== spellings
 
 

@@ -1,13 +1,33 @@
-"""``ActorPool``: spread calls over a fixed set of actors, as Ray's ActorPool does."""
+"""``ActorPool``: spread calls over a set of actors, as Ray's ``ray.util.ActorPool``.
+
+A call is ``fn(actor, value)``, which returns an ObjectRef (or a list of them, for a
+method with ``num_returns`` > 1).  An actor is busy from the call until its result is
+taken with :meth:`ActorPool.get_next` or :meth:`ActorPool.get_next_unordered`, as in
+Ray; calls submitted while no actor is idle wait in the pool and start as results
+are taken.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator
 
 from ..api import get, wait
-from ..errors import GetTimeoutError
+from ..errors import ActorDiedError, GetTimeoutError
 from ..refs import ObjectRef
+
+#: what ``fn(actor, value)`` returns: one ObjectRef, or a list of them
+Future = Any
+
+
+def _key(future: Future) -> Any:
+    """A hashable stand-in for a call's result (a list of refs is not hashable)."""
+    return tuple(future) if isinstance(future, list) else future
+
+
+def _refs(future: Future) -> list[ObjectRef]:
+    return list(future) if isinstance(future, (list, tuple)) else [future]
 
 
 class ActorPool:
@@ -18,81 +38,145 @@ class ActorPool:
     [2, 4, 6]
     """
 
-    def __init__(self, actors: list) -> None:
-        if not actors:
-            raise ValueError("ActorPool needs at least one actor")
-        self._idle = deque(actors)
-        self._running: dict[ObjectRef, tuple[int, Any]] = {}  # ref -> (index, actor)
-        self._results: dict[int, ObjectRef] = {}
-        self._pending: deque = deque()  # (fn, value) waiting for an idle actor
+    def __init__(self, actors: Iterable) -> None:
+        self._idle: list = list(actors)
+        #: key of a started call's result -> (its submission index, its actor)
+        self._running: dict[Any, tuple[int, Any]] = {}
+        #: submission index -> the call's result, until it is taken
+        self._by_index: dict[int, Future] = {}
+        #: (fn, value) submitted while no actor was idle
+        self._pending: deque = deque()
         self._next_submit = 0
         self._next_return = 0
 
-    def submit(self, fn: Callable[[Any, Any], ObjectRef], value: Any) -> None:
+    # ------------------------------------------------------------ submitting
+
+    def submit(self, fn: Callable[[Any, Any], Future], value: Any) -> None:
         """Schedule ``fn(actor, value)`` on an idle actor (or once one is idle)."""
-        if self._idle:
-            actor = self._idle.popleft()
-            ref = fn(actor, value)
-            self._running[ref] = (self._next_submit, actor)
-            self._results[self._next_submit] = ref
-            self._next_submit += 1
-        else:
+        if not self._idle:
             self._pending.append((fn, value))
+            return
+        actor = self._idle.pop()
+        future = fn(actor, value)
+        self._running[_key(future)] = (self._next_submit, actor)
+        self._by_index[self._next_submit] = future
+        self._next_submit += 1
+
+    def map(self, fn: Callable[[Any, Any], Future], values: Iterable) -> Iterator:
+        """Results of ``fn(actor, v)`` for every value, in order.  Results of calls
+        submitted before are dropped first (Ray's ``map`` does the same), so the
+        iterator yields only this map's."""
+        self._drop_earlier_results()
+        for v in values:
+            self.submit(fn, v)
+        return self._results(self.get_next)
+
+    def map_unordered(self, fn: Callable[[Any, Any], Future], values: Iterable) -> Iterator:
+        """Results of ``fn(actor, v)`` for every value, as they finish (earlier
+        submissions' results dropped first, as by :meth:`map`)."""
+        self._drop_earlier_results()
+        for v in values:
+            self.submit(fn, v)
+        return self._results(self.get_next_unordered)
+
+    def _results(self, take: Callable[[], Any]) -> Iterator:
+        while self.has_next():
+            yield take()
+
+    def _drop_earlier_results(self) -> None:
+        """Forget every call not taken yet without waiting for it: its actor is
+        idle again (a new call on it runs after the old one, in the actor's order);
+        calls still waiting for an actor start and are forgotten as well."""
+        while self._running:
+            for key in list(self._running):
+                index, actor = self._running.pop(key)
+                self._by_index.pop(index, None)
+                self._return_actor(actor)
+        self._next_return = self._next_submit
+
+    # ------------------------------------------------------------ taking results
 
     def has_next(self) -> bool:
-        return bool(self._running) or bool(self._pending)
+        """Whether a submitted call's result is still to be taken."""
+        return bool(self._running)
 
     def has_free(self) -> bool:
+        """Whether an actor is idle and no submitted call waits for one."""
         return bool(self._idle) and not self._pending
 
-    def _finished(self, ref: ObjectRef) -> None:
-        _, actor = self._running.pop(ref)
-        self._idle.append(actor)
-        if self._pending:
-            self.submit(*self._pending.popleft())
-
     def get_next(self, timeout: float | None = None) -> Any:
-        """The next result in submission order."""
+        """The next result in submission order, waiting at most ``timeout`` seconds
+        (``GetTimeoutError``, a ``TimeoutError``; the call stays in the pool)."""
         if not self.has_next():
-            raise StopIteration("no more results to get")
-        while self._next_return not in self._results:
-            self._wait_one(timeout)
-        ref = self._results.pop(self._next_return)
+            raise StopIteration("no more results to get: submit calls first")
+        while self._next_return not in self._by_index:  # taken by get_next_unordered
+            self._next_return += 1
+        future = self._by_index[self._next_return]
+        if timeout is not None:
+            refs = _refs(future)
+            ready, _ = wait(refs, num_returns=len(refs), timeout=timeout)
+            if len(ready) < len(refs):
+                raise GetTimeoutError(
+                    f"the pool's next result (call {self._next_return}) is not ready "
+                    f"after {timeout} s; it stays in the pool")
+        del self._by_index[self._next_return]
         self._next_return += 1
-        if ref in self._running:
-            value = get(ref, timeout=timeout)
-            self._finished(ref)
-            return value
-        return get(ref)
+        _, actor = self._running.pop(_key(future))
+        return self._take(future, actor)
 
     def get_next_unordered(self, timeout: float | None = None) -> Any:
-        """The next result to finish, whichever call it belongs to."""
+        """The result of whichever call finishes first, waiting at most ``timeout``
+        seconds (``GetTimeoutError``, a ``TimeoutError``)."""
         if not self.has_next():
-            raise StopIteration("no more results to get")
-        while not self._running:
-            raise StopIteration("no call is running")
-        ref = self._wait_one(timeout)
-        index = next(i for i, r in self._results.items() if r == ref)
-        del self._results[index]
-        return get(ref)
+            raise StopIteration("no more results to get: submit calls first")
+        key = self._first_finished(timeout)
+        index, actor = self._running.pop(key)
+        future = self._by_index.pop(index)
+        self._next_return = max(self._next_return, index + 1)
+        return self._take(future, actor)
 
-    def _wait_one(self, timeout: float | None) -> ObjectRef:
-        ready, _ = wait(list(self._running), num_returns=1, timeout=timeout)
-        if not ready:
-            raise GetTimeoutError(f"no actor call finished within {timeout} s")
-        self._finished(ready[0])
-        return ready[0]
+    def _first_finished(self, timeout: float | None) -> Any:
+        """The key of a call all of whose refs are ready, waiting for one."""
+        owner = {ref: key for key in self._running for ref in _refs(key)}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        wanted = 1
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready, _ = wait(list(owner), num_returns=min(wanted, len(owner)), timeout=left)
+            done = set(ready)
+            for key in self._running:
+                if all(ref in done for ref in _refs(key)):
+                    return key
+            if len(ready) < wanted or wanted >= len(owner):
+                raise GetTimeoutError(f"no call of the pool finished within {timeout} s")
+            wanted = len(ready) + 1  # a call of many refs has only some of them ready
 
-    def map(self, fn: Callable, values: Iterable) -> Iterator:
-        """Results of ``fn(actor, v)`` for every value, in order."""
-        for v in values:
-            self.submit(fn, v)
-        while self.has_next():
-            yield self.get_next()
+    def _take(self, future: Future, actor: Any) -> Any:
+        """The value(s) of ``future``; its actor is idle again unless it died."""
+        alive = True
+        try:
+            return get(future)
+        except ActorDiedError:
+            alive = False  # a dead actor would take every later call and fail it
+            raise
+        finally:
+            self._return_actor(actor, alive)
 
-    def map_unordered(self, fn: Callable, values: Iterable) -> Iterator:
-        """Results of ``fn(actor, v)`` for every value, as they finish."""
-        for v in values:
-            self.submit(fn, v)
-        while self.has_next():
-            yield self.get_next_unordered()
+    # ------------------------------------------------------------ the actors
+
+    def _return_actor(self, actor: Any, alive: bool = True) -> None:
+        if alive:
+            self._idle.append(actor)
+        if self._pending and self._idle:
+            self.submit(*self._pending.popleft())
+
+    def pop_idle(self) -> Any:
+        """Take an idle actor out of the pool; None if none is free."""
+        return self._idle.pop() if self.has_free() else None
+
+    def push(self, actor: Any) -> None:
+        """Add ``actor`` to the pool (it takes a waiting call at once, if any)."""
+        busy = [a for _, a in self._running.values()]
+        if actor in self._idle or actor in busy:
+            raise ValueError(f"{actor!r} belongs to this ActorPool already")
+        self._return_actor(actor)

@@ -1,0 +1,129 @@
+"""Ray's API as Ray users reach for it: ``ActorPool`` (also ``daskray.util.ActorPool``),
+named actors (namespaces, ``util.list_named_actors``, taken names, ``get_if_exists``,
+``kill(no_restart=False)``, fate sharing), ``init(num_cpus=0)``, a float
+``object_store_memory``, ``ObjectID``, and auto-init (the first call starts a cluster).
+
+Tests that apply to both backends take the ``backend`` fixture (daskray's own
+runtime, then a dask.distributed cluster).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import daskray
+import daskray.util
+from helpers import running_backend, start_cluster, wait_for_path
+
+pytestmark = pytest.mark.usefixtures("cluster")
+
+
+@daskray.remote
+class Worker:
+    """An actor for the pool: doubles values, can wait for a file, returns pairs."""
+
+    def double(self, v):
+        return 2 * v
+
+    def double_when(self, v, path):
+        """2*v once ``path`` exists: the test decides when the call finishes."""
+        deadline = time.monotonic() + 60
+        while not os.path.exists(path) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return 2 * v
+
+    @daskray.method(num_returns=2)
+    def pair(self, v):
+        return v, -v
+
+    def pid(self):
+        return os.getpid()
+
+
+# =========================================================================== ActorPool
+
+
+def test_actor_pool_is_under_rays_path():
+    assert daskray.util.ActorPool is daskray.ActorPool
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_map_never_yields_an_earlier_submits_result(backend):
+    pool = daskray.util.ActorPool([Worker.remote(), Worker.remote()])
+    pool.submit(lambda a, v: a.double.remote(v), 100)
+    pool.submit(lambda a, v: a.double.remote(v), 200)
+    assert list(pool.map(lambda a, v: a.double.remote(v), [1, 2, 3])) == [2, 4, 6]
+    pool.submit(lambda a, v: a.double.remote(v), 300)
+    assert sorted(pool.map_unordered(lambda a, v: a.double.remote(v), [4, 5])) == [8, 10]
+    assert not pool.has_next()
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_push_pop_idle_and_has_free(backend):
+    a, b = Worker.remote(), Worker.remote()
+    pool = daskray.util.ActorPool([a])
+    pool.submit(lambda actor, v: actor.double.remote(v), 1)
+    assert not pool.has_free()
+    assert pool.pop_idle() is None  # the only actor is busy until its result is taken
+    pool.submit(lambda actor, v: actor.double.remote(v), 2)  # waits for an actor
+    pool.push(b)  # takes the waiting call at once
+    assert not pool.has_free()
+    assert [pool.get_next(), pool.get_next()] == [2, 4]
+    assert pool.has_free()
+    with pytest.raises(ValueError, match="belongs to this ActorPool"):
+        pool.push(a)
+    popped = {pool.pop_idle(), pool.pop_idle()}
+    assert popped == {a, b}
+    assert pool.pop_idle() is None and not pool.has_free()
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_empty_pool_grows_with_push(backend):
+    pool = daskray.util.ActorPool([])
+    assert not pool.has_free() and not pool.has_next()
+    pool.submit(lambda actor, v: actor.double.remote(v), 21)  # waits for an actor
+    pool.push(Worker.remote())
+    assert pool.get_next() == 42
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_methods_with_two_returns(backend):
+    pool = daskray.util.ActorPool([Worker.remote(), Worker.remote()])
+    assert list(pool.map(lambda a, v: a.pair.remote(v), [1, 2, 3])) == \
+        [[1, -1], [2, -2], [3, -3]]
+    assert sorted(pool.map_unordered(lambda a, v: a.pair.remote(v), [4, 5])) == \
+        [[4, -4], [5, -5]]
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_get_next_timeout_keeps_the_call(backend, tmp_path):
+    gate = str(tmp_path / "gate")
+    pool = daskray.util.ActorPool([Worker.remote()])
+    pool.submit(lambda a, v: a.double_when.remote(v, gate), 5)
+    with pytest.raises(TimeoutError):
+        pool.get_next(timeout=0.2)
+    with pytest.raises(TimeoutError):
+        pool.get_next_unordered(timeout=0.2)
+    assert pool.has_next()
+    open(gate, "w").close()
+    assert pool.get_next(timeout=30) == 10
+    assert not pool.has_next()
+
+
+@pytest.mark.timeout(60)
+def test_actor_pool_get_next_unordered_gives_the_first_finished(backend, tmp_path):
+    gate = str(tmp_path / "gate")
+    pool = daskray.util.ActorPool([Worker.remote(), Worker.remote()])
+    pool.submit(lambda a, v: a.double_when.remote(v, gate), 1)  # held back
+    pool.submit(lambda a, v: a.double.remote(v), 2)
+    assert pool.get_next_unordered(timeout=30) == 4
+    open(gate, "w").close()
+    assert pool.get_next_unordered(timeout=30) == 2
+    with pytest.raises(StopIteration):
+        pool.get_next_unordered()
