@@ -30,7 +30,7 @@ _LAZY = {
         ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
          "kill", "get_actor", "object_store_stats", "cluster_resources",
          "available_resources", "nodes", "exit_actor", "get_runtime_context"], "api"),
-    "ObjectRef": "refs",
+    "ObjectRef": "refs", "ObjectID": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors", "method": "actors",
     "ActorPool": "actors.pool",
 }
@@ -44,11 +44,15 @@ __all__ = [
 ]
 
 
+#: Ray's other names for public names: alias -> the name
+_ALIASES = {"ObjectID": "ObjectRef"}
+
+
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'daskray' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    value = getattr(importlib.import_module(f".{module}", __name__), _ALIASES.get(name, name))
     globals()[name] = value
     return value
 

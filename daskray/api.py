@@ -9,6 +9,7 @@ also runs at interpreter exit and is safe to call twice.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import threading
 from typing import Any
@@ -115,7 +116,7 @@ def init(
     address: str | None = None,
     client: Any = None,
     security: Any = None,
-    object_store_memory: int | str | None = None,
+    object_store_memory: int | float | str | None = None,
     _validate: bool = False,
     _store_namespaces: int = 1,
     **ray_options: Any,
@@ -134,10 +135,14 @@ def init(
     dicts gives worker *i* the *i*-th.
 
     ``object_store_memory`` caps the bytes large objects take in shared memory on
-    this machine (bytes, or a string such as ``"4 GiB"``; else dask's config
+    this machine (bytes -- a float is rounded, as Ray takes one --, or a string such
+    as ``"4 GiB"``; else dask's config
     ``daskray.object-store-memory``; else 30% of the machine's memory).  Past it,
     the least recently used objects no live value refers to spill to disk and are
     read back from there transparently; :func:`object_store_stats` tells the use.
+
+    ``num_workers=0`` (Ray's ``num_cpus=0``) starts no worker: ``put`` and ``get``
+    work, remote calls wait for a worker that never comes.
 
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
     options about its dashboard, logging and namespaces are accepted and have no
@@ -191,10 +196,13 @@ def init(
             )
         if on_dask:
             return _join_distributed(address, client, security, set_dask_scheduler)
-        if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 1):
-            raise ValueError(f"num_workers must be a positive integer, got {num_workers!r}")
+        if num_workers is not None and (
+                not isinstance(num_workers, int) or isinstance(num_workers, bool)
+                or num_workers < 0):
+            raise ValueError(f"num_workers must be a whole number >= 0, got {num_workers!r}")
         cluster = None
-        n = num_workers or os.cpu_count() or 1
+        # 0 workers (Ray's num_cpus=0): put and get work, tasks wait for a worker
+        n = num_workers if num_workers is not None else os.cpu_count() or 1
         if isinstance(resources, dict):
             resources = [resources] * n
         if resources is not None and (
@@ -263,7 +271,7 @@ class ClusterContext:
         return f"ClusterContext({self.address_info})"
 
 
-def _store_limit(value: int | str | None) -> int | None:
+def _store_limit(value: int | float | str | None) -> int | None:
     """The object store's limit in bytes from init's argument or dask's config;
     None for the default."""
     if value is None:
@@ -275,6 +283,8 @@ def _store_limit(value: int | str | None) -> int | None:
             value = dask.utils.parse_bytes(value)
         except ValueError as exc:
             raise ValueError(f"object_store_memory: {exc}; give bytes, or e.g. '4 GiB'") from None
+    if isinstance(value, float) and math.isfinite(value) and value >= 1:
+        value = round(value)  # Ray takes a float number of bytes too
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(
             f"object_store_memory must be a positive number of bytes, got {value!r}")

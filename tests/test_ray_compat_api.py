@@ -18,6 +18,7 @@ import time
 import pytest
 
 import daskray
+import daskray.api
 import daskray.util
 from helpers import running_backend, start_cluster, wait_for_path
 
@@ -127,3 +128,45 @@ def test_actor_pool_get_next_unordered_gives_the_first_finished(backend, tmp_pat
     assert pool.get_next_unordered(timeout=30) == 2
     with pytest.raises(StopIteration):
         pool.get_next_unordered()
+
+
+# =========================================================================== small API
+
+
+@daskray.remote
+def one():
+    return 1
+
+
+def test_object_id_is_object_ref():
+    assert daskray.ObjectID is daskray.ObjectRef
+    assert isinstance(daskray.put(1), daskray.ObjectID)
+
+
+@pytest.mark.timeout(60)
+def test_init_with_no_cpus_starts_no_worker(restart_cluster):
+    import numpy as np
+    import psutil
+
+    daskray.shutdown()
+    daskray.init(num_cpus=0, _validate=True)
+    head = psutil.Process(daskray.api._runtime.cluster.head.pid)
+    assert head.children() == []
+    big = np.arange(1_000_000)
+    assert daskray.get(daskray.put(3), timeout=10) == 3
+    assert np.array_equal(daskray.get(daskray.put(big), timeout=10), big)
+    pending = one.remote()  # no worker will run it
+    assert daskray.wait([pending], timeout=0.5) == ([], [pending])
+    with pytest.raises(daskray.GetTimeoutError):
+        daskray.get(pending, timeout=0.2)
+
+
+@pytest.mark.timeout(60)
+def test_init_takes_a_float_object_store_memory(restart_cluster):
+    daskray.shutdown()
+    daskray.init(num_workers=1, object_store_memory=2.5e8)
+    assert daskray.object_store_stats()["limit"] == 250_000_000
+    daskray.shutdown()
+    with pytest.raises(ValueError, match="positive number of bytes"):
+        daskray.init(num_workers=1, object_store_memory=0.5)
+    assert not daskray.is_initialized()
