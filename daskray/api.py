@@ -3,7 +3,8 @@
 One runtime per driver process, held here.  ``init`` starts a local cluster (or,
 with ``local_mode=True``, nothing: graphs then run serially in this process) and
 makes daskray dask's default scheduler; ``shutdown`` undoes both.  ``shutdown``
-also runs at interpreter exit and is safe to call twice.
+also runs at interpreter exit and is safe to call twice.  Without ``init``, the
+first call that needs a cluster starts one (:func:`_auto_init`, Ray's auto-init).
 """
 
 from __future__ import annotations
@@ -305,7 +306,8 @@ def object_store_stats() -> dict:
 
 
 def is_initialized() -> bool:
-    """Whether :func:`init` has been called (and :func:`shutdown` not since)."""
+    """Whether daskray runs in this driver: :func:`init` was called, or a first call
+    started it (auto-init), and :func:`shutdown` was not called since."""
     return _runtime is not None
 
 
@@ -339,10 +341,26 @@ def _current() -> _Runtime:
     return runtime
 
 
-def _session() -> Session | LocalSession:
+def _session(auto_start: bool = True) -> Session | LocalSession:
     """The session remote calls go through: the driver's, or the worker's inside a task
-    (see :mod:`daskray.backend`)."""
-    return backend.current()
+    (see :mod:`daskray.backend`).  With none, :func:`_auto_init` starts one unless
+    ``auto_start=False`` (calls that only make sense on a running cluster)."""
+    return backend.current(auto_start=auto_start)
+
+
+def _auto_init() -> None:
+    """Ray's auto-init: the first call that needs a cluster (``put``, ``get``,
+    ``wait``, ``.remote()``, ``get_actor``) starts one as ``init()`` would, joining
+    ``DASKRAY_ADDRESS`` if set.  Unlike an explicit ``init()``, daskray does not
+    become dask's default scheduler: a program that never called ``init`` keeps
+    dask's own.  Shut down at exit like any other."""
+    with _lock:
+        if _runtime is not None or "DASKRAY_CONFIG" in os.environ:
+            return  # running, or one of daskray's own processes: never a cluster of its own
+        init(set_dask_scheduler=False)
+
+
+backend.set_auto_start(_auto_init)
 
 
 def get(obj: Any, keys: Any = None, *, timeout: float | None = None, **kwargs: Any) -> Any:
@@ -463,14 +481,14 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
     """End the actor now; calls in flight and later calls raise ``ActorDiedError``."""
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"daskray.kill() expects an actor handle, got {type(actor).__name__}")
-    _session().kill_actor(actor)
+    _session(auto_start=False).kill_actor(actor)
 
 
 def exit_actor() -> None:
     """Ray's ``exit_actor()``: called in an actor's method, end that actor now, for
     good (no restart).  The call itself and the calls queued after it raise
     ``ActorDiedError``; later calls too."""
-    session = _session()
+    session = _session(auto_start=False)
     ends_it = getattr(session, "exit_actor", None)  # local mode, the dask.distributed backend
     if ends_it is not None:
         ends_it()
@@ -489,7 +507,7 @@ class RuntimeContext:
     """Where the calling code runs, as Ray's ``get_runtime_context()`` tells it."""
 
     def __init__(self) -> None:
-        session = _session()
+        session = _session(auto_start=False)
         self._node_id = "local"
         ids = getattr(session, "runtime_ids", None)  # a backend that tells its own
         if ids is not None:
@@ -547,20 +565,20 @@ def cluster_resources() -> dict:
     """What the cluster's task workers offer, as Ray's ``cluster_resources()``:
     ``{"CPU": workers, <custom resource>: amount, "object_store_memory": bytes}``
     (floats).  In ``local_mode``, one CPU: calls run one at a time."""
-    return _session().resources()[0]
+    return _session(auto_start=False).resources()[0]
 
 
 def available_resources() -> dict:
     """What is free now, as Ray's ``available_resources()``: the resources of the
     workers running no task (each runs one at a time), and the store's free bytes."""
-    return _session().resources()[1]
+    return _session(auto_start=False).resources()[1]
 
 
 def nodes() -> list[dict]:
     """The machines of the cluster, as Ray's ``nodes()``: daskray runs on one."""
     import platform
 
-    machines = getattr(_session(), "nodes", None)  # a cluster of many machines tells its own
+    machines = getattr(_session(auto_start=False), "nodes", None)  # a cluster of many machines tells its own
     if machines is not None:
         return machines()
     return [{"NodeID": "local", "Alive": True, "NodeManagerAddress": "127.0.0.1",

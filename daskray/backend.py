@@ -62,6 +62,16 @@ class Backend(Protocol):
 
 _driver: Backend | None = None
 _in_task: Backend | None = None
+#: starts the driver's session when a call needs one and none runs (Ray's auto-init;
+#: set by ``daskray.api``), or None
+_auto_start: Callable[[], None] | None = None
+
+
+def set_auto_start(start: Callable[[], None] | None) -> None:
+    """Have :func:`current` call ``start()`` when no session is installed: it
+    installs one (``daskray.init``), so a program's first call needs no ``init``."""
+    global _auto_start
+    _auto_start = start
 
 
 def install(session: Backend, *, in_task: bool = False) -> None:
@@ -85,9 +95,14 @@ def installed() -> Backend | None:
     return _in_task if _in_task is not None else _driver
 
 
-def current() -> Backend:
-    """The session calls go through here: the worker's inside a task, else the driver's."""
-    session = _in_task if _in_task is not None else _driver
+def current(*, auto_start: bool = True) -> Backend:
+    """The session calls go through here: the worker's inside a task, else the driver's.
+    With none, one is started first (see :func:`set_auto_start`) unless
+    ``auto_start=False``: calls that only make sense on a running cluster say so."""
+    session = installed()
+    if session is None and auto_start and _auto_start is not None:
+        _auto_start()
+        session = installed()
     if session is None:
         raise ClusterError("daskray is not running: call daskray.init() first")
     return session

@@ -170,3 +170,91 @@ def test_init_takes_a_float_object_store_memory(restart_cluster):
     with pytest.raises(ValueError, match="positive number of bytes"):
         daskray.init(num_workers=1, object_store_memory=0.5)
     assert not daskray.is_initialized()
+
+
+# =========================================================================== auto-init
+
+#: a driver that never calls init(): each entry point in turn starts daskray
+AUTO_INIT_SCRIPT = textwrap.dedent("""
+    import os, sys
+    import dask
+    import daskray
+
+    @daskray.remote
+    def pid():
+        return os.getpid()
+
+    @daskray.remote
+    class Box:
+        def pid(self):
+            return os.getpid()
+
+    def started(what, call):
+        assert not daskray.is_initialized(), what
+        call()
+        assert daskray.is_initialized(), f"{what} did not start daskray"
+        print(what, daskray.init(ignore_reinit_error=True).backend, flush=True)
+
+    def not_dask_default():
+        # dask's own scheduler runs this in this process; daskray's would not
+        assert dask.config.get("scheduler", None) is None
+        assert dask.delayed(os.getpid)().compute() == os.getpid()
+
+    started("put", lambda: daskray.get(daskray.put(1), timeout=60) == 1)
+    not_dask_default()
+    daskray.shutdown()
+    started("remote", lambda: daskray.get(pid.remote(), timeout=60))
+    daskray.shutdown()
+    started("actor", lambda: daskray.get(Box.remote().pid.remote(), timeout=60))
+    daskray.shutdown()
+    started("get", lambda: daskray.get([], timeout=60))
+    daskray.shutdown()
+    def lookup():
+        try:
+            daskray.get_actor("auto-init-nobody")
+        except ValueError:
+            pass
+    started("get_actor", lookup)
+    not_dask_default()
+    if sys.argv[1:] == ["leave-running"]:  # shut down at exit, as after init()
+        print("head", daskray.api._runtime.cluster.head.pid, os.getpid(), flush=True)
+""")
+
+
+@pytest.mark.timeout(300)
+def test_first_call_starts_daskray_without_making_it_dasks_scheduler():
+    import psutil
+
+    env = {k: v for k, v in os.environ.items() if k != "DASKRAY_ADDRESS"}
+    proc = subprocess.run([sys.executable, "-c", AUTO_INIT_SCRIPT, "leave-running"],
+                          env={**env, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[:5] == [f"{what} local" for what in
+                         ("put", "remote", "actor", "get", "get_actor")], proc.stdout
+    _, head, driver = lines[5].split()
+    # shut down at exit: no head left, nor its shared memory
+    assert not psutil.pid_exists(int(head)) or \
+        psutil.Process(int(head)).status() == psutil.STATUS_ZOMBIE
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(f"daskray-{driver}-")]
+
+
+@pytest.mark.timeout(300)
+def test_auto_init_joins_the_dask_cluster_of_daskray_address(dask_cluster):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
+           "DASKRAY_ADDRESS": dask_cluster.scheduler_address}
+    proc = subprocess.run([sys.executable, "-c", AUTO_INIT_SCRIPT], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[:5] == [
+        f"{what} distributed" for what in ("put", "remote", "actor", "get", "get_actor")]
+
+
+def test_calls_that_need_a_running_cluster_do_not_start_one(restart_cluster):
+    daskray.shutdown()
+    for call in (daskray.cluster_resources, daskray.available_resources, daskray.nodes,
+                 daskray.get_runtime_context):
+        with pytest.raises(daskray.ClusterError, match="not running"):
+            call()
+    assert not daskray.is_initialized()
