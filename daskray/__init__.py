@@ -48,7 +48,13 @@ __all__ = [
 _ALIASES = {"ObjectID": "ObjectRef"}
 
 
+#: subpackages reachable as attributes after ``import daskray``, as ``ray.util`` is
+_SUBPACKAGES = {"util"}
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'daskray' has no attribute {name!r}")

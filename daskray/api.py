@@ -13,6 +13,7 @@ import atexit
 import math
 import os
 import threading
+import uuid
 from typing import Any
 
 import dask
@@ -45,7 +46,8 @@ class _Runtime:
     """What ``init`` started, and the dask settings it replaced."""
 
     def __init__(self, cluster: LocalCluster | AttachedCluster | None,
-                 set_dask_scheduler: bool, session: Any = None) -> None:
+                 set_dask_scheduler: bool, session: Any = None,
+                 namespace: str | None = None) -> None:
         self.cluster = cluster
         #: the dask.distributed backend's session (``distributed_backend.session``), when
         #: daskray runs on such a cluster
@@ -61,6 +63,9 @@ class _Runtime:
         else:
             self.session = Session(cluster.client)
             tracker.wake = cluster.client.wake_for_refs
+        #: where this driver's named actors are: Ray's anonymous namespace if not given
+        self.namespace = namespace or f"anonymous-{uuid.uuid4()}"
+        self.session.set_namespace(self.namespace)
         tracker.on_drop = self.session.forget
         tracker.reporting = not self.local_mode
         kind = "distributed" if session is not None else \
@@ -101,7 +106,7 @@ class _Runtime:
 #: Ray's init options about things daskray does not have; accepted, no effect
 _IGNORED_RAY_OPTIONS = {
     "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver",
-    "logging_level", "logging_format", "configure_logging", "namespace", "runtime_env",
+    "logging_level", "logging_format", "configure_logging", "runtime_env",
     "_temp_dir", "_system_config", "num_gpus",
 }
 
@@ -118,6 +123,7 @@ def init(
     client: Any = None,
     security: Any = None,
     object_store_memory: int | float | str | None = None,
+    namespace: str | None = None,
     _validate: bool = False,
     _store_namespaces: int = 1,
     **ray_options: Any,
@@ -145,9 +151,13 @@ def init(
     ``num_workers=0`` (Ray's ``num_cpus=0``) starts no worker: ``put`` and ``get``
     work, remote calls wait for a worker that never comes.
 
+    ``namespace`` is where this driver's named actors are, and where
+    :func:`get_actor` looks (its tasks' and actors' too), as Ray's: without it the
+    driver has an anonymous namespace of its own.  ``options(namespace=...)`` and
+    ``get_actor(name, namespace=...)`` name another.
+
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
-    options about its dashboard, logging and namespaces are accepted and have no
-    effect here.
+    options about its dashboard and logging are accepted and have no effect here.
 
     ``address`` joins a cluster already running: a dask.distributed scheduler's
     address (``"tcp://HOST:8786"``, ``tls://`` with ``security=`` or dask's TLS
@@ -182,6 +192,8 @@ def init(
     on_dask = client is not None or (isinstance(address, str) and address.startswith(DASK_SCHEMES))
     if security is not None and not (client is None and on_dask):
         raise ValueError("security= applies to a dask scheduler's address (tls://...)")
+    if namespace is not None and (not isinstance(namespace, str) or not namespace):
+        raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
     if num_cpus is not None:
         if num_workers is not None and num_workers != num_cpus:
             raise ValueError("give num_workers or num_cpus, not both")
@@ -196,7 +208,7 @@ def init(
                 "pass ignore_reinit_error=True to keep the running cluster"
             )
         if on_dask:
-            return _join_distributed(address, client, security, set_dask_scheduler)
+            return _join_distributed(address, client, security, set_dask_scheduler, namespace)
         if num_workers is not None and (
                 not isinstance(num_workers, int) or isinstance(num_workers, bool)
                 or num_workers < 0):
@@ -216,7 +228,7 @@ def init(
             cluster = LocalCluster(n, validate=_validate, resources=resources,
                                    store_limit=store_limit, store_namespaces=_store_namespaces)
         try:
-            _runtime = _Runtime(cluster, set_dask_scheduler)
+            _runtime = _Runtime(cluster, set_dask_scheduler, namespace=namespace)
             backend.install(_runtime.session)
         except BaseException:  # Ctrl-C, say: the cluster just started must not stay
             if cluster is not None:
@@ -227,7 +239,7 @@ def init(
 
 
 def _join_distributed(address: str | None, client: Any, security: Any,
-                      set_dask_scheduler: bool) -> "ClusterContext":
+                      set_dask_scheduler: bool, namespace: str | None) -> "ClusterContext":
     """``init`` on a dask.distributed cluster (called with ``_lock`` held)."""
     global _runtime
     # loaded on first use: a program on daskray's own runtime never imports distributed
@@ -235,7 +247,7 @@ def _join_distributed(address: str | None, client: Any, security: Any,
 
     session = join(address, client, security)
     try:
-        _runtime = _Runtime(None, set_dask_scheduler, session)
+        _runtime = _Runtime(None, set_dask_scheduler, session, namespace)
         backend.install(session)
     except BaseException:
         _runtime = None
@@ -478,10 +490,12 @@ def _make_remote(obj: Any, options: dict) -> Any:
 
 
 def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
-    """End the actor now; calls in flight and later calls raise ``ActorDiedError``."""
+    """End the actor now; calls in flight and later calls raise ``ActorDiedError``.
+    With ``no_restart=False`` it ends as if its process crashed: it restarts (its
+    constructor runs again) if ``max_restarts`` has restarts left, as Ray's."""
     if not isinstance(actor, ActorHandle):
         raise TypeError(f"daskray.kill() expects an actor handle, got {type(actor).__name__}")
-    _session(auto_start=False).kill_actor(actor)
+    _session(auto_start=False).kill_actor(actor, no_restart=no_restart)
 
 
 def exit_actor() -> None:
@@ -586,11 +600,22 @@ def nodes() -> list[dict]:
 
 
 def get_actor(name: str, namespace: str | None = None, *, _missing_ok: bool = False) -> Any:
-    """The handle of the actor created with ``name=...``; ``ValueError`` if none."""
-    handle = _session().get_actor(name)
+    """The handle of the actor created with ``name=...`` in ``namespace`` (None:
+    this driver's, see :func:`init`); ``ValueError`` if none."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"an actor's name is a non-empty string, got {name!r}")
+    handle = _session().get_actor(name, namespace=namespace)
     if handle is None and not _missing_ok:
-        raise ValueError(f"no actor named {name!r} exists in this cluster")
+        where = "this driver's namespace" if namespace is None else f"namespace {namespace!r}"
+        raise ValueError(f"no actor named {name!r} is alive in {where}")
     return handle
+
+
+def list_named_actors(all_namespaces: bool = False) -> list:
+    """Ray's ``util.list_named_actors``: the names of the live named actors in this
+    driver's namespace, or with ``all_namespaces=True`` a ``{"name": ...,
+    "namespace": ...}`` dict for every one in the cluster."""
+    return _session(auto_start=False).named_actors(bool(all_namespaces))
 
 
 dask.base.named_schedulers["daskray"] = get

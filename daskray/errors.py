@@ -98,6 +98,11 @@ class ActorDiedError(DaskrayError):
     and will not come back for this call."""
 
 
+class ActorNameTakenError(DaskrayError, ValueError):
+    """An actor is created under a name another live actor of its namespace has
+    (Ray raises ``ValueError``, at creation)."""
+
+
 class ActorError(DaskrayError):
     """The actor could not be used: its constructor raised (traceback attached)."""
 

@@ -95,7 +95,7 @@ def test_drivers_join_a_started_cluster_share_its_actors_and_leave_it_running(st
     assert status.returncode == 0 and address in status.stdout and "2 workers" in status.stdout
     first = run_driver(f"""
         import json, dask, dask.array as da, numpy as np, daskray
-        daskray.init(address={address!r})
+        daskray.init(address={address!r}, namespace="cli")
         double = daskray.remote(lambda x: 2 * x)
         x = da.random.RandomState(0).random_sample((600, 600), chunks=100)
         expr = (x + x.T).sum(axis=0)
@@ -119,7 +119,7 @@ def test_drivers_join_a_started_cluster_share_its_actors_and_leave_it_running(st
     # the first driver has gone; the cluster and its detached actor have not
     second = run_driver("""
         import json, daskray
-        daskray.init()  # DASKRAY_ADDRESS
+        daskray.init(namespace="cli")  # DASKRAY_ADDRESS; the first driver's namespace
         counter = daskray.get_actor("counter")
         print(json.dumps({"count": daskray.get(counter.inc.remote())}))
         daskray.shutdown()

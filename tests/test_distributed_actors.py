@@ -327,7 +327,7 @@ class Keeper:
     def get(self):
         return self.value
 
-daskray.init(address=sys.argv[1])
+daskray.init(address=sys.argv[1], namespace="dist-actors")  # another driver's names: Ray's
 k = Keeper.options(name="dist-actors-detached", lifetime="detached").remote()
 assert daskray.get(k.get.remote(), timeout=30) == "kept"
 daskray.shutdown()
@@ -341,11 +341,11 @@ def test_detached_actor_outlives_its_driver(on_distributed, tmp_path):
                           capture_output=True, text=True, timeout=90,
                           env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    keeper = daskray.get_actor("dist-actors-detached")
+    keeper = daskray.get_actor("dist-actors-detached", namespace="dist-actors")
     assert daskray.get(keeper.get.remote(), timeout=30) == "kept"
     daskray.kill(keeper)
     with pytest.raises(ValueError):
-        daskray.get_actor("dist-actors-detached")
+        daskray.get_actor("dist-actors-detached", namespace="dist-actors")
 
 
 @daskray.remote

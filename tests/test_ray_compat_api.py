@@ -258,3 +258,207 @@ def test_calls_that_need_a_running_cluster_do_not_start_one(restart_cluster):
         with pytest.raises(daskray.ClusterError, match="not running"):
             call()
     assert not daskray.is_initialized()
+
+
+# =========================================================================== named actors
+
+
+@daskray.remote
+class Named:
+    def __init__(self, tag=None):
+        self.tag = tag
+        self.n = 0
+
+    def incr(self):
+        self.n += 1
+        return self.n
+
+    def pid(self):
+        return os.getpid()
+
+    def make(self, name):
+        """Create a named actor from this actor's code (it ends with this one)."""
+        Named.options(name=name).remote("child")
+        return True
+
+
+@daskray.remote
+def make_named(name, lifetime=None):
+    """Create a named actor from a task's code; the task then ends."""
+    Named.options(name=name, lifetime=lifetime).remote("from a task")
+    return True
+
+
+@daskray.remote
+def find(name, namespace=None):
+    """From a task: whether ``name`` is found, and the names of its namespace."""
+    found = daskray.get_actor(name, namespace=namespace, _missing_ok=True) is not None
+    return found, daskray.util.list_named_actors()
+
+
+def _alive(name, namespace=None):
+    return daskray.get_actor(name, namespace=namespace, _missing_ok=True) is not None
+
+
+@pytest.mark.timeout(60)
+def test_a_taken_name_raises_value_error_at_creation(backend):
+    first = Named.options(name="compat-taken").remote(1)
+    with pytest.raises(ValueError, match="compat-taken.*exists already"):
+        Named.options(name="compat-taken").remote(2)
+    same = Named.options(name="compat-taken", get_if_exists=True).remote(3)
+    assert same == first and daskray.get(same.incr.remote(), timeout=30) == 1
+    daskray.kill(first)
+    again = Named.options(name="compat-taken").remote(4)  # a dead actor frees its name
+    assert again != first
+    daskray.kill(again)
+
+
+@pytest.mark.timeout(60)
+def test_names_are_unique_within_a_namespace_and_listed(backend):
+    a = Named.options(name="compat-n", namespace="compat-ns-a").remote()
+    b = Named.options(name="compat-n", namespace="compat-ns-b").remote()
+    mine = Named.options(name="compat-mine").remote()
+    try:
+        assert a != b
+        assert daskray.get_actor("compat-n", namespace="compat-ns-b") == b
+        with pytest.raises(ValueError, match="compat-n"):
+            daskray.get_actor("compat-n")  # not in this driver's namespace
+        names = daskray.util.list_named_actors()
+        assert "compat-mine" in names and "compat-n" not in names
+        everywhere = daskray.util.list_named_actors(all_namespaces=True)
+        assert {"name": "compat-n", "namespace": "compat-ns-a"} in everywhere
+        assert {"name": "compat-n", "namespace": "compat-ns-b"} in everywhere
+        (own,) = [e["namespace"] for e in everywhere if e["name"] == "compat-mine"]
+        assert own.startswith("anonymous-")  # Ray's anonymous namespace of this driver
+        # a task looks names up in its driver's namespace
+        found, listed = daskray.get(find.remote("compat-mine"), timeout=30)
+        assert found and "compat-mine" in listed
+        assert daskray.get(find.remote("compat-n"), timeout=30)[0] is False
+        assert daskray.get(find.remote("compat-n", "compat-ns-a"), timeout=30)[0] is True
+    finally:
+        for handle in (a, b, mine):
+            daskray.kill(handle)
+
+
+NAMESPACE_DRIVER = textwrap.dedent("""
+    import sys
+    import daskray
+
+    @daskray.remote
+    class Keeper:
+        def get(self):
+            return "kept"
+
+    daskray.init(address=sys.argv[1] if len(sys.argv) > 1 else None, namespace="compat-jobs")
+    kept = Keeper.options(name="compat-kept", lifetime="detached").remote()
+    fated = Keeper.options(name="compat-fated").remote()
+    assert daskray.get([kept.get.remote(), fated.get.remote()], timeout=60) == ["kept"] * 2
+    print(sorted(daskray.util.list_named_actors()), flush=True)
+""")
+
+
+@pytest.mark.timeout(180)
+def test_another_drivers_namespace_and_its_actors_fate(on_distributed):
+    """A driver with ``init(namespace=...)`` ends: its detached actor lives on and is
+    found in that namespace (not in this driver's); its other actor ended with it.
+    (On daskray's own runtime a second driver needs ``daskray start``: the driver's
+    end is checked on the scheduler core, below.)"""
+    proc = subprocess.run([sys.executable, "-c", NAMESPACE_DRIVER,
+                           on_distributed.scheduler_address], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "['compat-fated', 'compat-kept']"
+    assert not _alive("compat-kept")
+    kept = daskray.get_actor("compat-kept", namespace="compat-jobs")
+    assert daskray.get(kept.get.remote(), timeout=30) == "kept"
+    assert not _alive("compat-fated", namespace="compat-jobs")
+    daskray.kill(kept)
+    assert not _alive("compat-kept", namespace="compat-jobs")
+
+
+@pytest.mark.timeout(60)
+def test_init_namespace_is_where_the_drivers_names_are(restart_cluster):
+    daskray.shutdown()
+    start_cluster(namespace="compat-init-ns")
+    handle = Named.options(name="compat-in-ns").remote()
+    assert {"name": "compat-in-ns", "namespace": "compat-init-ns"} in \
+        daskray.util.list_named_actors(all_namespaces=True)
+    assert daskray.get_actor("compat-in-ns", namespace="compat-init-ns") == handle
+    assert daskray.get(find.remote("compat-in-ns"), timeout=30)[0] is True
+    with pytest.raises(ValueError, match="namespace"):
+        daskray.init(namespace="")  # checked before "init twice"
+
+
+@pytest.mark.timeout(60)
+def test_kill_without_no_restart_restarts_the_actor(backend):
+    actor = Named.options(max_restarts=1).remote()
+    assert daskray.get([actor.incr.remote(), actor.incr.remote()], timeout=30) == [1, 2]
+    if backend == "distributed":
+        with pytest.raises(daskray.ClusterError, match="no_restart=False.*dask worker dies"):
+            daskray.kill(actor, no_restart=False)
+        daskray.kill(actor)
+        return
+    pid = daskray.get(actor.pid.remote(), timeout=30)
+    daskray.kill(actor, no_restart=False)
+    # a new process, its constructor run again; the call made meanwhile waited for it
+    assert daskray.get(actor.incr.remote(), timeout=30) == 1
+    assert daskray.get(actor.pid.remote(), timeout=30) != pid
+    daskray.kill(actor, no_restart=False)  # no restart left: it ends for good
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(actor.incr.remote(), timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_a_named_actor_ends_with_the_task_that_created_it(backend):
+    if backend == "distributed":
+        with pytest.raises(daskray.ClusterError, match="lifetime='detached'"):
+            daskray.get(make_named.remote("compat-task-fated"), timeout=30)
+        return
+    assert daskray.get(make_named.remote("compat-task-fated"), timeout=30)
+    assert not _alive("compat-task-fated")
+    assert daskray.get(make_named.remote("compat-task-kept", "detached"), timeout=30)
+    kept = daskray.get_actor("compat-task-kept")  # a detached one lives on
+    assert daskray.get(kept.incr.remote(), timeout=30) == 1
+    daskray.kill(kept)
+
+
+@pytest.mark.timeout(60)
+def test_an_actor_ends_with_the_actor_that_created_it(backend):
+    parent = Named.remote()
+    if backend == "distributed":
+        with pytest.raises(daskray.ClusterError, match="lifetime='detached'"):
+            daskray.get(parent.make.remote("compat-child"), timeout=30)
+        daskray.kill(parent)
+        return
+    assert daskray.get(parent.make.remote("compat-child"), timeout=30)
+    child = daskray.get_actor("compat-child")
+    assert daskray.get(child.incr.remote(), timeout=30) == 1
+    daskray.kill(parent)
+    assert not _alive("compat-child")
+    with pytest.raises(daskray.ActorDiedError, match="created it"):
+        daskray.get(child.incr.remote(), timeout=30)
+
+
+def test_a_drivers_actors_end_with_it_unless_detached():
+    """The scheduler core: a driver's end (ClientLost) ends the actors it created,
+    named or not, except detached ones; its namespace is forgotten."""
+    from daskray.scheduler import SchedulerState
+    from daskray.scheduler.events import ClientLost, ClientNamespace, GraphSubmitted, \
+        WorkerJoined
+    from daskray.scheduler.instructions import StopActor
+
+    def create(gid, actor_id, **options):
+        return GraphSubmitted(gid, ["init"], [()], [0], [b"body"], {}, [0], fail_fast=False,
+                              create_actor={"id": actor_id, "detached": True, **options})
+
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(ClientNamespace(b"driver", "jobs"))
+    s.handle(create((b"driver", 1), "A", name="fated"))
+    s.handle(create((b"driver", 2), "B", name="kept", lifetime="detached"))
+    s.handle(create((b"other", 1), "C", name="fated"))  # another namespace: ""
+    assert set(s.actor_names) == {("jobs", "fated"), ("jobs", "kept"), ("", "fated")}
+    out = s.handle(ClientLost(b"driver"))
+    assert [i.actor for i in out if isinstance(i, StopActor)] == ["A"]
+    assert set(s.actor_names) == {("jobs", "kept"), ("", "fated")}
+    assert b"driver" not in s.namespaces

@@ -105,7 +105,7 @@ class ActorClass:
         opts = self._options
         name = opts.get("name")
         if name is not None and opts.get("get_if_exists"):
-            existing = session.get_actor(name)
+            existing = session.get_actor(name, namespace=opts.get("namespace"))
             if existing is not None:
                 return existing
         if self._init_table is None:
@@ -227,6 +227,9 @@ def actor_options_for_graph(actor_class: ActorClass, actor_id: str, handle_bytes
         "max_task_retries": _FOREVER if retries == -1 else retries,
         "detached": opts.get("lifetime") == "detached" or opts.get("name") is not None,
         "name": opts.get("name"),
+        #: None: the namespace of the creator's driver
+        "namespace": opts.get("namespace"),
+        "lifetime": opts.get("lifetime"),
         "handle": handle_bytes,
         "max_concurrency": opts.get("max_concurrency", _default_concurrency(actor_class._cls)),
         # async methods run on an event loop thread: its calls (awaits included)

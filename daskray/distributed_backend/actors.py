@@ -20,15 +20,19 @@ that distributed runs again.  A call's task goes wherever distributed puts it: w
 restrictions would hang it for good when every worker they name is gone (distributed
 never gives a task restricted to workers that left to the ones that joined).
 
-Names are datasets published on the scheduler (``daskray-actor:NAME``: the creation
-Future and the pickled handle), which refuses a second actor of the same name and keeps
-the actor while published; detached actors without a name are published too.
+Names are datasets published on the scheduler (``daskray-actor:["NAMESPACE", "NAME"]``:
+the creation Future and the pickled handle), which refuses a second actor of the same
+name and keeps the actor while published; detached actors without a name are published
+too.  A driver publishes its namespace under its owner id (``daskray-namespace:OWNER``),
+so the code of its calls, which runs under keys naming that owner, uses it too; an
+actor's methods use the namespace it was created in.
 """
 
 from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import threading
 import time
 from typing import Any, Sequence
@@ -39,8 +43,8 @@ from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 
 from ..backend import ActorSpec as ActorClassSpec
-from ..errors import ActorDiedError, DaskrayError
-from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
+from ..errors import ActorDiedError, ActorNameTakenError, ClusterError
+from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from .actor_host import (KILLED, MAX_RESTARTS, RESTARTS, ActorHost, ActorSpec, ExitActor,
                          current_host, mark_killed, resolve_arguments, restarts_used_up,
                          running)
@@ -49,6 +53,9 @@ from .worker_side import (forget_frames, leave_worker_pool, task_key, unpicklabl
 
 NAME_PREFIX = "daskray-actor:"
 DETACHED_PREFIX = "daskray-actor-detached:"
+NAMESPACE_PREFIX = "daskray-namespace:"
+#: the keys of calls with many returns: ``daskray-call-OWNER-NUMBER``
+_CALL_PREFIX = "daskray-call-"
 #: how long a caller waits for a host to come back after its worker died
 RESTART_TIMEOUT = 120.0
 #: the name of the scheduler lock a restart is decided under
@@ -74,8 +81,10 @@ class ActorCalls:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._seqs: dict[str, itertools.count] = {}
-        #: names of non-detached actors this session made: unpublished at its end
+        #: names (datasets) of non-detached actors this session made: unpublished at its end
         self.names: list[str] = []
+        #: the driver's namespace (None in a task's session: see namespace_of)
+        self.namespace: str | None = None
         #: call key -> (creation key, seq) of calls not known to be finished
         self.calls: dict[RefKey, tuple[RefKey, int]] = {}
 
@@ -99,6 +108,14 @@ def state_of(session: Any) -> ActorCalls:
 def create_actor(session: Any, actor_class: ActorClassSpec, args: tuple, kwargs: dict) -> Any:
     """Submit the actor's host; its handle at once (the constructor runs there)."""
     opts = actor_class._options
+    if opts.get("name") is not None and opts.get("lifetime") != "detached" \
+            and state_of(session).namespace is None:
+        raise ClusterError(
+            f"actor {opts['name']!r}: on the dask.distributed backend a named actor created "
+            "inside a task or an actor cannot end with its creator (Ray's fate sharing "
+            "needs daskray's own runtime); create it with lifetime='detached' (and "
+            "daskray.kill it when done), or create it in the driver")
+    namespace = namespace_of(session, opts.get("namespace"))
     number = next(session._numbers)
     key = (session.owner, number, 0)
     handle = actor_class.handle_for(actor_class.new_actor_id(session.owner),
@@ -109,15 +126,15 @@ def create_actor(session: Any, actor_class: ActorClassSpec, args: tuple, kwargs:
         arguments = _pickled((args, kwargs), f"the arguments of {actor_class._cls.__name__}()")
     spec = ActorSpec(handle._actor_id, actor_class._cls.__name__, actor_class._init_table.id,
                      actor_class._init_table.data, arguments,
-                     _host_options(actor_class, handle._actor_id))
+                     {**_host_options(actor_class, handle._actor_id), "namespace": namespace})
     future = session.client.submit(ActorHost, spec, dask_key_of(key), actor=True,
                                    key=dask_key_of(key), pure=False,
                                    **session._placement({"resources": actor_class.resources()}
                                                         if actor_class.resources() else {}))
     session.table.own(key, future, list(dict.fromkeys(pinned)))
     if name is not None:
-        return _publish_name(session, name, future, handle, opts.get("get_if_exists", False),
-                             detached)
+        return _publish_name(session, _name_key(namespace, name), future, handle,
+                             opts.get("get_if_exists", False), detached)
     if detached:
         session.client.publish_dataset(**{DETACHED_PREFIX + handle._actor_id: [future]})
     return handle
@@ -132,27 +149,89 @@ def _host_options(actor_class: ActorClassSpec, actor_id: str) -> dict:
                          for n in dir(actor_class._cls))}
 
 
-def _publish_name(session: Any, name: str, future: Any, handle: Any, get_if_exists: bool,
+def _name_key(namespace: str, name: str) -> str:
+    """The dataset a named actor is published as."""
+    return NAME_PREFIX + json.dumps([namespace, name])
+
+
+def _publish_name(session: Any, key: str, future: Any, handle: Any, get_if_exists: bool,
                   detached: bool) -> Any:
-    """Claim ``name`` for the new actor on the scheduler; a name taken meanwhile gives
-    the existing actor (``get_if_exists``) or an error."""
+    """Claim the name (dataset ``key``) for the new actor on the scheduler; a name
+    taken meanwhile gives the existing actor (``get_if_exists``) or ``ValueError``."""
     try:
-        session.client.publish_dataset(**{NAME_PREFIX + name: [future, cloudpickle.dumps(handle)]})
+        session.client.publish_dataset(**{key: [future, cloudpickle.dumps(handle)]})
     except KeyError:
-        existing = get_actor(session, name) if get_if_exists else None
-        if existing is not None:
-            return existing
-        raise DaskrayError(f"an actor named {name!r} exists already; use "
-                           "daskray.get_actor(name), or get_if_exists=True") from None
+        found = session.client.get_dataset(key, default=None) if get_if_exists else None
+        if found is not None:
+            return cloudpickle.loads(found[1])
+        namespace, name = json.loads(key[len(NAME_PREFIX):])
+        raise ActorNameTakenError(
+            f"an actor named {name!r} exists already in namespace {namespace!r}; use "
+            "daskray.get_actor(name), or get_if_exists=True") from None
     if not detached:
-        state_of(session).names.append(name)
+        state_of(session).names.append(key)
     return handle
 
 
-def get_actor(session: Any, name: str) -> Any:
-    """The handle of the actor published as ``name``, or None."""
-    found = session.client.get_dataset(NAME_PREFIX + name, default=None)
+def get_actor(session: Any, name: str, namespace: str | None = None) -> Any:
+    """The handle of the actor published as ``name`` in ``namespace`` (None: the
+    caller's, see :func:`namespace_of`), or None."""
+    found = session.client.get_dataset(_name_key(namespace_of(session, namespace), name),
+                                       default=None)
     return None if found is None else cloudpickle.loads(found[1])
+
+
+def named_actors(session: Any, all_namespaces: bool = False) -> list:
+    """See ``Session.named_actors``: from the datasets published on the scheduler."""
+    pairs = [json.loads(key[len(NAME_PREFIX):]) for key in session.client.list_datasets()
+             if isinstance(key, str) and key.startswith(NAME_PREFIX)]
+    if all_namespaces:
+        return [{"name": name, "namespace": namespace} for namespace, name in sorted(pairs)]
+    mine = namespace_of(session, None)
+    return sorted(name for namespace, name in pairs if namespace == mine)
+
+
+def set_namespace(session: Any, namespace: str) -> None:
+    """The driver's namespace: published under its owner id for its calls' code."""
+    state_of(session).namespace = namespace
+    session.client.publish_dataset(**{NAMESPACE_PREFIX + session.owner.hex(): namespace},
+                                   override=True)
+
+
+def namespace_of(session: Any, given: str | None) -> str:
+    """The namespace a name means: the one given; else the driver's; in an actor's
+    method, the actor's; in a call's code, the namespace of the driver that made the
+    call (published by :func:`set_namespace`)."""
+    if given is not None:
+        return given
+    own = state_of(session).namespace
+    if own is not None:
+        return own
+    host = current_host()
+    if host is not None and host.spec.options.get("namespace") is not None:
+        return host.spec.options["namespace"]
+    owner = _owner_of_key(task_key())
+    found = None if owner is None else session.client.get_dataset(
+        NAMESPACE_PREFIX + owner.hex(), default=None)
+    if found is None:
+        raise ClusterError(
+            "on the dask.distributed backend only the driver's own calls, and the methods "
+            "of actors, know the driver's namespace (a call made by a call does not); "
+            "pass namespace= explicitly")
+    return found
+
+
+def _owner_of_key(key: Any) -> bytes | None:
+    """The session that made the call running under dask key ``key``, or None."""
+    ref = ref_key_of(key)
+    if ref is not None:
+        return ref[0]
+    if isinstance(key, str) and key.startswith(_CALL_PREFIX):
+        try:
+            return bytes.fromhex(key[len(_CALL_PREFIX):].rsplit("-", 1)[0])
+        except ValueError:
+            return None
+    return None
 
 
 def _pickled(value: Any, what: str) -> bytes:
@@ -419,11 +498,24 @@ def kill_actor(session: Any, handle: Any) -> None:
                             "killed with daskray.kill()")
         except (_NotDelivered, _Lost):
             pass  # its worker died: the host made again starts dead
-    for dataset in ([NAME_PREFIX + name] if name else []) + [DETACHED_PREFIX + handle._actor_id]:
+    named = _published_names(session, name, handle._actor_id) if name else []
+    for dataset in named + [DETACHED_PREFIX + handle._actor_id]:
         try:
             session.client.unpublish_dataset(dataset)
         except KeyError:
             pass
+
+
+def _published_names(session: Any, name: str, actor_id: str) -> list[str]:
+    """The datasets publishing actor ``actor_id`` as ``name`` (in whichever namespace)."""
+    found = []
+    for key in session.client.list_datasets():
+        if isinstance(key, str) and key.startswith(NAME_PREFIX) \
+                and json.loads(key[len(NAME_PREFIX):])[1] == name:
+            published = session.client.get_dataset(key, default=None)
+            if published is not None and cloudpickle.loads(published[1])._actor_id == actor_id:
+                found.append(key)
+    return found
 
 
 def exit_actor() -> None:
@@ -435,10 +527,15 @@ def exit_actor() -> None:
 
 
 def close(session: Any) -> None:
-    """The session ends: the names of its non-detached actors are free again."""
-    for name in state_of(session).names:
+    """The session ends: the names of its non-detached actors are free again (the
+    actors end with their last handle, the driver's), so is its namespace's record."""
+    state = state_of(session)
+    datasets = list(state.names)
+    if state.namespace is not None:
+        datasets.append(NAMESPACE_PREFIX + session.owner.hex())
+    for dataset in datasets:
         try:
-            session.client.unpublish_dataset(NAME_PREFIX + name)
+            session.client.unpublish_dataset(dataset)
         except Exception:  # noqa: BLE001 - killed meanwhile, or the scheduler is gone
             pass
 

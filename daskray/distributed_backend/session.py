@@ -362,12 +362,25 @@ class DistributedSession:
                    options: dict) -> ObjectRef | list[ObjectRef]:
         return actors.call_actor(self, handle, method, args, kwargs, options)
 
-    def kill_actor(self, handle: Any) -> None:
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        if not no_restart:
+            raise ClusterError(
+                "daskray.kill(actor, no_restart=False) needs daskray's own runtime: on the "
+                "dask.distributed backend an actor restarts only when its dask worker dies")
         actors.kill_actor(self, handle)
 
-    def get_actor(self, name: str, timeout: float | None = None) -> Any:
-        """The handle of the actor named ``name``, or None."""
-        return actors.get_actor(self, name)
+    def get_actor(self, name: str, timeout: float | None = None, *,
+                  namespace: str | None = None) -> Any:
+        """The handle of the actor named ``name`` in ``namespace``, or None."""
+        return actors.get_actor(self, name, namespace)
+
+    def named_actors(self, all_namespaces: bool = False) -> list:
+        """See ``daskray.util.list_named_actors``."""
+        return actors.named_actors(self, all_namespaces)
+
+    def set_namespace(self, namespace: str) -> None:
+        """The driver's namespace (``init(namespace=...)`` or an anonymous one)."""
+        actors.set_namespace(self, namespace)
 
     def exit_actor(self) -> None:
         """``exit_actor()`` in an actor's method: end that actor, for good."""

@@ -269,7 +269,8 @@ class Client:
                 with self._results_changed:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()
-        elif t is P.ActorReply or t is P.ResourcesReply or t is P.StateSizesReply:
+        elif t is P.ActorReply or t is P.ResourcesReply or t is P.StateSizesReply \
+                or t is P.ActorNames:
             with self._results_changed:
                 self.results[("reply", msg.request)] = msg
                 self._results_changed.notify_all()

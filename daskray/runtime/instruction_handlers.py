@@ -47,6 +47,7 @@ class InstructionHandlers:
             I.StartActor: self._do_start_actor,
             I.StopActor: self._do_stop_actor,
             I.ReplyActor: self._do_reply_actor,
+            I.ReplyActorNames: self._do_reply_actor_names,
             I.FreeShared: self._do_free_shared,
             I.StartExtraWorker: self._do_start_extra,
             I.RetireWorker: self._do_retire,
@@ -108,6 +109,9 @@ class InstructionHandlers:
 
     def _do_reply_actor(self, ins: I.ReplyActor) -> None:
         self.outbox.to_client(ins.to, P.ActorReply(ins.request, ins.handle))
+
+    def _do_reply_actor_names(self, ins: I.ReplyActorNames) -> None:
+        self.outbox.to_client(ins.to, P.ActorNames(ins.request, ins.names))
 
     def _do_notify_ref(self, ins: I.NotifyRef) -> None:
         holder = self.worker_address.get(ins.holder) if ins.holder else None

@@ -92,9 +92,13 @@ def request_events(ident: bytes, msg: Any) -> list[Any]:
     if t is P.CancelRefs:
         return [E.CancelRef(ref) for ref in msg.refs]
     if t is P.KillActorRequest:
-        return [E.KillActor(msg.actor)]
+        return [E.KillActor(msg.actor, not msg.no_restart)]
     if t is P.GetActor:
-        return [E.LookupActor(ident, msg.name, msg.request)]
+        return [E.LookupActor(ident, msg.name, msg.request, msg.namespace, msg.parent)]
+    if t is P.ListActors:
+        return [E.ListNamedActors(ident, msg.request, msg.all_namespaces, msg.parent)]
+    if t is P.SetNamespace:
+        return [E.ClientNamespace(ident, msg.namespace)]
     if t is P.ReleaseGraph:
         return [E.GraphReleased((ident, msg.graph))]
     if t is P.CancelGraph:

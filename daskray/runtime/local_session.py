@@ -23,7 +23,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 from ..backend import ActorSpec
-from ..errors import ActorDiedError, ActorError, DaskrayError, GetTimeoutError
+from ..errors import ActorDiedError, ActorError, ActorNameTakenError, GetTimeoutError
 from ..refs import ObjectRef, RefKey
 from ..remote_function import RemoteFunction
 
@@ -44,7 +44,7 @@ class _ExitActor(BaseException):
 class _LocalActor:
     __slots__ = ("instance", "init_failure", "dead", "name", "loop")
 
-    def __init__(self, name: str | None) -> None:
+    def __init__(self, name: tuple[str, str] | None) -> None:
         self.instance: Any = None
         self.init_failure: str | None = None
         self.dead: str | None = None
@@ -73,7 +73,13 @@ class LocalSession:
         self._running_actor: list[str] = []
         #: the creation ref of each actor that ends with its last handle -> its id
         self._creations: dict[RefKey, str] = {}
-        self.actor_names: dict[str, Any] = {}
+        #: {(namespace, name): handle}
+        self.actor_names: dict[tuple[str, str], Any] = {}
+        #: this driver's namespace (``init(namespace=...)``, else an anonymous one)
+        self.namespace = ""
+
+    def set_namespace(self, namespace: str) -> None:
+        self.namespace = namespace
 
     def _store(self, value: Any) -> ObjectRef:
         key = (_LOCAL_OWNER, next(self._numbers), 0)
@@ -116,11 +122,16 @@ class LocalSession:
     def create_actor(self, actor_class: ActorSpec, args: tuple, kwargs: dict) -> Any:
         cls = actor_class._cls
         name = actor_class._options.get("name")
-        if name is not None and name in self.actor_names:
-            raise DaskrayError(f"an actor named {name!r} exists already; use "
-                               "daskray.get_actor(name), or get_if_exists=True")
+        namespace = actor_class._options.get("namespace")
+        key = (self.namespace if namespace is None else namespace, name)
+        if name is not None and key in self.actor_names:
+            if actor_class._options.get("get_if_exists"):
+                return self.actor_names[key]
+            raise ActorNameTakenError(
+                f"an actor named {name!r} exists already in namespace {key[0]!r}; use "
+                "daskray.get_actor(name), or get_if_exists=True")
         actor_id = actor_class.new_actor_id(_LOCAL_OWNER)
-        actor = self.actors[actor_id] = _LocalActor(name)
+        actor = self.actors[actor_id] = _LocalActor(key if name is not None else None)
         outcome = self._call(cls, args, kwargs)
         if isinstance(outcome, _Failed):
             exc = outcome.error
@@ -133,7 +144,7 @@ class LocalSession:
         if name is None and actor_class._options.get("lifetime") != "detached":
             self._creations[creation._key] = actor_id
         if name is not None:
-            self.actor_names[name] = handle
+            self.actor_names[key] = handle
         return handle
 
     def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
@@ -177,7 +188,8 @@ class LocalSession:
                             "method of an actor")
         raise _ExitActor()
 
-    def kill_actor(self, handle: Any) -> None:
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        # an actor of local mode is an object of this process: none restarts
         self.kill_actor_id(handle._actor_id, "killed with daskray.kill()")
 
     def kill_actor_id(self, actor_id: str, why: str) -> None:
@@ -190,8 +202,17 @@ class LocalSession:
             if actor.name is not None:
                 self.actor_names.pop(actor.name, None)
 
-    def get_actor(self, name: str, timeout: float | None = None) -> Any:
-        return self.actor_names.get(name)
+    def get_actor(self, name: str, timeout: float | None = None, *,
+                  namespace: str | None = None) -> Any:
+        return self.actor_names.get((self.namespace if namespace is None else namespace, name))
+
+    def named_actors(self, all_namespaces: bool = False) -> list:
+        """See ``Session.named_actors``."""
+        if all_namespaces:
+            return [{"name": name, "namespace": namespace}
+                    for namespace, name in sorted(self.actor_names)]
+        return sorted(name for namespace, name in self.actor_names
+                      if namespace == self.namespace)
 
     def resources(self, timeout: float | None = None) -> tuple[dict, dict]:
         """This process runs everything, one call at a time."""

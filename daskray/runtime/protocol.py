@@ -228,6 +228,8 @@ class CancelRefs:
 @message(9)
 class KillActorRequest:
     actor: str
+    #: False: restart it, as after a crash, while its ``max_restarts`` lasts
+    no_restart: bool = True
 
 
 @message(31)
@@ -251,6 +253,26 @@ class GetActor:
 
     name: str
     request: int
+    #: None: the namespace of the asking driver (or of the task's driver)
+    namespace: str | None = None
+    #: set by a worker: the task whose code asks
+    parent: int | None = None
+
+
+@message(42)
+class ListActors:
+    """Ask for the names of the live named actors; answered by :class:`ActorNames`."""
+
+    request: int
+    all_namespaces: bool = False
+    parent: int | None = None
+
+
+@message(43)
+class SetNamespace:
+    """A driver says its namespace: its (and its tasks') named actors are there."""
+
+    namespace: str
 
 
 # ------------------------------------------------------------------ head -> client
@@ -314,6 +336,14 @@ class RefResult:
 class ActorReply:
     request: int
     handle: bytes | None
+
+
+@message(44)
+class ActorNames:
+    """The names of live named actors: names, or [namespace, name] pairs."""
+
+    request: int
+    names: list
 
 
 @message(32)

@@ -88,7 +88,25 @@ class Session:
         parts["create_actor"] = actor_class.graph_options(handle._actor_id, dumps(handle))
         parts["resources"] = actor_class.resources()
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
-        return handle
+        name = actor_class._options.get("name")
+        if name is None:
+            return handle
+        return self._claimed(handle, name, actor_class._options)
+
+    def _claimed(self, handle: Any, name: str, options: dict) -> Any:
+        """``handle`` if its actor got ``name``; else the actor that has it with
+        ``get_if_exists``, or ``ValueError`` (Ray's, at creation).  The head handles
+        this client's messages in order: the lookup sees the creation's outcome."""
+        namespace = options.get("namespace")
+        holder = self.get_actor(name, namespace=namespace)
+        if holder is None or holder._actor_id == handle._actor_id:
+            return handle
+        if options.get("get_if_exists"):
+            return holder
+        raise errors.ActorNameTakenError(
+            f"an actor named {name!r} exists already"
+            f"{'' if namespace is None else f' in namespace {namespace!r}'}; use "
+            "daskray.get_actor(name), or get_if_exists=True")
 
     def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
                    options: dict) -> ObjectRef | list[ObjectRef]:
@@ -105,14 +123,34 @@ class Session:
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         return refs[0] if opts.get("num_returns", 1) == 1 else refs
 
-    def kill_actor(self, handle: Any) -> None:
-        self.conn.send(P.KillActorRequest(handle._actor_id))
+    def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        self.conn.send(P.KillActorRequest(handle._actor_id, no_restart))
 
-    def get_actor(self, name: str, timeout: float | None = 30.0) -> Any:
-        """The handle of the actor named ``name``, or None."""
-        reply = self._ask(P.GetActor(name, self.conn.next_number()), timeout,
-                          f"no answer about actor {name!r}")
+    def get_actor(self, name: str, timeout: float | None = 30.0, *,
+                  namespace: str | None = None) -> Any:
+        """The handle of the actor named ``name`` in ``namespace`` (None: this
+        driver's), or None."""
+        reply = self._ask(P.GetActor(name, self.conn.next_number(), namespace, self._parent()),
+                          timeout, f"no answer about actor {name!r}")
         return None if reply.handle is None else loads(reply.handle)
+
+    def named_actors(self, all_namespaces: bool = False,
+                     timeout: float | None = 30.0) -> list:
+        """The names of the live named actors in this driver's namespace, or with
+        ``all_namespaces`` every one's ``{"name": ..., "namespace": ...}``."""
+        reply = self._ask(P.ListActors(self.conn.next_number(), all_namespaces, self._parent()),
+                          timeout, "no answer about the named actors")
+        if all_namespaces:
+            return [{"name": name, "namespace": namespace} for namespace, name in reply.names]
+        return list(reply.names)
+
+    def set_namespace(self, namespace: str) -> None:
+        """Tell the head this driver's namespace (before anything else is sent)."""
+        self.conn.send(P.SetNamespace(namespace))
+
+    def _parent(self) -> int | None:
+        """In a task: the task whose code runs (the head finds its driver); else None."""
+        return getattr(self.conn, "current", None)
 
     def resources(self, timeout: float | None = 30.0) -> tuple[dict, dict]:
         """(what the cluster has, what is free now): see ``daskray.cluster_resources``."""

@@ -267,7 +267,8 @@ class Worker:
         elif type(msg) is P.RefResult:
             if msg.ref in tracker.counts:
                 self.results[msg.ref] = msg
-        elif type(msg) is P.ActorReply or type(msg) is P.ResourcesReply:
+        elif type(msg) is P.ActorReply or type(msg) is P.ResourcesReply \
+                or type(msg) is P.ActorNames:
             self.results[("reply", msg.request)] = msg
         elif type(msg) is P.Stop:
             self.running = False

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections import deque
 
-from .events import ActorStartFailed, GraphSubmitted, KillActor, LookupActor, TaskId
-from .instructions import ReplyActor, StartActor, StopActor
+from .events import (
+    ActorStartFailed, ClientId, ClientNamespace, GraphSubmitted, KillActor, ListNamedActors,
+    LookupActor, TaskId,
+)
+from .instructions import ReplyActor, ReplyActorNames, StartActor, StopActor
 from .model import (
     WAITING, READY, PROCESSING, MEMORY, ERRED, TaskState, GraphState, ActorState, WorkerState,
 )
@@ -14,7 +17,10 @@ from .model import (
 class ActorLifecycle:
     """An actor is a process of its own running its calls in order; it restarts
     after a crash while ``max_restarts`` lasts, and dies when killed, when its
-    handles are dropped (unless detached) or when it cannot restart.
+    handles are dropped (unless named or detached), when what created it ends
+    (unless detached: Ray's fate sharing, see :meth:`_owner_of`) or when it cannot
+    restart.  A name is unique within its namespace; a driver says its namespace
+    (``ClientNamespace``), and the code of its tasks and actors uses it too.
 
     A part of :class:`SchedulerState`, working on its containers."""
 
@@ -25,21 +31,25 @@ class ActorLifecycle:
             return
         if ev.create_actor is not None:
             opts = ev.create_actor
-            taken = self.actor_names.get(opts.get("name")) if opts.get("name") else None
-            if taken is not None:
+            namespace = self._namespace_of(ev.graph[0], ev.parent, opts.get("namespace"))
+            name = opts.get("name")
+            if name is not None and (namespace, name) in self.actor_names:
                 call.cancel_requested = True
                 self._fail(call, (None, "DaskrayError", (
-                    f"an actor named {opts['name']!r} exists already; use "
-                    "daskray.get_actor(name), or get_if_exists=True")))
+                    f"an actor named {name!r} exists already in namespace {namespace!r}; "
+                    "use daskray.get_actor(name), or get_if_exists=True")))
                 return
             actor = ActorState(
                 opts["id"], call.id, ev.resources, opts.get("max_restarts", 0),
                 opts.get("max_task_retries", 0), bool(opts.get("detached")),
-                opts.get("name"), max_concurrency=opts.get("max_concurrency", 1),
+                name, namespace, self._owner_of(ev, opts),
+                max_concurrency=opts.get("max_concurrency", 1),
                 threaded=bool(opts.get("threaded")))
             self.actors[actor.id] = actor
-            if actor.name is not None:
-                self.actor_names[actor.name] = (actor.id, opts.get("handle", b""))
+            if name is not None:
+                self.actor_names[(namespace, name)] = (actor.id, opts.get("handle", b""))
+            if actor.owner is not None:
+                self.owned_actors.setdefault(actor.owner, []).append(actor.id)
             call.retries_left = 0
             self._out.append(StartActor(actor.id, ev.resources, False, actor.max_concurrency,
                                         actor.threaded))
@@ -188,6 +198,13 @@ class ActorLifecycle:
         actor = self.actors.get(ev.actor)
         if actor is None or actor.state == "dead":
             return
+        if ev.restart and actor.restarts_left > 0:
+            # its process is stopped; its end restarts it as a crash would.  No call
+            # goes to the process meanwhile: they wait for the new one
+            if actor.state == "alive":
+                actor.state = "restarting"
+            self._out.append(StopActor(actor.id, actor.worker))
+            return
         self._actor_dead(actor, reason)
         self._out.append(StopActor(actor.id, actor.worker))
         creation = self.tasks.get(actor.creation)
@@ -200,16 +217,86 @@ class ActorLifecycle:
             self._release_if_unused(creation)
 
     def _actor_dead(self, actor: ActorState, reason: str) -> None:
-        """The actor will never run again: it frees its name."""
+        """The actor will never run again: it frees its name, and the actors it
+        created end with it."""
         actor.state = "dead"
         actor.death = reason
         actor.restarts_left = 0
-        if actor.name is not None and self.actor_names.get(actor.name, (None,))[0] == actor.id:
-            del self.actor_names[actor.name]
+        key = (actor.namespace, actor.name)
+        if actor.name is not None and self.actor_names.get(key, (None,))[0] == actor.id:
+            del self.actor_names[key]
+        siblings = self.owned_actors.get(actor.owner) if actor.owner is not None else None
+        if siblings is not None and actor.id in siblings:
+            siblings.remove(actor.id)
+            if not siblings:
+                del self.owned_actors[actor.owner]
+        self._owner_ended(("actor", actor.id), f"the actor that created it ({actor.id}) died")
+
+    # ------------------------------------------------------------ owners
+
+    def _owner_of(self, ev: GraphSubmitted, opts: dict) -> tuple | None:
+        """What the new actor ends with, as Ray's fate sharing has it: the driver
+        that created it, or the actor whose code did; a named one created by a task
+        ends with that task (an unnamed one with its handles, as ever).  None for a
+        ``lifetime="detached"`` actor: it lives until killed."""
+        if opts.get("lifetime") == "detached":
+            return None
+        caller = self.tasks.get(ev.parent) if ev.parent is not None else None
+        if caller is None:
+            return ("client", ev.graph[0])
+        if caller.actor is not None:
+            return ("actor", caller.actor)
+        return ("task", caller.id) if opts.get("name") is not None else None
+
+    def _owner_ended(self, owner: tuple, why: str) -> None:
+        """``owner`` (see :meth:`_owner_of`) ended: so do the actors it created."""
+        for actor_id in self.owned_actors.pop(owner, ()):
+            self._kill_actor(KillActor(actor_id), why)
+
+    def _task_ended(self, ts: TaskState) -> None:
+        """Task ``ts`` finished or failed for good: named actors it made end."""
+        if ("task", ts.id) in self.owned_actors:
+            self._owner_ended(("task", ts.id), f"the task that created it ({ts.name}) ended")
+
+    def _client_actors_end(self, client: ClientId) -> None:
+        """A driver is gone: its actors end (unless detached), its namespace is forgotten."""
+        self.namespaces.pop(client, None)
+        self._owner_ended(("client", client), "the driver that created it ended")
+
+    # ------------------------------------------------------------ names
+
+    def _client_namespace(self, ev: ClientNamespace) -> None:
+        self.namespaces[ev.client] = ev.namespace
+
+    def _driver_of(self, client: ClientId, parent: TaskId | None) -> ClientId:
+        """The driver whose work a request is: the client itself, or for one made by
+        a task's code, the client of the graph that task belongs to, up the nesting."""
+        while parent is not None:
+            ts = self.tasks.get(parent)
+            if ts is None:
+                break
+            client, parent = ts.graph.id[0], ts.graph.parent
+        return client
+
+    def _namespace_of(self, client: ClientId, parent: TaskId | None,
+                      given: str | None) -> str:
+        """The namespace a request means: the one given, else its driver's."""
+        if given is not None:
+            return given
+        return self.namespaces.get(self._driver_of(client, parent), "")
 
     def _lookup_actor(self, ev: LookupActor) -> None:
-        found = self.actor_names.get(ev.name)
+        namespace = self._namespace_of(ev.client, ev.parent, ev.namespace)
+        found = self.actor_names.get((namespace, ev.name))
         self._out.append(ReplyActor(ev.client, ev.request, found[1] if found else None))
+
+    def _list_named_actors(self, ev: ListNamedActors) -> None:
+        if ev.all_namespaces:
+            names: list = sorted([namespace, name] for namespace, name in self.actor_names)
+        else:
+            mine = self._namespace_of(ev.client, ev.parent, None)
+            names = sorted(name for namespace, name in self.actor_names if namespace == mine)
+        self._out.append(ReplyActorNames(ev.client, ev.request, names))
 
     def _pump_actor(self, actor: ActorState) -> None:
         """Dispatch the actor's calls in order, up to the first one not ready."""

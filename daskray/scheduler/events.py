@@ -139,9 +139,12 @@ class CancelRef:
 
 @dataclass(frozen=True, slots=True)
 class KillActor:
-    """``daskray.kill``: end the actor now, without restarting it."""
+    """``daskray.kill``: end the actor now, without restarting it -- or with
+    ``restart``, as if its process had crashed (it restarts while
+    ``max_restarts`` lasts)."""
 
     actor: str
+    restart: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +162,29 @@ class LookupActor:
     client: ClientId
     name: str
     request: int
+    #: None: the namespace of the caller's driver
+    namespace: str | None = None
+    #: the task whose code asks, if a task does
+    parent: TaskId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ListNamedActors:
+    """``daskray.util.list_named_actors()``: ``client`` wants the names of the live
+    named actors in its driver's namespace (or in all, as (namespace, name))."""
+
+    client: ClientId
+    request: int
+    all_namespaces: bool = False
+    parent: TaskId | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClientNamespace:
+    """A driver says its namespace: the names it and its tasks use by default."""
+
+    client: ClientId
+    namespace: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +248,7 @@ class Tick:
 
 Event = (
     WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
-    | CancelRef | KillActor | ActorStartFailed | LookupActor | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
+    | CancelRef | KillActor | ActorStartFailed | LookupActor | ListNamedActors | ClientNamespace
+    | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
     | GraphCancelled | ClientLost | Tick
 )

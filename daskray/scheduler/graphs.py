@@ -168,11 +168,13 @@ class GraphIntake:
 
     def _client_lost(self, ev: ClientLost) -> None:
         """The client's process is gone: cancel its dask graphs, drop its ObjectRefs
-        (references it passed on to other processes keep their objects alive)."""
+        (references it passed on to other processes keep their objects alive); the
+        actors it created end, unless detached."""
         for gs in [g for g in self.graphs.values() if g.id[0] == ev.client]:
             if gs.fail_fast:
                 self._cancel_graph(gs)
         self._drop_holder(ev.client)
+        self._client_actors_end(ev.client)
 
     def _cancel_graph(self, gs: GraphState) -> None:
         """Stop everything of a dask graph: cancel dispatched tasks, free its objects."""

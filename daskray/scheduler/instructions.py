@@ -144,6 +144,15 @@ class ReplyActor:
 
 
 @dataclass(frozen=True, slots=True)
+class ReplyActorNames:
+    """The names of live named actors: names, or [namespace, name] pairs."""
+
+    to: Any
+    request: int
+    names: list
+
+
+@dataclass(frozen=True, slots=True)
 class StartExtraWorker:
     """Start a worker process named ``worker`` with ``resources`` (besides its one
     CPU), to stand in for worker ``like`` (and its likes) while their tasks wait
@@ -172,5 +181,5 @@ class FreeShared:
 Instruction = (
     Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
     | ReportStarted | ReportFinished | NotifyRef | StartActor | StopActor
-    | ReplyActor | FreeShared | StartExtraWorker | RetireWorker
+    | ReplyActor | ReplyActorNames | FreeShared | StartExtraWorker | RetireWorker
 )

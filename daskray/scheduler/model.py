@@ -115,6 +115,11 @@ class ActorState:
     #: survives its handles (named or ``lifetime="detached"``)
     detached: bool
     name: str | None = None
+    #: the namespace its name is in
+    namespace: str = ""
+    #: what it ends with (Ray's fate sharing): ("client", id), ("task", id) or
+    #: ("actor", id); None for a ``lifetime="detached"`` one
+    owner: tuple | None = None
     worker: WorkerId | None = None
     state: str = "pending"  # pending -> alive -> (restarting -> alive)* -> dead
     calls: deque = field(default_factory=deque)

@@ -68,6 +68,7 @@ class TaskOutcomes:
                 self._make_ready(dependent)
         if not gs.fail_fast and gs.unfinished == 0:
             self._unpin(gs)
+        self._task_ended(ts)
         self._release_if_unused(ts)
 
     def _task_erred(self, ev: TaskErred) -> None:
@@ -88,6 +89,7 @@ class TaskOutcomes:
             self._place(ts)
             return
         self._fail(ts, (ev.error, None, None))
+        self._task_ended(ts)
 
     def _task_released(self, ev: TaskReleased) -> None:
         ws = self.workers.get(ev.worker)

@@ -73,7 +73,8 @@ from __future__ import annotations
 
 from . import policy
 from .events import (
-    ActorStartFailed, CancelRef, ClientLost, Event, GraphCancelled, KillActor, LookupActor,
+    ActorStartFailed, CancelRef, ClientLost, ClientNamespace, Event, GraphCancelled, KillActor,
+    ListNamedActors, LookupActor,
     GraphId, GraphReleased, GraphSubmitted, ObjectPut, RefKey, RefsChanged, Subscribe,
     TaskErred, WorkerBlocked, TaskFinished, TaskId, TaskReleased, TaskStarted, Tick, WorkerId,
     WorkerJoined, WorkerLost,
@@ -113,7 +114,9 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
         refs               :: {ref key: task id}         objects of remote graphs, by ObjectRef key
         ref_holders        :: {process: {task id}}       the ObjectRefs each process holds
         actors             :: {actor id: ActorState}     actors until dead and unreferenced
-        actor_names        :: {name: (actor id, handle)} named actors still alive
+        actor_names        :: {(namespace, name): (actor id, handle)} named actors alive
+        namespaces         :: {client id: namespace}     each driver's namespace
+        owned_actors       :: {owner: [actor id]}        actors that end with their owner
         workers            :: {worker id: WorkerState}   joined workers, actors' processes too
         ready              :: heap[(priority, task id)]  ready tasks free to run anywhere
         worker_shapes      :: [resources]                of every task worker that joined
@@ -169,8 +172,12 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
         self.actors: dict[str, ActorState] = {}
         #: which objects each process holds ObjectRefs to: {identity: {task id}}
         self.ref_holders: dict[bytes, set[TaskId]] = {}
-        #: named actors: {name: (actor id, pickled handle)}
-        self.actor_names: dict[str, tuple[str, bytes]] = {}
+        #: named actors: {(namespace, name): (actor id, pickled handle)}
+        self.actor_names: dict[tuple[str, str], tuple[str, bytes]] = {}
+        #: each driver's namespace, as it said (see ActorLifecycle._namespace_of)
+        self.namespaces: dict[bytes, str] = {}
+        #: actors that end when their owner ends (Ray's fate sharing): {owner: [actor id]}
+        self.owned_actors: dict[tuple, list[str]] = {}
         self.workers: dict[WorkerId, WorkerState] = {}
         self.ready: list[tuple[tuple, TaskId]] = []
         #: resources of every (non-actor) worker that has joined: a dead worker is
@@ -214,6 +221,8 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
             KillActor: self._kill_actor,
             ActorStartFailed: self._actor_start_failed,
             LookupActor: self._lookup_actor,
+            ListNamedActors: self._list_named_actors,
+            ClientNamespace: self._client_namespace,
             WorkerBlocked: self._worker_blocked,
             TaskStarted: self._task_started,
             TaskFinished: self._task_finished,

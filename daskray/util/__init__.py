@@ -4,7 +4,8 @@
   parallel backend, so scikit-learn's ``n_jobs`` work runs on the cluster;
 * :mod:`daskray.util.multiprocessing` -- ``Pool``, the standard library's
   ``multiprocessing.Pool`` with the cluster's processes;
-* :class:`ActorPool` -- ``daskray.ActorPool`` under Ray's path.
+* :class:`ActorPool` -- ``daskray.ActorPool`` under Ray's path;
+* :func:`list_named_actors` -- the named actors of this driver's namespace (or all).
 
 The submodules are imported on first use only: ``import daskray`` never imports
 joblib (an optional dependency, which comes with scikit-learn).
@@ -14,7 +15,16 @@ from typing import Any
 
 import daskray
 
-__all__ = ["ActorPool"]
+__all__ = ["ActorPool", "list_named_actors"]
+
+
+def list_named_actors(all_namespaces: bool = False) -> list:
+    """Ray's ``ray.util.list_named_actors``: the names of the live named actors in
+    this driver's namespace, or with ``all_namespaces=True`` a ``{"name": ...,
+    "namespace": ...}`` dict for every one in the cluster."""
+    from ..api import list_named_actors as listing
+
+    return listing(all_namespaces)
 
 
 def __getattr__(name: str) -> Any:
