@@ -130,6 +130,18 @@ def test_actor_pool_get_next_unordered_gives_the_first_finished(backend, tmp_pat
         pool.get_next_unordered()
 
 
+@pytest.mark.timeout(60)
+def test_actor_pool_get_next_after_get_next_unordered_gives_the_earliest_left(backend, tmp_path):
+    gate = str(tmp_path / "gate")
+    pool = daskray.util.ActorPool([Worker.remote(), Worker.remote()])
+    pool.submit(lambda a, v: a.double_when.remote(v, gate), 1)  # held back
+    pool.submit(lambda a, v: a.double.remote(v), 2)
+    assert pool.get_next_unordered(timeout=30) == 4
+    open(gate, "w").close()
+    assert pool.get_next(timeout=30) == 2
+    assert not pool.has_next()
+
+
 # =========================================================================== small API
 
 
@@ -462,3 +474,4 @@ def test_a_drivers_actors_end_with_it_unless_detached():
     assert [i.actor for i in out if isinstance(i, StopActor)] == ["A"]
     assert set(s.actor_names) == {("jobs", "kept"), ("", "fated")}
     assert b"driver" not in s.namespaces
+

@@ -47,7 +47,6 @@ class ActorPool:
         #: (fn, value) submitted while no actor was idle
         self._pending: deque = deque()
         self._next_submit = 0
-        self._next_return = 0
 
     # ------------------------------------------------------------ submitting
 
@@ -92,7 +91,6 @@ class ActorPool:
                 index, actor = self._running.pop(key)
                 self._by_index.pop(index, None)
                 self._return_actor(actor)
-        self._next_return = self._next_submit
 
     # ------------------------------------------------------------ taking results
 
@@ -109,18 +107,16 @@ class ActorPool:
         (``GetTimeoutError``, a ``TimeoutError``; the call stays in the pool)."""
         if not self.has_next():
             raise StopIteration("no more results to get: submit calls first")
-        while self._next_return not in self._by_index:  # taken by get_next_unordered
-            self._next_return += 1
-        future = self._by_index[self._next_return]
+        index = min(self._by_index)  # the earliest call whose result is not taken
+        future = self._by_index[index]
         if timeout is not None:
             refs = _refs(future)
             ready, _ = wait(refs, num_returns=len(refs), timeout=timeout)
             if len(ready) < len(refs):
                 raise GetTimeoutError(
-                    f"the pool's next result (call {self._next_return}) is not ready "
-                    f"after {timeout} s; it stays in the pool")
-        del self._by_index[self._next_return]
-        self._next_return += 1
+                    f"the pool's next result (call {index}) is not ready after {timeout} s; "
+                    "it stays in the pool")
+        del self._by_index[index]
         _, actor = self._running.pop(_key(future))
         return self._take(future, actor)
 
@@ -132,7 +128,6 @@ class ActorPool:
         key = self._first_finished(timeout)
         index, actor = self._running.pop(key)
         future = self._by_index.pop(index)
-        self._next_return = max(self._next_return, index + 1)
         return self._take(future, actor)
 
     def _first_finished(self, timeout: float | None) -> Any:
