@@ -40,6 +40,8 @@ DASK_SCHEMES = ("tcp://", "tls://", "ws://", "wss://", "inproc://", "ucx://")
 _UNSET = object()
 _lock = threading.RLock()
 _runtime: "_Runtime | None" = None
+#: whether daskray ever ran in this process: auto-init starts only the first runtime
+_ever_started = False
 
 
 class _Runtime:
@@ -198,7 +200,7 @@ def init(
         if num_workers is not None and num_workers != num_cpus:
             raise ValueError("give num_workers or num_cpus, not both")
         num_workers = num_cpus
-    global _runtime
+    global _runtime, _ever_started
     with _lock:
         if _runtime is not None:
             if ignore_reinit_error:
@@ -207,6 +209,7 @@ def init(
                 "daskray.init() was called twice; call daskray.shutdown() first, or "
                 "pass ignore_reinit_error=True to keep the running cluster"
             )
+        _ever_started = True
         if on_dask:
             return _join_distributed(address, client, security, set_dask_scheduler, namespace)
         if num_workers is not None and (
@@ -365,10 +368,14 @@ def _auto_init() -> None:
     ``wait``, ``.remote()``, ``get_actor``) starts one as ``init()`` would, joining
     ``DASKRAY_ADDRESS`` if set.  Unlike an explicit ``init()``, daskray does not
     become dask's default scheduler: a program that never called ``init`` keeps
-    dask's own.  Shut down at exit like any other."""
+    dask's own.  Shut down at exit like any other.
+
+    Only a process where daskray never ran starts one: after :func:`shutdown`, calls
+    raise ``ClusterError`` until the next ``init()`` -- a ref of the old cluster, or
+    a thread still calling at interpreter exit, must not start a new cluster."""
     with _lock:
-        if _runtime is not None or "DASKRAY_CONFIG" in os.environ:
-            return  # running, or one of daskray's own processes: never a cluster of its own
+        if _runtime is not None or _ever_started or "DASKRAY_CONFIG" in os.environ:
+            return  # running, shut down, or one of daskray's own processes
         init(set_dask_scheduler=False)
 
 

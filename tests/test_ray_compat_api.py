@@ -186,7 +186,7 @@ def test_init_takes_a_float_object_store_memory(restart_cluster):
 
 # =========================================================================== auto-init
 
-#: a driver that never calls init(): each entry point in turn starts daskray
+#: a driver that never calls init(): the entry point named by argv[1] starts daskray
 AUTO_INIT_SCRIPT = textwrap.dedent("""
     import os, sys
     import dask
@@ -201,75 +201,81 @@ AUTO_INIT_SCRIPT = textwrap.dedent("""
         def pid(self):
             return os.getpid()
 
-    def started(what, call):
-        assert not daskray.is_initialized(), what
-        call()
-        assert daskray.is_initialized(), f"{what} did not start daskray"
-        print(what, daskray.init(ignore_reinit_error=True).backend, flush=True)
-
-    def not_dask_default():
-        # dask's own scheduler runs this in this process; daskray's would not
-        assert dask.config.get("scheduler", None) is None
-        assert dask.delayed(os.getpid)().compute() == os.getpid()
-
-    started("put", lambda: daskray.get(daskray.put(1), timeout=60) == 1)
-    not_dask_default()
-    daskray.shutdown()
-    started("remote", lambda: daskray.get(pid.remote(), timeout=60))
-    daskray.shutdown()
-    started("actor", lambda: daskray.get(Box.remote().pid.remote(), timeout=60))
-    daskray.shutdown()
-    started("get", lambda: daskray.get([], timeout=60))
-    daskray.shutdown()
     def lookup():
         try:
             daskray.get_actor("auto-init-nobody")
         except ValueError:
             pass
-    started("get_actor", lookup)
-    not_dask_default()
-    if sys.argv[1:] == ["leave-running"]:  # shut down at exit, as after init()
-        print("head", daskray.api._runtime.cluster.head.pid, os.getpid(), flush=True)
+
+    ENTRIES = {
+        "put": lambda: daskray.get(daskray.put(1), timeout=60),
+        "remote": lambda: daskray.get(pid.remote(), timeout=60),
+        "actor": lambda: daskray.get(Box.remote().pid.remote(), timeout=60),
+        "get": lambda: daskray.get([], timeout=60),
+        "wait": lambda: daskray.wait([daskray.put(1)], timeout=60),
+        "get_actor": lookup,
+    }
+
+    # these need a running cluster and start none
+    for call in (daskray.cluster_resources, daskray.nodes, daskray.get_runtime_context):
+        try:
+            call()
+        except daskray.ClusterError:
+            pass
+    assert not daskray.is_initialized()
+    ENTRIES[sys.argv[1]]()
+    assert daskray.is_initialized()
+    # not dask's default scheduler: dask's own runs this in this process
+    assert dask.config.get("scheduler", None) is None
+    assert dask.delayed(os.getpid)().compute() == os.getpid()
+    runtime = daskray.api._runtime
+    print(runtime.context.backend, runtime.cluster and runtime.cluster.head.pid, os.getpid(),
+          flush=True)
+    if sys.argv[2:] == ["shutdown"]:  # after shutdown() no call starts one again
+        daskray.shutdown()
+        try:
+            daskray.put(1)
+        except daskray.ClusterError:
+            print("stays down", flush=True)
+    # else shut down at exit, as after init()
 """)
 
+ENTRY_POINTS = ["put", "remote", "actor", "get", "wait", "get_actor"]
 
-@pytest.mark.timeout(300)
-def test_first_call_starts_daskray_without_making_it_dasks_scheduler():
+
+def _driver(*args, env=None):
+    """Run AUTO_INIT_SCRIPT with ``args`` in a fresh interpreter: its output lines."""
+    env = {**{k: v for k, v in os.environ.items() if k != "DASKRAY_ADDRESS"},
+           "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})}
+    proc = subprocess.run([sys.executable, "-c", AUTO_INIT_SCRIPT, *args], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+def test_first_call_starts_daskray_without_making_it_dasks_scheduler(entry):
     import psutil
 
-    env = {k: v for k, v in os.environ.items() if k != "DASKRAY_ADDRESS"}
-    proc = subprocess.run([sys.executable, "-c", AUTO_INIT_SCRIPT, "leave-running"],
-                          env={**env, "PYTHONPATH": os.pathsep.join(sys.path)},
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[:5] == [f"{what} local" for what in
-                         ("put", "remote", "actor", "get", "get_actor")], proc.stdout
-    _, head, driver = lines[5].split()
+    backend, head, driver = _driver(entry)[0].split()
+    assert backend == "local"
     # shut down at exit: no head left, nor its shared memory
     assert not psutil.pid_exists(int(head)) or \
         psutil.Process(int(head)).status() == psutil.STATUS_ZOMBIE
     assert not [e for e in os.listdir("/dev/shm") if e.startswith(f"daskray-{driver}-")]
 
 
+@pytest.mark.timeout(120)
+def test_after_shutdown_no_call_starts_daskray_again():
+    assert _driver("put", "shutdown")[1] == "stays down"
+
+
 @pytest.mark.timeout(300)
-def test_auto_init_joins_the_dask_cluster_of_daskray_address(dask_cluster):
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path),
-           "DASKRAY_ADDRESS": dask_cluster.scheduler_address}
-    proc = subprocess.run([sys.executable, "-c", AUTO_INIT_SCRIPT], env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines()[:5] == [
-        f"{what} distributed" for what in ("put", "remote", "actor", "get", "get_actor")]
-
-
-def test_calls_that_need_a_running_cluster_do_not_start_one(restart_cluster):
-    daskray.shutdown()
-    for call in (daskray.cluster_resources, daskray.available_resources, daskray.nodes,
-                 daskray.get_runtime_context):
-        with pytest.raises(daskray.ClusterError, match="not running"):
-            call()
-    assert not daskray.is_initialized()
+@pytest.mark.parametrize("entry", ["put", "actor"])
+def test_auto_init_joins_the_dask_cluster_of_daskray_address(dask_cluster, entry):
+    out = _driver(entry, env={"DASKRAY_ADDRESS": dask_cluster.scheduler_address})
+    assert out[0].split()[0] == "distributed"
 
 
 # =========================================================================== named actors
@@ -475,3 +481,27 @@ def test_a_drivers_actors_end_with_it_unless_detached():
     assert set(s.actor_names) == {("jobs", "kept"), ("", "fated")}
     assert b"driver" not in s.namespaces
 
+
+
+def test_a_named_actor_ends_when_the_run_of_its_task_ends_even_if_it_runs_again():
+    """The scheduler core: a task made a named actor, then its worker died; the task
+    runs again (max_retries), and the actor of its first run has ended, so the second
+    run may take the name again."""
+    from daskray.scheduler import SchedulerState
+    from daskray.scheduler.events import GraphSubmitted, WorkerJoined, WorkerLost
+    from daskray.scheduler.instructions import Dispatch, StopActor
+
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w1"))
+    s.handle(WorkerJoined("w2"))
+    out = s.handle(GraphSubmitted((b"driver", 1), ["task"], [()], [0], [b"body"], {}, [0],
+                                  fail_fast=False, max_retries=1))
+    (run,) = [i for i in out if isinstance(i, Dispatch)]
+    s.handle(GraphSubmitted((run.worker.encode(), 1), ["init"], [()], [0], [b"body"], {}, [0],
+                            fail_fast=False, parent=run.task,
+                            create_actor={"id": "A", "name": "made", "detached": True}))
+    assert ("", "made") in s.actor_names
+    out = s.handle(WorkerLost(run.worker, "killed"))
+    assert [i.actor for i in out if isinstance(i, StopActor)] == ["A"]
+    assert ("", "made") not in s.actor_names
+    assert [i.task for i in out if isinstance(i, Dispatch)] == [run.task]  # runs again

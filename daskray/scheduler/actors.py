@@ -122,6 +122,9 @@ class ActorLifecycle:
         actor = self.actors.get(ws.actor)
         if actor is None:
             return []
+        # what its process created ends with it, restart or not (Ray's owner died)
+        self._owner_ended(("actor", actor.id), f"the process of the actor that created it "
+                                               f"({actor.id}) died")
         in_flight = [self.tasks[t] for t in actor.in_flight
                      if t in self.tasks and self.tasks[t].state == PROCESSING]
         actor.in_flight = []
@@ -254,7 +257,8 @@ class ActorLifecycle:
             self._kill_actor(KillActor(actor_id), why)
 
     def _task_ended(self, ts: TaskState) -> None:
-        """Task ``ts`` finished or failed for good: named actors it made end."""
+        """A run of task ``ts`` ended (finished, raised, or its worker died; it may
+        run again): the named actors it made end, as they would with Ray's worker."""
         if ("task", ts.id) in self.owned_actors:
             self._owner_ended(("task", ts.id), f"the task that created it ({ts.name}) ended")
 

@@ -80,6 +80,7 @@ class TaskOutcomes:
         if ts is None or ts.state != PROCESSING or ts.worker != ev.worker:
             return
         ts.worker = None
+        self._task_ended(ts)  # whether it runs again or not, this run ended
         if ts.input_lost and not ts.cancel_requested:  # it read an input that was lost
             self._rerun_reader(ts)
             return
@@ -89,7 +90,6 @@ class TaskOutcomes:
             self._place(ts)
             return
         self._fail(ts, (ev.error, None, None))
-        self._task_ended(ts)
 
     def _task_released(self, ev: TaskReleased) -> None:
         ws = self.workers.get(ev.worker)

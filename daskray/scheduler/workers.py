@@ -55,6 +55,7 @@ class Membership:
             if ts is None or ts.state != PROCESSING or ts.worker != ws.id:
                 continue
             ts.worker = None
+            self._task_ended(ts)  # its run ended with the worker
             if ts.retries_left > 0 and not ts.cancel_requested:
                 ts.retries_left -= 1
                 self._transition(ts, READY)
