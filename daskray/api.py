@@ -599,7 +599,8 @@ def nodes() -> list[dict]:
     """The machines of the cluster, as Ray's ``nodes()``: daskray runs on one."""
     import platform
 
-    machines = getattr(_session(auto_start=False), "nodes", None)  # a cluster of many machines tells its own
+    # a cluster of many machines tells its own
+    machines = getattr(_session(auto_start=False), "nodes", None)
     if machines is not None:
         return machines()
     return [{"NodeID": "local", "Alive": True, "NodeManagerAddress": "127.0.0.1",

@@ -20,7 +20,7 @@ import pytest
 import daskray
 import daskray.api
 import daskray.util
-from helpers import running_backend, start_cluster, wait_for_path
+from helpers import start_cluster
 
 pytestmark = pytest.mark.usefixtures("cluster")
 
