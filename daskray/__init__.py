@@ -29,7 +29,8 @@ _LAZY = {
     **dict.fromkeys(
         ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
          "kill", "get_actor", "object_store_stats", "cluster_resources",
-         "available_resources", "nodes", "exit_actor", "get_runtime_context"], "api"),
+         "available_resources", "nodes", "exit_actor", "get_runtime_context",
+         "list_named_actors"], "api"),
     "ObjectRef": "refs", "ObjectID": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors", "method": "actors",
     "ActorPool": "actors.pool",

@@ -22,9 +22,7 @@ def list_named_actors(all_namespaces: bool = False) -> list:
     """Ray's ``ray.util.list_named_actors``: the names of the live named actors in
     this driver's namespace, or with ``all_namespaces=True`` a ``{"name": ...,
     "namespace": ...}`` dict for every one in the cluster."""
-    from ..api import list_named_actors as listing
-
-    return listing(all_namespaces)
+    return daskray.list_named_actors(all_namespaces)
 
 
 def __getattr__(name: str) -> Any:
