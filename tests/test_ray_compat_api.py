@@ -309,9 +309,10 @@ def make_named(name, lifetime=None):
 
 @daskray.remote
 def find(name, namespace=None):
-    """From a task: whether ``name`` is found, and the names of its namespace."""
+    """From a task: whether ``name`` is found in ``namespace`` (None: its driver's), and
+    the names of its driver's namespace (None when ``namespace`` is given)."""
     found = daskray.get_actor(name, namespace=namespace, _missing_ok=True) is not None
-    return found, daskray.util.list_named_actors()
+    return found, daskray.util.list_named_actors() if namespace is None else None
 
 
 def _alive(name, namespace=None):
@@ -356,6 +357,27 @@ def test_names_are_unique_within_a_namespace_and_listed(backend):
     finally:
         for handle in (a, b, mine):
             daskray.kill(handle)
+
+
+@daskray.remote
+def find_nested(name, namespace=None):
+    """From a call made by a call: ``find`` one level deeper."""
+    return daskray.get(find.remote(name, namespace), timeout=30)
+
+
+@pytest.mark.timeout(60)
+def test_a_nested_call_on_dask_names_its_namespace(on_distributed):
+    """On the dask.distributed backend a call made by a call cannot tell its driver's
+    namespace: without ``namespace=`` it says what to do; with it, it works."""
+    handle = Named.options(name="compat-nested", namespace="compat-nested-ns").remote()
+    try:
+        with pytest.raises(daskray.ClusterError, match="pass namespace="):
+            daskray.get(find_nested.remote("compat-nested"), timeout=30)
+        found, _ = daskray.get(find_nested.remote("compat-nested", "compat-nested-ns"),
+                               timeout=30)
+        assert found
+    finally:
+        daskray.kill(handle)
 
 
 NAMESPACE_DRIVER = textwrap.dedent("""

@@ -85,6 +85,8 @@ class ActorCalls:
         self.names: list[str] = []
         #: the driver's namespace (None in a task's session: see namespace_of)
         self.namespace: str | None = None
+        #: in a task's session: the namespaces of the drivers whose calls ran here
+        self.drivers: dict[bytes, str] = {}
         #: call key -> (creation key, seq) of calls not known to be finished
         self.calls: dict[RefKey, tuple[RefKey, int]] = {}
 
@@ -211,8 +213,11 @@ def namespace_of(session: Any, given: str | None) -> str:
     if host is not None and host.spec.options.get("namespace") is not None:
         return host.spec.options["namespace"]
     owner = _owner_of_key(task_key())
-    found = None if owner is None else session.client.get_dataset(
-        NAMESPACE_PREFIX + owner.hex(), default=None)
+    found = None if owner is None else state_of(session).drivers.get(owner)
+    if found is None and owner is not None:
+        found = session.client.get_dataset(NAMESPACE_PREFIX + owner.hex(), default=None)
+        if found is not None:  # a driver's namespace never changes
+            state_of(session).drivers[owner] = found
     if found is None:
         raise ClusterError(
             "on the dask.distributed backend only the driver's own calls, and the methods "
