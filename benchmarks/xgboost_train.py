@@ -19,7 +19,12 @@ each in a fresh interpreter of its own, one after the other:
   timing; each worker trains with one thread.
 
 What is timed is building the matrices and training (each runtime's own way of
-doing both), the median of ``--repeat`` runs; test accuracy is reported for each.
+doing both), after an untimed warm-up of one round in the same process (imports,
+cluster and actor start-up are not timed: daskray keeps its training actors between
+fits, and a LocalCluster is started once too).  The runtimes take turns: each of
+the ``--repeat`` rounds runs every runtime once, in a fresh interpreter, so a
+change of load on the shared machine hits them alike; the median of the rounds is
+reported, and the test accuracy of each.
 Ratios are daskray's median over the others', from this one run; the issue's
 targets: daskray <= 1.0x xgboost (2 threads) and <= 0.8x xgboost.dask.  The
 machine is shared and noisy: compare ratios within a run.  Exit status 1 if any
@@ -57,27 +62,25 @@ def accuracy(predictions, labels) -> float:
     return float(((predictions > 0.5) == labels).mean())
 
 
-def timed(run: Callable[[], object], repeat: int) -> tuple[list[float], object]:
-    times, value = [], None
-    for _ in range(repeat):
-        start = time.perf_counter()
-        value = run()
-        times.append(time.perf_counter() - start)
-    return times, value
+def timed(run: Callable[[int], object], rounds: int) -> tuple[float, object]:
+    """Seconds of ``run(rounds)`` after an untimed ``run(1)``, and its value."""
+    run(1)
+    start = time.perf_counter()
+    value = run(rounds)
+    return time.perf_counter() - start, value
 
 
-def run_xgboost(data: tuple, rounds: int, repeat: int) -> dict:
+def run_xgboost(data: tuple, rounds: int) -> dict:
     import xgboost
 
     X, y, X_test, y_test = data
     params = {**PARAMS, "nthread": 2}
-    times, booster = timed(
-        lambda: xgboost.train(params, xgboost.QuantileDMatrix(X, y, max_bin=256), rounds),
-        repeat)
-    return {"times": times, "accuracy": accuracy(booster.inplace_predict(X_test), y_test)}
+    seconds, booster = timed(
+        lambda n: xgboost.train(params, xgboost.QuantileDMatrix(X, y, max_bin=256), n), rounds)
+    return {"seconds": seconds, "accuracy": accuracy(booster.inplace_predict(X_test), y_test)}
 
 
-def run_xgboost_dask(data: tuple, rounds: int, repeat: int) -> dict:
+def run_xgboost_dask(data: tuple, rounds: int) -> dict:
     import dask.array as da
     import xgboost
     import xgboost.dask
@@ -91,16 +94,16 @@ def run_xgboost_dask(data: tuple, rounds: int, repeat: int) -> dict:
         dy = da.from_array(y, chunks=chunk).persist()
         client.wait_for_workers(2)
 
-        def train():
+        def train(n: int):
             matrix = xgboost.dask.DaskQuantileDMatrix(client, dX, dy, max_bin=256)
             return xgboost.dask.train(client, {**PARAMS, "nthread": 1}, matrix,
-                                      num_boost_round=rounds)["booster"]
+                                      num_boost_round=n)["booster"]
 
-        times, booster = timed(train, repeat)
-    return {"times": times, "accuracy": accuracy(booster.inplace_predict(X_test), y_test)}
+        seconds, booster = timed(train, rounds)
+    return {"seconds": seconds, "accuracy": accuracy(booster.inplace_predict(X_test), y_test)}
 
 
-def run_daskray(data: tuple, rounds: int, repeat: int) -> dict:
+def run_daskray(data: tuple, rounds: int) -> dict:
     import daskray
     from daskray.ml import Dataset, ScalingConfig, XGBoostTrainer
 
@@ -108,21 +111,24 @@ def run_daskray(data: tuple, rounds: int, repeat: int) -> dict:
     daskray.init(num_workers=2)
     try:
         train = Dataset.from_numpy(X, y, num_shards=8, seed=0)
-        trainer = XGBoostTrainer(params={**PARAMS, "nthread": 1}, num_boost_round=rounds,
-                                 scaling_config=ScalingConfig(num_workers=2),
-                                 checkpoint_frequency=0)
-        times, result = timed(lambda: trainer.fit(train), repeat)
-        return {"times": times, "accuracy": accuracy(result.predict(X_test), y_test)}
+
+        def fit(n: int):
+            return XGBoostTrainer(params={**PARAMS, "nthread": 1}, num_boost_round=n,
+                                  scaling_config=ScalingConfig(num_workers=2),
+                                  checkpoint_frequency=0).fit(train)
+
+        seconds, result = timed(fit, rounds)
+        return {"seconds": seconds, "accuracy": accuracy(result.predict(X_test), y_test)}
     finally:
         daskray.shutdown()
 
 
-def child(runtime: str, rows: int, rounds: int, repeat: int) -> None:
+def child(runtime: str, rows: int, rounds: int) -> None:
     """Run one runtime in this process and print its result as JSON (last line)."""
     data = problem(rows)
     run = {"xgboost": run_xgboost, "xgboost.dask": run_xgboost_dask,
            "daskray": run_daskray}[runtime]
-    print(json.dumps(run(data, rounds, repeat)))
+    print(json.dumps(run(data, rounds)))
 
 
 def main() -> int:
@@ -135,19 +141,24 @@ def main() -> int:
     args = parser.parse_args()
     rows, rounds = (100_000, 20) if args.small else (1_000_000, 100)
     if args.child:
-        child(args.child, rows, rounds, args.repeat)
+        child(args.child, rows, rounds)
         return 0
-    results, failed = {}, False
-    for runtime in args.runtimes.split(","):
-        command = [sys.executable, __file__, "--child", runtime, "--repeat", str(args.repeat)]
-        command += ["--small"] if args.small else []
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode != 0:
-            failed = True
-            print(f"{runtime}: ERROR\n{done.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results[runtime] = json.loads(done.stdout.strip().splitlines()[-1])
-        results[runtime]["median"] = statistics.median(results[runtime]["times"])
+    runtimes = args.runtimes.split(",")
+    runs: dict = {runtime: [] for runtime in runtimes}
+    failed = False
+    for _ in range(args.repeat):
+        for runtime in runtimes:
+            command = [sys.executable, __file__, "--child", runtime]
+            command += ["--small"] if args.small else []
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                failed = True
+                print(f"{runtime}: ERROR\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            runs[runtime].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    results = {runtime: {"times": [r["seconds"] for r in rs], "accuracy": rs[-1]["accuracy"],
+                         "median": statistics.median(r["seconds"] for r in rs)}
+               for runtime, rs in runs.items() if rs}
     print(f"{rows:,} rows x 26, {rows * 8 // 10:,} training, {rounds} rounds, hist, depth 6; "
           f"median of {args.repeat}")
     print(f"{'runtime':<14}{'median s':>10}{'runs':>26}{'accuracy':>10}")

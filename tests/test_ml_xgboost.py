@@ -23,6 +23,13 @@ from daskray.ml import XGBoostTrainer, xgboost_trainer  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("cluster"), pytest.mark.timeout(120)]
 
+@pytest.fixture(scope="module", autouse=True)
+def _no_idle_training_actors_after_this_module():
+    """The trainer keeps its actors between fits; the other test modules see none."""
+    yield
+    xgboost_trainer.release_workers()
+
+
 PARAMS = {"objective": "binary:logistic", "max_depth": 6, "eta": 0.3, "nthread": 1,
           "eval_metric": ["logloss", "error"], "seed": 0}
 

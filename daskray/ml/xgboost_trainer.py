@@ -47,7 +47,8 @@ from .checkpoints import Checkpoint, Result
 from .dataset import Dataset
 from .trainer import FailureConfig, RunConfig, ScalingConfig
 
-__all__ = ["XGBoostTrainer", "XGBoostResult", "predict", "get_model", "require_xgboost"]
+__all__ = ["XGBoostTrainer", "XGBoostResult", "predict", "get_model", "require_xgboost",
+           "release_workers"]
 
 #: defaults every training gets unless the params say otherwise: the hist method
 #: (the only one xgboost distributes on the CPU) and a per-round seed, so a run
@@ -106,6 +107,8 @@ def build_matrices(params: dict, train: Sequence[tuple],
     dtrain = xgboost.QuantileDMatrix(_shard_iterator(train), max_bin=max_bin,
                                      nthread=params.get("nthread"))
     evals = [(dtrain, "train")]
+    if valid is not None and not valid:  # this worker holds no validation shard
+        valid = [(np.empty((0, train[0][0].shape[1])), np.empty(0))]
     if valid is not None:
         evals.append((xgboost.QuantileDMatrix(_shard_iterator(valid), max_bin=max_bin,
                                               ref=dtrain, nthread=params.get("nthread")),
@@ -151,28 +154,29 @@ def new_booster(params: dict, evals: list, model: bytes | None) -> Any:
 
 
 class _XGBoostWorker:
-    """One training process: joins the collective, holds its matrices and booster."""
+    """One training process: joins the collective for a fit, holds its matrices and
+    booster, and after :meth:`finish` waits idle (no data) for the next fit."""
 
-    def __init__(self, rank: int, tracker_args: dict, params: dict, train: list,
-                 valid: list | None) -> None:
-        # the refs come nested in lists, so they arrive as refs: read them here
-        self.rank, self.tracker_args, self.params = rank, tracker_args, params
-        self.train_refs, self.valid_refs = train, valid
-        self.evals: list = []
-        self.booster: Any = None
+    def __init__(self) -> None:
+        require_xgboost()  # the import is most of a new process's start: pay it now
+        self.rank, self.evals, self.booster = 0, [], None
 
     def pid(self) -> int:
         return os.getpid()
 
-    def setup(self, model: bytes | None) -> int:
-        """Join the collective, build the matrices, start from ``model``; the rank."""
+    def setup(self, rank: int, tracker_args: dict, params: dict, train: list,
+              valid: list | None, model: bytes | None) -> int:
+        """Join the collective as ``rank``, build the matrices from the shards (their
+        refs come nested in lists, so they are read here, in place), start from
+        ``model``; the rank xgboost gave."""
         from xgboost import collective
 
-        collective.init(**self.tracker_args, dmlc_task_id=str(self.rank))
-        train = daskray.get(list(self.train_refs))
-        valid = daskray.get(list(self.valid_refs)) if self.valid_refs is not None else None
-        self.evals = build_matrices(self.params, train, valid)
-        self.booster = new_booster(self.params, self.evals, model)
+        self.rank = rank
+        collective.init(**tracker_args, dmlc_task_id=str(rank))
+        shards = daskray.get(list(train))
+        valid_shards = daskray.get(list(valid)) if valid is not None else None
+        self.evals = build_matrices(params, shards, valid_shards)
+        self.booster = new_booster(params, self.evals, model)
         return collective.get_rank()
 
     def train(self, first: int, last: int) -> tuple[list[dict], bytes | None]:
@@ -182,11 +186,61 @@ class _XGBoostWorker:
         return rows, model
 
     def finish(self) -> None:
-        """Leave the collective (the tracker waits for every worker to)."""
+        """Drop the fit's data and leave the collective (the tracker waits for all)."""
         from xgboost import collective
 
         self.evals, self.booster = [], None
         collective.finalize()
+
+
+class _Pool:
+    """Idle training actors of this driver's cluster, kept between fits: a new
+    process pays for importing xgboost (seconds, with scikit-learn), which would
+    otherwise be most of a short fit.  :func:`release_workers` ends them."""
+
+    def __init__(self) -> None:
+        self.address: str | None = None
+        self.idle: list = []
+
+    def take(self, n: int) -> list:
+        """``n`` actors: idle ones of this cluster that still answer, then new ones."""
+        address = daskray.init(ignore_reinit_error=True).address_info.get("address")
+        if address != self.address:
+            self.address, self.idle = address, []
+        taken, self.idle = self.idle[:n], self.idle[n:]
+        if taken:
+            try:
+                daskray.get([a.pid.remote() for a in taken], timeout=30)
+            except Exception:  # a cluster re-made at the same address, a dead actor
+                _end(taken)
+                taken = []
+        worker = daskray.remote(max_restarts=0, max_task_retries=0)(_XGBoostWorker)
+        return taken + [worker.remote() for _ in range(n - len(taken))]
+
+    def give_back(self, actors: list) -> None:
+        self.idle.extend(actors)
+
+    def release(self) -> None:
+        actors, self.idle = self.idle, []
+        if daskray.is_initialized():
+            _end(actors)
+
+
+_pool = _Pool()
+
+
+def release_workers() -> None:
+    """End the idle training actors that :class:`XGBoostTrainer` keeps between fits."""
+    _pool.release()
+
+
+def _end(actors: list) -> None:
+    """Every actor ended (a survivor of a lost peer may be stuck waiting for it)."""
+    for actor in actors:
+        try:
+            daskray.kill(actor)
+        except Exception:  # already dead
+            pass
 
 
 def _tracker_host() -> str:
@@ -205,26 +259,23 @@ def _tracker_host() -> str:
 
 
 class _Group:
-    """The actors of one attempt and their tracker; ended together."""
+    """The actors of one attempt and their tracker: returned to the pool together
+    after a clean finish, ended together after a failure."""
 
     def __init__(self, params: dict, train: Dataset, valid: Dataset | None,
                  num_workers: int, model: bytes | None) -> None:
         from xgboost.tracker import RabitTracker
 
         parts = shard_parts(train.num_shards, num_workers)
-        valid_parts = shard_parts(valid.num_shards, num_workers) if valid is not None else None
+        valid_parts = shard_parts(valid.num_shards, len(parts)) if valid is not None else None
         self.tracker = RabitTracker(n_workers=len(parts), host_ip=_tracker_host(),
                                     timeout=TRACKER_TIMEOUT)
         self.tracker.start()
         args = {**self.tracker.worker_args(), "dmlc_timeout": TRACKER_TIMEOUT}
-        worker = daskray.remote(max_restarts=0, max_task_retries=0)(_XGBoostWorker)
-        self.actors = [
-            worker.remote(rank, args, params, [train.shards[i] for i in part],
-                          [valid.shards[i] for i in valid_parts[rank]]
-                          if valid_parts is not None and valid_parts[rank] else
-                          (None if valid is None else []))
-            for rank, part in enumerate(parts)]
-        _gather([a.setup.remote(model) for a in self.actors])
+        self.actors = _pool.take(len(parts))
+        _gather([actor.setup.remote(rank, args, params, [train.shards[i] for i in part],
+                                    _valid_part(valid, valid_parts, rank), model)
+                 for rank, (actor, part) in enumerate(zip(self.actors, parts))])
 
     def train(self, first: int, last: int) -> tuple[list[dict], bytes]:
         """Rounds ``first .. last - 1`` on every worker: rank 0's metrics and booster."""
@@ -233,20 +284,25 @@ class _Group:
     def finish(self) -> None:
         _gather([a.finish.remote() for a in self.actors])
         self.tracker.wait_for(TRACKER_TIMEOUT)
-        self.end()
+        self.tracker.free()
+        _pool.give_back(self.actors)
+        self.actors = []
 
     def end(self) -> None:
-        """Every actor ended (a survivor may be stuck waiting for a dead peer)."""
-        for actor in self.actors:
-            try:
-                daskray.kill(actor)
-            except Exception:  # already dead
-                pass
+        """Every actor ended, and the tracker freed."""
+        _end(self.actors)
         self.actors = []
         try:
             self.tracker.free()
         except Exception:  # xgboost reports the lost worker here too: already known
             pass
+
+
+def _valid_part(valid: Dataset | None, parts: list | None, rank: int) -> list | None:
+    """The validation shards' refs for ``rank`` (None: no validation set)."""
+    if valid is None or parts is None:
+        return None
+    return [valid.shards[i] for i in parts[rank]] if rank < len(parts) else []
 
 
 class WorkerDied(Exception):
@@ -288,7 +344,7 @@ class _Progress:
 
     def __init__(self, done: int, model: bytes | None, end: int) -> None:
         self.done, self.model, self.end = done, model, end
-        self.start = done
+        #: every chunk recorded ends at a checkpoint: a retry never drops rows
         self.history: list[dict] = []
 
     @property
@@ -299,10 +355,6 @@ class _Progress:
         """A chunk done: its rounds' metrics, and its booster as the checkpoint."""
         self.history.extend(rows)
         self.done, self.model = rows[-1]["training_iteration"], model
-
-    def rewind(self) -> None:
-        """Back to the last checkpoint (every recorded chunk ends at one: nothing to drop)."""
-        del self.history[self.done - self.start:]
 
 
 def shard_parts(num_shards: int, num_workers: int) -> list[list[int]]:
@@ -444,7 +496,6 @@ class XGBoostTrainer:
                         f"max_failures={self.failure.max_failures})); it got to round "
                         f"{progress.done}: raise max_failures or find why workers die"
                         ) from error.__cause__
-                progress.rewind()
         frame = pd.DataFrame(progress.history)
         checkpoint = _checkpoint(progress.model, progress.done, params)
         if self.run_config.storage_path:
