@@ -146,6 +146,18 @@ def test_checkpoints_come_every_k_rounds_and_training_resumes_from_one(monkeypat
     assert rest.booster.get_dump() == whole.booster.get_dump()
 
 
+def test_a_stop_condition_ends_training_at_the_checkpoint_that_meets_it():
+    X, y = _problem(2_000, d=4, seed=9)
+    ds = Dataset.from_numpy(X, y, num_shards=2, seed=0)
+    result = XGBoostTrainer(params=PARAMS, num_boost_round=50, checkpoint_frequency=3,
+                            run_config=RunConfig(stop={"train-logloss": 0.35})).fit(ds)
+    frame = result.metrics_dataframe
+    assert frame["train-logloss"].iloc[-1] <= 0.35 < frame["train-logloss"].iloc[-4]
+    assert len(frame) % 3 == 0 and len(frame) < 50
+    assert result.checkpoint.epoch == len(frame) - 1 and result.booster.num_boosted_rounds() \
+        == len(frame)
+
+
 def _kill_one_worker_in_chunk(monkeypatch, at_round: int) -> list:
     """Make the group's chunk starting at ``at_round`` SIGKILL its rank-1 actor's
     process right after submitting the chunk's calls; the pids killed."""

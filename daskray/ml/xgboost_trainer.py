@@ -17,15 +17,18 @@ actor dies (its process killed, say), every actor of the group is ended, a new
 group is started, and training goes on from the last checkpoint, at most
 ``FailureConfig.max_failures`` times.  xgboost reseeds per round
 (``seed_per_iteration``), so a resumed run grows the same trees as an
-uninterrupted one.
+uninterrupted one.  After a clean fit the actors stay up, idle and holding no
+data, for the next fit of the same cluster (see :class:`_Pool`).
 
-Same model from 1 and 2 workers: the histograms are exact sums, but the bin
-boundaries come from a quantile sketch that xgboost merges across workers, so
-they can differ between worker counts when a feature has more distinct values
-than ``max_bin``.  With at most ``max_bin`` distinct values per feature the cuts
-are exact and 1 and 2 workers give identical predictions (tested); otherwise the
-models differ by the sketch's approximation (accuracy within a few tenths of a
-point in the tests and benchmark).
+Same model from 1 and 2 workers: the bin boundaries come from a quantile sketch
+that xgboost merges across workers, so they can differ between worker counts when
+a feature has more distinct values than ``max_bin``; the models then differ by the
+sketch's approximation (accuracy within 0.2 points of xgboost in one process in
+the tests and the benchmark).  With at most ``max_bin`` distinct values per
+feature the cuts are exact and 1 and 2 workers grow the same trees, with leaf
+values, intercept and predictions equal up to float32 rounding (relative 1e-6):
+xgboost adds the gradient sums and estimates the intercept in another order on
+two workers than on one (tested).
 
 Tuning (``tune_config=TuneConfig(...)``, ``param_space=...``) runs each trial as one
 task training with one worker and one thread, reporting every round to the same
@@ -427,6 +430,9 @@ class XGBoostTrainer:
     ``eval_metric``, ``nthread`` -- threads per worker, by default the machine's
     cores shared among the workers -- ...).  ``num_boost_round``: rounds.
     ``checkpoint_frequency``: rounds between checkpoints (0: only at the end).
+    ``run_config``: ``stop`` (as for ``Trainer``, on any reported metric or
+    ``training_iteration``) is checked at each checkpoint; ``storage_path`` gets
+    the final checkpoint.
     ``failure_config`` (or ``run_config.failure_config``): restarts after a worker
     died.  ``resume_from_checkpoint``: go on from an earlier result's checkpoint.
     ``tune_config`` + ``param_space``: search instead (see :meth:`fit`).
