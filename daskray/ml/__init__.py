@@ -21,11 +21,16 @@ from .tuner import Tuner, get_checkpoint, report, with_parameters
 
 
 def __getattr__(name: str):
-    """``TorchModel`` loads on first use: importing daskray.ml does not import torch."""
+    """``TorchModel`` and ``XGBoostTrainer`` load on first use: importing daskray.ml
+    imports neither torch nor xgboost."""
     if name == "TorchModel":
         from .torch_model import TorchModel
 
         return TorchModel
+    if name in ("XGBoostTrainer", "XGBoostResult"):
+        from . import xgboost_trainer
+
+        return getattr(xgboost_trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -34,4 +39,5 @@ __all__ = [
     "Result", "Checkpoint", "Evaluation", "FailureConfig", "RunConfig", "ScalingConfig",
     "reference_fit", "tune", "TuneConfig", "ASHAScheduler", "FIFOScheduler", "ResultGrid",
     "Tuner", "report", "get_checkpoint", "with_parameters", "TorchModel",
+    "XGBoostTrainer", "XGBoostResult",
 ]
