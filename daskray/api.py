@@ -21,6 +21,7 @@ import dask.utils
 from . import backend, dask_scheduler
 from .errors import ClusterError
 from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
+from .actors import host as actor_host
 from .dask_graph import convert, external_keys
 from .refs import ObjectRef, ref_key_of, tracker
 from .remote_function import TASK_OPTIONS, RemoteFunction, check_options
@@ -469,6 +470,7 @@ def exit_actor() -> None:
     if actor is None:
         raise TypeError("exit_actor() ends the actor it is called in: call it from a "
                         "method of an actor")
+    actor_host.shut_down()  # __ray_shutdown__ and atexit handlers, before the end
     conn.send(P.KillActorRequest(actor))
     # the head stops this process now; nothing more of the method may run meanwhile
     threading.Event().wait(60)
