@@ -29,7 +29,6 @@ from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
-from .runtime import protocol as P
 from .runtime.session import Session
 
 #: the address schemes of dask's comm layer: an address with one names a dask scheduler
@@ -459,22 +458,9 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 
 def exit_actor() -> None:
     """Ray's ``exit_actor()``: called in an actor's method, end that actor now, for
-    good (no restart).  The call itself and the calls queued after it raise
-    ``ActorDiedError``; later calls too."""
-    session = _session()
-    ends_it = getattr(session, "exit_actor", None)  # local mode, the dask.distributed backend
-    if ends_it is not None:
-        ends_it()
-    conn = getattr(session, "conn", None)
-    actor = getattr(conn, "actor", None)
-    if actor is None:
-        raise TypeError("exit_actor() ends the actor it is called in: call it from a "
-                        "method of an actor")
-    actor_host.shut_down()  # __ray_shutdown__ and atexit handlers, before the end
-    conn.send(P.KillActorRequest(actor))
-    # the head stops this process now; nothing more of the method may run meanwhile
-    threading.Event().wait(60)
-    os._exit(1)
+    good (no restart), after its ``__ray_shutdown__`` and atexit handlers.  The call
+    itself and the calls queued after it raise ``ActorDiedError``; later calls too."""
+    actor_host.exit_actor(_session())
 
 
 class RuntimeContext:

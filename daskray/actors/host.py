@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import atexit
 import inspect
+import os
 import threading
 import traceback
 from typing import Any
 
+from .. import backend
 from ..errors import ActorError
+from ..runtime import protocol as P
 from ..remote_function import RemoteFunction
 
 #: Ray's methods of every actor: True once constructed; end after the calls before it
@@ -111,9 +114,26 @@ def bound_method(obj: Any, method: str) -> Any:
 def _terminate() -> None:
     """``__ray_terminate__``: end the actor as ``exit_actor()`` does; the calls
     submitted before this one ran first (calls run in submission order)."""
-    from .. import api
+    exit_actor(backend.current())
 
-    api.exit_actor()
+
+def exit_actor(session: Any) -> None:
+    """``daskray.exit_actor()`` in a method of an actor of ``session``'s backend: local
+    mode and the dask.distributed backend end it their own way; an actor process of
+    daskray's runtime runs the actor's shutdown hooks, then asks the head to end it."""
+    ends_it = getattr(session, "exit_actor", None)
+    if ends_it is not None:
+        ends_it()
+    conn = getattr(session, "conn", None)
+    actor = getattr(conn, "actor", None)
+    if actor is None:
+        raise TypeError("exit_actor() ends the actor it is called in: call it from a "
+                        "method of an actor")
+    shut_down()
+    conn.send(P.KillActorRequest(actor))
+    # the head stops this process now; nothing more of the method may run meanwhile
+    threading.Event().wait(60)
+    os._exit(1)
 
 
 def shut_down() -> None:
