@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import gc
 import threading
 import time
 
@@ -126,6 +127,32 @@ def test_exit_actor_runs_ray_shutdown_then_the_actors_atexit_handlers(backend, t
     assert _lines(path) == ["shutdown at 7", "atexit 2", "atexit 1"]  # atexit's order: last first
 
 
+@pytest.mark.timeout(90)
+def test_kill_ends_the_actor_without_its_shutdown_hooks(backend, tmp_path):
+    """Ray's ``kill`` is a forced end: no ``__ray_shutdown__``, no atexit handlers."""
+    path = str(tmp_path / "log")
+    counter = Counter.remote(1, path)
+    daskray.get(counter.register_atexit.remote("atexit"), timeout=WAIT)
+    daskray.kill(counter)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(counter.incr.remote(), timeout=WAIT)
+    assert _lines(path) == []
+
+
+@pytest.mark.timeout(90)
+def test_actor_whose_last_handle_is_gone_runs_its_shutdown_hooks(on_distributed, tmp_path):
+    """On the dask.distributed backend the host ends the actor in the worker's process,
+    which lives on: the end is graceful.  (On daskray's own runtime the head stops the
+    actor's process, as for ``kill``: see README, "Differences from Ray".)"""
+    path = str(tmp_path / "log")
+    counter = Counter.remote(3, path)
+    daskray.get(counter.register_atexit.remote("atexit"), timeout=WAIT)
+    del counter
+    gc.collect()
+    assert wait_until(lambda: len(_lines(path)) == 2, WAIT)
+    assert _lines(path) == ["shutdown at 3", "atexit"]
+
+
 # =========================================================================== the class itself
 
 
@@ -229,6 +256,53 @@ def test_concurrency_group_chosen_per_call_and_unknown_group_refused(backend):
     assert daskray.get(actor.peak_seen.remote(), timeout=WAIT) == 1  # compute's limit is 1
     with pytest.raises(ValueError, match="no concurrency group 'gpu'"):
         actor.hold.options(concurrency_group="gpu").remote()
+
+
+@daskray.remote(concurrency_groups={"io": 2, "compute": 1})
+class AsyncGrouped:
+    """Ray's example of groups: an async actor, whose groups limit its coroutines."""
+
+    def __init__(self):
+        self.active = 0
+        self.peak = 0
+        self.changed = asyncio.Condition()
+        self.released = asyncio.Event()
+
+    @daskray.method(concurrency_group="io")
+    async def hold(self):
+        async with self.changed:
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            self.changed.notify_all()
+        try:
+            await asyncio.wait_for(self.released.wait(), WAIT)
+            return True
+        finally:
+            self.active -= 1
+
+    @daskray.method(concurrency_group="compute")
+    async def release(self, expected):
+        async with self.changed:
+            await asyncio.wait_for(self.changed.wait_for(lambda: self.active >= expected), WAIT)
+            try:
+                await asyncio.wait_for(self.changed.wait_for(lambda: self.active > expected), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            seen = self.active
+        self.released.set()
+        return seen
+
+    def peak_seen(self):
+        return self.peak
+
+
+@pytest.mark.timeout(120)
+def test_concurrency_groups_of_an_async_actor_limit_its_coroutines(backend):
+    actor = AsyncGrouped.remote()
+    holds = [actor.hold.remote() for _ in range(4)]
+    assert daskray.get(actor.release.remote(2), timeout=WAIT) == 2
+    assert daskray.get(holds, timeout=WAIT) == [True] * 4
+    assert daskray.get(actor.peak_seen.remote(), timeout=WAIT) == 2
 
 
 # =========================================================================== bad arguments

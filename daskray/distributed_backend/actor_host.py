@@ -33,7 +33,6 @@ import ctypes
 import inspect
 import threading
 import traceback
-import weakref
 from typing import Any
 
 import cloudpickle
@@ -54,8 +53,9 @@ DELIVERED = "daskray-delivered"
 #: in a thread running an actor's method: ``.host``, the ActorHost it belongs to
 running = threading.local()
 
-#: the hosts on this worker by key, for ``released``
-_hosts: weakref.WeakValueDictionary[str, ActorHost] = weakref.WeakValueDictionary()
+#: the hosts on this worker by key, for ``released``: held here until then, since
+#: distributed drops its own reference to a host before the plugin hears of the release
+_hosts: dict[str, ActorHost] = {}
 
 
 class ExitActor(BaseException):
