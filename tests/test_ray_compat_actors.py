@@ -35,6 +35,7 @@ class Signal:
 
     def __init__(self):
         self.ready = asyncio.Event()
+        self.loop = asyncio.get_running_loop()  # the constructor runs on the loop too
 
     def send(self):
         self.ready.set()
@@ -43,6 +44,9 @@ class Signal:
     async def wait(self):
         await self.ready.wait()
         return threading.get_ident()
+
+    async def on_constructors_loop(self):
+        return asyncio.get_running_loop() is self.loop
 
 
 @pytest.mark.timeout(90)
@@ -54,6 +58,7 @@ def test_sync_method_of_async_actor_wakes_an_awaiting_method(backend):
     sent = daskray.get(signal.send.remote(), timeout=WAIT)
     woke = daskray.get(waiting, timeout=WAIT)  # hung before: set() off the loop's thread
     assert sent == woke  # both ran on the actor's event-loop thread
+    assert daskray.get(signal.on_constructors_loop.remote(), timeout=WAIT) is True
 
 
 # =========================================================================== Ray's own methods
@@ -256,6 +261,8 @@ def test_concurrency_group_chosen_per_call_and_unknown_group_refused(backend):
     assert daskray.get(actor.peak_seen.remote(), timeout=WAIT) == 1  # compute's limit is 1
     with pytest.raises(ValueError, match="no concurrency group 'gpu'"):
         actor.hold.options(concurrency_group="gpu").remote()
+    with pytest.raises(ValueError, match="declares none"):
+        Counter.remote().incr.options(concurrency_group="io").remote()
 
 
 @daskray.remote(concurrency_groups={"io": 2, "compute": 1})

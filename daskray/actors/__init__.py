@@ -195,7 +195,7 @@ class ActorMethod:
         handle = self._handle
         check_call(handle._signatures.get(self._name), f"{handle._class_name}.{self._name}",
                    args, kwargs)
-        group = self._options.get("concurrency_group")
+        group = self._options.get("concurrency_group")  # the call's, or the method's
         if group is not None and group not in handle._concurrency:
             raise ValueError(
                 f"{handle._class_name}.{self._name}: no concurrency group {group!r}; the "

@@ -168,7 +168,8 @@ def capture_atexit(owner: Any) -> None:
 
 def _register(func: Any, *args: Any, **kwargs: Any) -> Any:
     handlers = _atexit_owner() if _atexit_owner is not None else None
-    if handlers is not None:
+    # daskray's own (daskray.api's, imported late in a worker) are the process's
+    if handlers is not None and not getattr(func, "__module__", "").startswith("daskray"):
         handlers.append((func, args, kwargs))
     return _register_for_process(func, *args, **kwargs)
 

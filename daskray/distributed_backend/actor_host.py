@@ -161,12 +161,23 @@ class ActorHost:
             running.host = self
             args, kwargs = cloudpickle.loads(self.spec.arguments)
             args, kwargs = resolve_arguments(self.session, args, kwargs)
-            self.instance = cls(*args, **kwargs)
+            if self._loop is not None:  # an async actor: asyncio objects it makes are the loop's
+                self.instance = asyncio.run_coroutine_threadsafe(
+                    self._construct_on_loop(cls, args, kwargs), self._loop).result()
+            else:
+                self.instance = cls(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - every call reports it
             self.init_failure = "".join(traceback.format_exception(exc))
         finally:
             running.host = None
             done.set_result(None)
+
+    async def _construct_on_loop(self, cls: type, args: list, kwargs: dict) -> Any:
+        running.host = self
+        try:
+            return cls(*args, **kwargs)
+        finally:
+            running.host = None
 
     # ------------------------------------------------------------ calls (worker's loop)
 
