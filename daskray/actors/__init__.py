@@ -26,7 +26,7 @@ from typing import Any
 from .. import backend
 from ..remote_function import (TASK_OPTIONS, RemoteFunction, call_signature, check_call,
                                check_options, _FunctionTable)
-from .host import READY, TERMINATE, ActorCall, ActorInit
+from .host import READY, TERMINATE, ActorCall, ActorInit, is_async_class
 
 ACTOR_OPTIONS = {
     "num_cpus": TASK_OPTIONS["num_cpus"],
@@ -303,7 +303,7 @@ def actor_options_for_graph(actor_class: ActorClass, actor_id: str, handle_bytes
         else opts.get("max_concurrency", _default_concurrency(actor_class._cls)),
         # async methods run on an event loop thread: its calls (awaits included)
         # go through the main thread, which then only does the I/O
-        "threaded": _is_async(actor_class._cls) or opts.get("max_concurrency", 1) > 1
+        "threaded": is_async_class(actor_class._cls) or opts.get("max_concurrency", 1) > 1
         or bool(opts.get("concurrency_groups")),
     }
 
@@ -321,11 +321,7 @@ def concurrency_of(actor_class: ActorClass) -> dict:
 
 def _default_concurrency(cls: type) -> int:
     """Ray's defaults: 1 call at a time, 1000 for a class with ``async def`` methods."""
-    return 1000 if _is_async(cls) else 1
-
-
-def _is_async(cls: type) -> bool:
-    return any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in dir(cls))
+    return 1000 if is_async_class(cls) else 1
 
 
 def resources_of(options: dict) -> dict | None:

@@ -32,8 +32,10 @@ instance: Any = None
 #: the traceback of the constructor, when it raised
 init_failure: str | None = None
 _loop: Any = None  # an asyncio event loop, made on first use
+#: whether the instance's class has ``async def`` methods (its calls run on the loop)
+is_async = False
 #: whether the instance's ``__ray_shutdown__`` ran (it runs once)
-_shut_down = False
+_shutdown_ran = False
 #: {concurrency group: semaphore} of the running calls, made on first use
 _groups: dict = {}
 _groups_lock = threading.Lock()
@@ -48,11 +50,12 @@ class ActorInit:
         self.cls = cls
 
     def __call__(self, *args: Any, **kwargs: Any) -> None:
-        global instance, init_failure
+        global instance, init_failure, is_async
         instance = None
         capture_atexit(lambda: _registered)
+        is_async = is_async_class(self.cls)
         try:
-            if is_async_class(self.cls):  # asyncio objects it makes belong to its loop
+            if is_async:  # asyncio objects it makes belong to its loop
                 instance = _run(_call_on_loop(self.cls, args, kwargs))
             else:
                 instance = self.cls(*args, **kwargs)
@@ -81,7 +84,7 @@ class ActorCall:
                 f"actor {self.cls_name} cannot run {self.method}(): its constructor "
                 f"raised.\nThe constructor's traceback:\n{init_failure or '(not available)'}")
         func = bound_method(instance, self.method)
-        if is_async_class(type(instance)):
+        if is_async:
             return _run(self._on_loop(func, args, kwargs))
         if self.group is None:
             return _finish(func(*args, **kwargs))
@@ -139,9 +142,9 @@ def exit_actor(session: Any) -> None:
 def shut_down() -> None:
     """The actor ends gracefully (``exit_actor()``, ``__ray_terminate__``): run its
     ``__ray_shutdown__``, once, then the atexit handlers, as Ray does."""
-    global _shut_down
-    if not _shut_down and instance is not None:
-        _shut_down = True
+    global _shutdown_ran
+    if not _shutdown_ran and instance is not None:
+        _shutdown_ran = True
         hook = getattr(instance, "__ray_shutdown__", None)
         if callable(hook):
             try:

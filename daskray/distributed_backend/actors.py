@@ -27,7 +27,6 @@ the actor while published; detached actors without a name are published too.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import threading
 import time
@@ -39,6 +38,7 @@ from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 
 from ..actors import concurrency_of
+from ..actors.host import is_async_class
 from ..backend import ActorSpec as ActorClassSpec
 from ..errors import ActorDiedError, DaskrayError
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of
@@ -132,8 +132,7 @@ def _host_options(actor_class: ActorClassSpec, actor_id: str) -> dict:
             "max_concurrency": groups.get("", graph["max_concurrency"]),
             "concurrency_groups": {group: n for group, n in groups.items() if group},
             "name": opts.get("name"),
-            "async": any(inspect.iscoroutinefunction(getattr(actor_class._cls, n, None))
-                         for n in dir(actor_class._cls))}
+            "async": is_async_class(actor_class._cls)}
 
 
 def _publish_name(session: Any, name: str, future: Any, handle: Any, get_if_exists: bool,
