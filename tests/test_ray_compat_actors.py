@@ -59,6 +59,9 @@ def test_sync_method_of_async_actor_wakes_an_awaiting_method(backend):
     woke = daskray.get(waiting, timeout=WAIT)  # hung before: set() off the loop's thread
     assert sent == woke  # both ran on the actor's event-loop thread
     assert daskray.get(signal.on_constructors_loop.remote(), timeout=WAIT) is True
+    signal.__ray_terminate__.remote()  # on the loop's thread, like every call
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(signal.wait.remote(), timeout=WAIT)
 
 
 # =========================================================================== Ray's own methods
