@@ -161,6 +161,19 @@ def test_actor_whose_last_handle_is_gone_runs_its_shutdown_hooks(on_distributed,
     assert _lines(path) == ["shutdown at 3", "atexit"]
 
 
+@pytest.mark.timeout(60)
+def test_ray_ready_and_ray_terminate_in_local_mode(restart_cluster):
+    """Local mode (everything in the driver's process) has Ray's methods too."""
+    daskray.shutdown()
+    daskray.init(local_mode=True)
+    counter = Counter.remote(2)
+    assert daskray.get(counter.__ray_ready__.remote()) is True
+    assert daskray.get(counter.incr.remote()) == 3
+    counter.__ray_terminate__.remote()
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(counter.incr.remote())
+
+
 # =========================================================================== the class itself
 
 

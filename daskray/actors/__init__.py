@@ -26,7 +26,7 @@ from typing import Any
 from .. import backend
 from ..remote_function import (TASK_OPTIONS, RemoteFunction, call_signature, check_call,
                                check_options, _FunctionTable)
-from .host import READY, TERMINATE, ActorCall, ActorInit, is_async_class
+from .host import READY, TERMINATE, ActorCall, ActorInit, bound_method, is_async_class
 
 ACTOR_OPTIONS = {
     "num_cpus": TASK_OPTIONS["num_cpus"],
@@ -251,6 +251,12 @@ class ActorHandle:
             call = ActorCall(self._class_name, method, *self._group_of(method, group))
             made = self._calls[(method, group)] = (call, _FunctionTable(call))
         return made
+
+    @staticmethod
+    def _bound(instance: Any, method: str) -> Any:
+        """What a call of ``method`` runs on ``instance``, for a backend that holds the
+        instance in the caller's process (local mode)."""
+        return bound_method(instance, method)
 
     def _group_of(self, method: str, group: str | None) -> tuple[str | None, int | None]:
         """(concurrency group, its limit) of a call of ``method``: (None, None) for an
