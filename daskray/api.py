@@ -24,6 +24,7 @@ import dask.utils
 from . import backend, dask_scheduler
 from .errors import ClusterError
 from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
+from .actors import host as actor_host
 from .dask_graph import convert, external_keys
 from .refs import ObjectRef, ref_key_of, tracker
 from .remote_function import TASK_OPTIONS, RemoteFunction, check_options
@@ -31,7 +32,6 @@ from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
-from .runtime import protocol as P
 from .runtime.session import Session
 
 #: the address schemes of dask's comm layer: an address with one names a dask scheduler
@@ -507,21 +507,9 @@ def kill(actor: ActorHandle, *, no_restart: bool = True) -> None:
 
 def exit_actor() -> None:
     """Ray's ``exit_actor()``: called in an actor's method, end that actor now, for
-    good (no restart).  The call itself and the calls queued after it raise
-    ``ActorDiedError``; later calls too."""
-    session = _session(auto_start=False)
-    ends_it = getattr(session, "exit_actor", None)  # local mode, the dask.distributed backend
-    if ends_it is not None:
-        ends_it()
-    conn = getattr(session, "conn", None)
-    actor = getattr(conn, "actor", None)
-    if actor is None:
-        raise TypeError("exit_actor() ends the actor it is called in: call it from a "
-                        "method of an actor")
-    conn.send(P.KillActorRequest(actor))
-    # the head stops this process now; nothing more of the method may run meanwhile
-    threading.Event().wait(60)
-    os._exit(1)
+    good (no restart), after its ``__ray_shutdown__`` and atexit handlers.  The call
+    itself and the calls queued after it raise ``ActorDiedError``; later calls too."""
+    actor_host.exit_actor(_session(auto_start=False))
 
 
 class RuntimeContext:

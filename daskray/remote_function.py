@@ -10,6 +10,7 @@ ObjectRefs handed back.  The function itself is cloudpickled once per function
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import itertools
 import numbers
@@ -171,15 +172,69 @@ def build_call(func: Callable, table: "_FunctionTable", name: str, args: tuple,
     )
 
 
+class _RunsCoroutine:
+    """The task body of an ``async def`` remote function: runs the coroutine to its
+    end on an event loop of its own in the worker, so the ref holds its result."""
+
+    __slots__ = ("func",)
+
+    def __init__(self, func: Callable) -> None:
+        self.func = func
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return asyncio.run(self.func(*args, **kwargs))
+
+    @property
+    def __name__(self) -> str:
+        return getattr(self.func, "__name__", "remote_function")
+
+
+#: a signature that could not be read: calls are not checked
+UNCHECKED = None
+
+
+def call_signature(func: Callable, drop_first: bool = False) -> inspect.Signature | None:
+    """What ``func``'s calls must match, for :func:`check_call`: annotations and
+    default values dropped (only whether a default exists matters) so that the
+    signature pickles with an actor's handle; ``drop_first`` drops ``self``.
+    ``UNCHECKED`` when it cannot be read (a builtin, a C extension)."""
+    try:
+        sig = inspect.signature(func)
+    except (TypeError, ValueError):
+        return UNCHECKED
+    params = list(sig.parameters.values())
+    if drop_first:
+        if not params or params[0].kind not in (inspect.Parameter.POSITIONAL_ONLY,
+                                                inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            return UNCHECKED
+        params = params[1:]
+    empty = inspect.Parameter.empty
+    return inspect.Signature([
+        p.replace(annotation=empty, default=empty if p.default is empty else None)
+        for p in params])
+
+
+def check_call(sig: inspect.Signature | None, what: str, args: tuple, kwargs: dict) -> None:
+    """Raise ``TypeError`` in the caller, at ``.remote()``, when ``args`` and
+    ``kwargs`` do not fit ``sig`` (as Ray does), rather than later in the worker."""
+    if sig is UNCHECKED:
+        return
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise TypeError(f"{what}: {exc} (the call does not match {what}{sig})") from None
+
+
 class RemoteFunction:
     """What ``@daskray.remote`` makes of a function: call it with ``.remote()``."""
 
     def __init__(self, func: Callable, options: dict) -> None:
         if inspect.isclass(func):
             raise TypeError("RemoteFunction wraps functions; classes become actors")
-        self._func = func
+        self._func = _RunsCoroutine(func) if inspect.iscoroutinefunction(func) else func
         self._options = check_options(dict(options))
         self._table: _FunctionTable | None = None
+        self._signature: inspect.Signature | None | bool = False  # False: not read yet
         self.__name__ = getattr(func, "__name__", "remote_function")
         self.__qualname__ = getattr(func, "__qualname__", self.__name__)
         self.__doc__ = getattr(func, "__doc__", None)
@@ -193,12 +248,15 @@ class RemoteFunction:
 
     def options(self, **options: Any) -> "RemoteFunction":
         """A copy with these options changed, for one or more calls."""
-        clone = RemoteFunction(self._func, {**self._options, **check_options(options)})
-        clone._table = self._table
+        clone = RemoteFunction(self.__wrapped__, {**self._options, **check_options(options)})
+        clone._table, clone._signature = self._table, self._signature
         return clone
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
         """Submit a call; return its ObjectRef (a list of them when ``num_returns > 1``)."""
+        if self._signature is False:
+            self._signature = call_signature(self.__wrapped__)
+        check_call(self._signature, self.__name__, args, kwargs)
         if self._table is None:
             self._table = _FunctionTable(self._func)
         return backend.current().submit_call(self._func, self._table, args, kwargs, self._options)

@@ -24,8 +24,9 @@ import numbers
 from typing import Any
 
 from .. import backend
-from ..remote_function import TASK_OPTIONS, RemoteFunction, check_options, _FunctionTable
-from .host import ActorCall, ActorInit
+from ..remote_function import (TASK_OPTIONS, RemoteFunction, call_signature, check_call,
+                               check_options, _FunctionTable)
+from .host import READY, TERMINATE, ActorCall, ActorInit, bound_method, is_async_class
 
 ACTOR_OPTIONS = {
     "num_cpus": TASK_OPTIONS["num_cpus"],
@@ -38,14 +39,25 @@ ACTOR_OPTIONS = {
     "max_restarts": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
     "max_task_retries": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
     "max_concurrency": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+    "concurrency_groups": lambda v: isinstance(v, dict) and all(
+        isinstance(k, str) and k and isinstance(n, int) and not isinstance(n, bool) and n >= 1
+        for k, n in v.items()),
 }
-METHOD_OPTIONS = {"num_returns": TASK_OPTIONS["num_returns"], "name": TASK_OPTIONS["name"]}
+METHOD_OPTIONS = {"num_returns": TASK_OPTIONS["num_returns"], "name": TASK_OPTIONS["name"],
+                  "concurrency_group": lambda v: isinstance(v, str) and v != ""}
 _FOREVER = 1_000_000
+#: the pool size of a threaded actor with concurrency groups: each group's limit is
+#: kept by the calls themselves, so a group's waiting calls must not use up the pool
+_GROUPED_POOL = 1000
+#: the methods every actor has (Ray's): no arguments
+_BUILTIN_METHODS = (READY, TERMINATE)
 _numbers = itertools.count(1)
 
 
 def _methods(cls: type) -> list[str]:
-    names = []
+    """The names a handle of an actor of ``cls`` calls: its methods, and Ray's
+    ``__ray_ready__`` and ``__ray_terminate__``."""
+    names = list(_BUILTIN_METHODS)
     for name, attr in inspect.getmembers(cls):
         if name.startswith("__") and name not in ("__call__",):
             continue
@@ -55,8 +67,8 @@ def _methods(cls: type) -> list[str]:
 
 
 def method(**options: Any) -> Any:
-    """Ray's ``@ray.method(num_returns=...)``: default options of an actor method,
-    as ``handle.method.options(...)`` would give them at each call."""
+    """Ray's ``@ray.method(num_returns=..., concurrency_group=...)``: default options
+    of an actor method, as ``handle.method.options(...)`` would give them at each call."""
     checked = check_options(options, METHOD_OPTIONS, "an actor method")
 
     def mark(func: Any) -> Any:
@@ -76,6 +88,27 @@ def _method_options(cls: type) -> dict:
     return found
 
 
+def _method_signature(cls: type, name: str) -> Any:
+    """What a call of method ``name`` of ``cls`` must match (see ``check_call``)."""
+    if name in _BUILTIN_METHODS:
+        return call_signature(lambda: None)
+    static = inspect.getattr_static(cls, name, None)
+    if isinstance(static, staticmethod):
+        return call_signature(static.__func__)
+    if isinstance(static, classmethod):
+        return call_signature(static.__func__, drop_first=True)
+    if isinstance(static, RemoteFunction):
+        return call_signature(static.__wrapped__, drop_first=True)
+    if inspect.isfunction(static):
+        return call_signature(static, drop_first=True)
+    return None  # some other callable: not checked
+
+
+def _signatures(cls: type) -> dict:
+    """{method name: its call signature} for the handles of actors of ``cls``."""
+    return {name: _method_signature(cls, name) for name in _methods(cls)}
+
+
 class ActorClass:
     """What ``@daskray.remote`` makes of a class: create instances with ``.remote()``."""
 
@@ -84,6 +117,7 @@ class ActorClass:
         self._options = check_options(dict(options), ACTOR_OPTIONS, "an actor class")
         self._init = ActorInit(cls)
         self._init_table: _FunctionTable | None = None
+        self._signature: Any = False  # the constructor's; False: not read yet
         self.__name__ = cls.__name__
         self.__qualname__ = cls.__qualname__
         self.__doc__ = cls.__doc__
@@ -93,14 +127,25 @@ class ActorClass:
             f"actor class {self.__name__} cannot be instantiated directly; use "
             f"{self.__name__}.remote(...) to create the actor in its own process")
 
+    def __getattr__(self, name: str) -> Any:
+        """The class's own attributes (constants, static and class methods), as
+        ``Cls.NAME`` gives them: Ray's actor classes let them through."""
+        if name.startswith("__") or "_cls" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["_cls"], name)
+
     def options(self, **options: Any) -> "ActorClass":
         checked = check_options(options, ACTOR_OPTIONS, "an actor class")
         clone = ActorClass(self._cls, {**self._options, **checked})
         clone._init, clone._init_table = self._init, self._init_table
+        clone._signature = self._signature
         return clone
 
     def remote(self, *args: Any, **kwargs: Any) -> "ActorHandle":
         """Create the actor; its handle comes back at once."""
+        if self._signature is False:
+            self._signature = call_signature(self._cls)
+        check_call(self._signature, self.__name__, args, kwargs)
         session = backend.current()
         opts = self._options
         name = opts.get("name")
@@ -121,7 +166,8 @@ class ActorClass:
     def handle_for(self, actor_id: str, creation: Any) -> "ActorHandle":
         """The handle of the actor ``actor_id`` whose constructor's result is ``creation``."""
         return ActorHandle(actor_id, self._cls.__name__, _methods(self._cls), creation,
-                           _method_options(self._cls))
+                           _method_options(self._cls), _signatures(self._cls),
+                           concurrency_of(self))
 
     def graph_options(self, actor_id: str, handle_bytes: bytes) -> dict:
         """The ``create_actor`` part of the graph that starts the actor."""
@@ -146,7 +192,16 @@ class ActorMethod:
         return ActorMethod(self._handle, self._name, {**self._options, **checked})
 
     def remote(self, *args: Any, **kwargs: Any) -> Any:
-        return backend.current().call_actor(self._handle, self._name, args, kwargs, self._options)
+        handle = self._handle
+        check_call(handle._signatures.get(self._name), f"{handle._class_name}.{self._name}",
+                   args, kwargs)
+        group = self._options.get("concurrency_group")  # the call's, or the method's
+        if group is not None and group not in handle._concurrency:
+            raise ValueError(
+                f"{handle._class_name}.{self._name}: no concurrency group {group!r}; the "
+                f"actor's class declares {sorted(handle._concurrency) or 'none'} "
+                "(@daskray.remote(concurrency_groups={...}))")
+        return backend.current().call_actor(handle, self._name, args, kwargs, self._options)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         result = self.remote(*args, **kwargs)
@@ -165,7 +220,8 @@ class ActorHandle:
     """A reference to one actor; picklable, so tasks and actors can call it too."""
 
     def __init__(self, actor_id: str, class_name: str, methods: list[str], creation: Any,
-                 method_options: dict | None = None) -> None:
+                 method_options: dict | None = None, signatures: dict | None = None,
+                 concurrency: dict | None = None) -> None:
         self._actor_id = actor_id
         self._class_name = class_name
         self._method_names = list(methods)
@@ -173,7 +229,12 @@ class ActorHandle:
         self._method_options = method_options or {}
         #: ObjectRef to the constructor's result: keeps the actor alive
         self._creation = creation
-        self._calls: dict[str, tuple[ActorCall, _FunctionTable]] = {}
+        #: {method: what its calls must match, or None}: see ``check_call``
+        self._signatures = signatures or {}
+        #: {concurrency group: its limit}, the default group under "" (only when the
+        #: class declares groups)
+        self._concurrency = concurrency or {}
+        self._calls: dict[tuple, tuple[ActorCall, _FunctionTable]] = {}
 
     def __getattr__(self, name: str) -> ActorMethod:
         if name.startswith("_") and name not in self._method_names:
@@ -182,17 +243,33 @@ class ActorHandle:
             raise AttributeError(f"actor {self._class_name} has no method {name!r}")
         return ActorMethod(self, name, self._method_options.get(name))
 
-    def _call(self, method: str) -> tuple[ActorCall, _FunctionTable]:
-        """The task body of ``method`` calls and its pickled table, made once."""
-        made = self._calls.get(method)
+    def _call(self, method: str, group: str | None = None) -> tuple[ActorCall, _FunctionTable]:
+        """The task body of ``method`` calls in concurrency ``group`` (None: the
+        method's own) and its pickled table, made once."""
+        made = self._calls.get((method, group))
         if made is None:
-            call = ActorCall(self._class_name, method)
-            made = self._calls[method] = (call, _FunctionTable(call))
+            call = ActorCall(self._class_name, method, *self._group_of(method, group))
+            made = self._calls[(method, group)] = (call, _FunctionTable(call))
         return made
+
+    @staticmethod
+    def _bound(instance: Any, method: str) -> Any:
+        """What a call of ``method`` runs on ``instance``, for a backend that holds the
+        instance in the caller's process (local mode)."""
+        return bound_method(instance, method)
+
+    def _group_of(self, method: str, group: str | None) -> tuple[str | None, int | None]:
+        """(concurrency group, its limit) of a call of ``method``: (None, None) for an
+        actor whose class declares no groups."""
+        if not self._concurrency:
+            return None, None
+        if group is None:
+            group = self._method_options.get(method, {}).get("concurrency_group", "")
+        return group, self._concurrency[group]
 
     def __reduce__(self) -> tuple:
         return ActorHandle, (self._actor_id, self._class_name, self._method_names, self._creation,
-                             self._method_options)
+                             self._method_options, self._signatures, self._concurrency)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ActorHandle) and other._actor_id == self._actor_id
@@ -231,20 +308,29 @@ def actor_options_for_graph(actor_class: ActorClass, actor_id: str, handle_bytes
         "namespace": opts.get("namespace"),
         "lifetime": opts.get("lifetime"),
         "handle": handle_bytes,
-        "max_concurrency": opts.get("max_concurrency", _default_concurrency(actor_class._cls)),
+        "max_concurrency": _GROUPED_POOL if opts.get("concurrency_groups")
+        else opts.get("max_concurrency", _default_concurrency(actor_class._cls)),
         # async methods run on an event loop thread: its calls (awaits included)
         # go through the main thread, which then only does the I/O
-        "threaded": _is_async(actor_class._cls) or opts.get("max_concurrency", 1) > 1,
+        "threaded": is_async_class(actor_class._cls) or opts.get("max_concurrency", 1) > 1
+        or bool(opts.get("concurrency_groups")),
     }
+
+
+def concurrency_of(actor_class: ActorClass) -> dict:
+    """{group: limit} of an actor with Ray's ``concurrency_groups``, the default group
+    (its ``max_concurrency``) under ""; {} without groups."""
+    groups = actor_class._options.get("concurrency_groups")
+    if not groups:
+        return {}
+    default = actor_class._options.get("max_concurrency",
+                                       _default_concurrency(actor_class._cls))
+    return {"": default, **groups}
 
 
 def _default_concurrency(cls: type) -> int:
     """Ray's defaults: 1 call at a time, 1000 for a class with ``async def`` methods."""
-    return 1000 if _is_async(cls) else 1
-
-
-def _is_async(cls: type) -> bool:
-    return any(inspect.iscoroutinefunction(getattr(cls, n, None)) for n in dir(cls))
+    return 1000 if is_async_class(cls) else 1
 
 
 def resources_of(options: dict) -> dict | None:

@@ -3,9 +3,10 @@
 distributed's own actors run every sync method on one thread per worker and promise
 no order, so daskray keeps its actor *inside* one: an :class:`ActorHost` is the
 distributed actor (its key is the creation ObjectRef's key), and the user's instance
-lives in threads of the host's own -- ``max_concurrency`` threads for calls, or an
-event loop thread for a class with ``async def`` methods -- so one actor blocked in
-``get()`` stalls nothing else on its worker.
+lives in threads of the host's own -- ``max_concurrency`` threads for calls (and as
+many as its limit for each of Ray's ``concurrency_groups``), or an event loop thread
+for a class with ``async def`` methods, where its sync methods run too -- so one actor
+blocked in ``get()`` stalls nothing else on its worker.
 
 Calls reach the host through ``call(caller, seq, method, payload, ...)`` (an ``async def``
 run on the worker's event loop by distributed's ``actor_execute``): each caller
@@ -18,6 +19,10 @@ Restarts and death are kept on the dask scheduler (the creation key's metadata),
 new host on another worker knows them: ``restarts`` (how many times the actor was
 re-created after its worker died) and ``killed`` (why it ended for good).  A host
 whose actor is dead still answers, every call with ``ActorDiedError``.
+
+An actor that ends gracefully (``exit_actor()``, ``__ray_terminate__``, its last handle
+gone) runs its ``__ray_shutdown__`` and then the atexit handlers it registered (the
+worker's process lives on); ``kill()`` ends it without either, as Ray's does.
 """
 
 from __future__ import annotations
@@ -28,15 +33,14 @@ import ctypes
 import inspect
 import threading
 import traceback
-import weakref
 from typing import Any
 
 import cloudpickle
 from distributed import get_worker
 
+from ..actors.host import bound_method, capture_atexit, run_atexit
 from ..errors import ActorDiedError, ActorError, TaskCancelledError
 from ..refs import ObjectRef, collect_pickled_refs
-from ..remote_function import RemoteFunction
 from .worker_side import REMOTE_TRACEBACK, function_of, leave_worker_pool, task_session
 
 #: the creation key's metadata fields the hosts of one actor and its callers share on
@@ -49,8 +53,9 @@ DELIVERED = "daskray-delivered"
 #: in a thread running an actor's method: ``.host``, the ActorHost it belongs to
 running = threading.local()
 
-#: the hosts on this worker by key, for ``released``
-_hosts: weakref.WeakValueDictionary[str, ActorHost] = weakref.WeakValueDictionary()
+#: the hosts on this worker by key, for ``released``: held here until then, since
+#: distributed drops its own reference to a host before the plugin hears of the release
+_hosts: dict[str, ActorHost] = {}
 
 
 class ExitActor(BaseException):
@@ -102,8 +107,15 @@ class ActorHost:
         self._threads: set[int] = set()
         self._lock = threading.Lock()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        #: a thread pool per concurrency group (Ray's ``concurrency_groups``)
+        self._group_executors: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._limit: asyncio.Semaphore | None = None
+        #: on the loop: a semaphore per concurrency group, the default one under ""
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        #: the atexit handlers the actor registered: run when it ends gracefully
+        self._atexit: list = []
+        #: whether the shutdown hooks ran (they run once)
+        self._shut = False
         metadata = self.session.client.get_metadata([key], default={}) or {}
         self.restarts = int(metadata.get(RESTARTS, 0))
         self.dead: str | None = metadata.get(KILLED) or self._restarts_used_up()
@@ -125,6 +137,7 @@ class ActorHost:
         """Make the threads and the instance; the constructor runs in a thread of its
         own (it may wait in ``get()``) while this task thread leaves the worker's pool."""
         cls = function_of(self.spec.table_id, self.spec.table).cls
+        capture_atexit(lambda: getattr(current_host(), "_atexit", None))
         if self.spec.options["async"]:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._loop.run_forever, daemon=True,
@@ -133,6 +146,10 @@ class ActorHost:
             self._executor = concurrent.futures.ThreadPoolExecutor(
                 self.spec.options["max_concurrency"],
                 thread_name_prefix=f"daskray-actor-{self.spec.class_name}")
+            self._group_executors = {
+                group: concurrent.futures.ThreadPoolExecutor(
+                    limit, thread_name_prefix=f"daskray-actor-{self.spec.class_name}-{group}")
+                for group, limit in self._concurrency().items() if group}
         done = concurrent.futures.Future()
         threading.Thread(target=self._construct, args=(cls, done), daemon=True,
                          name=f"daskray-actor-init-{self.spec.class_name}").start()
@@ -144,21 +161,33 @@ class ActorHost:
             running.host = self
             args, kwargs = cloudpickle.loads(self.spec.arguments)
             args, kwargs = resolve_arguments(self.session, args, kwargs)
-            self.instance = cls(*args, **kwargs)
+            if self._loop is not None:  # an async actor: asyncio objects it makes are the loop's
+                self.instance = asyncio.run_coroutine_threadsafe(
+                    self._construct_on_loop(cls, args, kwargs), self._loop).result()
+            else:
+                self.instance = cls(*args, **kwargs)
         except BaseException as exc:  # noqa: BLE001 - every call reports it
             self.init_failure = "".join(traceback.format_exception(exc))
         finally:
             running.host = None
             done.set_result(None)
 
+    async def _construct_on_loop(self, cls: type, args: list, kwargs: dict) -> Any:
+        running.host = self
+        try:
+            return cls(*args, **kwargs)
+        finally:
+            running.host = None
+
     # ------------------------------------------------------------ calls (worker's loop)
 
     async def call(self, caller: bytes, seq: int, method: str, payload: bytes, key: str,
-                   worker: str, lost: int) -> tuple:
+                   worker: str, lost: int, group: str | None = None) -> tuple:
         """Run one call in its caller's order; its reply (see the module's docstring).
 
         ``key`` is the call's task, running on ``worker``; ``lost`` counts the hosts it
-        reached before that died while it ran, as far as the task knows."""
+        reached before that died while it ran, as far as the task knows; ``group`` is
+        its concurrency group (None or "": the default one)."""
         if self.dead is None:
             refused = await self._count_delivery(caller, seq, method, key, worker, lost)
             if refused is not None:
@@ -171,7 +200,7 @@ class ActorHost:
         try:
             if self.dead is not None:
                 return failure(self._died(method))
-            work = self._dispatch(caller, seq, method, payload)
+            work = self._dispatch(caller, seq, method, payload, group or "")
             with self._lock:
                 if not work.done():
                     self._queued[(caller, seq)] = work
@@ -288,20 +317,29 @@ class ActorHost:
         if event is not None:
             event.set()
 
-    def _dispatch(self, caller: bytes, seq: int, method: str,
-                  payload: bytes) -> concurrent.futures.Future:
-        """Hand the call to the actor's threads (in call order)."""
+    def _concurrency(self) -> dict[str, int]:
+        """{concurrency group: its limit}, the default group under ""."""
+        return {"": self.spec.options["max_concurrency"],
+                **(self.spec.options.get("concurrency_groups") or {})}
+
+    def _dispatch(self, caller: bytes, seq: int, method: str, payload: bytes,
+                  group: str) -> concurrent.futures.Future:
+        """Hand the call to the threads of its concurrency group (in call order)."""
         if self._loop is not None:
             return asyncio.run_coroutine_threadsafe(
-                self._run_async(caller, seq, method, payload), self._loop)
-        assert self._executor is not None
-        return self._executor.submit(self._run, caller, seq, method, payload)
+                self._run_async(caller, seq, method, payload, group), self._loop)
+        executor = self._group_executors.get(group, self._executor)
+        assert executor is not None
+        return executor.submit(self._run, caller, seq, method, payload)
 
-    async def _run_async(self, caller: bytes, seq: int, method: str, payload: bytes) -> tuple:
+    async def _run_async(self, caller: bytes, seq: int, method: str, payload: bytes,
+                         group: str) -> tuple:
         self._started(caller, seq)
-        if self._limit is None:
-            self._limit = asyncio.Semaphore(self.spec.options["max_concurrency"])
-        async with self._limit:
+        limit = self._limits.get(group)
+        if limit is None:
+            limit = self._limits[group] = asyncio.Semaphore(
+                self._concurrency().get(group, self.spec.options["max_concurrency"]))
+        async with limit:
             result = self._invoke(caller, seq, method, payload)
             if inspect.iscoroutine(result):  # an async method; a plain one is done
                 result = await result
@@ -373,15 +411,13 @@ class ActorHost:
         return ("ok", data, bool(refs))
 
     def _bound(self, method: str) -> Any:
-        attr = inspect.getattr_static(self.instance, method)
-        if isinstance(attr, RemoteFunction):  # marked @daskray.remote in a daskray.Actor
-            return lambda *a, **k: attr.__wrapped__(self.instance, *a, **k)
-        return getattr(self.instance, method)
+        return bound_method(self.instance, method)
 
     # ------------------------------------------------------------ the end
 
     def _exit(self, method: str) -> tuple:
         why = f"it called exit_actor() in {method}()"
+        self._shut_down(self.instance)
         mark_killed(self.session.client, self.key, why)
         self.session.client.loop.add_callback(self._end, why)
         return failure(self._died(method))
@@ -393,11 +429,30 @@ class ActorHost:
         return ActorDiedError(
             f"actor {self.spec.class_name} is dead ({self.dead}); {method}() did not run")
 
-    def _end(self, why: str) -> None:
-        """On the worker's loop: mark dead, fail what is in flight, stop the threads."""
+    def _shut_down(self, instance: Any) -> None:
+        """The actor ends gracefully: its ``__ray_shutdown__`` (once), then the atexit
+        handlers it registered, last first."""
+        with self._lock:
+            if instance is None or self._shut:
+                return
+            self._shut = True
+        hook = getattr(instance, "__ray_shutdown__", None)
+        if callable(hook):
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - it ends anyway
+                traceback.print_exc()
+        run_atexit(self._atexit)
+
+    def _end(self, why: str, graceful: bool = False) -> None:
+        """On the worker's loop: mark dead, fail what is in flight, stop the threads;
+        when ``graceful``, run the actor's shutdown hooks in a thread of their own."""
         if self.dead is not None and self.instance is None:
             return
         self.dead = self.dead or why
+        if graceful:
+            threading.Thread(target=self._shut_down, args=(self.instance,), daemon=True,
+                             name=f"daskray-actor-end-{self.spec.class_name}").start()
         self.instance = None
         for work in list(self._pending):
             if not work.done():
@@ -409,8 +464,9 @@ class ActorHost:
             for ident in self._threads:
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
                     ctypes.c_ulong(ident), ctypes.py_object(ActorDiedError))
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for executor in [self._executor, *self._group_executors.values()]:
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
@@ -429,7 +485,7 @@ def released(key: str) -> None:
     -- rather than whenever Python collects it."""
     host = _hosts.pop(key, None)
     if host is not None:
-        host._end("its last handle is gone")
+        host._end("its last handle is gone", graceful=True)
 
 
 def failure(exc: BaseException, text: str | None = None) -> tuple:

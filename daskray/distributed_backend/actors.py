@@ -30,7 +30,6 @@ actor's methods use the namespace it was created in.
 
 from __future__ import annotations
 
-import inspect
 import itertools
 import json
 import threading
@@ -42,6 +41,8 @@ from distributed import Lock, get_worker
 from distributed.comm.core import CommClosedError
 from distributed.core import send_recv
 
+from ..actors import concurrency_of
+from ..actors.host import is_async_class
 from ..backend import ActorSpec as ActorClassSpec
 from ..errors import ActorDiedError, ActorNameTakenError, ClusterError
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
@@ -145,10 +146,12 @@ def create_actor(session: Any, actor_class: ActorClassSpec, args: tuple, kwargs:
 def _host_options(actor_class: ActorClassSpec, actor_id: str) -> dict:
     graph = actor_class.graph_options(actor_id, b"")
     opts = actor_class._options
+    groups = concurrency_of(actor_class)  # type: ignore[arg-type]
     return {"max_restarts": graph["max_restarts"], "max_task_retries": graph["max_task_retries"],
-            "max_concurrency": graph["max_concurrency"], "name": opts.get("name"),
-            "async": any(inspect.iscoroutinefunction(getattr(actor_class._cls, n, None))
-                         for n in dir(actor_class._cls))}
+            "max_concurrency": groups.get("", graph["max_concurrency"]),
+            "concurrency_groups": {group: n for group, n in groups.items() if group},
+            "name": opts.get("name"),
+            "async": is_async_class(actor_class._cls)}
 
 
 def _name_key(namespace: str, name: str) -> str:
@@ -260,8 +263,9 @@ def call_actor(session: Any, handle: Any, method: str, args: tuple, kwargs: dict
     number = next(session._numbers)
     keys, base_key = session.call_keys(number, num_returns)
     creation = handle._creation._key
+    group, _ = handle._group_of(method, options.get("concurrency_group"))
     base = session.client.submit(run_actor_call, creation, session.owner, seq, method, payload,
-                                 key=base_key, pure=False)
+                                 group, key=base_key, pure=False)
     calls = state_of(session).calls
     calls[keys[0]] = (creation, seq)
     base.add_done_callback(lambda _f, k=keys[0]: calls.pop(k, None))
@@ -283,15 +287,16 @@ def cancelled(session: Any, refs: Sequence[ObjectRef]) -> None:
 
 
 def run_actor_call(creation: RefKey, caller: bytes, seq: int, method: str,
-                   payload: bytes) -> Any:
-    """On a dask worker: one method call, from its arguments to its value."""
+                   payload: bytes, group: str | None = None) -> Any:
+    """On a dask worker: one method call (in concurrency ``group``), from its
+    arguments to its value."""
     session = task_session()
     with session.table.borrowed(creation) as actor:
-        return _run_actor_call(session, actor, caller, seq, method, payload)
+        return _run_actor_call(session, actor, caller, seq, method, payload, group)
 
 
 def _run_actor_call(session: Any, actor: Any, caller: bytes, seq: int, method: str,
-                    payload: bytes) -> Any:
+                    payload: bytes, group: str | None) -> Any:
     """``run_actor_call`` with the actor's creation Future in hand."""
     since = session.table.announced
     session.table.sync_with_tracker()
@@ -307,7 +312,7 @@ def _run_actor_call(session: Any, actor: Any, caller: bytes, seq: int, method: s
         except (_NotDelivered, _Lost, ActorDiedError):
             pass
         raise
-    reply = _deliver(session, actor, caller, seq, method, payload)
+    reply = _deliver(session, actor, caller, seq, method, payload, group)
     if reply[0] == "error":
         raise cloudpickle.loads(reply[1])
     value = cloudpickle.loads(reply[1])
@@ -340,7 +345,7 @@ def _await_arguments(session: Any, actor: Any, args: tuple, kwargs: dict) -> Non
 
 
 def _deliver(session: Any, actor: Any, caller: bytes, seq: int, method: str,
-             payload: bytes) -> tuple:
+             payload: bytes, group: str | None) -> tuple:
     """Send the call to the actor's host until it answers.  A call whose host died
     while it ran is sent to the restarted host, which runs it again if its
     ``max_task_retries`` allow (and else answers ActorDiedError): the host is told how
@@ -352,7 +357,7 @@ def _deliver(session: Any, actor: Any, caller: bytes, seq: int, method: str,
         address = host_address(session, actor)
         try:
             return _execute(session, address, actor.key, "call", caller, seq, method, payload,
-                            task_key(), here, lost)
+                            task_key(), here, lost, group)
         except _NotDelivered:
             _wait_for_news(session, actor, address)
         except _Lost:

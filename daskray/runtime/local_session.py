@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import inspect
 import itertools
 import threading
@@ -25,7 +24,6 @@ from typing import Any, Callable, Sequence
 from ..backend import ActorSpec
 from ..errors import ActorDiedError, ActorError, ActorNameTakenError, GetTimeoutError
 from ..refs import ObjectRef, RefKey
-from ..remote_function import RemoteFunction
 
 _LOCAL_OWNER = b"local"
 
@@ -160,11 +158,7 @@ class LocalSession:
             return self._refs(_Failed(ActorError(
                 f"actor {handle._class_name} cannot run {method}(): its constructor raised.\n"
                 f"The constructor's traceback:\n{actor.init_failure}")), n, label)
-        attr = inspect.getattr_static(actor.instance, method)
-        if isinstance(attr, RemoteFunction):  # marked @daskray.remote in a daskray.Actor
-            func = functools.partial(attr.__wrapped__, actor.instance)
-        else:
-            func = getattr(actor.instance, method)
+        func = handle._bound(actor.instance, method)  # Ray's __ray_ready__ and such too
         self._running_actor.append(handle._actor_id)
         try:
             outcome = self._call(func, args, kwargs)

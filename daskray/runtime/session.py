@@ -110,7 +110,7 @@ class Session:
 
     def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
                    options: dict) -> ObjectRef | list[ObjectRef]:
-        func, table = handle._call(method)
+        func, table = handle._call(method, options.get("concurrency_group"))
         number = self.conn.next_number()
         opts = {"max_retries": 0, **options}
         parts = build_call(func, table, f"{handle._class_name}.{method}", args, kwargs, opts,
