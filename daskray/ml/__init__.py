@@ -18,19 +18,15 @@ from .trainer import (
 )
 from .tune import ASHAScheduler, FIFOScheduler, ResultGrid, TuneConfig
 from .tuner import Tuner, get_checkpoint, report, with_parameters
+from .xgboost_trainer import XGBoostResult, XGBoostTrainer  # imports xgboost only when used
 
 
 def __getattr__(name: str):
-    """``TorchModel`` and ``XGBoostTrainer`` load on first use: importing daskray.ml
-    imports neither torch nor xgboost."""
+    """``TorchModel`` loads on first use: importing daskray.ml does not import torch."""
     if name == "TorchModel":
         from .torch_model import TorchModel
 
         return TorchModel
-    if name in ("XGBoostTrainer", "XGBoostResult"):
-        from . import xgboost_trainer
-
-        return getattr(xgboost_trainer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -13,19 +13,16 @@ xgboost params, plus ``num_boost_round``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import daskray
 
 from .dataset import Dataset
 from .tuner import Tuner, get_checkpoint, report
-from .xgboost_trainer import (
+from .xgboost_core import (
     DEFAULT_PARAMS, XGBoostResult, _checkpoint, build_matrices, get_model, new_booster,
     train_rounds,
 )
-
-if TYPE_CHECKING:
-    from .xgboost_trainer import XGBoostTrainer
 
 __all__ = ["XGBoostTrial", "search"]
 
@@ -60,8 +57,9 @@ class XGBoostTrial:
             report(row, checkpoint=checkpoint)
 
 
-def search(trainer: "XGBoostTrainer", train: Dataset, valid: Dataset | None) -> XGBoostResult:
-    """The best trial's result (an :class:`XGBoostResult`), its ``grid`` every trial's."""
+def search(trainer: Any, train: Dataset, valid: Dataset | None) -> XGBoostResult:
+    """The best trial's result (an :class:`XGBoostResult`), its ``grid`` every trial's;
+    ``trainer`` is the :class:`~daskray.ml.XGBoostTrainer` whose settings the trials use."""
     trial = XGBoostTrial(trainer.params, trainer.num_boost_round, trainer.checkpoint_frequency,
                          list(train.shards), list(valid.shards) if valid is not None else None)
     grid = Tuner(trial, param_space=trainer.param_space, tune_config=trainer.tune_config,
