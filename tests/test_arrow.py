@@ -6,6 +6,9 @@
   ``/dev/shm`` file, and reading 100 MB adds no private (anonymous) memory.
   pyarrow pickles its buffers out of band (pickle protocol 5), so the store's
   numpy path carries them unchanged.
+* A slice (a batch of ``table.to_batches()``, ``table.slice(...)``) is stored
+  with buffers of its own size, not with the whole buffers it views, which
+  pyarrow's pickling would write.
 * ``Dataset.from_arrow`` and ``Dataset.read_parquet``: the same shards, and so
   bit-identical trained parameters, as ``Dataset.from_pandas`` of the same rows.
 
@@ -30,6 +33,7 @@ import daskray
 import daskray.api
 from helpers import NUM_WORKERS, wait_until
 from daskray.ml import Dataset, ScalingConfig, Trainer, models
+from daskray.runtime.serialization import dumps, dumps_frames, frames_nbytes, loads
 
 MB = 1 << 20
 SHM_DIR = "/dev/shm"
@@ -235,6 +239,44 @@ def test_a_record_batch_returned_by_an_actor_is_read_in_place(cluster, tmp_path)
         assert report["type"] == "RecordBatch" and report["digest"] == table_digest(expected)
         assert all(report["in_shm"]), report["in_shm"]
     daskray.kill(maker)
+
+
+def test_a_slice_is_pickled_with_its_own_bytes_and_a_whole_table_as_its_own_buffers():
+    table = arrow_table(16 * MB, seed=6)
+    nested = pa.table({"l": pa.array([[i, i + 1] for i in range(1000)] * 500),
+                       "st": pa.StructArray.from_arrays([pa.array(np.arange(500_000)),
+                                                         pa.array(np.ones(500_000))], ["p", "q"]),
+                       "d": pa.array(["x", "y"] * 250_000).dictionary_encode()})
+    slices = [table.to_batches(max_chunksize=1000)[3], table.slice(5000, 1000),
+              table.column("s").slice(100, 50), table.column("i").chunk(0)[10:20],
+              nested.slice(1000, 1000), (table.slice(0, 10), "and a tuple")]
+    for piece in slices:
+        frames = dumps_frames(piece)
+        used = sum(getattr(p, "nbytes", 0) for p in piece) if isinstance(piece, tuple) \
+            else piece.nbytes
+        assert frames_nbytes(frames) < used + 4096, (type(piece), frames_nbytes(frames), used)
+        assert len(dumps(piece)) < used + 4096
+        back = loads(frames[0], frames[1:])
+        assert back[0].equals(piece[0]) if isinstance(piece, tuple) else back.equals(piece)
+    # a whole table is not copied: its frames are its own buffers
+    frames = dumps_frames(table)
+    assert sorted(pa.py_buffer(f).address for f in frames[1:]) == \
+        sorted(b.address for b in table_buffers(table))
+
+
+@needs_shm
+@pytest.mark.timeout(120)
+def test_batches_of_a_table_put_one_by_one_take_the_tables_size_in_the_store(cluster):
+    table = arrow_table(20 * MB, seed=7)
+    batches = table.to_batches(max_chunksize=table.num_rows // 10)
+    used = daskray.object_store_stats()["used"]
+    refs = [daskray.put(batch) for batch in batches]
+    grown = daskray.object_store_stats()["used"] - used
+    assert grown < 1.5 * table.nbytes, (
+        f"{len(batches)} batches of a {table.nbytes / MB:.0f} MB table took {grown / MB:.0f} MB")
+    got = daskray.get(refs, timeout=60)
+    assert pa.Table.from_batches(got).equals(table)
+    del got, refs
 
 
 @pytest.mark.timeout(120)
