@@ -28,8 +28,11 @@ import dask.array as da
 import dask.dataframe as dd
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 import daskray
+from .ml import Dataset, Trainer, TuneConfig, models, reference_fit, tune
 
 # ------------------------------------------------------------------ functions and actors
 
@@ -41,8 +44,6 @@ def _partial_sum(data: np.ndarray, start: int, stop: int) -> float:
 def _column_sums(table: Any) -> tuple[dict, bool]:
     """Per-column sums of an Arrow table, computed where the table is read, and
     whether its buffers are mapped from shared memory (not copied into the task)."""
-    import pyarrow.compute as pc
-
     sums = {name: pc.sum(table.column(name)).as_py() for name in table.column_names}
     return sums, _in_shared_memory(table)
 
@@ -115,9 +116,6 @@ def _remote_and_put() -> tuple[str, bool]:
 
 
 def _arrow_in_place() -> tuple[str, bool]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     rng = np.random.default_rng(2)
     table = pa.table({"a": rng.integers(0, 1000, 2_000_000), "b": rng.random(2_000_000)})
     ref = daskray.put(table)  # one copy in shared memory; readers map it
@@ -145,10 +143,6 @@ def _actor_in_dask_graph() -> tuple[str, bool]:
 
 def _training_data() -> Any:
     """A three-class table, as Arrow, split and standardized as a Dataset."""
-    import pyarrow as pa
-
-    from .ml import Dataset
-
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 3, 3000)
     points = rng.normal(0, 1.0, (3, 6))[labels] + rng.normal(0, 1, (3000, 6))
@@ -165,8 +159,6 @@ def _same_params(got: dict, expected: dict) -> bool:
 
 
 def _trainer_fit(data: tuple) -> tuple[str, bool]:
-    from .ml import Trainer, models, reference_fit
-
     train, valid = data
     config = {"optimizer": "adam", "lr": 0.05, "batch_size": 256, "epochs": 5}
     result = Trainer(model=models.SoftmaxRegression(), train_config=config).fit(train, valid)
@@ -178,8 +170,6 @@ def _trainer_fit(data: tuple) -> tuple[str, bool]:
 
 
 def _search(data: tuple) -> tuple[str, bool]:
-    from .ml import Trainer, TuneConfig, models, reference_fit, tune
-
     train, valid = data
     best = Trainer(config=TuneConfig(metric="valid_loss", mode="min", num_samples=9, seed=0,
                                      scheduler=tune.ASHAScheduler(max_t=9, reduction_factor=3)),
