@@ -113,7 +113,8 @@ def describe_arrow(data: pa.Table | pa.RecordBatch, prefix: str) -> dict:
     """What this process sees of Arrow data it holds."""
     return {"pid": os.getpid(), "type": type(data).__name__, "rows": data.num_rows,
             "digest": table_digest(data),
-            "addresses": [b.address for b in table_buffers(data)], "in_shm": buffers_in_shared_memory(data, prefix),
+            "addresses": [b.address for b in table_buffers(data)],
+            "in_shm": buffers_in_shared_memory(data, prefix),
             "rss_anon": rss_anon(os.getpid())}
 
 
