@@ -6,12 +6,15 @@ fixed reduction order, computes bit-identical parameters.  Every shard is a
 ``(X, y)`` pair of float64 features and labels, stored once with
 ``daskray.put`` (shared memory: tasks read it in place); splitting and
 standardizing run as tasks next to the shards, not in the driver.
+
+Arrow data (``from_arrow``, ``read_parquet``) becomes the same float64 shards as
+the same rows given as a pandas DataFrame: a model trained on either is the same.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -110,6 +113,36 @@ class Dataset:
         return cls.from_numpy(X, df[label].to_numpy(), num_shards, seed, shuffle)
 
     @classmethod
+    def from_arrow(cls, data: Any, label: str, num_shards: int = 8, seed: int = 0,
+                   shuffle: bool = True) -> "Dataset":
+        """From a ``pyarrow.Table``, a ``RecordBatch``, a ``RecordBatchReader`` or an
+        iterable of batches or tables (one schema), as :meth:`from_pandas` would from
+        the same rows: every column but ``label`` is a numeric feature (integer,
+        floating, boolean or decimal; nulls become NaN).  The rows are shuffled and
+        cut in the driver, as in :meth:`from_numpy`."""
+        table = _as_table(data)
+        X, y = _arrow_xy(table, label)
+        return cls.from_numpy(X, y, num_shards, seed, shuffle)
+
+    @classmethod
+    def read_parquet(cls, path_or_paths: Any, label: str, columns: Sequence[str] | None = None,
+                     num_shards: int = 8, seed: int = 0, shuffle: bool = True,
+                     filters: Any = None, filesystem: Any = None) -> "Dataset":
+        """Rows of Parquet files -- one path, a directory of files, or a list of paths,
+        read in that order -- as :meth:`from_arrow`.  ``columns`` chooses the
+        features (the ``label`` column is read whether named there or not);
+        ``filters`` and ``filesystem`` are ``pyarrow.parquet.read_table``'s.  The
+        files are read by the driver: for data larger than its memory use
+        ``from_dask(dask.dataframe.read_parquet(...), label=...)``."""
+        import pyarrow.parquet as pq
+
+        if columns is not None:
+            columns = list(columns) + ([label] if label not in columns else [])
+        table = pq.read_table(path_or_paths, columns=columns, filters=filters,
+                              filesystem=filesystem)
+        return cls.from_arrow(table, label, num_shards, seed, shuffle)
+
+    @classmethod
     def from_dask(cls, data: Any, y: Any = None, label: str | None = None) -> "Dataset":
         """Shards are the chunks of a dask array (with labels ``y``, chunked alike) or
         the partitions of a dask DataFrame (labels in column ``label``); they are
@@ -167,6 +200,63 @@ class Dataset:
         """All rows in the driver, shard after shard (for checks and small data)."""
         parts = daskray.get(self.shards)
         return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _as_table(data: Any) -> Any:
+    """One ``pyarrow.Table`` of whatever Arrow data :meth:`Dataset.from_arrow` takes."""
+    import pyarrow as pa
+
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    if isinstance(data, pa.RecordBatchReader):
+        return data.read_all()
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        parts = list(data)
+        if parts and all(isinstance(p, pa.RecordBatch) for p in parts):
+            return pa.Table.from_batches(parts)
+        if parts and all(isinstance(p, pa.Table) for p in parts):
+            return pa.concat_tables(parts)
+        if not parts:
+            raise ValueError("from_arrow got no batches: give at least one RecordBatch or Table")
+    raise TypeError(
+        f"from_arrow takes a pyarrow Table, RecordBatch, RecordBatchReader or a list of "
+        f"RecordBatches or of Tables, got {type(data).__qualname__}; for pandas data use "
+        "Dataset.from_pandas")
+
+
+def _arrow_xy(table: Any, label: str) -> tuple[np.ndarray, np.ndarray]:
+    """Features (every column but ``label``, as float64) and labels of a table,
+    the values ``DataFrame.to_numpy(dtype=float64)`` gives for the same rows."""
+    if label not in table.column_names:
+        raise KeyError(f"label column {label!r} is not in the table; its columns are "
+                       f"{table.column_names}")
+    features = [name for name in table.column_names if name != label]
+    _check_numeric(table, features)
+    X = np.empty((table.num_rows, len(features)), dtype=np.float64)
+    for j, name in enumerate(features):
+        X[:, j] = np.asarray(table.column(name).to_numpy(), dtype=np.float64)
+    y = table.column(label).to_pandas().to_numpy()  # pandas' view of nulls and categories
+    return X, y
+
+
+def _check_numeric(table: Any, features: list[str]) -> None:
+    """Refuse feature columns that have no float value, naming them."""
+    import pyarrow as pa
+
+    def numeric(kind: Any) -> bool:
+        return (pa.types.is_integer(kind) or pa.types.is_floating(kind)
+                or pa.types.is_boolean(kind) or pa.types.is_decimal(kind)
+                or pa.types.is_null(kind))
+
+    bad = [f"{name} ({table.schema.field(name).type})" for name in features
+           if not numeric(table.schema.field(name).type)]
+    if bad:
+        raise TypeError(
+            f"feature columns must be numeric, these are not: {', '.join(bad)}. Leave them "
+            "out (read_parquet(columns=[...]) or table.drop_columns([...])) or encode them "
+            "as numbers first")
 
 
 def _classes(y: np.ndarray) -> np.ndarray | None:

@@ -15,6 +15,13 @@ Three kinds of payload cross process boundaries:
 * **exceptions**: the original exception object when it survives a pickle round
   trip, otherwise its type name, message and traceback as text
   (:func:`dumps_exception`, :func:`loads_exception`).
+
+Apache Arrow data (tables, record batches, arrays) pickles its buffers out of band
+like numpy arrays, so a reader of shared memory maps them in place.  One fix on
+the way: pyarrow pickles a *slice* with the whole buffers it views (a 1,000-row
+batch of ``table.to_batches()`` carries the full table), so a slice much smaller
+than its buffers is first copied to buffers of its own size
+(:func:`_compact_arrow`).
 """
 
 from __future__ import annotations
@@ -67,10 +74,21 @@ def _code_reduce_keeping_filename(code: types.CodeType) -> tuple:
     return cls, tuple(code.co_filename if a == "<dynamic-code>" else a for a in args)
 
 
+#: reducers of pyarrow's types ({type: reducer}), filled in once pyarrow is imported
+_ARROW_REDUCERS: dict[type, Any] = {}
+
+
 class _Pickler(cloudpickle.Pickler):
     dispatch_table = ChainMap(
-        {types.CodeType: _code_reduce_keeping_filename}, cloudpickle.Pickler.dispatch_table
+        {types.CodeType: _code_reduce_keeping_filename}, _ARROW_REDUCERS,
+        cloudpickle.Pickler.dispatch_table
     )
+
+
+class _ValuePickler(pickle.Pickler):
+    """The C pickler, with pyarrow's types reduced by :func:`_reduce_arrow`."""
+
+    dispatch_table = _ARROW_REDUCERS
 
 
 def _cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
@@ -79,13 +97,98 @@ def _cloudpickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
     return buf.getvalue()
 
 
+# --------------------------------------------------------------------------- Arrow
+
+#: a slice is compacted when its buffers exceed what it uses by this factor ...
+_ARROW_WASTE_FACTOR = 2
+#: ... and by at least this many bytes
+_ARROW_WASTE_MIN = 1 << 20
+
+
+def _arrow_loaded() -> bool:
+    """Whether pyarrow is imported, its reducers then registered (on first sight)."""
+    if _ARROW_REDUCERS:
+        return True
+    if "pyarrow" not in sys.modules:
+        return False
+    import pyarrow as pa  # imported already: waits only if another thread is importing it
+
+    def subclasses(cls: type) -> set[type]:
+        found = set(cls.__subclasses__())
+        return found.union(*(subclasses(c) for c in found)) if found else found
+
+    kinds = {pa.Table, pa.RecordBatch, pa.ChunkedArray, pa.Array, *subclasses(pa.Array)}
+    _ARROW_REDUCERS.update(dict.fromkeys(kinds, _reduce_arrow))
+    return True
+
+
+def _reduce_arrow(obj: Any) -> Any:
+    """pyarrow's own reduction (buffers out of band), of a compacted copy of a slice."""
+    return _compact_arrow(obj).__reduce_ex__(PROTOCOL)
+
+
+def _arrow_buffer_bytes(obj: Any) -> int:
+    """Bytes of the buffers pyarrow's pickling of ``obj`` writes (whole buffers,
+    however little of them ``obj`` views; dictionaries are not counted)."""
+    import pyarrow as pa
+
+    if isinstance(obj, (pa.Table, pa.RecordBatch)):
+        return sum(_arrow_buffer_bytes(column) for column in obj.columns)
+    if isinstance(obj, pa.ChunkedArray):
+        return sum(_arrow_buffer_bytes(chunk) for chunk in obj.chunks)
+    return sum(b.size for b in obj.buffers() if b is not None)
+
+
+def _compact_arrow(obj: Any) -> Any:
+    """``obj``, or, when it views much less of its buffers than pickling would
+    write, an equal object whose buffers hold only its own data.
+
+    The copy is made by an Arrow IPC round trip, which writes only the viewed part
+    of each buffer.  Anything IPC cannot take is pickled as it is."""
+    import pyarrow as pa
+
+    used = obj.nbytes
+    if _arrow_buffer_bytes(obj) - used <= max(used * (_ARROW_WASTE_FACTOR - 1), _ARROW_WASTE_MIN):
+        return obj
+    try:
+        if isinstance(obj, (pa.Table, pa.RecordBatch)):
+            return _through_ipc(obj)
+        if isinstance(obj, pa.ChunkedArray):
+            return _through_ipc(pa.table([obj], names=["_"])).column(0)
+        return _through_ipc(pa.RecordBatch.from_arrays([obj], names=["_"])).column(0)
+    except pa.ArrowException:
+        return obj
+
+
+def _through_ipc(data: Any) -> Any:
+    """A table or record batch written to an Arrow IPC stream and read back."""
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, data.schema) as writer:
+        writer.write(data)
+    reader = pa.ipc.open_stream(sink.getvalue())
+    if isinstance(data, pa.RecordBatch):
+        return reader.read_next_batch()
+    return reader.read_all()
+
+
 # --------------------------------------------------------------------------- values
+
+
+def _pickle_dumps(obj: Any, buffer_callback: Any = None) -> bytes:
+    """``pickle.dumps``, through :class:`_ValuePickler` once pyarrow is imported."""
+    if not _arrow_loaded():
+        return pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffer_callback)
+    buf = io.BytesIO()
+    _ValuePickler(buf, protocol=PROTOCOL, buffer_callback=buffer_callback).dump(obj)
+    return buf.getvalue()
 
 
 def dumps(obj: Any) -> bytes:
     """Pickle ``obj`` in-band; raise :class:`SerializationError` naming it if impossible."""
     try:
-        return pickle.dumps(obj, protocol=PROTOCOL)
+        return _pickle_dumps(obj)
     except _PICKLE_FAILURES:
         pass
     try:
@@ -114,7 +217,7 @@ def dumps_frames(obj: Any) -> list[Any]:
     """
     buffers: list[pickle.PickleBuffer] = []
     try:
-        header = pickle.dumps(obj, protocol=PROTOCOL, buffer_callback=buffers.append)
+        header = _pickle_dumps(obj, buffer_callback=buffers.append)
     except _PICKLE_FAILURES:
         buffers = []
         try:
