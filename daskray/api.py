@@ -413,6 +413,8 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
     """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready or
     ``timeout`` seconds passed; both lists keep the input order."""
     refs = list(refs)
+    if not refs:  # Ray's answer for nothing to wait for, whatever num_returns says
+        return [], []
     if not all(isinstance(r, ObjectRef) for r in refs):
         raise TypeError("daskray.wait() expects a list of ObjectRefs")
     if len(set(refs)) != len(refs):

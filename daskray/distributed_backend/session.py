@@ -35,8 +35,9 @@ from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTrac
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
 from . import actors, graphs
 from .futures import FutureTable
-from .worker_side import (REMOTE_TRACEBACK, CallArguments, forget_frames, interrupt_calls,
-                          leave_worker_pool, nth_return, run_call, unpicklable)
+from .worker_side import (REMOTE_TRACEBACK, CallArguments, carried_error, carries_error,
+                          forget_frames, interrupt_calls, leave_worker_pool, nth_return,
+                          run_call, unpicklable)
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
@@ -210,7 +211,7 @@ class DistributedSession:
         with waiting:
             if timeout is not None:
                 try:
-                    self._wait(futures, timeout)
+                    self._wait_all_or_failure(futures, timeout)
                 except TimeoutError:
                     missing = sum(1 for f in futures if not f.done())
                     raise GetTimeoutError(
@@ -219,8 +220,8 @@ class DistributedSession:
             try:
                 return self.client.gather(futures)
             except BaseException as exc:
-                cause = _remote_cause(exc)
-                raise self._error(_unshared(exc, futures)) from cause
+                error = self._error(_unshared(exc, futures))
+                raise error from _cause(exc, error)
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
              timeout: float | None = None) -> tuple[list, list]:
@@ -243,6 +244,20 @@ class DistributedSession:
             (ready if future.done() and len(ready) < num_returns else not_ready).append(ref)
         return ready, not_ready
 
+    def _wait_all_or_failure(self, futures: list, timeout: float) -> None:
+        """Wait until every one of ``futures`` is done or one of them failed (``get``
+        raises the first failure without waiting for the others, as ``gather`` does);
+        TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [f for f in futures if not f.done()]
+            if not pending or any(f.status in ("error", "cancelled") for f in futures):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._wait(pending, left, "FIRST_COMPLETED")
+
     def _wait(self, futures: list, timeout: float | None,
               return_when: str = "ALL_COMPLETED") -> None:
         """``distributed.wait`` on this session's client (not dask's default one)."""
@@ -261,6 +276,9 @@ class DistributedSession:
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
 
+        carried = carried_error(exc)
+        if carried is not None:
+            return carried
         if isinstance(exc, KilledWorker):
             return WorkerCrashedError(
                 f"the dask workers running task {exc.task!r} died (distributed gave up after "
@@ -292,7 +310,7 @@ class DistributedSession:
         """What to raise for ``exc`` from a gather: daskray's error, with the task's
         remote traceback as ``__cause__``."""
         error = self._error(exc)
-        error.__cause__ = _remote_cause(exc)
+        error.__cause__ = _cause(exc, error)
         return error
 
     # ---------------------------------------------------------------- the cluster
@@ -422,6 +440,12 @@ def nested_refs(value: Any) -> list[RefKey]:
     with collect_pickled_refs() as found:
         cloudpickle.dumps(value, protocol=5, buffer_callback=lambda _buffer: None)
     return list(dict.fromkeys(found))
+
+
+def _cause(exc: BaseException, error: BaseException) -> BaseException | None:
+    """The ``__cause__`` of ``error``, raised for ``exc`` from a gather: its own when
+    the task's error carried it (``carried_error``), else the task's traceback."""
+    return error.__cause__ if carries_error(exc) else _remote_cause(exc)
 
 
 def _remote_cause(exc: BaseException) -> BaseException | None:

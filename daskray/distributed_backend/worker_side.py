@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 from .. import backend
 from ..errors import SerializationError, TaskCancelledError
 from ..refs import tracker
-from ..runtime.serialization import decode_table
+from ..runtime.serialization import (decode_table, dumps_exception, exited_error,
+                                     loads_exception)
 
 _lock = threading.Lock()
 
@@ -26,6 +27,9 @@ MAX_CACHED_FUNCTIONS = 512
 
 #: the attribute a call's exception carries its worker-side traceback text in
 REMOTE_TRACEBACK = "_daskray_remote_traceback"
+#: the attribute a call's error carries, packed, the error its caller is to raise
+#: (distributed pickles an exception without its ``__cause__``)
+CARRIED_ERROR = "_daskray_error"
 
 
 #: ``.active`` in a task thread that left its worker's pool (``leave_worker_pool``)
@@ -169,6 +173,8 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
             if inspect.iscoroutine(result):
                 result = asyncio.run(result)
             break
+        except (SystemExit, GeneratorExit) as exc:  # sys.exit(): the worker must live on
+            raise _exited(exc) from None
         except Exception as exc:
             if attempt >= exception_retries:
                 # the traceback as it is here, with the user's file and line; the one
@@ -178,6 +184,29 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
             attempt += 1
     session.settle_received(since)
     return result
+
+
+def _exited(exc: BaseException) -> Exception:
+    """The error a call that raised ``exc`` (``sys.exit()``) fails with: a TaskError
+    naming it, carrying ``exc`` packed by daskray (distributed would lose its
+    ``__cause__`` and its exit code) for the caller to unpack (``carried_error``)."""
+    key = task_key()
+    error = exited_error(exc, key, traceback.format_exc())
+    error.__dict__[CARRIED_ERROR] = dumps_exception(exc, key)
+    error.__cause__ = None
+    return error
+
+
+def carries_error(exc: BaseException) -> bool:
+    """Whether ``exc`` carries the error its caller is to raise (``carried_error``)."""
+    return CARRIED_ERROR in getattr(exc, "__dict__", {})
+
+
+def carried_error(exc: BaseException) -> BaseException | None:
+    """The error the caller of a call that failed with ``exc`` is to raise, when
+    ``exc`` carries one (see ``_exited``); its ``__cause__`` is set."""
+    blob = exc.__dict__.get(CARRIED_ERROR) if hasattr(exc, "__dict__") else None
+    return None if blob is None else loads_exception(blob)
 
 
 def task_key() -> Any:

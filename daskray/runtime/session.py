@@ -43,6 +43,11 @@ class Connection(Protocol):
     def store_large(self, key: str, frames: list) -> str: ...
 
 
+def failed(result: P.RefResult | None) -> bool:
+    """Whether ``result`` (None: not known yet) says its object failed."""
+    return result is not None and (result.error is not None or result.kind is not None)
+
+
 def error_of(result: P.RefResult | P.Error) -> BaseException:
     """The exception a failed object raises at ``get``."""
     if result.error is not None:
@@ -197,22 +202,30 @@ class Session:
         return ready, not_ready
 
     def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
-        """The values of ``refs``.  An object whose holder died after the head said
-        where it was is asked for again: the head computes it again from its task
-        (lineage) and says where the new copy is, or says it is lost, and why."""
+        """The values of ``refs``.  The first of them to fail raises its error at
+        once, whatever the others are still doing (Ray's rule).  An object whose
+        holder died after the head said where it was is asked for again: the head
+        computes it again from its task (lineage) and says where the new copy is,
+        or says it is lost, and why."""
         keys = [r._key for r in refs]
         results = self.conn.results
         start = time.monotonic()
         values: dict[int, Any] = {}
+
+        def done() -> bool:
+            return all(k in results for k in keys) or any(failed(results.get(k)) for k in keys)
+
         while True:
             self._subscribe(keys)
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            if not self.conn.wait_for(lambda: all(k in results for k in keys), left,
-                                      awaits=keys):
+            if not self.conn.wait_for(done, left, awaits=keys):
                 missing = sum(1 for k in keys if k not in results)
                 raise errors.GetTimeoutError(
                     f"get timed out after {time.monotonic() - start:.1f} s: {missing} of "
                     f"{len(keys)} objects not ready")
+            failure = next((results[k] for k in keys if failed(results.get(k))), None)
+            if failure is not None:
+                raise error_of(failure)
             for i, key in enumerate(keys):
                 result = results.get(key)
                 if i in values or result is None:
