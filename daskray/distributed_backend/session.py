@@ -33,11 +33,12 @@ from ..backend import ActorSpec
 from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTraceback,
                       TaskCancelledError, WorkerCrashedError)
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
+from ..runtime.session import refuse_force_on_actor_calls
 from . import actors, graphs
 from .futures import FutureTable
 from .worker_side import (REMOTE_TRACEBACK, CallArguments, carried_error, carries_error,
-                          forget_frames, interrupt_calls, leave_worker_pool, nth_return,
-                          run_call, unpicklable)
+                          forget_frames, interrupt_calls, leave_worker_pool, note_started,
+                          nth_return, run_call, unpicklable)
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
@@ -57,6 +58,8 @@ class DistributedSession:
         self._numbers = itertools.count(1)
         self.table = FutureTable(client)
         self._cancelled: set[RefKey] = set()
+        #: this process's actor calls still referenced (cancel(force=True) refuses them)
+        self._actor_call_keys: set[RefKey] = set()
 
     # ---------------------------------------------------------------- lifetimes
 
@@ -71,6 +74,7 @@ class DistributedSession:
         """This process holds no ObjectRef to ``key`` any more."""
         self.table.release(key)
         self._cancelled.discard(key)
+        self._actor_call_keys.discard(key)
 
     def settle_received(self, since: int, timeout: float = 30.0) -> None:
         """At the end of a task: make sure the scheduler has recorded this process's
@@ -130,6 +134,8 @@ class DistributedSession:
                                           **self._placement(options))
             except Exception as exc:
                 raise _unpicklable(f"task {name}", (args, kwargs), exc) from exc
+        if self.in_task:
+            note_started(keys)
         return self.returns(base, keys, name, list(dict.fromkeys(pinned)))
 
     def call_keys(self, number: int, num_returns: int) -> tuple[list[RefKey], str]:
@@ -187,18 +193,40 @@ class DistributedSession:
         self.table.own(key, futures[dask_key_of(key)], pins)
         return ObjectRef(key, owned=True)
 
-    def cancel(self, refs: Sequence[ObjectRef]) -> None:
+    def cancel(self, refs: Sequence[ObjectRef], force: bool = False,
+               recursive: bool = True) -> None:
+        """``daskray.cancel``: distributed drops the calls not started; a running one
+        gets a KeyboardInterrupt in its thread (``force``: its dask worker restarts),
+        and with ``recursive`` cancels the calls it started (see ``interrupt_calls``)."""
+        if force:
+            refuse_force_on_actor_calls(refs, self._actor_call_keys)
         pending = []
         for ref in refs:
             future = self.table.future_of(ref._key)
             if not future.done():
                 self._cancelled.add(ref._key)
                 pending.append(future)
+        if not pending:
+            return
+        actors.cancelled(self, refs)
+        keys = [f.key for f in pending]
+        running_on = [w for w, doing in self.client.processing().items()
+                      if not set(keys).isdisjoint(doing)] if force else []
+        self.client.cancel(pending)
+        # distributed lets a running task run on: stop it where it runs
+        self.client.run(interrupt_calls, keys, recursive, on_error="ignore")
+        if running_on:  # the nanny starts the worker's process again
+            self.client.restart_workers(running_on, raise_for_error=False)
+
+    def cancel_keys(self, keys: Sequence[RefKey], recursive: bool) -> None:
+        """Cancel the calls of ``keys`` (this process made them; it may hold no
+        ObjectRef of them any more): how a cancelled call cancels those it started."""
+        pending = [f for f in (self.table.future_of(k) for k in keys) if not f.done()]
+        self._cancelled.update(keys)
         if pending:
-            actors.cancelled(self, refs)
             self.client.cancel(pending)
-            # distributed lets a running task run on: stop it where it runs
-            self.client.run(interrupt_calls, [f.key for f in pending])
+            self.client.run(interrupt_calls, [f.key for f in pending], recursive,
+                            on_error="ignore")
 
     # ---------------------------------------------------------------- waiting
 
@@ -378,7 +406,9 @@ class DistributedSession:
 
     def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
                    options: dict) -> ObjectRef | list[ObjectRef]:
-        return actors.call_actor(self, handle, method, args, kwargs, options)
+        refs = actors.call_actor(self, handle, method, args, kwargs, options)
+        self._actor_call_keys.update(r._key for r in (refs if isinstance(refs, list) else [refs]))
+        return refs
 
     def kill_actor(self, handle: Any) -> None:
         actors.kill_actor(self, handle)

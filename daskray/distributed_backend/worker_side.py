@@ -20,6 +20,11 @@ _lock = threading.Lock()
 
 #: the thread running each remote call in this process, by its dask key
 _running: dict[Any, int] = {}
+#: the calls interrupted by ``daskray.cancel`` while they ran here, by dask key
+_interrupted: set = set()
+#: the ObjectRef keys of the calls each running call made, by its dask key: a
+#: recursive cancel cancels them too
+_started: dict[Any, list] = {}
 
 #: functions of remote calls unpickled in this process, by their table's id
 _functions: dict[bytes, Callable] = {}
@@ -156,10 +161,21 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
     with _lock:
         _running[key] = threading.get_ident()
     try:
-        return _run(session, func, exception_retries, args, kwargs)
-    finally:
-        with _lock:  # an interruption is only ever aimed at a registered call
-            _running.pop(key, None)
+        try:
+            result = _run(session, func, exception_retries, args, kwargs)
+        finally:
+            with _lock:  # an interruption is only ever aimed at a registered call
+                _running.pop(key, None)
+                _started.pop(key, None)
+                interrupted = key in _interrupted
+                _interrupted.discard(key)
+    except KeyboardInterrupt:  # the interruption arrives at the latest here
+        if interrupted:
+            raise TaskCancelledError(f"task {key!r} was cancelled while running") from None
+        raise
+    if interrupted:  # it caught the KeyboardInterrupt: cancelled all the same
+        raise TaskCancelledError(f"task {key!r} was cancelled while running")
+    return result
 
 
 def _run(session: Any, func: Callable, exception_retries: int, args: list,
@@ -215,21 +231,46 @@ def task_key() -> Any:
     return getattr(thread_state, "key", None)
 
 
-def interrupt_calls(keys: list) -> list:
-    """On a dask worker: raise TaskCancelledError in the threads running these calls
-    (``daskray.cancel``).  Python code stops at its next line; a call blocked inside C
-    (a sleep, a read) stops when that returns.  The keys interrupted here."""
+def note_started(keys: list) -> None:
+    """In a call's thread: the call made the calls of these ObjectRef keys."""
+    key = task_key()
+    if key is not None:
+        with _lock:
+            if key in _running:
+                _started.setdefault(key, []).extend(keys)
+
+
+def interrupt_calls(keys: list, recursive: bool = True) -> list:
+    """On a dask worker: raise KeyboardInterrupt (as Ray's cancel does) in the
+    threads running these calls (``daskray.cancel``); their callers get
+    TaskCancelledError.  Python code stops at its next line; a call blocked inside C
+    (a sleep, a read) stops when that returns.  With ``recursive``, the calls they
+    started are cancelled too, from a thread of their own (the caller of this may be
+    the worker's event loop).  The keys interrupted here."""
     import ctypes
 
-    hit = []
+    hit, started = [], []
     with _lock:
         for key in keys:
             ident = _running.get(key)
-            if ident is not None:
+            if ident is not None and key not in _interrupted:
+                _interrupted.add(key)
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(ident), ctypes.py_object(TaskCancelledError))
+                    ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
                 hit.append(key)
+                if recursive:
+                    started.extend(_started.get(key, ()))
+    if started:
+        threading.Thread(target=_cancel_started, args=(started,), daemon=True,
+                         name="daskray-cancel").start()
     return hit
+
+
+def _cancel_started(keys: list) -> None:
+    """Cancel, recursively, the calls a cancelled call made."""
+    session = backend.installed()
+    if getattr(session, "on_dask", False):
+        session.cancel_keys(keys, recursive=True)
 
 
 def unpicklable(what: str, cause: BaseException, where: str = "task") -> SerializationError:

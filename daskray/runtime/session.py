@@ -43,6 +43,14 @@ class Connection(Protocol):
     def store_large(self, key: str, frames: list) -> str: ...
 
 
+def refuse_force_on_actor_calls(refs: Sequence[ObjectRef], actor_calls: Any) -> None:
+    """Ray's rule: ``cancel(force=True)`` of an actor's call raises ValueError (it
+    would kill the actor); ``actor_calls`` are the keys of the calls known here."""
+    if any(r._key in actor_calls for r in refs):
+        raise ValueError("daskray.cancel(force=True) cannot cancel an actor's call: it "
+                         "would kill the actor. Use force=False, or daskray.kill(actor)")
+
+
 def failed(result: P.RefResult | None) -> bool:
     """Whether ``result`` (None: not known yet) says its object failed."""
     return result is not None and (result.error is not None or result.kind is not None)
@@ -68,6 +76,8 @@ class Session:
         #: comes back (inside a value) must be asked for like anyone else's
         self._forgotten_own: set[RefKey] = set()
         self._names = itertools.count()
+        #: this process's actor calls still referenced (cancel(force=True) refuses them)
+        self._actor_calls: set[RefKey] = set()
 
     # ---------------------------------------------------------------- submitting
 
@@ -107,6 +117,7 @@ class Session:
         parts["pinned"] = parts["pinned"] + [handle._creation._key]
         me = self.conn.client_id
         refs = [ObjectRef((me, number, node), owned=True) for node in parts["wanted"]]
+        self._actor_calls.update(r._key for r in refs)
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         return refs[0] if opts.get("num_returns", 1) == 1 else refs
 
@@ -167,8 +178,12 @@ class Session:
         self.conn.send(msg)
         return ref
 
-    def cancel(self, refs: Sequence[ObjectRef]) -> None:
-        self.conn.send(P.CancelRefs([r._key for r in refs]))
+    def cancel(self, refs: Sequence[ObjectRef], force: bool = False,
+               recursive: bool = True) -> None:
+        """``daskray.cancel``: the head cancels the tasks behind ``refs``."""
+        if force:
+            refuse_force_on_actor_calls(refs, self._actor_calls)
+        self.conn.send(P.CancelRefs([r._key for r in refs], force, recursive))
 
     # ---------------------------------------------------------------- waiting
 
@@ -183,6 +198,7 @@ class Session:
     def forget(self, key: RefKey) -> None:
         """This process holds no ObjectRef to ``key`` any more."""
         self._subscribed.discard(key)
+        self._actor_calls.discard(key)
         if self.conn.results.pop(key, None) is not None and key[0] == self.conn.client_id:
             self._forgotten_own.add(key)
 
