@@ -298,3 +298,44 @@ def test_cancelling_a_finished_task_does_nothing(backend):
         daskray.cancel(ref, force=force, recursive=False)
     assert ref.get(timeout=30) == 2
     assert inc.remote(ref).get(timeout=30) == 3
+
+
+@daskray.remote
+def read_fifo(path, started):
+    """Block inside C code (opening a FIFO no one writes to) until released."""
+    open(started, "w").close()
+    with open(path) as f:
+        return f.read()
+
+
+def unblock_fifo(path):
+    """Let a reader blocked on the FIFO at ``path`` go, if one still is."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:  # no reader left: it was interrupted
+        return
+    try:
+        os.write(fd, b"released")
+    except BrokenPipeError:  # the reader went meanwhile
+        pass
+    finally:
+        os.close(fd)
+
+
+def test_tasks_waiting_for_a_cancelled_task_stuck_in_c_code_fail_at_once(backend, tmp_path):
+    fifo = str(tmp_path / "fifo")
+    os.mkfifo(fifo)
+    stuck = read_fifo.remote(fifo, str(tmp_path / "stuck"))
+    try:
+        wait_for_path(tmp_path / "stuck")
+        dependent = inc.remote(stuck)
+        waiter = get_first.remote([stuck], str(tmp_path / "waiter"))
+        wait_for_path(tmp_path / "waiter")
+        start = time.monotonic()
+        daskray.cancel(stuck)
+        for ref in (stuck, dependent, waiter):
+            with pytest.raises(TaskCancelledError):
+                ref.get(timeout=20)
+        assert time.monotonic() - start < 10
+    finally:
+        unblock_fifo(fifo)

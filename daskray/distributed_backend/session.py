@@ -40,6 +40,9 @@ from .worker_side import (REMOTE_TRACEBACK, CallArguments, carried_error, carrie
                           forget_frames, interrupt_calls, leave_worker_pool, note_started,
                           nth_return, run_call, unpicklable)
 
+#: the reason distributed gives every client for a key ``daskray.cancel`` cancelled
+CANCEL_REASON = "daskray.cancel"
+
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
 
@@ -212,7 +215,7 @@ class DistributedSession:
         keys = [f.key for f in pending]
         running_on = [w for w, doing in self.client.processing().items()
                       if not set(keys).isdisjoint(doing)] if force else []
-        self.client.cancel(pending)
+        self._cancel_for_everyone(pending)
         # distributed lets a running task run on: stop it where it runs
         self.client.run(interrupt_calls, keys, recursive, on_error="ignore")
         if running_on:  # the nanny starts the worker's process again
@@ -224,9 +227,16 @@ class DistributedSession:
         pending = [f for f in (self.table.future_of(k) for k in keys) if not f.done()]
         self._cancelled.update(keys)
         if pending:
-            self.client.cancel(pending)
+            self._cancel_for_everyone(pending)
             self.client.run(interrupt_calls, [f.key for f in pending], recursive,
                             on_error="ignore")
+
+    def _cancel_for_everyone(self, futures: list) -> None:
+        """Cancel ``futures`` for every client that wants them (``force``): tasks
+        waiting in ``get()`` for one, elsewhere, raise TaskCancelledError at once (see
+        ``_error``), even while the cancelled task itself is still stuck in C code."""
+        self.client.cancel(futures, force=True, reason=CANCEL_REASON,
+                           msg="daskray.cancel() of it, or of a task it depends on")
 
     # ---------------------------------------------------------------- waiting
 
@@ -313,7 +323,8 @@ class DistributedSession:
                 f"distributed.scheduler.allowed-failures deaths; last: {exc.last_worker})")
         if isinstance(exc, FutureCancelledError):
             key = ref_key_of(exc.key)
-            if key in self.table.adopted and key not in self._cancelled:
+            if key in self.table.adopted and key not in self._cancelled \
+                    and getattr(exc, "reason", None) != CANCEL_REASON:
                 # a ref received from elsewhere whose key the scheduler no longer has
                 return ObjectLostError(
                     f"the object {exc.key!r} is gone from the dask cluster (it was released, "
