@@ -160,6 +160,7 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
     key = task_key()
     with _lock:
         _running[key] = threading.get_ident()
+    interrupted = False
     try:
         try:
             result = _run(session, func, exception_retries, args, kwargs)
@@ -170,7 +171,7 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
                 interrupted = key in _interrupted
                 _interrupted.discard(key)
     except KeyboardInterrupt:  # the interruption arrives at the latest here
-        if interrupted:
+        if interrupted or key in _interrupted:
             raise TaskCancelledError(f"task {key!r} was cancelled while running") from None
         raise
     if interrupted:  # it caught the KeyboardInterrupt: cancelled all the same
