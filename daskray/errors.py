@@ -36,9 +36,9 @@ class TaskError(DaskrayError):
 
     Used when the original exception cannot be pickled or unpickled; the type
     name, message and remote traceback are kept as text.  Also what a task that
-    called ``sys.exit()`` (or raised another exception that is not an
-    ``Exception``) raises in its caller, with that exception as ``__cause__``
-    (``reason`` then says so): raised as itself, it would end the caller.
+    called ``sys.exit()`` raises in its caller, with the ``SystemExit`` as
+    ``__cause__`` (``reason`` then says so): raised as itself, it would end the
+    caller.
     """
 
     def __init__(self, key: str, type_name: str, message: str, tb: str,

@@ -339,3 +339,28 @@ def test_tasks_waiting_for_a_cancelled_task_stuck_in_c_code_fail_at_once(backend
         assert time.monotonic() - start < 10
     finally:
         unblock_fifo(fifo)
+
+
+# =========================================================================== sys.exit in actors
+
+
+@daskray.remote
+class Exits:
+    def ping(self):
+        return "pong"
+
+    def leave(self, code):
+        sys.exit(code)
+
+
+def test_sys_exit_in_an_actor_method_ends_the_actor_as_in_ray(backend):
+    machines = {node["NodeID"] for node in daskray.nodes()}  # dask workers, by address
+    actor = Exits.remote()
+    assert actor.ping.remote().get(timeout=30) == "pong"
+    with pytest.raises(daskray.ActorDiedError):
+        actor.leave.remote(0).get(timeout=30)
+    with pytest.raises(daskray.ActorDiedError):
+        actor.ping.remote().get(timeout=30)
+    # the other workers carry on; no dask worker died with the actor
+    assert daskray.get([inc.remote(i) for i in range(4)], timeout=30) == [1, 2, 3, 4]
+    assert {node["NodeID"] for node in daskray.nodes()} == machines

@@ -190,7 +190,7 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
             if inspect.iscoroutine(result):
                 result = asyncio.run(result)
             break
-        except (SystemExit, GeneratorExit) as exc:  # sys.exit(): the worker must live on
+        except SystemExit as exc:  # sys.exit(): the worker must live on
             raise _exited(exc) from None
         except Exception as exc:
             if attempt >= exception_retries:

@@ -351,6 +351,8 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's
             if self.concurrent is None:
                 self.current = outer
+            if self.actor is not None and isinstance(exc, SystemExit):
+                self._exit_actor()
             if task_id in self.cancelled and not isinstance(exc, TaskCancelledError):
                 exc = TaskCancelledError(f"task {task_id} was cancelled while running")
             self.cancelled.discard(task_id)
@@ -373,6 +375,14 @@ class Worker:
             return ErredReport(task_id, dumps_exception(error, key))
         self.store.put(task_id, result)
         return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
+
+    def _exit_actor(self) -> None:
+        """``sys.exit()`` in an actor's method ends the actor for good, as Ray's
+        ``exit_actor()`` does (and as in Ray): the head stops this process, and the
+        call and those after it raise ActorDiedError."""
+        context.worker_session.conn.send(P.KillActorRequest(self.actor))
+        threading.Event().wait(60)  # nothing more may run meanwhile
+        os._exit(1)
 
     def close(self) -> None:
         self.peers.close()
