@@ -460,6 +460,8 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
     """Split ``refs`` into (ready, not ready) once ``num_returns`` are ready or
     ``timeout`` seconds passed; both lists keep the input order."""
     refs = list(refs)
+    if not refs:  # Ray's answer for nothing to wait for, whatever num_returns says
+        return [], []
     if not all(isinstance(r, ObjectRef) for r in refs):
         raise TypeError("daskray.wait() expects a list of ObjectRefs")
     if len(set(refs)) != len(refs):
@@ -468,11 +470,15 @@ def wait(refs: list, *, num_returns: int = 1, timeout: float | None = None,
 
 
 def cancel(ref: ObjectRef, *, force: bool = False, recursive: bool = True) -> None:
-    """Cancel the task behind ``ref``: dropped if queued, interrupted if running;
-    ``get`` then raises ``TaskCancelledError``.  A finished task is left alone."""
+    """Cancel the task behind ``ref``, as Ray's ``cancel``: dropped if queued; if
+    running, a ``KeyboardInterrupt`` is raised in it (``force=True``: the worker
+    process running it is killed, and another one started).  ``get`` of it, and of
+    what depends on it, then raises ``TaskCancelledError``.  With ``recursive``
+    (the default) the tasks it started are cancelled too, and theirs.  A finished
+    task is left alone; ``force=True`` on an actor's call raises ``ValueError``."""
     if not isinstance(ref, ObjectRef):
         raise TypeError(f"daskray.cancel() expects an ObjectRef, got {type(ref).__name__}")
-    _session().cancel([ref])
+    _session().cancel([ref], force=force, recursive=recursive)
 
 
 def remote(*args: Any, **options: Any) -> Any:

@@ -35,22 +35,25 @@ class TaskError(DaskrayError):
     """A task raised an exception that could not be carried back as itself.
 
     Used when the original exception cannot be pickled or unpickled; the type
-    name, message and remote traceback are kept as text.
+    name, message and remote traceback are kept as text.  Also what a task that
+    called ``sys.exit()`` raises in its caller, with the ``SystemExit`` as
+    ``__cause__`` (``reason`` then says so): raised as itself, it would end the
+    caller.
     """
 
-    def __init__(self, key: str, type_name: str, message: str, tb: str) -> None:
-        super().__init__(key, type_name, message, tb)
+    def __init__(self, key: str, type_name: str, message: str, tb: str,
+                 reason: str | None = None) -> None:
+        super().__init__(key, type_name, message, tb, reason)
         self.key = key
         self.type_name = type_name
         self.message = message
         self.tb = tb
+        self.reason = reason
 
     def __str__(self) -> str:
-        return (
-            f"task {self.key!r} raised {self.type_name}: {self.message}\n"
-            f"(the exception itself could not be sent back to the driver; "
-            f"remote traceback follows)\n{self.tb}"
-        )
+        why = self.reason or ("the exception itself could not be sent back to the driver; "
+                              "remote traceback follows")
+        return f"task {self.key!r} raised {self.type_name}: {self.message}\n({why})\n{self.tb}"
 
 
 class GraphError(DaskrayError, ValueError):

@@ -11,7 +11,7 @@ import pytest
 
 from daskray.scheduler import SchedulerState
 from daskray.scheduler.events import (
-    ClientLost, GraphCancelled, GraphReleased, GraphSubmitted, KillActor, RefsChanged,
+    CancelRef, ClientLost, GraphCancelled, GraphReleased, GraphSubmitted, KillActor, RefsChanged,
     TaskErred, TaskFinished,
     TaskReleased, TaskStarted, Tick, WorkerBlocked, WorkerJoined, WorkerLost,
 )
@@ -819,6 +819,78 @@ def test_calls_made_inside_tasks_carry_how_deep_they_are():
         (d,) = [d for d in of(Dispatch, out) if d.task == caller + 1]
         assert d.depth == level and d.parent == caller
         caller = d.task
+
+
+def nested_calls(s):
+    """A driver's call (task 0) that called a child (task 1), which called a
+    grandchild (task 2); an unrelated call of the driver (task 3).  All dispatched
+    (running, or queued on a busy worker); which worker has each."""
+    s.handle(WorkerJoined("b"))
+    s.handle(remote_call(("c", 1)))
+    s.handle(dataclasses.replace(remote_call((b"a", 1)), parent=0))
+    s.handle(dataclasses.replace(remote_call((b"b", 1)), parent=1))
+    s.handle(remote_call(("c", 2)))
+    assert all(s.tasks[t].state == "processing" for t in range(4))
+    return {t: s.tasks[t].worker for t in range(4)}
+
+
+def cancelled_tasks(out):
+    return sorted(t for c in of(CancelTasks, out) for t in c.tasks)
+
+
+def test_cancel_reaches_the_tasks_the_task_started_and_theirs():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    where = nested_calls(s)
+    out = s.handle(CancelRef(("c", 1, 0)))
+    assert cancelled_tasks(out) == [0, 1, 2]  # not 3: the task did not start it
+    assert all(c.tasks == tuple(t for t in c.tasks if where[t] == c.worker)
+               for c in of(CancelTasks, out))
+    for t in (0, 1, 2):  # each fails as cancelled once its worker drops or stops it
+        out = s.handle(TaskReleased(t, where[t]))
+        assert [n.kind for n in of(NotifyRef, out)] == ["TaskCancelledError"]
+    assert s.tasks[3].state == "processing"
+
+
+def test_cancel_without_recursive_leaves_the_tasks_the_task_started():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    nested_calls(s)
+    out = s.handle(CancelRef(("c", 1, 0), recursive=False))
+    assert cancelled_tasks(out) == [0]
+
+
+def test_force_cancel_fails_the_task_as_cancelled_when_its_worker_dies():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(remote_call(("c", 1)))
+    assert of(CancelTasks, s.handle(CancelRef(("c", 1, 0), force=True))) == [
+        CancelTasks("a", (0,), force=True)]
+    out = s.handle(WorkerLost("a", "killed by signal 9"))
+    (note,) = of(NotifyRef, out)
+    assert note.kind == "TaskCancelledError" and "force=True" in note.message
+    assert s.tasks[0].state == "erred"  # not run again, though it had retries left
+
+
+def test_force_cancel_never_kills_an_actors_process():
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("w"))
+    s.handle(GraphSubmitted(("c", 1), ["A.__init__"], [()], [0], [b"init"], {}, [0],
+                            fail_fast=False, create_actor={"id": "A1"}))
+    s.handle(WorkerJoined("p", actor="A1"))
+    finish(s, 0, "p")
+    s.handle(GraphSubmitted(("c", 2), ["A.m"], [()], [0], [b"m"], {}, [0], fail_fast=False,
+                            actor="A1"))
+    out = s.handle(CancelRef(("c", 2, 0), force=True))
+    assert of(CancelTasks, out) == [CancelTasks("p", (1,), force=False)]
+
+
+def test_cancel_of_a_finished_task_does_nothing(s):
+    s.handle(remote_call(("c", 1)))
+    finish(s, 0, "a")
+    for force in (False, True):
+        assert s.handle(CancelRef(("c", 1, 0), force=force)) == []
+    assert s.tasks[0].state == "memory"
 
 
 def test_the_core_imports_nothing_that_does_io():

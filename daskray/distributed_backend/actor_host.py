@@ -374,7 +374,7 @@ class ActorHost:
         try:
             args, kwargs = cloudpickle.loads(payload)
             result = self._bound(method)(*args, **kwargs)
-        except ExitActor:
+        except (ExitActor, SystemExit):  # sys.exit() in a method ends its actor, as in Ray
             return self._exit(method)
         except Exception as exc:  # noqa: BLE001 - the caller raises it
             return failure(exc, traceback.format_exc())
@@ -391,7 +391,7 @@ class ActorHost:
         running.host = self
         try:
             result = await coro
-        except ExitActor:
+        except (ExitActor, SystemExit):
             return self._exit(method)
         except Exception as exc:  # noqa: BLE001 - the caller raises it
             return failure(exc, traceback.format_exc())
@@ -416,7 +416,7 @@ class ActorHost:
     # ------------------------------------------------------------ the end
 
     def _exit(self, method: str) -> tuple:
-        why = f"it called exit_actor() in {method}()"
+        why = f"it called exit_actor() or sys.exit() in {method}()"
         self._shut_down(self.instance)
         mark_killed(self.session.client, self.key, why)
         self.session.client.loop.add_callback(self._end, why)

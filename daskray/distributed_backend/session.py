@@ -33,10 +33,15 @@ from ..backend import ActorSpec
 from ..errors import (ClusterError, GetTimeoutError, ObjectLostError, RemoteTraceback,
                       TaskCancelledError, WorkerCrashedError)
 from ..refs import ObjectRef, RefKey, collect_pickled_refs, dask_key_of, ref_key_of
+from ..runtime.session import refuse_force_on_actor_calls
 from . import actors, graphs
 from .futures import FutureTable
-from .worker_side import (REMOTE_TRACEBACK, CallArguments, forget_frames, interrupt_calls,
-                          leave_worker_pool, nth_return, run_call, unpicklable)
+from .worker_side import (REMOTE_TRACEBACK, CallArguments, carried_error, carries_error,
+                          forget_frames, interrupt_calls, leave_worker_pool, note_started,
+                          nth_return, run_call, unpicklable)
+
+#: the reason distributed gives every client for a key ``daskray.cancel`` cancelled
+CANCEL_REASON = "daskray.cancel"
 
 #: values ``put`` need not search for nested ObjectRefs
 _PLAIN = (int, float, complex, str, bytes, bool, type(None))
@@ -56,6 +61,8 @@ class DistributedSession:
         self._numbers = itertools.count(1)
         self.table = FutureTable(client)
         self._cancelled: set[RefKey] = set()
+        #: this process's actor calls still referenced (cancel(force=True) refuses them)
+        self._actor_call_keys: set[RefKey] = set()
 
     # ---------------------------------------------------------------- lifetimes
 
@@ -70,6 +77,7 @@ class DistributedSession:
         """This process holds no ObjectRef to ``key`` any more."""
         self.table.release(key)
         self._cancelled.discard(key)
+        self._actor_call_keys.discard(key)
 
     def settle_received(self, since: int, timeout: float = 30.0) -> None:
         """At the end of a task: make sure the scheduler has recorded this process's
@@ -129,6 +137,8 @@ class DistributedSession:
                                           **self._placement(options))
             except Exception as exc:
                 raise _unpicklable(f"task {name}", (args, kwargs), exc) from exc
+        if self.in_task:
+            note_started(keys)
         return self.returns(base, keys, name, list(dict.fromkeys(pinned)))
 
     def call_keys(self, number: int, num_returns: int) -> tuple[list[RefKey], str]:
@@ -186,18 +196,47 @@ class DistributedSession:
         self.table.own(key, futures[dask_key_of(key)], pins)
         return ObjectRef(key, owned=True)
 
-    def cancel(self, refs: Sequence[ObjectRef]) -> None:
+    def cancel(self, refs: Sequence[ObjectRef], force: bool = False,
+               recursive: bool = True) -> None:
+        """``daskray.cancel``: distributed drops the calls not started; a running one
+        gets a KeyboardInterrupt in its thread (``force``: its dask worker restarts),
+        and with ``recursive`` cancels the calls it started (see ``interrupt_calls``)."""
+        if force:
+            refuse_force_on_actor_calls(refs, self._actor_call_keys)
         pending = []
         for ref in refs:
             future = self.table.future_of(ref._key)
             if not future.done():
                 self._cancelled.add(ref._key)
                 pending.append(future)
+        if not pending:
+            return
+        actors.cancelled(self, refs)
+        keys = [f.key for f in pending]
+        running_on = [w for w, doing in self.client.processing().items()
+                      if not set(keys).isdisjoint(doing)] if force else []
+        self._cancel_for_everyone(pending)
+        # distributed lets a running task run on: stop it where it runs
+        self.client.run(interrupt_calls, keys, recursive, on_error="ignore")
+        if running_on:  # the nanny starts the worker's process again
+            self.client.restart_workers(running_on, raise_for_error=False)
+
+    def cancel_keys(self, keys: Sequence[RefKey], recursive: bool) -> None:
+        """Cancel the calls of ``keys`` (this process made them; it may hold no
+        ObjectRef of them any more): how a cancelled call cancels those it started."""
+        pending = [f for f in (self.table.future_of(k) for k in keys) if not f.done()]
+        self._cancelled.update(keys)
         if pending:
-            actors.cancelled(self, refs)
-            self.client.cancel(pending)
-            # distributed lets a running task run on: stop it where it runs
-            self.client.run(interrupt_calls, [f.key for f in pending])
+            self._cancel_for_everyone(pending)
+            self.client.run(interrupt_calls, [f.key for f in pending], recursive,
+                            on_error="ignore")
+
+    def _cancel_for_everyone(self, futures: list) -> None:
+        """Cancel ``futures`` for every client that wants them (``force``): tasks
+        waiting in ``get()`` for one, elsewhere, raise TaskCancelledError at once (see
+        ``_error``), even while the cancelled task itself is still stuck in C code."""
+        self.client.cancel(futures, force=True, reason=CANCEL_REASON,
+                           msg="daskray.cancel() of it, or of a task it depends on")
 
     # ---------------------------------------------------------------- waiting
 
@@ -210,7 +249,7 @@ class DistributedSession:
         with waiting:
             if timeout is not None:
                 try:
-                    self._wait(futures, timeout)
+                    self._wait_all_or_failure(futures, timeout)
                 except TimeoutError:
                     missing = sum(1 for f in futures if not f.done())
                     raise GetTimeoutError(
@@ -219,8 +258,8 @@ class DistributedSession:
             try:
                 return self.client.gather(futures)
             except BaseException as exc:
-                cause = _remote_cause(exc)
-                raise self._error(_unshared(exc, futures)) from cause
+                error = self._error(_unshared(exc, futures))
+                raise error from _cause(exc, error)
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
              timeout: float | None = None) -> tuple[list, list]:
@@ -243,6 +282,20 @@ class DistributedSession:
             (ready if future.done() and len(ready) < num_returns else not_ready).append(ref)
         return ready, not_ready
 
+    def _wait_all_or_failure(self, futures: list, timeout: float) -> None:
+        """Wait until every one of ``futures`` is done or one of them failed (``get``
+        raises the first failure without waiting for the others, as ``gather`` does);
+        TimeoutError after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            pending = [f for f in futures if not f.done()]
+            if not pending or any(f.status in ("error", "cancelled") for f in futures):
+                return
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError
+            self._wait(pending, left, "FIRST_COMPLETED")
+
     def _wait(self, futures: list, timeout: float | None,
               return_when: str = "ALL_COMPLETED") -> None:
         """``distributed.wait`` on this session's client (not dask's default one)."""
@@ -261,13 +314,17 @@ class DistributedSession:
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
 
+        carried = carried_error(exc)
+        if carried is not None:
+            return carried
         if isinstance(exc, KilledWorker):
             return WorkerCrashedError(
                 f"the dask workers running task {exc.task!r} died (distributed gave up after "
                 f"distributed.scheduler.allowed-failures deaths; last: {exc.last_worker})")
         if isinstance(exc, FutureCancelledError):
             key = ref_key_of(exc.key)
-            if key in self.table.adopted and key not in self._cancelled:
+            if key in self.table.adopted and key not in self._cancelled \
+                    and getattr(exc, "reason", None) != CANCEL_REASON:
                 # a ref received from elsewhere whose key the scheduler no longer has
                 return ObjectLostError(
                     f"the object {exc.key!r} is gone from the dask cluster (it was released, "
@@ -292,7 +349,7 @@ class DistributedSession:
         """What to raise for ``exc`` from a gather: daskray's error, with the task's
         remote traceback as ``__cause__``."""
         error = self._error(exc)
-        error.__cause__ = _remote_cause(exc)
+        error.__cause__ = _cause(exc, error)
         return error
 
     # ---------------------------------------------------------------- the cluster
@@ -360,7 +417,9 @@ class DistributedSession:
 
     def call_actor(self, handle: Any, method: str, args: tuple, kwargs: dict,
                    options: dict) -> ObjectRef | list[ObjectRef]:
-        return actors.call_actor(self, handle, method, args, kwargs, options)
+        refs = actors.call_actor(self, handle, method, args, kwargs, options)
+        self._actor_call_keys.update(r._key for r in (refs if isinstance(refs, list) else [refs]))
+        return refs
 
     def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
         if not no_restart:
@@ -435,6 +494,12 @@ def nested_refs(value: Any) -> list[RefKey]:
     with collect_pickled_refs() as found:
         cloudpickle.dumps(value, protocol=5, buffer_callback=lambda _buffer: None)
     return list(dict.fromkeys(found))
+
+
+def _cause(exc: BaseException, error: BaseException) -> BaseException | None:
+    """The ``__cause__`` of ``error``, raised for ``exc`` from a gather: its own when
+    the task's error carried it (``carried_error``), else the task's traceback."""
+    return error.__cause__ if carries_error(exc) else _remote_cause(exc)
 
 
 def _remote_cause(exc: BaseException) -> BaseException | None:

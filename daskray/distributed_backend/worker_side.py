@@ -13,12 +13,18 @@ from typing import Any, Callable, Iterator
 from .. import backend
 from ..errors import SerializationError, TaskCancelledError
 from ..refs import tracker
-from ..runtime.serialization import decode_table
+from ..runtime.serialization import (decode_table, dumps_exception, exited_error,
+                                     loads_exception)
 
 _lock = threading.Lock()
 
 #: the thread running each remote call in this process, by its dask key
 _running: dict[Any, int] = {}
+#: the calls interrupted by ``daskray.cancel`` while they ran here, by dask key
+_interrupted: set = set()
+#: the ObjectRef keys of the calls each running call made, by its dask key: a
+#: recursive cancel cancels them too
+_started: dict[Any, list] = {}
 
 #: functions of remote calls unpickled in this process, by their table's id
 _functions: dict[bytes, Callable] = {}
@@ -26,6 +32,9 @@ MAX_CACHED_FUNCTIONS = 512
 
 #: the attribute a call's exception carries its worker-side traceback text in
 REMOTE_TRACEBACK = "_daskray_remote_traceback"
+#: the attribute a call's error carries, packed, the error its caller is to raise
+#: (distributed pickles an exception without its ``__cause__``)
+CARRIED_ERROR = "_daskray_error"
 
 
 #: ``.active`` in a task thread that left its worker's pool (``leave_worker_pool``)
@@ -151,11 +160,23 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
     key = task_key()
     with _lock:
         _running[key] = threading.get_ident()
+    interrupted = False
     try:
-        return _run(session, func, exception_retries, args, kwargs)
-    finally:
-        with _lock:  # an interruption is only ever aimed at a registered call
-            _running.pop(key, None)
+        try:
+            result = _run(session, func, exception_retries, args, kwargs)
+        finally:
+            with _lock:  # an interruption is only ever aimed at a registered call
+                _running.pop(key, None)
+                _started.pop(key, None)
+                interrupted = key in _interrupted
+                _interrupted.discard(key)
+    except KeyboardInterrupt:  # the interruption arrives at the latest here
+        if interrupted or key in _interrupted:
+            raise TaskCancelledError(f"task {key!r} was cancelled while running") from None
+        raise
+    if interrupted:  # it caught the KeyboardInterrupt: cancelled all the same
+        raise TaskCancelledError(f"task {key!r} was cancelled while running")
+    return result
 
 
 def _run(session: Any, func: Callable, exception_retries: int, args: list,
@@ -169,6 +190,8 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
             if inspect.iscoroutine(result):
                 result = asyncio.run(result)
             break
+        except SystemExit as exc:  # sys.exit(): the worker must live on
+            raise _exited(exc) from None
         except Exception as exc:
             if attempt >= exception_retries:
                 # the traceback as it is here, with the user's file and line; the one
@@ -180,27 +203,75 @@ def _run(session: Any, func: Callable, exception_retries: int, args: list,
     return result
 
 
+def _exited(exc: BaseException) -> Exception:
+    """The error a call that raised ``exc`` (``sys.exit()``) fails with: a TaskError
+    naming it, carrying ``exc`` packed by daskray (distributed would lose its
+    ``__cause__`` and its exit code) for the caller to unpack (``carried_error``)."""
+    key = task_key()
+    error = exited_error(exc, key, traceback.format_exc())
+    error.__dict__[CARRIED_ERROR] = dumps_exception(exc, key)
+    error.__cause__ = None
+    return error
+
+
+def carries_error(exc: BaseException) -> bool:
+    """Whether ``exc`` carries the error its caller is to raise (``carried_error``)."""
+    return CARRIED_ERROR in getattr(exc, "__dict__", {})
+
+
+def carried_error(exc: BaseException) -> BaseException | None:
+    """The error the caller of a call that failed with ``exc`` is to raise, when
+    ``exc`` carries one (see ``_exited``); its ``__cause__`` is set."""
+    blob = exc.__dict__.get(CARRIED_ERROR) if hasattr(exc, "__dict__") else None
+    return None if blob is None else loads_exception(blob)
+
+
 def task_key() -> Any:
     from distributed.worker import thread_state
 
     return getattr(thread_state, "key", None)
 
 
-def interrupt_calls(keys: list) -> list:
-    """On a dask worker: raise TaskCancelledError in the threads running these calls
-    (``daskray.cancel``).  Python code stops at its next line; a call blocked inside C
-    (a sleep, a read) stops when that returns.  The keys interrupted here."""
+def note_started(keys: list) -> None:
+    """In a call's thread: the call made the calls of these ObjectRef keys."""
+    key = task_key()
+    if key is not None:
+        with _lock:
+            if key in _running:
+                _started.setdefault(key, []).extend(keys)
+
+
+def interrupt_calls(keys: list, recursive: bool = True) -> list:
+    """On a dask worker: raise KeyboardInterrupt (as Ray's cancel does) in the
+    threads running these calls (``daskray.cancel``); their callers get
+    TaskCancelledError.  Python code stops at its next line; a call blocked inside C
+    (a sleep, a read) stops when that returns.  With ``recursive``, the calls they
+    started are cancelled too, from a thread of their own (the caller of this may be
+    the worker's event loop).  The keys interrupted here."""
     import ctypes
 
-    hit = []
+    hit, started = [], []
     with _lock:
         for key in keys:
             ident = _running.get(key)
-            if ident is not None:
+            if ident is not None and key not in _interrupted:
+                _interrupted.add(key)
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(
-                    ctypes.c_ulong(ident), ctypes.py_object(TaskCancelledError))
+                    ctypes.c_ulong(ident), ctypes.py_object(KeyboardInterrupt))
                 hit.append(key)
+                if recursive:
+                    started.extend(_started.get(key, ()))
+    if started:
+        threading.Thread(target=_cancel_started, args=(started,), daemon=True,
+                         name="daskray-cancel").start()
     return hit
+
+
+def _cancel_started(keys: list) -> None:
+    """Cancel, recursively, the calls a cancelled call made."""
+    session = backend.installed()
+    if getattr(session, "on_dask", False):
+        session.cancel_keys(keys, recursive=True)
 
 
 def unpicklable(what: str, cause: BaseException, where: str = "task") -> SerializationError:

@@ -120,8 +120,9 @@ class DataServer(threading.Thread):
                     raise ValueError("a put must name a new key and the layout of its buffers")
                 self.store.put_frames(key, transport.join_buffers(frames[4].bytes, frames[5:]))
                 self.sock.send_multipart([ident, P.OK])
-            elif verb == P.INTERRUPT:
-                dropped = self.on_interrupt([int(x) for x in arg.split(b",") if x])
+            elif verb == P.INTERRUPT or verb == P.INTERRUPT_FORCE:
+                dropped = self.on_interrupt([int(x) for x in arg.split(b",") if x],
+                                            verb == P.INTERRUPT_FORCE)
                 if dropped:
                     self.sock.send_multipart(
                         [ident, P.DROPPED, b",".join(str(t).encode() for t in dropped)])

@@ -18,7 +18,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from ..errors import ClusterError, NestingLimitError, TaskCancelledError
+from ..errors import ClusterError, NestingLimitError
 from . import protocol as P
 from . import settings, transport
 from .records import BlockedReport, ReleasedReport
@@ -156,8 +156,8 @@ class InTaskConnection:
             while not predicate():
                 if not worker.running:
                     raise ClusterError("the worker is stopping")
-                if waiting is not None and waiting in worker.cancelled:
-                    raise TaskCancelledError(f"task {waiting} was cancelled while it waited")
+                if waiting is not None and waiting in worker.cancelled:  # Ray's signal
+                    raise KeyboardInterrupt(f"task {waiting} was cancelled while it waited")
                 if worker.queue and nest and self._step_nested():
                     continue
                 if worker.queue and lend:

@@ -74,7 +74,7 @@ class InstructionHandlers:
 
     def _do_cancel(self, ins: I.CancelTasks) -> None:
         self.outbox.to_worker(ins.worker, P.Cancel(ins.tasks))
-        self.control.interrupt(ins.worker, ins.tasks)
+        self.control.interrupt(ins.worker, ins.tasks, ins.force)
 
     def _do_forget(self, ins: I.ForgetGraph) -> None:
         table_id, holders = self.tables.forget_graph(ins.graph)

@@ -90,7 +90,7 @@ def request_events(ident: bytes, msg: Any) -> list[Any]:
     if t is P.SubscribeRefs:
         return [E.Subscribe(ident, msg.refs)]
     if t is P.CancelRefs:
-        return [E.CancelRef(ref) for ref in msg.refs]
+        return [E.CancelRef(ref, msg.force, msg.recursive) for ref in msg.refs]
     if t is P.KillActorRequest:
         return [E.KillActor(msg.actor, not msg.no_restart)]
     if t is P.GetActor:

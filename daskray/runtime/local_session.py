@@ -254,7 +254,8 @@ class LocalSession:
         chosen = {id(r) for r in ready}
         return ready, [r for r in refs if id(r) not in chosen]
 
-    def cancel(self, refs: Sequence[ObjectRef]) -> None:
+    def cancel(self, refs: Sequence[ObjectRef], force: bool = False,
+               recursive: bool = True) -> None:
         """Everything already ran; nothing to cancel."""
 
     def forget(self, key: RefKey) -> None:

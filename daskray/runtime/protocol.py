@@ -43,6 +43,8 @@ GETSHM = b"getshm"
 SHARED = b"shm"
 PUT = b"put"
 INTERRUPT = b"interrupt"
+#: interrupt by killing the worker's process, if it runs one of the tasks named
+INTERRUPT_FORCE = b"interruptforce"
 PEER_LOST = b"peerlost"
 DROPPED = b"dropped"
 PING = b"ping"  # the head asks a worker's data server whether the process still runs
@@ -223,6 +225,8 @@ class SubscribeRefs:
 @message(8)
 class CancelRefs:
     refs: list
+    force: bool = False
+    recursive: bool = True
 
 
 @message(9)

@@ -311,7 +311,21 @@ def loads_exception(data: bytes) -> BaseException:
     if not isinstance(exc, BaseException):
         return TaskError(key, type_name, message, tb_text)
     exc.__cause__ = RemoteTraceback(f'\n"""\n{tb_text}"""')
+    if isinstance(exc, SystemExit):
+        return exited_error(exc, key, tb_text)
     return exc
+
+
+def exited_error(exc: BaseException, key: Any, tb_text: str) -> TaskError:
+    """The error a task that raised ``exc``, a ``SystemExit`` (``sys.exit()``),
+    raises in its caller: a TaskError naming the task, whose ``__cause__`` is
+    ``exc``.  Raised as itself, a ``sys.exit()`` in a task would end the driver.
+    (A task's KeyboardInterrupt stays itself: dask's schedulers raise it so.)"""
+    error = TaskError(key, type(exc).__qualname__, str(exc), tb_text,
+                      "the task ended itself; its caller gets this error instead, and the "
+                      "worker process lives on")
+    error.__cause__ = exc
+    return error
 
 
 # ---------------------------------------------------------------------- task bodies

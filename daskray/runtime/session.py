@@ -43,6 +43,19 @@ class Connection(Protocol):
     def store_large(self, key: str, frames: list) -> str: ...
 
 
+def refuse_force_on_actor_calls(refs: Sequence[ObjectRef], actor_calls: Any) -> None:
+    """Ray's rule: ``cancel(force=True)`` of an actor's call raises ValueError (it
+    would kill the actor); ``actor_calls`` are the keys of the calls known here."""
+    if any(r._key in actor_calls for r in refs):
+        raise ValueError("daskray.cancel(force=True) cannot cancel an actor's call: it "
+                         "would kill the actor. Use force=False, or daskray.kill(actor)")
+
+
+def failed(result: P.RefResult | None) -> bool:
+    """Whether ``result`` (None: not known yet) says its object failed."""
+    return result is not None and (result.error is not None or result.kind is not None)
+
+
 def error_of(result: P.RefResult | P.Error) -> BaseException:
     """The exception a failed object raises at ``get``."""
     if result.error is not None:
@@ -63,6 +76,8 @@ class Session:
         #: comes back (inside a value) must be asked for like anyone else's
         self._forgotten_own: set[RefKey] = set()
         self._names = itertools.count()
+        #: this process's actor calls still referenced (cancel(force=True) refuses them)
+        self._actor_calls: set[RefKey] = set()
 
     # ---------------------------------------------------------------- submitting
 
@@ -120,6 +135,7 @@ class Session:
         parts["pinned"] = parts["pinned"] + [handle._creation._key]
         me = self.conn.client_id
         refs = [ObjectRef((me, number, node), owned=True) for node in parts["wanted"]]
+        self._actor_calls.update(r._key for r in refs)
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         return refs[0] if opts.get("num_returns", 1) == 1 else refs
 
@@ -200,8 +216,12 @@ class Session:
         self.conn.send(msg)
         return ref
 
-    def cancel(self, refs: Sequence[ObjectRef]) -> None:
-        self.conn.send(P.CancelRefs([r._key for r in refs]))
+    def cancel(self, refs: Sequence[ObjectRef], force: bool = False,
+               recursive: bool = True) -> None:
+        """``daskray.cancel``: the head cancels the tasks behind ``refs``."""
+        if force:
+            refuse_force_on_actor_calls(refs, self._actor_calls)
+        self.conn.send(P.CancelRefs([r._key for r in refs], force, recursive))
 
     # ---------------------------------------------------------------- waiting
 
@@ -216,6 +236,7 @@ class Session:
     def forget(self, key: RefKey) -> None:
         """This process holds no ObjectRef to ``key`` any more."""
         self._subscribed.discard(key)
+        self._actor_calls.discard(key)
         if self.conn.results.pop(key, None) is not None and key[0] == self.conn.client_id:
             self._forgotten_own.add(key)
 
@@ -235,22 +256,30 @@ class Session:
         return ready, not_ready
 
     def get(self, refs: Sequence[ObjectRef], timeout: float | None = None) -> list:
-        """The values of ``refs``.  An object whose holder died after the head said
-        where it was is asked for again: the head computes it again from its task
-        (lineage) and says where the new copy is, or says it is lost, and why."""
+        """The values of ``refs``.  The first of them to fail raises its error at
+        once, whatever the others are still doing (Ray's rule).  An object whose
+        holder died after the head said where it was is asked for again: the head
+        computes it again from its task (lineage) and says where the new copy is,
+        or says it is lost, and why."""
         keys = [r._key for r in refs]
         results = self.conn.results
         start = time.monotonic()
         values: dict[int, Any] = {}
+
+        def done() -> bool:
+            return all(k in results for k in keys) or any(failed(results.get(k)) for k in keys)
+
         while True:
             self._subscribe(keys)
             left = None if timeout is None else max(0.0, timeout - (time.monotonic() - start))
-            if not self.conn.wait_for(lambda: all(k in results for k in keys), left,
-                                      awaits=keys):
+            if not self.conn.wait_for(done, left, awaits=keys):
                 missing = sum(1 for k in keys if k not in results)
                 raise errors.GetTimeoutError(
                     f"get timed out after {time.monotonic() - start:.1f} s: {missing} of "
                     f"{len(keys)} objects not ready")
+            failure = next((results[k] for k in keys if failed(results.get(k))), None)
+            if failure is not None:
+                raise error_of(failure)
             for i, key in enumerate(keys):
                 result = results.get(key)
                 if i in values or result is None:

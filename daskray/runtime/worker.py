@@ -146,14 +146,17 @@ class Worker:
         self.head.send(P.encode(
             P.WorkerReady(self.address, os.getpid(), 1, self.resources, self.actor)))
 
-    def _interrupt(self, task_ids: list[int]) -> list[int]:
+    def _interrupt(self, task_ids: list[int], force: bool = False) -> list[int]:
         """Called in the data-server thread while the main thread may be busy:
-        interrupt the running task if listed; mark listed queued tasks dropped
-        (the main thread skips them) and return those, for the head to know now."""
+        interrupt the running task if listed (``force``: end this process, the
+        head starts another); mark listed queued tasks dropped (the main thread
+        skips them) and return those, for the head to know now."""
         running = set(self.stack)
         if self.current is not None:
             running.add(self.current)
         hit = running.intersection(task_ids)
+        if hit and force:  # daskray.cancel(force=True): the head sees this worker die
+            os.kill(os.getpid(), signal.SIGKILL)
         if hit:  # raised in the task's own code, or where it waits in get()
             self.cancelled.update(hit)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
@@ -165,10 +168,12 @@ class Worker:
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         # only inside the task's own code: never in the worker's bookkeeping, and
-        # not in a nested task run while the cancelled one waits (wait_for raises)
+        # not in a nested task run while the cancelled one waits (wait_for raises).
+        # KeyboardInterrupt, as Ray's cancel raises in a task; its caller gets
+        # TaskCancelledError (see execute)
         current = self.current
         if self.interruptible and current is not None and current in self.cancelled:
-            raise TaskCancelledError(f"task {current} was cancelled while running")
+            raise KeyboardInterrupt(f"task {current} was cancelled (daskray.cancel)")
 
     # -------------------------------------------------------------- loop
 
@@ -342,9 +347,15 @@ class Worker:
                     self.depths.pop()
             if self.concurrent is None:
                 self.current = outer
+            if task_id in self.cancelled:  # it caught the KeyboardInterrupt: still cancelled
+                raise TaskCancelledError(f"task {task_id} was cancelled while running")
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's
             if self.concurrent is None:
                 self.current = outer
+            if self.actor is not None and isinstance(exc, SystemExit):
+                self._exit_actor()
+            if task_id in self.cancelled and not isinstance(exc, TaskCancelledError):
+                exc = TaskCancelledError(f"task {task_id} was cancelled while running")
             self.cancelled.discard(task_id)
             bound_for_travel(exc)
             return ErredReport(task_id, dumps_exception(exc, getattr(node, "key", task_id)))
@@ -365,6 +376,14 @@ class Worker:
             return ErredReport(task_id, dumps_exception(error, key))
         self.store.put(task_id, result)
         return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
+
+    def _exit_actor(self) -> None:
+        """``sys.exit()`` in an actor's method ends the actor for good, as Ray's
+        ``exit_actor()`` does (and as in Ray): the head stops this process, and the
+        call and those after it raise ActorDiedError."""
+        context.worker_session.conn.send(P.KillActorRequest(self.actor))
+        threading.Event().wait(60)  # nothing more may run meanwhile
+        os._exit(1)
 
     def close(self) -> None:
         self.peers.close()

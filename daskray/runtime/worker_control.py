@@ -65,12 +65,13 @@ class WorkerControl:
         for sock in self.sockets.values():
             sock.send_multipart([self.token, P.PEER_LOST, address.encode()])
 
-    def interrupt(self, wid: str, tasks: Iterable[int]) -> None:
-        """Ask ``wid`` to interrupt these tasks if running, and drop them if queued."""
+    def interrupt(self, wid: str, tasks: Iterable[int], force: bool = False) -> None:
+        """Ask ``wid`` to interrupt these tasks if running (``force``: by ending its
+        process), and drop them if queued."""
         sock = self.sockets.get(wid)
         if sock is not None:
-            sock.send_multipart(
-                [self.token, P.INTERRUPT, b",".join(str(t).encode() for t in tasks)])
+            verb = P.INTERRUPT_FORCE if force else P.INTERRUPT
+            sock.send_multipart([self.token, verb, b",".join(str(t).encode() for t in tasks)])
 
     def heard_from(self, wid: str) -> None:
         """``wid`` sent something: it is alive."""

@@ -132,9 +132,13 @@ class Subscribe:
 
 @dataclass(frozen=True, slots=True)
 class CancelRef:
-    """``daskray.cancel``: drop the task if queued, interrupt it if running."""
+    """``daskray.cancel``: drop the task if queued, interrupt it if running (kill
+    its worker process if ``force``); if ``recursive``, the same for the tasks it
+    started, and theirs."""
 
     ref: RefKey
+    force: bool = False
+    recursive: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,10 +47,12 @@ class FreeObjects:
 
 @dataclass(frozen=True, slots=True)
 class CancelTasks:
-    """Drop these dispatched tasks; interrupt the one running, if it is among them."""
+    """Drop these dispatched tasks; interrupt the one running, if it is among them
+    (with ``force``: kill the worker's process if it runs one of them)."""
 
     worker: WorkerId
     tasks: tuple[TaskId, ...]
+    force: bool = False
 
 
 @dataclass(frozen=True, slots=True)

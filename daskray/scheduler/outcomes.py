@@ -108,12 +108,32 @@ class TaskOutcomes:
                 self._place(ts)
 
     def _cancel_ref(self, ev: CancelRef) -> None:
+        """Cancel the task behind the ref, unless it finished; with ``recursive``,
+        also every unfinished task it started, and theirs (Ray's rule)."""
         ts = self._lookup(ev.ref)
         if ts is None or ts.state in (MEMORY, ERRED):
             return
+        stack = [ts]
+        while stack:
+            task = stack.pop()
+            if ev.recursive:
+                stack.extend(self._started_by(task))
+            self._cancel_task(task, ev.force)
+
+    def _started_by(self, ts: TaskState) -> list[TaskState]:
+        """The unfinished tasks of the calls ``ts``'s code made."""
+        return [child for gs in self.graphs.values() if gs.parent == ts.id
+                for child in map(self.tasks.get, range(gs.base, gs.base + gs.size))
+                if child is not None and child.state not in (MEMORY, ERRED)]
+
+    def _cancel_task(self, ts: TaskState, force: bool) -> None:
+        """Drop ``ts`` if it has not started; interrupt it where it runs (``force``:
+        kill that worker's process; never an actor's, whose state would go)."""
+        if ts.state in (MEMORY, ERRED):
+            return
         ts.cancel_requested = True
         if ts.state == PROCESSING:
-            self._out.append(CancelTasks(ts.worker, (ts.id,)))
+            self._out.append(CancelTasks(ts.worker, (ts.id,), force and ts.actor is None))
         else:
             self._fail(ts, (None, "TaskCancelledError",
                             f"task {ts.name} was cancelled before it ran"))

@@ -48,6 +48,7 @@ class Membership:
         self._forget_waiting(ws)
         self._drop_holder(ev.worker.encode())
         crashed: list[tuple[TaskState, str]] = []
+        cancelled: list[TaskState] = []
         if ws.actor is not None:
             crashed = self._actor_lost(ws, ev.reason)
         for tid in sorted(ws.processing) if ws.actor is None else ():
@@ -60,6 +61,8 @@ class Membership:
                 ts.retries_left -= 1
                 self._transition(ts, READY)
                 self._place(ts)
+            elif ts.cancel_requested:  # daskray.cancel(force=True) killed it
+                cancelled.append(ts)
             else:
                 crashed.append((ts, (
                     f"worker {ws.id} died ({ev.reason}) while running task {ts.name}. "
@@ -84,6 +87,11 @@ class Membership:
         for ts, message in crashed:
             if ts.id in self.tasks and ts.state == PROCESSING:
                 self._fail(ts, (None, "WorkerCrashedError", message))
+        for ts in cancelled:
+            if ts.id in self.tasks and ts.state == PROCESSING:
+                self._fail(ts, (None, "TaskCancelledError", (
+                    f"task {ts.name} was cancelled while running: its worker {ws.id} was "
+                    "stopped (daskray.cancel(force=True))")))
         for ts, message in lost:
             if ts.id not in self.tasks or ts.state != MEMORY:
                 continue  # already being recomputed, for another lost object
