@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import gc
+import sys
 import threading
 import time
 
@@ -84,6 +85,9 @@ class Counter:
     def quit(self):
         daskray.exit_actor()
 
+    def sys_exit(self):
+        sys.exit(0)
+
     def register_atexit(self, text):
         atexit.register(_append, self.path, text)
 
@@ -133,6 +137,17 @@ def test_exit_actor_runs_ray_shutdown_then_the_actors_atexit_handlers(backend, t
         daskray.get(counter.quit.remote(), timeout=WAIT)
     assert wait_until(lambda: len(_lines(path)) == 3, WAIT)
     assert _lines(path) == ["shutdown at 7", "atexit 2", "atexit 1"]  # atexit's order: last first
+
+
+@pytest.mark.timeout(90)
+def test_sys_exit_in_a_method_runs_the_shutdown_hooks_as_exit_actor_does(backend, tmp_path):
+    path = str(tmp_path / "log")
+    counter = Counter.remote(4, path)
+    daskray.get(counter.register_atexit.remote("atexit"), timeout=WAIT)
+    with pytest.raises(daskray.ActorDiedError):
+        daskray.get(counter.sys_exit.remote(), timeout=WAIT)
+    assert wait_until(lambda: len(_lines(path)) == 2, WAIT)
+    assert _lines(path) == ["shutdown at 4", "atexit"]
 
 
 @pytest.mark.timeout(90)

@@ -79,6 +79,13 @@ class ActorCall:
         self.limit = limit
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._run(args, kwargs)
+        except SystemExit:  # sys.exit() in a method ends the actor as exit_actor() does
+            exit_actor(backend.current())
+            raise
+
+    def _run(self, args: tuple, kwargs: dict) -> Any:
         if instance is None:
             raise ActorError(
                 f"actor {self.cls_name} cannot run {self.method}(): its constructor "
