@@ -228,10 +228,10 @@ class Client:
                 with self._lock:
                     outgoing, self._outgoing = self._outgoing, []
                     closing = self.closed
-                for data in outgoing:
-                    transport.send_message(self._head, data)
                 if added or dropped:
-                    transport.send_message(self._head, P.encode(P.RefsUpdate(added, dropped)))
+                    outgoing.append(P.encode(P.RefsUpdate(added, dropped)))
+                for data in P.batches(outgoing):
+                    transport.send_message(self._head, data)
                 if closing:
                     return
                 if self._head in ready:
@@ -255,8 +255,15 @@ class Client:
     def _deliver(self, frame: zmq.Frame) -> None:
         try:
             msg = P.decode(frame.buffer)
+            if type(msg) is P.Batch:
+                for data in P.batch_items(msg):
+                    self._deliver_one(P.decode_batched(data))
+                return
         except P.ProtocolError:
             return
+        self._deliver_one(msg)
+
+    def _deliver_one(self, msg: Any) -> None:
         t = type(msg)
         if t is P.Welcome:
             self._welcome.put(msg)
