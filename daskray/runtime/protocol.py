@@ -440,7 +440,7 @@ class Batch:
     """Several messages between a driver and the head, sent as one: each is an
     encoded message (:func:`encode`), in order.  A burst of calls from a driver,
     or of results for it, then costs one send and one wake-up, not one each.
-    A batch never holds a batch (:func:`unbatch`)."""
+    A batch never holds a batch (:func:`decode_batched`)."""
 
     messages: tuple
 
