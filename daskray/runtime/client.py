@@ -9,9 +9,10 @@ One I/O thread owns the socket to the head (ZeroMQ sockets are not thread-safe);
 any number of user threads may run graphs at once, each waiting on its own
 queue.  What the user threads queue while the I/O thread is busy leaves as one
 :class:`~.protocol.Batch`, and the head answers a loop turn's results in one:
-a burst of calls costs a few wake-ups of each process, not one per call.  Large results are fetched by the waiting thread straight from the
-worker that holds them.  If the head process dies, every waiting graph fails
-with :class:`~daskray.errors.ClusterError` instead of hanging.
+a burst of calls costs a few wake-ups of each process, not one per call.  Large
+results are fetched by the waiting thread straight from the worker that holds
+them.  If the head process dies, every waiting graph fails with
+:class:`~daskray.errors.ClusterError` instead of hanging.
 """
 
 from __future__ import annotations
