@@ -2,14 +2,17 @@
 
 ::
 
-    user threads ──submit (lock-guarded inproc PUSH)──> I/O thread ──DEALER──> head
+    user threads ──submit (lock-guarded list + wake-up pipe)──> I/O thread ──DEALER──> head
     user threads <──per-graph SimpleQueue── I/O thread <── results, errors, notices
 
 One I/O thread owns the socket to the head (ZeroMQ sockets are not thread-safe);
 any number of user threads may run graphs at once, each waiting on its own
-queue.  Large results are fetched by the waiting thread straight from the
-worker that holds them.  If the head process dies, every waiting graph fails
-with :class:`~daskray.errors.ClusterError` instead of hanging.
+queue.  What the user threads queue while the I/O thread is busy leaves as one
+:class:`~.protocol.Batch`, and the head answers a loop turn's results in one:
+a burst of calls costs a few wake-ups of each process, not one per call.  Large
+results are fetched by the waiting thread straight from the worker that holds
+them.  If the head process dies, every waiting graph fails with
+:class:`~daskray.errors.ClusterError` instead of hanging.
 """
 
 from __future__ import annotations
@@ -46,11 +49,8 @@ class Client:
         self._graph_numbers = itertools.count(1)
         self._queues: dict[int, queue.SimpleQueue] = {}
         self._lock = threading.Lock()
-        self._wake_address = f"inproc://daskray-client-{id(self)}"
-        self._wake_pull = self.ctx.socket(zmq.PULL)
-        self._wake_pull.bind(self._wake_address)
-        self._push = self.ctx.socket(zmq.PUSH)
-        self._push.connect(self._wake_address)
+        #: encoded messages for the head, in the order sent; the I/O thread takes them
+        self._outgoing: list = []
         self.client_id = b"c" + os.urandom(7)
         self._head = transport.dealer(self.ctx, head_address, token, identity=self.client_id)
         self._head_pid = head_pid
@@ -66,8 +66,9 @@ class Client:
         self.lost_workers: set[str] = set()
         self.closed = False
         self.failure: str | None = None
-        # ref changes wake the I/O thread through a pipe: a write to it is safe
-        # from any thread and from a finalizer, where a zmq socket or a lock is not
+        # ref changes and messages to send wake the I/O thread through a pipe: a
+        # write to it is safe from any thread and from a finalizer, where a zmq
+        # socket or a lock is not
         self._ref_wake_r, self._ref_wake_w = os.pipe()
         os.set_blocking(self._ref_wake_r, False)
         os.set_blocking(self._ref_wake_w, False)
@@ -160,11 +161,18 @@ class Client:
         return number, q
 
     def send(self, msg: Any) -> None:
+        """Queue ``msg`` for the head; the I/O thread sends it, in order.
+
+        Only the first message queued while the I/O thread is busy wakes it: a burst
+        of calls costs one wake-up, not one thread switch per message."""
         data = P.encode(msg)
         with self._lock:
             if self.closed:
                 raise ClusterError("the daskray client is closed; call daskray.init() first")
-            self._push.send(data, copy=False)
+            self._outgoing.append(data)
+            first = len(self._outgoing) == 1
+        if first:
+            transport.poke(self._ref_wake_w)
 
     def forget(self, number: int) -> None:
         with self._lock:
@@ -187,9 +195,8 @@ class Client:
             if self.closed:
                 return
             self.closed = True
-            self._push.send(b"")  # wakes the I/O thread, which then exits
+        transport.poke(self._ref_wake_w)  # the I/O thread sends what is queued, then exits
         self._thread.join(5)
-        self._push.close(0)
         # the tracker's wake hook was cleared before close; a late caller writes to -1
         fd, self._ref_wake_w = self._ref_wake_w, -1
         os.close(fd)
@@ -208,7 +215,6 @@ class Client:
     def _io_loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self._head, zmq.POLLIN)
-        poller.register(self._wake_pull, zmq.POLLIN)
         poller.register(self._ref_wake_r, zmq.POLLIN)
         head_fd = pidfd(self._head_pid) if self._head_pid else None
         if head_fd is not None:
@@ -219,20 +225,18 @@ class Client:
                 ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
                 if self._ref_wake_r in ready:
                     transport.drain_pipe(self._ref_wake_r)
-                # taken before draining the queue below: a drop recorded after a
+                # taken before taking the queue below: a drop recorded after a
                 # submission that pins the same ref is then sent after it
                 added, dropped = tracker.take_changes()
-                if self._wake_pull in ready or added or dropped:
-                    while True:
-                        try:
-                            data = self._wake_pull.recv(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        if not len(data.buffer):
-                            return
-                        transport.send_message(self._head, data)
-                    if added or dropped:
-                        transport.send_message(self._head, P.encode(P.RefsUpdate(added, dropped)))
+                with self._lock:
+                    outgoing, self._outgoing = self._outgoing, []
+                    closing = self.closed
+                if added or dropped:
+                    outgoing.append(P.encode(P.RefsUpdate(added, dropped)))
+                for data in P.batches(outgoing):
+                    transport.send_message(self._head, data)
+                if closing:
+                    return
                 if self._head in ready:
                     while True:
                         try:
@@ -250,13 +254,19 @@ class Client:
             os.close(self._ref_wake_r)
             if watched_fd is not None:
                 os.close(watched_fd)
-            self._wake_pull.close(0)
 
     def _deliver(self, frame: zmq.Frame) -> None:
         try:
             msg = P.decode(frame.buffer)
+            if type(msg) is P.Batch:
+                for data in P.batch_items(msg):
+                    self._deliver_one(P.decode_batched(data))
+                return
         except P.ProtocolError:
             return
+        self._deliver_one(msg)
+
+    def _deliver_one(self, msg: Any) -> None:
         t = type(msg)
         if t is P.Welcome:
             self._welcome.put(msg)

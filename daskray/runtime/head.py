@@ -290,9 +290,25 @@ class Head:
             return
         try:
             msg = P.decode(transport.join_frames(frames[1:]))
+            batched = P.batch_items(msg) if type(msg) is P.Batch else None
         except (P.ProtocolError, ValueError) as exc:
             self.reject(ident, peer, str(exc))
             return
+        if batched is None:
+            self.on_message(ident, peer, msg)
+            return
+        for data in batched:  # a driver's burst of messages, in order
+            if self.peers.get(ident) is not peer:
+                return  # it said goodbye: the rest is of no use
+            try:
+                msg = P.decode_batched(data)
+            except P.ProtocolError as exc:
+                self.reject(ident, peer, str(exc))
+                continue
+            self.on_message(ident, peer, msg)
+
+    def on_message(self, ident: bytes, peer: tuple, msg: Any) -> None:
+        """One decoded message of the peer ``ident``."""
         role, name = peer
         if role == P.ROLE_WORKER and name not in self.processes.procs:
             return  # a worker that has exited: what it sent last is of no use

@@ -3,12 +3,13 @@
 Tasks for a worker go out as one ``Run`` per turn; objects to free as one ``Free``,
 after the Runs (a Run stores the inline inputs it carries, even of a task then
 dropped); any other message to a worker goes after the Runs queued before it, so
-the worker sees everything in the order the scheduler decided.
+the worker sees everything in the order the scheduler decided.  The results a
+driver hears of in one turn go to it as one ``Batch``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Container
+from typing import Any, Container, Mapping
 
 import zmq
 
@@ -65,16 +66,21 @@ class Outbox:
 
     def send(self, ident: bytes, msg: Any) -> None:
         """Send ``msg`` to the peer ``ident`` now."""
+        self.send_encoded(ident, P.encode(msg))
+
+    def send_encoded(self, ident: bytes, data: bytes) -> None:
+        """Send the encoded message ``data`` to the peer ``ident`` now."""
         try:
-            self.sock.send_multipart([ident, P.encode(msg)], copy=False)
+            self.sock.send_multipart([ident, data], copy=False)
         except zmq.ZMQError as exc:  # the peer is gone; its loss is handled elsewhere
             self.log.write("could not send to a peer that left", f"{ident!r}: {exc}")
 
     def flush(self, live_workers: Container[str], retiring: Container[str],
-              peers: Container[bytes]) -> None:
+              peers: Mapping[bytes, tuple]) -> None:
         """Send the loop turn's batches: to the ``live_workers`` but those
         ``retiring`` (they are idle and may close their socket any moment), and to
-        the clients still among the ``peers``."""
+        the clients still among the ``peers`` ({identity: (role, name)}); the
+        results for a driver go in batches."""
         for worker in list(self.runs):
             self._flush_runs(worker)
         for worker, objects in self.frees.items():  # last: a Run may carry one inline
@@ -89,10 +95,29 @@ class Outbox:
                 self.send(ident, msg)
         self.worker_out = {}
         for ident, msgs in self.client_out.items():
-            if ident not in peers:
+            peer = peers.get(ident)
+            if peer is None:
                 continue  # a driver that left: nothing can reach it
             if retiring and ident.decode(errors="replace") in retiring:
                 continue  # a task on a retiring extra worker called: it has ended
-            for msg in msgs:
-                self.send(ident, msg)
+            if peer[0] == P.ROLE_CLIENT and len(msgs) > 1:
+                self._send_batched_results(ident, msgs)
+            else:
+                for msg in msgs:
+                    self.send(ident, msg)
         self.client_out = {}
+
+    def _send_batched_results(self, ident: bytes, msgs: list) -> None:
+        """Send ``msgs`` to the driver ``ident`` in order, each run of results
+        (``RefResult``) as one :class:`~.protocol.Batch`; any other message alone."""
+        results: list = []
+        for msg in msgs:
+            if type(msg) is P.RefResult:
+                results.append(P.encode(msg))
+                continue
+            for data in P.batches(results):
+                self.send_encoded(ident, data)
+            results = []
+            self.send(ident, msg)
+        for data in P.batches(results):
+            self.send_encoded(ident, data)

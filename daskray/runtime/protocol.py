@@ -430,3 +430,57 @@ class Forget:
 @message(26)
 class Stop:
     pass
+
+
+# ------------------------------------------------------------------ either way
+
+
+@message(60)
+class Batch:
+    """Several messages between a driver and the head, sent as one: each is an
+    encoded message (:func:`encode`), in order.  A burst of calls from a driver,
+    or of results for it, then costs one send and one wake-up, not one each.
+    A batch never holds a batch (:func:`decode_batched`)."""
+
+    messages: tuple
+
+
+#: a batch holds at most this many bytes of messages; more go in the next one
+BATCH_BYTES = 1 << 20
+
+
+def batches(encoded: list) -> list:
+    """``encoded`` messages as few frames as :data:`BATCH_BYTES` allows, in order: a
+    message alone stays as it is, larger ones travel on their own."""
+    out: list = []
+    group: list = []
+    size = 0
+    for data in encoded:
+        n = len(data)
+        if group and size + n > BATCH_BYTES:
+            out.append(_batch_frame(group))
+            group, size = [], 0
+        group.append(data)
+        size += n
+    if group:
+        out.append(_batch_frame(group))
+    return out
+
+
+def _batch_frame(group: list) -> Any:
+    return group[0] if len(group) == 1 else encode(Batch(tuple(bytes(m) for m in group)))
+
+
+def batch_items(msg: Batch) -> tuple:
+    """The encoded messages in ``msg``; ``ProtocolError`` if it holds anything else."""
+    if type(msg.messages) is not tuple or any(type(m) is not bytes for m in msg.messages):
+        raise ProtocolError("a Batch holds a tuple of encoded messages")
+    return msg.messages
+
+
+def decode_batched(data: bytes) -> Any:
+    """One message of a batch (:func:`decode`); a batch inside a batch is refused."""
+    msg = decode(data)
+    if type(msg) is Batch:
+        raise ProtocolError("a Batch may not hold a Batch")
+    return msg
