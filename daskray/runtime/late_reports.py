@@ -22,7 +22,7 @@ import time
 from typing import Callable
 
 #: how old the oldest pending report may grow while a task runs
-LATE_SECONDS = 0.002
+LATE_SECONDS = 0.01
 
 
 class LateReports:
