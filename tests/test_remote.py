@@ -1006,6 +1006,21 @@ def test_local_mode_runs_remote_calls_in_the_driver(local_mode):
 
 
 @pytest.mark.timeout(60)
+def test_a_quick_result_is_ready_while_a_long_task_runs_after_it_on_its_worker(custom_cluster):
+    """A worker batches its reports between tasks: the quick task's finish report
+    must not wait for the end of the long task that follows it (Ray's test_wait)."""
+    custom_cluster(num_workers=1)
+    quick, slow = sleep_then.remote(0, "quick"), sleep_then.remote(30, "slow")
+    start = time.monotonic()
+    ready, _ = daskray.wait([quick], timeout=10)
+    assert ready == [quick] and time.monotonic() - start < 10
+    assert quick.get(timeout=1) == "quick"
+    ready, _ = daskray.wait([slow], timeout=0)
+    assert ready == []  # the long one runs on
+    daskray.cancel(slow)
+
+
+@pytest.mark.timeout(60)
 def test_the_runtime_context_tells_local_mode(custom_cluster):
     custom_cluster(local_mode=True)
     assert daskray.get_runtime_context().is_local_mode()

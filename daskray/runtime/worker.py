@@ -10,7 +10,8 @@
 
 The main thread does all of its head I/O between tasks, so a report costs no
 thread hand-off; reports are batched and flushed when the queue runs dry, when
-a batch is big, or when the oldest report has waited ``FLUSH_SECONDS``.  Its
+a batch is big, or when the oldest report has waited ``FLUSH_SECONDS``; a long
+task does not hold back the reports before it (:mod:`.late_reports`).  Its
 roles beside running tasks live in modules of their own: the data server and
 the reading of other workers' objects (:mod:`.data_server`), the connection a
 task's own calls go through, with nested tasks while it waits in ``get()``
@@ -41,6 +42,7 @@ from . import allocator, context, host_transfer, shared_memory, transport
 from .concurrent_actor import ConcurrentCalls
 from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
+from .late_reports import LateReports
 from .object_store import ObjectStore
 from .process import child_setup
 from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
@@ -127,6 +129,8 @@ class Worker:
         self.raw_tables: dict[Any, bytes] = {}
         self.reports: list = []  # protocol records, see Reports
         self.first_report_at = 0.0
+        #: sends the pending reports while a long task runs (else they wait for its end)
+        self.late = LateReports(self._send_reports)
         self.current: int | None = None
         self.cancelled: set[int] = set()
         #: the main thread is in a task's own code (where a cancel may raise)
@@ -288,6 +292,7 @@ class Worker:
 
     def report(self, item: Any) -> None:
         """Queue a report for the head (sent by ``flush``)."""
+        self.late.disarm()
         if not self.reports:
             self.first_report_at = time.perf_counter()
         self.reports.append(item)
@@ -295,6 +300,10 @@ class Worker:
     def flush(self, changes: tuple | None = None) -> None:
         """Send the pending reports, after the ref changes recorded so far (or
         ``changes``, taken earlier by the caller)."""
+        self.late.disarm()
+        self._send_reports(changes)
+
+    def _send_reports(self, changes: tuple | None = None) -> None:
         added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
             self.reports.insert(0, RefsReport(added, dropped))
@@ -323,7 +332,18 @@ class Worker:
     def execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
                 notify: bool, parent: int | None = None,
                 depth: int = 1) -> FinishedReport | ErredReport:
-        """Run one task (``depth`` calls deep); its report (finished or erred)."""
+        """Run one task (``depth`` calls deep); its report (finished or erred).  The
+        reports still pending leave while it runs if it runs long (:mod:`.late_reports`)."""
+        if not self.reports or self.concurrent is not None:
+            return self._execute(task_id, table_id, body, deps, notify, depth)
+        self.late.arm(self.first_report_at)
+        try:
+            return self._execute(task_id, table_id, body, deps, notify, depth)
+        finally:
+            self.late.disarm()
+
+    def _execute(self, task_id: int, table_id: Any, body: bytes, deps: tuple,
+                 notify: bool, depth: int) -> FinishedReport | ErredReport:
         if notify and self.concurrent is None:
             self.report(StartedReport(task_id))
             self.flush()
@@ -386,6 +406,7 @@ class Worker:
         os._exit(1)
 
     def close(self) -> None:
+        self.late.stop()
         self.peers.close()
         self.head.close(0)
 
