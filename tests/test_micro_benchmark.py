@@ -44,6 +44,21 @@ def test_the_dask_backend_target_without_both_columns():
     assert dask_row(errored)[1] == "FAIL"
 
 
+def put_row(**figures: float) -> tuple[str, str, str]:
+    results = {"daskray": {k: {"figure": k, "value": v} for k, v in figures.items()}}
+    rows = [r for r in micro.check_targets(results) if r[0].startswith("put 100 MB")]
+    assert len(rows) == 1, micro.check_targets(results)
+    return rows[0]
+
+
+def test_the_put_target_compares_with_memcpy_measured_in_the_same_run():
+    label, result, measured = put_row(put_100MB_GB_per_s=3.1, memcpy_100MB_GB_per_s=6.0)
+    assert "0.5× memcpy" in label
+    assert result == "PASS" and "0.52×" in measured
+    assert put_row(put_100MB_GB_per_s=2.9, memcpy_100MB_GB_per_s=6.0)[1] == "FAIL"
+    assert put_row(put_100MB_GB_per_s=2.9)[1:] == ("FAIL", "daskray: no value")
+
+
 @pytest.mark.parametrize("ray_installed", [True, False])
 def test_by_default_both_dask_columns_run_between_daskray_and_ray(monkeypatch, capsys,
                                                                   ray_installed):

@@ -169,6 +169,68 @@ def test_a_freed_file_nobody_maps_is_reused_by_the_next_write(roomy_store):
     assert np.array_equal(shared_memory.read(d1), value)
 
 
+def object_byte_writes(monkeypatch) -> list[int]:
+    """The sizes of the ``os.pwrite`` calls that write an object's bytes (not the
+    store's 8-byte count), recorded from now on."""
+    real_pwrite, sizes = os.pwrite, []
+
+    def recording_pwrite(fd, data, offset):
+        if len(data) > 8:
+            sizes.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", recording_pwrite)
+    return sizes
+
+
+def test_a_reused_file_is_filled_through_a_mapping_in_one_copy(roomy_store, monkeypatch):
+    _, p0 = write(np.zeros(2 * MB // 8), roomy_store)
+    inode = os.stat(p0).st_ino
+    shared_memory.unlink(p0)  # into the pool: its pages stay
+    writes = object_byte_writes(monkeypatch)
+    value = random_array(2 * MB - 4096, seed=1)  # a little smaller: still reused
+    d1, p1 = write(value, roomy_store)
+    assert os.stat(p1).st_ino == inode, "the pooled file should have been reused"
+    assert writes == [], "a file whose pages exist is filled through a mapping, not pwrite"
+    assert os.stat(p1).st_size >= value.nbytes
+    assert digest(shared_memory.read(d1)) == digest(value)
+    fresh = random_array(2 * MB, seed=2)  # nothing pooled now: a fresh file
+    d2, _ = write(fresh, roomy_store)
+    assert sum(writes) >= fresh.nbytes, "fresh pages are written with pwrite (ENOSPC, not SIGBUS)"
+    assert digest(shared_memory.read(d2)) == digest(fresh)
+
+
+class HeldMappings:
+    """Stands in for the writer's unmapper: keeps every mapping open until told."""
+
+    def __init__(self) -> None:
+        self.mappings: list = []
+
+    def close_later(self, mapped) -> None:
+        self.mappings.append(mapped)
+
+    def close_all(self) -> None:
+        for mapped in self.mappings:
+            mapped.close()
+
+
+def test_the_writers_mapping_never_pins_the_object(roomy_store, monkeypatch):
+    held = HeldMappings()
+    monkeypatch.setattr(shared_memory, "_unmapper", held)
+    try:
+        _, p0 = write(np.zeros(2 * MB // 8), roomy_store)
+        shared_memory.unlink(p0)
+        _, p1 = write(np.ones(2 * MB // 8), roomy_store)  # reused, filled through a mapping
+        assert held.mappings, "the reused file should have been written through a mapping"
+        shared_memory.unlink(p1)  # its writer's mapping is still open
+        stats = roomy_store.stats()
+        assert stats["pooled"] >= 2 * MB and stats["used"] == 0, \
+            f"the freed object should be back in the pool, not held as in use: {stats}"
+        assert not os.path.isdir(roomy_store.freed_dir) or not os.listdir(roomy_store.freed_dir)
+    finally:
+        held.close_all()
+
+
 def test_a_file_still_mapped_is_never_reused(roomy_store):
     d0, p0 = write(np.full(2 * MB // 8, 7, dtype=np.int64), roomy_store)
     view = shared_memory.read(d0)

@@ -38,6 +38,7 @@ from . import protocol as P
 from . import shared_memory, transport
 from .clients import Clients
 from .function_tables import FunctionTables
+from .gc_tuning import tune_for_long_lived_state
 from .instruction_handlers import InstructionHandlers
 from .intake import graph_event, graph_of, put_event, ran_a_task, report_events, request_events
 from .outbox import Outbox
@@ -410,6 +411,7 @@ class Head:
 def main() -> None:
     config = child_setup()
     head = Head(config)
+    tune_for_long_lived_state()
     code = 0
     try:
         head.run()

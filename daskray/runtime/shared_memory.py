@@ -31,10 +31,12 @@ import itertools
 import mmap
 import os
 import pickle
+import queue
 import re
 import shutil
 import stat
 import tempfile
+import threading
 from typing import Any, Callable
 
 from ..errors import ObjectLostError, ObjectStoreFullError
@@ -44,6 +46,8 @@ SHM_DIR = "/dev/shm"
 #: descriptors start with this, so ``loads`` can tell them from a pickle
 MARKER = b"DRSHM\x00"
 _ALIGN = 64
+#: pre-fault a mapping's page tables in one call (Linux); 0 where there is none
+_MAP_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 #: a pickle header larger than this goes into the file too (an object that pickles
 #: in-band -- bytes, lists, object columns -- is all header)
 HEADER_INLINE_LIMIT = 4096
@@ -120,12 +124,7 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
             try:
                 os.ftruncate(fd, max(size, 1))
-                for (offset, length), buf in zip(offsets, buffers):
-                    # pwrite, not a writable mapping: on tmpfs it is 2-3x faster
-                    # than filling fresh pages through page faults
-                    done = 0
-                    while done < length:
-                        done += os.pwrite(fd, buf[done:], offset + done)
+                _fill(fd, size, offsets, buffers)
             except OSError as exc:
                 _discard(path)
                 if exc.errno != errno.ENOSPC:
@@ -146,6 +145,89 @@ def write(frames: list, prefix: str, writer: str) -> tuple[bytes, str]:
     inline_header = None if header_in_file else bytes(header)
     descriptor = MARKER + pickle.dumps((path, inline_header, offsets, _server), protocol=5)
     return descriptor, path
+
+
+def _fill(fd: int, size: int, offsets: list[tuple[int, int]], buffers: list) -> None:
+    """Copy ``buffers`` into the new file ``fd`` of ``size`` bytes at ``offsets``.
+
+    A file reused from the store's pool already has every page: it is filled
+    through one mapping whose page tables are set up in a single call
+    (``MAP_POPULATE``), one memcpy per buffer, with no page fault and no
+    per-page work in the kernel's write path.  A fresh file (holes) is filled
+    with ``pwrite``: on tmpfs that is 2-3x faster than faulting fresh pages in
+    through a mapping, and a full ``/dev/shm`` is an ``ENOSPC`` error then,
+    where a mapping would take a SIGBUS."""
+    mapped = _populated_mapping(fd, size) if size and _fully_allocated(fd, size) else None
+    if mapped is not None:
+        try:
+            with memoryview(mapped) as target:
+                for (offset, length), buf in zip(offsets, buffers):
+                    target[offset:offset + length] = buf
+        finally:
+            _unmapper.close_later(mapped)
+        return
+    for (offset, length), buf in zip(offsets, buffers):
+        done = 0
+        while done < length:
+            done += os.pwrite(fd, buf[done:], offset + done)
+
+
+def _populated_mapping(fd: int, size: int) -> mmap.mmap | None:
+    """A writable mapping of the file ``fd``, its page tables filled; None where
+    that cannot be had (no ``/proc``).
+
+    The mapping is made from a second open of the file, not from ``fd``: a
+    mapping keeps a duplicate of its descriptor, and a duplicate of ``fd`` would
+    keep the writer's pin (its ``flock``) for as long as the mapping lives, so the
+    store would take the object, once freed, for one a live view still reads."""
+    try:
+        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        return mmap.mmap(own, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+    finally:
+        os.close(own)
+
+
+class _Unmapper:
+    """Closes the writer's mappings on a thread of its own.
+
+    Unmapping a 100 MB mapping tears down 25,600 page-table entries, a third of
+    the time of the copy itself, and the writer need not wait for it.  The
+    mapping holds no pin (see :func:`_populated_mapping`) and no page the store
+    does not count, as long as the file is there; were the file spilled or
+    dropped from the pool within that moment, its pages would outlive it only
+    until the thread gets to the mapping."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    def close_later(self, mapped: mmap.mmap) -> None:
+        self._queue.put(mapped)
+        if self._thread is None or not self._thread.is_alive():  # (none after a fork)
+            with self._lock:
+                if self._thread is None or not self._thread.is_alive():
+                    self._thread = threading.Thread(target=self._run, daemon=True,
+                                                    name="daskray-shm-unmap")
+                    self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            self._queue.get().close()
+
+
+_unmapper = _Unmapper()
+
+
+def _fully_allocated(fd: int, size: int) -> bool:
+    """Whether every page of the first ``size`` bytes of ``fd`` has memory already
+    (a pooled file), so writing to them through a mapping allocates nothing."""
+    st = os.fstat(fd)
+    pages = -(-size // mmap.PAGESIZE)
+    return st.st_blocks * 512 >= pages * mmap.PAGESIZE
 
 
 def read(descriptor: bytes) -> Any:
