@@ -439,7 +439,7 @@ def test_object_store_memory_comes_from_dask_config_too(cluster):
         start_cluster()
 
 
-@pytest.mark.parametrize("bad", [0, -5, "lots", 1.5])
+@pytest.mark.parametrize("bad", [0, -5, "lots", 0.5, float("nan")])
 def test_a_bad_limit_is_a_clear_error(cluster, bad):
     daskray.shutdown()
     try:
