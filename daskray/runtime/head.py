@@ -41,6 +41,7 @@ from .function_tables import FunctionTables
 from .instruction_handlers import InstructionHandlers
 from .intake import graph_event, graph_of, put_event, ran_a_task, report_events, request_events
 from .outbox import Outbox
+from .output_router import OutputRouter, driver_of_task
 from .process import child_setup, describe_exit, pidfd
 from .store_memory import HostStore
 from .supervision import WorkerProcesses, max_extra_workers
@@ -83,6 +84,9 @@ class Head:
         self.started = False
         self.running = True
         self.last_tick = 0.0
+        #: forwards what tasks print to the drivers that asked
+        self.output = OutputRouter(self.outbox.to_client,
+                                   lambda task: driver_of_task(self.state.tasks, task))
         self.handlers = InstructionHandlers(self.outbox, self.tables, self.processes,
                                             self.control, self.worker_address,
                                             lambda: self.running)
@@ -164,6 +168,7 @@ class Head:
         proc, returncode = self.processes.reap(wid)
         # its identity authenticates nothing any more (a new peer could take it)
         self.peers.pop(wid.encode(), None)
+        self.peers.pop(f"{wid}/output".encode(), None)
         silent = self.control.disconnect(wid)
         address = self.worker_address.pop(wid, None)
         if address is not None:
@@ -240,6 +245,7 @@ class Head:
     def client_gone(self, ident: bytes) -> None:
         """A driver disconnected or died: cancel its dask graphs, drop its refs."""
         pid = self.clients.forget(ident)
+        self.output.forget(ident)
         if self.peers.pop(ident, None) is not None:
             self.outbox.drop_client(ident)
             self.apply(E.ClientLost(ident))
@@ -294,6 +300,9 @@ class Head:
             self.reject(ident, peer, str(exc))
             return
         role, name = peer
+        if type(msg) is P.WorkerOutput and role == P.ROLE_WORKER:  # its output thread
+            self.output.forward(msg.blocks)
+            return
         if role == P.ROLE_WORKER and name not in self.processes.procs:
             return  # a worker that has exited: what it sent last is of no use
         try:
@@ -368,6 +377,10 @@ class Head:
             self.running = False
         elif t is P.ClientGoodbye:
             self.client_gone(ident)
+        elif t is P.SubscribeOutput:
+            self.output.subscribe(ident)
+        elif t is P.OutputAck:
+            self.output.ack(ident, msg.nbytes)
         else:
             for event in request_events(ident, msg):
                 self.apply(event)

@@ -42,6 +42,7 @@ from .concurrent_actor import ConcurrentCalls
 from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .object_store import ObjectStore
+from .output import OutputCapture
 from .process import child_setup
 from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
 from .serialization import (
@@ -80,6 +81,20 @@ def bound_for_travel(exc: BaseException) -> None:
     if len(frames) > MAX_TRAVEL_FRAMES:
         keep = MAX_TRAVEL_FRAMES // 2
         frames[keep - 1].tb_next = frames[-keep]
+
+
+def task_label(key: Any) -> str:
+    """A task's name without the numbers and hashes of its key, as dask's
+    ``key_split``: ``"f-12"`` -> ``"f"``, ``("inc-5f3a...", 0)`` -> ``"inc"``."""
+    if isinstance(key, tuple) and key:
+        key = key[0]
+    if isinstance(key, bytes):
+        key = key.decode(errors="replace")
+    words = str(key).split("-")
+    while len(words) > 1 and (words[-1].isdigit() or (
+            len(words[-1]) >= 8 and all(c in "0123456789abcdef" for c in words[-1]))):
+        words.pop()
+    return "-".join(words)
 
 
 class Worker:
@@ -136,8 +151,15 @@ class Worker:
         #: a task ran since free heap memory was last returned (see _wait_idle)
         self.heap_used = False
         self.last_task_end = 0.0
+        #: forwards what tasks print to the drivers (see start_output)
+        self.output: OutputCapture | None = None
 
     # -------------------------------------------------------------- setup
+
+    def start_output(self, head_address: str) -> None:
+        """Capture this process's fds 1 and 2: tasks' output goes to the drivers."""
+        self.output = OutputCapture(self.ctx, head_address, self.token, self.id)
+        self.output.start()
 
     def start(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
@@ -337,7 +359,10 @@ class Worker:
                 self.current = task_id
                 self.stack.append(task_id)
                 self.depths.append(depth)
+                before = self._output_started(task_id, node)
                 self.interruptible = True
+            elif self.output is not None and self.output.current[0] is None:
+                self.output.current = (None, self._output_label(node))  # calls overlap
             try:
                 result = node(values)
             finally:
@@ -345,6 +370,8 @@ class Worker:
                     self.interruptible = False
                     self.stack.pop()
                     self.depths.pop()
+                    if self.output is not None:
+                        self.output.task_ended(before)
             if self.concurrent is None:
                 self.current = outer
             if task_id in self.cancelled:  # it caught the KeyboardInterrupt: still cancelled
@@ -377,6 +404,18 @@ class Worker:
         self.store.put(task_id, result)
         return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
 
+    def _output_label(self, node: Any) -> str:
+        """The name lines printed by ``node`` are prefixed with, as Ray's: the
+        task's function, or an actor's class."""
+        label = task_label(getattr(node, "key", "task"))
+        return label.split(".")[0] if self.actor is not None else label
+
+    def _output_started(self, task_id: int, node: Any) -> Any:
+        """Lines printed from now on are ``task_id``'s; what ran before (or None)."""
+        if self.output is None:
+            return None
+        return self.output.task_started(task_id, self._output_label(node))
+
     def _exit_actor(self) -> None:
         """``sys.exit()`` in an actor's method ends the actor for good, as Ray's
         ``exit_actor()`` does (and as in Ray): the head stops this process, and the
@@ -386,6 +425,8 @@ class Worker:
         os._exit(1)
 
     def close(self) -> None:
+        if self.output is not None:
+            self.output.close()
         self.peers.close()
         self.head.close(0)
 
@@ -397,6 +438,7 @@ def main(make_session: Callable[[InTaskConnection], Any]) -> None:
     sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
+    worker.start_output(config["head_address"])
     worker.start()
     # tasks may use the cluster
     context.worker_session = session = make_session(InTaskConnection(worker))
