@@ -216,7 +216,8 @@ def init(
             )
         _ever_started = True
         if on_dask:
-            return _join_distributed(address, client, security, set_dask_scheduler, namespace)
+            return _join_distributed(address, client, security, set_dask_scheduler, namespace,
+                                     log_to_driver)
         if num_workers is not None and (
                 not isinstance(num_workers, int) or isinstance(num_workers, bool)
                 or num_workers < 0):
@@ -248,13 +249,14 @@ def init(
 
 
 def _join_distributed(address: str | None, client: Any, security: Any,
-                      set_dask_scheduler: bool, namespace: str | None) -> "ClusterContext":
+                      set_dask_scheduler: bool, namespace: str | None,
+                      log_to_driver: bool = True) -> "ClusterContext":
     """``init`` on a dask.distributed cluster (called with ``_lock`` held)."""
     global _runtime
     # loaded on first use: a program on daskray's own runtime never imports distributed
     from .distributed_backend.joining import join
 
-    session = join(address, client, security)
+    session = join(address, client, security, log_to_driver)
     try:
         _runtime = _Runtime(None, set_dask_scheduler, session, namespace)
         backend.install(session)

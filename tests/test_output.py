@@ -131,6 +131,21 @@ def test_stdout_stderr_logging_and_an_unfinished_line(cluster):
 
 
 @daskray.remote
+def polite(word: str) -> None:
+    print(f"{word} on stdout")
+    print(f"{word} on stderr", file=sys.stderr)
+    sys.stdout.write(f"{word} without a newline")
+
+
+def test_prints_reach_the_driver_on_each_backend(backend):
+    with sinks() as (out, err):
+        daskray.get(polite.remote(backend), timeout=WAIT_SECONDS)
+        assert out.wait_for(rf"^\(polite pid=\d+\) {backend} on stdout$")
+        assert err.wait_for(rf"^\(polite pid=\d+\) {backend} on stderr$")
+        assert out.wait_for(rf"^\(polite pid=\d+\) {backend} without a newline$")
+
+
+@daskray.remote
 class Talker:
     def say(self, text: str) -> None:
         print(text)

@@ -52,6 +52,20 @@ SEND_HWM = 64
 READ_BYTES = 1 << 16
 
 
+def task_label(key: object) -> str:
+    """A task's name without the numbers and hashes of its key, as dask's
+    ``key_split``: ``"f-12"`` -> ``"f"``, ``("inc-5f3a...", 0)`` -> ``"inc"``."""
+    if isinstance(key, tuple) and key:
+        key = key[0]
+    if isinstance(key, bytes):
+        key = key.decode(errors="replace")
+    words = str(key).split("-")
+    while len(words) > 1 and (words[-1].isdigit() or (
+            len(words[-1]) >= 8 and all(c in "0123456789abcdef" for c in words[-1]))):
+        words.pop()
+    return "-".join(words)
+
+
 def prefix(label: str, pid: int) -> str:
     """Ray's prefix of a worker's line: ``(name pid=N) ``."""
     return f"({label} pid={pid}) "

@@ -42,7 +42,7 @@ from .concurrent_actor import ConcurrentCalls
 from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .object_store import ObjectStore
-from .output import OutputCapture
+from .output import OutputCapture, task_label
 from .process import child_setup
 from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
 from .serialization import (
@@ -81,20 +81,6 @@ def bound_for_travel(exc: BaseException) -> None:
     if len(frames) > MAX_TRAVEL_FRAMES:
         keep = MAX_TRAVEL_FRAMES // 2
         frames[keep - 1].tb_next = frames[-keep]
-
-
-def task_label(key: Any) -> str:
-    """A task's name without the numbers and hashes of its key, as dask's
-    ``key_split``: ``"f-12"`` -> ``"f"``, ``("inc-5f3a...", 0)`` -> ``"inc"``."""
-    if isinstance(key, tuple) and key:
-        key = key[0]
-    if isinstance(key, bytes):
-        key = key.decode(errors="replace")
-    words = str(key).split("-")
-    while len(words) > 1 and (words[-1].isdigit() or (
-            len(words[-1]) >= 8 and all(c in "0123456789abcdef" for c in words[-1]))):
-        words.pop()
-    return "-".join(words)
 
 
 class Worker:
