@@ -43,6 +43,7 @@ from .intake import graph_event, graph_of, put_event, ran_a_task, report_events,
 from .outbox import Outbox
 from .output_router import OutputRouter, driver_of_task
 from .process import child_setup, describe_exit, pidfd
+from .status import worker_status
 from .store_memory import HostStore
 from .supervision import WorkerProcesses, max_extra_workers
 from .worker_control import WorkerControl
@@ -377,6 +378,10 @@ class Head:
             self.running = False
         elif t is P.ClientGoodbye:
             self.client_gone(ident)
+        elif t is P.GetWorkerStatus:
+            pids = {wid: proc.pid for wid, proc in self.processes.procs.items()}
+            self.outbox.to_client(ident, P.WorkerStatusReply(
+                msg.request, worker_status(self.state, pids)))
         elif t is P.SubscribeOutput:
             self.output.subscribe(ident)
         elif t is P.OutputAck:
