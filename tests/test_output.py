@@ -242,3 +242,63 @@ def test_a_driver_that_did_not_subscribe_gets_nothing():
     router.forget(b"d")
     router.forward([(None, 1, "(f pid=1) x\n")])
     assert sent == []
+
+
+# ---------------------------------------------------------------- the worker's side
+
+
+@pytest.fixture
+def capture():
+    """An OutputCapture whose pipes are not installed and whose socket reaches no one:
+    its line handling alone."""
+    import zmq
+
+    from daskray.runtime.output import OutputCapture
+
+    ctx = zmq.Context()
+    cap = OutputCapture(ctx, "ipc:///nonexistent/daskray-test.sock", b"t" * 32, "wtest")
+    yield cap
+    cap.sock.close(0)
+    ctx.term()
+
+
+def test_lines_left_in_a_pipe_keep_the_label_of_the_task_that_printed_them(capture):
+    from daskray.runtime.output import MARKER
+
+    capture.current = (7, "second")
+    capture.ended[1].append((6, "first"))  # "first" ended with output still unread
+    capture._split(1, b"end of first\nunfinished " + b"of first" + MARKER + b"\nsecond's\n")
+    capture._split(1, b"half a line")
+    assert [(task, text.split(") ", 1)[1]) for task, _, text in capture.pending] == [
+        (6, "end of first\n"), (6, "unfinished of first\n"), (7, "second's\n")]
+    assert all(text.startswith("(first pid=") for task, _, text in capture.pending
+               if task == 6)
+    assert capture.partial[1] == b"half a line" and not capture.ended[1]
+
+
+def test_a_worker_drops_lines_past_its_bound_and_says_how_many(capture, monkeypatch):
+    monkeypatch.setattr("daskray.runtime.output.MAX_PENDING_BYTES", 100)
+    capture.current = (1, "f")
+    capture._split(1, b"".join(b"line %d\n" % i for i in range(50)))
+    kept = len(capture.pending)
+    assert 0 < kept < 50 and capture.dropped == 50 - kept
+    capture.pending.clear()
+    capture.pending_bytes = 0
+    capture._split(1, b"after\n")
+    notice, after = capture.pending
+    assert notice[1] == 2 and f"[{50 - kept} lines dropped" in notice[2]
+    assert after[2].endswith(") after\n") and capture.dropped == 0
+
+
+def test_log_to_driver_false_leaves_the_dask_clients_events_alone(on_distributed):
+    from daskray.distributed_backend.output import TOPIC
+
+    daskray.shutdown()
+    daskray.init(address=on_distributed.scheduler_address, log_to_driver=False)
+    try:
+        client = daskray.api._runtime.distributed.client
+        assert TOPIC not in client._event_handlers
+    finally:
+        daskray.shutdown()
+    daskray.init(address=on_distributed.scheduler_address)
+    assert TOPIC in daskray.api._runtime.distributed.client._event_handlers
