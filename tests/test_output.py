@@ -302,3 +302,24 @@ def test_log_to_driver_false_leaves_the_dask_clients_events_alone(on_distributed
         daskray.shutdown()
     daskray.init(address=on_distributed.scheduler_address)
     assert TOPIC in daskray.api._runtime.distributed.client._event_handlers
+
+
+@pytest.mark.timeout(60)
+def test_malformed_output_does_not_take_the_head_down(cluster):
+    import zmq
+
+    from daskray.runtime import transport
+
+    running = daskray.api._runtime.cluster
+    ctx = zmq.Context()
+    sock = transport.dealer(ctx, running.head_address, running.token, identity="w999/output")
+    try:
+        sock.send_multipart(P.hello_frames(running.token, P.ROLE_WORKER, "w999/output"))
+        for blocks in ([("x",)], [(1, 1, b"bytes, not text")], None, [[None, 1, None]]):
+            sock.send(P.encode(P.WorkerOutput(blocks)))
+        with sinks() as (out, _):
+            daskray.get(polite.remote("still"), timeout=WAIT_SECONDS)
+            assert out.wait_for(r"^\(polite pid=\d+\) still on stdout$")
+    finally:
+        sock.close(0)
+        ctx.term()

@@ -302,7 +302,7 @@ class Head:
             return
         role, name = peer
         if type(msg) is P.WorkerOutput and role == P.ROLE_WORKER:  # its output thread
-            self.output.forward(msg.blocks)
+            self.forward_output(name, msg)
             return
         if role == P.ROLE_WORKER and name not in self.processes.procs:
             return  # a worker that has exited: what it sent last is of no use
@@ -319,6 +319,13 @@ class Head:
                            traceback.format_exc(limit=-3))
             self.reject(ident, peer, f"{type(msg).__name__} could not be handled: {exc!r}",
                         graph_of(msg))
+
+    def forward_output(self, name: str, msg: P.WorkerOutput) -> None:
+        """Send what a worker's tasks printed to the drivers it is for."""
+        try:
+            self.output.forward(msg.blocks)
+        except Exception as exc:  # noqa: BLE001 - no message may take the head down
+            self.log.write(f"dropped malformed output from {name}", repr(exc)[:300])
 
     def on_hello(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         """The first message of a peer: its hello, or it is ignored."""

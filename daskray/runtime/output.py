@@ -117,27 +117,30 @@ class OutputCapture:
 
     def task_started(self, task: int | None, label: str) -> tuple[int | None, str]:
         """Lines from now on are ``task``'s (named ``label``); what ran before."""
-        _flush_python_streams()
-        with self.lock:
-            before = self._end_current()
-            self.current = (task, label)
+        before = self.current
+        self._switch((task, label))
         return before
 
     def task_ended(self, before: tuple[int | None, str]) -> None:
         """The current task ended; ``before`` (from ``task_started``) runs again."""
-        _flush_python_streams()
-        with self.lock:
-            self._end_current()
-            self.current = before
+        self._switch(before)
 
-    def _end_current(self) -> tuple[int | None, str]:
-        """Under the lock: mark the end of the current label's output in each pipe
-        still holding some of it; the current (task, label)."""
-        for r, stream in self.read_fds.items():
-            if self.partial[stream] or _unread(r):
-                self.ended[stream].append(self.current)
-                _write_all(stream, MARKER + b"\n")
-        return self.current
+    def _switch(self, new: tuple[int | None, str]) -> None:
+        """Lines from now on are ``new``'s.  What the current label left in a pipe
+        (or half a line of it) is followed by an end marker there, which the reader
+        knows belongs to the current label.  The marker is written after the lock
+        is released: a full pipe blocks the write until the reader, which needs the
+        lock, has read."""
+        _flush_python_streams()
+        marked = []
+        with self.lock:
+            for r, stream in self.read_fds.items():
+                if self.partial[stream] or _unread(r):
+                    self.ended[stream].append(self.current)
+                    marked.append(stream)
+            self.current = new
+        for stream in marked:
+            _write_all(stream, MARKER + b"\n")
 
     def close(self, timeout: float = 2.0) -> None:
         """Send what is left (the process is ending)."""
@@ -287,7 +290,7 @@ def write_output(blocks: list, out: TextIO | None = None, err: TextIO | None = N
         try:
             target.write(text)
             target.flush()
-        except (OSError, ValueError):
+        except Exception:  # noqa: BLE001 - a closed or odd stream must not stop the caller
             pass
         written += len(text)
     return written

@@ -48,6 +48,9 @@ class OutputRouter:
             return
         out: dict[bytes, list] = {}
         for task, stream, text in blocks:
+            if not isinstance(text, str) or stream not in (1, 2):
+                raise P.ProtocolError(f"a block of output must be (task, 1 or 2, text), "
+                                      f"got ({task!r}, {stream!r}, {type(text).__name__})")
             driver = self.driver_of(task) if task is not None else None
             targets = [driver] if driver in self.subscribers else \
                 list(self.subscribers) if driver is None else []
