@@ -34,6 +34,8 @@ _LAZY = {
     "ObjectRef": "refs", "ObjectID": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors", "method": "actors",
     "ActorPool": "actors.pool",
+    # the function, which replaces its module as the attribute once loaded
+    "progress": "progress",
 }
 
 __all__ = [

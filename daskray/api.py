@@ -107,7 +107,7 @@ class _Runtime:
 
 #: Ray's init options about things daskray does not have; accepted, no effect
 _IGNORED_RAY_OPTIONS = {
-    "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver",
+    "include_dashboard", "dashboard_host", "dashboard_port",
     "logging_level", "logging_format", "configure_logging", "runtime_env",
     "_temp_dir", "_system_config", "num_gpus",
 }
@@ -126,6 +126,7 @@ def init(
     security: Any = None,
     object_store_memory: int | float | str | None = None,
     namespace: str | None = None,
+    log_to_driver: bool = True,
     _validate: bool = False,
     _store_namespaces: int = 1,
     **ray_options: Any,
@@ -158,8 +159,12 @@ def init(
     driver has an anonymous namespace of its own.  ``options(namespace=...)`` and
     ``get_actor(name, namespace=...)`` name another.
 
+    What tasks and actors print reaches this process's ``sys.stdout`` (stderr and
+    ``logging``: ``sys.stderr``) as whole lines prefixed ``(name pid=N)``, as
+    Ray's; ``log_to_driver=False`` turns that off.
+
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
-    options about its dashboard and logging are accepted and have no effect here.
+    other options about its dashboard and logging are accepted and have no effect here.
 
     ``address`` joins a cluster already running: a dask.distributed scheduler's
     address (``"tcp://HOST:8786"``, ``tls://`` with ``security=`` or dask's TLS
@@ -211,7 +216,8 @@ def init(
             )
         _ever_started = True
         if on_dask:
-            return _join_distributed(address, client, security, set_dask_scheduler, namespace)
+            return _join_distributed(address, client, security, set_dask_scheduler, namespace,
+                                     log_to_driver)
         if num_workers is not None and (
                 not isinstance(num_workers, int) or isinstance(num_workers, bool)
                 or num_workers < 0):
@@ -226,10 +232,11 @@ def init(
             raise ValueError("resources must be a dict, or a list of one dict per worker")
         store_limit = _store_limit(object_store_memory)
         if address not in (None, "local"):
-            cluster = AttachedCluster(find_cluster(address))
+            cluster = AttachedCluster(find_cluster(address), log_to_driver=log_to_driver)
         elif not local_mode:
             cluster = LocalCluster(n, validate=_validate, resources=resources,
-                                   store_limit=store_limit, store_namespaces=_store_namespaces)
+                                   store_limit=store_limit, store_namespaces=_store_namespaces,
+                                   log_to_driver=log_to_driver)
         try:
             _runtime = _Runtime(cluster, set_dask_scheduler, namespace=namespace)
             backend.install(_runtime.session)
@@ -242,13 +249,14 @@ def init(
 
 
 def _join_distributed(address: str | None, client: Any, security: Any,
-                      set_dask_scheduler: bool, namespace: str | None) -> "ClusterContext":
+                      set_dask_scheduler: bool, namespace: str | None,
+                      log_to_driver: bool = True) -> "ClusterContext":
     """``init`` on a dask.distributed cluster (called with ``_lock`` held)."""
     global _runtime
     # loaded on first use: a program on daskray's own runtime never imports distributed
     from .distributed_backend.joining import join
 
-    session = join(address, client, security)
+    session = join(address, client, security, log_to_driver)
     try:
         _runtime = _Runtime(None, set_dask_scheduler, session, namespace)
         backend.install(session)

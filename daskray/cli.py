@@ -29,6 +29,7 @@ from .errors import ClusterError
 from .runtime import standalone
 from .runtime.cluster import START_TIMEOUT_SECONDS, make_session_dir
 from .runtime.process import pidfd, spawn
+from .runtime.status import query_worker_status
 from .runtime.store_memory import HostStore
 
 STOP_TIMEOUT_SECONDS = 30.0
@@ -141,7 +142,24 @@ def status(args: argparse.Namespace) -> int:
               f"{stats['limit'] / 2**20:.0f} MiB in {stats['objects']} objects, "
               f"{stats['spilled'] / 2**20:.1f} MiB spilled\n"
               f"  log: {info['log']}")
+        _print_workers(info)
     return 0
+
+
+def _print_workers(info: dict) -> None:
+    """One line per worker of the cluster: what it runs now and how many tasks wait."""
+    try:
+        workers = query_worker_status(info["address"], bytes.fromhex(info["token"]))
+    except ClusterError as exc:
+        print(f"  workers: unknown ({exc})")
+        return
+    print("  workers:")
+    for wid, w in workers.items():
+        kind = f"actor {w['actor']}" if w.get("actor") else "extra" if w.get("extra") \
+            else "worker"
+        task = w["task"] if w["task"] is not None else "idle"
+        print(f"    {wid} ({kind}, pid {w.get('pid')}): running {task}, "
+              f"{w['queued']} queued")
 
 
 def stop(args: argparse.Namespace) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -125,6 +127,94 @@ def test_drivers_join_a_started_cluster_share_its_actors_and_leave_it_running(st
         daskray.shutdown()
     """, env={"DASKRAY_ADDRESS": "auto"})
     assert last_json(second) == {"count": 2}
+
+
+@pytest.fixture
+def scratch():
+    """A directory outside the clusters' temp directory (which must end up empty)."""
+    path = tempfile.mkdtemp(prefix="dr-scratch-", dir="/tmp")
+    yield pathlib.Path(path)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.timeout(180)
+def test_status_shows_each_workers_task_and_queue(standalone, scratch):
+    tmp_path = scratch
+    release = tmp_path / "release"
+    driver = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import os, time, daskray
+        daskray.init(address={standalone["address"]!r})
+
+        @daskray.remote
+        def hold_on(i):
+            open({str(tmp_path)!r} + f"/started-{{i}}", "w").close()
+            while not os.path.exists({str(release)!r}):
+                time.sleep(0.01)
+
+        daskray.get([hold_on.remote(i) for i in range(5)], timeout=120)
+    """)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # two workers: two calls run, three wait (on a worker, or in the head for one)
+        assert wait_until(lambda: len(list(tmp_path.glob("started-*"))) == 2, timeout=60)
+        status = daskray_cmd("status")
+        assert status.returncode == 0, status.stderr
+        running = re.findall(r"running (hold_on-\d+), (\d+) queued", status.stdout)
+        assert len({name for name, _ in running}) == 2, status.stdout
+        assert 0 < sum(int(queued) for _, queued in running) <= 3, status.stdout
+    finally:
+        release.touch()
+        out, err = driver.communicate(timeout=120)
+    assert driver.returncode == 0, err[-3000:]
+    idle = daskray_cmd("status")
+    assert idle.stdout.count("running idle, 0 queued") == 2, idle.stdout
+
+
+ROUTED_DRIVER = """
+    import os, sys, threading, time, daskray
+
+    class Watch:
+        "sys.stdout that notices this driver's own line"
+        def __init__(self, real):
+            self.real, self.seen = real, threading.Event()
+        def write(self, text):
+            if "{me}-LINE" in text:
+                self.seen.set()
+            return self.real.write(text)
+        def flush(self):
+            self.real.flush()
+
+    sys.stdout = watch = Watch(sys.stdout)
+    daskray.init(address={address!r})
+    open({tmp!r} + "/ready-{me}", "w").close()
+    while not os.path.exists({tmp!r} + "/ready-{other}"):
+        time.sleep(0.01)
+
+    @daskray.remote
+    def speak():
+        print("{me}-LINE")
+
+    daskray.get(speak.remote(), timeout=60)
+    assert watch.seen.wait(60), "its own line never came"
+    open({tmp!r} + "/done-{me}", "w").close()
+    while not os.path.exists({tmp!r} + "/done-{other}"):  # connected until both printed
+        time.sleep(0.01)
+    daskray.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_each_driver_gets_the_output_of_its_own_tasks(standalone, scratch):
+    tmp_path = scratch
+    drivers = {me: subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(ROUTED_DRIVER.format(
+            me=me, other=other, address=standalone["address"], tmp=str(tmp_path)))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for me, other in (("ALPHA", "BETA"), ("BETA", "ALPHA"))}
+    outs = {me: proc.communicate(timeout=150) for me, proc in drivers.items()}
+    for me, (out, err) in outs.items():
+        assert drivers[me].returncode == 0, err[-3000:]
+    assert "ALPHA-LINE" in outs["ALPHA"][0] and "BETA-LINE" not in outs["ALPHA"][0]
+    assert "BETA-LINE" in outs["BETA"][0] and "ALPHA-LINE" not in outs["BETA"][0]
 
 
 @pytest.mark.timeout(180)

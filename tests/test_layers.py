@@ -28,7 +28,8 @@ LAYERS = [
                             "daskray.runtime.local_session", "daskray.runtime.start_worker"]),
     ("public API", ["daskray", "daskray.api", "daskray.actors", "daskray.actors.*",
                     "daskray.dask_graph", "daskray.dask_scheduler", "daskray.dask_callbacks",
-                    "daskray.distributed_backend", "daskray.distributed_backend.*"]),
+                    "daskray.distributed_backend", "daskray.distributed_backend.*",
+                    "daskray.progress"]),
     ("ml, util and cli", ["daskray.ml", "daskray.ml.*", "daskray.util", "daskray.util.*",
                           "daskray.cli", "daskray.__main__", "daskray.demo"]),
 ]

@@ -15,7 +15,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from .. import __version__
 from ..errors import ClusterError
 from ..refs import tracker
-from . import actor_host, worker_side
+from . import actor_host, output, worker_side
 from .session import DistributedSession
 
 PLUGIN_NAME = "daskray"
@@ -92,9 +92,11 @@ class DaskrayWorkerPlugin(WorkerPlugin):
             actor_host.released(key)
 
 
-def join(address: str | None, client: Any, security: Any) -> DistributedSession:
+def join(address: str | None, client: Any, security: Any,
+         log_to_driver: bool = True) -> DistributedSession:
     """The driver's session on the dask cluster at ``address`` (a client of its own)
-    or behind ``client`` (the caller's, left open at the end)."""
+    or behind ``client`` (the caller's, left open at the end).  With
+    ``log_to_driver``, what remote calls print is written here (see ``.output``)."""
     owns_client = client is None
     if owns_client:
         client = connect(address, security)
@@ -104,4 +106,8 @@ def join(address: str | None, client: Any, security: Any) -> DistributedSession:
         if owns_client:
             client.close()
         raise
-    return DistributedSession(client, owns_client=owns_client)
+    session = DistributedSession(client, owns_client=owns_client)
+    if log_to_driver:
+        client.subscribe_topic(output.TOPIC, output.write_event)
+        session.output_subscribed = True
+    return session

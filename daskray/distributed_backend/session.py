@@ -63,6 +63,8 @@ class DistributedSession:
         self._cancelled: set[RefKey] = set()
         #: this process's actor calls still referenced (cancel(force=True) refuses them)
         self._actor_call_keys: set[RefKey] = set()
+        #: the driver writes what remote calls print (``output.write_event``)
+        self.output_subscribed = False
 
     # ---------------------------------------------------------------- lifetimes
 
@@ -451,6 +453,9 @@ class DistributedSession:
         self.table.clear()
         if self.owns_client:
             self.client.close()
+        elif self.output_subscribed:  # the caller's client lives on: it stops printing
+            with contextlib.suppress(Exception):
+                self.client.unsubscribe_topic("daskray-output")
 
 
 def _offered(worker_info: dict) -> dict[str, float]:

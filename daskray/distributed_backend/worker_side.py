@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterator
 from .. import backend
 from ..errors import SerializationError, TaskCancelledError
 from ..refs import tracker
+from .output import call_output
 from ..runtime.serialization import (decode_table, dumps_exception, exited_error,
                                      loads_exception)
 
@@ -163,7 +164,8 @@ def run_call(table_id: bytes, table: bytes, exception_retries: int, call: CallAr
     interrupted = False
     try:
         try:
-            result = _run(session, func, exception_retries, args, kwargs)
+            with call_output(getattr(func, "__name__", "task")):
+                result = _run(session, func, exception_retries, args, kwargs)
         finally:
             with _lock:  # an interruption is only ever aimed at a registered call
                 _running.pop(key, None)

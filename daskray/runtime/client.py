@@ -33,6 +33,7 @@ from . import transport
 from .process import pidfd
 from .serialization import frames_nbytes
 from .fetch import fetch_object
+from .output import write_output
 
 FETCH_TIMEOUT_MS = 60_000
 #: what threads still waiting for results are told when this process shuts down
@@ -43,7 +44,8 @@ SHUT_DOWN = ("daskray.shutdown() was called while this was waiting: the connecti
 class Client:
     """A connection from this process to a cluster's head."""
 
-    def __init__(self, head_address: str, token: bytes, head_pid: int | None = None) -> None:
+    def __init__(self, head_address: str, token: bytes, head_pid: int | None = None,
+                 log_to_driver: bool = True) -> None:
         self.token = token
         self.ctx = zmq.Context()
         self._graph_numbers = itertools.count(1)
@@ -76,6 +78,8 @@ class Client:
         self.linger_ms = 0
         # the head watches the pid of a driver that joins a cluster it did not start
         self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, f"driver:{os.getpid()}"))
+        if log_to_driver:  # what tasks print is written to this process's stdout/stderr
+            self._head.send(P.encode(P.SubscribeOutput()))
         self._thread = threading.Thread(target=self._io_loop, name="daskray-client-io", daemon=True)
         self._thread.start()
 
@@ -268,7 +272,10 @@ class Client:
 
     def _deliver_one(self, msg: Any) -> None:
         t = type(msg)
-        if t is P.Welcome:
+        if t is P.WorkerOutput:
+            written = write_output(msg.blocks)
+            self._head.send(P.encode(P.OutputAck(written)))
+        elif t is P.Welcome:
             self._welcome.put(msg)
         elif t is P.WorkersChanged:
             new = dict(msg.workers)

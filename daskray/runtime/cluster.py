@@ -145,11 +145,13 @@ class LocalCluster:
 
     def __init__(self, num_workers: int, validate: bool = False,
                  resources: list | None = None, store_limit: int | None = None,
-                 store_namespaces: int = 1, session_dir: str | None = None) -> None:
+                 store_namespaces: int = 1, session_dir: str | None = None,
+                 log_to_driver: bool = True) -> None:
         ttl = worker_ttl()  # a bad setting fails before anything exists
         replacement_backoff_max()  # read again by the head
         sweep_stale_sessions()
         self.num_workers = num_workers
+        self.log_to_driver = log_to_driver
         # what is started is recorded here at once: close() stops what exists
         self.session_dir: str | None = None
         self.shm_prefix: str | None = None
@@ -200,7 +202,8 @@ class LocalCluster:
             "shm_prefix": self.shm_prefix,
             "store_limit": self.store.limit,
         }, env=inherited_dask_config())  # the workers inherit the head's environment
-        self.client = Client(self.head_address, self.token, head_pid=self.head.pid)
+        self.client = Client(self.head_address, self.token, head_pid=self.head.pid,
+                             log_to_driver=self.log_to_driver)
         self.client.shm_prefix = own_prefix if shared_memory.available() else None
         if store_namespaces > 1:
             self.object_server = SharedObjectServer(
@@ -253,8 +256,9 @@ class AttachedCluster:
     LocalCluster's, but ``close()`` only disconnects.  The head then drops this
     driver's ObjectRefs, as it does when the driver dies."""
 
-    def __init__(self, info: dict) -> None:
+    def __init__(self, info: dict, log_to_driver: bool = True) -> None:
         self.info = info
+        self.log_to_driver = log_to_driver
         self.session_dir: str = info["session_dir"]
         self.token = bytes.fromhex(info["token"])
         self.head_address: str = info["address"]
@@ -274,7 +278,8 @@ class AttachedCluster:
 
     def _connect(self, store_limit: int) -> None:
         self.store = HostStore(self.shm_prefix, self.session_dir, store_limit)
-        self.client = Client(self.head_address, self.token, head_pid=self.head_pid)
+        self.client = Client(self.head_address, self.token, head_pid=self.head_pid,
+                             log_to_driver=self.log_to_driver)
         self.client.linger_ms = 1000  # the goodbye must reach the head
         self.client.shm_prefix = self.shm_prefix if shared_memory.available() else None
         shared_memory.configure(

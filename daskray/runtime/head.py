@@ -42,7 +42,9 @@ from .gc_tuning import tune_for_long_lived_state
 from .instruction_handlers import InstructionHandlers
 from .intake import graph_event, graph_of, put_event, ran_a_task, report_events, request_events
 from .outbox import Outbox
+from .output_router import OutputRouter, driver_of_task
 from .process import child_setup, describe_exit, pidfd
+from .status import worker_status
 from .store_memory import HostStore
 from .supervision import WorkerProcesses, max_extra_workers
 from .worker_control import WorkerControl
@@ -84,6 +86,9 @@ class Head:
         self.started = False
         self.running = True
         self.last_tick = 0.0
+        #: forwards what tasks print to the drivers that asked
+        self.output = OutputRouter(self.outbox.to_client,
+                                   lambda task: driver_of_task(self.state.tasks, task))
         self.handlers = InstructionHandlers(self.outbox, self.tables, self.processes,
                                             self.control, self.worker_address,
                                             lambda: self.running)
@@ -165,6 +170,7 @@ class Head:
         proc, returncode = self.processes.reap(wid)
         # its identity authenticates nothing any more (a new peer could take it)
         self.peers.pop(wid.encode(), None)
+        self.peers.pop(f"{wid}/output".encode(), None)
         silent = self.control.disconnect(wid)
         address = self.worker_address.pop(wid, None)
         if address is not None:
@@ -241,6 +247,7 @@ class Head:
     def client_gone(self, ident: bytes) -> None:
         """A driver disconnected or died: cancel its dask graphs, drop its refs."""
         pid = self.clients.forget(ident)
+        self.output.forget(ident)
         if self.peers.pop(ident, None) is not None:
             self.outbox.drop_client(ident)
             self.apply(E.ClientLost(ident))
@@ -311,6 +318,9 @@ class Head:
     def on_message(self, ident: bytes, peer: tuple, msg: Any) -> None:
         """One decoded message of the peer ``ident``."""
         role, name = peer
+        if type(msg) is P.WorkerOutput and role == P.ROLE_WORKER:  # its output thread
+            self.forward_output(name, msg)
+            return
         if role == P.ROLE_WORKER and name not in self.processes.procs:
             return  # a worker that has exited: what it sent last is of no use
         try:
@@ -326,6 +336,13 @@ class Head:
                            traceback.format_exc(limit=-3))
             self.reject(ident, peer, f"{type(msg).__name__} could not be handled: {exc!r}",
                         graph_of(msg))
+
+    def forward_output(self, name: str, msg: P.WorkerOutput) -> None:
+        """Send what a worker's tasks printed to the drivers it is for."""
+        try:
+            self.output.forward(msg.blocks)
+        except Exception as exc:  # noqa: BLE001 - no message may take the head down
+            self.log.write(f"dropped malformed output from {name}", repr(exc)[:300])
 
     def on_hello(self, ident: bytes, frames: list[zmq.Frame]) -> None:
         """The first message of a peer: its hello, or it is ignored."""
@@ -385,6 +402,14 @@ class Head:
             self.running = False
         elif t is P.ClientGoodbye:
             self.client_gone(ident)
+        elif t is P.GetWorkerStatus:
+            pids = {wid: proc.pid for wid, proc in self.processes.procs.items()}
+            self.outbox.to_client(ident, P.WorkerStatusReply(
+                msg.request, worker_status(self.state, pids)))
+        elif t is P.SubscribeOutput:
+            self.output.subscribe(ident)
+        elif t is P.OutputAck:
+            self.output.ack(ident, msg.nbytes)
         else:
             for event in request_events(ident, msg):
                 self.apply(event)

@@ -432,10 +432,49 @@ class Stop:
     pass
 
 
-# ------------------------------------------------------------------ either way
+# ------------------------------------------------------------------ worker output
 
 
 @message(60)
+class WorkerOutput:
+    """What tasks printed, as blocks of whole lines, each already prefixed
+    ``(name pid=N) ``: ``(task id or None, stream 1|2, text)`` per block.  A
+    worker's output thread sends it to the head over a socket of its own; the
+    head forwards the blocks (task id None) to the drivers that asked."""
+
+    blocks: list
+
+
+@message(61)
+class SubscribeOutput:
+    """A driver wants its tasks' output (``init(log_to_driver=True)``, the default)."""
+
+
+@message(62)
+class OutputAck:
+    """A driver wrote ``nbytes`` of forwarded output: the head may send that much more."""
+
+    nbytes: int
+
+
+@message(63)
+class GetWorkerStatus:
+    """Ask what each worker runs and has queued; answered by :class:`WorkerStatusReply`."""
+
+    request: int
+
+
+@message(64)
+class WorkerStatusReply:
+    request: int
+    #: {worker id: {"task": name or None, "queued": int, "actor": id or None}}
+    workers: dict
+
+
+# ------------------------------------------------------------------ either way
+
+
+@message(70)
 class Batch:
     """Several messages between a driver and the head, sent as one: each is an
     encoded message (:func:`encode`), in order.  A burst of calls from a driver,

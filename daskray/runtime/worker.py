@@ -44,6 +44,7 @@ from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .late_reports import LateReports
 from .object_store import ObjectStore
+from .output import OutputCapture, task_label
 from .process import child_setup
 from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
 from .serialization import (
@@ -140,8 +141,15 @@ class Worker:
         #: a task ran since free heap memory was last returned (see _wait_idle)
         self.heap_used = False
         self.last_task_end = 0.0
+        #: forwards what tasks print to the drivers (see start_output)
+        self.output: OutputCapture | None = None
 
     # -------------------------------------------------------------- setup
+
+    def start_output(self, head_address: str) -> None:
+        """Capture this process's fds 1 and 2: tasks' output goes to the drivers."""
+        self.output = OutputCapture(self.ctx, head_address, self.token, self.id)
+        self.output.start()
 
     def start(self) -> None:
         signal.signal(signal.SIGUSR1, self._on_sigusr1)
@@ -357,7 +365,10 @@ class Worker:
                 self.current = task_id
                 self.stack.append(task_id)
                 self.depths.append(depth)
+                before = self._output_started(task_id, node)
                 self.interruptible = True
+            elif self.output is not None and self.output.current[0] is None:
+                self.output.current = (None, self._output_label(node))  # calls overlap
             try:
                 result = node(values)
             finally:
@@ -365,6 +376,8 @@ class Worker:
                     self.interruptible = False
                     self.stack.pop()
                     self.depths.pop()
+                    if self.output is not None:
+                        self.output.task_ended(before)
             if self.concurrent is None:
                 self.current = outer
             if task_id in self.cancelled:  # it caught the KeyboardInterrupt: still cancelled
@@ -397,6 +410,18 @@ class Worker:
         self.store.put(task_id, result)
         return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
 
+    def _output_label(self, node: Any) -> str:
+        """The name lines printed by ``node`` are prefixed with, as Ray's: the
+        task's function, or an actor's class."""
+        label = task_label(getattr(node, "key", "task"))
+        return label.split(".")[0] if self.actor is not None else label
+
+    def _output_started(self, task_id: int, node: Any) -> Any:
+        """Lines printed from now on are ``task_id``'s; what ran before (or None)."""
+        if self.output is None:
+            return None
+        return self.output.task_started(task_id, self._output_label(node))
+
     def _exit_actor(self) -> None:
         """``sys.exit()`` in an actor's method ends the actor for good, as Ray's
         ``exit_actor()`` does (and as in Ray): the head stops this process, and the
@@ -407,6 +432,8 @@ class Worker:
 
     def close(self) -> None:
         self.late.stop()
+        if self.output is not None:
+            self.output.close()
         self.peers.close()
         self.head.close(0)
 
@@ -418,6 +445,7 @@ def main(make_session: Callable[[InTaskConnection], Any]) -> None:
     sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
+    worker.start_output(config["head_address"])
     worker.start()
     # tasks may use the cluster
     context.worker_session = session = make_session(InTaskConnection(worker))
