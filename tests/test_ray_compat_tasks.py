@@ -327,6 +327,31 @@ def test_a_task_cancelled_while_its_worker_takes_it_up_never_runs(cluster, tmp_p
         body_gate.touch()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_workers_ended_by_force_cancels_are_replaced_at_once_however_many(restart_cluster,
+                                                                          tmp_path):
+    """A force cancel ends its worker's process on purpose: that is no crash loop
+    (a worker dying in its first task), so its replacement is not held back by the
+    crash-loop backoff, however many force cancels come in a minute (Ray's stress
+    test of cancel force-cancels dozens of tasks)."""
+    daskray.shutdown()
+    restart_cluster.init(num_workers=1, _validate=True)
+    waits = []
+    for i in range(18):  # past the deaths a minute whose replacements start at once
+        ref = pid_then_wait.remote(str(tmp_path / f"pid{i}"), str(tmp_path / "gate"))
+        read_when_written(tmp_path / f"pid{i}")  # it runs, on a new worker each time
+        daskray.cancel(ref, force=True)
+        with pytest.raises(TaskCancelledError):
+            ref.get(timeout=30)
+        t0 = time.monotonic()
+        assert wait_until(lambda: daskray.cluster_resources().get("CPU") == 1, 60), \
+            "no replacement within 60 s"
+        waits.append(time.monotonic() - t0)
+    assert max(waits) < 5, f"replacements waited {[round(w, 1) for w in waits]} s"
+    assert inc.remote(1).get(timeout=30) == 2
+
+
 @daskray.remote
 class Counter:
     def __init__(self):
