@@ -483,8 +483,47 @@ def test_init_namespace_is_where_the_drivers_names_are(restart_cluster):
         daskray.util.list_named_actors(all_namespaces=True)
     assert daskray.get_actor("compat-in-ns", namespace="compat-init-ns") == handle
     assert daskray.get(find.remote("compat-in-ns"), timeout=30)[0] is True
+    assert daskray.get_runtime_context().namespace == "compat-init-ns"
+    assert daskray.get_runtime_context().get()["namespace"] == "compat-init-ns"
     with pytest.raises(ValueError, match="namespace"):
         daskray.init(namespace="")  # checked before "init twice"
+    with pytest.raises(TypeError, match="namespace must be a str"):
+        daskray.init(namespace=123)
+
+
+def test_the_runtime_context_tells_the_drivers_anonymous_namespace():
+    namespace = daskray.get_runtime_context().namespace
+    assert namespace.startswith("anonymous-")
+    handle = Named.options(name="compat-anon").remote()
+    try:
+        assert {"name": "compat-anon", "namespace": namespace} in \
+            daskray.util.list_named_actors(all_namespaces=True)
+    finally:
+        daskray.kill(handle)
+
+
+@pytest.mark.timeout(60)
+def test_names_and_namespaces_are_checked_as_rays(backend):
+    """A name or namespace not a str: TypeError; an empty one: ValueError;
+    ``namespace=None``: the driver's; ``get_if_exists`` needs a name."""
+    for bad in (123, object()):
+        with pytest.raises(TypeError, match="must be a str"):
+            Named.options(namespace=bad)
+        with pytest.raises(TypeError, match="must be a str"):
+            Named.options(name=bad)
+        with pytest.raises(TypeError, match="must be a str"):
+            daskray.get_actor("compat-x", namespace=bad)
+        with pytest.raises(TypeError, match="must be a str"):
+            daskray.get_actor(bad)
+    with pytest.raises(ValueError, match="must not be empty"):
+        Named.options(namespace="")
+    with pytest.raises(ValueError, match="needs the actor's name"):
+        Named.options(num_cpus=1, get_if_exists=True)
+    handle = Named.options(name="compat-none-ns", namespace=None).remote()
+    try:
+        assert daskray.get_actor("compat-none-ns") == handle
+    finally:
+        daskray.kill(handle)
 
 
 @pytest.mark.timeout(60)
