@@ -489,8 +489,9 @@ def remote(*args: Any, **options: Any) -> Any:
     """
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
-    if args:
-        raise TypeError("use @daskray.remote or @daskray.remote(option=value, ...)")
+    if args or not options:  # @remote() too: Ray refuses empty parentheses
+        raise TypeError("use @daskray.remote (no parentheses) or "
+                        "@daskray.remote(option=value, ...)")
     check_options(options, {**TASK_OPTIONS, **ACTOR_OPTIONS}, "@daskray.remote")
     return lambda obj: _make_remote(obj, options)
 

@@ -130,6 +130,12 @@ class ActorClass:
             f"actor class {self.__name__} cannot be instantiated directly; use "
             f"{self.__name__}.remote(...) to create the actor in its own process")
 
+    def __mro_entries__(self, bases: tuple) -> tuple:
+        """``class B(A)`` with ``A`` an actor class: refused clearly, as Ray does."""
+        raise TypeError(
+            f"inheriting from actor class {self.__name__} is not supported (as in Ray): "
+            f"subclass the plain class and decorate the subclass with @daskray.remote")
+
     def __getattr__(self, name: str) -> Any:
         """The class's own attributes (constants, static and class methods), as
         ``Cls.NAME`` gives them: Ray's actor classes let them through."""
