@@ -27,7 +27,7 @@ from .actors import ACTOR_OPTIONS, ActorClass, ActorHandle
 from .actors import host as actor_host
 from .dask_graph import convert, external_keys
 from .refs import ObjectRef, ref_key_of, tracker
-from .remote_function import TASK_OPTIONS, RemoteFunction, check_options
+from .remote_function import TASK_OPTIONS, RemoteFunction, check_options, check_str
 from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
@@ -199,8 +199,7 @@ def init(
     on_dask = client is not None or (isinstance(address, str) and address.startswith(DASK_SCHEMES))
     if security is not None and not (client is None and on_dask):
         raise ValueError("security= applies to a dask scheduler's address (tls://...)")
-    if namespace is not None and (not isinstance(namespace, str) or not namespace):
-        raise ValueError(f"namespace must be a non-empty string, got {namespace!r}")
+    check_str("a namespace", namespace, optional=True)
     if num_cpus is not None:
         if num_workers is not None and num_workers != num_cpus:
             raise ValueError("give num_workers or num_cpus, not both")
@@ -498,8 +497,9 @@ def remote(*args: Any, **options: Any) -> Any:
     """
     if len(args) == 1 and not options and callable(args[0]):
         return _make_remote(args[0], {})
-    if args:
-        raise TypeError("use @daskray.remote or @daskray.remote(option=value, ...)")
+    if args or not options:  # @remote() too: Ray refuses empty parentheses
+        raise TypeError("use @daskray.remote (no parentheses) or "
+                        "@daskray.remote(option=value, ...)")
     check_options(options, {**TASK_OPTIONS, **ACTOR_OPTIONS}, "@daskray.remote")
     return lambda obj: _make_remote(obj, options)
 
@@ -532,6 +532,8 @@ class RuntimeContext:
     def __init__(self) -> None:
         session = _session(auto_start=False)
         self._node_id = "local"
+        #: the driver's (in a task or an actor: not known there, None)
+        self._namespace = _runtime.namespace if _runtime is not None else None
         ids = getattr(session, "runtime_ids", None)  # a backend that tells its own
         if ids is not None:
             self.__dict__.update({f"_{name}": value for name, value in ids().items()})
@@ -567,6 +569,23 @@ class RuntimeContext:
     def get_task_id(self) -> str | None:
         """The task running this code (a remote call or an actor call), or None."""
         return None if self._task_id is None else str(self._task_id)
+
+    @property
+    def namespace(self) -> str | None:
+        """The driver's namespace (``init(namespace=...)``, or its anonymous one),
+        where its named actors are; None inside a task or an actor."""
+        return self._namespace
+
+    def get(self) -> dict:
+        """Ray's dict of the context: ``job_id``, ``node_id``, ``namespace``, and in
+        a task or an actor ``task_id`` / ``actor_id``."""
+        info = {"job_id": self.get_job_id(), "node_id": self.get_node_id(),
+                "namespace": self.namespace}
+        if self.get_task_id() is not None:
+            info["task_id"] = self.get_task_id()
+        if self.get_actor_id() is not None:
+            info["actor_id"] = self.get_actor_id()
+        return info
 
     def is_local_mode(self) -> bool:
         """Whether daskray runs in ``local_mode`` (``init(local_mode=True)``): every
@@ -612,8 +631,8 @@ def nodes() -> list[dict]:
 def get_actor(name: str, namespace: str | None = None, *, _missing_ok: bool = False) -> Any:
     """The handle of the actor created with ``name=...`` in ``namespace`` (None:
     this driver's, see :func:`init`); ``ValueError`` if none."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"an actor's name is a non-empty string, got {name!r}")
+    check_str("an actor's name", name)
+    check_str("a namespace", namespace, optional=True)
     handle = _session().get_actor(name, namespace=namespace)
     if handle is None and not _missing_ok:
         where = "this driver's namespace" if namespace is None else f"namespace {namespace!r}"

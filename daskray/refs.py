@@ -182,6 +182,20 @@ class ObjectRef:
 
         return asyncio.get_running_loop().run_in_executor(_await_pool(), self.get).__await__()
 
+    def future(self) -> "concurrent.futures.Future":
+        """A ``concurrent.futures.Future`` of the object's value (Ray's
+        ``ObjectRef.future()``): its result is the value, or the task's error."""
+        return _await_pool().submit(self.get)
+
+    def as_future(self) -> "asyncio.Future":
+        """An ``asyncio.Future`` of the object's value, in the current event loop
+        (Ray's ``ObjectRef.as_future()``): ``await ref.as_future()``, or pass it
+        to ``asyncio.wait_for`` / ``asyncio.gather``.  Cancelling it does not
+        cancel the task (``daskray.cancel`` does)."""
+        import asyncio
+
+        return asyncio.wrap_future(self.future())
+
     # ---------------------------------------------------------------- dask collection
 
     def __dask_graph__(self) -> dict:

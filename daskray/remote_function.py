@@ -36,9 +36,21 @@ DEFAULTS = {"num_cpus": 1, "num_returns": 1, "max_retries": 3, "retry_exceptions
 INFINITE_RETRIES = 1_000_000
 
 
+def check_str(what: str, value: Any, *, optional: bool = False) -> None:
+    """Ray's check of a name or namespace: a ``TypeError`` if not a str (None
+    allowed if ``optional``: not set), a ``ValueError`` if empty."""
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise TypeError(f"{what} must be a str, got {type(value).__name__} {value!r}")
+    if not value:
+        raise ValueError(f"{what} must not be empty")
+
+
 def check_options(options: dict, allowed: dict = TASK_OPTIONS,
                   what: str = "a remote function") -> dict:
-    """Validate remote options; raise ``ValueError`` naming the bad one."""
+    """Validate remote options; raise ``ValueError`` naming the bad one (or the
+    validator's own ``TypeError``/``ValueError``)."""
     for name, value in options.items():
         if name not in allowed:
             raise ValueError(

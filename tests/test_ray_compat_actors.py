@@ -366,3 +366,27 @@ def test_bad_arguments_raise_type_error_at_remote(backend):
         counter.__ray_ready__.remote(1)
     assert daskray.get(one_argument.remote(a=4), timeout=WAIT) == 4
     assert daskray.get(counter.incr.remote(by=2), timeout=WAIT) == 2
+
+
+# =========================================================================== decorator edge cases
+
+
+def test_remote_with_empty_parentheses_is_refused_as_in_ray():
+    with pytest.raises(TypeError, match="no parentheses"):
+        @daskray.remote()
+        class Empty:
+            pass
+    with pytest.raises(TypeError, match="no parentheses"):
+        @daskray.remote()
+        def empty():
+            pass
+
+
+def test_subclassing_an_actor_class_says_it_is_not_supported():
+    @daskray.remote
+    class Base:
+        pass
+
+    with pytest.raises(TypeError, match="inheriting from actor class Base is not supported"):
+        class Derived(Base):
+            pass

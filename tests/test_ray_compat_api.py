@@ -9,6 +9,7 @@ runtime, then a dask.distributed cluster).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -142,12 +143,69 @@ def test_actor_pool_get_next_after_get_next_unordered_gives_the_earliest_left(ba
     assert not pool.has_next()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("unordered", [False, True])
+def test_actor_pool_ignore_if_timedout_drops_the_timed_out_call(backend, tmp_path, unordered):
+    gate = str(tmp_path / "gate")
+    pool = daskray.util.ActorPool([Worker.remote()])
+    take = pool.get_next_unordered if unordered else pool.get_next
+    pool.submit(lambda a, v: a.double_when.remote(v, gate), 5)
+    pool.submit(lambda a, v: a.double.remote(v), 7)  # waits for the only actor
+    with pytest.raises(TimeoutError):
+        take(timeout=0.2, ignore_if_timedout=False)
+    assert pool.has_next()
+    with pytest.raises(TimeoutError, match="dropped"):
+        take(timeout=0.2, ignore_if_timedout=True)
+    # the dropped call's actor took the waiting call; it runs after the dropped one
+    open(gate, "w").close()
+    assert take(timeout=30, ignore_if_timedout=True) == 14
+    assert not pool.has_next()
+
+
 # =========================================================================== small API
 
 
 @daskray.remote
 def one():
     return 1
+
+
+@daskray.remote
+def fails(message):
+    raise ValueError(message)
+
+
+@daskray.remote
+def when_exists(path, value):
+    """``value`` once ``path`` exists (at most 60 s)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return value
+
+
+@pytest.mark.timeout(60)
+def test_ref_future_and_as_future(backend, tmp_path):
+    """Ray's ``ref.future()`` (concurrent.futures) and ``ref.as_future()`` (asyncio)."""
+    assert one.remote().future().result(timeout=30) == 1
+    with pytest.raises(ValueError, match="boom"):
+        fails.remote("boom").future().result(timeout=30)
+    gate = str(tmp_path / "gate")
+    held = when_exists.remote(gate, "late")
+
+    async def main():
+        assert await one.remote().as_future() == 1
+        assert await asyncio.wrap_future(one.remote().future()) == 1
+        with pytest.raises(ValueError, match="boom"):
+            await fails.remote("boom").as_future()
+        future = held.as_future()
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(future, timeout=0.1)
+        assert future.cancelled()
+        open(gate, "w").close()
+        return await asyncio.wait_for(held.as_future(), timeout=30)
+
+    assert asyncio.run(main()) == "late"  # the cancelled future left the task alone
 
 
 def test_object_id_is_object_ref():
@@ -425,8 +483,47 @@ def test_init_namespace_is_where_the_drivers_names_are(restart_cluster):
         daskray.util.list_named_actors(all_namespaces=True)
     assert daskray.get_actor("compat-in-ns", namespace="compat-init-ns") == handle
     assert daskray.get(find.remote("compat-in-ns"), timeout=30)[0] is True
+    assert daskray.get_runtime_context().namespace == "compat-init-ns"
+    assert daskray.get_runtime_context().get()["namespace"] == "compat-init-ns"
     with pytest.raises(ValueError, match="namespace"):
         daskray.init(namespace="")  # checked before "init twice"
+    with pytest.raises(TypeError, match="namespace must be a str"):
+        daskray.init(namespace=123)
+
+
+def test_the_runtime_context_tells_the_drivers_anonymous_namespace():
+    namespace = daskray.get_runtime_context().namespace
+    assert namespace.startswith("anonymous-")
+    handle = Named.options(name="compat-anon").remote()
+    try:
+        assert {"name": "compat-anon", "namespace": namespace} in \
+            daskray.util.list_named_actors(all_namespaces=True)
+    finally:
+        daskray.kill(handle)
+
+
+@pytest.mark.timeout(60)
+def test_names_and_namespaces_are_checked_as_rays(backend):
+    """A name or namespace not a str: TypeError; an empty one: ValueError;
+    ``namespace=None``: the driver's; ``get_if_exists`` needs a name."""
+    for bad in (123, object()):
+        with pytest.raises(TypeError, match="must be a str"):
+            Named.options(namespace=bad)
+        with pytest.raises(TypeError, match="must be a str"):
+            Named.options(name=bad)
+        with pytest.raises(TypeError, match="must be a str"):
+            daskray.get_actor("compat-x", namespace=bad)
+        with pytest.raises(TypeError, match="must be a str"):
+            daskray.get_actor(bad)
+    with pytest.raises(ValueError, match="must not be empty"):
+        Named.options(namespace="")
+    with pytest.raises(ValueError, match="needs the actor's name"):
+        Named.options(num_cpus=1, get_if_exists=True)
+    handle = Named.options(name="compat-none-ns", namespace=None).remote()
+    try:
+        assert daskray.get_actor("compat-none-ns") == handle
+    finally:
+        daskray.kill(handle)
 
 
 @pytest.mark.timeout(60)

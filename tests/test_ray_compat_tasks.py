@@ -271,6 +271,87 @@ def test_force_cancel_kills_the_worker_process_and_a_new_one_takes_its_place(
     assert len(pids) == NUM_WORKERS and pid not in pids
 
 
+def unpickle_when_cancelled(started):
+    """Unpickling a ``CancelledWhileUnpickled`` on a daskray worker: say so in
+    ``started``, then wait (at most 60 s) until the worker hears of a cancel, of
+    a running task (``cancelled``) or a queued one (``dropped``)."""
+    from daskray.runtime import context
+
+    worker = context.worker_session.conn.worker
+    before = worker.cancelled | worker.dropped
+    open(started, "w").close()
+    deadline = time.monotonic() + 60
+    while not (worker.cancelled | worker.dropped) - before and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return "argument"
+
+
+class CancelledWhileUnpickled:
+    """An argument that holds its task, on its worker, between leaving the queue
+    and running, until the task's cancel arrives."""
+
+    def __init__(self, started):
+        self.started = started
+
+    def __reduce__(self):
+        return unpickle_when_cancelled, (self.started,)
+
+
+@daskray.remote
+def body_waits(argument, ran, gate):
+    return wait_for_gate_here(gate, 60, ran)
+
+
+def test_a_task_cancelled_while_its_worker_takes_it_up_never_runs(cluster, tmp_path):
+    """A cancel that reaches a worker after it took the task from its queue but
+    before the task's code runs (its arguments were being unpickled) stops it:
+    the head heard "never ran", so it must not run and hold the worker."""
+    body_gate = tmp_path / "body_gate"
+    ref = body_waits.remote(CancelledWhileUnpickled(str(tmp_path / "unpickling")),
+                            str(tmp_path / "ran"), str(body_gate))
+    try:
+        wait_for_path(tmp_path / "unpickling")
+        daskray.cancel(ref)
+        with pytest.raises(TaskCancelledError):
+            ref.get(timeout=20)
+        # its worker is free again: as many tasks run at once as there are workers
+        gate = tmp_path / "gate2"
+        all_at_once = [pid_then_wait.remote(str(tmp_path / f"p{i}"), str(gate))
+                       for i in range(NUM_WORKERS)]
+        for i in range(NUM_WORKERS):
+            read_when_written(tmp_path / f"p{i}", 30)
+        gate.touch()
+        assert daskray.get(all_at_once, timeout=30) == ["opened"] * NUM_WORKERS
+        assert not (tmp_path / "ran").exists()
+    finally:
+        body_gate.touch()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_workers_ended_by_force_cancels_are_replaced_at_once_however_many(restart_cluster,
+                                                                          tmp_path):
+    """A force cancel ends its worker's process on purpose: that is no crash loop
+    (a worker dying in its first task), so its replacement is not held back by the
+    crash-loop backoff, however many force cancels come in a minute (Ray's stress
+    test of cancel force-cancels dozens of tasks)."""
+    daskray.shutdown()
+    restart_cluster.init(num_workers=1, _validate=True)
+    waits = []
+    for i in range(18):  # past the deaths a minute whose replacements start at once
+        ref = pid_then_wait.remote(str(tmp_path / f"pid{i}"), str(tmp_path / "gate"))
+        read_when_written(tmp_path / f"pid{i}")  # it runs, on a new worker each time
+        daskray.cancel(ref, force=True)
+        with pytest.raises(TaskCancelledError):
+            ref.get(timeout=30)
+        t0 = time.monotonic()
+        assert wait_until(lambda: daskray.cluster_resources().get("CPU") == 1, 60), \
+            "no replacement within 60 s"
+        waits.append(time.monotonic() - t0)
+    assert max(waits) < 5, f"replacements waited {[round(w, 1) for w in waits]} s"
+    assert inc.remote(1).get(timeout=30) == 2
+
+
 @daskray.remote
 class Counter:
     def __init__(self):

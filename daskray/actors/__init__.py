@@ -25,15 +25,16 @@ from typing import Any
 
 from .. import backend
 from ..remote_function import (TASK_OPTIONS, RemoteFunction, call_signature, check_call,
-                               check_options, _FunctionTable)
+                               check_options, check_str, _FunctionTable)
 from .host import READY, TERMINATE, ActorCall, ActorInit, bound_method, is_async_class
 
 ACTOR_OPTIONS = {
     "num_cpus": TASK_OPTIONS["num_cpus"],
     "num_gpus": TASK_OPTIONS["num_gpus"],
     "resources": TASK_OPTIONS["resources"],
-    "name": lambda v: isinstance(v, str) and v != "",
-    "namespace": lambda v: isinstance(v, str),
+    # None: not set (namespace: the creator's driver's), as in Ray
+    "name": lambda v: check_str("an actor's name", v, optional=True) is None,
+    "namespace": lambda v: check_str("a namespace", v, optional=True) is None,
     "get_if_exists": lambda v: isinstance(v, bool),
     "lifetime": lambda v: v in (None, "detached", "non_detached"),
     "max_restarts": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
@@ -115,6 +116,8 @@ class ActorClass:
     def __init__(self, cls: type, options: dict) -> None:
         self._cls = cls
         self._options = check_options(dict(options), ACTOR_OPTIONS, "an actor class")
+        if self._options.get("get_if_exists") and self._options.get("name") is None:
+            raise ValueError("get_if_exists=True needs the actor's name: give name=... too")
         self._init = ActorInit(cls)
         self._init_table: _FunctionTable | None = None
         self._signature: Any = False  # the constructor's; False: not read yet
@@ -126,6 +129,12 @@ class ActorClass:
         raise TypeError(
             f"actor class {self.__name__} cannot be instantiated directly; use "
             f"{self.__name__}.remote(...) to create the actor in its own process")
+
+    def __mro_entries__(self, bases: tuple) -> tuple:
+        """``class B(A)`` with ``A`` an actor class: refused clearly, as Ray does."""
+        raise TypeError(
+            f"inheriting from actor class {self.__name__} is not supported (as in Ray): "
+            f"subclass the plain class and decorate the subclass with @daskray.remote")
 
     def __getattr__(self, name: str) -> Any:
         """The class's own attributes (constants, static and class methods), as

@@ -102,9 +102,11 @@ class ActorPool:
         """Whether an actor is idle and no submitted call waits for one."""
         return bool(self._idle) and not self._pending
 
-    def get_next(self, timeout: float | None = None) -> Any:
+    def get_next(self, timeout: float | None = None, ignore_if_timedout: bool = False) -> Any:
         """The next result in submission order, waiting at most ``timeout`` seconds
-        (``GetTimeoutError``, a ``TimeoutError``; the call stays in the pool)."""
+        (``GetTimeoutError``, a ``TimeoutError``).  On a timeout the call stays in
+        the pool, or, with ``ignore_if_timedout`` (Ray's), it is dropped: its
+        result is never returned and the next call's comes next."""
         if not self.has_next():
             raise StopIteration("no more results to get: submit calls first")
         index = min(self._by_index)  # the earliest call whose result is not taken
@@ -113,22 +115,40 @@ class ActorPool:
             refs = _refs(future)
             ready, _ = wait(refs, num_returns=len(refs), timeout=timeout)
             if len(ready) < len(refs):
-                raise GetTimeoutError(
-                    f"the pool's next result (call {index}) is not ready after {timeout} s; "
-                    "it stays in the pool")
+                self._timed_out(index, timeout, ignore_if_timedout)
         del self._by_index[index]
         _, actor = self._running.pop(_key(future))
         return self._take(future, actor)
 
-    def get_next_unordered(self, timeout: float | None = None) -> Any:
+    def get_next_unordered(self, timeout: float | None = None,
+                           ignore_if_timedout: bool = False) -> Any:
         """The result of whichever call finishes first, waiting at most ``timeout``
-        seconds (``GetTimeoutError``, a ``TimeoutError``)."""
+        seconds (``GetTimeoutError``, a ``TimeoutError``).  On a timeout every
+        call stays in the pool, or, with ``ignore_if_timedout`` (Ray's), the
+        earliest submitted one is dropped."""
         if not self.has_next():
             raise StopIteration("no more results to get: submit calls first")
-        key = self._first_finished(timeout)
+        try:
+            key = self._first_finished(timeout)
+        except GetTimeoutError:
+            self._timed_out(min(self._by_index), timeout, ignore_if_timedout)
         index, actor = self._running.pop(key)
         future = self._by_index.pop(index)
         return self._take(future, actor)
+
+    def _timed_out(self, index: int, timeout: float | None, drop: bool) -> None:
+        """No result within ``timeout``: raise GetTimeoutError; with ``drop``, first
+        forget call ``index`` (its actor takes new calls, which run after it)."""
+        if not drop:
+            raise GetTimeoutError(
+                f"no result of the pool's calls was ready within {timeout} s; they stay "
+                "in the pool (ignore_if_timedout=True drops the one timed out)")
+        future = self._by_index.pop(index)
+        _, actor = self._running.pop(_key(future))
+        self._return_actor(actor)
+        raise GetTimeoutError(
+            f"call {index} of the pool was not done within {timeout} s and was dropped "
+            "(ignore_if_timedout=True): its result will not be returned")
 
     def _first_finished(self, timeout: float | None) -> Any:
         """The key of a call all of whose refs are ready, waiting for one."""

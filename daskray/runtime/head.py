@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -172,6 +173,7 @@ class Head:
         self.peers.pop(wid.encode(), None)
         self.peers.pop(f"{wid}/output".encode(), None)
         silent = self.control.disconnect(wid)
+        cancelled = self.control.take_force_cancel(wid) and returncode == -signal.SIGKILL
         address = self.worker_address.pop(wid, None)
         if address is not None:
             self.control.peer_lost(address)
@@ -182,6 +184,8 @@ class Head:
         pid = proc.pid if proc else "?"
         reason = f"pid {pid} {describe_exit(returncode)}" if silent is None else \
             f"pid {pid} stopped answering for {silent:.0f} s and was killed"
+        if cancelled:
+            reason = f"pid {pid} was ended by daskray.cancel(force=True) of the task it ran"
         actor = self.processes.forget_actor_process(wid)
         if actor is not None:  # the scheduler decides whether it restarts
             self.apply(E.WorkerLost(wid, reason) if wid in self.state.workers
@@ -193,7 +197,7 @@ class Head:
         else:
             ws = self.state.workers.get(wid)
             crash_loop = self.processes.crash_loop_death(
-                wid, returncode, None if ws is None else bool(ws.processing))
+                wid, returncode, None if ws is None else bool(ws.processing)) and not cancelled
             self.apply(E.WorkerLost(wid, reason))
             self.broadcast_workers()
             self.processes.replace(wid, reason, crash_loop)

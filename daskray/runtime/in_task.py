@@ -179,7 +179,7 @@ class InTaskConnection:
         """Inside a waiting task: take messages, run one queued task meant to run on
         top of it (the head sent it for this task, or it is a call this task made);
         hand the head back the other queued tasks, for other workers to run.
-        Whether it ran one."""
+        Whether it took one off the queue (a cancel may drop it as it is taken)."""
         worker = self.worker
         worker.drain()
         innermost = worker.stack[-1] if worker.stack else None
@@ -197,6 +197,8 @@ class InTaskConnection:
         worker.queue = kept
         if item is None:
             return False
+        if not worker.claim(item.task):
+            return True
         worker.report(worker.execute(*item))
         return True
 

@@ -138,6 +138,11 @@ class Worker:
         self.interruptible = False
         #: queued tasks the data server already reported dropped: never run them
         self.dropped: set[int] = set()
+        #: the task taken from the queue to run, until it is on ``stack``: a cancel
+        #: meanwhile finds it running, not queued (see ``claim`` and ``_interrupt``)
+        self.starting: int | None = None
+        #: makes taking a task from the queue and a cancel's look at it atomic
+        self.claim_lock = threading.Lock()
         #: a task ran since free heap memory was last returned (see _wait_idle)
         self.heap_used = False
         self.last_task_end = 0.0
@@ -163,20 +168,31 @@ class Worker:
         interrupt the running task if listed (``force``: end this process, the
         head starts another); mark listed queued tasks dropped (the main thread
         skips them) and return those, for the head to know now."""
-        running = set(self.stack)
-        if self.current is not None:
-            running.add(self.current)
+        with self.claim_lock:
+            running = set(self.stack)
+            running.update(t for t in (self.current, self.starting) if t is not None)
+            # the others are queued here, or still unread on the head socket, or
+            # done (the head then ignores the answer): none of them may start any more
+            dropped = [t for t in task_ids if t not in running]
+            self.dropped.update(dropped)
         hit = running.intersection(task_ids)
         if hit and force:  # daskray.cancel(force=True): the head sees this worker die
             os.kill(os.getpid(), signal.SIGKILL)
         if hit:  # raised in the task's own code, or where it waits in get()
             self.cancelled.update(hit)
             signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
-        # the others are queued here, or still unread on the head socket, or done
-        # (the head then ignores the answer): none of them may start any more
-        dropped = [t for t in task_ids if t not in running]
-        self.dropped.update(dropped)
         return dropped
+
+    def claim(self, task_id: int) -> bool:
+        """Take queued task ``task_id`` to run it now, unless a cancel dropped it
+        (the head was told it never ran, so it must not).  From here until it
+        runs, a cancel sees it as running: it is interrupted, not dropped."""
+        with self.claim_lock:
+            if task_id in self.dropped:
+                self.dropped.discard(task_id)
+                return False
+            self.starting = task_id
+            return True
 
     def _on_sigusr1(self, signum: int, frame: Any) -> None:
         # only inside the task's own code: never in the worker's bookkeeping, and
@@ -235,8 +251,7 @@ class Worker:
         self.drain()
         if self.queue and self.running:
             item = self.queue.popleft()
-            if item.task in self.dropped:
-                self.dropped.discard(item.task)
+            if not self.claim(item.task):
                 return
             self.report(self.execute(*item))
             self.last_task_end = time.monotonic()
@@ -362,14 +377,19 @@ class Worker:
             node, dep_keys = decode_task(body, self._table(table_id))
             values = {key: self._input(oid, src) for key, (oid, src) in zip(dep_keys, deps)}
             if self.concurrent is None:
-                self.current = task_id
-                self.stack.append(task_id)
+                with self.claim_lock:
+                    self.current = task_id
+                    self.stack.append(task_id)
+                    self.starting = None
                 self.depths.append(depth)
                 before = self._output_started(task_id, node)
-                self.interruptible = True
             elif self.output is not None and self.output.current[0] is None:
                 self.output.current = (None, self._output_label(node))  # calls overlap
             try:
+                if self.concurrent is None:
+                    self.interruptible = True
+                if task_id in self.cancelled:  # cancelled while it was being set up
+                    raise KeyboardInterrupt(f"task {task_id} was cancelled before it ran")
                 result = node(values)
             finally:
                 if self.concurrent is None:
@@ -385,6 +405,7 @@ class Worker:
         except BaseException as exc:  # noqa: BLE001 - every failure is the task's
             if self.concurrent is None:
                 self.current = outer
+                self.starting = None
             if self.actor is not None and isinstance(exc, SystemExit):
                 self._exit_actor()
             if task_id in self.cancelled and not isinstance(exc, TaskCancelledError):

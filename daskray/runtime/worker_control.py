@@ -41,6 +41,8 @@ class WorkerControl:
         self.unanswered_since: dict[str, float] = {}
         self.last_ping = 0.0
         self.hung: dict[str, float] = {}  # worker id -> seconds silent when it was killed
+        #: workers told to end their process for daskray.cancel(force=True)
+        self.force_cancelled: set[str] = set()
 
     def connect(self, wid: str, address: str) -> None:
         """Open the control line to the data server of ``wid``, which just joined."""
@@ -70,8 +72,18 @@ class WorkerControl:
         process), and drop them if queued."""
         sock = self.sockets.get(wid)
         if sock is not None:
+            if force:
+                self.force_cancelled.add(wid)
             verb = P.INTERRUPT_FORCE if force else P.INTERRUPT
             sock.send_multipart([self.token, verb, b",".join(str(t).encode() for t in tasks)])
+
+    def take_force_cancel(self, wid: str) -> bool:
+        """Whether ``wid`` was told to end its process for a force cancel (asked
+        once, when it exited: its death is then that cancel's, not a crash)."""
+        if wid in self.force_cancelled:
+            self.force_cancelled.discard(wid)
+            return True
+        return False
 
     def heard_from(self, wid: str) -> None:
         """``wid`` sent something: it is alive."""
