@@ -13,6 +13,7 @@ import atexit
 import math
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -65,6 +66,8 @@ class _Runtime:
         else:
             self.session = Session(cluster.client)
             tracker.wake = cluster.client.wake_for_refs
+        #: tasks since this moment make daskray.timeline()
+        self.started_at = time.time()
         #: where this driver's named actors are: Ray's anonymous namespace if not given
         self.namespace = namespace or f"anonymous-{uuid.uuid4()}"
         self.session.set_namespace(self.namespace)
@@ -250,6 +253,7 @@ def _join_distributed(address: str | None, client: Any, security: Any,
 
     session = join(address, client, security)
     try:
+        session.record_task_stream()  # for daskray.timeline()
         _runtime = _Runtime(None, set_dask_scheduler, session, namespace)
         backend.install(session)
     except BaseException:
@@ -318,6 +322,33 @@ def object_store_stats() -> dict:
     if runtime.cluster is None:
         raise ClusterError("local_mode has no object store: values stay in this process")
     return runtime.cluster.store.stats()
+
+
+def timeline(filename: str | None = None) -> list[dict] | None:
+    """The tasks run since :func:`init` as a Chrome trace, as ``ray.timeline()``:
+    one complete ("X") event per task, named by its task prefix, one row per
+    worker, times in microseconds since ``init``.  Written to ``filename`` as
+    ``{"traceEvents": [...]}`` (open it in Perfetto or chrome://tracing) and None
+    returned; without a filename the list of events is returned.
+
+    The head keeps the newest 100,000 task runs; on a dask.distributed cluster
+    the scheduler's task stream is read (it keeps the newest 100,000 too)."""
+    import json
+
+    from .runtime.task_events import chrome_trace
+
+    runtime = _current()
+    if runtime.local_mode:
+        raise ClusterError("local_mode keeps no timeline: tasks run in this process, one at "
+                           "a time; use daskray.init() without local_mode for one")
+    session = runtime.distributed if runtime.distributed is not None else runtime.session
+    events = [e for e in session.task_events() if e[3] >= runtime.started_at]
+    trace = chrome_trace(events, origin=runtime.started_at)
+    if filename is None:
+        return trace
+    with open(filename, "w") as f:
+        json.dump({"traceEvents": trace, "displayTimeUnit": "ms"}, f)
+    return None
 
 
 def is_initialized() -> bool:

@@ -44,6 +44,7 @@ from .outbox import Outbox
 from .process import child_setup, describe_exit, pidfd
 from .store_memory import HostStore
 from .supervision import WorkerProcesses, max_extra_workers
+from .task_events import TaskEventLog, log_reports
 from .worker_control import WorkerControl
 
 #: the head's poll wakes at least this often (heartbeats, due replacements)
@@ -77,6 +78,8 @@ class Head:
         self.tables = FunctionTables()
         self.outbox = Outbox(self.sock, self.log)
         self.state = SchedulerState(validate=config.get("validate", False))
+        #: the tasks' runs, for daskray.timeline() and the dashboard (bounded)
+        self.task_log = TaskEventLog()
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
         self.worker_address: dict[str, str] = {}  # joined worker -> its data server
         #: every worker was up once and the first driver was welcomed
@@ -345,6 +348,7 @@ class Head:
         if wid not in self.processes.proven and wid not in self.processes.actor_of \
                 and ran_a_task(items):
             self.processes.proven.add(wid)
+        log_reports(self.task_log, self.state.tasks, wid, items, time.time())
         apply = self.apply
         for event in report_events(wid, items):
             apply(event)
@@ -360,6 +364,9 @@ class Head:
             self.apply(put_event(msg, (ident, msg.graph), self.shm_prefix))
         elif t is P.GetResources:
             self.outbox.to_client(ident, P.ResourcesReply(msg.request, *self.resources()))
+        elif t is P.GetTimeline:
+            self.outbox.to_client(ident, P.TimelineReply(
+                msg.request, [tuple(e) for e in self.task_log.since(msg.since)]))
         elif t is P.GetStateSizes:
             self.outbox.to_client(ident, P.StateSizesReply(msg.request, self.state_sizes()))
         elif t is P.StopCluster:
