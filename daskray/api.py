@@ -10,6 +10,7 @@ first call that needs a cluster starts one (:func:`_auto_init`, Ray's auto-init)
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import math
 import os
 import threading
@@ -89,7 +90,8 @@ class _Runtime:
             return self.distributed.client.scheduler.address, self.distributed.dashboard_url()
         if self.cluster is not None:
             return (getattr(self.cluster, "head_address", None)
-                    or getattr(self.cluster, "session_dir", None)), None
+                    or getattr(self.cluster, "session_dir", None)), \
+                getattr(self.cluster, "dashboard_url", None)
         return None, None
 
     def _set_config(self, key: str, value: Any) -> None:
@@ -110,7 +112,7 @@ class _Runtime:
 
 #: Ray's init options about things daskray does not have; accepted, no effect
 _IGNORED_RAY_OPTIONS = {
-    "include_dashboard", "dashboard_host", "dashboard_port", "log_to_driver",
+    "dashboard_host", "log_to_driver",
     "logging_level", "logging_format", "configure_logging", "runtime_env",
     "_temp_dir", "_system_config", "num_gpus",
 }
@@ -129,6 +131,8 @@ def init(
     security: Any = None,
     object_store_memory: int | float | str | None = None,
     namespace: str | None = None,
+    include_dashboard: bool | None = None,
+    dashboard_port: int = 8265,
     _validate: bool = False,
     _store_namespaces: int = 1,
     **ray_options: Any,
@@ -161,8 +165,15 @@ def init(
     driver has an anonymous namespace of its own.  ``options(namespace=...)`` and
     ``get_actor(name, namespace=...)`` name another.
 
+    ``include_dashboard=True`` serves a live dashboard of the cluster (workers,
+    task stream, progress, object store, actors; Prometheus metrics at
+    ``/metrics``) on ``127.0.0.1:dashboard_port`` (a random free port if that one
+    is taken); ``init`` prints its URL and the context's ``dashboard_url`` holds it.
+    Off by default (as Ray's ``None``).  On a dask.distributed cluster the
+    ``dashboard_url`` is dask's own dashboard and no other is started.
+
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
-    options about its dashboard and logging are accepted and have no effect here.
+    other options about its dashboard and logging are accepted and have no effect here.
 
     ``address`` joins a cluster already running: a dask.distributed scheduler's
     address (``"tcp://HOST:8786"``, ``tls://`` with ``security=`` or dask's TLS
@@ -228,12 +239,16 @@ def init(
                 len(resources) != n or not all(isinstance(r, dict) for r in resources)):
             raise ValueError("resources must be a dict, or a list of one dict per worker")
         store_limit = _store_limit(object_store_memory)
+        port = _dashboard_port(include_dashboard, dashboard_port, local_mode)
         if address not in (None, "local"):
             cluster = AttachedCluster(find_cluster(address))
         elif not local_mode:
             cluster = LocalCluster(n, validate=_validate, resources=resources,
-                                   store_limit=store_limit, store_namespaces=_store_namespaces)
+                                   store_limit=store_limit, store_namespaces=_store_namespaces,
+                                   dashboard_port=port)
         try:
+            if port is not None and isinstance(cluster, LocalCluster):
+                _start_dashboard(cluster)
             _runtime = _Runtime(cluster, set_dask_scheduler, namespace=namespace)
             backend.install(_runtime.session)
         except BaseException:  # Ctrl-C, say: the cluster just started must not stay
@@ -242,6 +257,32 @@ def init(
                     cluster.close()
             raise
         return _runtime.context
+
+
+def _dashboard_port(include: bool | None, port: Any, local_mode: bool) -> int | None:
+    """The port the dashboard should listen on, or None for no dashboard."""
+    if not include:
+        return None
+    if local_mode:
+        raise ValueError("local_mode starts no cluster, so there is no dashboard to show; "
+                         "drop include_dashboard=True or local_mode=True")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"dashboard_port must be a port number (0-65535), got {port!r}")
+    missing = [m for m in ("bokeh", "prometheus_client", "psutil")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ClusterError(f"the dashboard needs {', '.join(missing)}: "
+                           "pip install 'daskray[dashboard]'")
+    return port
+
+
+def _start_dashboard(cluster: LocalCluster) -> None:
+    """Wait for the dashboard the head started to listen; print its URL."""
+    from .dashboard.server import wait_for_url
+
+    cluster.dashboard_url = wait_for_url(cluster.session_dir,
+                                         alive=lambda: cluster.head.poll() is None)
+    print(f"daskray: the dashboard is at {cluster.dashboard_url}", flush=True)
 
 
 def _join_distributed(address: str | None, client: Any, security: Any,

@@ -86,6 +86,9 @@ class Head:
         self.started = False
         self.running = True
         self.last_tick = 0.0
+        #: the live dashboard's process and snapshot publisher, if asked for
+        self.dashboard = None if config.get("dashboard_port") is None else \
+            _start_dashboard(self.ctx, config, self.processes.namespace_prefix(0))
         self.handlers = InstructionHandlers(self.outbox, self.tables, self.processes,
                                             self.control, self.worker_address,
                                             lambda: self.running)
@@ -116,6 +119,8 @@ class Head:
                 self.release_dropped(wid, tasks)
             self.processes.start_due_replacements()
             self.tick()
+            if self.dashboard is not None:
+                self.dashboard.publisher.maybe_publish(self, time.monotonic())
             self.outbox.flush(self.processes.procs, self.processes.retiring, self.peers)
 
     def poll_timeout_ms(self) -> int:
@@ -124,6 +129,8 @@ class Head:
         a replacement is due sooner."""
         tick = (int(TICK_SECONDS * 1000) if self.processes.extra or self.state.blocked
                 else TICK_MS)
+        if self.dashboard is not None:
+            tick = min(tick, self.dashboard.publisher.due_in_ms(time.monotonic()))
         wait = self.processes.seconds_to_next_replacement()
         return tick if wait is None else max(0, min(tick, int(wait * 1000) + 1))
 
@@ -143,6 +150,8 @@ class Head:
             else:  # still starting (an extra worker, a replacement): nothing to lose
                 self.processes.kill(wid)
         self.processes.wait_all()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.control.close()
         self.sock.close(0)
         self.ctx.term()
@@ -396,6 +405,13 @@ class Head:
         handle = self.handlers.handle
         for ins in self.state.handle(event):
             handle(ins)
+
+
+def _start_dashboard(ctx: zmq.Context, config: dict, store_prefix: str) -> Any:
+    """The dashboard's process (``daskray.dashboard``): imported only when asked for."""
+    from ..dashboard.server import DashboardProcess
+
+    return DashboardProcess(ctx, {**config, "store_prefix": store_prefix})
 
 
 def main() -> None:
