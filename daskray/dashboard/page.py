@@ -1,9 +1,11 @@
 """The dashboard's page: one Bokeh document per browser tab, redrawn from the
 shared :class:`~.model.DashboardModel` every :data:`REDRAW_MS`.
 
-Every model the page updates has a ``name`` (``workers``, ``task_stream``,
-``progress``, ``store``, ``actors``, ``status``), so a test or a user's script
-can find it with ``Bokeh.documents[0].get_model_by_name(...)``.
+Every model the page updates has a ``name`` (the tables ``workers``,
+``progress``, ``store``, ``actors`` and their sources ``<table>_source``; the
+plot ``task_stream`` and its source ``task_stream_source``; the ``status`` line),
+so a test or a user's script can find it with
+``Bokeh.documents[0].get_model_by_name(...)``.
 """
 
 from __future__ import annotations
@@ -31,9 +33,9 @@ def prefix_color(prefix: str) -> str:
     return Category20_20[zlib.crc32(prefix.encode()) % len(Category20_20)]
 
 
-def _table(name: str, columns: list[tuple[str, str, Any]], height: int) -> tuple:
-    source = ColumnDataSource({field: [] for field, _, _ in columns})
-    table = DataTable(source=source, name=name, height=height, sizing_mode="stretch_width",
+def _table(name: str, columns: list[tuple[str, str, Any]], height: int, width: int) -> tuple:
+    source = ColumnDataSource({field: [] for field, _, _ in columns}, name=f"{name}_source")
+    table = DataTable(source=source, name=name, height=height, width=width,
                       index_position=None, columns=[
                           TableColumn(field=field, title=title,
                                       **({"formatter": fmt} if fmt is not None else {}))
@@ -45,6 +47,16 @@ def _columns(rows: list[dict], fields: list[str]) -> dict[str, list]:
     return {f: [r[f] for r in rows] for f in fields}
 
 
+def _show(table: DataTable, data: dict[str, list]) -> None:
+    """Put ``data`` into ``table`` if it changed.  BokehJS redraws a table only
+    when its rows' indices change, so a table whose row count stays is told to
+    redraw by a change of its ``tags``."""
+    if data == dict(table.source.data):
+        return
+    table.source.data = data
+    table.tags = [table.tags[0] + 1 if table.tags else 1]
+
+
 class Page:
     """One tab's document and what it has drawn so far."""
 
@@ -53,13 +65,13 @@ class Page:
         self.seq = 0  # the newest task-stream event drawn
         self.redraws = 0
         self.status = Div(name="status", text="waiting for the head's first snapshot")
-        self.workers, workers_table = _table("workers", [
+        self.workers, self.workers_table = _table("workers", [
             ("id", "worker", None), ("kind", "kind", None), ("pid", "pid", None),
             ("cpu", "CPU %", NumberFormatter(format="0.0")),
             ("memory_mb", "memory (MB)", NumberFormatter(format="0.0")),
-            ("current_text", "current task", None), ("queue", "queued", None)], 180)
+            ("current_text", "current task", None), ("queue", "queued", None)], 180, 860)
         self.stream = ColumnDataSource({"worker": [], "start": [], "end": [], "color": [],
-                                        "prefix": [], "key": []})
+                                        "prefix": [], "key": []}, name="task_stream_source")
         self.stream_plot = figure(
             name="task_stream", title="Task stream", height=260, sizing_mode="stretch_width",
             y_range=FactorRange(factors=[]), x_axis_label="seconds since the dashboard started",
@@ -67,31 +79,30 @@ class Page:
         self.stream_plot.hbar(y="worker", left="start", right="end", height=0.8, color="color",
                               source=self.stream, line_color=None)
         self.stream_plot.add_tools(HoverTool(tooltips=[("task", "@key"), ("worker", "@worker")]))
-        self.progress, progress_table = _table("progress", [
+        self.progress, self.progress_table = _table("progress", [
             ("prefix", "task prefix", None), ("done", "done", None),
             ("running", "running", None), ("waiting", "waiting", None),
-            ("erred", "erred", None), ("percent", "% done", NumberFormatter(format="0.0"))], 180)
+            ("erred", "erred", None), ("percent", "% done", NumberFormatter(format="0.0"))], 180, 620)
         self.progress_plot = figure(
-            name="progress_plot", title="Progress by task prefix", height=180,
-            sizing_mode="stretch_width", y_range=FactorRange(factors=[]), x_range=(0, 100),
+            name="progress_plot", title="% done by task prefix", height=200, width=480,
+            y_range=FactorRange(factors=[]), x_range=(0, 100),
             toolbar_location=None)
         self.progress_plot.hbar(y="prefix", right="percent", height=0.7, color="color",
                                 source=self.progress)
-        self.store, store_table = _table("store", [
-            ("kind", "object store", None), ("mb", "MB", NumberFormatter(format="0.0"))], 110)
-        self.actors, actors_table = _table("actors", [
+        self.store, self.store_table = _table("store", [
+            ("kind", "object store", None), ("mb", "MB", NumberFormatter(format="0.0"))], 110, 240)
+        self.actors, self.actors_table = _table("actors", [
             ("id", "actor", None), ("name", "name", None), ("state", "state", None),
             ("queue", "queued calls", None), ("restarts", "restarts", None),
-            ("worker", "worker", None)], 150)
+            ("worker", "worker", None)], 150, 860)
         doc.title = "daskray dashboard"
         doc.add_root(column(
             Div(text="<h2>daskray</h2>"), self.status,
-            row(column(Div(text="<b>Workers</b>"), workers_table, sizing_mode="stretch_width"),
-                column(Div(text="<b>Object store</b>"), store_table, width=260)),
+            row(column(Div(text="<b>Workers</b>"), self.workers_table),
+                column(Div(text="<b>Object store</b>"), self.store_table)),
             self.stream_plot,
-            row(column(Div(text="<b>Progress</b>"), progress_table,
-                       sizing_mode="stretch_width"), self.progress_plot),
-            Div(text="<b>Actors</b>"), actors_table, sizing_mode="stretch_width"))
+            row(column(Div(text="<b>Progress</b>"), self.progress_table), self.progress_plot),
+            Div(text="<b>Actors</b>"), self.actors_table, sizing_mode="stretch_width"))
         self.redraw()
         doc.add_periodic_callback(self.redraw, REDRAW_MS)
 
@@ -102,20 +113,21 @@ class Page:
         workers = m.worker_rows()
         for w in workers:
             w["memory_mb"] = w["memory"] / 2**20
-        self.workers.data = _columns(workers, ["id", "kind", "pid", "cpu", "memory_mb",
-                                               "current_text", "queue"])
+        _show(self.workers_table, _columns(workers, ["id", "kind", "pid", "cpu", "memory_mb",
+                                                     "current_text", "queue"]))
         self._draw_stream([w["id"] for w in workers if not w["extra"]])
         progress = m.progress()
         for p in progress:
             p["percent"] = 100.0 * p["fraction"]
             p["color"] = prefix_color(p["prefix"])
-        self.progress.data = _columns(progress, ["prefix", "done", "running", "waiting",
-                                                 "erred", "percent", "color"])
+        _show(self.progress_table, _columns(progress, ["prefix", "done", "running", "waiting",
+                                                       "erred", "percent", "color"]))
         self.progress_plot.y_range.factors = [p["prefix"] for p in progress]
-        self.store.data = {"kind": ["used", "limit", "spilled"],
-                           "mb": [m.store[k] / 2**20 for k in ("used", "limit", "spilled")]}
-        self.actors.data = _columns(m.actors, ["id", "name", "state", "queue", "restarts",
-                                               "worker"])
+        _show(self.store_table, {
+            "kind": ["used", "limit", "spilled"],
+            "mb": [m.store[k] / 2**20 for k in ("used", "limit", "spilled")]})
+        _show(self.actors_table, _columns(m.actors, ["id", "name", "state", "queue",
+                                                     "restarts", "worker"]))
         self.status.text = (
             f"{sum(1 for w in workers if w['kind'] == 'task')} task workers · "
             f"{sum(p['done'] for p in progress)} tasks done · "
