@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import importlib.util
+import json
 import math
 import os
 import threading
@@ -34,6 +35,8 @@ from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
+from .runtime.task_events import chrome_trace
+from .dashboard.process import wait_for_url
 from .runtime.session import Session
 
 #: the address schemes of dask's comm layer: an address with one names a dask scheduler
@@ -278,8 +281,6 @@ def _dashboard_port(include: bool | None, port: Any, local_mode: bool) -> int | 
 
 def _start_dashboard(cluster: LocalCluster) -> None:
     """Wait for the dashboard the head started to listen; print its URL."""
-    from .dashboard.server import wait_for_url
-
     cluster.dashboard_url = wait_for_url(cluster.session_dir,
                                          alive=lambda: cluster.head.poll() is None)
     print(f"daskray: the dashboard is at {cluster.dashboard_url}", flush=True)
@@ -374,10 +375,6 @@ def timeline(filename: str | None = None) -> list[dict] | None:
 
     The head keeps the newest 100,000 task runs; on a dask.distributed cluster
     the scheduler's task stream is read (it keeps the newest 100,000 too)."""
-    import json
-
-    from .runtime.task_events import chrome_trace
-
     runtime = _current()
     if runtime.local_mode:
         raise ClusterError("local_mode keeps no timeline: tasks run in this process, one at "

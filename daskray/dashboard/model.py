@@ -10,7 +10,6 @@ stream and counts all of them by prefix for the progress bars and the metrics.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
 
 from ..runtime.task_events import ERRED, key_prefix
 

@@ -20,6 +20,7 @@ from bokeh.models import (ColumnDataSource, DataTable, Div, FactorRange, HoverTo
 from bokeh.palettes import Category20_20
 from bokeh.plotting import figure
 
+from ..runtime.task_events import key_prefix
 from .model import STREAM_EVENTS, DashboardModel
 
 #: how often each open page is redrawn (ms)
@@ -138,7 +139,7 @@ class Page:
         if new:
             self.seq = new[-1][0]
             origin = self.model.started
-            prefixes = [_prefix(e[1]) for e in new]
+            prefixes = [key_prefix(e[1]) for e in new]
             self.stream.stream({
                 "worker": [e[2] for e in new], "start": [e[3] - origin for e in new],
                 "end": [e[4] - origin for e in new], "color": [prefix_color(p) for p in prefixes],
@@ -150,9 +151,3 @@ class Page:
             end = max(self.stream.data["end"][-200:])
             self.stream_plot.x_range.start = max(0.0, end - STREAM_WINDOW)
             self.stream_plot.x_range.end = end + 0.5
-
-
-def _prefix(key: str) -> str:
-    from ..runtime.task_events import key_prefix
-
-    return key_prefix(key)

@@ -1,10 +1,12 @@
-"""The dashboard's process: a Bokeh server on loopback with the page at ``/`` and
-Prometheus metrics at ``/metrics``, fed by the head's snapshots.
+"""The dashboard's process (``python -m daskray.dashboard.server``): a Bokeh
+server on loopback with the page at ``/`` and Prometheus metrics at
+``/metrics``, fed by the head's snapshots.
 
-Started by the head (:class:`DashboardProcess`), stopped by it at shutdown, and
-gone on its own when the head is: it watches its parent.  Once it listens, it
-writes ``{"url": ...}`` (or ``{"error": ...}`` if it could not start) to
-``dashboard.json`` in the session directory, where ``init()`` reads the URL.
+Started by the head (:class:`~.process.DashboardProcess`), stopped by it at
+shutdown, and gone on its own when the head is: it watches its parent.  Once it
+listens, it writes ``{"url": ...}`` (or ``{"error": ...}`` if it could not
+start) to ``dashboard.json`` in the session directory, where ``init()`` reads
+the URL.
 """
 
 from __future__ import annotations
@@ -14,70 +16,28 @@ import os
 import pickle
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
 from typing import Any
 
-URL_FILE = "dashboard.json"
+import psutil
+import zmq
+from bokeh.application import Application
+from bokeh.application.handlers.function import FunctionHandler
+from bokeh.server.server import Server
+from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.web import RequestHandler
+
+from ..runtime.process import child_setup
+from ..runtime.store_memory import HostStore
+from .metrics import metrics_text
+from .model import DashboardModel
+from .page import Page
+from .process import URL_FILE
+
 #: seconds between two measurements of the workers' CPU and memory and the store
 MEASURE_SECONDS = 1.0
-#: seconds ``init()`` waits for the dashboard to listen
-START_TIMEOUT = 60.0
-
-
-# ---------------------------------------------------------------- the head's side
-
-class DashboardProcess:
-    """The dashboard's process and the head's snapshot publisher (used by the head)."""
-
-    def __init__(self, ctx: Any, config: dict) -> None:
-        from ..runtime.process import spawn
-        from ..runtime.transport import ipc_address
-        from .snapshot import SnapshotPublisher
-
-        address = ipc_address(config["session_dir"], "dashboard.sock")
-        self.publisher = SnapshotPublisher(ctx, address)
-        self.proc = spawn("daskray.dashboard.server", {
-            "snapshots": address, "port": config["dashboard_port"],
-            "session_dir": config["session_dir"], "store_prefix": config["store_prefix"],
-            "store_limit": config["store_limit"]})
-
-    def stop(self) -> None:
-        """End the dashboard's process (politely, then by force) and the publisher."""
-        self.publisher.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def wait_for_url(session_dir: str, alive: Any, timeout: float = START_TIMEOUT) -> str:
-    """The dashboard's URL, once it listens (the driver calls this in ``init``).
-    Raises ``ClusterError`` if it failed to start, or the cluster ``alive()`` no
-    longer is, or it takes longer than ``timeout``."""
-    from ..errors import ClusterError
-
-    path = os.path.join(session_dir, URL_FILE)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(path) as f:
-                info = json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            if not alive():
-                raise ClusterError("the cluster stopped before its dashboard started") from None
-            time.sleep(0.05)  # polling a file another process writes: no event to wait on
-            continue
-        if "error" in info:
-            raise ClusterError(f"the dashboard could not start: {info['error']}")
-        return info["url"]
-    raise ClusterError(f"the dashboard did not start within {timeout:.0f} s; start without "
-                       "include_dashboard=True, or look at the error output above")
 
 
 # ---------------------------------------------------------------- the dashboard's process
@@ -99,12 +59,7 @@ class Feed:
     """Reads the head's snapshots into the model, and measures what the head does
     not: the workers' CPU and memory (psutil) and the object store's files."""
 
-    def __init__(self, ctx: Any, config: dict, model: Any) -> None:
-        import zmq
-
-        from ..runtime.store_memory import HostStore
-
-        self.zmq = zmq
+    def __init__(self, ctx: zmq.Context, config: dict, model: DashboardModel) -> None:
         self.sock = ctx.socket(zmq.SUB)
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -118,15 +73,13 @@ class Feed:
         """Apply every snapshot that has arrived, oldest first."""
         while True:
             try:
-                data = self.sock.recv(self.zmq.NOBLOCK)
-            except self.zmq.Again:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
                 return
             self.model.apply(pickle.loads(data))
 
     def measure(self) -> None:
         """Measure the workers' CPU and memory and the object store's use."""
-        import psutil
-
         usage = {}
         for w in self.model.workers:
             proc = self.processes.get(w["pid"])
@@ -148,17 +101,6 @@ class Feed:
 
 def serve(config: dict) -> None:
     """Run the dashboard until the head stops it or is gone."""
-    import zmq
-    from bokeh.application import Application
-    from bokeh.application.handlers.function import FunctionHandler
-    from bokeh.server.server import Server
-    from tornado.ioloop import IOLoop, PeriodicCallback
-    from tornado.web import RequestHandler
-
-    from .metrics import metrics_text
-    from .model import DashboardModel
-    from .page import Page
-
     model = DashboardModel(started=time.time())
     ctx = zmq.Context()
     feed = Feed(ctx, config, model)
@@ -202,8 +144,6 @@ def _write_url_file(session_dir: str, info: dict) -> None:
 
 
 def main() -> None:
-    from ..runtime.process import child_setup
-
     config = child_setup()
     try:
         serve(config)

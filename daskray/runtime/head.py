@@ -32,6 +32,7 @@ from typing import Any
 
 import zmq
 
+from ..dashboard.process import DashboardProcess
 from ..scheduler import events as E
 from ..scheduler.state import SchedulerState
 from . import protocol as P
@@ -88,7 +89,8 @@ class Head:
         self.last_tick = 0.0
         #: the live dashboard's process and snapshot publisher, if asked for
         self.dashboard = None if config.get("dashboard_port") is None else \
-            _start_dashboard(self.ctx, config, self.processes.namespace_prefix(0))
+            DashboardProcess(self.ctx, {**config,
+                                        "store_prefix": self.processes.namespace_prefix(0)})
         self.handlers = InstructionHandlers(self.outbox, self.tables, self.processes,
                                             self.control, self.worker_address,
                                             lambda: self.running)
@@ -405,13 +407,6 @@ class Head:
         handle = self.handlers.handle
         for ins in self.state.handle(event):
             handle(ins)
-
-
-def _start_dashboard(ctx: zmq.Context, config: dict, store_prefix: str) -> Any:
-    """The dashboard's process (``daskray.dashboard``): imported only when asked for."""
-    from ..dashboard.server import DashboardProcess
-
-    return DashboardProcess(ctx, {**config, "store_prefix": store_prefix})
 
 
 def main() -> None:

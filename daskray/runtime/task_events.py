@@ -15,6 +15,8 @@ import itertools
 from collections import deque
 from typing import Any, Iterable, NamedTuple
 
+from .records import ErredReport, FinishedReport, StartedReport
+
 #: events kept (about 200 bytes each: ~20 MB at most)
 CAPACITY = 100_000
 #: start times of tasks that said they started and have not ended (bounded too:
@@ -114,8 +116,6 @@ def _fields(ev: Any) -> tuple:
 def log_reports(log: TaskEventLog, tasks: dict, wid: str, items: list, now: float) -> None:
     """Log what a worker's batch of reports says about its tasks' runs
     (``tasks``: the scheduler's tasks by id, read before the reports change them)."""
-    from .records import ErredReport, FinishedReport, StartedReport
-
     for item in items:
         t = type(item)
         if t is FinishedReport or t is ErredReport:
