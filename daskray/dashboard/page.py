@@ -21,10 +21,13 @@ from bokeh.palettes import Category20_20
 from bokeh.plotting import figure
 
 from ..runtime.task_events import key_prefix
-from .model import STREAM_EVENTS, DashboardModel
+from .model import DashboardModel
 
-#: how often each open page is redrawn (ms)
-REDRAW_MS = 500
+#: how often each open page is redrawn (ms): the browser's drawing competes with
+#: the workers for the machine's cores (benchmarks/dashboard_overhead.py)
+REDRAW_MS = 1000
+#: task-stream bars a page holds (as dask's task stream: the newest thousand)
+STREAM_BARS = 1000
 #: seconds of the task stream shown (older bars scroll out)
 STREAM_WINDOW = 60.0
 
@@ -49,13 +52,13 @@ def _columns(rows: list[dict], fields: list[str]) -> dict[str, list]:
 
 
 def _show(table: DataTable, data: dict[str, list]) -> None:
-    """Put ``data`` into ``table`` if it changed.  BokehJS redraws a table only
-    when its rows' indices change, so a table whose row count stays is told to
-    redraw by a change of its ``tags``."""
+    """Put ``data`` into ``table`` if it changed.  BokehJS redraws a table's rows
+    only when its view's indices change, so a table whose row count stays is told
+    to (its view's ``tags`` change: the rows are redrawn, not the whole table)."""
     if data == dict(table.source.data):
         return
     table.source.data = data
-    table.tags = [table.tags[0] + 1 if table.tags else 1]
+    table.view.tags = [table.view.tags[0] + 1 if table.view.tags else 1]
 
 
 class Page:
@@ -135,7 +138,7 @@ class Page:
             f"redraw {self.redraws} at {time.strftime('%H:%M:%S')}")
 
     def _draw_stream(self, workers: list[str]) -> None:
-        new = self.model.events_after(self.seq)
+        new = self.model.events_after(self.seq)[-STREAM_BARS:]
         if new:
             self.seq = new[-1][0]
             origin = self.model.started
@@ -143,7 +146,7 @@ class Page:
             self.stream.stream({
                 "worker": [e[2] for e in new], "start": [e[3] - origin for e in new],
                 "end": [e[4] - origin for e in new], "color": [prefix_color(p) for p in prefixes],
-                "prefix": prefixes, "key": [e[1] for e in new]}, rollover=STREAM_EVENTS)
+                "prefix": prefixes, "key": [e[1] for e in new]}, rollover=STREAM_BARS)
         factors = sorted(set(workers) | set(self.stream.data["worker"]))
         if list(self.stream_plot.y_range.factors) != factors:
             self.stream_plot.y_range.factors = factors
