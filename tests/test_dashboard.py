@@ -4,9 +4,13 @@ test_dashboard_browser.py)."""
 
 from __future__ import annotations
 
+import os
 import re
+import signal
 import socket
+import time
 import urllib.request
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -14,7 +18,8 @@ import pytest
 import daskray
 from daskray.dashboard.metrics import metrics_text
 from daskray.dashboard.model import DashboardModel
-from helpers import NUM_WORKERS, start_cluster, wait_until
+from daskray.dashboard.snapshot import _actors, _task_counts
+from helpers import NUM_WORKERS, mark_started, start_cluster, wait_for_path, wait_until
 
 
 def _snap(workers=(), events=(), states=None, pending=None, actors=()) -> dict:
@@ -87,6 +92,24 @@ def test_metrics_exposes_every_documented_family():
         "daskray_worker_restarts_total 0.0", "daskray_workers 2.0"]
     for line in expected:
         assert line in text.splitlines(), line
+
+
+def test_the_snapshot_counts_unfinished_tasks_by_prefix_and_state():
+    tasks = {i: SimpleNamespace(name=f"('inc-abc', {i})", state=state) for i, state in
+             enumerate(["waiting", "ready", "processing", "memory", "erred"])}
+    counts = _task_counts(tasks)
+    assert counts["task_states"] == {"waiting": 2, "running": 1, "memory": 1, "erred": 1}
+    assert counts["pending_by_prefix"] == {"inc": {"waiting": 2, "running": 1}}
+
+
+def test_the_snapshot_counts_an_actors_restarts_from_when_it_was_first_seen():
+    first: dict = {}
+    actor = SimpleNamespace(name="counter", state="alive", calls=[1, 2], in_flight=[3],
+                            restarts_left=3, worker="a1")
+    assert _actors({"x": actor}, first)[0]["restarts"] == 0
+    actor.restarts_left, actor.state = 1, "restarting"
+    [row] = _actors({"x": actor}, first)
+    assert (row["restarts"], row["queue"], row["state"]) == (2, 3, "restarting")
 
 
 # ---------------------------------------------------------------- a cluster with a dashboard
@@ -186,3 +209,47 @@ def test_on_dask_distributed_the_dashboard_is_dasks_own(on_distributed):
     ctx = daskray.init(address=on_distributed.scheduler_address, include_dashboard=True)
     assert ctx.dashboard_url == on_distributed.dashboard_link
     assert not _dashboard_processes()
+
+
+def _head_process():
+    from daskray import api
+
+    return psutil.Process(api._runtime.cluster.head.pid)
+
+
+def _wait_for_file(path: str, started: str) -> str:
+    mark_started(started)
+    while not os.path.exists(path):
+        time.sleep(0.01)  # the test creates it: polling a file another process writes
+    return "released"
+
+
+@pytest.mark.timeout(120)
+def test_metrics_show_a_running_task_while_it_runs(dashboard, tmp_path):
+    ctx, _ = dashboard
+    url = ctx.dashboard_url + "metrics"
+    started, release = str(tmp_path / "started"), str(tmp_path / "release")
+    ref = daskray.remote(_wait_for_file).remote(release, started)
+    try:
+        wait_for_path(started)
+        assert wait_until(
+            lambda: _metric(_get(url), 'daskray_tasks{state="running"}') == 1.0, 20), _get(url)
+    finally:
+        open(release, "w").close()
+    assert daskray.get(ref, timeout=60) == "released"
+
+
+@pytest.mark.timeout(120)
+def test_the_dashboard_ends_when_its_head_is_killed(dashboard):
+    [dashboard_proc] = _dashboard_processes()  # by pid: orphaned, it is no child of ours
+    head = _head_process()
+    head.send_signal(signal.SIGKILL)
+    head.wait(30)
+
+    def gone() -> bool:
+        try:
+            return dashboard_proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    assert wait_until(gone, 20), "the dashboard process outlived its head"

@@ -100,39 +100,48 @@ class Feed:
 
 
 def serve(config: dict) -> None:
-    """Run the dashboard until the head stops it or is gone."""
+    """Run the dashboard until the head stops it (SIGTERM) or is gone."""
     model = DashboardModel(started=time.time())
     ctx = zmq.Context()
     feed = Feed(ctx, config, model)
+    feed.measure()  # the store's limit and use are there from the first page on
 
     class Metrics(RequestHandler):
         def get(self) -> None:
             self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
             self.write(metrics_text(model))
 
-    port = free_port(config["port"])
-    server = Server({"/": Application(FunctionHandler(lambda doc: Page(doc, model)))},
-                    address="127.0.0.1", port=port, io_loop=IOLoop.current(),
-                    allow_websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"],
-                    extra_patterns=[(r"/metrics", Metrics)])
+    server, port = listen(config["port"], {
+        "/": Application(FunctionHandler(lambda doc: Page(doc, model)))}, Metrics)
     server.start()
     loop = IOLoop.current()
     parent = config["parent_pid"]
 
     def watch_parent() -> None:
-        if os.getppid() != parent:
-            loop.stop()
+        if os.getppid() != parent:  # the head is gone: so is the cluster
+            os._exit(0)
 
     PeriodicCallback(feed.drain, 100).start()
     PeriodicCallback(feed.measure, MEASURE_SECONDS * 1000).start()
     PeriodicCallback(watch_parent, 500).start()
-    signal.signal(signal.SIGTERM, lambda *_: loop.add_callback_from_signal(loop.stop))
+    # the head stops it: nothing to save, and the session's files go with the session
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     _write_url_file(config["session_dir"], {"url": f"http://127.0.0.1:{port}/"})
-    try:
-        loop.start()
-    finally:
-        server.stop()
-        ctx.destroy(0)
+    loop.start()
+
+
+def listen(wanted: int, apps: dict, metrics: type) -> tuple[Server, int]:
+    """A Bokeh server on 127.0.0.1: on port ``wanted`` if free, else on a random
+    free one (tried again if another process takes it between look and bind)."""
+    for attempt in range(5):
+        port = free_port(wanted if attempt == 0 else 0)
+        try:
+            return Server(apps, address="127.0.0.1", port=port, io_loop=IOLoop.current(),
+                          allow_websocket_origin=[f"127.0.0.1:{port}", f"localhost:{port}"],
+                          extra_patterns=[(r"/metrics", metrics)]), port
+        except OSError:
+            continue
+    raise OSError("found no free port on 127.0.0.1 for the dashboard")
 
 
 def _write_url_file(session_dir: str, info: dict) -> None:
