@@ -173,7 +173,8 @@ def init(
     ``/metrics``) on ``127.0.0.1:dashboard_port`` (a random free port if that one
     is taken); ``init`` prints its URL and the context's ``dashboard_url`` holds it.
     Off by default (as Ray's ``None``).  On a dask.distributed cluster the
-    ``dashboard_url`` is dask's own dashboard and no other is started.
+    ``dashboard_url`` is dask's own dashboard and no other is started; a driver
+    joining a cluster started by ``daskray start`` starts none either (None).
 
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
     other options about its dashboard and logging are accepted and have no effect here.
