@@ -30,7 +30,7 @@ _LAZY = {
         ["init", "shutdown", "is_initialized", "get", "put", "wait", "cancel", "remote",
          "kill", "get_actor", "object_store_stats", "cluster_resources",
          "available_resources", "nodes", "exit_actor", "get_runtime_context",
-         "list_named_actors"], "api"),
+         "list_named_actors", "timeline"], "api"),
     "ObjectRef": "refs", "ObjectID": "refs",
     "Actor": "actors", "ActorClass": "actors", "ActorHandle": "actors", "method": "actors",
     "ActorPool": "actors.pool",

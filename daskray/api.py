@@ -10,9 +10,12 @@ first call that needs a cluster starts one (:func:`_auto_init`, Ray's auto-init)
 from __future__ import annotations
 
 import atexit
+import importlib.util
+import json
 import math
 import os
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -32,6 +35,8 @@ from .runtime.cluster import AttachedCluster, LocalCluster, sigint_deferred
 from .runtime.standalone import find_cluster
 from .runtime.local_session import LocalSession
 from .runtime import context
+from .runtime.task_events import chrome_trace
+from .dashboard.process import wait_for_url
 from .runtime.session import Session
 
 #: the address schemes of dask's comm layer: an address with one names a dask scheduler
@@ -65,6 +70,8 @@ class _Runtime:
         else:
             self.session = Session(cluster.client)
             tracker.wake = cluster.client.wake_for_refs
+        #: tasks since this moment make daskray.timeline()
+        self.started_at = time.time()
         #: where this driver's named actors are: Ray's anonymous namespace if not given
         self.namespace = namespace or f"anonymous-{uuid.uuid4()}"
         self.session.set_namespace(self.namespace)
@@ -86,7 +93,8 @@ class _Runtime:
             return self.distributed.client.scheduler.address, self.distributed.dashboard_url()
         if self.cluster is not None:
             return (getattr(self.cluster, "head_address", None)
-                    or getattr(self.cluster, "session_dir", None)), None
+                    or getattr(self.cluster, "session_dir", None)), \
+                getattr(self.cluster, "dashboard_url", None)
         return None, None
 
     def _set_config(self, key: str, value: Any) -> None:
@@ -107,7 +115,7 @@ class _Runtime:
 
 #: Ray's init options about things daskray does not have; accepted, no effect
 _IGNORED_RAY_OPTIONS = {
-    "include_dashboard", "dashboard_host", "dashboard_port",
+    "dashboard_host",
     "logging_level", "logging_format", "configure_logging", "runtime_env",
     "_temp_dir", "_system_config", "num_gpus",
 }
@@ -127,6 +135,8 @@ def init(
     object_store_memory: int | float | str | None = None,
     namespace: str | None = None,
     log_to_driver: bool = True,
+    include_dashboard: bool | None = None,
+    dashboard_port: int = 8265,
     _validate: bool = False,
     _store_namespaces: int = 1,
     **ray_options: Any,
@@ -162,6 +172,14 @@ def init(
     What tasks and actors print reaches this process's ``sys.stdout`` (stderr and
     ``logging``: ``sys.stderr``) as whole lines prefixed ``(name pid=N)``, as
     Ray's; ``log_to_driver=False`` turns that off.
+
+    ``include_dashboard=True`` serves a live dashboard of the cluster (workers,
+    task stream, progress, object store, actors; Prometheus metrics at
+    ``/metrics``) on ``127.0.0.1:dashboard_port`` (a random free port if that one
+    is taken); ``init`` prints its URL and the context's ``dashboard_url`` holds it.
+    Off by default (as Ray's ``None``).  On a dask.distributed cluster the
+    ``dashboard_url`` is dask's own dashboard and no other is started; a driver
+    joining a cluster started by ``daskray start`` starts none either (None).
 
     For code written for Ray: ``num_cpus`` means ``num_workers``, and Ray's
     other options about its dashboard and logging are accepted and have no effect here.
@@ -230,13 +248,16 @@ def init(
                 len(resources) != n or not all(isinstance(r, dict) for r in resources)):
             raise ValueError("resources must be a dict, or a list of one dict per worker")
         store_limit = _store_limit(object_store_memory)
+        port = _dashboard_port(include_dashboard, dashboard_port, local_mode)
         if address not in (None, "local"):
             cluster = AttachedCluster(find_cluster(address), log_to_driver=log_to_driver)
         elif not local_mode:
             cluster = LocalCluster(n, validate=_validate, resources=resources,
                                    store_limit=store_limit, store_namespaces=_store_namespaces,
-                                   log_to_driver=log_to_driver)
+                                   log_to_driver=log_to_driver, dashboard_port=port)
         try:
+            if port is not None and isinstance(cluster, LocalCluster):
+                _start_dashboard(cluster)
             _runtime = _Runtime(cluster, set_dask_scheduler, namespace=namespace)
             backend.install(_runtime.session)
         except BaseException:  # Ctrl-C, say: the cluster just started must not stay
@@ -245,6 +266,30 @@ def init(
                     cluster.close()
             raise
         return _runtime.context
+
+
+def _dashboard_port(include: bool | None, port: Any, local_mode: bool) -> int | None:
+    """The port the dashboard should listen on, or None for no dashboard."""
+    if not include:
+        return None
+    if local_mode:
+        raise ValueError("local_mode starts no cluster, so there is no dashboard to show; "
+                         "drop include_dashboard=True or local_mode=True")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise ValueError(f"dashboard_port must be a port number (0-65535), got {port!r}")
+    missing = [m for m in ("bokeh", "prometheus_client", "psutil")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ClusterError(f"the dashboard needs {', '.join(missing)}: "
+                           "pip install 'daskray[dashboard]'")
+    return port
+
+
+def _start_dashboard(cluster: LocalCluster) -> None:
+    """Wait for the dashboard the head started to listen; print its URL."""
+    cluster.dashboard_url = wait_for_url(cluster.session_dir,
+                                         alive=lambda: cluster.head.poll() is None)
+    print(f"daskray: the dashboard is at {cluster.dashboard_url}", flush=True)
 
 
 def _join_distributed(address: str | None, client: Any, security: Any,
@@ -257,6 +302,7 @@ def _join_distributed(address: str | None, client: Any, security: Any,
 
     session = join(address, client, security, log_to_driver)
     try:
+        session.record_task_stream()  # for daskray.timeline()
         _runtime = _Runtime(None, set_dask_scheduler, session, namespace)
         backend.install(session)
     except BaseException:
@@ -325,6 +371,29 @@ def object_store_stats() -> dict:
     if runtime.cluster is None:
         raise ClusterError("local_mode has no object store: values stay in this process")
     return runtime.cluster.store.stats()
+
+
+def timeline(filename: str | None = None) -> list[dict] | None:
+    """The tasks run since :func:`init` as a Chrome trace, as ``ray.timeline()``:
+    one complete ("X") event per task, named by its task prefix, one row per
+    worker, times in microseconds since ``init``.  Written to ``filename`` as
+    ``{"traceEvents": [...]}`` (open it in Perfetto or chrome://tracing) and None
+    returned; without a filename the list of events is returned.
+
+    The head keeps the newest 100,000 task runs; on a dask.distributed cluster
+    the scheduler's task stream is read (it keeps the newest 100,000 too)."""
+    runtime = _current()
+    if runtime.local_mode:
+        raise ClusterError("local_mode keeps no timeline: tasks run in this process, one at "
+                           "a time; use daskray.init() without local_mode for one")
+    session = runtime.distributed if runtime.distributed is not None else runtime.session
+    events = [e for e in session.task_events() if e[3] >= runtime.started_at]
+    trace = chrome_trace(events, origin=runtime.started_at)
+    if filename is None:
+        return trace
+    with open(filename, "w") as f:
+        json.dump({"traceEvents": trace, "displayTimeUnit": "ms"}, f)
+    return None
 
 
 def is_initialized() -> bool:

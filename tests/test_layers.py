@@ -23,7 +23,8 @@ PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "daskray"
 LAYERS = [
     ("base", ["daskray.errors", "daskray.backend", "daskray.refs"]),
     ("scheduler core", ["daskray.scheduler", "daskray.scheduler.*"]),
-    ("runtime", ["daskray.runtime", "daskray.runtime.*"]),
+    ("runtime", ["daskray.runtime", "daskray.runtime.*", "daskray.dashboard",
+                 "daskray.dashboard.*"]),
     ("calls and sessions", ["daskray.remote_function", "daskray.runtime.session",
                             "daskray.runtime.local_session", "daskray.runtime.start_worker"]),
     ("public API", ["daskray", "daskray.api", "daskray.actors", "daskray.actors.*",

@@ -412,6 +412,23 @@ class DistributedSession:
     def dashboard_url(self) -> str | None:
         return getattr(self.client, "dashboard_link", None)
 
+    def record_task_stream(self) -> None:
+        """Have the scheduler record its task stream from now on (distributed's
+        ``TaskStreamPlugin``, which ``Client.get_task_stream`` installs on first use)."""
+        self.client.get_task_stream(start=time.time())
+
+    def task_events(self) -> list[tuple]:
+        """The task runs the scheduler's task stream holds (its own bounded
+        buffer), as (key, worker, start, end, state), times from ``time.time()``."""
+        events = []
+        for run in self.client.get_task_stream():
+            for part in run.get("startstops", ()):
+                if part.get("action") == "compute":
+                    events.append((str(run["key"]), str(run.get("worker", "?")), part["start"],
+                                   part["stop"], "erred" if run.get("status") == "error"
+                                   else "finished"))
+        return sorted(events, key=lambda e: e[3])
+
     # ---------------------------------------------------------------- actors
 
     def create_actor(self, actor_class: ActorSpec, args: tuple, kwargs: dict) -> Any:

@@ -287,7 +287,7 @@ class Client:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()
         elif t is P.ActorReply or t is P.ResourcesReply or t is P.StateSizesReply \
-                or t is P.ActorNames:
+                or t is P.ActorNames or t is P.TimelineReply:
             with self._results_changed:
                 self.results[("reply", msg.request)] = msg
                 self._results_changed.notify_all()

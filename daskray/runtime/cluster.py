@@ -146,7 +146,7 @@ class LocalCluster:
     def __init__(self, num_workers: int, validate: bool = False,
                  resources: list | None = None, store_limit: int | None = None,
                  store_namespaces: int = 1, session_dir: str | None = None,
-                 log_to_driver: bool = True) -> None:
+                 log_to_driver: bool = True, dashboard_port: int | None = None) -> None:
         ttl = worker_ttl()  # a bad setting fails before anything exists
         replacement_backoff_max()  # read again by the head
         sweep_stale_sessions()
@@ -164,6 +164,7 @@ class LocalCluster:
                 self._start(session_dir, {
                     "num_workers": num_workers, "validate": validate, "resources": resources,
                     "store_namespaces": store_namespaces, "worker_ttl": ttl,
+                    "dashboard_port": dashboard_port,
                 }, store_limit)
             self.client.wait_ready(START_TIMEOUT_SECONDS)  # Ctrl-C may stop the start here
         except BaseException as exc:  # nothing of the session may stay

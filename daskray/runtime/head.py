@@ -33,6 +33,7 @@ from typing import Any
 
 import zmq
 
+from ..dashboard.process import DashboardProcess
 from ..scheduler import events as E
 from ..scheduler.state import SchedulerState
 from . import protocol as P
@@ -48,6 +49,7 @@ from .process import child_setup, describe_exit, pidfd
 from .status import worker_status
 from .store_memory import HostStore
 from .supervision import WorkerProcesses, max_extra_workers
+from .task_events import TaskEventLog, log_reports
 from .worker_control import WorkerControl
 
 #: the head's poll wakes at least this often (heartbeats, due replacements)
@@ -81,6 +83,8 @@ class Head:
         self.tables = FunctionTables()
         self.outbox = Outbox(self.sock, self.log)
         self.state = SchedulerState(validate=config.get("validate", False))
+        #: the tasks' runs, for daskray.timeline() and the dashboard (bounded)
+        self.task_log = TaskEventLog()
         self.peers: dict[bytes, tuple[bytes, str]] = {}  # identity -> (role, name)
         self.worker_address: dict[str, str] = {}  # joined worker -> its data server
         #: every worker was up once and the first driver was welcomed
@@ -90,6 +94,10 @@ class Head:
         #: forwards what tasks print to the drivers that asked
         self.output = OutputRouter(self.outbox.to_client,
                                    lambda task: driver_of_task(self.state.tasks, task))
+        #: the live dashboard's process and snapshot publisher, if asked for
+        self.dashboard = None if config.get("dashboard_port") is None else \
+            DashboardProcess(self.ctx, {**config,
+                                        "store_prefix": self.processes.namespace_prefix(0)})
         self.handlers = InstructionHandlers(self.outbox, self.tables, self.processes,
                                             self.control, self.worker_address,
                                             lambda: self.running)
@@ -120,6 +128,8 @@ class Head:
                 self.release_dropped(wid, tasks)
             self.processes.start_due_replacements()
             self.tick()
+            if self.dashboard is not None:
+                self.dashboard.publisher.maybe_publish(self, time.monotonic())
             self.outbox.flush(self.processes.procs, self.processes.retiring, self.peers)
 
     def poll_timeout_ms(self) -> int:
@@ -128,6 +138,8 @@ class Head:
         a replacement is due sooner."""
         tick = (int(TICK_SECONDS * 1000) if self.processes.extra or self.state.blocked
                 else TICK_MS)
+        if self.dashboard is not None:
+            tick = min(tick, self.dashboard.publisher.due_in_ms(time.monotonic()))
         wait = self.processes.seconds_to_next_replacement()
         return tick if wait is None else max(0, min(tick, int(wait * 1000) + 1))
 
@@ -147,6 +159,8 @@ class Head:
             else:  # still starting (an extra worker, a replacement): nothing to lose
                 self.processes.kill(wid)
         self.processes.wait_all()
+        if self.dashboard is not None:
+            self.dashboard.stop()
         self.control.close()
         self.sock.close(0)
         self.ctx.term()
@@ -383,6 +397,7 @@ class Head:
         if wid not in self.processes.proven and wid not in self.processes.actor_of \
                 and ran_a_task(items):
             self.processes.proven.add(wid)
+        log_reports(self.task_log, self.state.tasks, wid, items, time.time())
         apply = self.apply
         for event in report_events(wid, items):
             apply(event)
@@ -398,6 +413,9 @@ class Head:
             self.apply(put_event(msg, (ident, msg.graph), self.shm_prefix))
         elif t is P.GetResources:
             self.outbox.to_client(ident, P.ResourcesReply(msg.request, *self.resources()))
+        elif t is P.GetTimeline:
+            self.outbox.to_client(ident, P.TimelineReply(
+                msg.request, [tuple(e) for e in self.task_log.since(msg.since)]))
         elif t is P.GetStateSizes:
             self.outbox.to_client(ident, P.StateSizesReply(msg.request, self.state_sizes()))
         elif t is P.StopCluster:

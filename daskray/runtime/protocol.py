@@ -272,6 +272,15 @@ class ListActors:
     parent: int | None = None
 
 
+@message(65)
+class GetTimeline:
+    """Ask for the task events the head has logged since event ``since``
+    (``daskray.timeline``); answered by :class:`TimelineReply`."""
+
+    request: int
+    since: int = 0
+
+
 @message(43)
 class SetNamespace:
     """A driver says its namespace: its (and its tasks') named actors are there."""
@@ -348,6 +357,15 @@ class ActorNames:
 
     request: int
     names: list
+
+
+@message(66)
+class TimelineReply:
+    """The head's task events: (seq, key, worker, start, end, state) tuples,
+    oldest first; times are the head's ``time.time()``."""
+
+    request: int
+    events: list
 
 
 @message(32)

@@ -181,6 +181,13 @@ class Session:
                           "no answer about the head's state")
         return reply.sizes
 
+    def task_events(self, timeout: float | None = 60.0) -> list[tuple]:
+        """The task runs the head has logged, oldest first: (key, worker, start,
+        end, state) with times from ``time.time()`` (see ``daskray.timeline``)."""
+        reply = self._ask(P.GetTimeline(self.conn.next_number()), timeout,
+                          "no answer about the task events")
+        return [tuple(e[1:]) for e in reply.events]
+
     def _ask(self, msg: Any, timeout: float | None, what: str) -> Any:
         """Send a request to the head and wait for its reply."""
         key = ("reply", msg.request)
