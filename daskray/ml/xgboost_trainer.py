@@ -114,7 +114,7 @@ class _Pool:
 
     def take(self, n: int) -> list:
         """``n`` actors: idle ones of this cluster that still answer, then new ones."""
-        address = daskray.init(ignore_reinit_error=True).address_info.get("address")
+        address = _cluster_address()
         if address != self.address:
             self.address, self.idle = address, []
         taken, self.idle = self.idle[:n], self.idle[n:]
@@ -153,13 +153,18 @@ def _end(actors: list) -> None:
             pass
 
 
+def _cluster_address() -> str | None:
+    """The address of the cluster this driver runs on (None when it has none)."""
+    return daskray.init(ignore_reinit_error=True).address_info.get("address")
+
+
 def _tracker_host() -> str:
     """Where the workers reach the tracker: loopback on daskray's own runtime (one
     machine); on a dask.distributed cluster the address this host uses to reach
     the scheduler."""
     from urllib.parse import urlparse
 
-    address = daskray.init(ignore_reinit_error=True).address_info.get("address") or ""
+    address = _cluster_address() or ""
     host = urlparse(address).hostname if "://" in address else None
     if not host or host in ("127.0.0.1", "localhost", "::1"):
         return "127.0.0.1"
