@@ -200,35 +200,59 @@ def test_a_reused_file_is_filled_through_a_mapping_in_one_copy(roomy_store, monk
     assert digest(shared_memory.read(d2)) == digest(fresh)
 
 
-class HeldMappings:
-    """Stands in for the writer's unmapper: keeps every mapping open until told."""
-
-    def __init__(self) -> None:
-        self.mappings: list = []
-
-    def close_later(self, mapped) -> None:
-        self.mappings.append(mapped)
-
-    def close_all(self) -> None:
-        for mapped in self.mappings:
-            mapped.close()
+def kept_mapping_of(path: str):
+    """The writer's kept mapping of the file at ``path``, if this process keeps one."""
+    st = os.stat(path)
+    return shared_memory._writer_mappings._kept.get((st.st_dev, st.st_ino))
 
 
-def test_the_writers_mapping_never_pins_the_object(roomy_store, monkeypatch):
-    held = HeldMappings()
-    monkeypatch.setattr(shared_memory, "_unmapper", held)
-    try:
-        _, p0 = write(np.zeros(2 * MB // 8), roomy_store)
-        shared_memory.unlink(p0)
-        _, p1 = write(np.ones(2 * MB // 8), roomy_store)  # reused, filled through a mapping
-        assert held.mappings, "the reused file should have been written through a mapping"
-        shared_memory.unlink(p1)  # its writer's mapping is still open
-        stats = roomy_store.stats()
-        assert stats["pooled"] >= 2 * MB and stats["used"] == 0, \
-            f"the freed object should be back in the pool, not held as in use: {stats}"
-        assert not os.path.isdir(roomy_store.freed_dir) or not os.listdir(roomy_store.freed_dir)
-    finally:
-        held.close_all()
+def test_the_writers_mapping_never_pins_the_object(roomy_store):
+    _, p0 = write(np.zeros(2 * MB // 8), roomy_store)
+    shared_memory.unlink(p0)
+    _, p1 = write(np.ones(2 * MB // 8), roomy_store)  # reused, filled through a mapping
+    assert kept_mapping_of(p1) is not None, "the writer's mapping should be kept for reuse"
+    shared_memory.unlink(p1)  # its writer's mapping is still open
+    stats = roomy_store.stats()
+    assert stats["pooled"] >= 2 * MB and stats["used"] == 0, \
+        f"the freed object should be back in the pool, not held as in use: {stats}"
+    assert not os.path.isdir(roomy_store.freed_dir) or not os.listdir(roomy_store.freed_dir)
+
+
+def test_a_kept_mapping_is_reused_and_the_new_bytes_land(roomy_store):
+    _, p0 = write(np.zeros(2 * MB // 8), roomy_store)
+    shared_memory.unlink(p0)
+    _, p1 = write(random_array(2 * MB, seed=1), roomy_store)
+    kept = kept_mapping_of(p1)
+    assert kept is not None
+    shared_memory.unlink(p1)
+    value = random_array(2 * MB - 4096, seed=2)  # a little smaller: the same file again
+    d2, p2 = write(value, roomy_store)
+    assert kept_mapping_of(p2) is kept, "the second write of the file should reuse its mapping"
+    assert digest(shared_memory.read(d2)) == digest(value)
+
+
+def test_a_kept_mapping_of_a_file_gone_is_closed_soon(roomy_store):
+    _, p0 = write(np.zeros(2 * MB // 8), roomy_store)
+    shared_memory.unlink(p0)
+    _, p1 = write(np.ones(2 * MB // 8), roomy_store)
+    kept = kept_mapping_of(p1)
+    assert kept is not None
+    roomy_store.discard(p1)  # unlinked for good: only the kept mapping holds its pages
+    assert wait_until(lambda: kept.mapping.closed, timeout=10), \
+        "a kept mapping of an unlinked file must be closed, or it holds memory nobody counts"
+    assert not shared_memory._writer_mappings._kept
+
+
+def test_kept_mappings_are_closed_when_the_session_store_goes(tmp_path):
+    gen = configured_store(tmp_path, 16 * MB)
+    host = next(gen)
+    _, p0 = write(np.zeros(2 * MB // 8), host)
+    shared_memory.unlink(p0)
+    _, p1 = write(np.ones(2 * MB // 8), host)
+    kept = kept_mapping_of(p1)
+    assert kept is not None
+    gen.close()  # the fixture's end: the previous store is configured again
+    assert kept.mapping.closed and not shared_memory._writer_mappings._kept
 
 
 def test_a_file_still_mapped_is_never_reused(roomy_store):

@@ -31,12 +31,12 @@ import itertools
 import mmap
 import os
 import pickle
-import queue
 import re
 import shutil
 import stat
 import tempfile
 import threading
+import time
 from typing import Any, Callable
 
 from ..errors import ObjectLostError, ObjectStoreFullError
@@ -71,6 +71,8 @@ def configure(store: HostStore | None, server: str | None = None,
     """Set (or, with None, clear) the store this process's writes and reads go
     through, and how objects of other hosts are served and fetched."""
     global _store, _server, _fetch_foreign
+    if store is not _store:
+        _writer_mappings.clear()
     _store, _server, _fetch_foreign = store, server, fetch_foreign
 
 
@@ -151,20 +153,22 @@ def _fill(fd: int, size: int, offsets: list[tuple[int, int]], buffers: list) -> 
     """Copy ``buffers`` into the new file ``fd`` of ``size`` bytes at ``offsets``.
 
     A file reused from the store's pool already has every page: it is filled
-    through one mapping whose page tables are set up in a single call
-    (``MAP_POPULATE``), one memcpy per buffer, with no page fault and no
-    per-page work in the kernel's write path.  A fresh file (holes) is filled
-    with ``pwrite``: on tmpfs that is 2-3x faster than faulting fresh pages in
+    through a mapping of it, one memcpy per buffer, with no page fault and no
+    per-page work in the kernel's write path.  The mapping is this process's
+    own from an earlier write of the same file where it still has one (see
+    :class:`_WriterMappings`), else a new one whose page tables are set up in a
+    single call (``MAP_POPULATE``).  A fresh file (holes) is filled with
+    ``pwrite``: on tmpfs that is 2-3x faster than faulting fresh pages in
     through a mapping, and a full ``/dev/shm`` is an ``ENOSPC`` error then,
     where a mapping would take a SIGBUS."""
-    mapped = _populated_mapping(fd, size) if size and _fully_allocated(fd, size) else None
-    if mapped is not None:
+    reused = _writer_mappings.take(fd, size) if size and _fully_allocated(fd, size) else None
+    if reused is not None:
         try:
-            with memoryview(mapped) as target:
+            with memoryview(reused.mapping) as target:
                 for (offset, length), buf in zip(offsets, buffers):
                     target[offset:offset + length] = buf
         finally:
-            _unmapper.close_later(mapped)
+            _writer_mappings.give_back(reused)
         return
     for (offset, length), buf in zip(offsets, buffers):
         done = 0
@@ -172,54 +176,135 @@ def _fill(fd: int, size: int, offsets: list[tuple[int, int]], buffers: list) -> 
             done += os.pwrite(fd, buf[done:], offset + done)
 
 
-def _populated_mapping(fd: int, size: int) -> mmap.mmap | None:
-    """A writable mapping of the file ``fd``, its page tables filled; None where
-    that cannot be had (no ``/proc``).
+class _WriterMapping:
+    """A writable mapping of one store file, made from a second open of it: a
+    mapping keeps a duplicate of its descriptor, and a duplicate of the
+    writer's descriptor would keep the writer's pin (its ``flock``) for as long
+    as the mapping lives, so the store would take the object, once freed, for
+    one a live view still reads.  ``fd`` (that second open, no lock on it) is
+    kept to tell whether the file still exists."""
 
-    The mapping is made from a second open of the file, not from ``fd``: a
-    mapping keeps a duplicate of its descriptor, and a duplicate of ``fd`` would
-    keep the writer's pin (its ``flock``) for as long as the mapping lives, so the
-    store would take the object, once freed, for one a live view still reads."""
-    try:
-        own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
-    except OSError:
-        return None
-    try:
-        return mmap.mmap(own, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
-    finally:
-        os.close(own)
+    __slots__ = ("fd", "mapping", "identity", "last_used")
+
+    def __init__(self, fd: int, mapping: mmap.mmap, identity: tuple[int, int]) -> None:
+        self.fd, self.mapping, self.identity = fd, mapping, identity
+        self.last_used = time.monotonic()
+
+    def close(self) -> None:
+        self.mapping.close()
+        os.close(self.fd)
 
 
-class _Unmapper:
-    """Closes the writer's mappings on a thread of its own.
+class _WriterMappings:
+    """The mappings this process wrote pooled files through, kept for the next
+    write of the same file.
 
-    Unmapping a 100 MB mapping tears down 25,600 page-table entries, a third of
-    the time of the copy itself, and the writer need not wait for it.  The
-    mapping holds no pin (see :func:`_populated_mapping`) and no page the store
-    does not count, as long as the file is there; were the file spilled or
-    dropped from the pool within that moment, its pages would outlive it only
-    until the thread gets to the mapping."""
+    Setting up a mapping of 100 MB (25,600 page-table entries) costs more than
+    the copy into it, and unmapping it a third of the copy.  The store's pool
+    hands the same few files back to a process that keeps writing objects of
+    one size, so the mapping is kept after a write: the next write of that file
+    (same inode) is a plain memcpy.  A kept mapping holds no pin and takes no
+    memory of its own while its file exists; once the file is gone (spilled,
+    or dropped from the pool) its pages would live on only through the
+    mapping, so a thread closes mappings whose file has no name left, and any
+    unused for :attr:`KEEP_SECONDS`, within :attr:`CHECK_SECONDS`."""
+
+    #: at most this many mappings are kept (the least recently used go first)
+    MAX_KEPT = 16
+    KEEP_SECONDS = 5.0
+    CHECK_SECONDS = 0.25
 
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        self._kept: dict[tuple[int, int], _WriterMapping] = {}
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
 
-    def close_later(self, mapped: mmap.mmap) -> None:
-        self._queue.put(mapped)
+    def take(self, fd: int, size: int) -> _WriterMapping | None:
+        """A mapping of at least ``size`` bytes of the file ``fd``, page tables
+        filled, out of the kept ones for the caller's sole use; None where none
+        can be had (no ``/proc``)."""
+        st = os.fstat(fd)
+        identity = (st.st_dev, st.st_ino)
+        with self._lock:
+            kept = self._kept.pop(identity, None)
+        if kept is not None:
+            if kept.mapping.size() >= size and os.path.samestat(st, os.fstat(kept.fd)):
+                return kept
+            self._close_later(kept)
+        try:
+            own = os.open(f"/proc/self/fd/{fd}", os.O_RDWR)
+        except OSError:
+            return None
+        try:
+            mapping = mmap.mmap(own, size, flags=mmap.MAP_SHARED | _MAP_POPULATE)
+        except BaseException:
+            os.close(own)
+            raise
+        return _WriterMapping(own, mapping, identity)
+
+    def give_back(self, kept: _WriterMapping) -> None:
+        """Keep ``kept`` for the next write of its file."""
+        kept.last_used = time.monotonic()
+        with self._lock:
+            self._kept[kept.identity] = kept
+            evicted = []
+            while len(self._kept) > self.MAX_KEPT:
+                evicted.append(self._kept.pop(next(iter(self._kept))))
+            self._start()
+            self._wake.notify()
+        for old in evicted:
+            old.close()
+
+    def clear(self) -> None:
+        """Close every kept mapping (the session's store is going away)."""
+        with self._lock:
+            kept, self._kept = list(self._kept.values()), {}
+        for entry in kept:
+            entry.close()
+
+    def _close_later(self, entry: _WriterMapping) -> None:
+        entry.last_used = float("-inf")  # the thread closes it on its next look
+        with self._lock:
+            self._kept[(-1, id(entry))] = entry
+            self._start()
+            self._wake.notify()
+
+    def _start(self) -> None:  # with the lock held
         if self._thread is None or not self._thread.is_alive():  # (none after a fork)
-            with self._lock:
-                if self._thread is None or not self._thread.is_alive():
-                    self._thread = threading.Thread(target=self._run, daemon=True,
-                                                    name="daskray-shm-unmap")
-                    self._thread.start()
+            self._thread = threading.Thread(target=self._run, daemon=True,
+                                            name="daskray-shm-mappings")
+            self._thread.start()
 
     def _run(self) -> None:
         while True:
-            self._queue.get().close()
+            with self._lock:
+                while not self._kept:
+                    self._wake.wait()
+                self._wake.wait(self.CHECK_SECONDS)
+                entries = list(self._kept.items())
+            now = time.monotonic()
+            stale = [(key, e) for key, e in entries
+                     if now - e.last_used > self.KEEP_SECONDS or _unlinked(e.fd)]
+            if not stale:
+                continue
+            closing = []
+            with self._lock:  # a writer may have taken one meanwhile
+                for key, entry in stale:
+                    if self._kept.get(key) is entry:
+                        closing.append(self._kept.pop(key))
+            for entry in closing:
+                entry.close()
 
 
-_unmapper = _Unmapper()
+def _unlinked(fd: int) -> bool:
+    try:
+        return os.fstat(fd).st_nlink == 0
+    except OSError:
+        return True
+
+
+_writer_mappings = _WriterMappings()
 
 
 def _fully_allocated(fd: int, size: int) -> bool:
