@@ -352,6 +352,21 @@ def test_workers_ended_by_force_cancels_are_replaced_at_once_however_many(restar
     assert inc.remote(1).get(timeout=30) == 2
 
 
+def test_a_force_cancel_spares_the_tasks_queued_behind_it_on_its_worker(restart_cluster,
+                                                                       tmp_path):
+    """The worker ends itself for the cancelled task; a task queued behind it on that
+    worker runs on the replacement, even with max_retries=0 (it was never at fault)."""
+    daskray.shutdown()
+    restart_cluster.init(num_workers=1, _validate=True)
+    ref = pid_then_wait.remote(str(tmp_path / "pid"), str(tmp_path / "gate"))
+    read_when_written(tmp_path / "pid")  # it runs on the only worker
+    behind = [inc.options(max_retries=0).remote(i) for i in range(3)]
+    daskray.cancel(ref, force=True)
+    with pytest.raises(TaskCancelledError):
+        ref.get(timeout=30)
+    assert daskray.get(behind, timeout=60) == [1, 2, 3]
+
+
 @daskray.remote
 class Counter:
     def __init__(self):

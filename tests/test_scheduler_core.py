@@ -872,6 +872,36 @@ def test_force_cancel_fails_the_task_as_cancelled_when_its_worker_dies():
     assert s.tasks[0].state == "erred"  # not run again, though it had retries left
 
 
+def test_a_force_cancel_death_runs_the_other_tasks_of_the_worker_again_without_a_retry():
+    """The worker ends itself for the cancelled task; tasks queued behind it there
+    did nothing wrong and must not fail with WorkerCrashedError, retries or not."""
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(remote_call(("c", 1), max_retries=0))
+    s.handle(remote_call(("c", 2), max_retries=0))
+    assert s.tasks[1].worker == "a"  # queued on the one worker, behind task 0
+    s.handle(CancelRef(("c", 1, 0), force=True))
+    out = s.handle(WorkerLost("a", "killed by signal 9", force_cancelled=True))
+    assert [n.kind for n in of(NotifyRef, out)] == ["TaskCancelledError"]
+    assert s.tasks[1].state == "ready" and s.tasks[1].retries_left == 0
+    out = s.handle(WorkerJoined("b"))  # the replacement takes it
+    assert [d.task for d in of(Dispatch, out)] == [1]
+    finish(s, 1, "b")
+    assert 1 not in s.tasks or s.tasks[1].state != "erred"
+
+
+def test_a_crash_with_a_force_cancel_pending_still_spends_retries():
+    """Without the force-cancel exit (a real crash), the other tasks are crashes."""
+    s = SchedulerState(validate=True)
+    s.handle(WorkerJoined("a"))
+    s.handle(remote_call(("c", 1), max_retries=0))
+    s.handle(remote_call(("c", 2), max_retries=0))
+    s.handle(CancelRef(("c", 1, 0), force=True))
+    out = s.handle(WorkerLost("a", "exited with code 1"))
+    kinds = sorted(n.kind for n in of(NotifyRef, out))
+    assert kinds == ["TaskCancelledError", "WorkerCrashedError"]
+
+
 def test_force_cancel_never_kills_an_actors_process():
     s = SchedulerState(validate=True)
     s.handle(WorkerJoined("w"))

@@ -212,7 +212,7 @@ class Head:
             ws = self.state.workers.get(wid)
             crash_loop = self.processes.crash_loop_death(
                 wid, returncode, None if ws is None else bool(ws.processing)) and not cancelled
-            self.apply(E.WorkerLost(wid, reason))
+            self.apply(E.WorkerLost(wid, reason, cancelled))
             self.broadcast_workers()
             self.processes.replace(wid, reason, crash_loop)
 

@@ -47,6 +47,9 @@ class WorkerLost:
     worker: WorkerId
     #: why, in words for the user: "exited with signal SIGKILL", "stopped answering"
     reason: str
+    #: it ended itself for ``daskray.cancel(force=True)`` of a task it ran: the
+    #: other tasks it held were not at fault, and run again without spending a retry
+    force_cancelled: bool = False
 
 
 @dataclass(frozen=True, slots=True)

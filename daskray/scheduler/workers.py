@@ -57,7 +57,10 @@ class Membership:
                 continue
             ts.worker = None
             self._task_ended(ts)  # its run ended with the worker
-            if ts.retries_left > 0 and not ts.cancel_requested:
+            if ev.force_cancelled and not ts.cancel_requested:
+                self._transition(ts, READY)  # queued behind the cancelled task, or its caller
+                self._place(ts)
+            elif ts.retries_left > 0 and not ts.cancel_requested:
                 ts.retries_left -= 1
                 self._transition(ts, READY)
                 self._place(ts)
