@@ -405,20 +405,32 @@ class GraphEncoder:
         self._table: list[Any] = list(preload)
         self._index: dict[int, int] = {id(obj): i for i, obj in enumerate(self._table)}
         self._buffer = io.BytesIO()
+        #: one pickler for every task (its memo cleared between them): making
+        #: one per task costs as much as pickling a small task
+        self._pickler: _TablePickler | None = None
 
     @property
     def table_size(self) -> int:
         """Entries in the function table so far."""
         return len(self._table)
 
-    def encode_task(self, body: Any, name: str) -> bytes:
-        """Pickle one task body; ``name`` appears in the error if it cannot be pickled."""
+    def encode_task(self, body: Any, name: Any, *, name_is_key: bool = False) -> bytes:
+        """Pickle one task body; ``name`` appears in the error if it cannot be pickled
+        (with ``name_is_key``, ``name`` is the task's key, described only then: a
+        graph of many tasks need not describe every key)."""
         buf = self._buffer
         buf.seek(0)
         buf.truncate()
+        pickler = self._pickler
+        if pickler is None:
+            pickler = self._pickler = _TablePickler(buf, self._table, self._index)
         try:
-            _TablePickler(buf, self._table, self._index).dump(body)
+            pickler.dump(body)
+            pickler.clear_memo()
         except Exception as exc:
+            self._pickler = None  # a failed dump may leave it half-way: start afresh
+            if name_is_key:
+                name = describe(name)
             raise SerializationError(
                 f"task {name} cannot be pickled: {exc}. Its arguments are sent to "
                 "worker processes, so they must be picklable (open files, locks, "

@@ -44,7 +44,7 @@ from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .late_reports import LateReports
 from .object_store import ObjectStore
-from .output import OutputCapture, task_label
+from .output import Label, OutputCapture, actor_label, task_label
 from .process import child_setup
 from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
 from .serialization import (
@@ -53,6 +53,7 @@ from .serialization import (
 from .store_memory import HostStore
 
 FLUSH_SECONDS = 0.001
+_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
 FLUSH_COUNT = 256
 #: a task's exception leaves with at most this many frames of traceback, and this
 #: many characters of the remote traceback it carries (an error re-raised through
@@ -239,9 +240,12 @@ class Worker:
 
     def drain(self) -> None:
         """Take every message waiting."""
-        while True:
+        head = self.head
+        # asking is five times cheaper than a recv that fails (it raises zmq.Again),
+        # and most steps find nothing waiting
+        while head.get(_EVENTS) & _POLLIN:
             try:
-                frame = self.head.recv(zmq.NOBLOCK, copy=False)
+                frame = head.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._on_message(frame)
@@ -431,11 +435,11 @@ class Worker:
         self.store.put(task_id, result)
         return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
 
-    def _output_label(self, node: Any) -> str:
+    def _output_label(self, node: Any) -> Label:
         """The name lines printed by ``node`` are prefixed with, as Ray's: the
-        task's function, or an actor's class."""
-        label = task_label(getattr(node, "key", "task"))
-        return label.split(".")[0] if self.actor is not None else label
+        task's function, or an actor's class (made only if it prints a line)."""
+        return partial(actor_label if self.actor is not None else task_label,
+                       getattr(node, "key", "task"))
 
     def _output_started(self, task_id: int, node: Any) -> Any:
         """Lines printed from now on are ``task_id``'s; what ran before (or None)."""
