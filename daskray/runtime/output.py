@@ -94,6 +94,8 @@ class OutputCapture:
         self.lock = threading.Lock()
         #: (task id, label) of what runs now
         self.current: tuple[int | None, Label] = (None, "worker")
+        #: what runs again once the switch back left for later is made (task_ended)
+        self._back_to: tuple[int | None, Label] | None = None
         #: per stream: (task id, label) of ended tasks whose end marker is in the pipe
         self.ended: dict[int, deque] = {1: deque(), 2: deque()}
         self.partial: dict[int, bytes] = {1: b"", 2: b""}
@@ -129,13 +131,31 @@ class OutputCapture:
 
     def task_started(self, task: int | None, label: Label) -> tuple[int | None, Label]:
         """Lines from now on are ``task``'s (named ``label``); what ran before."""
-        before = self.current
+        if self._back_to is None:
+            before = self.current
+        else:  # the switch back a task ended with, left to this one (task_ended)
+            before, self._back_to = self._back_to, None
         self._switch((task, label))
         return before
 
-    def task_ended(self, before: tuple[int | None, Label]) -> None:
-        """The current task ended; ``before`` (from ``task_started``) runs again."""
-        self._switch(before)
+    def task_ended(self, before: tuple[int | None, Label], later: bool = False) -> None:
+        """The current task ended; ``before`` (from ``task_started``) runs again.
+
+        ``later``: the worker goes on to its next task at once, so the switch back
+        is left to the next :meth:`task_started`, or to :meth:`settle` when the
+        worker goes idle: one switch per task instead of two (a switch asks the
+        kernel about both pipes).  The worker's own lines in between, if any, are
+        counted as the ended task's."""
+        if later:
+            self._back_to = before
+        else:
+            self._switch(before)
+
+    def settle(self) -> None:
+        """Make the switch back a task ended with, if it was left for later."""
+        if self._back_to is not None:
+            before, self._back_to = self._back_to, None
+            self._switch(before)
 
     def _switch(self, new: tuple[int | None, Label]) -> None:
         """Lines from now on are ``new``'s.  What the current label left in a pipe
@@ -158,6 +178,7 @@ class OutputCapture:
         """Send what is left (the process is ending)."""
         if self.thread is None:
             return
+        self.settle()
         self.task_ended(self.current)
         for stream in (1, 2):  # EOF for the reader, once the pipes are empty
             os.close(stream)

@@ -213,6 +213,7 @@ class Worker:
         trim = allocator.available()
         while self.running:
             if not self.queue:
+                self._settle_output()
                 self.flush()
                 self._wait_idle(trim)
             self._step()
@@ -266,10 +267,16 @@ class Worker:
             ):
                 self.flush()
 
+    def _settle_output(self) -> None:
+        """Lines printed from now on are the worker's own, not the last task's."""
+        if self.output is not None:
+            self.output.settle()
+
     def _on_message(self, frame: zmq.Frame) -> None:
         try:
             msg = P.decode(frame.buffer)
         except P.ProtocolError as exc:
+            self._settle_output()
             print(f"daskray worker {self.id}: dropped a message: {exc}", file=sys.stderr)
             return
         if type(msg) is P.Run:
@@ -309,6 +316,7 @@ class Worker:
         elif type(msg) is P.Stop:
             self.running = False
         elif type(msg) is P.Rejected:
+            self._settle_output()
             print(f"daskray worker {self.id}: the head rejected a message: {msg.reason}",
                   file=sys.stderr)
             if msg.graph is not None:  # a call a task made: its refs fail
@@ -400,8 +408,8 @@ class Worker:
                     self.interruptible = False
                     self.stack.pop()
                     self.depths.pop()
-                    if self.output is not None:
-                        self.output.task_ended(before)
+                    if self.output is not None:  # back to idle: at the next task
+                        self.output.task_ended(before, later=before[0] is None)
             if self.concurrent is None:
                 self.current = outer
             if task_id in self.cancelled:  # it caught the KeyboardInterrupt: still cancelled
