@@ -429,7 +429,7 @@ class Worker:
         try:
             with collect_pickled_refs() as contained:
                 frames = dumps_frames(result)
-            nbytes = frames_nbytes(frames)
+            nbytes = len(frames[0]) if len(frames) == 1 else frames_nbytes(frames)
             inline = None
             if notify:  # dask callbacks in the driver want every value
                 inline = frames[0] if len(frames) == 1 else dumps(result)
