@@ -53,7 +53,8 @@ from .serialization import (
 from .store_memory import HostStore
 
 FLUSH_SECONDS = 0.001
-_EVENTS, _POLLIN = zmq.EVENTS, zmq.POLLIN
+#: as plain ints: zmq.POLLIN is an enum.Flag, whose "&" runs Python code
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 FLUSH_COUNT = 256
 #: a task's exception leaves with at most this many frames of traceback, and this
 #: many characters of the remote traceback it carries (an error re-raised through
