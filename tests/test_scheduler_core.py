@@ -948,3 +948,28 @@ def test_handle_all_is_handle_of_each_report_with_one_fill():
     for state in (one_by_one, batched):
         state.handle(GraphReleased(G))
         assert state.tasks == {} and state.graphs == {}
+
+
+def test_quick_init_records_stay_frozen_dataclasses():
+    """Dispatch, FreeObjects and TaskFinished get a faster __init__ (quick_init):
+    the same fields, defaults, equality, hash and immutability as before."""
+    from daskray.scheduler.events import quick_init
+
+    d = Dispatch("w", 1, G, b"x", ())
+    assert d == Dispatch(worker="w", task=1, graph=G, body=b"x", deps=(), notify=False,
+                         parent=None, depth=1)
+    assert hash(d) == hash(Dispatch("w", 1, G, b"x", (), False, None, 1))
+    assert (d.notify, d.parent, d.depth) == (False, None, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.task = 2
+    with pytest.raises(TypeError):
+        Dispatch("w", 1)
+    assert TaskFinished(3, "w", 8, None, 0.5).contained == ()
+    assert dataclasses.astuple(FreeObjects("w", (1, 2))) == ("w", (1, 2))
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        items: list = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="default factory"):
+        quick_init(WithFactory)
