@@ -1,7 +1,7 @@
 """The scheduler: an I/O-free state machine.
 
-Events in, instructions out; :meth:`SchedulerState.handle` is the only way state
-changes.  No sockets, no pickle, no threads, no clock: time arrives inside events
+Events in, instructions out; :meth:`SchedulerState.handle` (or :meth:`~SchedulerState.handle_all`
+for events that arrive together) is the only way state changes.  No sockets, no pickle, no threads, no clock: time arrives inside events
 (task durations, ``Tick``) and payloads are opaque bytes.
 
 Where things are
@@ -57,7 +57,7 @@ cluster going, whoever submitted the work it waits for and in whatever order:
   ``policy.EXTRA_IDLE_SECONDS`` -- unless they hold the only copy of an object
   still needed.
 
-Invariants (checked after every event when ``validate=True``):
+Invariants (checked after every event, or batch of events, when ``validate=True``):
 
 * a ``processing`` task is in exactly its worker's ``processing`` set;
 * ``waiting_on`` counts the task's inputs not in memory;
