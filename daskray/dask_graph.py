@@ -186,7 +186,7 @@ def build_graph(graph: dict, keys: Any, cache: Mapping | None = None) -> GraphSp
             continue
         dep_keys = tuple(node.dependencies)
         deps.append(tuple(renumber[node_of(d)] for d in dep_keys))
-        blobs.append(encoder.encode_task((node, dep_keys), describe(key)))
+        blobs.append(encoder.encode_task((node, dep_keys), key, name_is_key=True))
 
     return GraphSpec(
         keys=keys_out,

@@ -36,7 +36,7 @@ from .refs import ObjectRef
 from .dask_graph import GraphSpec, build_graph, convert, flatten_keys, persist_plan
 from .runtime import protocol as P
 from .runtime.client import Client
-from .runtime import shared_memory
+from .runtime import gc_tuning, shared_memory
 from .runtime.serialization import dumps_frames, frames_nbytes, loads, table_id
 from .runtime.session import error_of
 
@@ -46,9 +46,11 @@ POLL_SECONDS = 0.1
 def get(client: Client, dsk: Any, keys: Any, cache: Any = None, callbacks: Any = None,
         **kwargs: Any) -> Any:
     """Compute ``keys`` of ``dsk`` on the cluster behind ``client``."""
-    graph = convert(dsk, cache)
+    with gc_tuning.paused():  # building allocates, frees nothing (see gc_tuning)
+        graph = convert(dsk, cache)
     with CallbackRun(graph, callbacks) as run:
-        spec = build_graph(graph, keys, cache)
+        with gc_tuning.paused():
+            spec = build_graph(graph, keys, cache)
         state: dict = {}
         if run.active:
             # the ObjectRefs the graph reads are there from the start, as data is
@@ -166,7 +168,9 @@ def allowed_failures() -> int:
 def _run_on_cluster(client: Client, spec: GraphSpec, state: dict, pretask: list,
                     posttask: list, notify: bool, wanted: list, values: dict) -> None:
     number, inbox = client.new_graph()
-    client.send(_submit_message(client, spec, number, wanted, fail_fast=True, notify=notify))
+    with gc_tuning.paused():
+        message = _submit_message(client, spec, number, wanted, fail_fast=True, notify=notify)
+    client.send(message)
     tracker = _CallbackTracker(spec, state, pretask, posttask) if notify else None
     try:
         # a function of its own: on CPython 3.11-3.12 a KeyboardInterrupt raised at a

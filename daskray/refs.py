@@ -18,8 +18,7 @@ it.
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from . import backend
 
@@ -114,16 +113,21 @@ tracker = RefTracker()
 _collecting = threading.local()
 
 
-@contextmanager
-def collect_pickled_refs() -> Iterator[list[RefKey]]:
-    """Record the keys of ObjectRefs pickled in this thread inside the block."""
-    found: list[RefKey] = []
-    outer = getattr(_collecting, "found", None)
-    _collecting.found = found
-    try:
-        yield found
-    finally:
-        _collecting.found = outer
+class collect_pickled_refs:  # noqa: N801 - used as a function: ``with collect_pickled_refs()``
+    """Record the keys of ObjectRefs pickled in this thread inside the block:
+    ``with collect_pickled_refs() as found``.  (A class rather than a generator:
+    a worker enters it for every result it pickles.)"""
+
+    __slots__ = ("_found", "_outer")
+
+    def __enter__(self) -> list[RefKey]:
+        self._found: list[RefKey] = []
+        self._outer = getattr(_collecting, "found", None)
+        _collecting.found = self._found
+        return self._found
+
+    def __exit__(self, *exc_info: Any) -> None:
+        _collecting.found = self._outer
 
 
 def _rebuild(key: RefKey) -> "ObjectRef":

@@ -323,3 +323,41 @@ def test_malformed_output_does_not_take_the_head_down(cluster):
     finally:
         sock.close(0)
         ctx.term()
+
+
+def test_a_label_is_made_only_when_its_task_prints_a_line(capture):
+    from functools import partial
+
+    from daskray.runtime.output import task_label
+
+    made = []
+
+    def label(key):
+        made.append(key)
+        return task_label(key)
+
+    idle = capture.current
+    before = capture.task_started(3, partial(label, ("inc-5f3a9e2c11", 0)))
+    assert before == idle and made == []  # naming a task that prints nothing costs nothing
+    capture._split(1, b"hello\n")
+    assert made == [("inc-5f3a9e2c11", 0)]
+    assert capture.pending[-1][2].startswith("(inc pid=") and capture.pending[-1][0] == 3
+
+
+def test_the_switch_back_to_idle_waits_for_the_next_task_or_settle(capture):
+    idle = capture.current
+    before = capture.task_started(1, "f")
+    capture.task_ended(before, later=True)
+    assert capture.current == (1, "f")  # not switched yet: the next task does it
+    # the next task switches once, and is told the worker was idle before it
+    assert capture.task_started(2, "g") == idle and capture.current == (2, "g")
+    capture.task_ended(idle, later=True)
+    capture.settle()  # the worker goes idle: its own lines are its own again
+    assert capture.current == idle
+    capture.settle()
+    assert capture.current == idle
+    # a nested task switches back to the task it ran on top of at once
+    capture.task_started(4, "outer")
+    inner_before = capture.task_started(5, "inner")
+    capture.task_ended(inner_before)
+    assert capture.current == (4, "outer")

@@ -939,3 +939,67 @@ def test_the_core_imports_nothing_that_does_io():
                 continue
             for name in names:
                 assert name.split(".")[0] in allowed, f"{path.name} imports {name}"
+
+
+def _one_worker_fan_in():
+    state = SchedulerState(validate=True)
+    state.handle(WorkerJoined("a"))
+    # eight leaves feeding one sum; one slot: 1 running + 1 queued at first
+    out = state.handle(graph([()] * 8 + [tuple(range(8))], wanted=[8]))
+    assert [d.task for d in of(Dispatch, out)] == [0, 1]
+    return state
+
+
+def test_handle_all_is_handle_of_each_report_with_one_fill():
+    """A worker's batch of reports is one step: every report is applied, in order,
+    and the worker is filled at the end; the same tasks go out as when the
+    reports are handled one by one, and the state ends the same."""
+    one_by_one, batched = _one_worker_fan_in(), _one_worker_fan_in()
+    # the worker reports, in one batch, every task it has been sent since its last
+    batch_each, batch_all = [0, 1], [0, 1]
+    sent_each, sent_all, rounds = [0, 1], [0, 1], 0
+    while batch_all:
+        rounds += 1
+        out_each = [i for t in batch_each
+                    for i in one_by_one.handle(TaskFinished(t, "a", 8, b"v%d" % t, 0.5))]
+        out_all = batched.handle_all(
+            [TaskFinished(t, "a", 8, b"v%d" % t, 0.5) for t in batch_all])
+        batch_each = [d.task for d in of(Dispatch, out_each)]
+        batch_all = [d.task for d in of(Dispatch, out_all)]
+        sent_each += batch_each
+        sent_all += batch_all
+        if 8 in batch_all:  # the sum runs: each leaf was freed when the sum
+            assert of(FreeObjects, out_all) == []  # ... finished, not before
+    assert sorted(sent_all) == sorted(sent_each) == list(range(9))
+    assert rounds == 5  # two tasks a batch (one running, one queued), then the sum
+    assert of(ReportResult, out_all) == [ReportResult(G, 8, b"v8", None, 8)]
+    assert sorted(o for f in of(FreeObjects, out_all) for o in f.objects) == list(range(8))
+    assert batched.handle_all([]) == []
+    for state in (one_by_one, batched):
+        state.handle(GraphReleased(G))
+        assert state.tasks == {} and state.graphs == {}
+
+
+def test_quick_init_records_stay_frozen_dataclasses():
+    """Dispatch, FreeObjects and TaskFinished get a faster __init__ (quick_init):
+    the same fields, defaults, equality, hash and immutability as before."""
+    from daskray.scheduler.events import quick_init
+
+    d = Dispatch("w", 1, G, b"x", ())
+    assert d == Dispatch(worker="w", task=1, graph=G, body=b"x", deps=(), notify=False,
+                         parent=None, depth=1)
+    assert hash(d) == hash(Dispatch("w", 1, G, b"x", (), False, None, 1))
+    assert (d.notify, d.parent, d.depth) == (False, None, 1)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.task = 2
+    with pytest.raises(TypeError):
+        Dispatch("w", 1)
+    assert TaskFinished(3, "w", 8, None, 0.5).contained == ()
+    assert dataclasses.astuple(FreeObjects("w", (1, 2))) == ("w", (1, 2))
+
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class WithFactory:
+        items: list = dataclasses.field(default_factory=list)
+
+    with pytest.raises(TypeError, match="default factory"):
+        quick_init(WithFactory)

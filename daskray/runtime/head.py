@@ -398,9 +398,10 @@ class Head:
                 and ran_a_task(items):
             self.processes.proven.add(wid)
         log_reports(self.task_log, self.state.tasks, wid, items, time.time())
-        apply = self.apply
-        for event in report_events(wid, items):
-            apply(event)
+        # one scheduler step for the whole batch: idle workers are filled once
+        handle = self.handlers.handle
+        for ins in self.state.handle_all(report_events(wid, items)):
+            handle(ins)
 
     def on_client_message(self, ident: bytes, msg: Any) -> None:
         """A driver's message, or a message of the calls of a task in a worker."""

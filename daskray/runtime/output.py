@@ -32,7 +32,7 @@ import sys
 import termios
 import threading
 from collections import deque
-from typing import TextIO
+from typing import Callable, TextIO, Union
 
 import zmq
 
@@ -66,6 +66,16 @@ def task_label(key: object) -> str:
     return "-".join(words)
 
 
+def actor_label(key: object) -> str:
+    """An actor's calls are named by its class: ``"Counter.add"`` -> ``"Counter"``."""
+    return task_label(key).split(".")[0]
+
+
+#: a task's label, or what makes it when a line of the task's is first filed: most
+#: tasks print nothing, and naming every task costs more than running a tiny one
+Label = Union[str, Callable[[], str]]
+
+
 def prefix(label: str, pid: int) -> str:
     """Ray's prefix of a worker's line: ``(name pid=N) ``."""
     return f"({label} pid={pid}) "
@@ -83,7 +93,9 @@ class OutputCapture:
         #: guards the labels and the pipes' partial lines (see the module)
         self.lock = threading.Lock()
         #: (task id, label) of what runs now
-        self.current: tuple[int | None, str] = (None, "worker")
+        self.current: tuple[int | None, Label] = (None, "worker")
+        #: what runs again once the switch back left for later is made (task_ended)
+        self._back_to: tuple[int | None, Label] | None = None
         #: per stream: (task id, label) of ended tasks whose end marker is in the pipe
         self.ended: dict[int, deque] = {1: deque(), 2: deque()}
         self.partial: dict[int, bytes] = {1: b"", 2: b""}
@@ -93,6 +105,8 @@ class OutputCapture:
         self.dropped = 0
         self.thread: threading.Thread | None = None
         self._fatal: TextIO | None = None
+        #: the answer of FIONREAD (used under the lock)
+        self._count = array.array("i", [0])
 
     # ------------------------------------------------------------ main thread
 
@@ -115,17 +129,35 @@ class OutputCapture:
         self.thread = threading.Thread(target=self._run, name="daskray-output", daemon=True)
         self.thread.start()
 
-    def task_started(self, task: int | None, label: str) -> tuple[int | None, str]:
+    def task_started(self, task: int | None, label: Label) -> tuple[int | None, Label]:
         """Lines from now on are ``task``'s (named ``label``); what ran before."""
-        before = self.current
+        if self._back_to is None:
+            before = self.current
+        else:  # the switch back a task ended with, left to this one (task_ended)
+            before, self._back_to = self._back_to, None
         self._switch((task, label))
         return before
 
-    def task_ended(self, before: tuple[int | None, str]) -> None:
-        """The current task ended; ``before`` (from ``task_started``) runs again."""
-        self._switch(before)
+    def task_ended(self, before: tuple[int | None, Label], later: bool = False) -> None:
+        """The current task ended; ``before`` (from ``task_started``) runs again.
 
-    def _switch(self, new: tuple[int | None, str]) -> None:
+        ``later``: the worker goes on to its next task at once, so the switch back
+        is left to the next :meth:`task_started`, or to :meth:`settle` when the
+        worker goes idle: one switch per task instead of two (a switch asks the
+        kernel about both pipes).  The worker's own lines in between, if any, are
+        counted as the ended task's."""
+        if later:
+            self._back_to = before
+        else:
+            self._switch(before)
+
+    def settle(self) -> None:
+        """Make the switch back a task ended with, if it was left for later."""
+        if self._back_to is not None:
+            before, self._back_to = self._back_to, None
+            self._switch(before)
+
+    def _switch(self, new: tuple[int | None, Label]) -> None:
         """Lines from now on are ``new``'s.  What the current label left in a pipe
         (or half a line of it) is followed by an end marker there, which the reader
         knows belongs to the current label.  The marker is written after the lock
@@ -135,7 +167,7 @@ class OutputCapture:
         marked = []
         with self.lock:
             for r, stream in self.read_fds.items():
-                if self.partial[stream] or _unread(r):
+                if self.partial[stream] or _unread(r, self._count):
                     self.ended[stream].append(self.current)
                     marked.append(stream)
             self.current = new
@@ -146,6 +178,7 @@ class OutputCapture:
         """Send what is left (the process is ending)."""
         if self.thread is None:
             return
+        self.settle()
         self.task_ended(self.current)
         for stream in (1, 2):  # EOF for the reader, once the pipes are empty
             os.close(stream)
@@ -202,7 +235,7 @@ class OutputCapture:
             self._file_line(stream, self.partial[stream], ended[0] if ended else self.current)
             self.partial[stream] = b""
 
-    def _file_line(self, stream: int, line: bytes, owner: tuple[int | None, str]) -> None:
+    def _file_line(self, stream: int, line: bytes, owner: tuple[int | None, Label]) -> None:
         if not line:
             return
         if self.pending_bytes > MAX_PENDING_BYTES:
@@ -215,7 +248,9 @@ class OutputCapture:
             self.dropped = 0
         self._queue(owner[0], stream, line.decode(errors="replace"), owner[1])
 
-    def _queue(self, task: int | None, stream: int, text: str, label: str) -> None:
+    def _queue(self, task: int | None, stream: int, text: str, label: Label) -> None:
+        if not isinstance(label, str):
+            label = label()
         text = prefix(label, self.pid) + text + "\n"
         self.pending.append((task, stream, text))
         self.pending_bytes += len(text)
@@ -252,9 +287,8 @@ def _batch(pending: deque) -> tuple[list, int]:
     return blocks, size
 
 
-def _unread(fd: int) -> bool:
-    """Whether pipe ``fd`` holds bytes not read yet."""
-    buf = array.array("i", [0])
+def _unread(fd: int, buf: array.array) -> bool:
+    """Whether pipe ``fd`` holds bytes not read yet (``buf``: room for the count)."""
     try:
         fcntl.ioctl(fd, termios.FIONREAD, buf, True)
     except OSError:

@@ -369,15 +369,21 @@ class _TablePickler(pickle.Pickler):
     random state of 624 ints) cost no Python call each.
     """
 
-    def __init__(self, file: io.BytesIO, table: list[Any], index: dict[int, int]) -> None:
+    def __init__(self, file: io.BytesIO, table: list[Any], index: dict[int, int],
+                 plain_classes: dict[int, type]) -> None:
         super().__init__(file, protocol=PROTOCOL)
         self._table = table
         self._index = index
+        self._plain_classes = plain_classes
 
     def reducer_override(self, obj: Any) -> Any:
         slot = self._index.get(id(obj))  # already in the table (or preloaded there)
         if slot is None:
-            if obj is _table_entry or not _needs_cloudpickle(obj):
+            if obj is _table_entry or id(obj) in self._plain_classes:
+                return NotImplemented
+            if not _needs_cloudpickle(obj):
+                if isinstance(obj, type):  # e.g. dask's Task, in every task body
+                    self._plain_classes[id(obj)] = obj
                 return NotImplemented
             slot = self._index[id(obj)] = len(self._table)
             self._table.append(obj)
@@ -405,20 +411,36 @@ class GraphEncoder:
         self._table: list[Any] = list(preload)
         self._index: dict[int, int] = {id(obj): i for i, obj in enumerate(self._table)}
         self._buffer = io.BytesIO()
+        #: classes plain pickle writes by name, by id (they are kept here, so the
+        #: ids stay theirs): asked once per graph, not once per task
+        self._plain_classes: dict[int, type] = {}
+        #: one pickler for every task (its memo cleared between them): making
+        #: one per task costs as much as pickling a small task
+        self._pickler: _TablePickler | None = None
 
     @property
     def table_size(self) -> int:
         """Entries in the function table so far."""
         return len(self._table)
 
-    def encode_task(self, body: Any, name: str) -> bytes:
-        """Pickle one task body; ``name`` appears in the error if it cannot be pickled."""
+    def encode_task(self, body: Any, name: Any, *, name_is_key: bool = False) -> bytes:
+        """Pickle one task body; ``name`` appears in the error if it cannot be pickled
+        (with ``name_is_key``, ``name`` is the task's key, described only then: a
+        graph of many tasks need not describe every key)."""
         buf = self._buffer
         buf.seek(0)
         buf.truncate()
+        pickler = self._pickler
+        if pickler is None:
+            pickler = self._pickler = _TablePickler(buf, self._table, self._index,
+                                                    self._plain_classes)
         try:
-            _TablePickler(buf, self._table, self._index).dump(body)
+            pickler.dump(body)
+            pickler.clear_memo()
         except Exception as exc:
+            self._pickler = None  # a failed dump may leave it half-way: start afresh
+            if name_is_key:
+                name = describe(name)
             raise SerializationError(
                 f"task {name} cannot be pickled: {exc}. Its arguments are sent to "
                 "worker processes, so they must be picklable (open files, locks, "

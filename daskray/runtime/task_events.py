@@ -25,6 +25,9 @@ MAX_STARTED = 10_000
 FINISHED, ERRED = "finished", "erred"
 
 
+_new_tuple = tuple.__new__
+
+
 class TaskEvent(NamedTuple):
     """One task run: ``seq`` numbers events in the order they were logged."""
 
@@ -67,12 +70,13 @@ class TaskEventLog:
                    duration: float | None, state: str = FINISHED) -> TaskEvent:
         """``task`` (named ``key``) ended on ``worker`` at ``now``, having run
         ``duration`` seconds (None when the worker did not say)."""
-        began = self.started.pop(task, None)
+        began = self.started.pop(task, None) if self.started else None
         if duration is not None:
-            start = now - max(0.0, duration)
+            start = now - duration if duration > 0.0 else now
         else:
             start = now if began is None else began
-        event = TaskEvent(next(self._seq), key, worker, start, now, state)
+        # tuple.__new__: a NamedTuple's own __new__ is Python code (one event per task)
+        event = _new_tuple(TaskEvent, (next(self._seq), key, worker, start, now, state))
         self.events.append(event)
         return event
 
@@ -116,13 +120,16 @@ def _fields(ev: Any) -> tuple:
 def log_reports(log: TaskEventLog, tasks: dict, wid: str, items: list, now: float) -> None:
     """Log what a worker's batch of reports says about its tasks' runs
     (``tasks``: the scheduler's tasks by id, read before the reports change them)."""
+    task_ended = log.task_ended
     for item in items:
         t = type(item)
-        if t is FinishedReport or t is ErredReport:
+        if t is FinishedReport:
+            ts = tasks.get(item[0])
+            if ts is not None:
+                task_ended(item[0], ts.name, wid, now, item[3], FINISHED)
+        elif t is ErredReport:
             ts = tasks.get(item.task)
             if ts is not None:
-                log.task_ended(item.task, ts.name, wid, now,
-                               item.duration if t is FinishedReport else None,
-                               FINISHED if t is FinishedReport else ERRED)
+                log.task_ended(item.task, ts.name, wid, now, None, ERRED)
         elif t is StartedReport:
             log.task_started(item.task, now)

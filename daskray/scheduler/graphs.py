@@ -47,12 +47,15 @@ class GraphIntake:
         new: list[TaskState] = []
         lost_data: list[TaskState] = []
         for i in range(n):
-            if i in external:
+            if external and i in external:
                 continue
-            deps = tuple(
-                (external[d].id if external[d] is not None else -1) if d in external else base + d
-                for d in ev.deps[i]
-            )
+            if external:
+                deps = tuple(
+                    (external[d].id if external[d] is not None else -1) if d in external
+                    else base + d for d in ev.deps[i]
+                )
+            else:  # the common case, without a generator per task
+                deps = tuple([base + d for d in ev.deps[i]]) if ev.deps[i] else ()
             ts = TaskState(
                 base + i, gs, i, ev.names[i], groups[i], ev.bodies[i],
                 (gs.seq, ev.priorities[i]), deps,
@@ -107,15 +110,16 @@ class GraphIntake:
         for ts in new:
             if ts.id not in tasks or ts.state != WAITING:
                 continue
-            if ts in missing:
+            if missing and ts in missing:
                 self._fail(ts, (None, "ObjectLostError",
                                 f"task {ts.name} depends on an object that was already freed"))
+                continue
+            if ts.waiting_on == 0:  # every input in memory: none failed
+                self._make_ready(ts)
                 continue
             failed = next((tasks[d] for d in ts.deps if tasks[d].state == ERRED), None)
             if failed is not None:
                 self._fail(ts, failed.failure)
-            elif ts.waiting_on == 0:
-                self._make_ready(ts)
         for i in ev.wanted:
             ts = tasks.get(base + i)
             if ts is not None and ts.state == MEMORY:

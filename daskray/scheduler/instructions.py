@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from typing import Any
 
-from .events import GraphId, RefKey, TaskId, WorkerId
+from .events import GraphId, RefKey, TaskId, WorkerId, quick_init
 
 #: How a dispatched task gets one of its inputs.
 #:   ("local",)             the worker already holds it
@@ -20,6 +20,7 @@ from .events import GraphId, RefKey, TaskId, WorkerId
 DepSource = tuple
 
 
+@quick_init  # one per task: see quick_init
 @dataclass(frozen=True, slots=True)
 class Dispatch:
     worker: WorkerId
@@ -39,6 +40,7 @@ class Dispatch:
     depth: int = 1
 
 
+@quick_init  # one per task: see quick_init
 @dataclass(frozen=True, slots=True)
 class FreeObjects:
     worker: WorkerId

@@ -29,6 +29,19 @@ class Placement:
             self._queue_call(ts)
             return
         self._readied = True
+        held: dict[WorkerId, int] = {}
+        tasks = self.tasks
+        for d in ts.deps:
+            dep = tasks[d]
+            if dep.inline is None:
+                for w in dep.holders:
+                    held[w] = held.get(w, 0) + dep.nbytes
+        if not held and not ts.resources and ts.graph.fail_fast:
+            # the common case (small inputs, no resources, a dask graph): no
+            # worker is better than another, the global heap shares it out
+            heapq.heappush(self.ready, (ts.priority, ts.id))
+            self._ready_grew = True
+            return
         candidates = [w for w in self.workers.values()
                       if self._takes_work(w) and fits(ts.resources, w)]
         if ts.resources and not candidates:
@@ -41,12 +54,6 @@ class Placement:
                     f"task {ts.name} needs resources {ts.resources}, but no worker has "
                     "them; declare them with daskray.init(resources=...)")))
             return
-        held: dict[WorkerId, int] = {}
-        for d in ts.deps:
-            dep = self.tasks[d]
-            if dep.inline is None:
-                for w in dep.holders:
-                    held[w] = held.get(w, 0) + dep.nbytes
         load = None
         target = None
         if held:

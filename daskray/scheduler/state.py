@@ -1,7 +1,7 @@
 """The scheduler: an I/O-free state machine.
 
-Events in, instructions out; :meth:`SchedulerState.handle` is the only way state
-changes.  No sockets, no pickle, no threads, no clock: time arrives inside events
+Events in, instructions out; :meth:`SchedulerState.handle` (or :meth:`~SchedulerState.handle_all`
+for events that arrive together) is the only way state changes.  No sockets, no pickle, no threads, no clock: time arrives inside events
 (task durations, ``Tick``) and payloads are opaque bytes.
 
 Where things are
@@ -57,7 +57,7 @@ cluster going, whoever submitted the work it waits for and in whatever order:
   ``policy.EXTRA_IDLE_SECONDS`` -- unless they hold the only copy of an object
   still needed.
 
-Invariants (checked after every event when ``validate=True``):
+Invariants (checked after every event, or batch of events, when ``validate=True``):
 
 * a ``processing`` task is in exactly its worker's ``processing`` set;
 * ``waiting_on`` counts the task's inputs not in memory;
@@ -70,6 +70,8 @@ Invariants (checked after every event when ``validate=True``):
 """
 
 from __future__ import annotations
+
+from typing import Iterable
 
 from . import policy
 from .events import (
@@ -260,6 +262,29 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
         self._out = out = []
         self._readied = False
         self._handlers[type(event)](event)
+        self._settle()
+        return out
+
+    def handle_all(self, events: Iterable[Event]) -> list[Instruction]:
+        """Apply events that arrived together (a worker's batch of reports), in
+        order; return what must be done because of them.
+
+        The same as :meth:`handle` of each in turn, but idle workers are filled
+        once, at the end: a batch of fifty reports becomes one round of dispatch
+        with fifty tasks, not fifty rounds of one (the end state differs only in
+        which ready task went where).
+        """
+        self._out = out = []
+        self._readied = False
+        handlers = self._handlers
+        for event in events:
+            handlers[type(event)](event)
+        self._settle()
+        return out
+
+    def _settle(self) -> None:
+        """Fill the workers that got room and share out new ready work (what
+        an event may start); then check the invariants if asked to."""
         for _ in range(SETTLE_ROUNDS):
             if self._ready_grew:
                 self._ready_grew = False
@@ -276,7 +301,6 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
                 break
         if self.validate:
             self.validate_state()
-        return out
 
     def _transition(self, ts: TaskState, new: str) -> None:
         if (ts.state, new) not in TRANSITIONS:
