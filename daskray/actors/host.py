@@ -26,6 +26,10 @@ from ..remote_function import RemoteFunction
 
 #: Ray's methods of every actor: True once constructed; end after the calls before it
 READY, TERMINATE = "__ray_ready__", "__ray_terminate__"
+#: daskray's method of every actor: where its process takes calls straight
+#: (``(address, worker id)``, or None); a caller's calls made before it went
+#: through the head have all started when it returns (see runtime.session)
+DIRECT = "__daskray_direct__"
 
 #: the instance this process hosts, once its constructor has run
 instance: Any = None
@@ -115,6 +119,10 @@ def bound_method(obj: Any, method: str) -> Any:
         return lambda: True
     if method == TERMINATE:
         return _terminate
+    if method == DIRECT:
+        from ..runtime import context
+
+        return lambda: context.direct_channel
     attr = inspect.getattr_static(obj, method)
     if isinstance(attr, RemoteFunction):  # marked @daskray.remote in a daskray.Actor
         return lambda *args, **kwargs: attr.__wrapped__(obj, *args, **kwargs)

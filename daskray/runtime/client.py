@@ -9,7 +9,9 @@ One I/O thread owns the socket to the head (ZeroMQ sockets are not thread-safe);
 any number of user threads may run graphs at once, each waiting on its own
 queue.  What the user threads queue while the I/O thread is busy leaves as one
 :class:`~.protocol.Batch`, and the head answers a loop turn's results in one:
-a burst of calls costs a few wake-ups of each process, not one per call.  Large
+a burst of calls costs a few wake-ups of each process, not one per call.  The
+I/O thread also owns the sockets to actors' processes that take calls straight
+(``send_direct``, see :mod:`.session`): their replies are filed like the head's.  Large
 results are fetched by the waiting thread straight from the worker that holds
 them.  If the head process dies, every waiting graph fails with
 :class:`~daskray.errors.ClusterError` instead of hanging.
@@ -76,6 +78,12 @@ class Client:
         os.set_blocking(self._ref_wake_w, False)
         #: ms to keep sending queued messages after close (see AttachedCluster)
         self.linger_ms = 0
+        #: sockets to actors' processes taking calls straight, by address (I/O thread's)
+        self._direct: dict[str, zmq.Socket] = {}
+        #: addresses whose sockets the I/O thread is to close
+        self._direct_closing: list[str] = []
+        #: actors whose process the head said is gone (see ActorMoved): read by the session
+        self.moved_actors: set[str] = set()
         # the head watches the pid of a driver that joins a cluster it did not start
         self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, f"driver:{os.getpid()}"))
         if log_to_driver:  # what tasks print is written to this process's stdout/stderr
@@ -178,6 +186,23 @@ class Client:
         if first:
             transport.poke(self._ref_wake_w)
 
+    def send_direct(self, address: str, msg: Any) -> None:
+        """Queue ``msg`` for the actor's process at ``address`` (its direct socket);
+        sent by the I/O thread ahead of what waits for the head, in order."""
+        data = P.encode(msg)
+        with self._lock:
+            if self.closed:
+                raise ClusterError("the daskray client is closed; call daskray.init() first")
+            self._outgoing.append((address, data))
+            first = len(self._outgoing) == 1
+        if first:
+            transport.poke(self._ref_wake_w)
+
+    def close_direct(self, address: str) -> None:
+        """Have the I/O thread close its socket to ``address`` (the process is gone)."""
+        with self._lock:
+            self._direct_closing.append(address)
+
     def forget(self, number: int) -> None:
         with self._lock:
             self._queues.pop(number, None)
@@ -235,6 +260,11 @@ class Client:
                 with self._lock:
                     outgoing, self._outgoing = self._outgoing, []
                     closing = self.closed
+                    gone, self._direct_closing = self._direct_closing, []
+                if gone:
+                    self._close_direct(gone, poller)
+                if any(type(item) is tuple for item in outgoing):
+                    outgoing = self._send_direct(outgoing, poller)
                 if added or dropped:
                     outgoing.append(P.encode(P.RefsUpdate(added, dropped)))
                 for data in P.batches(outgoing):
@@ -248,16 +278,66 @@ class Client:
                         except zmq.Again:
                             break
                         self._deliver(frame)
+                if len(ready) > 1 or self._head not in ready:
+                    for sock in self._direct.values():
+                        if sock in ready:
+                            self._take_direct(sock)
                 if head_fd is not None and head_fd in ready:
                     self.fail_waiters("the daskray head process died; the cluster is gone. "
                                    "Call daskray.shutdown() and daskray.init() to start a new one.")
                     poller.unregister(head_fd)
                     head_fd = None
         finally:
+            for sock in self._direct.values():
+                sock.close(0)
+            self._direct.clear()
             self._head.close(self.linger_ms)
             os.close(self._ref_wake_r)
             if watched_fd is not None:
                 os.close(watched_fd)
+
+    def _send_direct(self, outgoing: list, poller: zmq.Poller) -> list:
+        """Send the messages for actors' processes (batched per process); what is
+        left is for the head, in order."""
+        to_head: list = []
+        direct: dict[str, list] = {}
+        for item in outgoing:
+            if type(item) is tuple:
+                direct.setdefault(item[0], []).append(item[1])
+            else:
+                to_head.append(item)
+        for address, items in direct.items():
+            sock = self._direct.get(address)
+            if sock is None:
+                sock = self._direct[address] = transport.dealer(self.ctx, address, self.token)
+                poller.register(sock, zmq.POLLIN)
+            for data in P.batches(items):
+                transport.send_message(sock, data)
+        return to_head
+
+    def _close_direct(self, addresses: list, poller: zmq.Poller) -> None:
+        for address in addresses:
+            sock = self._direct.pop(address, None)
+            if sock is not None:
+                poller.unregister(sock)
+                sock.close(0)
+
+    def _take_direct(self, sock: zmq.Socket) -> None:
+        """File the replies an actor's process sent (RefResults only)."""
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                msg = P.decode(frame.buffer)
+                items = [P.decode_batched(d) for d in P.batch_items(msg)] \
+                    if type(msg) is P.Batch else [msg]
+            except P.ProtocolError:
+                continue
+            for item in items:
+                if type(item) is P.RefResult:
+                    self._deliver_one(item)
 
     def _deliver(self, frame: zmq.Frame) -> None:
         try:
@@ -291,6 +371,9 @@ class Client:
             with self._results_changed:
                 self.results[("reply", msg.request)] = msg
                 self._results_changed.notify_all()
+        elif t is P.ActorMoved:
+            with self._results_changed:
+                self.moved_actors.add(msg.actor)
         elif t is P.Rejected and msg.graph is not None:
             self._fail_graph(msg.graph, f"the head rejected graph {msg.graph}: {msg.reason}")
         elif t is P.Rejected:

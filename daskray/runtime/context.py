@@ -12,3 +12,7 @@ from typing import Any
 
 #: the Session of this worker process, or None in any other process
 worker_session: Any = None
+
+#: in an actor's process: (address of its direct socket, its worker id), which
+#: callers learn from a call of ``__daskray_direct__`` (see actors.host)
+direct_channel: tuple | None = None

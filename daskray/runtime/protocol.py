@@ -173,6 +173,9 @@ class SubmitGraph:
     parent: int | None = None
     #: data nodes in shared memory: {node: file}
     shared: dict | None = None
+    #: the caller sent this call (an actor's) straight to the actor's process,
+    #: this worker id: the head records it as running there and dispatches nothing
+    direct: str | None = None
 
 
 @message(2)
@@ -487,6 +490,43 @@ class WorkerStatusReply:
     request: int
     #: {worker id: {"task": name or None, "queued": int, "actor": id or None}}
     workers: dict
+
+
+# ------------------------------------------------------------------ caller <-> actor, direct
+
+
+@message(71)
+class DirectCall:
+    """A call of an actor's method, sent by its caller straight to the actor's
+    process (its direct socket) instead of through the head.  The caller tells
+    the head too (a ``SubmitGraph`` with ``direct`` set); the actor replies with a
+    :class:`RefResult` on the same socket and reports to the head as usual."""
+
+    #: the ObjectRef key of the call's result, chosen by the caller
+    ref: tuple
+    #: the function table the body refers to, by id; its bytes the first time
+    #: the caller sends it to this process (None after)
+    table_id: bytes
+    table: bytes | None
+    #: the pickled task (``serialization.decode_task``), as in a ``RunTask``
+    body: bytes
+
+
+@message(72)
+class ActorMoved:
+    """Head -> caller: the process of ``actor`` that this caller sent calls to
+    straight is gone (the actor restarts, or died): send calls through the head
+    until it says where the actor is again."""
+
+    actor: str
+
+
+@message(73)
+class WatchActor:
+    """Caller -> head: this caller is about to learn where ``actor``'s process
+    takes calls straight; say :class:`ActorMoved` when that process goes."""
+
+    actor: str
 
 
 # ------------------------------------------------------------------ either way

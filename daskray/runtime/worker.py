@@ -17,6 +17,12 @@ the reading of other workers' objects (:mod:`.data_server`), the connection a
 task's own calls go through, with nested tasks while it waits in ``get()``
 (:mod:`.in_task`), and the loop of an actor whose calls run concurrently
 (:mod:`.concurrent_actor`).
+
+An actor's process also binds a *direct* socket (authenticated like every bound
+socket): callers that know where it is send calls there (``DirectCall``), not
+through the head.  Such a call queues with the head's, runs under its
+``direct_key``, and its outcome goes straight back to the caller (a
+``RefResult``) and, in the next batch of reports, to the head.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import zmq
 from .. import backend
 from ..errors import ObjectLostError, RemoteTraceback, SerializationError, TaskCancelledError
 from ..refs import collect_pickled_refs, tracker
+from ..scheduler.actors import direct_key
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import allocator, context, host_transfer, shared_memory, transport
@@ -46,7 +53,10 @@ from .late_reports import LateReports
 from .object_store import ObjectStore
 from .output import OutputCapture, task_label
 from .process import child_setup
-from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
+from .records import (
+    DirectErredReport, DirectFinishedReport, DirectReleasedReport, ErredReport, FinishedReport,
+    RefsReport, ReleasedReport, RunTask, StartedReport,
+)
 from .serialization import (
     decode_table, decode_task, dumps, dumps_exception, dumps_frames, frames_nbytes,
 )
@@ -113,6 +123,21 @@ class Worker:
             self.shm_prefix = None
         self.resources: dict = config.get("resources") or {}
         self.actor: str | None = config.get("actor")
+        #: an actor's socket for calls sent straight by their callers (see the module)
+        self.direct: zmq.Socket | None = None
+        #: direct calls queued or running: {direct key: (caller's identity, ref key)}
+        self.direct_calls: dict[str, tuple[bytes, tuple]] = {}
+        #: function tables callers sent with direct calls (kept: callers send each once)
+        self.direct_tables: dict[bytes, bytes] = {}
+        self.log = transport.ThrottledLog(prefix=f"daskray worker {self.id}")
+        if self.actor is not None:
+            direct_address = transport.ipc_address(config["session_dir"], f"a-{self.id}.sock")
+            self.direct = transport.router(self.ctx, direct_address, self.token)
+            context.direct_channel = (direct_address, self.id)
+        self.poller = zmq.Poller()
+        self.poller.register(self.head, zmq.POLLIN)
+        if self.direct is not None:
+            self.poller.register(self.direct, zmq.POLLIN)
         self.running = True
         #: an actor with max_concurrency > 1 or async methods runs calls on a thread pool
         self.concurrent: ConcurrentCalls | None = None
@@ -228,7 +253,7 @@ class Worker:
                 timeout = max(1, min(timeout, int((trim_at - time.monotonic()) * 1000) + 1))
             if tracker.has_changes():
                 timeout = min(timeout, 50)
-            if self.head.poll(timeout):
+            if self.poller.poll(timeout):
                 return
             if tracker.has_changes():
                 self.flush()
@@ -238,13 +263,69 @@ class Worker:
                 self.heap_used = False
 
     def drain(self) -> None:
-        """Take every message waiting."""
+        """Take every message waiting (the head's, then callers' direct calls)."""
         while True:
             try:
                 frame = self.head.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             self._on_message(frame)
+        if self.direct is not None:
+            self.drain_direct()
+
+    def drain_direct(self) -> None:
+        """Queue the calls callers sent straight to this actor's process."""
+        while True:
+            try:
+                frames = self.direct.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_direct(frames)
+
+    def _on_direct(self, frames: list) -> None:
+        """One message on the direct socket (a ``DirectCall``, or a ``Batch`` of
+        them): each call joins the queue.  The peer passed the session token in
+        the handshake; a message that is not such a call is dropped before a byte
+        of the task inside is unpickled."""
+        ident = frames[0].bytes
+        try:
+            msg = P.decode(transport.join_frames(frames[1:]))
+            calls = [P.decode_batched(d) for d in P.batch_items(msg)] \
+                if type(msg) is P.Batch else [msg]
+        except (P.ProtocolError, ValueError) as exc:
+            self.log.write("dropped a malformed message on the direct socket", str(exc)[:300])
+            return
+        for call in calls:
+            problem = self._direct_problem(call)
+            if problem is not None:
+                self.log.write("dropped a malformed message on the direct socket", problem)
+                continue
+            if call.table is not None:
+                self.direct_tables[call.table_id] = call.table
+            key = direct_key(call.ref)
+            self.direct_calls[key] = (ident, call.ref)
+            if key in self.dropped:  # cancelled (through the head) before it came
+                self.dropped.discard(key)
+                self.report(ReleasedReport(key))
+                continue
+            self.queue.append(RunTask(key, call.table_id, call.body, (), False, None, 1))
+
+    def _direct_problem(self, msg: Any) -> str | None:
+        """What is wrong with a message received as a direct call (None: nothing)."""
+        if type(msg) is not P.DirectCall:
+            return f"{type(msg).__name__} is not a direct call"
+        ref = msg.ref
+        if not (type(ref) is tuple and len(ref) == 3 and type(ref[0]) is bytes
+                and type(ref[1]) is int and type(ref[2]) is int
+                and type(msg.table_id) is bytes and type(msg.body) is bytes
+                and (msg.table is None or type(msg.table) is bytes)):
+            return "a direct call's fields have the wrong types"
+        if msg.table is None and msg.table_id not in self.direct_tables \
+                and msg.table_id not in self.raw_tables:
+            return "a direct call refers to a function table never sent"
+        if direct_key(ref) in self.direct_calls:
+            return "a direct call was sent twice"
+        return None
 
     def _step(self) -> None:
         """Take every message waiting, then run one queued task."""
@@ -314,11 +395,41 @@ class Worker:
                         f"the head rejected graph {msg.graph}: {msg.reason}")
 
     def report(self, item: Any) -> None:
-        """Queue a report for the head (sent by ``flush``)."""
+        """Queue a report for the head (sent by ``flush``); the outcome of a direct
+        call also goes to its caller, now."""
+        t = type(item)
+        if (t is FinishedReport or t is ErredReport or t is ReleasedReport) \
+                and type(item.task) is str and item.task in self.direct_calls:
+            item = self._direct_outcome(item)
         self.late.disarm()
         if not self.reports:
             self.first_report_at = time.perf_counter()
         self.reports.append(item)
+
+    def _direct_outcome(self, item: Any) -> Any:
+        """Reply to the caller of a direct call; the report for the head.  A result
+        holding ObjectRefs is not sent straight: the head must learn what it holds
+        before the caller can use those refs, so the head tells the caller."""
+        ident, ref = self.direct_calls.pop(item.task)
+        t = type(item)
+        reply = None
+        if t is FinishedReport:
+            if not item.contained:
+                holder = None if item.inline is not None else self.address
+                reply = P.RefResult(ref, item.inline, holder, item.task, None, None, None)
+            report: Any = DirectFinishedReport(ref, item.task, item.nbytes, item.inline,
+                                               item.duration, item.contained)
+        elif t is ErredReport:
+            reply = P.RefResult(ref, None, None, 0, item.error, None, None)
+            report = DirectErredReport(ref, item.error)
+        else:
+            report = DirectReleasedReport(ref)
+        if reply is not None:
+            try:
+                transport.send_message(self.direct, P.encode(reply), prefix=(ident,))
+            except zmq.ZMQError:  # the caller is gone: the head has the outcome
+                pass
+        return report
 
     def flush(self, changes: tuple | None = None) -> None:
         """Send the pending reports, after the ref changes recorded so far (or
@@ -339,7 +450,9 @@ class Worker:
     def _table(self, graph: Any) -> list[Any]:
         table = self.tables.get(graph)
         if table is None:
-            table = self.tables[graph] = decode_table(self.raw_tables[graph])
+            raw = self.raw_tables.get(graph)
+            table = self.tables[graph] = decode_table(
+                raw if raw is not None else self.direct_tables[graph])
         return table
 
     def _input(self, object_id: int, source: tuple) -> Any:
@@ -456,6 +569,8 @@ class Worker:
         if self.output is not None:
             self.output.close()
         self.peers.close()
+        if self.direct is not None:
+            self.direct.close(0)
         self.head.close(0)
 
 

@@ -133,7 +133,9 @@ class TaskOutcomes:
             return
         ts.cancel_requested = True
         if ts.state == PROCESSING:
-            self._out.append(CancelTasks(ts.worker, (ts.id,), force and ts.actor is None))
+            # a call sent straight to an actor runs there under its store key
+            self._out.append(CancelTasks(ts.worker, (ts.store_key if ts.direct else ts.id,),
+                                         force and ts.actor is None))
         else:
             self._fail(ts, (None, "TaskCancelledError",
                             f"task {ts.name} was cancelled before it ran"))
