@@ -38,6 +38,16 @@ from .fetch import fetch_object
 from .output import write_output
 
 FETCH_TIMEOUT_MS = 60_000
+#: messages for the head that nobody waits on (the registrations of calls sent
+#: straight to actors, ref changes) wait at most this long for company: a loop of
+#: direct calls then costs the head one message per few calls, not two per call
+LAZY_SECONDS = 0.005
+#: ... and at most this many of them
+LAZY_COUNT = 256
+
+
+class _Lazy(bytes):
+    """An encoded message for the head that may wait (see ``LAZY_SECONDS``)."""
 #: what threads still waiting for results are told when this process shuts down
 SHUT_DOWN = ("daskray.shutdown() was called while this was waiting: the connection to the "
              "cluster is closed. Call daskray.init() again to run more work")
@@ -55,6 +65,10 @@ class Client:
         self._lock = threading.Lock()
         #: encoded messages for the head, in the order sent; the I/O thread takes them
         self._outgoing: list = []
+        #: when the I/O thread started holding back lazy messages (None: it holds none)
+        self._held_since: float | None = None
+        #: how many held-back messages lead ``_outgoing`` (new ones must wake the thread)
+        self._held = 0
         self.client_id = b"c" + os.urandom(7)
         self._head = transport.dealer(self.ctx, head_address, token, identity=self.client_id)
         self._head_pid = head_pid
@@ -182,19 +196,23 @@ class Client:
             if self.closed:
                 raise ClusterError("the daskray client is closed; call daskray.init() first")
             self._outgoing.append(data)
-            first = len(self._outgoing) == 1
+            first = len(self._outgoing) - self._held == 1
         if first:
             transport.poke(self._ref_wake_w)
 
-    def send_direct(self, address: str, msg: Any) -> None:
-        """Queue ``msg`` for the actor's process at ``address`` (its direct socket);
-        sent by the I/O thread ahead of what waits for the head, in order."""
+    def send_direct(self, address: str, msg: Any, then: Any = None) -> None:
+        """Queue ``msg`` for the actor's process at ``address`` (its direct socket),
+        and ``then`` (if given) for the head; the I/O thread sends what is for
+        actors' processes first, each destination's messages in order."""
         data = P.encode(msg)
+        after = None if then is None else P.encode(then)
         with self._lock:
             if self.closed:
                 raise ClusterError("the daskray client is closed; call daskray.init() first")
             self._outgoing.append((address, data))
-            first = len(self._outgoing) == 1
+            if after is not None:
+                self._outgoing.append(_Lazy(after))
+            first = len(self._outgoing) - self._held <= (1 if after is None else 2)
         if first:
             transport.poke(self._ref_wake_w)
 
@@ -251,20 +269,33 @@ class Client:
         watched_fd = head_fd  # closed when the loop ends, watched or not
         try:
             while True:
-                ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+                timeout = 50 if tracker.has_changes() else 1000
+                if self._held_since is not None:
+                    left = self._held_since + LAZY_SECONDS - time.monotonic()
+                    timeout = max(0, min(timeout, int(left * 1000) + 1))
+                ready = dict(poller.poll(timeout))
                 if self._ref_wake_r in ready:
                     transport.drain_pipe(self._ref_wake_r)
+                hold = self._hold_lazy()
                 # taken before taking the queue below: a drop recorded after a
                 # submission that pins the same ref is then sent after it
-                added, dropped = tracker.take_changes()
+                added, dropped = ([], []) if hold else tracker.take_changes()
                 with self._lock:
                     outgoing, self._outgoing = self._outgoing, []
+                    self._held = 0
                     closing = self.closed
                     gone, self._direct_closing = self._direct_closing, []
                 if gone:
                     self._close_direct(gone, poller)
                 if any(type(item) is tuple for item in outgoing):
                     outgoing = self._send_direct(outgoing, poller)
+                if hold and not closing:
+                    with self._lock:  # back in front of what came meanwhile, in order
+                        self._outgoing[:0] = outgoing
+                        self._held = len(outgoing)
+                    outgoing = []
+                else:
+                    self._held_since = None
                 if added or dropped:
                     outgoing.append(P.encode(P.RefsUpdate(added, dropped)))
                 for data in P.batches(outgoing):
@@ -296,6 +327,19 @@ class Client:
             if watched_fd is not None:
                 os.close(watched_fd)
 
+    def _hold_lazy(self) -> bool:
+        """Whether to hold back what waits for the head: only lazy messages (and
+        ref changes), not for long, not many.  Starts the clock when it holds."""
+        with self._lock:
+            queued = [m for m in self._outgoing if type(m) is not tuple]
+            if not queued or self.closed or any(type(m) is not _Lazy for m in queued) \
+                    or len(queued) >= LAZY_COUNT:
+                return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        return now - self._held_since < LAZY_SECONDS
+
     def _send_direct(self, outgoing: list, poller: zmq.Poller) -> list:
         """Send the messages for actors' processes (batched per process); what is
         left is for the head, in order."""
@@ -323,21 +367,28 @@ class Client:
                 sock.close(0)
 
     def _take_direct(self, sock: zmq.Socket) -> None:
-        """File the replies an actor's process sent (RefResults only)."""
+        """File the replies an actor's process sent (RefResults only), all that
+        wait at once: the waiting threads are woken once."""
+        filed = []
+        counts = tracker.counts
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             try:
                 msg = P.decode(frame.buffer)
                 items = [P.decode_batched(d) for d in P.batch_items(msg)] \
                     if type(msg) is P.Batch else [msg]
             except P.ProtocolError:
                 continue
-            for item in items:
-                if type(item) is P.RefResult:
-                    self._deliver_one(item)
+            filed.extend(m for m in items if type(m) is P.RefResult and m.ref in counts)
+        if filed:
+            with self._results_changed:
+                results = self.results
+                for msg in filed:
+                    results[msg.ref] = msg
+                self._results_changed.notify_all()
 
     def _deliver(self, frame: zmq.Frame) -> None:
         try:

@@ -199,10 +199,12 @@ class Session:
             tid = parts["table_id"]
             known = tid in channel.tables
             channel.tables.add(tid)
-            self.conn.send_direct(channel.address, P.DirectCall(
-                key, tid, None if known else parts["function_table"], parts["bodies"][0]))
             parts["direct"] = channel.worker
-            self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+            self.conn.send_direct(
+                channel.address,
+                P.DirectCall(key, tid, None if known else parts["function_table"],
+                             parts["bodies"][0]),
+                then=P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
             return
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
         if method == DIRECT:
@@ -266,6 +268,11 @@ class Session:
             return False
         return True
     def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        if self._direct:  # later calls go after the kill, through the head
+            with self._channel_lock:
+                channel = self._channels.pop(handle._actor_id, None)
+                if channel is not None and channel.address is not None:
+                    self.conn.close_direct(channel.address)
         self.conn.send(P.KillActorRequest(handle._actor_id, no_restart))
 
     def get_actor(self, name: str, timeout: float | None = 30.0, *,

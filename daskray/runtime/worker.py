@@ -64,6 +64,9 @@ from .store_memory import HostStore
 
 FLUSH_SECONDS = 0.001
 FLUSH_COUNT = 256
+#: reports of direct calls whose callers have the outcome already wait at most
+#: this long for company (the head is not waited on for them)
+LAZY_SECONDS = 0.005
 #: a task's exception leaves with at most this many frames of traceback, and this
 #: many characters of the remote traceback it carries (an error re-raised through
 #: nested calls gathers every level's frames and text otherwise: a thousand
@@ -129,6 +132,8 @@ class Worker:
         self.direct_calls: dict[str, tuple[bytes, tuple]] = {}
         #: function tables callers sent with direct calls (kept: callers send each once)
         self.direct_tables: dict[bytes, bytes] = {}
+        #: replies to direct calls' callers, sent with the next reports: {identity: [frame]}
+        self.direct_replies: dict[bytes, list] = {}
         self.log = transport.ThrottledLog(prefix=f"daskray worker {self.id}")
         if self.actor is not None:
             direct_address = transport.ipc_address(config["session_dir"], f"a-{self.id}.sock")
@@ -237,7 +242,7 @@ class Worker:
         trim = allocator.available()
         while self.running:
             if not self.queue:
-                self.flush()
+                self.flush(lazy=True)
                 self._wait_idle(trim)
             self._step()
         self.flush()
@@ -253,9 +258,12 @@ class Worker:
                 timeout = max(1, min(timeout, int((trim_at - time.monotonic()) * 1000) + 1))
             if tracker.has_changes():
                 timeout = min(timeout, 50)
+            if self.reports:  # held back (see LAZY_SECONDS)
+                left = self.first_report_at + LAZY_SECONDS - time.perf_counter()
+                timeout = max(0, min(timeout, int(left * 1000) + 1))
             if self.poller.poll(timeout):
                 return
-            if tracker.has_changes():
+            if tracker.has_changes() or self.reports:
                 self.flush()
             if trim_at is not None and time.monotonic() >= trim_at:
                 allocator.release_free_memory()
@@ -341,7 +349,7 @@ class Worker:
                 len(self.reports) >= FLUSH_COUNT
                 or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
             ):
-                self.flush()
+                self.flush(lazy=True)
 
     def _on_message(self, frame: zmq.Frame) -> None:
         try:
@@ -424,20 +432,41 @@ class Worker:
             report = DirectErredReport(ref, item.error)
         else:
             report = DirectReleasedReport(ref)
-        if reply is not None:
-            try:
-                transport.send_message(self.direct, P.encode(reply), prefix=(ident,))
-            except zmq.ZMQError:  # the caller is gone: the head has the outcome
-                pass
+        if reply is not None:  # sent with the reports (see _send_reports)
+            self.direct_replies.setdefault(ident, []).append(P.encode(reply))
         return report
 
-    def flush(self, changes: tuple | None = None) -> None:
+    def flush(self, changes: tuple | None = None, lazy: bool = False) -> None:
         """Send the pending reports, after the ref changes recorded so far (or
-        ``changes``, taken earlier by the caller)."""
+        ``changes``, taken earlier by the caller).  ``lazy``: reports nobody waits
+        on (direct calls' outcomes their callers have) may wait a little longer
+        for company, ``LAZY_SECONDS`` at most (the caller of a lazy flush flushes
+        again by then)."""
         self.late.disarm()
-        self._send_reports(changes)
+        self._send_reports(changes, lazy)
 
-    def _send_reports(self, changes: tuple | None = None) -> None:
+    def _lazy_only(self) -> bool:
+        """Whether every pending report may wait (see ``flush``)."""
+        for item in self.reports:
+            t = type(item)
+            if not (t is DirectErredReport or t is DirectFinishedReport and not item.contained):
+                return False
+        return True
+
+    def _send_reports(self, changes: tuple | None = None, lazy: bool = False) -> None:
+        if self.direct_replies:  # first: the callers wait for them
+            replies, self.direct_replies = self.direct_replies, {}
+            for ident, frames in replies.items():
+                for data in P.batches(frames):
+                    try:
+                        transport.send_message(self.direct, data, prefix=(ident,))
+                    except zmq.ZMQError:  # the caller is gone: the head has the outcomes
+                        break
+        if lazy and changes is None and self.reports and not tracker.has_changes() \
+                and len(self.reports) < FLUSH_COUNT \
+                and time.perf_counter() - self.first_report_at < LAZY_SECONDS \
+                and self._lazy_only():
+            return
         added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
             self.reports.insert(0, RefsReport(added, dropped))
