@@ -94,7 +94,7 @@ class _Channel:
         #: the ``__daskray_direct__`` call in flight through the head, if any
         self.barrier: ObjectRef | None = None
         #: calls sent through the head whose end has not been seen yet
-        self.pending: list[RefKey] = []
+        self.pending: set[RefKey] = set()
         #: the number of the latest call through the head dropped before its end
         #: was seen (0: none): a barrier sent after it must return first
         self.blind = 0
@@ -210,7 +210,7 @@ class Session:
         if method == DIRECT:
             return
         for ref in refs:
-            channel.pending.append(ref._key)
+            channel.pending.add(ref._key)
             self._pending_on[ref._key] = channel
         if channel.barrier is None and channel.address is None:
             self._send_barrier(channel, handle)
@@ -253,13 +253,13 @@ class Session:
             if where is not None:
                 channel.address, channel.worker = where
             # what went through the head before the barrier has started
-            channel.pending = [k for k in channel.pending if k[1] > barrier[1]]
+            channel.pending = {k for k in channel.pending if k[1] > barrier[1]}
             if channel.blind < barrier[1]:
                 channel.blind = 0
         if channel.address is None:
             return False
         if channel.pending:
-            channel.pending = [k for k in channel.pending if k not in results]
+            channel.pending = {k for k in channel.pending if k not in results}
             if channel.pending:
                 return False
         if channel.blind:
@@ -379,9 +379,11 @@ class Session:
         self._actor_calls.discard(key)
         if self._pending_on:
             channel = self._pending_on.pop(key, None)
-            if channel is not None and key not in self.conn.results and key in channel.pending:
-                # it went through the head, and whether it ended is unknown now
-                channel.blind = max(channel.blind, key[1])
+            if channel is not None and key in channel.pending:
+                channel.pending.discard(key)
+                if key not in self.conn.results:
+                    # it went through the head, and whether it ended is unknown now
+                    channel.blind = max(channel.blind, key[1])
         if self.conn.results.pop(key, None) is not None and key[0] == self.conn.client_id:
             self._forgotten_own.add(key)
 

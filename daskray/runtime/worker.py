@@ -64,6 +64,8 @@ from .store_memory import HostStore
 
 FLUSH_SECONDS = 0.001
 FLUSH_COUNT = 256
+#: how many ended direct calls a worker remembers (see Worker.direct_done)
+DIRECT_DONE_KEPT = 4096
 #: reports of direct calls whose callers have the outcome already wait at most
 #: this long for company (the head is not waited on for them)
 LAZY_SECONDS = 0.005
@@ -134,6 +136,9 @@ class Worker:
         self.direct_tables: dict[bytes, bytes] = {}
         #: replies to direct calls' callers, sent with the next reports: {identity: [frame]}
         self.direct_replies: dict[bytes, list] = {}
+        #: keys of the direct calls that ended lately, oldest first (a cancel that comes
+        #: after the end must not say the call was dropped: its report may still wait)
+        self.direct_done: dict[str, None] = {}
         self.log = transport.ThrottledLog(prefix=f"daskray worker {self.id}")
         if self.actor is not None:
             direct_address = transport.ipc_address(config["session_dir"], f"a-{self.id}.sock")
@@ -202,8 +207,9 @@ class Worker:
             running = set(self.stack)
             running.update(t for t in (self.current, self.starting) if t is not None)
             # the others are queued here, or still unread on the head socket, or
-            # done (the head then ignores the answer): none of them may start any more
-            dropped = [t for t in task_ids if t not in running]
+            # done (the head then ignores the answer): none of them may start any more.
+            # A direct call that ended is left out: its report may not have left yet
+            dropped = [t for t in task_ids if t not in running and t not in self.direct_done]
             self.dropped.update(dropped)
         hit = running.intersection(task_ids)
         if hit and force:  # daskray.cancel(force=True): the head sees this worker die
@@ -341,6 +347,7 @@ class Worker:
         if self.queue and self.running:
             item = self.queue.popleft()
             if not self.claim(item.task):
+                self.direct_calls.pop(item.task, None)  # the head knows it was dropped
                 return
             self.report(self.execute(*item))
             self.last_task_end = time.monotonic()
@@ -419,6 +426,9 @@ class Worker:
         holding ObjectRefs is not sent straight: the head must learn what it holds
         before the caller can use those refs, so the head tells the caller."""
         ident, ref = self.direct_calls.pop(item.task)
+        self.direct_done[item.task] = None
+        if len(self.direct_done) > DIRECT_DONE_KEPT:
+            del self.direct_done[next(iter(self.direct_done))]
         t = type(item)
         reply = None
         if t is FinishedReport:

@@ -27,6 +27,17 @@ def direct_key(ref: RefKey) -> str:
     return f"direct-{owner_text}-{graph}-{node}"
 
 
+def ref_of_direct_key(key: str) -> RefKey | None:
+    """The ObjectRef key :func:`direct_key` made ``key`` of (a driver's: its owner
+    is bytes), or None."""
+    try:
+        prefix, rest = key.split("-", 1)
+        owner, graph, node = rest.rsplit("-", 2)
+        return (bytes.fromhex(owner), int(graph), int(node)) if prefix == "direct" else None
+    except ValueError:
+        return None
+
+
 class ActorLifecycle:
     """An actor is a process of its own running its calls in order; it restarts
     after a crash while ``max_restarts`` lasts, and dies when killed, when its
@@ -156,6 +167,13 @@ class ActorLifecycle:
                                                  ev.duration, ev.contained))
         finally:
             ts.report_owner = owner
+
+    def _direct_dropped(self, ev: TaskReleased) -> None:
+        """The process dropped a direct call, named by its key, that a cancel
+        reached before it ran (see ``_cancel_task``)."""
+        ref = ref_of_direct_key(ev.task)
+        if ref is not None:
+            self._direct_call_done(DirectCallDone(ref, ev.worker, ev.task, released=True))
 
     def _watch_actor(self, ev: WatchActor) -> None:
         """``ev.client`` is learning where the actor's process is: it hears when

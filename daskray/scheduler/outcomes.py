@@ -92,6 +92,9 @@ class TaskOutcomes:
         self._fail(ts, (ev.error, None, None))
 
     def _task_released(self, ev: TaskReleased) -> None:
+        if type(ev.task) is str:  # a call sent straight to an actor, by its key
+            self._direct_dropped(ev)
+            return
         ws = self.workers.get(ev.worker)
         if ws is None:
             return
