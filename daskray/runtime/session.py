@@ -38,12 +38,12 @@ from typing import Any, Callable, Protocol, Sequence
 
 from .. import errors
 from ..backend import ActorSpec
-from ..actors.host import DIRECT
 from ..refs import ObjectRef, RefKey, dask_key_of
 from ..remote_function import build_call
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import shared_memory
+from .context import DIRECT
 from .serialization import dumps, dumps_frames, frames_nbytes, loads, loads_exception
 
 

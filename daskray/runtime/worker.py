@@ -136,6 +136,10 @@ class Worker:
         self.direct_tables: dict[bytes, bytes] = {}
         #: replies to direct calls' callers, sent with the next reports: {identity: [frame]}
         self.direct_replies: dict[bytes, list] = {}
+        #: when the oldest of them was made (``perf_counter``)
+        self.first_reply_at = 0.0
+        #: pending reports that may not wait (see ``flush``)
+        self.urgent_reports = 0
         #: keys of the direct calls that ended lately, oldest first (a cancel that comes
         #: after the end must not say the call was dropped: its report may still wait)
         self.direct_done: dict[str, None] = {}
@@ -416,6 +420,9 @@ class Worker:
         if (t is FinishedReport or t is ErredReport or t is ReleasedReport) \
                 and type(item.task) is str and item.task in self.direct_calls:
             item = self._direct_outcome(item)
+            t = type(item)
+        if not (t is DirectErredReport or t is DirectFinishedReport and not item.contained):
+            self.urgent_reports += 1
         self.late.disarm()
         if not self.reports:
             self.first_report_at = time.perf_counter()
@@ -443,6 +450,8 @@ class Worker:
         else:
             report = DirectReleasedReport(ref)
         if reply is not None:  # sent with the reports (see _send_reports)
+            if not self.direct_replies:
+                self.first_reply_at = time.perf_counter()
             self.direct_replies.setdefault(ident, []).append(P.encode(reply))
         return report
 
@@ -455,34 +464,34 @@ class Worker:
         self.late.disarm()
         self._send_reports(changes, lazy)
 
-    def _lazy_only(self) -> bool:
-        """Whether every pending report may wait (see ``flush``)."""
-        for item in self.reports:
-            t = type(item)
-            if not (t is DirectErredReport or t is DirectFinishedReport and not item.contained):
-                return False
-        return True
-
     def _send_reports(self, changes: tuple | None = None, lazy: bool = False) -> None:
-        if self.direct_replies:  # first: the callers wait for them
-            replies, self.direct_replies = self.direct_replies, {}
-            for ident, frames in replies.items():
-                for data in P.batches(frames):
-                    try:
-                        transport.send_message(self.direct, data, prefix=(ident,))
-                    except zmq.ZMQError:  # the caller is gone: the head has the outcomes
-                        break
-        if lazy and changes is None and self.reports and not tracker.has_changes() \
-                and len(self.reports) < FLUSH_COUNT \
-                and time.perf_counter() - self.first_report_at < LAZY_SECONDS \
-                and self._lazy_only():
+        now = time.perf_counter()
+        if self.direct_replies and (not lazy or not self.queue
+                                    or now - self.first_reply_at > FLUSH_SECONDS):
+            self._send_replies()  # first: the callers wait for them
+        if lazy and changes is None and self.reports and not self.urgent_reports \
+                and len(self.reports) < FLUSH_COUNT and not tracker.has_changes() \
+                and now - self.first_report_at < LAZY_SECONDS:
             return
+        if self.direct_replies:  # never after the reports of the same calls
+            self._send_replies()
         added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
             self.reports.insert(0, RefsReport(added, dropped))
         if self.reports:
             transport.send_message(self.head, P.encode(P.Reports(self.reports)))
             self.reports = []
+            self.urgent_reports = 0
+
+    def _send_replies(self) -> None:
+        """Send the replies to direct calls' callers, a batch per caller."""
+        replies, self.direct_replies = self.direct_replies, {}
+        for ident, frames in replies.items():
+            for data in P.batches(frames):
+                try:
+                    transport.send_message(self.direct, data, prefix=(ident,))
+                except zmq.ZMQError:  # the caller is gone: the head has the outcomes
+                    break
 
     # -------------------------------------------------------------- running a task
 
@@ -593,6 +602,8 @@ class Worker:
         """Lines printed from now on are ``task_id``'s; what ran before (or None)."""
         if self.output is None:
             return None
+        if type(task_id) is str:  # a direct call: the head knows no task by its key,
+            task_id = None        # its lines go to the drivers that asked for output
         return self.output.task_started(task_id, self._output_label(node))
 
     def _exit_actor(self) -> None:
