@@ -85,7 +85,7 @@ def error_of(result: P.RefResult | P.Error) -> BaseException:
 class _Channel:
     """What a session knows of the way straight to one actor's process."""
 
-    __slots__ = ("address", "worker", "barrier", "pending", "blind", "tables")
+    __slots__ = ("address", "worker", "barrier", "pending", "gone", "blind", "tables")
 
     def __init__(self) -> None:
         #: the process's direct socket and worker id (None: not known, or gone)
@@ -93,8 +93,12 @@ class _Channel:
         self.worker: str | None = None
         #: the ``__daskray_direct__`` call in flight through the head, if any
         self.barrier: ObjectRef | None = None
-        #: calls sent through the head whose end has not been seen yet
+        #: calls sent through the head whose end has not been seen yet (changed
+        #: under the session's channel lock only)
         self.pending: set[RefKey] = set()
+        #: calls of ``pending`` whose refs were dropped since (appended by ``forget``,
+        #: which may run in any thread, inside a finalizer too)
+        self.gone: list[RefKey] = []
         #: the number of the latest call through the head dropped before its end
         #: was seen (0: none): a barrier sent after it must return first
         self.blind = 0
@@ -258,6 +262,9 @@ class Session:
                 channel.blind = 0
         if channel.address is None:
             return False
+        if channel.gone:
+            gone, channel.gone = channel.gone, []
+            channel.pending.difference_update(gone)
         if channel.pending:
             channel.pending = {k for k in channel.pending if k not in results}
             if channel.pending:
@@ -379,8 +386,8 @@ class Session:
         self._actor_calls.discard(key)
         if self._pending_on:
             channel = self._pending_on.pop(key, None)
-            if channel is not None and key in channel.pending:
-                channel.pending.discard(key)
+            if channel is not None:
+                channel.gone.append(key)
                 if key not in self.conn.results:
                     # it went through the head, and whether it ended is unknown now
                     channel.blind = max(channel.blind, key[1])
