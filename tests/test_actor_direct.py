@@ -16,7 +16,7 @@ import zmq
 import daskray
 from daskray.runtime import protocol as P
 from daskray.runtime import transport
-from helpers import mark_started, wait_for_path, wait_until
+from helpers import mark_started, start_cluster, wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -250,6 +250,27 @@ class _Trap:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+def test_the_head_forgets_direct_calls_and_the_actor_once_all_is_dropped(restart_cluster):
+    daskray.shutdown()  # a cluster of its own: nothing of other tests is left in it
+    start_cluster()
+    sizes = ("tasks", "graphs", "refs", "ref holders", "actors", "processing",
+             "held objects", "early direct outcomes")
+    now = lambda: {k: v for k, v in session().state_sizes().items() if k in sizes}  # noqa: E731
+    assert set(now().values()) == {0}
+    log = Log.remote()
+    open_channel(log)
+    sent = []
+    conn = session().conn
+    original = conn.send_direct
+    conn.send_direct = lambda address, msg, then=None: (sent.append(msg),
+                                                        original(address, msg, then))
+    refs = [log.add.remote(i) for i in range(100)]
+    assert daskray.get(refs) == list(range(100))
+    assert len(sent) == 100
+    del refs, log
+    assert wait_until(lambda: set(now().values()) == {0}, 30), now()
 
 
 def test_nothing_is_left_after_shutdown(restart_cluster):

@@ -98,6 +98,9 @@ class Client:
         self._direct_closing: list[str] = []
         #: actors whose process the head said is gone (see ActorMoved): read by the session
         self.moved_actors: set[str] = set()
+        #: refs whose results are filed though this process holds no ObjectRef to
+        #: them (the session's questions to actors, see session._Channel)
+        self.watched: set = set()
         # the head watches the pid of a driver that joins a cluster it did not start
         self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, f"driver:{os.getpid()}"))
         if log_to_driver:  # what tasks print is written to this process's stdout/stderr
@@ -413,7 +416,7 @@ class Client:
             self.lost_workers.update(set(self.workers.values()) - set(new.values()))
             self.workers = new
         elif t is P.RefResult:
-            if msg.ref in tracker.counts:
+            if msg.ref in tracker.counts or msg.ref in self.watched:
                 with self._results_changed:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()

@@ -91,8 +91,9 @@ class _Channel:
         #: the process's direct socket and worker id (None: not known, or gone)
         self.address: str | None = None
         self.worker: str | None = None
-        #: the ``__daskray_direct__`` call in flight through the head, if any
-        self.barrier: ObjectRef | None = None
+        #: the ``__daskray_direct__`` call in flight through the head, if any: its
+        #: ref key (no ObjectRef is held: the head forgets it once it has answered)
+        self.barrier: RefKey | None = None
         #: calls sent through the head whose end has not been seen yet (changed
         #: under the session's channel lock only)
         self.pending: set[RefKey] = set()
@@ -228,28 +229,35 @@ class Session:
                            {"max_retries": 0}, number)
         parts["actor"] = handle._actor_id
         parts["pinned"] = [handle._creation._key]
-        channel.barrier = ObjectRef((self.conn.client_id, number, parts["wanted"][0]),
-                                    owned=True)
+        key = (self.conn.client_id, number, parts["wanted"][0])
+        self.conn.watched.add(key)  # its answer is filed though no ObjectRef is held
+        ref = ObjectRef(key, owned=True)
         self.conn.send(P.WatchActor(handle._actor_id))  # first: a move after it is told
         self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        del ref  # dropped after it was sent: the head answers, then forgets it
+        channel.barrier = key
 
     def _open(self, channel: _Channel, handle: Any) -> bool:
         """Whether calls to ``handle``'s actor may go straight now (see the module);
         sends a barrier when one is needed."""
+        results = self.conn.results
         moved = self.conn.moved_actors
         if moved and handle._actor_id in moved:
             moved.discard(handle._actor_id)
             if channel.address is not None:
                 self.conn.close_direct(channel.address)
             channel.address = channel.worker = None
+            if channel.barrier is not None:
+                self.conn.watched.discard(channel.barrier)
+                results.pop(channel.barrier, None)
             channel.barrier = None
             channel.tables = set()
-        results = self.conn.results
         if channel.barrier is not None:
-            result = results.get(channel.barrier._key)
+            result = results.pop(channel.barrier, None)
             if result is None:
                 return False
-            barrier, channel.barrier = channel.barrier._key, None
+            barrier, channel.barrier = channel.barrier, None
+            self.conn.watched.discard(barrier)
             try:
                 where = None if failed(result) else self._value(result)
             except Exception:  # noqa: BLE001 - it could not say: calls go through the head
@@ -280,6 +288,9 @@ class Session:
                 channel = self._channels.pop(handle._actor_id, None)
                 if channel is not None and channel.address is not None:
                     self.conn.close_direct(channel.address)
+                if channel is not None and channel.barrier is not None:
+                    self.conn.watched.discard(channel.barrier)
+                    self.conn.results.pop(channel.barrier, None)
         self.conn.send(P.KillActorRequest(handle._actor_id, no_restart))
 
     def get_actor(self, name: str, timeout: float | None = 30.0, *,
