@@ -234,6 +234,7 @@ def test_the_direct_socket_drops_what_is_malformed_or_unauthenticated(cluster, t
         insider.send(zlib.crc32(payload).to_bytes(4, "little") + payload)
         insider.send(b"garbage")  # a bad checksum
         insider.send(P.encode(P.DirectCall("not a ref", b"t", None, b"")))  # wrong fields
+        insider.send(P.encode(P.DirectCalls([("a", "b"), 3])))  # not calls
         insider.send(P.encode(P.Welcome({}, "")))  # not a direct call
         assert not insider.poll(500) and not stranger.poll(10)
         stranger.close(0)

@@ -194,3 +194,16 @@ def test_a_direct_registration_with_arguments_to_wait_for_goes_through_the_head(
     s.handle(GraphSubmitted((C, 2), ["x", "A.f"], [(), (0,)], [0, 1], [b"x", b"f"], {}, [1],
                             fail_fast=False, actor="A", max_retries=0, direct="a1"))
     assert not any(ts.direct for ts in s.tasks.values())
+
+
+def test_a_call_through_the_head_waits_for_the_callers_direct_calls_before_it():
+    s = placed_actor()
+    s.handle(call(2, direct="a1"))
+    s.handle(call(3, direct="a1"))
+    out = s.handle(call(4))  # through the head (its arguments were refs, say)
+    assert not of(Dispatch, out)  # 2 and 3 may not have reached the process yet
+    assert not of(Dispatch, s.handle(call(5, client=b"other")))  # behind it, in order
+    assert not of(Dispatch, s.handle(done(2)))
+    out = s.handle(done(3))
+    assert [d.task for d in of(Dispatch, out)] == [task_of(s, 4).id,
+                                                   task_of(s, 5, client=b"other").id]

@@ -48,6 +48,11 @@ LAZY_COUNT = 256
 
 class _Lazy(bytes):
     """An encoded message for the head that may wait (see ``LAZY_SECONDS``)."""
+
+
+def _call_bytes(call: tuple) -> int:
+    """About how many bytes a direct call ``(ref, table_id, table, body)`` takes."""
+    return len(call[3]) + (len(call[2]) if call[2] is not None else 0) + 64
 #: what threads still waiting for results are told when this process shuts down
 SHUT_DOWN = ("daskray.shutdown() was called while this was waiting: the connection to the "
              "cluster is closed. Call daskray.init() again to run more work")
@@ -207,12 +212,12 @@ class Client:
         """Queue ``msg`` for the actor's process at ``address`` (its direct socket),
         and ``then`` (if given) for the head; the I/O thread sends what is for
         actors' processes first, each destination's messages in order."""
-        data = P.encode(msg)
         after = None if then is None else P.encode(then)
+        call = (msg.ref, msg.table_id, msg.table, msg.body)  # encoded with the others
         with self._lock:
             if self.closed:
                 raise ClusterError("the daskray client is closed; call daskray.init() first")
-            self._outgoing.append((address, data))
+            self._outgoing.append((address, call))
             if after is not None:
                 self._outgoing.append(_Lazy(after))
             first = len(self._outgoing) - self._held <= (1 if after is None else 2)
@@ -353,13 +358,13 @@ class Client:
                 direct.setdefault(item[0], []).append(item[1])
             else:
                 to_head.append(item)
-        for address, items in direct.items():
+        for address, calls in direct.items():
             sock = self._direct.get(address)
             if sock is None:
                 sock = self._direct[address] = transport.dealer(self.ctx, address, self.token)
                 poller.register(sock, zmq.POLLIN)
-            for data in P.batches(items):
-                transport.send_message(sock, data)
+            for group in P.direct_batches(calls, _call_bytes):
+                transport.send_message(sock, P.encode(P.DirectCalls(group)))
         return to_head
 
     def _close_direct(self, addresses: list, poller: zmq.Poller) -> None:
@@ -381,11 +386,13 @@ class Client:
                 break
             try:
                 msg = P.decode(frame.buffer)
-                items = [P.decode_batched(d) for d in P.batch_items(msg)] \
-                    if type(msg) is P.Batch else [msg]
-            except P.ProtocolError:
+                if type(msg) is not P.DirectResults or type(msg.results) is not list:
+                    continue
+                items = [P.RefResult(*r) for r in msg.results
+                         if type(r) is tuple and len(r) == 7]
+            except (P.ProtocolError, TypeError):
                 continue
-            filed.extend(m for m in items if type(m) is P.RefResult and m.ref in counts)
+            filed.extend(m for m in items if m.ref in counts)
         if filed:
             with self._results_changed:
                 results = self.results

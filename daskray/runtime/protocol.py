@@ -512,6 +512,44 @@ class DirectCall:
     body: bytes
 
 
+@message(74)
+class DirectCalls:
+    """Several :class:`DirectCall` s to one actor's process, in order, as one
+    message: ``(ref, table_id, table, body)`` each (one decode for a burst)."""
+
+    calls: list
+
+
+@message(75)
+class DirectResults:
+    """An actor's process replies to several direct calls of one caller at once:
+    the fields of a :class:`RefResult` each, as a tuple."""
+
+    results: list
+
+
+#: a DirectCalls / DirectResults message holds about this many bytes at most
+DIRECT_BATCH_BYTES = 1 << 20
+
+
+def direct_batches(items: list, size_of: Any) -> list[list]:
+    """``items`` in order, as lists of about :data:`DIRECT_BATCH_BYTES` at most
+    (``size_of(item)``: its bytes); an item larger than that goes alone."""
+    out: list[list] = []
+    group: list = []
+    size = 0
+    for item in items:
+        n = size_of(item)
+        if group and size + n > DIRECT_BATCH_BYTES:
+            out.append(group)
+            group, size = [], 0
+        group.append(item)
+        size += n
+    if group:
+        out.append(group)
+    return out
+
+
 @message(72)
 class ActorMoved:
     """Head -> caller: the process of ``actor`` that this caller sent calls to

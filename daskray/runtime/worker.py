@@ -100,6 +100,11 @@ def bound_for_travel(exc: BaseException) -> None:
         frames[keep - 1].tb_next = frames[-keep]
 
 
+def _reply_bytes(reply: tuple) -> int:
+    """About how many bytes a reply to a direct call (RefResult fields) takes."""
+    return len(reply[1] or b"") + len(reply[4] or b"") + 64
+
+
 class Worker:
     """The main thread's state: queued tasks, function tables, pending reports."""
 
@@ -301,15 +306,19 @@ class Worker:
             self._on_direct(frames)
 
     def _on_direct(self, frames: list) -> None:
-        """One message on the direct socket (a ``DirectCall``, or a ``Batch`` of
-        them): each call joins the queue.  The peer passed the session token in
-        the handshake; a message that is not such a call is dropped before a byte
-        of the task inside is unpickled."""
+        """One message on the direct socket (``DirectCalls``, or one ``DirectCall``):
+        each call joins the queue.  The peer passed the session token in the
+        handshake; a message that is not such a call is dropped before a byte of
+        the task inside is unpickled."""
         ident = frames[0].bytes
         try:
             msg = P.decode(transport.join_frames(frames[1:]))
-            calls = [P.decode_batched(d) for d in P.batch_items(msg)] \
-                if type(msg) is P.Batch else [msg]
+            if type(msg) is P.DirectCalls and type(msg.calls) is list:
+                calls = msg.calls
+            elif type(msg) is P.DirectCall:
+                calls = [(msg.ref, msg.table_id, msg.table, msg.body)]
+            else:
+                raise P.ProtocolError(f"{type(msg).__name__} is not a direct call")
         except (P.ProtocolError, ValueError) as exc:
             self.log.write("dropped a malformed message on the direct socket", str(exc)[:300])
             return
@@ -318,28 +327,30 @@ class Worker:
             if problem is not None:
                 self.log.write("dropped a malformed message on the direct socket", problem)
                 continue
-            if call.table is not None:
-                self.direct_tables[call.table_id] = call.table
-            key = direct_key(call.ref)
-            self.direct_calls[key] = (ident, call.ref)
+            ref, table_id, table, body = call
+            if table is not None:
+                self.direct_tables[table_id] = table
+            key = direct_key(ref)
+            self.direct_calls[key] = (ident, ref)
             if key in self.dropped:  # cancelled (through the head) before it came
                 self.dropped.discard(key)
                 self.report(ReleasedReport(key))
                 continue
-            self.queue.append(RunTask(key, call.table_id, call.body, (), False, None, 1))
+            self.queue.append(RunTask(key, table_id, body, (), False, None, 1))
 
-    def _direct_problem(self, msg: Any) -> str | None:
-        """What is wrong with a message received as a direct call (None: nothing)."""
-        if type(msg) is not P.DirectCall:
-            return f"{type(msg).__name__} is not a direct call"
-        ref = msg.ref
+    def _direct_problem(self, call: Any) -> str | None:
+        """What is wrong with a direct call ``(ref, table_id, table, body)``
+        (None: nothing)."""
+        if type(call) is not tuple or len(call) != 4:
+            return "a direct call is not a (ref, table id, table, body) tuple"
+        ref, table_id, table, body = call
         if not (type(ref) is tuple and len(ref) == 3 and type(ref[0]) is bytes
                 and type(ref[1]) is int and type(ref[2]) is int
-                and type(msg.table_id) is bytes and type(msg.body) is bytes
-                and (msg.table is None or type(msg.table) is bytes)):
+                and type(table_id) is bytes and type(body) is bytes
+                and (table is None or type(table) is bytes)):
             return "a direct call's fields have the wrong types"
-        if msg.table is None and msg.table_id not in self.direct_tables \
-                and msg.table_id not in self.raw_tables:
+        if table is None and table_id not in self.direct_tables \
+                and table_id not in self.raw_tables:
             return "a direct call refers to a function table never sent"
         if direct_key(ref) in self.direct_calls:
             return "a direct call was sent twice"
@@ -441,18 +452,18 @@ class Worker:
         if t is FinishedReport:
             if not item.contained:
                 holder = None if item.inline is not None else self.address
-                reply = P.RefResult(ref, item.inline, holder, item.task, None, None, None)
+                reply = (ref, item.inline, holder, item.task, None, None, None)
             report: Any = DirectFinishedReport(ref, item.task, item.nbytes, item.inline,
                                                item.duration, item.contained)
         elif t is ErredReport:
-            reply = P.RefResult(ref, None, None, 0, item.error, None, None)
+            reply = (ref, None, None, 0, item.error, None, None)
             report = DirectErredReport(ref, item.error)
         else:
             report = DirectReleasedReport(ref)
         if reply is not None:  # sent with the reports (see _send_reports)
             if not self.direct_replies:
                 self.first_reply_at = time.perf_counter()
-            self.direct_replies.setdefault(ident, []).append(P.encode(reply))
+            self.direct_replies.setdefault(ident, []).append(reply)
         return report
 
     def flush(self, changes: tuple | None = None, lazy: bool = False) -> None:
@@ -486,10 +497,11 @@ class Worker:
     def _send_replies(self) -> None:
         """Send the replies to direct calls' callers, a batch per caller."""
         replies, self.direct_replies = self.direct_replies, {}
-        for ident, frames in replies.items():
-            for data in P.batches(frames):
+        for ident, results in replies.items():
+            for group in P.direct_batches(results, _reply_bytes):
                 try:
-                    transport.send_message(self.direct, data, prefix=(ident,))
+                    transport.send_message(self.direct, P.encode(P.DirectResults(group)),
+                                           prefix=(ident,))
                 except zmq.ZMQError:  # the caller is gone: the head has the outcomes
                     break
 

@@ -175,6 +175,20 @@ class ActorLifecycle:
         if ref is not None:
             self._direct_call_done(DirectCallDone(ref, ev.worker, ev.task, released=True))
 
+    def _after_direct_calls(self, actor: ActorState, ts: TaskState) -> bool:
+        """Whether call ``ts`` must wait for calls its caller sent the actor's process
+        straight before it: they may not have reached the process yet (another
+        socket), and calls run in the order they were made.  (The caller's
+        registrations of those came before ``ts``, on the same socket.)  Calls of a
+        threaded actor keep no order, as in Ray."""
+        client, number = ts.graph.id
+        for tid in actor.in_flight:
+            other = self.tasks.get(tid)
+            if other is not None and other.direct and other.graph.id[0] == client \
+                    and other.graph.id[1] < number:
+                return True
+        return False
+
     def _watch_actor(self, ev: WatchActor) -> None:
         """``ev.client`` is learning where the actor's process is: it hears when
         that process goes.  (A dead actor's calls fail anyway.)"""
@@ -449,6 +463,8 @@ class ActorLifecycle:
                 actor.calls.popleft()
                 continue
             if ts.state != READY:
+                return
+            if actor.in_flight and not actor.threaded and self._after_direct_calls(actor, ts):
                 return
             actor.calls.popleft()
             actor.in_flight.append(ts.id)
