@@ -207,3 +207,13 @@ def test_a_call_through_the_head_waits_for_the_callers_direct_calls_before_it():
     out = s.handle(done(3))
     assert [d.task for d in of(Dispatch, out)] == [task_of(s, 4).id,
                                                    task_of(s, 5, client=b"other").id]
+
+
+def test_the_owner_hears_of_a_result_holding_refs_from_the_head():
+    s = placed_actor()
+    s.handle(call(2, direct="a1"))
+    out = s.handle(done(2, inline=b"[ref]", replied=False))
+    assert [(n.to, n.inline) for n in of(NotifyRef, out)] == [(C, b"[ref]")]
+    s.handle(done(3, inline=b"[ref]", replied=False))  # before its registration
+    out = s.handle(call(3, direct="a1"))
+    assert {(n.to, n.inline) for n in of(NotifyRef, out)} == {(C, b"[ref]")}

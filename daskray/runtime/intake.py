@@ -84,7 +84,8 @@ def report_events(wid: str, items: list) -> Iterator[Any]:
             yield E.WorkerBlocked(wid, item.blocked, item.task, item.awaits, item.nest)
         elif t is DirectFinishedReport:
             yield E.DirectCallDone(_ref(item.ref), wid, item.object_id, item.nbytes, item.inline,
-                                   item.duration, item.contained)
+                                   item.duration, item.contained,
+                                   replied=not item.contained)
         elif t is DirectErredReport:
             yield E.DirectCallDone(_ref(item.ref), wid, "", error=item.error)
         elif t is DirectReleasedReport:

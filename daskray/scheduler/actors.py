@@ -139,8 +139,8 @@ class ActorLifecycle:
 
     def _direct_call_done(self, ev: DirectCallDone) -> None:
         """An actor's process reports a call sent to it straight: its outcome is
-        the call's, as a dispatched call's report would be (the owner is not told:
-        it has the outcome from the process).  One not registered yet waits."""
+        the call's, as a dispatched call's report would be (the owner is told only
+        if the process did not reply to it).  One not registered yet waits."""
         tid = self.refs.get(ev.ref)
         ts = self.tasks.get(tid) if tid is not None else None
         if ts is None:
@@ -158,7 +158,9 @@ class ActorLifecycle:
             if ev.worker in self.workers:
                 self._task_released(TaskReleased(ts.id, ev.worker))
             return
-        owner, ts.report_owner = ts.report_owner, False
+        owner = ts.report_owner
+        if ev.replied:  # else the owner hears it from here, as for any call
+            ts.report_owner = False
         try:
             if ev.error is not None:
                 self._task_erred(TaskErred(ts.id, ev.worker, ev.error))

@@ -272,6 +272,9 @@ class DirectCallDone:
     error: bytes | None = None
     #: dropped unrun (cancelled while queued)
     released: bool = False
+    #: the caller got the outcome from the process (not when the result holds
+    #: ObjectRefs: the head, which learns of them here, tells the caller then)
+    replied: bool = True
 
 
 @dataclass(frozen=True, slots=True)
