@@ -21,11 +21,16 @@ from typing import Any
 
 from .. import backend
 from ..errors import ActorError
+from ..runtime import context
 from ..runtime import protocol as P
 from ..remote_function import RemoteFunction
 
 #: Ray's methods of every actor: True once constructed; end after the calls before it
 READY, TERMINATE = "__ray_ready__", "__ray_terminate__"
+#: daskray's method of every actor: where its process takes calls straight
+#: (``(address, worker id)``, or None); a caller's calls made before it went
+#: through the head have all started when it returns (see runtime.session)
+DIRECT = context.DIRECT
 
 #: the instance this process hosts, once its constructor has run
 instance: Any = None
@@ -115,10 +120,22 @@ def bound_method(obj: Any, method: str) -> Any:
         return lambda: True
     if method == TERMINATE:
         return _terminate
-    attr = inspect.getattr_static(obj, method)
-    if isinstance(attr, RemoteFunction):  # marked @daskray.remote in a daskray.Actor
+    if method == DIRECT:
+        return lambda: context.direct_channel
+    if method in getattr(obj, "__dict__", ()):  # an attribute of the instance itself
+        return getattr(obj, method)
+    key = (type(obj), method)
+    attr = _class_remote.get(key, False)
+    if attr is False:  # looked up once per class and method (inspect's lookup is slow)
+        found = inspect.getattr_static(type(obj), method, None)
+        attr = _class_remote[key] = found if isinstance(found, RemoteFunction) else None
+    if attr is not None:  # marked @daskray.remote in a daskray.Actor
         return lambda *args, **kwargs: attr.__wrapped__(obj, *args, **kwargs)
     return getattr(obj, method)
+
+
+#: {(class, method): its RemoteFunction (a daskray.Actor's marked method), or None}
+_class_remote: dict = {}
 
 
 def _terminate() -> None:

@@ -9,7 +9,9 @@ One I/O thread owns the socket to the head (ZeroMQ sockets are not thread-safe);
 any number of user threads may run graphs at once, each waiting on its own
 queue.  What the user threads queue while the I/O thread is busy leaves as one
 :class:`~.protocol.Batch`, and the head answers a loop turn's results in one:
-a burst of calls costs a few wake-ups of each process, not one per call.  Large
+a burst of calls costs a few wake-ups of each process, not one per call.  The
+I/O thread also owns the sockets to actors' processes that take calls straight
+(``send_direct``, see :mod:`.session`): their replies are filed like the head's.  Large
 results are fetched by the waiting thread straight from the worker that holds
 them.  If the head process dies, every waiting graph fails with
 :class:`~daskray.errors.ClusterError` instead of hanging.
@@ -36,6 +38,21 @@ from .fetch import fetch_object
 from .output import write_output
 
 FETCH_TIMEOUT_MS = 60_000
+#: messages for the head that nobody waits on (the registrations of calls sent
+#: straight to actors, ref changes) wait at most this long for company: a loop of
+#: direct calls then costs the head one message per few calls, not two per call
+LAZY_SECONDS = 0.005
+#: ... and at most this many of them
+LAZY_COUNT = 256
+
+
+class _Lazy(bytes):
+    """An encoded message for the head that may wait (see ``LAZY_SECONDS``)."""
+
+
+def _call_bytes(call: tuple) -> int:
+    """About how many bytes a direct call ``(ref, table_id, table, body)`` takes."""
+    return len(call[3]) + (len(call[2]) if call[2] is not None else 0) + 64
 #: what threads still waiting for results are told when this process shuts down
 SHUT_DOWN = ("daskray.shutdown() was called while this was waiting: the connection to the "
              "cluster is closed. Call daskray.init() again to run more work")
@@ -53,6 +70,10 @@ class Client:
         self._lock = threading.Lock()
         #: encoded messages for the head, in the order sent; the I/O thread takes them
         self._outgoing: list = []
+        #: when the I/O thread started holding back lazy messages (None: it holds none)
+        self._held_since: float | None = None
+        #: how many held-back messages lead ``_outgoing`` (new ones must wake the thread)
+        self._held = 0
         self.client_id = b"c" + os.urandom(7)
         self._head = transport.dealer(self.ctx, head_address, token, identity=self.client_id)
         self._head_pid = head_pid
@@ -76,6 +97,15 @@ class Client:
         os.set_blocking(self._ref_wake_w, False)
         #: ms to keep sending queued messages after close (see AttachedCluster)
         self.linger_ms = 0
+        #: sockets to actors' processes taking calls straight, by address (I/O thread's)
+        self._direct: dict[str, zmq.Socket] = {}
+        #: addresses whose sockets the I/O thread is to close
+        self._direct_closing: list[str] = []
+        #: actors whose process the head said is gone (see ActorMoved): read by the session
+        self.moved_actors: set[str] = set()
+        #: refs whose results are filed though this process holds no ObjectRef to
+        #: them (the session's questions to actors, see session._Channel)
+        self.watched: set = set()
         # the head watches the pid of a driver that joins a cluster it did not start
         self._head.send_multipart(P.hello_frames(token, P.ROLE_CLIENT, f"driver:{os.getpid()}"))
         if log_to_driver:  # what tasks print is written to this process's stdout/stderr
@@ -174,9 +204,30 @@ class Client:
             if self.closed:
                 raise ClusterError("the daskray client is closed; call daskray.init() first")
             self._outgoing.append(data)
-            first = len(self._outgoing) == 1
+            first = len(self._outgoing) - self._held == 1
         if first:
             transport.poke(self._ref_wake_w)
+
+    def send_direct(self, address: str, msg: Any, then: Any = None) -> None:
+        """Queue ``msg`` for the actor's process at ``address`` (its direct socket),
+        and ``then`` (if given) for the head; the I/O thread sends what is for
+        actors' processes first, each destination's messages in order."""
+        after = None if then is None else P.encode(then)
+        call = (msg.ref, msg.table_id, msg.table, msg.body)  # encoded with the others
+        with self._lock:
+            if self.closed:
+                raise ClusterError("the daskray client is closed; call daskray.init() first")
+            self._outgoing.append((address, call))
+            if after is not None:
+                self._outgoing.append(_Lazy(after))
+            first = len(self._outgoing) - self._held <= (1 if after is None else 2)
+        if first:
+            transport.poke(self._ref_wake_w)
+
+    def close_direct(self, address: str) -> None:
+        """Have the I/O thread close its socket to ``address`` (the process is gone)."""
+        with self._lock:
+            self._direct_closing.append(address)
 
     def forget(self, number: int) -> None:
         with self._lock:
@@ -226,15 +277,33 @@ class Client:
         watched_fd = head_fd  # closed when the loop ends, watched or not
         try:
             while True:
-                ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+                timeout = 50 if tracker.has_changes() else 1000
+                if self._held_since is not None:
+                    left = self._held_since + LAZY_SECONDS - time.monotonic()
+                    timeout = max(0, min(timeout, int(left * 1000) + 1))
+                ready = dict(poller.poll(timeout))
                 if self._ref_wake_r in ready:
                     transport.drain_pipe(self._ref_wake_r)
+                hold = self._hold_lazy()
                 # taken before taking the queue below: a drop recorded after a
                 # submission that pins the same ref is then sent after it
-                added, dropped = tracker.take_changes()
+                added, dropped = ([], []) if hold else tracker.take_changes()
                 with self._lock:
                     outgoing, self._outgoing = self._outgoing, []
+                    self._held = 0
                     closing = self.closed
+                    gone, self._direct_closing = self._direct_closing, []
+                if gone:
+                    self._close_direct(gone, poller)
+                if any(type(item) is tuple for item in outgoing):
+                    outgoing = self._send_direct(outgoing, poller)
+                if hold and not closing:
+                    with self._lock:  # back in front of what came meanwhile, in order
+                        self._outgoing[:0] = outgoing
+                        self._held = len(outgoing)
+                    outgoing = []
+                else:
+                    self._held_since = None
                 if added or dropped:
                     outgoing.append(P.encode(P.RefsUpdate(added, dropped)))
                 for data in P.batches(outgoing):
@@ -248,16 +317,88 @@ class Client:
                         except zmq.Again:
                             break
                         self._deliver(frame)
+                if len(ready) > 1 or self._head not in ready:
+                    for sock in self._direct.values():
+                        if sock in ready:
+                            self._take_direct(sock)
                 if head_fd is not None and head_fd in ready:
                     self.fail_waiters("the daskray head process died; the cluster is gone. "
                                    "Call daskray.shutdown() and daskray.init() to start a new one.")
                     poller.unregister(head_fd)
                     head_fd = None
         finally:
+            for sock in self._direct.values():
+                sock.close(0)
+            self._direct.clear()
             self._head.close(self.linger_ms)
             os.close(self._ref_wake_r)
             if watched_fd is not None:
                 os.close(watched_fd)
+
+    def _hold_lazy(self) -> bool:
+        """Whether to hold back what waits for the head: only lazy messages (and
+        ref changes), not for long, not many.  Starts the clock when it holds."""
+        with self._lock:
+            queued = [m for m in self._outgoing if type(m) is not tuple]
+            if not queued or self.closed or any(type(m) is not _Lazy for m in queued) \
+                    or len(queued) >= LAZY_COUNT:
+                return False
+        now = time.monotonic()
+        if self._held_since is None:
+            self._held_since = now
+        return now - self._held_since < LAZY_SECONDS
+
+    def _send_direct(self, outgoing: list, poller: zmq.Poller) -> list:
+        """Send the messages for actors' processes (batched per process); what is
+        left is for the head, in order."""
+        to_head: list = []
+        direct: dict[str, list] = {}
+        for item in outgoing:
+            if type(item) is tuple:
+                direct.setdefault(item[0], []).append(item[1])
+            else:
+                to_head.append(item)
+        for address, calls in direct.items():
+            sock = self._direct.get(address)
+            if sock is None:
+                sock = self._direct[address] = transport.dealer(self.ctx, address, self.token)
+                poller.register(sock, zmq.POLLIN)
+            for group in P.direct_batches(calls, _call_bytes):
+                transport.send_message(sock, P.encode(P.DirectCalls(group)))
+        return to_head
+
+    def _close_direct(self, addresses: list, poller: zmq.Poller) -> None:
+        for address in addresses:
+            sock = self._direct.pop(address, None)
+            if sock is not None:
+                poller.unregister(sock)
+                sock.close(0)
+
+    def _take_direct(self, sock: zmq.Socket) -> None:
+        """File the replies an actor's process sent (RefResults only), all that
+        wait at once: the waiting threads are woken once."""
+        filed = []
+        counts = tracker.counts
+        while True:
+            try:
+                frame = sock.recv(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                msg = P.decode(frame.buffer)
+                if type(msg) is not P.DirectResults or type(msg.results) is not list:
+                    continue
+                items = [P.RefResult(*r) for r in msg.results
+                         if type(r) is tuple and len(r) == 7]
+            except (P.ProtocolError, TypeError):
+                continue
+            filed.extend(m for m in items if m.ref in counts)
+        if filed:
+            with self._results_changed:
+                results = self.results
+                for msg in filed:
+                    results[msg.ref] = msg
+                self._results_changed.notify_all()
 
     def _deliver(self, frame: zmq.Frame) -> None:
         try:
@@ -282,7 +423,7 @@ class Client:
             self.lost_workers.update(set(self.workers.values()) - set(new.values()))
             self.workers = new
         elif t is P.RefResult:
-            if msg.ref in tracker.counts:
+            if msg.ref in tracker.counts or msg.ref in self.watched:
                 with self._results_changed:
                     self.results[msg.ref] = msg
                     self._results_changed.notify_all()
@@ -291,6 +432,9 @@ class Client:
             with self._results_changed:
                 self.results[("reply", msg.request)] = msg
                 self._results_changed.notify_all()
+        elif t is P.ActorMoved:
+            with self._results_changed:
+                self.moved_actors.add(msg.actor)
         elif t is P.Rejected and msg.graph is not None:
             self._fail_graph(msg.graph, f"the head rejected graph {msg.graph}: {msg.reason}")
         elif t is P.Rejected:

@@ -25,6 +25,9 @@ from ..refs import tracker
 from . import protocol as P
 from . import transport
 
+#: see worker.LAZY_SECONDS (the same; not imported: worker imports this module)
+LAZY_SECONDS = 0.005
+
 
 class ConcurrentCalls:
     """The concurrent actor's pool and the hand-offs between its threads and the
@@ -50,6 +53,8 @@ class ConcurrentCalls:
         worker = self.worker
         poller = zmq.Poller()
         poller.register(worker.head, zmq.POLLIN)
+        if worker.direct is not None:  # calls callers send straight (see worker)
+            poller.register(worker.direct, zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
         # refs the calls' threads drop wake this loop through a pipe: safe from any
         # thread and from a finalizer, where a zmq socket or a lock is not
@@ -59,7 +64,11 @@ class ConcurrentCalls:
         poller.register(refs_r, zmq.POLLIN)
         tracker.wake = partial(transport.poke, refs_w)
         while worker.running:
-            ready = dict(poller.poll(50 if tracker.has_changes() else 1000))
+            timeout = 50 if tracker.has_changes() else 1000
+            if worker.reports:  # held back (see worker.LAZY_SECONDS)
+                left = worker.first_report_at + LAZY_SECONDS - time.perf_counter()
+                timeout = max(0, min(timeout, int(left * 1000) + 1))
+            ready = dict(poller.poll(timeout))
             if refs_r in ready:
                 transport.drain_pipe(refs_r)
             if self.wake_pull in ready:
@@ -98,7 +107,10 @@ class ConcurrentCalls:
             transport.send_message(self.worker.head, P.encode(self.outbox.popleft()))
         for item in done:
             self.worker.report(item)
-        self.worker.flush(changes)
+        if changes[0] or changes[1]:
+            self.worker.flush(changes)
+        else:
+            self.worker.flush(lazy=True)
 
     def _call_done(self, future: Future) -> None:
         """In a pool thread: hand the report to the main thread and wake it."""

@@ -12,3 +12,10 @@ from typing import Any
 
 #: the Session of this worker process, or None in any other process
 worker_session: Any = None
+
+#: the method of every actor that says where its process takes calls straight
+#: (see actors.host and runtime.session)
+DIRECT = "__daskray_direct__"
+#: in an actor's process: (address of its direct socket, its worker id), what a
+#: call of ``DIRECT`` returns
+direct_channel: tuple | None = None

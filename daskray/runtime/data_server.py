@@ -121,7 +121,7 @@ class DataServer(threading.Thread):
                 self.store.put_frames(key, transport.join_buffers(frames[4].bytes, frames[5:]))
                 self.sock.send_multipart([ident, P.OK])
             elif verb == P.INTERRUPT or verb == P.INTERRUPT_FORCE:
-                dropped = self.on_interrupt([int(x) for x in arg.split(b",") if x],
+                dropped = self.on_interrupt([decode_object_id(x) for x in arg.split(b",") if x],
                                             verb == P.INTERRUPT_FORCE)
                 if dropped:
                     self.sock.send_multipart(

@@ -397,7 +397,7 @@ class Head:
         if wid not in self.processes.proven and wid not in self.processes.actor_of \
                 and ran_a_task(items):
             self.processes.proven.add(wid)
-        log_reports(self.task_log, self.state.tasks, wid, items, time.time())
+        log_reports(self.task_log, self.state.tasks, wid, items, time.time(), self.state.refs)
         # one scheduler step for the whole batch: idle workers are filled once
         handle = self.handlers.handle
         for ins in self.state.handle_all(report_events(wid, items)):

@@ -51,6 +51,7 @@ class InstructionHandlers:
             I.FreeShared: self._do_free_shared,
             I.StartExtraWorker: self._do_start_extra,
             I.RetireWorker: self._do_retire,
+            I.ActorMoved: self._do_actor_moved,
         }
 
     def handle(self, ins: Any) -> None:
@@ -106,6 +107,9 @@ class InstructionHandlers:
 
     def _do_free_shared(self, ins: I.FreeShared) -> None:
         shared_memory.unlink(ins.path)
+
+    def _do_actor_moved(self, ins: I.ActorMoved) -> None:
+        self.outbox.to_client(ins.to, P.ActorMoved(ins.actor))
 
     def _do_reply_actor(self, ins: I.ReplyActor) -> None:
         self.outbox.to_client(ins.to, P.ActorReply(ins.request, ins.handle))

@@ -14,7 +14,8 @@ from typing import Any
 from ..scheduler import events as E
 from . import protocol as P
 from .records import (
-    BlockedReport, ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport,
+    BlockedReport, DirectErredReport, DirectFinishedReport, DirectReleasedReport, ErredReport,
+    FinishedReport, RefsReport, ReleasedReport, StartedReport,
 )
 
 
@@ -42,8 +43,10 @@ def graph_event(msg: P.SubmitGraph, graph: Any, parent: Any, shm_prefix: str) ->
         pinned=msg.pinned, max_retries=msg.max_retries,
         retry_exceptions=msg.retry_exceptions, resources=msg.resources, actor=msg.actor,
         create_actor=msg.create_actor, data_holders=msg.data_holders, parent=parent,
-        shared=msg.shared,
+        shared=msg.shared, direct=msg.direct,
     )
+    if msg.direct is not None and not (isinstance(msg.direct, str) and msg.actor is not None):
+        raise P.ProtocolError("graph message: only an actor's call is sent to a process directly")
     check_graph(event)
     return event
 
@@ -82,7 +85,22 @@ def report_events(wid: str, items: list) -> list[Any]:
             add(E.RefsChanged(item.added, item.dropped, wid.encode()))
         elif t is BlockedReport:
             add(E.WorkerBlocked(wid, item.blocked, item.task, item.awaits, item.nest))
+        elif t is DirectFinishedReport:
+            add(E.DirectCallDone(_ref(item.ref), wid, item.object_id, item.nbytes, item.inline,
+                                 item.duration, item.contained, replied=not item.contained))
+        elif t is DirectErredReport:
+            add(E.DirectCallDone(_ref(item.ref), wid, "", error=item.error))
+        elif t is DirectReleasedReport:
+            add(E.DirectCallDone(_ref(item.ref), wid, "", released=True))
     return events
+
+
+def _ref(ref: Any) -> tuple:
+    """An ObjectRef key a worker reports, checked: (owner bytes, graph int, node int)."""
+    if not (type(ref) is tuple and len(ref) == 3 and type(ref[0]) is bytes
+            and type(ref[1]) is int and type(ref[2]) is int):
+        raise P.ProtocolError(f"a direct call's report names no ObjectRef: {ref!r:.80}")
+    return ref
 
 
 def request_events(ident: bytes, msg: Any) -> list[Any]:
@@ -103,6 +121,8 @@ def request_events(ident: bytes, msg: Any) -> list[Any]:
         return [E.ListNamedActors(ident, msg.request, msg.all_namespaces, msg.parent)]
     if t is P.SetNamespace:
         return [E.ClientNamespace(ident, msg.namespace)]
+    if t is P.WatchActor:
+        return [E.WatchActor(ident, msg.actor)]
     if t is P.ReleaseGraph:
         return [E.GraphReleased((ident, msg.graph))]
     if t is P.CancelGraph:

@@ -163,6 +163,8 @@ class OutputCapture:
         knows belongs to the current label.  The marker is written after the lock
         is released: a full pipe blocks the write until the reader, which needs the
         lock, has read."""
+        if new == self.current:  # the same label goes on (an actor's calls, say)
+            return
         _flush_python_streams()
         marked = []
         with self.lock:

@@ -173,6 +173,9 @@ class SubmitGraph:
     parent: int | None = None
     #: data nodes in shared memory: {node: file}
     shared: dict | None = None
+    #: the caller sent this call (an actor's) straight to the actor's process,
+    #: this worker id: the head records it as running there and dispatches nothing
+    direct: str | None = None
 
 
 @message(2)
@@ -487,6 +490,81 @@ class WorkerStatusReply:
     request: int
     #: {worker id: {"task": name or None, "queued": int, "actor": id or None}}
     workers: dict
+
+
+# ------------------------------------------------------------------ caller <-> actor, direct
+
+
+@message(71)
+class DirectCall:
+    """A call of an actor's method, sent by its caller straight to the actor's
+    process (its direct socket) instead of through the head.  The caller tells
+    the head too (a ``SubmitGraph`` with ``direct`` set); the actor replies with a
+    :class:`RefResult` on the same socket and reports to the head as usual."""
+
+    #: the ObjectRef key of the call's result, chosen by the caller
+    ref: tuple
+    #: the function table the body refers to, by id; its bytes the first time
+    #: the caller sends it to this process (None after)
+    table_id: bytes
+    table: bytes | None
+    #: the pickled task (``serialization.decode_task``), as in a ``RunTask``
+    body: bytes
+
+
+@message(74)
+class DirectCalls:
+    """Several :class:`DirectCall` s to one actor's process, in order, as one
+    message: ``(ref, table_id, table, body)`` each (one decode for a burst)."""
+
+    calls: list
+
+
+@message(75)
+class DirectResults:
+    """An actor's process replies to several direct calls of one caller at once:
+    the fields of a :class:`RefResult` each, as a tuple."""
+
+    results: list
+
+
+#: a DirectCalls / DirectResults message holds about this many bytes at most
+DIRECT_BATCH_BYTES = 1 << 20
+
+
+def direct_batches(items: list, size_of: Any) -> list[list]:
+    """``items`` in order, as lists of about :data:`DIRECT_BATCH_BYTES` at most
+    (``size_of(item)``: its bytes); an item larger than that goes alone."""
+    out: list[list] = []
+    group: list = []
+    size = 0
+    for item in items:
+        n = size_of(item)
+        if group and size + n > DIRECT_BATCH_BYTES:
+            out.append(group)
+            group, size = [], 0
+        group.append(item)
+        size += n
+    if group:
+        out.append(group)
+    return out
+
+
+@message(72)
+class ActorMoved:
+    """Head -> caller: the process of ``actor`` that this caller sent calls to
+    straight is gone (the actor restarts, or died): send calls through the head
+    until it says where the actor is again."""
+
+    actor: str
+
+
+@message(73)
+class WatchActor:
+    """Caller -> head: this caller is about to learn where ``actor``'s process
+    takes calls straight; say :class:`ActorMoved` when that process goes."""
+
+    actor: str
 
 
 # ------------------------------------------------------------------ either way

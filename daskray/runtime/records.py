@@ -90,6 +90,35 @@ class BlockedReport(NamedTuple):
 
 
 @record
+class DirectFinishedReport(NamedTuple):
+    """A call the caller sent straight to this actor's process finished; its
+    result is kept under ``object_id`` (see ``scheduler.actors.direct_key``)."""
+
+    ref: tuple
+    object_id: str
+    nbytes: int
+    inline: bytes | None
+    duration: float
+    contained: tuple
+
+
+@record
+class DirectErredReport(NamedTuple):
+    """A call the caller sent straight to this actor's process raised."""
+
+    ref: tuple
+    error: bytes
+
+
+@record
+class DirectReleasedReport(NamedTuple):
+    """A call the caller sent straight to this actor's process was dropped unrun
+    (it was cancelled while queued)."""
+
+    ref: tuple
+
+
+@record
 class RunTask(NamedTuple):
     """One task of a :class:`Run`."""
 

@@ -13,11 +13,26 @@ is the :class:`Connection` underneath:
 Results of ObjectRefs arrive as ``RefResult`` messages: the owner of a ref is told
 unasked, any other process subscribes on first use.  What is known of a ref is
 forgotten when this process drops its last ObjectRef to it.
+
+Actor calls go straight to the actor's process when the connection can (the
+driver's): a :class:`_Channel` per actor.  The first calls go through the head,
+followed by a call of the actor's ``__daskray_direct__``, which says where the
+process takes calls; once it has returned, and every call of this process sent
+to that actor through the head is known to have ended (or to have started
+before it), calls go straight, so they keep their order.  Each is registered
+with the head too (``SubmitGraph.direct``, one-way, in the same batch): the head
+knows every ref before anything that names it reaches it from here, and treats
+the call as running on that process (restarts, deaths, cancels).  A call with
+ObjectRefs in its arguments (or several returns, or ``retry_exceptions``) goes
+through the head, and the channel waits again for it to end.  When the head
+says the process is gone (``ActorMoved``) calls go through the head until a new
+``__daskray_direct__`` call says where the actor is.
 """
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from typing import Any, Callable, Protocol, Sequence
 
@@ -28,6 +43,7 @@ from ..remote_function import build_call
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import shared_memory
+from .context import DIRECT
 from .serialization import dumps, dumps_frames, frames_nbytes, loads, loads_exception
 
 
@@ -66,6 +82,31 @@ def error_of(result: P.RefResult | P.Error) -> BaseException:
     return kind(result.message or "the task failed")
 
 
+class _Channel:
+    """What a session knows of the way straight to one actor's process."""
+
+    __slots__ = ("address", "worker", "barrier", "pending", "gone", "blind", "tables")
+
+    def __init__(self) -> None:
+        #: the process's direct socket and worker id (None: not known, or gone)
+        self.address: str | None = None
+        self.worker: str | None = None
+        #: the ``__daskray_direct__`` call in flight through the head, if any: its
+        #: ref key (no ObjectRef is held: the head forgets it once it has answered)
+        self.barrier: RefKey | None = None
+        #: calls sent through the head whose end has not been seen yet (changed
+        #: under the session's channel lock only)
+        self.pending: set[RefKey] = set()
+        #: calls of ``pending`` whose refs were dropped since (appended by ``forget``,
+        #: which may run in any thread, inside a finalizer too)
+        self.gone: list[RefKey] = []
+        #: the number of the latest call through the head dropped before its end
+        #: was seen (0: none): a barrier sent after it must return first
+        self.blind = 0
+        #: function tables the process was sent by this session, by id
+        self.tables: set = set()
+
+
 class Session:
     """Ray's core API over a :class:`Connection`."""
 
@@ -78,6 +119,12 @@ class Session:
         self._names = itertools.count()
         #: this process's actor calls still referenced (cancel(force=True) refuses them)
         self._actor_calls: set[RefKey] = set()
+        #: whether actor calls may go straight to the actors' processes
+        self._direct = callable(getattr(conn, "send_direct", None))
+        #: {actor id: _Channel}; {call through the head: its channel}
+        self._channels: dict[str, _Channel] = {}
+        self._pending_on: dict[RefKey, _Channel] = {}
+        self._channel_lock = threading.Lock()
 
     # ---------------------------------------------------------------- submitting
 
@@ -131,15 +178,119 @@ class Session:
         parts = build_call(func, table, f"{handle._class_name}.{method}", args, kwargs, opts,
                            number)
         parts["actor"] = handle._actor_id
+        simple = (self._direct and not parts["external"] and not parts["pinned"]
+                  and opts.get("num_returns", 1) == 1 and not opts.get("retry_exceptions"))
         # the call keeps its actor alive even if the caller drops the handle at once
         parts["pinned"] = parts["pinned"] + [handle._creation._key]
         me = self.conn.client_id
         refs = [ObjectRef((me, number, node), owned=True) for node in parts["wanted"]]
         self._actor_calls.update(r._key for r in refs)
-        self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        if not self._direct:
+            self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        else:
+            with self._channel_lock:
+                self._send_call(handle, method, number, parts, refs, simple)
         return refs[0] if opts.get("num_returns", 1) == 1 else refs
 
+    def _send_call(self, handle: Any, method: str, number: int, parts: dict,
+                   refs: list[ObjectRef], simple: bool) -> None:
+        """Send an actor call straight to the actor's process if its channel is
+        open (see the module), else through the head."""
+        channel = self._channels.get(handle._actor_id)
+        if channel is None:
+            channel = self._channels[handle._actor_id] = _Channel()
+        if simple and method != DIRECT and self._open(channel, handle):
+            key = refs[0]._key
+            tid = parts["table_id"]
+            known = tid in channel.tables
+            channel.tables.add(tid)
+            parts["direct"] = channel.worker
+            self.conn.send_direct(
+                channel.address,
+                P.DirectCall(key, tid, None if known else parts["function_table"],
+                             parts["bodies"][0]),
+                then=P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+            return
+        self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        if method == DIRECT:
+            return
+        for ref in refs:
+            channel.pending.add(ref._key)
+            self._pending_on[ref._key] = channel
+        if channel.barrier is None and channel.address is None:
+            self._send_barrier(channel, handle)
+
+    def _send_barrier(self, channel: _Channel, handle: Any) -> None:
+        """Ask the actor, through the head, where its process takes calls; when it
+        answers, every call this process sent it through the head before has started."""
+        func, table = handle._call(DIRECT)
+        number = self.conn.next_number()
+        parts = build_call(func, table, f"{handle._class_name}.{DIRECT}", (), {},
+                           {"max_retries": 0}, number)
+        parts["actor"] = handle._actor_id
+        parts["pinned"] = [handle._creation._key]
+        key = (self.conn.client_id, number, parts["wanted"][0])
+        self.conn.watched.add(key)  # its answer is filed though no ObjectRef is held
+        ref = ObjectRef(key, owned=True)
+        self.conn.send(P.WatchActor(handle._actor_id))  # first: a move after it is told
+        self.conn.send(P.SubmitGraph(graph=number, fail_fast=False, notify=False, **parts))
+        del ref  # dropped after it was sent: the head answers, then forgets it
+        channel.barrier = key
+
+    def _open(self, channel: _Channel, handle: Any) -> bool:
+        """Whether calls to ``handle``'s actor may go straight now (see the module);
+        sends a barrier when one is needed."""
+        results = self.conn.results
+        moved = self.conn.moved_actors
+        if moved and handle._actor_id in moved:
+            moved.discard(handle._actor_id)
+            if channel.address is not None:
+                self.conn.close_direct(channel.address)
+            channel.address = channel.worker = None
+            if channel.barrier is not None:
+                self.conn.watched.discard(channel.barrier)
+                results.pop(channel.barrier, None)
+            channel.barrier = None
+            channel.tables = set()
+        if channel.barrier is not None:
+            result = results.pop(channel.barrier, None)
+            if result is None:
+                return False
+            barrier, channel.barrier = channel.barrier, None
+            self.conn.watched.discard(barrier)
+            try:
+                where = None if failed(result) else self._value(result)
+            except Exception:  # noqa: BLE001 - it could not say: calls go through the head
+                where = None
+            if where is not None:
+                channel.address, channel.worker = where
+            # what went through the head before the barrier has started
+            channel.pending = {k for k in channel.pending if k[1] > barrier[1]}
+            if channel.blind < barrier[1]:
+                channel.blind = 0
+        if channel.address is None:
+            return False
+        if channel.gone:
+            gone, channel.gone = channel.gone, []
+            channel.pending.difference_update(gone)
+        if channel.pending:
+            channel.pending = {k for k in channel.pending if k not in results}
+            if channel.pending:
+                return False
+        if channel.blind:
+            if channel.barrier is None:
+                self._send_barrier(channel, handle)
+            return False
+        return True
     def kill_actor(self, handle: Any, no_restart: bool = True) -> None:
+        if self._direct:  # later calls go after the kill, through the head
+            with self._channel_lock:
+                channel = self._channels.pop(handle._actor_id, None)
+                if channel is not None and channel.address is not None:
+                    self.conn.close_direct(channel.address)
+                if channel is not None and channel.barrier is not None:
+                    self.conn.watched.discard(channel.barrier)
+                    self.conn.results.pop(channel.barrier, None)
         self.conn.send(P.KillActorRequest(handle._actor_id, no_restart))
 
     def get_actor(self, name: str, timeout: float | None = 30.0, *,
@@ -244,6 +395,13 @@ class Session:
         """This process holds no ObjectRef to ``key`` any more."""
         self._subscribed.discard(key)
         self._actor_calls.discard(key)
+        if self._pending_on:
+            channel = self._pending_on.pop(key, None)
+            if channel is not None:
+                channel.gone.append(key)
+                if key not in self.conn.results:
+                    # it went through the head, and whether it ended is unknown now
+                    channel.blind = max(channel.blind, key[1])
         if self.conn.results.pop(key, None) is not None and key[0] == self.conn.client_id:
             self._forgotten_own.add(key)
 

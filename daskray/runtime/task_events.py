@@ -15,7 +15,9 @@ import itertools
 from collections import deque
 from typing import Any, Iterable, NamedTuple
 
-from .records import ErredReport, FinishedReport, StartedReport
+from .records import (
+    DirectErredReport, DirectFinishedReport, ErredReport, FinishedReport, StartedReport,
+)
 
 #: events kept (about 200 bytes each: ~20 MB at most)
 CAPACITY = 100_000
@@ -117,9 +119,11 @@ def _fields(ev: Any) -> tuple:
     return tuple(ev)
 
 
-def log_reports(log: TaskEventLog, tasks: dict, wid: str, items: list, now: float) -> None:
+def log_reports(log: TaskEventLog, tasks: dict, wid: str, items: list, now: float,
+                refs: dict | None = None) -> None:
     """Log what a worker's batch of reports says about its tasks' runs
-    (``tasks``: the scheduler's tasks by id, read before the reports change them)."""
+    (``tasks``: the scheduler's tasks by id, read before the reports change them;
+    ``refs``: its task ids by ObjectRef key, for calls sent straight to actors)."""
     task_ended = log.task_ended
     for item in items:
         t = type(item)
@@ -127,6 +131,13 @@ def log_reports(log: TaskEventLog, tasks: dict, wid: str, items: list, now: floa
             ts = tasks.get(item[0])
             if ts is not None:
                 task_ended(item[0], ts.name, wid, now, item[3], FINISHED)
+        elif (t is DirectFinishedReport or t is DirectErredReport) and refs is not None:
+            tid = refs.get(item.ref)
+            ts = tasks.get(tid) if tid is not None else None
+            if ts is not None:  # (not registered yet: left out)
+                done = t is DirectFinishedReport
+                task_ended(tid, ts.name, wid, now, item.duration if done else None,
+                           FINISHED if done else ERRED)
         elif t is ErredReport:
             ts = tasks.get(item.task)
             if ts is not None:

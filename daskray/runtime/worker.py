@@ -17,6 +17,12 @@ the reading of other workers' objects (:mod:`.data_server`), the connection a
 task's own calls go through, with nested tasks while it waits in ``get()``
 (:mod:`.in_task`), and the loop of an actor whose calls run concurrently
 (:mod:`.concurrent_actor`).
+
+An actor's process also binds a *direct* socket (authenticated like every bound
+socket): callers that know where it is send calls there (``DirectCall``), not
+through the head.  Such a call queues with the head's, runs under its
+``direct_key``, and its outcome goes straight back to the caller (a
+``RefResult``) and, in the next batch of reports, to the head.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import zmq
 from .. import backend
 from ..errors import ObjectLostError, RemoteTraceback, SerializationError, TaskCancelledError
 from ..refs import collect_pickled_refs, tracker
+from ..scheduler.actors import direct_key
 from ..scheduler.policy import INLINE_THRESHOLD
 from . import protocol as P
 from . import allocator, context, host_transfer, shared_memory, transport
@@ -46,7 +53,10 @@ from .late_reports import LateReports
 from .object_store import ObjectStore
 from .output import Label, OutputCapture, actor_label, task_label
 from .process import child_setup
-from .records import ErredReport, FinishedReport, RefsReport, ReleasedReport, StartedReport
+from .records import (
+    DirectErredReport, DirectFinishedReport, DirectReleasedReport, ErredReport, FinishedReport,
+    RefsReport, ReleasedReport, RunTask, StartedReport,
+)
 from .serialization import (
     decode_table, decode_task, dumps, dumps_exception, dumps_frames, frames_nbytes,
 )
@@ -56,6 +66,11 @@ FLUSH_SECONDS = 0.001
 #: as plain ints: zmq.POLLIN is an enum.Flag, whose "&" runs Python code
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 FLUSH_COUNT = 256
+#: how many ended direct calls a worker remembers (see Worker.direct_done)
+DIRECT_DONE_KEPT = 4096
+#: reports of direct calls whose callers have the outcome already wait at most
+#: this long for company (the head is not waited on for them)
+LAZY_SECONDS = 0.005
 #: a task's exception leaves with at most this many frames of traceback, and this
 #: many characters of the remote traceback it carries (an error re-raised through
 #: nested calls gathers every level's frames and text otherwise: a thousand
@@ -87,6 +102,11 @@ def bound_for_travel(exc: BaseException) -> None:
         frames[keep - 1].tb_next = frames[-keep]
 
 
+def _reply_bytes(reply: tuple) -> int:
+    """About how many bytes a reply to a direct call (RefResult fields) takes."""
+    return len(reply[1] or b"") + len(reply[4] or b"") + 64
+
+
 class Worker:
     """The main thread's state: queued tasks, function tables, pending reports."""
 
@@ -115,6 +135,30 @@ class Worker:
             self.shm_prefix = None
         self.resources: dict = config.get("resources") or {}
         self.actor: str | None = config.get("actor")
+        #: an actor's socket for calls sent straight by their callers (see the module)
+        self.direct: zmq.Socket | None = None
+        #: direct calls queued or running: {direct key: (caller's identity, ref key)}
+        self.direct_calls: dict[str, tuple[bytes, tuple]] = {}
+        #: function tables callers sent with direct calls (kept: callers send each once)
+        self.direct_tables: dict[bytes, bytes] = {}
+        #: replies to direct calls' callers, sent with the next reports: {identity: [frame]}
+        self.direct_replies: dict[bytes, list] = {}
+        #: when the oldest of them was made (``perf_counter``)
+        self.first_reply_at = 0.0
+        #: pending reports that may not wait (see ``flush``)
+        self.urgent_reports = 0
+        #: keys of the direct calls that ended lately, oldest first (a cancel that comes
+        #: after the end must not say the call was dropped: its report may still wait)
+        self.direct_done: dict[str, None] = {}
+        self.log = transport.ThrottledLog(prefix=f"daskray worker {self.id}")
+        if self.actor is not None:
+            direct_address = transport.ipc_address(config["session_dir"], f"a-{self.id}.sock")
+            self.direct = transport.router(self.ctx, direct_address, self.token)
+            context.direct_channel = (direct_address, self.id)
+        self.poller = zmq.Poller()
+        self.poller.register(self.head, zmq.POLLIN)
+        if self.direct is not None:
+            self.poller.register(self.direct, zmq.POLLIN)
         self.running = True
         #: an actor with max_concurrency > 1 or async methods runs calls on a thread pool
         self.concurrent: ConcurrentCalls | None = None
@@ -174,8 +218,9 @@ class Worker:
             running = set(self.stack)
             running.update(t for t in (self.current, self.starting) if t is not None)
             # the others are queued here, or still unread on the head socket, or
-            # done (the head then ignores the answer): none of them may start any more
-            dropped = [t for t in task_ids if t not in running]
+            # done (the head then ignores the answer): none of them may start any more.
+            # A direct call that ended is left out: its report may not have left yet
+            dropped = [t for t in task_ids if t not in running and t not in self.direct_done]
             self.dropped.update(dropped)
         hit = running.intersection(task_ids)
         if hit and force:  # daskray.cancel(force=True): the head sees this worker die
@@ -215,7 +260,7 @@ class Worker:
         while self.running:
             if not self.queue:
                 self._settle_output()
-                self.flush()
+                self.flush(lazy=True)
                 self._wait_idle(trim)
             self._step()
         self.flush()
@@ -231,9 +276,12 @@ class Worker:
                 timeout = max(1, min(timeout, int((trim_at - time.monotonic()) * 1000) + 1))
             if tracker.has_changes():
                 timeout = min(timeout, 50)
-            if self.head.poll(timeout):
+            if self.reports:  # held back (see LAZY_SECONDS)
+                left = self.first_report_at + LAZY_SECONDS - time.perf_counter()
+                timeout = max(0, min(timeout, int(left * 1000) + 1))
+            if self.poller.poll(timeout):
                 return
-            if tracker.has_changes():
+            if tracker.has_changes() or self.reports:
                 self.flush()
             if trim_at is not None and time.monotonic() >= trim_at:
                 allocator.release_free_memory()
@@ -241,7 +289,7 @@ class Worker:
                 self.heap_used = False
 
     def drain(self) -> None:
-        """Take every message waiting."""
+        """Take every message waiting (the head's, then callers' direct calls)."""
         head = self.head
         # asking is five times cheaper than a recv that fails (it raises zmq.Again),
         # and most steps find nothing waiting
@@ -249,8 +297,70 @@ class Worker:
             try:
                 frame = head.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                return
+                break
             self._on_message(frame)
+        if self.direct is not None:
+            self.drain_direct()
+
+    def drain_direct(self) -> None:
+        """Queue the calls callers sent straight to this actor's process."""
+        while True:
+            try:
+                frames = self.direct.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._on_direct(frames)
+
+    def _on_direct(self, frames: list) -> None:
+        """One message on the direct socket (``DirectCalls``, or one ``DirectCall``):
+        each call joins the queue.  The peer passed the session token in the
+        handshake; a message that is not such a call is dropped before a byte of
+        the task inside is unpickled."""
+        ident = frames[0].bytes
+        try:
+            msg = P.decode(transport.join_frames(frames[1:]))
+            if type(msg) is P.DirectCalls and type(msg.calls) is list:
+                calls = msg.calls
+            elif type(msg) is P.DirectCall:
+                calls = [(msg.ref, msg.table_id, msg.table, msg.body)]
+            else:
+                raise P.ProtocolError(f"{type(msg).__name__} is not a direct call")
+        except (P.ProtocolError, ValueError) as exc:
+            self.log.write("dropped a malformed message on the direct socket", str(exc)[:300])
+            return
+        for call in calls:
+            problem = self._direct_problem(call)
+            if problem is not None:
+                self.log.write("dropped a malformed message on the direct socket", problem)
+                continue
+            ref, table_id, table, body = call
+            if table is not None:
+                self.direct_tables[table_id] = table
+            key = direct_key(ref)
+            self.direct_calls[key] = (ident, ref)
+            if key in self.dropped:  # cancelled (through the head) before it came
+                self.dropped.discard(key)
+                self.report(ReleasedReport(key))
+                continue
+            self.queue.append(RunTask(key, table_id, body, (), False, None, 1))
+
+    def _direct_problem(self, call: Any) -> str | None:
+        """What is wrong with a direct call ``(ref, table_id, table, body)``
+        (None: nothing)."""
+        if type(call) is not tuple or len(call) != 4:
+            return "a direct call is not a (ref, table id, table, body) tuple"
+        ref, table_id, table, body = call
+        if not (type(ref) is tuple and len(ref) == 3 and type(ref[0]) is bytes
+                and type(ref[1]) is int and type(ref[2]) is int
+                and type(table_id) is bytes and type(body) is bytes
+                and (table is None or type(table) is bytes)):
+            return "a direct call's fields have the wrong types"
+        if table is None and table_id not in self.direct_tables \
+                and table_id not in self.raw_tables:
+            return "a direct call refers to a function table never sent"
+        if direct_key(ref) in self.direct_calls:
+            return "a direct call was sent twice"
+        return None
 
     def _step(self) -> None:
         """Take every message waiting, then run one queued task."""
@@ -258,6 +368,7 @@ class Worker:
         if self.queue and self.running:
             item = self.queue.popleft()
             if not self.claim(item.task):
+                self.direct_calls.pop(item.task, None)  # the head knows it was dropped
                 return
             self.report(self.execute(*item))
             self.last_task_end = time.monotonic()
@@ -266,7 +377,7 @@ class Worker:
                 len(self.reports) >= FLUSH_COUNT
                 or time.perf_counter() - self.first_report_at > FLUSH_SECONDS
             ):
-                self.flush()
+                self.flush(lazy=True)
 
     def _settle_output(self) -> None:
         """Lines printed from now on are the worker's own, not the last task's."""
@@ -327,32 +438,94 @@ class Worker:
                         f"the head rejected graph {msg.graph}: {msg.reason}")
 
     def report(self, item: Any) -> None:
-        """Queue a report for the head (sent by ``flush``)."""
+        """Queue a report for the head (sent by ``flush``); the outcome of a direct
+        call also goes to its caller, now."""
+        t = type(item)
+        if (t is FinishedReport or t is ErredReport or t is ReleasedReport) \
+                and type(item.task) is str and item.task in self.direct_calls:
+            item = self._direct_outcome(item)
+            t = type(item)
+        if not (t is DirectErredReport or t is DirectFinishedReport and not item.contained):
+            self.urgent_reports += 1
         self.late.disarm()
         if not self.reports:
             self.first_report_at = time.perf_counter()
         self.reports.append(item)
 
-    def flush(self, changes: tuple | None = None) -> None:
-        """Send the pending reports, after the ref changes recorded so far (or
-        ``changes``, taken earlier by the caller)."""
-        self.late.disarm()
-        self._send_reports(changes)
+    def _direct_outcome(self, item: Any) -> Any:
+        """Reply to the caller of a direct call; the report for the head.  A result
+        holding ObjectRefs is not sent straight: the head must learn what it holds
+        before the caller can use those refs, so the head tells the caller."""
+        ident, ref = self.direct_calls.pop(item.task)
+        self.direct_done[item.task] = None
+        if len(self.direct_done) > DIRECT_DONE_KEPT:
+            del self.direct_done[next(iter(self.direct_done))]
+        t = type(item)
+        reply = None
+        if t is FinishedReport:
+            if not item.contained:
+                holder = None if item.inline is not None else self.address
+                reply = (ref, item.inline, holder, item.task, None, None, None)
+            report: Any = DirectFinishedReport(ref, item.task, item.nbytes, item.inline,
+                                               item.duration, item.contained)
+        elif t is ErredReport:
+            reply = (ref, None, None, 0, item.error, None, None)
+            report = DirectErredReport(ref, item.error)
+        else:
+            report = DirectReleasedReport(ref)
+        if reply is not None:  # sent with the reports (see _send_reports)
+            if not self.direct_replies:
+                self.first_reply_at = time.perf_counter()
+            self.direct_replies.setdefault(ident, []).append(reply)
+        return report
 
-    def _send_reports(self, changes: tuple | None = None) -> None:
+    def flush(self, changes: tuple | None = None, lazy: bool = False) -> None:
+        """Send the pending reports, after the ref changes recorded so far (or
+        ``changes``, taken earlier by the caller).  ``lazy``: reports nobody waits
+        on (direct calls' outcomes their callers have) may wait a little longer
+        for company, ``LAZY_SECONDS`` at most (the caller of a lazy flush flushes
+        again by then)."""
+        self.late.disarm()
+        self._send_reports(changes, lazy)
+
+    def _send_reports(self, changes: tuple | None = None, lazy: bool = False) -> None:
+        now = time.perf_counter()
+        if self.direct_replies and (not lazy or not self.queue
+                                    or now - self.first_reply_at > FLUSH_SECONDS):
+            self._send_replies()  # first: the callers wait for them
+        if lazy and changes is None and self.reports and not self.urgent_reports \
+                and len(self.reports) < FLUSH_COUNT and not tracker.has_changes() \
+                and now - self.first_report_at < LAZY_SECONDS:
+            return
+        if self.direct_replies:  # never after the reports of the same calls
+            self._send_replies()
         added, dropped = tracker.take_changes() if changes is None else changes
         if added or dropped:  # first: a finish report may release a pin they rely on
             self.reports.insert(0, RefsReport(added, dropped))
         if self.reports:
             transport.send_message(self.head, P.encode(P.Reports(self.reports)))
             self.reports = []
+            self.urgent_reports = 0
+
+    def _send_replies(self) -> None:
+        """Send the replies to direct calls' callers, a batch per caller."""
+        replies, self.direct_replies = self.direct_replies, {}
+        for ident, results in replies.items():
+            for group in P.direct_batches(results, _reply_bytes):
+                try:
+                    transport.send_message(self.direct, P.encode(P.DirectResults(group)),
+                                           prefix=(ident,))
+                except zmq.ZMQError:  # the caller is gone: the head has the outcomes
+                    break
 
     # -------------------------------------------------------------- running a task
 
     def _table(self, graph: Any) -> list[Any]:
         table = self.tables.get(graph)
         if table is None:
-            table = self.tables[graph] = decode_table(self.raw_tables[graph])
+            raw = self.raw_tables.get(graph)
+            table = self.tables[graph] = decode_table(
+                raw if raw is not None else self.direct_tables[graph])
         return table
 
     def _input(self, object_id: int, source: tuple) -> Any:
@@ -454,6 +627,8 @@ class Worker:
         """Lines printed from now on are ``task_id``'s; what ran before (or None)."""
         if self.output is None:
             return None
+        if type(task_id) is str:  # a direct call: the head knows no task by its key,
+            task_id = None        # its lines go to the drivers that asked for output
         return self.output.task_started(task_id, self._output_label(node))
 
     def _exit_actor(self) -> None:
@@ -469,6 +644,8 @@ class Worker:
         if self.output is not None:
             self.output.close()
         self.peers.close()
+        if self.direct is not None:
+            self.direct.close(0)
         self.head.close(0)
 
 

@@ -105,7 +105,9 @@ class WorkerControl:
                 return dropped
             self.heard_from(wid)
             if len(frames) == 2 and frames[0] == P.DROPPED:
-                dropped.extend(int(t) for t in frames[1].split(b",") if t.isdigit())
+                # task ids, or direct calls' keys (see scheduler.actors.direct_key)
+                dropped.extend(int(t) if t.isdigit() else t.decode(errors="replace")
+                               for t in frames[1].split(b",") if t)
 
     def check(self, procs: dict[str, subprocess.Popen]) -> dict[str, list[int]]:
         """Ping every worker's data server every ``HEARTBEAT_SECONDS``; kill a

@@ -1,17 +1,41 @@
-"""Actors: creation, their calls in order, restarts, death and names."""
+"""Actors: creation, their calls in order, restarts, death and names; calls their
+callers sent straight to the actor's process (see :meth:`ActorLifecycle._bind_direct`)."""
 
 from __future__ import annotations
 
 from collections import deque
 
 from .events import (
-    ActorStartFailed, ClientId, ClientNamespace, GraphSubmitted, KillActor, ListNamedActors,
-    LookupActor, TaskId,
+    ActorStartFailed, ClientId, ClientNamespace, DirectCallDone, GraphSubmitted, KillActor,
+    ListNamedActors, LookupActor, RefKey, TaskErred, TaskFinished, TaskId, TaskReleased,
+    WatchActor,
 )
-from .instructions import ReplyActor, ReplyActorNames, StartActor, StopActor
+from .instructions import (
+    ActorMoved, FreeObjects, ReplyActor, ReplyActorNames, StartActor, StopActor,
+)
 from .model import (
     WAITING, READY, PROCESSING, MEMORY, ERRED, TaskState, GraphState, ActorState, WorkerState,
 )
+
+
+def direct_key(ref: RefKey) -> str:
+    """The name a call sent straight to an actor's process runs as there, and its
+    result is kept under: the caller, the process and the head all derive it from
+    the call's ObjectRef key."""
+    owner, graph, node = ref
+    owner_text = owner.hex() if isinstance(owner, bytes) else str(owner)
+    return f"direct-{owner_text}-{graph}-{node}"
+
+
+def ref_of_direct_key(key: str) -> RefKey | None:
+    """The ObjectRef key :func:`direct_key` made ``key`` of (a driver's: its owner
+    is bytes), or None."""
+    try:
+        prefix, rest = key.split("-", 1)
+        owner, graph, node = rest.rsplit("-", 2)
+        return (bytes.fromhex(owner), int(graph), int(node)) if prefix == "direct" else None
+    except ValueError:
+        return None
 
 
 class ActorLifecycle:
@@ -64,7 +88,122 @@ class ActorLifecycle:
             call.retries_left = actor.task_retries
         call.actor = actor.id
         call.resources = None  # the actor's process has them
+        if ev.direct is not None and ev.create_actor is None and len(new) == 1 and not call.deps:
+            self._bind_direct(ev, call, actor)
+            return
         actor.calls.append(call.id)
+
+    def _bind_direct(self, ev: GraphSubmitted, call: TaskState, actor: ActorState) -> None:
+        """Register a call the caller sent straight to process ``ev.direct`` of
+        ``actor``: it is in flight there.  If that process is no longer the actor's,
+        the call runs again through the head (while ``max_task_retries`` lasts) or
+        fails, unless its outcome came already and is whole."""
+        client, number = ev.graph
+        ref = (client, number, call.node)
+        if number > self.direct_seen.get(client, -1):
+            self.direct_seen[client] = number
+        early = self.direct_early.pop(ref, None)
+        ws = self.workers.get(ev.direct)
+        here = actor.state == "alive" and actor.worker == ev.direct and ws is not None
+        whole = early is not None and not early.released and (
+            early.inline is not None or early.error is not None)
+        call.direct = True
+        call.store_key = direct_key(ref)
+        if here or whole:
+            self._transition(call, READY)
+            self._transition(call, PROCESSING)
+            call.worker = ev.direct
+            if ws is not None:
+                ws.processing.add(call.id)
+            if here:
+                actor.in_flight.append(call.id)
+                actor.direct_callers.add(client)
+            if early is not None:
+                self._direct_call_done(early)
+            return
+        # the process it was sent to is gone: the caller sends through the head now
+        self._out.append(ActorMoved(client, actor.id))
+        call.direct = False
+        call.store_key = call.id
+        message = (f"the process of actor {actor.id} that the call was sent to "
+                   f"({ev.direct}) ended before it reported the call")
+        if actor.state == "dead":
+            self._fail(call, (None, "ActorDiedError", f"actor {actor.id} is dead: {actor.death}"))
+        elif call.retries_left > 0:
+            call.retries_left -= 1
+            self._transition(call, READY)
+            actor.calls.append(call.id)
+            self._queue_call(call)
+        else:
+            self._fail(call, (None, "ActorDiedError", message))
+
+    def _direct_call_done(self, ev: DirectCallDone) -> None:
+        """An actor's process reports a call sent to it straight: its outcome is
+        the call's, as a dispatched call's report would be (the owner is told only
+        if the process did not reply to it).  One not registered yet waits."""
+        tid = self.refs.get(ev.ref)
+        ts = self.tasks.get(tid) if tid is not None else None
+        if ts is None:
+            client, number = ev.ref[0], ev.ref[1]
+            if number > self.direct_seen.get(client, -1):
+                self.direct_early[ev.ref] = ev  # its registration is on its way
+            elif ev.worker in self.workers:  # registered and forgotten already
+                self._out.append(FreeObjects(ev.worker, (ev.object_id,)))
+            return
+        if not ts.direct or ts.state != PROCESSING or ts.worker != ev.worker:
+            if ev.worker in self.workers and not ev.released:  # it ran again elsewhere
+                self._out.append(FreeObjects(ev.worker, (ev.object_id,)))
+            return
+        if ev.released:  # cancelled while queued there: the owner hears it from here
+            if ev.worker in self.workers:
+                self._task_released(TaskReleased(ts.id, ev.worker))
+            return
+        owner = ts.report_owner
+        if ev.replied:  # else the owner hears it from here, as for any call
+            ts.report_owner = False
+        try:
+            if ev.error is not None:
+                self._task_erred(TaskErred(ts.id, ev.worker, ev.error))
+            else:
+                self._task_finished(TaskFinished(ts.id, ev.worker, ev.nbytes, ev.inline,
+                                                 ev.duration, ev.contained))
+        finally:
+            ts.report_owner = owner
+
+    def _direct_dropped(self, ev: TaskReleased) -> None:
+        """The process dropped a direct call, named by its key, that a cancel
+        reached before it ran (see ``_cancel_task``)."""
+        ref = ref_of_direct_key(ev.task)
+        if ref is not None:
+            self._direct_call_done(DirectCallDone(ref, ev.worker, ev.task, released=True))
+
+    def _after_direct_calls(self, actor: ActorState, ts: TaskState) -> bool:
+        """Whether call ``ts`` must wait for calls its caller sent the actor's process
+        straight before it: they may not have reached the process yet (another
+        socket), and calls run in the order they were made.  (The caller's
+        registrations of those came before ``ts``, on the same socket.)  Calls of a
+        threaded actor keep no order, as in Ray."""
+        client, number = ts.graph.id
+        for tid in actor.in_flight:
+            other = self.tasks.get(tid)
+            if other is not None and other.direct and other.graph.id[0] == client \
+                    and other.graph.id[1] < number:
+                return True
+        return False
+
+    def _watch_actor(self, ev: WatchActor) -> None:
+        """``ev.client`` is learning where the actor's process is: it hears when
+        that process goes.  (A dead actor's calls fail anyway.)"""
+        actor = self.actors.get(ev.actor)
+        if actor is not None and actor.state != "dead":
+            actor.direct_callers.add(ev.client)
+
+    def _tell_direct_callers(self, actor: ActorState) -> None:
+        """The actor's process is going: the callers that send it calls straight
+        send through the head from now on."""
+        for client in sorted(actor.direct_callers, key=repr):
+            self._out.append(ActorMoved(client, actor.id))
+        actor.direct_callers = set()
 
     def _actor_process_joined(self, ws: WorkerState, actor_id: str) -> None:
         """The process started for actor ``actor_id`` joined: it runs the actor's
@@ -122,6 +261,7 @@ class ActorLifecycle:
         actor = self.actors.get(ws.actor)
         if actor is None:
             return []
+        self._tell_direct_callers(actor)
         # what its process created ends with it, restart or not (Ray's owner died)
         self._owner_ended(("actor", actor.id), f"the process of the actor that created it "
                                                f"({actor.id}) died")
@@ -201,6 +341,7 @@ class ActorLifecycle:
         actor = self.actors.get(ev.actor)
         if actor is None or actor.state == "dead":
             return
+        self._tell_direct_callers(actor)
         if ev.restart and actor.restarts_left > 0:
             # its process is stopped; its end restarts it as a crash would.  No call
             # goes to the process meanwhile: they wait for the new one
@@ -225,6 +366,7 @@ class ActorLifecycle:
         actor.state = "dead"
         actor.death = reason
         actor.restarts_left = 0
+        self._tell_direct_callers(actor)
         key = (actor.namespace, actor.name)
         if actor.name is not None and self.actor_names.get(key, (None,))[0] == actor.id:
             del self.actor_names[key]
@@ -266,6 +408,14 @@ class ActorLifecycle:
         """A driver is gone: its actors end (unless detached), its namespace is forgotten."""
         self.namespaces.pop(client, None)
         self._owner_ended(("client", client), "the driver that created it ended")
+        # its direct calls' outcomes still to come are of no use: they are freed
+        self.direct_seen[client] = float("inf")
+        for ref in [r for r in self.direct_early if r[0] == client]:
+            ev = self.direct_early.pop(ref)
+            if ev.worker in self.workers:
+                self._out.append(FreeObjects(ev.worker, (ev.object_id,)))
+        for actor in self.actors.values():
+            actor.direct_callers.discard(client)
 
     # ------------------------------------------------------------ names
 
@@ -316,6 +466,11 @@ class ActorLifecycle:
                 continue
             if ts.state != READY:
                 return
+            if actor.in_flight and not actor.threaded and self._after_direct_calls(actor, ts):
+                return
             actor.calls.popleft()
             actor.in_flight.append(ts.id)
+            if ts.direct:  # sent straight once, run again through the head
+                ts.direct = False
+                ts.store_key = ts.id
             self._dispatch(ts, ws)

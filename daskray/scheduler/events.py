@@ -130,6 +130,9 @@ class GraphSubmitted:
     parent: TaskId | None = None
     #: data nodes in shared memory: {node: file}; ``data`` holds their descriptors
     shared: dict | None = None
+    #: the caller sent the call straight to this process of its actor: it runs
+    #: there already, nothing is dispatched (see ActorLifecycle._bind_direct)
+    direct: WorkerId | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +283,38 @@ class ClientLost:
 
 
 @dataclass(frozen=True, slots=True)
+class WatchActor:
+    """``client`` is learning where ``actor``'s process takes calls straight: tell
+    it when that process goes (``ActorMoved``)."""
+
+    client: Any
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class DirectCallDone:
+    """An actor's process ran (or dropped) a call its caller sent it straight;
+    the caller has the outcome already.  It may come before the caller's
+    registration of the call (another socket): then it waits for it."""
+
+    ref: RefKey
+    worker: WorkerId
+    #: what the process keeps the result under (see actors.direct_key)
+    object_id: str
+    nbytes: int = 0
+    inline: bytes | None = None
+    duration: float = 0.0
+    contained: tuple = ()
+    #: the pickled exception when the call raised
+    error: bytes | None = None
+    #: dropped unrun (cancelled while queued)
+    released: bool = False
+    #: the caller got the outcome from the process (not when the result holds
+    #: ObjectRefs: the head, which learns of them here, tells the caller then)
+    replied: bool = True
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Time passes: ``now`` is the head's monotonic clock, in seconds.  Extra
     workers idle for long enough are retired on a tick."""
@@ -291,5 +326,5 @@ Event = (
     WorkerJoined | WorkerBlocked | WorkerLost | GraphSubmitted | ObjectPut | RefsChanged | Subscribe
     | CancelRef | KillActor | ActorStartFailed | LookupActor | ListNamedActors | ClientNamespace
     | TaskStarted | TaskFinished | TaskErred | TaskReleased | GraphReleased
-    | GraphCancelled | ClientLost | Tick
+    | GraphCancelled | ClientLost | DirectCallDone | WatchActor | Tick
 )

@@ -131,6 +131,15 @@ class StartActor:
 
 
 @dataclass(frozen=True, slots=True)
+class ActorMoved:
+    """Tell client ``to``, which sent calls straight to ``actor``'s process, that
+    the process is gone: its next calls go through the head."""
+
+    to: Any
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
 class StopActor:
     """End the process of ``actor`` (killed, or its last handle is gone)."""
 
@@ -185,5 +194,5 @@ class FreeShared:
 Instruction = (
     Dispatch | FreeObjects | CancelTasks | ForgetGraph | ReportResult | ReportError
     | ReportStarted | ReportFinished | NotifyRef | StartActor | StopActor
-    | ReplyActor | ReplyActorNames | FreeShared | StartExtraWorker | RetireWorker
+    | ReplyActor | ReplyActorNames | FreeShared | StartExtraWorker | RetireWorker | ActorMoved
 )

@@ -74,6 +74,9 @@ class TaskState:
     #: fails (reading that input), it runs again instead of failing its graph
     input_lost: bool = False
     history: list[tuple[str, str]] = field(default_factory=list)
+    #: an actor's call its caller sent straight to the actor's process: the
+    #: process keeps it (and its result) under ``store_key``, not under the task id
+    direct: bool = False
 
 
 @dataclass(slots=True, eq=False)
@@ -127,6 +130,8 @@ class ActorState:
     death: str = ""
     max_concurrency: int = 1
     threaded: bool = False
+    #: clients sending calls straight to its process: told when the process goes
+    direct_callers: set = field(default_factory=set)
 
 
 @dataclass(slots=True, eq=False)

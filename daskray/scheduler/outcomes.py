@@ -92,6 +92,9 @@ class TaskOutcomes:
         self._fail(ts, (ev.error, None, None))
 
     def _task_released(self, ev: TaskReleased) -> None:
+        if type(ev.task) is str:  # a call sent straight to an actor, by its key
+            self._direct_dropped(ev)
+            return
         ws = self.workers.get(ev.worker)
         if ws is None:
             return
@@ -133,7 +136,9 @@ class TaskOutcomes:
             return
         ts.cancel_requested = True
         if ts.state == PROCESSING:
-            self._out.append(CancelTasks(ts.worker, (ts.id,), force and ts.actor is None))
+            # a call sent straight to an actor runs there under its store key
+            self._out.append(CancelTasks(ts.worker, (ts.store_key if ts.direct else ts.id,),
+                                         force and ts.actor is None))
         else:
             self._fail(ts, (None, "TaskCancelledError",
                             f"task {ts.name} was cancelled before it ran"))

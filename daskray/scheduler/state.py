@@ -75,8 +75,8 @@ from typing import Iterable
 
 from . import policy
 from .events import (
-    ActorStartFailed, CancelRef, ClientLost, ClientNamespace, Event, GraphCancelled, KillActor,
-    ListNamedActors, LookupActor,
+    ActorStartFailed, CancelRef, ClientLost, ClientNamespace, DirectCallDone, Event,
+    GraphCancelled, KillActor, ListNamedActors, LookupActor, WatchActor,
     GraphId, GraphReleased, GraphSubmitted, ObjectPut, RefKey, RefsChanged, Subscribe,
     TaskErred, WorkerBlocked, TaskFinished, TaskId, TaskReleased, TaskStarted, Tick, WorkerId,
     WorkerJoined, WorkerLost,
@@ -126,6 +126,8 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
         durations          :: DurationEstimates          per task group
         blocked            :: {worker id}                workers with tasks waiting in get()
         awaits             :: {task id: [task id]}       what each waiting task waits for
+        direct_early       :: {ref key: DirectCallDone}  outcomes of direct calls not yet registered
+        direct_seen        :: {client: graph number}     highest direct call registered per caller
         extras             :: {worker id}                extra workers that joined
         extras_starting    :: {worker id: worker id}     extra workers starting, and for whom
         extra_failures     :: int                        extras that died unjoined, in a row
@@ -158,6 +160,8 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
 
         ActorState.calls       :: deque        calls not yet dispatched, in order
         ActorState.in_flight   :: [task id]    calls dispatched, not yet reported back
+                                               (and calls sent to it straight by callers)
+        ActorState.direct_callers :: {client}  callers sending calls to its process straight
 
         WorkerState.processing :: {task id}    dispatched, not yet reported back
         WorkerState.queue      :: heap         ready tasks placed on this worker
@@ -212,6 +216,12 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
         self._room: set[WorkerId] = set()
         #: a task became ready during this event (see _review_waiting)
         self._readied = False
+        #: outcomes of calls sent straight to an actor, come before the caller's
+        #: registration of the call: {ref key: DirectCallDone}
+        self.direct_early: dict[RefKey, DirectCallDone] = {}
+        #: per caller, the highest graph number of its direct calls registered: an
+        #: outcome of a lower one whose call is gone was registered and forgotten
+        self.direct_seen: dict = {}
         self._handlers = {
             WorkerJoined: self._worker_joined,
             WorkerLost: self._worker_lost,
@@ -233,6 +243,8 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
             GraphReleased: self._graph_released,
             GraphCancelled: self._graph_cancelled,
             ClientLost: self._client_lost,
+            DirectCallDone: self._direct_call_done,
+            WatchActor: self._watch_actor,
             Tick: self._tick,
         }
 
@@ -255,6 +267,7 @@ class SchedulerState(Membership, GraphIntake, TaskOutcomes, RefLifetimes, Lineag
             "held objects": sum(len(w.holds) for w in self.workers.values()),
             "blocked workers": len(self.blocked),
             "awaited": len(self.awaits),
+            "early direct outcomes": len(self.direct_early),
         }
 
     def handle(self, event: Event) -> list[Instruction]:
