@@ -32,9 +32,10 @@ in one process with :func:`reference_fit` gives bit-identical parameters.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -42,6 +43,7 @@ import numpy as np
 
 import daskray
 
+from . import collective
 from .checkpoints import Checkpoint, Result
 from .dataset import Dataset
 from .models import Model
@@ -256,11 +258,46 @@ def _epoch_task(plan: tuple, closed: tuple, epoch: int, n_train: int, judge_trai
                        judge_train, judge_valid)
 
 
-def _where() -> tuple[str, int]:
-    """The process a task runs in (host, pid)."""
+def _mesh_epoch_task(plan: tuple, closed: tuple, epoch: int, spec: tuple, tag: str, rank: int,
+                     shard_ids: list, n_train: int, judge_train: bool, judge_valid: bool,
+                     *shards: Any) -> tuple[tuple, list, list]:
+    """A whole epoch of one group, its gradient sums exchanged with the other
+    groups' tasks over a :class:`~daskray.ml.collective.Mesh` (joined as ``rank``
+    under ``tag``) after every step; then the group's shards evaluated, as
+    :func:`close_epoch` does.  ``shards``: the group's ``n_train`` training shards
+    (numbered ``shard_ids``), then its validation shards.  Every rank applies
+    the same updates to the same sums in the same order as :func:`reference_fit`."""
+    model, optimizer, l2, classes, steps, seed, order = plan
+    train, valid = shards[:n_train], shards[n_train:]
+    params, state = closed[0]
+    with collective.Mesh.join(spec, tag, rank) as mesh:
+        for step in range(steps):
+            own = numbered_shard_gradients(params, model, classes, epoch, step, steps, seed,
+                                           shard_ids, train)
+            received = mesh.exchange(collective.pack_sums(own))
+            flat: list = []
+            for peer in range(spec[2]):
+                flat += own if peer == rank else collective.unpack_sums(received[peer])
+            if len(flat) != len(order):
+                raise collective.CollectiveError(
+                    f"step {step}: {len(flat)} gradient sums arrived for {len(order)} shards")
+            params, state = update(params, state, model, optimizer, l2,
+                                   in_shard_order(order, flat))
+    return ((params, state),
+            [evaluate_shard(params, model, classes, s, judge_train) for s in train],
+            [evaluate_shard(params, model, classes, s, judge_valid) for s in valid])
+
+
+def _where() -> tuple[str, int, int]:
+    """The process a task runs in: (host, network namespace, pid).  Tasks whose
+    processes share the first two can reach each other's abstract Unix sockets."""
     import socket
 
-    return socket.gethostname(), os.getpid()
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        netns = 0
+    return socket.gethostname(), netns, os.getpid()
 
 
 def _locate(shard: Any) -> tuple[str, int]:
@@ -343,6 +380,29 @@ def reference_fit(model: Model, shards: Sequence[tuple], train_config: dict | No
 
 # ---------------------------------------------------------------------- the trainer
 
+_log = logging.getLogger(__name__)
+
+
+class _Layout:
+    """Where a fit's shards are: their groups (see :func:`local_groups`), the
+    processes holding them, the validation groups paired with them, and the
+    plan every task of the fit shares (put in the store once)."""
+
+    def __init__(self, trainer: "Trainer", train: Dataset, valid: Dataset | None,
+                 shared: tuple) -> None:
+        self.groups, self.owners = trainer._groups(train, trainer.scaling.num_workers)
+        self.n_groups = len(self.groups)
+        self.order = [i for g in self.groups for i in g]
+        self.valid_groups = (pair_groups(self.owners, *trainer._groups(valid, self.n_groups))
+                             if valid is not None else [[] for _ in self.groups])
+        self.valid_order = [i for g in self.valid_groups for i in g]
+        self.steps = shared[4]
+        self.plan = daskray.put((*shared, self.order))
+        self.shards = [[train.shards[j] for j in g] for g in self.groups]
+        self.valid_shards = [[valid.shards[j] for j in g] for g in self.valid_groups]
+
+
+
 
 class Trainer:
     """``Trainer(model=..., train_config=..., scaling_config=...).fit(train, valid=...)``."""
@@ -391,53 +451,64 @@ class Trainer:
                                        np.random.default_rng(config["seed"]))
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
-        groups, owners = self._groups(train, self.scaling.num_workers)
-        n_groups = len(groups)
-        order = [i for g in groups for i in g]
-        valid_groups = (pair_groups(owners, *self._groups(valid, n_groups))
-                        if valid is not None else [[] for _ in groups])
-        valid_order = [i for g in valid_groups for i in g]
         retries = self.failure.max_failures
-        plan = daskray.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
         judged = self.evaluator is not None
         judge_train, judge_valid = judged and valid is None, judged
-        closed = [daskray.put(((params, state), [], []))] * n_groups
+        shared = (model, optimizer, config["l2"], classes, steps, config["seed"])
+        layout = _Layout(self, train, valid, shared)
+        spec, reason = self._mesh_spec(layout)
+        self.fallback_reason, self.epoch_paths = reason, {}
+        closed = [daskray.put(((params, state), [], []))] * layout.n_groups
         history: list[dict] = []
-        pending: list[tuple] = []  # epochs submitted, metrics not read yet
+        pending: deque = deque()  # epochs submitted, metrics not read yet
         final, stopped = (params, state), False
-        for epoch in range(start, config["epochs"]):
-            shards = [[train.shards[j] for j in g] for g in groups]
-            valid_shards = [[valid.shards[j] for j in g] for g in valid_groups]
-            if n_groups == 1:  # nothing to exchange between steps: one task per epoch
-                closed = [daskray.remote(max_retries=retries)(_epoch_task).remote(
-                    plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
-                    *shards[0], *valid_shards[0])]
-                submitted = list(closed)
-            else:
-                step_task = daskray.remote(max_retries=retries)(_step_task)
-                outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
-                           for i, g in enumerate(groups)]
-                submitted = list(outputs)
-                for step in range(1, steps):
-                    outputs = [step_task.remote(plan, None, epoch, step, step + 1, g, i,
-                                                *shards[i], *outputs)
-                               for i, g in enumerate(groups)]
-                    submitted += outputs
-                close_task = daskray.remote(max_retries=retries)(_close_task)
-                closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
-                                            judge_train, judge_valid, *shards[i],
-                                            *valid_shards[i], *outputs)
-                          for i in range(n_groups)]
-                submitted += closed
-            pending.append((epoch, closed, submitted))
-            # read the previous epoch's metrics while this one computes
-            stopped = len(pending) > 1 and self._record(pending.pop(0), order, valid_order,
-                                                        history)
-            if stopped:
+        epoch, failures, attempt = start, 0, 0
+        while True:
+            # keep one epoch computing while the previous one's metrics are read
+            while not stopped and epoch < config["epochs"] and len(pending) < 2:
+                use_mesh = spec is not None and layout.n_groups > 1
+                closed, submitted = (
+                    self._submit_mesh(layout, spec, f"{epoch}-{attempt}", closed, epoch,
+                                      judge_train, judge_valid) if use_mesh else
+                    self._submit_graph(layout, closed, epoch, retries, judge_train,
+                                       judge_valid))
+                self.epoch_paths[epoch] = "mesh" if use_mesh else "graph"
+                pending.append((epoch, closed, submitted, use_mesh, layout))
+                epoch += 1
+            if stopped or not pending:
                 break
-        while pending and not stopped:
-            stopped = self._record(pending.pop(0), order, valid_order, history)
-        for _, _, submitted in pending:  # stopped early: later epochs are not wanted
+            entry = pending.popleft()
+            try:
+                stopped = self._record(entry[:3], entry[4].order, entry[4].valid_order,
+                                       history)
+            except Exception:
+                if not entry[3]:
+                    raise
+                failure = self._mesh_failure(entry[1])  # raises what the model raised
+                if failure is None:
+                    raise
+                for _, _, submitted, _, _ in (entry, *pending):
+                    for ref in reversed(submitted):
+                        daskray.cancel(ref)
+                pending.clear()
+                if isinstance(failure, collective.RendezvousTimeout):
+                    spec = None
+                    self.fallback_reason = (
+                        f"the tasks of epoch {entry[0]} did not all run at once ({failure}); "
+                        "the task-graph path trains the rest of this fit")
+                    _log.warning("Trainer.fit: %s", self.fallback_reason)
+                else:
+                    failures += 1
+                    if failures > retries:
+                        raise failure
+                    # workers were replaced: group the shards by where they are now
+                    layout = _Layout(self, train, valid, shared)
+                    spec, self.fallback_reason = self._mesh_spec(layout)
+                attempt += 1
+                epoch = entry[0]
+                carry = history[-1]["_carry"] if history else (params, state)
+                closed = [daskray.put((carry, [], []))] * layout.n_groups
+        for _, _, submitted, _, _ in pending:  # stopped early: later epochs are not wanted
             for ref in reversed(submitted):
                 daskray.cancel(ref)
         if history:
@@ -452,6 +523,81 @@ class Trainer:
             checkpoint.to_directory(self.run_config.storage_path)
         return Result(history[-1] if history else {}, frame, checkpoint, None, [checkpoint],
                       dict(config))
+
+    def _submit_graph(self, layout: "_Layout", closed: list, epoch: int, retries: int,
+                      judge_train: bool, judge_valid: bool) -> tuple[list, list]:
+        """One epoch as a task graph (a task per group and step; one task in all
+        with one group): the refs of its close, and every ref submitted."""
+        plan, groups, shards, valid_shards = (layout.plan, layout.groups, layout.shards,
+                                              layout.valid_shards)
+        if layout.n_groups == 1:  # nothing to exchange between steps: one task per epoch
+            closed = [daskray.remote(max_retries=retries)(_epoch_task).remote(
+                plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
+                *shards[0], *valid_shards[0])]
+            return closed, list(closed)
+        steps = layout.steps
+        step_task = daskray.remote(max_retries=retries)(_step_task)
+        outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
+                   for i, g in enumerate(groups)]
+        submitted = list(outputs)
+        for step in range(1, steps):
+            outputs = [step_task.remote(plan, None, epoch, step, step + 1, g, i,
+                                        *shards[i], *outputs)
+                       for i, g in enumerate(groups)]
+            submitted += outputs
+        close_task = daskray.remote(max_retries=retries)(_close_task)
+        closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
+                                    judge_train, judge_valid, *shards[i],
+                                    *valid_shards[i], *outputs)
+                  for i in range(layout.n_groups)]
+        return closed, submitted + closed
+
+    @staticmethod
+    def _submit_mesh(layout: "_Layout", spec: tuple, tag: str, closed: list, epoch: int,
+                     judge_train: bool, judge_valid: bool) -> tuple[list, list]:
+        """One epoch as one task per group, exchanging gradient sums over a mesh
+        joined under ``tag``.  Not retried by the cluster: a rank that ran again
+        alone would wait for peers that are gone, so the driver redoes the whole
+        epoch instead (see :meth:`fit`)."""
+        task = daskray.remote(max_retries=0)(_mesh_epoch_task)
+        closed = [task.remote(layout.plan, closed[i], epoch, spec, tag, i, g,
+                              len(layout.shards[i]), judge_train, judge_valid,
+                              *layout.shards[i], *layout.valid_shards[i])
+                  for i, g in enumerate(layout.groups)]
+        return closed, list(closed)
+
+    @staticmethod
+    def _mesh_spec(layout: "_Layout") -> tuple[tuple | None, str | None]:
+        """The mesh the groups' tasks join (see :mod:`daskray.ml.collective`), or
+        None and why the task-graph path trains instead."""
+        if layout.n_groups < 2:
+            return None, None
+        if not collective.available():
+            return None, "the tasks' direct exchange needs Linux's abstract Unix sockets"
+        if not daskray.is_initialized():  # e.g. a fit inside a task
+            return None, "Trainer.fit runs outside a driver (in a task)"
+        backend = daskray.init(ignore_reinit_error=True).backend
+        if backend != "local":
+            return None, f"the {backend!r} backend runs the task graph"
+        if len({owner[:2] for owner in layout.owners}) > 1:
+            return None, "the groups' workers are on more than one host"
+        return collective.new_spec(layout.n_groups), None
+
+    @staticmethod
+    def _mesh_failure(closed: list) -> BaseException | None:
+        """Why an epoch on the mesh failed, when a redo can mend it: a worker died
+        (its peers then lose their connection) or the tasks did not run together.
+        What a task raised otherwise (the model's own error, say) is raised here."""
+        transient: list[BaseException] = []
+        for ref in closed:
+            try:
+                daskray.get(ref)
+            except (daskray.WorkerCrashedError, daskray.ObjectLostError,
+                    collective.CollectiveError) as exc:
+                transient.append(exc)
+        crashed = [e for e in transient if not isinstance(e, collective.CollectiveError)]
+        lost = [e for e in transient if not isinstance(e, collective.RendezvousTimeout)]
+        return (crashed or lost or transient or [None])[0]
 
     @staticmethod
     def _groups(data: Dataset, n_groups: int) -> tuple[list[list[int]], list[Any]]:

@@ -1,0 +1,371 @@
+"""Gradient sums sent straight from one training task to the others, for one epoch.
+
+Why: when the shards of a fit are held by several workers, ``Trainer.fit`` cuts
+them into groups, one per worker.  On the task-graph path every step of every
+group is a task of its own, so every step pays a hop through the head (report,
+schedule, dispatch, fetch of the other groups' outputs): several times the
+step's own arithmetic for a small model.  Instead, one task per group runs the
+whole epoch, and after each step's gradient sums it exchanges them directly with
+the other groups' tasks over a :class:`Mesh`: one message hop per step, no head.
+
+What: :meth:`Mesh.join` connects the ``size`` tasks of one epoch (ranks
+``0 .. size-1``), :meth:`Mesh.exchange` sends this rank's bytes to every other
+rank and returns theirs, :func:`pack_sums` / :func:`unpack_sums` turn a list of
+per-shard ``(gradient dict, rows)`` into raw bytes and back, exactly (the same
+float64 bits come out, so every rank applies the same update as
+``reference_fit``).
+
+How:
+
+* Unix-domain stream sockets in Linux's abstract namespace: nothing on the file
+  system to clean up, reachable from this host (this network namespace) only.
+  Rank ``r`` listens on ``<name>-<r>``, connects to every lower rank and accepts
+  every higher one; a connect that is refused because that rank's task has not
+  started yet is tried again (backoff from 1 ms to 50 ms) until the deadline.
+  There is no process both tasks could wait on without a hop through the head,
+  and the first try succeeds when the tasks start together.
+* Every connection is authenticated before anything else is read from it: a
+  mutual HMAC-SHA256 challenge with fresh nonces on both sides, keyed by a
+  random per-fit key that reaches the tasks only in their arguments (through
+  daskray's own authenticated channels).  Abstract names are visible to every
+  local user, so a process without the key may connect: it is dropped, and the
+  real peer still has until the deadline.  After the handshake only raw bytes
+  travel: arrays' buffers and a small JSON layout.  Nothing is unpickled.
+* Messages are length-prefixed; an exchange sends and receives on all peers at
+  once through ``poll`` on non-blocking sockets, so two ranks sending each other
+  more than a socket buffer never wait on each other.
+* A rank whose peer dies sees its socket close and raises :class:`PeerLost` at
+  once; a rank whose peers do not all connect by the deadline raises
+  :class:`RendezvousTimeout` (the trainer then redoes the epoch on the task-graph
+  path, which never needs two tasks to run at the same time).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import hmac
+import json
+import os
+import select
+import socket
+import struct
+import sys
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+#: seconds an epoch's tasks wait for each other to connect by default
+RENDEZVOUS_SECONDS = 10.0
+_HEADER = struct.Struct("<Q")
+_NONCE = 32
+_DIGEST = hashlib.sha256().digest_size
+#: the largest message a rank accepts (a peer announcing more is not believed)
+MAX_MESSAGE_BYTES = 1 << 34
+
+
+class CollectiveError(RuntimeError):
+    """The exchange between an epoch's tasks failed (the trainer redoes the epoch)."""
+
+
+class PeerLost(CollectiveError):
+    """Another rank's connection closed mid-epoch: its task ended or its process died."""
+
+
+class RendezvousTimeout(CollectiveError):
+    """Not every rank connected before the deadline: the tasks did not run together."""
+
+
+def available() -> bool:
+    """Whether this platform has abstract Unix-domain sockets (Linux)."""
+    return sys.platform.startswith("linux") and hasattr(socket, "AF_UNIX")
+
+
+def new_spec(size: int, timeout: float | None = None) -> tuple[bytes, str, int, float]:
+    """What the ``size`` tasks of one fit need to join each other: a random key, a
+    random name, the size and the rendezvous timeout.  Each epoch (and attempt)
+    joins under a name of its own (:meth:`Mesh.join`'s ``tag``)."""
+    if size < 2:
+        raise ValueError(f"a mesh needs at least 2 ranks, got {size}")
+    return (os.urandom(32), os.urandom(12).hex(), int(size),
+            float(RENDEZVOUS_SECONDS if timeout is None else timeout))
+
+
+def _address(name: str, tag: str, rank: int) -> str:
+    return f"\0daskray-ml-{name}-{tag}-{rank}"
+
+
+def _mac(key: bytes, *parts: bytes) -> bytes:
+    return hmac.new(key, b"".join(parts), hashlib.sha256).digest()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    """``n`` bytes from a blocking socket (with its timeout), or PeerLost at EOF."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = sock.recv(n - len(out))
+        if not chunk:
+            raise PeerLost("the peer closed the connection during the handshake")
+        out += chunk
+    return bytes(out)
+
+
+def _connect_side(sock: socket.socket, key: bytes, rank: int, peer: int) -> None:
+    """The handshake of the rank that connected: prove the listener knows the key,
+    then prove it ourselves."""
+    mine = os.urandom(_NONCE)
+    who = struct.pack("<ii", rank, peer)
+    sock.sendall(who + mine)
+    theirs = _recv_exact(sock, _NONCE)
+    proof = _recv_exact(sock, _DIGEST)
+    if not hmac.compare_digest(proof, _mac(key, b"L", who, mine, theirs)):
+        raise ConnectionRefusedError("the listener did not prove it holds the fit's key")
+    sock.sendall(_mac(key, b"C", who, theirs, mine))
+
+
+def _accept_side(sock: socket.socket, key: bytes, rank: int) -> int:
+    """The handshake of the listening rank; the peer's rank once it proved the key."""
+    hello = _recv_exact(sock, 8 + _NONCE)
+    who, theirs = hello[:8], hello[8:]
+    peer, addressed = struct.unpack("<ii", who)
+    if addressed != rank:
+        raise ConnectionRefusedError(f"a peer addressed rank {addressed}, this is {rank}")
+    mine = os.urandom(_NONCE)
+    sock.sendall(mine + _mac(key, b"L", who, theirs, mine))
+    proof = _recv_exact(sock, _DIGEST)
+    if not hmac.compare_digest(proof, _mac(key, b"C", who, mine, theirs)):
+        raise ConnectionRefusedError("the connecting peer did not prove it holds the fit's key")
+    return peer
+
+
+class Mesh:
+    """One rank's authenticated connections to every other rank of an epoch."""
+
+    def __init__(self, rank: int, peers: dict[int, socket.socket]) -> None:
+        self.rank = rank
+        self.peers = peers
+        self._poll = select.poll()
+        self._fds = {s.fileno(): r for r, s in peers.items()}
+
+    @classmethod
+    def join(cls, spec: tuple, tag: str, rank: int) -> "Mesh":
+        """Connect rank ``rank`` of ``spec`` (from :func:`new_spec`) to every other
+        rank joining under ``tag``; :class:`RendezvousTimeout` if they do not all
+        come within the spec's timeout."""
+        key, name, size, timeout = spec
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is outside 0..{size - 1}")
+        deadline = time.monotonic() + timeout
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peers: dict[int, socket.socket] = {}
+        try:
+            try:
+                listener.bind(_address(name, tag, rank))
+            except OSError as exc:
+                raise RendezvousTimeout(f"rank {rank} cannot listen: {exc}") from exc
+            listener.listen(size)
+            for peer in range(rank):
+                peers[peer] = cls._connect(key, name, tag, rank, peer, deadline)
+            while len(peers) < size - 1:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RendezvousTimeout(
+                        f"rank {rank}: ranks {sorted(set(range(size)) - set(peers) - {rank})} "
+                        f"did not connect within {timeout:g} s")
+                listener.settimeout(left)
+                try:
+                    sock, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                try:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    peer = _accept_side(sock, key, rank)
+                    if peer <= rank or peer >= size or peer in peers:
+                        raise ConnectionRefusedError(f"unexpected rank {peer}")
+                except (OSError, CollectiveError):  # not one of ours: drop it, go on
+                    sock.close()
+                    continue
+                peers[peer] = sock
+        except BaseException:
+            for sock in peers.values():
+                sock.close()
+            raise
+        finally:
+            listener.close()
+        for sock in peers.values():
+            sock.setblocking(False)
+        return cls(rank, peers)
+
+    @staticmethod
+    def _connect(key: bytes, name: str, tag: str, rank: int, peer: int,
+                 deadline: float) -> socket.socket:
+        """A connection to the lower rank ``peer``, tried again while it is not
+        listening yet (its task has not started), until ``deadline``."""
+        pause = 0.001
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(max(deadline - time.monotonic(), 0.001))
+            try:
+                sock.connect(_address(name, tag, peer))
+                _connect_side(sock, key, rank, peer)
+                return sock
+            except OSError as exc:
+                sock.close()
+                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN) \
+                        and not isinstance(exc, (socket.timeout, ConnectionRefusedError)):
+                    raise
+                if time.monotonic() + pause > deadline:
+                    raise RendezvousTimeout(f"rank {rank}: rank {peer} did not accept a "
+                                            f"connection in time ({exc})") from exc
+                time.sleep(pause)  # the peer's task has not started: try again shortly
+                pause = min(pause * 2, 0.05)
+            except BaseException:
+                sock.close()
+                raise
+
+    def exchange(self, payload: bytes) -> dict[int, bytearray]:
+        """Send ``payload`` to every other rank and return theirs, ``{rank: bytes}``."""
+        message = memoryview(_HEADER.pack(len(payload)) + payload)
+        sending = {}
+        for peer, sock in self.peers.items():
+            sent = _send_some(sock, message)
+            if sent < len(message):
+                sending[sock.fileno()] = [sock, sent]
+        receiving = {sock.fileno(): _Incoming(sock) for sock in self.peers.values()}
+        done: dict[int, bytearray] = {}
+        for fd in list(receiving):  # often already there: no poll needed
+            if receiving[fd].read():
+                done[self._fds[fd]] = receiving.pop(fd).buffer
+        poll = self._poll
+        while receiving or sending:
+            for fd in self._fds:
+                events = (select.POLLIN if fd in receiving else 0) | \
+                         (select.POLLOUT if fd in sending else 0)
+                if events:
+                    poll.register(fd, events)
+                else:
+                    try:
+                        poll.unregister(fd)
+                    except KeyError:
+                        pass
+            for fd, event in poll.poll():
+                if fd in sending and event & select.POLLOUT:
+                    sock, offset = sending[fd]
+                    offset += _send_some(sock, message[offset:])
+                    if offset == len(message):
+                        del sending[fd]
+                    else:
+                        sending[fd][1] = offset
+                if fd in receiving and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
+                    incoming = receiving[fd]
+                    incoming.read()
+                    if incoming.complete:
+                        done[self._fds[fd]] = receiving.pop(fd).buffer
+                elif event & (select.POLLHUP | select.POLLERR):
+                    raise PeerLost(f"rank {self._fds[fd]} closed its connection")
+        return done
+
+    def close(self) -> None:
+        for sock in self.peers.values():
+            sock.close()
+        self.peers = {}
+
+    def __enter__(self) -> "Mesh":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _send_some(sock: socket.socket, data: memoryview) -> int:
+    """Bytes of ``data`` a non-blocking socket took now; PeerLost if it is closed."""
+    try:
+        return sock.send(data)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
+        raise PeerLost(f"sending to a peer failed: {exc}") from exc
+
+
+class _Incoming:
+    """One length-prefixed message being read from a non-blocking socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.head = bytearray()
+        self.buffer: bytearray | None = None
+        self.got = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.buffer is not None and self.got == len(self.buffer)
+
+    def read(self) -> bool:
+        """Read what is there; whether the message is complete."""
+        try:
+            while self.buffer is None:
+                chunk = self.sock.recv(_HEADER.size - len(self.head))
+                if not chunk:
+                    raise PeerLost("a peer closed its connection mid-epoch")
+                self.head += chunk
+                if len(self.head) == _HEADER.size:
+                    (n,) = _HEADER.unpack(self.head)
+                    if n > MAX_MESSAGE_BYTES:
+                        raise PeerLost(f"a peer announced a message of {n} bytes")
+                    self.buffer = bytearray(n)
+            view = memoryview(self.buffer)
+            while self.got < len(self.buffer):
+                n = self.sock.recv_into(view[self.got:])
+                if not n:
+                    raise PeerLost("a peer closed its connection mid-epoch")
+                self.got += n
+        except (BlockingIOError, InterruptedError):
+            pass
+        except ConnectionError as exc:
+            raise PeerLost(f"a peer's connection failed: {exc}") from exc
+        return self.complete
+
+
+# ---------------------------------------------------------------------- payloads
+
+
+_LAYOUT = struct.Struct("<I")
+
+
+def pack_sums(sums: Sequence[tuple[dict, int]]) -> bytes:
+    """``[(gradient dict, rows), ...]`` as bytes: a JSON layout (keys, dtypes,
+    shapes, rows), then every array's raw buffer in that order."""
+    layout, buffers = [], []
+    for grads, rows in sums:
+        entry = []
+        for key, value in grads.items():
+            array = np.asarray(value)
+            if array.dtype.hasobject:
+                raise TypeError(f"gradient {key!r} has dtype object: only numeric arrays "
+                                "can be sent between training tasks")
+            entry.append([key, array.dtype.str, list(array.shape)])
+            buffers.append(np.ascontiguousarray(array).data)
+        layout.append([int(rows), entry])
+    head = json.dumps(layout, separators=(",", ":")).encode()
+    return b"".join([_LAYOUT.pack(len(head)), head, *buffers])
+
+
+def unpack_sums(payload: bytes | bytearray) -> list[tuple[dict, int]]:
+    """What :func:`pack_sums` packed: ``[(gradient dict, rows), ...]`` with the same
+    bits (read-only arrays over ``payload``)."""
+    (n,) = _LAYOUT.unpack_from(payload, 0)
+    offset = _LAYOUT.size + n
+    out = []
+    for rows, entry in json.loads(bytes(payload[_LAYOUT.size:offset])):
+        grads = {}
+        for key, dtype, shape in entry:
+            dt = np.dtype(dtype)
+            count = int(np.prod(shape)) if shape else 1
+            array = np.frombuffer(payload, dtype=dt, count=count, offset=offset)
+            grads[key] = array.reshape(shape)
+            offset += count * dt.itemsize
+        out.append((grads, rows))
+    if offset != len(payload):
+        raise CollectiveError(f"a gradient message has {len(payload) - offset} bytes too many")
+    return out
