@@ -330,42 +330,58 @@ class _Incoming:
 # ---------------------------------------------------------------------- payloads
 
 
-_LAYOUT = struct.Struct("<I")
+_LAYOUT = struct.Struct("<II")
+#: the last layouts packed and unpacked in this process, their JSON and its parse
+#: (a fit's messages all have one layout: (de)coding it once is most of the saving)
+_packed: dict[tuple, bytes] = {}
+_unpacked: dict[bytes, list] = {}
 
 
 def pack_sums(sums: Sequence[tuple[dict, int]]) -> bytes:
-    """``[(gradient dict, rows), ...]`` as bytes: a JSON layout (keys, dtypes,
-    shapes, rows), then every array's raw buffer in that order."""
-    layout, buffers = [], []
-    for grads, rows in sums:
-        entry = []
-        for key, value in grads.items():
-            array = np.asarray(value)
-            if array.dtype.hasobject:
-                raise TypeError(f"gradient {key!r} has dtype object: only numeric arrays "
-                                "can be sent between training tasks")
-            entry.append([key, array.dtype.str, list(array.shape)])
-            buffers.append(np.ascontiguousarray(array).data)
-        layout.append([int(rows), entry])
-    head = json.dumps(layout, separators=(",", ":")).encode()
-    return b"".join([_LAYOUT.pack(len(head)), head, *buffers])
+    """``[(gradient dict, rows), ...]`` as bytes: a JSON layout (keys, dtypes and
+    shapes), the rows as int64, then every array's raw buffer in that order."""
+    arrays = [[(key, np.asarray(value)) for key, value in grads.items()] for grads, _ in sums]
+    signature = tuple(tuple((key, a.dtype.str, a.shape) for key, a in entry) for entry in arrays)
+    layout = _packed.get(signature)
+    if layout is None:
+        for entry in signature:
+            for key, dtype, _ in entry:
+                if np.dtype(dtype).hasobject:
+                    raise TypeError(f"gradient {key!r} has dtype object: only numeric arrays "
+                                    "can be sent between training tasks")
+        layout = json.dumps([[[k, d, list(shape)] for k, d, shape in entry]
+                             for entry in signature], separators=(",", ":")).encode()
+        _packed.clear()
+        _packed[signature] = layout
+    rows = np.array([rows for _, rows in sums], dtype=np.int64)
+    buffers = [np.ascontiguousarray(a).data for entry in arrays for _, a in entry]
+    return b"".join([_LAYOUT.pack(len(layout), len(sums)), layout, rows.data, *buffers])
 
 
 def unpack_sums(payload: bytes | bytearray) -> list[tuple[dict, int]]:
     """What :func:`pack_sums` packed: ``[(gradient dict, rows), ...]`` with the same
-    bits (read-only arrays over ``payload``)."""
-    (n,) = _LAYOUT.unpack_from(payload, 0)
+    bits (arrays over ``payload``, which must not change afterwards)."""
+    n, count = _LAYOUT.unpack_from(payload, 0)
     offset = _LAYOUT.size + n
+    layout = bytes(payload[_LAYOUT.size:offset])
+    plan = _unpacked.get(layout)
+    if plan is None:
+        plan = [[(key, np.dtype(dtype), tuple(shape), int(np.prod(shape, dtype=np.int64)))
+                 for key, dtype, shape in entry] for entry in json.loads(layout)]
+        _unpacked.clear()
+        _unpacked[layout] = plan
+    if len(plan) != count:
+        raise CollectiveError(f"a gradient message lists {count} shards, its layout {len(plan)}")
+    rows = np.frombuffer(payload, dtype=np.int64, count=count, offset=offset).tolist()
+    offset += 8 * count
     out = []
-    for rows, entry in json.loads(bytes(payload[_LAYOUT.size:offset])):
+    for entry, shard_rows in zip(plan, rows):
         grads = {}
-        for key, dtype, shape in entry:
-            dt = np.dtype(dtype)
-            count = int(np.prod(shape)) if shape else 1
-            array = np.frombuffer(payload, dtype=dt, count=count, offset=offset)
-            grads[key] = array.reshape(shape)
-            offset += count * dt.itemsize
-        out.append((grads, rows))
+        for key, dtype, shape, size in entry:
+            grads[key] = np.frombuffer(payload, dtype=dtype, count=size,
+                                       offset=offset).reshape(shape)
+            offset += size * dtype.itemsize
+        out.append((grads, shard_rows))
     if offset != len(payload):
         raise CollectiveError(f"a gradient message has {len(payload) - offset} bytes too many")
     return out

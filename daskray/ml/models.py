@@ -177,11 +177,41 @@ class _LinearModel(Model):
         """``(sum loss, d loss / d Z)`` for logits ``Z``."""
         raise NotImplementedError
 
+    def _split(self) -> bool:
+        """Whether this is a built-in linear class itself (not a subclass that may
+        override its loss): then the loss and its derivative are computed apart
+        when only one is wanted, each by the very operations of
+        ``_loss_and_delta`` (so the same bits), without paying for the other."""
+        return type(self) in _SPLIT_LOSS
+
+    def _loss_only(self, Z: np.ndarray, y: np.ndarray) -> float:
+        return self._loss_and_delta(Z, y)[0]
+
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._loss_and_delta(Z, y)[1]
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        """``predict``'s result from the logits."""
+        raise NotImplementedError
+
     def loss(self, params: Params, X: np.ndarray, y: np.ndarray) -> float:
-        return self._loss_and_delta(self._logits(params, X), y)[0]
+        Z = self._logits(params, X)
+        return self._loss_only(Z, y) if self._split() else self._loss_and_delta(Z, y)[0]
 
     def gradient(self, params: Params, X: np.ndarray, y: np.ndarray) -> Params:
-        return self.loss_and_gradient(params, X, y)[1]
+        if not self._split():
+            return self.loss_and_gradient(params, X, y)[1]
+        X = _as_matrix(X)
+        return _affine_gradient(X, self._delta_only(self._logits(params, X), y), "w", "b")
+
+    def loss_and_predict(self, params: Params, X: np.ndarray,
+                         y: np.ndarray) -> tuple[float, np.ndarray]:
+        """``(loss(params, X, y), predict(params, X))`` from one matmul over ``X``
+        (an evaluation needs both)."""
+        if not self._split():
+            return self.loss(params, X, y), self.predict(params, X)
+        Z = self._logits(params, X)
+        return self._loss_only(Z, y), self._predict_logits(Z)
 
     def loss_and_gradient(self, params: Params, X: np.ndarray,
                           y: np.ndarray) -> tuple[float, Params]:
@@ -209,6 +239,12 @@ class LinearRegression(_LinearModel):
     def forward(self, params: Params, X: np.ndarray) -> np.ndarray:
         return column_squeeze(self._logits(params, X))
 
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return Z - np.asarray(y, dtype=np.float64).reshape(Z.shape)
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        return column_squeeze(Z)
+
     def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
         return self.forward(params, X)
 
@@ -230,11 +266,21 @@ class LogisticRegression(_LinearModel):
     def _loss_and_delta(self, Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return _sigmoid_xent(Z, _binary_targets(y, Z.shape[0]))
 
+    def _loss_only(self, Z: np.ndarray, y: np.ndarray) -> float:
+        t = _binary_targets(y, Z.shape[0])
+        return float(np.sum(np.logaddexp(0.0, Z) - t * Z))  # as _sigmoid_xent
+
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return _sigmoid(Z) - _binary_targets(y, Z.shape[0])  # as _sigmoid_xent
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        return (Z[:, 0] > 0).astype(np.int64)
+
     def forward(self, params: Params, X: np.ndarray) -> np.ndarray:
         return _sigmoid(self._logits(params, X))[:, 0]
 
     def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
-        return (self._logits(params, X)[:, 0] > 0).astype(np.int64)
+        return self._predict_logits(self._logits(params, X))
 
 
 class SoftmaxRegression(_LinearModel):
@@ -253,11 +299,29 @@ class SoftmaxRegression(_LinearModel):
     def _loss_and_delta(self, Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return _softmax_xent(Z, y)
 
+    def _loss_only(self, Z: np.ndarray, y: np.ndarray) -> float:
+        labels = class_labels(y, Z.shape[1])  # as _softmax_xent
+        return -float(np.sum(_log_softmax(Z)[np.arange(labels.size), labels]))
+
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        labels = class_labels(y, Z.shape[1])  # as _softmax_xent
+        delta = np.exp(_log_softmax(Z))
+        delta[np.arange(labels.size), labels] -= 1.0
+        return delta
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        return np.argmax(Z, axis=1).astype(np.int64)
+
     def forward(self, params: Params, X: np.ndarray) -> np.ndarray:
         return np.exp(_log_softmax(self._logits(params, X)))
 
     def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
-        return np.argmax(self._logits(params, X), axis=1).astype(np.int64)
+        return self._predict_logits(self._logits(params, X))
+
+
+#: the linear classes whose loss and its derivative may be computed apart (see
+#: ``_LinearModel._split``); a subclass always goes through ``_loss_and_delta``
+_SPLIT_LOSS = frozenset({LinearRegression, LogisticRegression, SoftmaxRegression})
 
 
 # ---------------------------------------------------------------------------

@@ -150,7 +150,9 @@ def numbered_shard_gradients(params: dict, model: Model, classes: Any, epoch: in
     for shard, (X, y) in zip(shard_ids, shards):
         rows = batch_rows(len(y), epoch, step, steps, seed, shard)
         target = model_targets(model, y[rows], classes)
-        out.append((model.gradient(params, X[rows], target), len(rows)))
+        # np.take copies the same rows as X[rows], faster
+        batch = np.take(X, rows, axis=0) if isinstance(X, np.ndarray) else X[rows]
+        out.append((model.gradient(params, batch, target), len(rows)))
     return out
 
 
@@ -286,6 +288,15 @@ def _mesh_epoch_task(plan: tuple, closed: tuple, epoch: int, spec: tuple, tag: s
     return ((params, state),
             [evaluate_shard(params, model, classes, s, judge_train) for s in train],
             [evaluate_shard(params, model, classes, s, judge_valid) for s in valid])
+
+
+def _error_of(ref: Any) -> BaseException | None:
+    """What ``get(ref)`` raises, or None."""
+    try:
+        daskray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - the caller sorts them
+        return exc
+    return None
 
 
 def _where() -> tuple[str, int, int]:
@@ -457,16 +468,25 @@ class Trainer:
         shared = (model, optimizer, config["l2"], classes, steps, config["seed"])
         layout = _Layout(self, train, valid, shared)
         spec, reason = self._mesh_spec(layout)
-        self.fallback_reason, self.epoch_paths = reason, {}
+        self.fallback_reason, self.epoch_paths, self.redone = reason, {}, []
         closed = [daskray.put(((params, state), [], []))] * layout.n_groups
         history: list[dict] = []
         pending: deque = deque()  # epochs submitted, metrics not read yet
         final, stopped = (params, state), False
         epoch, failures, attempt = start, 0, 0
+        recovering = False  # a worker died: the task graph trains until it is replaced
         while True:
             # keep one epoch computing while the previous one's metrics are read
             while not stopped and epoch < config["epochs"] and len(pending) < 2:
-                use_mesh = spec is not None and layout.n_groups > 1
+                if recovering and spec is not None and self._workers_back(layout):
+                    # the dead workers' replacements are up: the groups follow where
+                    # the shards are now, and their tasks can run together again
+                    recovering = False
+                    layout = _Layout(self, train, valid, shared)
+                    spec, self.fallback_reason = self._mesh_spec(layout)
+                    closed = closed if len(closed) == layout.n_groups else [closed[0]] * \
+                        layout.n_groups
+                use_mesh = spec is not None and layout.n_groups > 1 and not recovering
                 closed, submitted = (
                     self._submit_mesh(layout, spec, f"{epoch}-{attempt}", closed, epoch,
                                       judge_train, judge_valid) if use_mesh else
@@ -491,6 +511,7 @@ class Trainer:
                     for ref in reversed(submitted):
                         daskray.cancel(ref)
                 pending.clear()
+                self.redone.append((entry[0], f"{type(failure).__name__}: {failure}"))
                 if isinstance(failure, collective.RendezvousTimeout):
                     spec = None
                     self.fallback_reason = (
@@ -501,9 +522,9 @@ class Trainer:
                     failures += 1
                     if failures > retries:
                         raise failure
-                    # workers were replaced: group the shards by where they are now
-                    layout = _Layout(self, train, valid, shared)
-                    spec, self.fallback_reason = self._mesh_spec(layout)
+                    # Workers are being replaced: the task graph trains meanwhile (its
+                    # tasks need not run together, and the cluster retries them).
+                    recovering = True
                 attempt += 1
                 epoch = entry[0]
                 carry = history[-1]["_carry"] if history else (params, state)
@@ -581,23 +602,40 @@ class Trainer:
             return None, f"the {backend!r} backend runs the task graph"
         if len({owner[:2] for owner in layout.owners}) > 1:
             return None, "the groups' workers are on more than one host"
+        if not Trainer._workers_back(layout):
+            return None, f"fewer workers than the {layout.n_groups} groups"
         return collective.new_spec(layout.n_groups), None
+
+    @staticmethod
+    def _workers_back(layout: "_Layout") -> bool:
+        """Whether the cluster has a worker for every group again (after one died)."""
+        return daskray.cluster_resources().get("CPU", 0) >= layout.n_groups
 
     @staticmethod
     def _mesh_failure(closed: list) -> BaseException | None:
         """Why an epoch on the mesh failed, when a redo can mend it: a worker died
-        (its peers then lose their connection) or the tasks did not run together.
-        What a task raised otherwise (the model's own error, say) is raised here."""
-        transient: list[BaseException] = []
-        for ref in closed:
-            try:
-                daskray.get(ref)
-            except (daskray.WorkerCrashedError, daskray.ObjectLostError,
-                    collective.CollectiveError) as exc:
-                transient.append(exc)
-        crashed = [e for e in transient if not isinstance(e, collective.CollectiveError)]
-        lost = [e for e in transient if not isinstance(e, collective.RendezvousTimeout)]
-        return (crashed or lost or transient or [None])[0]
+        (its peers then lose their connection) or the tasks did not run together
+        (a rank timed out waiting: the ranks not finished yet are cancelled, they
+        may be queued behind it).  What a task raised otherwise (the model's own
+        error, say) is raised here; None if no task failed."""
+        done, waiting = daskray.wait(closed, num_returns=len(closed), timeout=0)
+        errors = [_error_of(ref) for ref in done]
+        if any(isinstance(e, collective.RendezvousTimeout) for e in errors):
+            for ref in waiting:
+                daskray.cancel(ref)
+            errors += [e for e in map(_error_of, waiting)
+                       if not isinstance(e, daskray.TaskCancelledError)]
+        else:
+            errors += [_error_of(ref) for ref in waiting]
+        transient = (daskray.WorkerCrashedError, daskray.ObjectLostError,
+                     collective.CollectiveError)
+        for error in errors:
+            if error is not None and not isinstance(error, transient):
+                raise error
+        crashed = [e for e in errors if isinstance(e, transient[:2])]
+        lost = [e for e in errors if isinstance(e, collective.PeerLost)]
+        timeouts = [e for e in errors if isinstance(e, collective.CollectiveError)]
+        return (crashed or lost or timeouts or [None])[0]
 
     @staticmethod
     def _groups(data: Dataset, n_groups: int) -> tuple[list[list[int]], list[Any]]:
