@@ -600,6 +600,8 @@ class Trainer:
         backend = daskray.init(ignore_reinit_error=True).backend
         if backend != "local":
             return None, f"the {backend!r} backend runs the task graph"
+        if not all(isinstance(owner, tuple) for owner in layout.owners):
+            return None, "where the groups' shards are held is not known"
         if len({owner[:2] for owner in layout.owners}) > 1:
             return None, "the groups' workers are on more than one host"
         if not Trainer._workers_back(layout):
