@@ -1,33 +1,53 @@
-"""Data-parallel training where every step is a task graph.
+"""Data-parallel training: one task per group of shards and epoch, exchanging
+gradient sums directly, or a task graph when that cannot be.
 
 The shards are cut into at most ``num_workers`` groups by the worker holding
 them (found by a task per shard before training, see :func:`local_groups`), so
-a step's task reads its shards in place instead of having them copied from
-another worker for every step.  One epoch of ``Trainer.fit``::
+a group's task reads its shards in place instead of having them copied from
+another worker.  Every step of an epoch is the same arithmetic whichever way it
+runs: each group takes the gradient SUM of each of its shards' slice of the
+step's global batch, then every group's per-shard sums are added in a fixed
+pairwise tree in shard order, divided by the batch's rows, L2 added, and the
+optimizer stepped.  The close of an epoch evaluates each group's training (and
+validation) shards at the new parameters; the driver reads the metrics.
 
-    step 0:      one task per group: the gradient SUM of each of its shards'
-                 slice of the step's global batch, at the epoch's parameters
-    step t > 0:  one task per group: first the update of step t-1 -- every
-                 group's per-shard sums added in a fixed pairwise tree in shard
-                 order, divided by the batch's rows, plus L2, the optimizer
-                 step -- then its gradient sums at the new parameters
-    close:       one task per group: the last step's update, then the group's
-                 training (and validation) shards evaluated; the next epoch's
-                 step 0 starts from its output, the driver reads the metrics
+**The direct exchange** (several groups on daskray's own runtime, one host):
+one task per group runs the whole epoch (:func:`_mesh_epoch_task`).  After each
+step's gradient sums it sends them to the other groups' tasks and receives
+theirs over a :class:`~daskray.ml.collective.Mesh` -- authenticated Unix-domain
+sockets set up for that epoch, raw float64 bytes, no head in between -- so a
+step costs one message hop, not a task hop through the head.  Every task
+applies the same update to the same sums, so all hold the same parameters
+without sending them.  These tasks must run at the same time:
 
-Every group task repeats the same update on the same inputs, so they all hold the
-same parameters without sending them to each other: a step costs one task hop,
-not two (update, then gradients), and only gradient sums travel.  With one group
-there is nothing to exchange, so one task runs a whole epoch, close included.
+* A worker that dies mid-epoch ends its task; its peers lose their connection
+  and end too, and the driver redoes the epoch from the last closed state (at
+  most ``FailureConfig.max_failures`` times), on the task graph until the dead
+  worker's replacement is up, then directly again.
+* Tasks that cannot all run at once (a worker busy with a long task, fewer
+  workers than groups) time out waiting for each other
+  (``collective.RENDEZVOUS_SECONDS``); the driver then trains the rest of the
+  fit on the task graph and says why (``Trainer.fallback_reason``, a warning).
+* On the dask.distributed backend, inside a task, across hosts or off Linux,
+  the task graph trains.
+
+**The task graph**: step 0 is one task per group (its gradient sums at the
+epoch's parameters); step t > 0 one task per group that first applies step t-1's
+update from every group's outputs, then takes its gradient sums; the close, one
+task per group, applies the last update and evaluates.  A step costs a task hop
+(report, schedule, dispatch, fetch); only gradient sums travel, and the cluster
+retries the tasks of a dead worker.  With one group there is nothing to
+exchange: one task runs a whole epoch, close included, whatever the backend.
+
 What every task of a run shares (model, optimizer, classes, ...) is put in the
-object store once.
-
-The driver submits each epoch without waiting for it and reads the previous
-epoch's metrics meanwhile; when a ``stop`` condition is met, the epoch already
-submitted is cancelled.  Which rows a step reads depends only on the seed, the
-epoch, the step and the shard, and the reduction order only on the shards --
-never on the workers or the grouping -- so training on one worker, on two, or
-in one process with :func:`reference_fit` gives bit-identical parameters.
+object store once.  The driver submits each epoch without waiting for it and
+reads the previous epoch's metrics meanwhile; when a ``stop`` condition is met,
+the epoch already submitted is cancelled.  Which rows a step reads depends only
+on the seed, the epoch, the step and the shard, and the reduction order only on
+the shards -- never on the workers, the grouping or the path -- so training on
+one worker, on two, or in one process with :func:`reference_fit` gives
+bit-identical parameters.  ``Trainer.epoch_paths`` tells which path trained each
+epoch ("mesh" or "graph"), ``Trainer.redone`` the epochs redone and why.
 """
 
 from __future__ import annotations
