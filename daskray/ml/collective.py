@@ -227,28 +227,28 @@ class Mesh:
     def exchange(self, payload: bytes) -> dict[int, bytearray]:
         """Send ``payload`` to every other rank and return theirs, ``{rank: bytes}``."""
         message = memoryview(_HEADER.pack(len(payload)) + payload)
-        sending = {}
-        for peer, sock in self.peers.items():
+        sending: dict[int, list] = {}
+        for sock in self.peers.values():
             sent = _send_some(sock, message)
-            if sent < len(message):
+            if sent < len(message):  # more than the socket's buffer: the rest when it drains
                 sending[sock.fileno()] = [sock, sent]
-        receiving = {sock.fileno(): _Incoming(sock) for sock in self.peers.values()}
+        receiving = {fd: _Incoming(self.peers[rank]) for fd, rank in self._fds.items()}
         done: dict[int, bytearray] = {}
-        for fd in list(receiving):  # often already there: no poll needed
-            if receiving[fd].read():
+        poll, registered = self._poll, {}
+        while True:
+            for fd in [fd for fd, incoming in receiving.items() if incoming.read()]:
                 done[self._fds[fd]] = receiving.pop(fd).buffer
-        poll = self._poll
-        while receiving or sending:
+            if not receiving and not sending:
+                break
             for fd in self._fds:
                 events = (select.POLLIN if fd in receiving else 0) | \
                          (select.POLLOUT if fd in sending else 0)
-                if events:
-                    poll.register(fd, events)
-                else:
-                    try:
+                if registered.get(fd) != events:
+                    if fd in registered:
                         poll.unregister(fd)
-                    except KeyError:
-                        pass
+                    if events:
+                        poll.register(fd, events)
+                    registered[fd] = events
             for fd, event in poll.poll():
                 if fd in sending and event & select.POLLOUT:
                     sock, offset = sending[fd]
@@ -257,13 +257,11 @@ class Mesh:
                         del sending[fd]
                     else:
                         sending[fd][1] = offset
-                if fd in receiving and event & (select.POLLIN | select.POLLHUP | select.POLLERR):
-                    incoming = receiving[fd]
-                    incoming.read()
-                    if incoming.complete:
-                        done[self._fds[fd]] = receiving.pop(fd).buffer
-                elif event & (select.POLLHUP | select.POLLERR):
+                elif fd not in receiving and event & (select.POLLHUP | select.POLLERR):
                     raise PeerLost(f"rank {self._fds[fd]} closed its connection")
+        for fd in registered:
+            if registered[fd]:
+                poll.unregister(fd)
         return done
 
     def close(self) -> None:
