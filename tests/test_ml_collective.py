@@ -388,3 +388,29 @@ def test_the_dask_distributed_backend_trains_by_the_task_graph(backend):
         assert set(trainer.epoch_paths.values()) == {"graph"}
         # two groups: the reason names the backend; one group has nothing to exchange
         assert trainer.fallback_reason is None or "distributed" in trainer.fallback_reason
+
+
+def test_a_worker_killed_with_no_failures_allowed_fails_the_fit(blobs, tmp_path):
+    ds, _ = blobs
+    trainer = Trainer(model=_KillOnce(str(tmp_path / "killed"), 5 * 3), train_config=CONFIG,
+                      scaling_config=ScalingConfig(num_workers=2),
+                      failure_config=FailureConfig(max_failures=0))
+    with pytest.raises(daskray.WorkerCrashedError):
+        trainer.fit(ds)
+    assert trainer.epoch_paths[0] == "mesh"
+    assert wait_until(lambda: not _no_mesh_sockets(), 10), _no_mesh_sockets()
+
+
+def test_more_groups_than_workers_train_by_the_task_graph(blobs, monkeypatch):
+    ds, reference = blobs
+    from daskray.ml import trainer as module
+
+    here = module._where()
+    monkeypatch.setattr(Trainer, "_groups", staticmethod(
+        lambda data, n: ([[0, 3], [1, 4], [2, 5]], [(*here[:2], k) for k in range(3)])
+        if n > 1 else ([list(range(data.num_shards))], [None])))
+    trainer = Trainer(model=models.SoftmaxRegression(), train_config=CONFIG,
+                      scaling_config=ScalingConfig(num_workers=3))
+    _same(trainer.fit(ds).checkpoint.params, reference)
+    assert set(trainer.epoch_paths.values()) == {"graph"}
+    assert "fewer workers than the 3 groups" in trainer.fallback_reason
