@@ -19,7 +19,8 @@ How:
 
 * Unix-domain stream sockets in Linux's abstract namespace: nothing on the file
   system to clean up, reachable from this host (this network namespace) only.
-  Rank ``r`` listens on ``<name>-<r>``, connects to every lower rank and accepts
+  Rank ``r`` listens on a name derived from the fit's key, the epoch and ``r``
+  (no one without the key can take it first), connects to every lower rank and accepts
   every higher one; a connect that is refused because that rank's task has not
   started yet is tried again (backoff from 1 ms to 50 ms) until the deadline.
   There is no process both tasks could wait on without a hop through the head,
@@ -92,8 +93,11 @@ def new_spec(size: int, timeout: float | None = None) -> tuple[bytes, str, int, 
             float(RENDEZVOUS_SECONDS if timeout is None else timeout))
 
 
-def _address(name: str, tag: str, rank: int) -> str:
-    return f"\0daskray-ml-{name}-{tag}-{rank}"
+def _address(key: bytes, name: str, tag: str, rank: int) -> str:
+    """Where ``rank`` listens for ``tag``: the fit's name, then a part only the key's
+    holders can compute (so no other local user can take it first)."""
+    secret = _mac(key, b"address", tag.encode(), struct.pack("<i", rank)).hex()[:24]
+    return f"\0daskray-ml-{name}-{secret}"
 
 
 def _mac(key: bytes, *parts: bytes) -> bytes:
@@ -161,7 +165,7 @@ class Mesh:
         peers: dict[int, socket.socket] = {}
         try:
             try:
-                listener.bind(_address(name, tag, rank))
+                listener.bind(_address(key, name, tag, rank))
             except OSError as exc:
                 raise RendezvousTimeout(f"rank {rank} cannot listen: {exc}") from exc
             listener.listen(size)
@@ -207,13 +211,15 @@ class Mesh:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             try:
-                sock.connect(_address(name, tag, peer))
+                sock.connect(_address(key, name, tag, peer))
                 _connect_side(sock, key, rank, peer)
                 return sock
-            except OSError as exc:
+            except (OSError, PeerLost) as exc:
+                # not listening yet, or the listener dropped us mid-handshake
                 sock.close()
-                if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN) \
-                        and not isinstance(exc, (socket.timeout, ConnectionRefusedError)):
+                if isinstance(exc, OSError) and exc.errno not in (
+                        errno.ECONNREFUSED, errno.ENOENT, errno.EAGAIN) and not isinstance(
+                        exc, (socket.timeout, ConnectionRefusedError)):
                     raise
                 if time.monotonic() + pause > deadline:
                     raise RendezvousTimeout(f"rank {rank}: rank {peer} did not accept a "
