@@ -80,7 +80,8 @@ from .steps import DEFAULT_TRAIN_CONFIG, tree_sum  # noqa: F401 - their old home
 @dataclass
 class ScalingConfig:
     """How many workers may share the training: the shards are cut into at most
-    ``num_workers`` groups, one task per group and step.  Groups follow where
+    ``num_workers`` groups, one task per group and epoch (exchanging gradient
+    sums directly) or per group and step (the task graph).  Groups follow where
     the shards are held, so there may be fewer (one, if a single worker holds
     every shard).  Placement only: the results do not depend on it."""
 
@@ -106,9 +107,10 @@ class RunConfig:
 
 @dataclass
 class FailureConfig:
-    """``max_failures``: times a step's task is re-run after its worker died; the
-    run then resumes from the last completed step (its parameters are an object
-    the head keeps)."""
+    """``max_failures``: on the task graph, times a step's task is re-run after its
+    worker died (the run resumes from the last completed step, whose parameters
+    are an object the head keeps); with the direct exchange, times an epoch is
+    redone from the last completed epoch after a worker died mid-epoch."""
 
     max_failures: int = 3
 
@@ -431,8 +433,6 @@ class _Layout:
         self.plan = daskray.put((*shared, self.order))
         self.shards = [[train.shards[j] for j in g] for g in self.groups]
         self.valid_shards = [[valid.shards[j] for j in g] for g in self.valid_groups]
-
-
 
 
 class Trainer:
