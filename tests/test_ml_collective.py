@@ -189,7 +189,9 @@ CONFIG = {"optimizer": "adam", "lr": 0.05, "batch_size": 96, "epochs": 3, "l2": 
 def blobs(cluster, monkeypatch):
     """A dataset of 6 shards in two groups of 3, every fit, whichever workers the
     driver's shards were located on (after a worker was replaced they may all
-    seem to be on one), and the parameters reference_fit computes."""
+    seem to be on one), and the parameters reference_fit computes.  The shards
+    are put by the driver and small: no worker holds them, so the scheduler may
+    run each group's task on any worker, as the forced groups assume."""
     from daskray.ml import trainer
 
     here = trainer._where()
@@ -222,7 +224,11 @@ def _no_mesh_sockets():
 
 def test_two_workers_exchange_directly_and_match_the_reference(blobs):
     ds, reference = blobs
-    train, valid = ds.train_test_split(test_size=0.25, seed=0)
+    # put by the driver (as ds is), not split by tasks: the groups the fixture forces
+    # then agree with where the scheduler runs their tasks (no worker holds a shard)
+    X, y = _blobs(seed=5)
+    train = Dataset.from_numpy(X[:900], y[:900], num_shards=6, seed=2)
+    valid = Dataset.from_numpy(X[900:], y[900:], num_shards=2, seed=2)
     trainer = Trainer(model=models.SoftmaxRegression(), train_config=CONFIG,
                       scaling_config=ScalingConfig(num_workers=2))
     result = trainer.fit(ds)
@@ -414,3 +420,15 @@ def test_more_groups_than_workers_train_by_the_task_graph(blobs, monkeypatch):
     _same(trainer.fit(ds).checkpoint.params, reference)
     assert set(trainer.epoch_paths.values()) == {"graph"}
     assert "fewer workers than the 3 groups" in trainer.fallback_reason
+
+
+def test_groups_are_evened_out_while_each_keeps_most_of_its_own_shards():
+    from daskray.ml.trainer import balance_groups
+
+    assert balance_groups([[0, 2], [1, 3, 4, 5, 6, 7]]) == [[0, 2, 7], [1, 3, 4, 5, 6]]
+    assert balance_groups([[0, 1, 2, 3, 4, 5, 6], [7]]) == [[0, 1, 2, 3, 4, 5, 6], [7]]
+    assert balance_groups([[0, 2, 4, 6], [1, 3, 5, 7]]) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert balance_groups([list(range(10)), [10, 11, 12, 13]]) == \
+        [list(range(7)), [7, 8, 9, 10, 11, 12, 13]]
+    assert balance_groups([[0, 3, 6, 7, 8], [1, 4], [2, 5]]) == [[0, 3, 6], [1, 4, 8], [2, 5, 7]]
+    assert balance_groups([[3]]) == [[3]]

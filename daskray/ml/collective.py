@@ -149,8 +149,11 @@ class Mesh:
     def __init__(self, rank: int, peers: dict[int, socket.socket]) -> None:
         self.rank = rank
         self.peers = peers
-        self._poll = select.poll()
-        self._fds = {s.fileno(): r for r, s in peers.items()}
+        #: ranks whose connection closed (their task ended, or their process died)
+        self.ended: set[int] = set()
+        self._out: dict[int, list[memoryview]] = {r: [] for r in peers}
+        self._in: dict[int, bytearray] = {r: bytearray() for r in peers}
+        self._early: dict[int, list[bytearray]] = {}
 
     @classmethod
     def join(cls, spec: tuple, tag: str, rank: int) -> "Mesh":
@@ -230,47 +233,109 @@ class Mesh:
                 sock.close()
                 raise
 
-    def exchange(self, payload: bytes) -> dict[int, bytearray]:
-        """Send ``payload`` to every other rank and return theirs, ``{rank: bytes}``."""
-        message = memoryview(_HEADER.pack(len(payload)) + payload)
-        sending: dict[int, list] = {}
-        for sock in self.peers.values():
-            sent = _send_some(sock, message)
-            if sent < len(message):  # more than the socket's buffer: the rest when it drains
-                sending[sock.fileno()] = [sock, sent]
-        receiving = {fd: _Incoming(self.peers[rank]) for fd, rank in self._fds.items()}
-        done: dict[int, bytearray] = {}
-        poll, registered = self._poll, {}
-        while True:
-            for fd in [fd for fd, incoming in receiving.items() if incoming.read()]:
-                done[self._fds[fd]] = receiving.pop(fd).buffer
-            if not receiving and not sending:
+    def send(self, payload: bytes) -> None:
+        """Queue ``payload`` for every other rank still connected, and send what the
+        sockets take now (never waits: the rest goes out in later calls)."""
+        message = _HEADER.pack(len(payload)) + payload
+        for rank in self.peers:
+            if rank not in self.ended:
+                self._out[rank].append(memoryview(message))
+        self._flush()
+
+    def receive(self, timeout: float | None) -> list[tuple[int, bytearray]]:
+        """The messages that arrived, ``[(rank, bytes), ...]`` in each rank's order:
+        those there now, else the first to come within ``timeout`` seconds (None:
+        without limit) -- an empty list if none came.  A rank whose connection
+        closed (its task finished, or its process died) joins :attr:`ended`."""
+        got = self._read()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not got and len(self.ended) < len(self.peers):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
                 break
-            for fd in self._fds:
-                events = (select.POLLIN if fd in receiving else 0) | \
-                         (select.POLLOUT if fd in sending else 0)
-                if registered.get(fd) != events:
-                    if fd in registered:
-                        poll.unregister(fd)
-                    if events:
-                        poll.register(fd, events)
-                    registered[fd] = events
-            for fd, event in poll.poll():
-                if fd in sending and event & select.POLLOUT:
-                    sock, offset = sending[fd]
-                    offset += _send_some(sock, message[offset:])
-                    if offset == len(message):
-                        del sending[fd]
-                    else:
-                        sending[fd][1] = offset
-                elif fd not in receiving and event & (select.POLLHUP | select.POLLERR):
-                    raise PeerLost(f"rank {self._fds[fd]} closed its connection")
-        for fd in registered:
-            if registered[fd]:
-                poll.unregister(fd)
+            self._wait(left)
+            got = self._read()
+        return got
+
+    def exchange(self, payload: bytes) -> dict[int, bytearray]:
+        """Lockstep: send ``payload`` to every other rank and return the next message
+        of each, ``{rank: bytes}``; :class:`PeerLost` if a rank's connection closes
+        first."""
+        self.send(payload)
+        done: dict[int, bytearray] = {}
+        while len(done) < len(self.peers):
+            for rank, message in self.receive(None):
+                self._early.setdefault(rank, []).append(message)
+            for rank, queue in self._early.items():
+                if queue and rank not in done:
+                    done[rank] = queue.pop(0)
+            lost = (self.ended - set(done)) if len(done) < len(self.peers) else set()
+            if lost and not any(self._early.get(r) for r in lost):
+                raise PeerLost(f"rank {min(lost)} closed its connection")
         return done
 
-    def close(self) -> None:
+    def _flush(self) -> None:
+        for rank, queue in self._out.items():
+            sock = self.peers[rank]
+            while queue:
+                try:
+                    sent = sock.send(queue[0])
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:  # EPIPE, ECONNRESET: the peer is gone; so is its queue
+                    self.ended.add(rank)
+                    queue.clear()
+                    break
+                if sent == len(queue[0]):
+                    queue.pop(0)
+                else:
+                    queue[0] = queue[0][sent:]
+                    break
+
+    def _wait(self, timeout: float | None) -> None:
+        """Until a socket can be read (or written, for queued bytes), or ``timeout``."""
+        poll = select.poll()
+        for rank, sock in self.peers.items():
+            if rank not in self.ended:
+                poll.register(sock, select.POLLIN | (select.POLLOUT if self._out[rank] else 0))
+        poll.poll(None if timeout is None else max(0, int(timeout * 1000) + 1))
+        self._flush()
+
+    def _read(self) -> list[tuple[int, bytearray]]:
+        """Read every socket until it would block; the complete messages."""
+        got = []
+        for rank, sock in self.peers.items():
+            if rank in self.ended:
+                continue
+            buffer = self._in[rank]
+            try:
+                while True:
+                    chunk = sock.recv(1 << 20)
+                    if not chunk:
+                        self.ended.add(rank)
+                        break
+                    buffer += chunk
+            except (BlockingIOError, InterruptedError):
+                pass
+            except ConnectionError:
+                self.ended.add(rank)
+            while len(buffer) >= _HEADER.size:
+                (n,) = _HEADER.unpack_from(buffer, 0)
+                if n > MAX_MESSAGE_BYTES:
+                    raise PeerLost(f"rank {rank} announced a message of {n} bytes")
+                if len(buffer) < _HEADER.size + n:
+                    break
+                got.append((rank, buffer[_HEADER.size:_HEADER.size + n]))
+                del buffer[:_HEADER.size + n]
+        return got
+
+    def close(self, flush_seconds: float = 5.0) -> None:
+        """Send what is still queued (waiting at most ``flush_seconds``: a peer that
+        still runs reads it), then close every connection."""
+        deadline = time.monotonic() + flush_seconds
+        while any(self._out[r] for r in self.peers if r not in self.ended) and \
+                time.monotonic() < deadline:
+            self._wait(deadline - time.monotonic())
         for sock in self.peers.values():
             sock.close()
         self.peers = {}
@@ -279,56 +344,7 @@ class Mesh:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.close()
-
-
-def _send_some(sock: socket.socket, data: memoryview) -> int:
-    """Bytes of ``data`` a non-blocking socket took now; PeerLost if it is closed."""
-    try:
-        return sock.send(data)
-    except (BlockingIOError, InterruptedError):
-        return 0
-    except OSError as exc:  # EPIPE, ECONNRESET: the peer is gone
-        raise PeerLost(f"sending to a peer failed: {exc}") from exc
-
-
-class _Incoming:
-    """One length-prefixed message being read from a non-blocking socket."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.head = bytearray()
-        self.buffer: bytearray | None = None
-        self.got = 0
-
-    @property
-    def complete(self) -> bool:
-        return self.buffer is not None and self.got == len(self.buffer)
-
-    def read(self) -> bool:
-        """Read what is there; whether the message is complete."""
-        try:
-            while self.buffer is None:
-                chunk = self.sock.recv(_HEADER.size - len(self.head))
-                if not chunk:
-                    raise PeerLost("a peer closed its connection mid-epoch")
-                self.head += chunk
-                if len(self.head) == _HEADER.size:
-                    (n,) = _HEADER.unpack(self.head)
-                    if n > MAX_MESSAGE_BYTES:
-                        raise PeerLost(f"a peer announced a message of {n} bytes")
-                    self.buffer = bytearray(n)
-            view = memoryview(self.buffer)
-            while self.got < len(self.buffer):
-                n = self.sock.recv_into(view[self.got:])
-                if not n:
-                    raise PeerLost("a peer closed its connection mid-epoch")
-                self.got += n
-        except (BlockingIOError, InterruptedError):
-            pass
-        except ConnectionError as exc:
-            raise PeerLost(f"a peer's connection failed: {exc}") from exc
-        return self.complete
+        self.close(flush_seconds=5.0 if exc[0] is None else 0.0)
 
 
 # ---------------------------------------------------------------------- payloads

@@ -364,6 +364,28 @@ def local_groups(owners: Sequence[Any], n_groups: int) -> list[list[int]]:
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
 
 
+def balance_groups(groups: Sequence[list[int]]) -> list[list[int]]:
+    """``groups`` (each held by one process, as :func:`local_groups` makes them)
+    made more even for tasks that run side by side a whole epoch, whose steps
+    last as long as the largest group's: the largest group gives its last shard
+    to the smallest while that evens them out and the smallest still holds
+    strictly more of its own shards than it was given.  The latter keeps each
+    group's task placed next to most of its shards (the scheduler follows the
+    bytes), so two groups' tasks never end up queued on one worker.  Groups
+    come back sorted, in order of their first shard."""
+    own = [len(g) for g in groups]
+    out = [sorted(g) for g in groups]
+    given = [0] * len(out)
+    while len(out) > 1:
+        big = max(range(len(out)), key=lambda i: (len(out[i]), -i))
+        small = min(range(len(out)), key=lambda i: (len(out[i]), i))
+        if len(out[big]) - len(out[small]) < 2 or given[small] + 1 >= own[small]:
+            break
+        out[small].append(out[big].pop())
+        given[small] += 1
+    return sorted((sorted(g) for g in out), key=lambda g: g[0])
+
+
 def pair_groups(owners: Sequence[Any], other_groups: Sequence[list],
                 other_owners: Sequence[Any]) -> list[list[int]]:
     """``other_groups`` (e.g. validation shards) matched one to one with groups held
@@ -423,16 +445,28 @@ class _Layout:
 
     def __init__(self, trainer: "Trainer", train: Dataset, valid: Dataset | None,
                  shared: tuple) -> None:
+        self.train, self.shared = train, shared
         self.groups, self.owners = trainer._groups(train, trainer.scaling.num_workers)
         self.n_groups = len(self.groups)
-        self.order = [i for g in self.groups for i in g]
         self.valid_groups = (pair_groups(self.owners, *trainer._groups(valid, self.n_groups))
                              if valid is not None else [[] for _ in self.groups])
         self.valid_order = [i for g in self.valid_groups for i in g]
-        self.steps = shared[4]
-        self.plan = daskray.put((*shared, self.order))
-        self.shards = [[train.shards[j] for j in g] for g in self.groups]
         self.valid_shards = [[valid.shards[j] for j in g] for g in self.valid_groups]
+        self.steps = shared[4]
+        self._set_groups(self.groups)
+
+    def _set_groups(self, groups: list[list[int]]) -> None:
+        self.groups = groups
+        self.order = [i for g in groups for i in g]
+        self.plan = daskray.put((*self.shared, self.order))
+        self.shards = [[self.train.shards[j] for j in g] for g in groups]
+
+    def balance(self) -> None:
+        """Even the training groups out for tasks that run side by side (see
+        :func:`balance_groups`); each keeps its place (and validation shards)."""
+        balanced = balance_groups(self.groups)
+        if balanced != self.groups:
+            self._set_groups(balanced)
 
 
 class Trainer:
@@ -488,6 +522,8 @@ class Trainer:
         shared = (model, optimizer, config["l2"], classes, steps, config["seed"])
         layout = _Layout(self, train, valid, shared)
         spec, reason = self._mesh_spec(layout)
+        if spec is not None:
+            layout.balance()
         self.fallback_reason, self.epoch_paths, self.redone = reason, {}, []
         closed = [daskray.put(((params, state), [], []))] * layout.n_groups
         history: list[dict] = []
@@ -504,6 +540,8 @@ class Trainer:
                     recovering = False
                     layout = _Layout(self, train, valid, shared)
                     spec, self.fallback_reason = self._mesh_spec(layout)
+                    if spec is not None:
+                        layout.balance()
                     closed = closed if len(closed) == layout.n_groups else [closed[0]] * \
                         layout.n_groups
                 use_mesh = spec is not None and layout.n_groups > 1 and not recovering
