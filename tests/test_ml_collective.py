@@ -432,3 +432,37 @@ def test_groups_are_evened_out_while_each_keeps_most_of_its_own_shards():
         [list(range(7)), [7, 8, 9, 10, 11, 12, 13]]
     assert balance_groups([[0, 3, 6, 7, 8], [1, 4], [2, 5]]) == [[0, 3, 6], [1, 4, 8], [2, 5, 7]]
     assert balance_groups([[3]]) == [[3]]
+
+
+class _SlowOnce(models.SoftmaxRegression):
+    """SoftmaxRegression that logs each gradient call's process, and is slow (20 ms
+    a call) in the first process that calls it: a process that gets no CPU."""
+
+    def __init__(self, log: str) -> None:
+        self.log = log
+
+    def gradient(self, params, X, y):
+        import time
+
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        with open(self.log) as f:
+            if f.readline().strip() == str(os.getpid()):
+                time.sleep(0.02)  # the slow process: another's CPU time, not a wait
+        return super().gradient(params, X, y)
+
+
+def test_a_slow_group_has_its_sums_computed_by_the_others_with_the_same_bits(blobs, tmp_path):
+    ds, reference = blobs
+    log = str(tmp_path / "calls")
+    trainer = Trainer(model=_SlowOnce(log), train_config=CONFIG,
+                      scaling_config=ScalingConfig(num_workers=2))
+    result = trainer.fit(ds)
+    assert set(trainer.epoch_paths.values()) == {"mesh"}, trainer.fallback_reason
+    _same(result.checkpoint.params, reference)
+    with open(log) as f:
+        calls = f.read().split()
+    slow, counts = calls[0], {pid: calls.count(pid) for pid in set(calls)}
+    own = 3 * 13 * CONFIG["epochs"]  # 3 shards a group, 13 steps an epoch
+    fast = [n for pid, n in counts.items() if pid != slow]
+    assert fast and max(fast) > own, counts  # the fast group computed others' sums too

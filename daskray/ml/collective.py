@@ -77,6 +77,8 @@ _NONCE = 32
 _DIGEST = hashlib.sha256().digest_size
 #: the largest message a rank accepts (a peer announcing more is not believed)
 MAX_MESSAGE_BYTES = 1 << 34
+#: bytes queued for a rank past which droppable messages to it are dropped
+MAX_QUEUED_BYTES = 64 << 20
 
 
 class CollectiveError(RuntimeError):
@@ -246,13 +248,19 @@ class Mesh:
                 sock.close()
                 raise
 
-    def send(self, payload: bytes) -> None:
+    def send(self, payload: bytes, droppable: bool = False) -> None:
         """Queue ``payload`` for every other rank still connected, and send what the
-        sockets take now (never waits: the rest goes out in later calls)."""
+        sockets take now (never waits: the rest goes out in later calls).
+        ``droppable``: not queued for a rank that has more than
+        ``MAX_QUEUED_BYTES`` waiting already (it reads nothing: it does not run)."""
         message = _HEADER.pack(len(payload)) + payload
         for rank in self.peers:
-            if rank not in self.ended:
-                self._out[rank].append(memoryview(message))
+            if rank in self.ended:
+                continue
+            queue = self._out[rank]
+            if droppable and sum(len(m) for m in queue) > MAX_QUEUED_BYTES:
+                continue
+            queue.append(memoryview(message))
         self._flush()
 
     def receive(self, timeout: float | None) -> list[tuple[int, bytearray]]:

@@ -54,7 +54,9 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 import threading
+import time
 from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -282,31 +284,89 @@ def _epoch_task(plan: tuple, closed: tuple, epoch: int, n_train: int, judge_trai
                        judge_train, judge_valid)
 
 
+#: a step's message between training tasks: the step, then how many shards' sums
+_STEP = struct.Struct("<qI")
+
+
+def _pack_step(step: int, shard_ids: Sequence[int], sums: Sequence[tuple]) -> bytes:
+    """The gradient sums of shards ``shard_ids`` at ``step``, as bytes."""
+    ids = np.asarray(shard_ids, dtype=np.int64)
+    return b"".join([_STEP.pack(step, len(ids)), ids.data, collective.pack_sums(sums)])
+
+
+def _take_steps(messages: list, known: dict, step: int) -> None:
+    """Add the sums of step ``step`` or later from ``messages`` to ``known``,
+    ``{(step, shard): (grads, rows)}``; older ones are not needed any more."""
+    for _, payload in messages:
+        at, count = _STEP.unpack_from(payload, 0)
+        if at < step:
+            continue
+        ids = np.frombuffer(payload, dtype=np.int64, count=count, offset=_STEP.size).tolist()
+        sums = collective.unpack_sums(memoryview(payload)[_STEP.size + 8 * count:])
+        for shard, item in zip(ids, sums):
+            known.setdefault((at, shard), item)
+
+
+#: the least a task waits for another group's sums before computing them itself
+PATIENCE_SECONDS = 0.001
+
+
 def _mesh_epoch_task(plan: tuple, closed: tuple, epoch: int, spec: tuple, tag: str, rank: int,
-                     shard_ids: list, n_train: int, judge_train: bool, judge_valid: bool,
-                     *shards: Any) -> tuple[tuple, list, list]:
+                     shard_ids: list, all_shards: list, n_train: int, judge_train: bool,
+                     judge_valid: bool, *shards: Any) -> tuple[tuple, list, list]:
     """A whole epoch of one group, its gradient sums exchanged with the other
     groups' tasks over a :class:`~daskray.ml.collective.Mesh` (joined as ``rank``
-    under ``tag``) after every step; then the group's shards evaluated, as
-    :func:`close_epoch` does.  ``shards``: the group's ``n_train`` training shards
-    (numbered ``shard_ids``), then its validation shards.  Every rank applies
-    the same updates to the same sums in the same order as :func:`reference_fit`."""
+    under ``tag``); then the group's shards evaluated, as :func:`close_epoch` does.
+    ``shards``: the group's ``n_train`` training shards (numbered ``shard_ids``),
+    then its validation shards; ``all_shards``: the refs of every training shard.
+    (A message to a task that has not read a great deal already is dropped: it
+    will compute those sums itself when it runs again.)
+
+    Each step the task sends its shards' sums to the others and waits for
+    theirs.  Sums that have not come within as long as its own took (at least
+    ``PATIENCE_SECONDS``) -- the other group's process is waiting for a CPU, or
+    is gone -- it computes itself, from ``all_shards`` (read in place from the
+    store the first time), and sends them on: a step never waits for a process
+    that does not run, and a task that fell behind catches up on the sums
+    already there.  Whoever computes a shard's sums, they are the same bits,
+    added in shard order: every task applies the same updates as
+    :func:`reference_fit`."""
     model, optimizer, l2, classes, steps, seed, order = plan
-    train, valid = shards[:n_train], shards[n_train:]
+    held = dict(zip(shard_ids, shards[:n_train]))
+    everyone = sorted(order)
     params, state = closed[0]
+    known: dict = {}
     with collective.Mesh.join(spec, tag, rank) as mesh:
         for step in range(steps):
-            own = numbered_shard_gradients(params, model, classes, epoch, step, steps, seed,
-                                           shard_ids, train)
-            received = mesh.exchange(collective.pack_sums(own))
-            flat: list = []
-            for peer in range(spec[2]):
-                flat += own if peer == rank else collective.unpack_sums(received[peer])
-            if len(flat) != len(order):
-                raise collective.CollectiveError(
-                    f"step {step}: {len(flat)} gradient sums arrived for {len(order)} shards")
+            _take_steps(mesh.receive(0), known, step)
+            mine = [s for s in shard_ids if (step, s) not in known]
+            began = time.perf_counter()
+            if mine:
+                sums = numbered_shard_gradients(params, model, classes, epoch, step, steps,
+                                                seed, mine, [held[s] for s in mine])
+                mesh.send(_pack_step(step, mine, sums), droppable=True)
+                known.update(zip(((step, s) for s in mine), sums))
+            deadline = time.perf_counter() + max(time.perf_counter() - began, PATIENCE_SECONDS)
+            while True:
+                missing = [s for s in everyone if (step, s) not in known]
+                if not missing:
+                    break
+                left = deadline - time.perf_counter()
+                if left > 0 and len(mesh.ended) < len(mesh.peers):
+                    _take_steps(mesh.receive(left), known, step)
+                    continue
+                absent = [s for s in missing if s not in held]
+                if absent:  # the first time: the other groups' shards, read in place
+                    held.update(zip(absent, daskray.get([all_shards[s] for s in absent])))
+                sums = numbered_shard_gradients(params, model, classes, epoch, step, steps,
+                                                seed, missing, [held[s] for s in missing])
+                mesh.send(_pack_step(step, missing, sums), droppable=True)
+                known.update(zip(((step, s) for s in missing), sums))
             params, state = update(params, state, model, optimizer, l2,
-                                   in_shard_order(order, flat))
+                                   [known.pop((step, s)) for s in everyone])
+            for key in [k for k in known if k[0] <= step]:
+                del known[key]
+    train, valid = shards[:n_train], shards[n_train:]
     return ((params, state),
             [evaluate_shard(params, model, classes, s, judge_train) for s in train],
             [evaluate_shard(params, model, classes, s, judge_valid) for s in valid])
@@ -446,6 +506,7 @@ class _Layout:
     def __init__(self, trainer: "Trainer", train: Dataset, valid: Dataset | None,
                  shared: tuple) -> None:
         self.train, self.shared = train, shared
+        self.all_shards = list(train.shards)
         self.groups, self.owners = trainer._groups(train, trainer.scaling.num_workers)
         self.n_groups = len(self.groups)
         self.valid_groups = (pair_groups(self.owners, *trainer._groups(valid, self.n_groups))
@@ -639,7 +700,10 @@ class Trainer:
         alone would wait for peers that are gone, so the driver redoes the whole
         epoch instead (see :meth:`fit`)."""
         task = daskray.remote(max_retries=0)(_mesh_epoch_task)
-        closed = [task.remote(layout.plan, closed[i], epoch, spec, tag, i, g,
+        # every training shard's ref, inside a list: not an input the task waits
+        # for (nor one that draws it to a worker), read only if it is needed
+        everyone = layout.all_shards
+        closed = [task.remote(layout.plan, closed[i], epoch, spec, tag, i, g, everyone,
                               len(layout.shards[i]), judge_train, judge_valid,
                               *layout.shards[i], *layout.valid_shards[i])
                   for i, g in enumerate(layout.groups)]
