@@ -18,7 +18,12 @@ theirs over a :class:`~daskray.ml.collective.Mesh` -- authenticated Unix-domain
 sockets set up for that epoch, raw float64 bytes, no head in between -- so a
 step costs one message hop, not a task hop through the head.  Every task
 applies the same update to the same sums, so all hold the same parameters
-without sending them.  These tasks must run at the same time:
+without sending them.  Sums a task has not received within as long as its own
+took (the other process is waiting for a CPU on a loaded machine), it computes
+itself from the other group's shards and sends on, so the step goes on at the
+pace of the tasks that run.  Groups are evened out first as far as each keeps
+most of its own shards (:func:`balance_groups`).  These tasks must run at the
+same time:
 
 * A worker that dies mid-epoch ends its task; its peers lose their connection
   and end too, and the driver redoes the epoch from the last closed state (at
