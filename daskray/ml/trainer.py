@@ -341,6 +341,9 @@ def _mesh_epoch_task(plan: tuple, closed: tuple, epoch: int, spec: tuple, tag: s
     everyone = sorted(order)
     params, state = closed[0]
     known: dict = {}
+    # A worker loads the public API (and dask) on first use, ~0.2 s: here, before
+    # the steps, rather than at the first read of another group's shards.
+    daskray.get  # noqa: B018 - the attribute's first lookup is the load
     with collective.Mesh.join(spec, tag, rank) as mesh:
         for step in range(steps):
             _take_steps(mesh.receive(0), known, step)
