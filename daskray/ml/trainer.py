@@ -25,10 +25,11 @@ pace of the tasks that run.  Groups are evened out first as far as each keeps
 most of its own shards (:func:`balance_groups`).  These tasks must run at the
 same time:
 
-* A worker that dies mid-epoch ends its task; its peers lose their connection
-  and end too, and the driver redoes the epoch from the last closed state (at
-  most ``FailureConfig.max_failures`` times), on the task graph until the dead
-  worker's replacement is up, then directly again.
+* A worker that dies mid-epoch ends its task (its peers finish the epoch
+  computing its sums, but its shards' metrics are lost), and the driver redoes
+  the epoch from the last closed state (at most ``FailureConfig.max_failures``
+  times), on the task graph until the dead worker's replacement is up, then
+  directly again.
 * Tasks that cannot all run at once (a worker busy with a long task, fewer
   workers than groups) time out waiting for each other
   (``collective.RENDEZVOUS_SECONDS``); the driver then trains the rest of the
@@ -746,7 +747,7 @@ class Trainer:
     @staticmethod
     def _mesh_failure(closed: list) -> BaseException | None:
         """Why an epoch on the mesh failed, when a redo can mend it: a worker died
-        (its peers then lose their connection) or the tasks did not run together
+        or the tasks did not run together
         (a rank timed out waiting: the ranks not finished yet are cancelled, they
         may be queued behind it).  What a task raised otherwise (the model's own
         error, say) is raised here; None if no task failed."""
