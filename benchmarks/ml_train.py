@@ -179,12 +179,12 @@ class Reference:
     def run(self, epochs: int, target: float | None = None) -> dict:
         from daskray.ml import models
         from daskray.ml.trainer import (
-            _optimizer, evaluate_shard, shard_gradients, steps_per_epoch, update,
+            evaluate_shard, make_optimizer, shard_gradients, steps_per_epoch, update,
         )
 
         model, classes = models.LogisticRegression(), np.array([0, 1])
         config = train_config(self.batch_size, epochs)
-        optimizer = _optimizer(config)
+        optimizer = make_optimizer(config)
         params = model.init_params(self.shards[0][0].shape[1], 1,
                                    np.random.default_rng(config["seed"]))
         state = optimizer.init_state(params)
@@ -264,12 +264,12 @@ class RayActors:
 
     def run(self, epochs: int, target: float | None = None) -> dict:
         from daskray.ml import models
-        from daskray.ml.trainer import _optimizer, steps_per_epoch, update
+        from daskray.ml.trainer import make_optimizer, steps_per_epoch, update
 
         ray = self.ray
         model = models.LogisticRegression()
         config = train_config(self.batch_size, epochs)
-        optimizer = _optimizer(config)
+        optimizer = make_optimizer(config)
         params = model.init_params(self.n_features, 1, np.random.default_rng(config["seed"]))
         state = optimizer.init_state(params)
         steps = steps_per_epoch(self.num_rows, self.batch_size)

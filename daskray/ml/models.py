@@ -111,13 +111,28 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
-def _sigmoid_xent(z: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
-    """Binary cross-entropy from logits ``z`` (n, 1): ``(sum loss, d loss / d z)``.
+def _softplus(z: np.ndarray) -> np.ndarray:
+    """``log(1 + e^z)`` without overflow, as ``log1p(exp(-|z|)) + max(z, 0)``: the
+    formula of ``np.logaddexp(0, z)``, but numpy's exp and log1p run vectorized,
+    several times faster on the rows of a whole shard (the value may differ from
+    logaddexp's in the last bit)."""
+    out = np.abs(z)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    np.log1p(out, out=out)
+    out += np.maximum(z, 0.0)
+    return out
 
-    ``log(1 + e^z) - t z`` via ``logaddexp``, finite for any logit.
-    """
-    loss = float(np.sum(np.logaddexp(0.0, z) - t * z))
-    return loss, _sigmoid(z) - t
+
+def _sigmoid_xent_loss(z: np.ndarray, t: np.ndarray) -> float:
+    """Binary cross-entropy summed over logits ``z`` (n, 1): ``log(1 + e^z) - t z``,
+    finite for any logit."""
+    return float(np.sum(_softplus(z) - t * z))
+
+
+def _sigmoid_xent(z: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
+    """Binary cross-entropy from logits ``z`` (n, 1): ``(sum loss, d loss / d z)``."""
+    return _sigmoid_xent_loss(z, t), _sigmoid(z) - t
 
 
 def _log_softmax(Z: np.ndarray) -> np.ndarray:
@@ -177,11 +192,41 @@ class _LinearModel(Model):
         """``(sum loss, d loss / d Z)`` for logits ``Z``."""
         raise NotImplementedError
 
+    def _split(self) -> bool:
+        """Whether this is a built-in linear class itself (not a subclass that may
+        override its loss): then the loss and its derivative are computed apart
+        when only one is wanted, each by the very operations of
+        ``_loss_and_delta`` (so the same bits), without paying for the other."""
+        return type(self) in _SPLIT_LOSS
+
+    def _loss_only(self, Z: np.ndarray, y: np.ndarray) -> float:
+        return self._loss_and_delta(Z, y)[0]
+
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return self._loss_and_delta(Z, y)[1]
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        """``predict``'s result from the logits."""
+        raise NotImplementedError
+
     def loss(self, params: Params, X: np.ndarray, y: np.ndarray) -> float:
-        return self._loss_and_delta(self._logits(params, X), y)[0]
+        Z = self._logits(params, X)
+        return self._loss_only(Z, y) if self._split() else self._loss_and_delta(Z, y)[0]
 
     def gradient(self, params: Params, X: np.ndarray, y: np.ndarray) -> Params:
-        return self.loss_and_gradient(params, X, y)[1]
+        if not self._split():
+            return self.loss_and_gradient(params, X, y)[1]
+        X = _as_matrix(X)
+        return _affine_gradient(X, self._delta_only(self._logits(params, X), y), "w", "b")
+
+    def loss_and_predict(self, params: Params, X: np.ndarray,
+                         y: np.ndarray) -> tuple[float, np.ndarray]:
+        """``(loss(params, X, y), predict(params, X))`` from one matmul over ``X``
+        (an evaluation needs both)."""
+        if not self._split():
+            return self.loss(params, X, y), self.predict(params, X)
+        Z = self._logits(params, X)
+        return self._loss_only(Z, y), self._predict_logits(Z)
 
     def loss_and_gradient(self, params: Params, X: np.ndarray,
                           y: np.ndarray) -> tuple[float, Params]:
@@ -209,6 +254,12 @@ class LinearRegression(_LinearModel):
     def forward(self, params: Params, X: np.ndarray) -> np.ndarray:
         return column_squeeze(self._logits(params, X))
 
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return Z - np.asarray(y, dtype=np.float64).reshape(Z.shape)
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        return column_squeeze(Z)
+
     def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
         return self.forward(params, X)
 
@@ -216,8 +267,9 @@ class LinearRegression(_LinearModel):
 class LogisticRegression(_LinearModel):
     """Binary logistic regression: ``P(y=1) = sigmoid(X w + b)``, cross-entropy loss.
 
-    ``y`` in {0, 1}; one output.  The loss is computed from logits with
-    ``logaddexp``, so it stays finite however large the logits are.
+    ``y`` in {0, 1}; one output.  The loss is computed from logits as
+    ``log1p(exp(-|z|)) + max(z, 0) - y z``, so it stays finite however large the
+    logits are.
     """
 
     task = "binary"
@@ -230,11 +282,20 @@ class LogisticRegression(_LinearModel):
     def _loss_and_delta(self, Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return _sigmoid_xent(Z, _binary_targets(y, Z.shape[0]))
 
+    def _loss_only(self, Z: np.ndarray, y: np.ndarray) -> float:
+        return _sigmoid_xent_loss(Z, _binary_targets(y, Z.shape[0]))
+
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return _sigmoid(Z) - _binary_targets(y, Z.shape[0])  # as _sigmoid_xent
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        return (Z[:, 0] > 0).astype(np.int64)
+
     def forward(self, params: Params, X: np.ndarray) -> np.ndarray:
         return _sigmoid(self._logits(params, X))[:, 0]
 
     def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
-        return (self._logits(params, X)[:, 0] > 0).astype(np.int64)
+        return self._predict_logits(self._logits(params, X))
 
 
 class SoftmaxRegression(_LinearModel):
@@ -253,11 +314,29 @@ class SoftmaxRegression(_LinearModel):
     def _loss_and_delta(self, Z: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
         return _softmax_xent(Z, y)
 
+    def _loss_only(self, Z: np.ndarray, y: np.ndarray) -> float:
+        labels = class_labels(y, Z.shape[1])  # as _softmax_xent
+        return -float(np.sum(_log_softmax(Z)[np.arange(labels.size), labels]))
+
+    def _delta_only(self, Z: np.ndarray, y: np.ndarray) -> np.ndarray:
+        labels = class_labels(y, Z.shape[1])  # as _softmax_xent
+        delta = np.exp(_log_softmax(Z))
+        delta[np.arange(labels.size), labels] -= 1.0
+        return delta
+
+    def _predict_logits(self, Z: np.ndarray) -> np.ndarray:
+        return np.argmax(Z, axis=1).astype(np.int64)
+
     def forward(self, params: Params, X: np.ndarray) -> np.ndarray:
         return np.exp(_log_softmax(self._logits(params, X)))
 
     def predict(self, params: Params, X: np.ndarray) -> np.ndarray:
-        return np.argmax(self._logits(params, X), axis=1).astype(np.int64)
+        return self._predict_logits(self._logits(params, X))
+
+
+#: the linear classes whose loss and its derivative may be computed apart (see
+#: ``_LinearModel._split``); a subclass always goes through ``_loss_and_delta``
+_SPLIT_LOSS = frozenset({LinearRegression, LogisticRegression, SoftmaxRegression})
 
 
 # ---------------------------------------------------------------------------

@@ -61,8 +61,14 @@ def evaluate_shard(params: dict, model: Model, classes: Any, shard: tuple,
     last two only ``with_predictions`` (for an evaluator), else None."""
     X, y = shard
     target = model_targets(model, y, classes)
-    loss = float(model.loss(params, X, target))
-    predicted = model.predict(params, X) if model.task != "regression" or with_predictions else None
+    wanted = model.task != "regression" or with_predictions
+    both = getattr(model, "loss_and_predict", None) if wanted else None
+    if both is not None:  # the built-ins: one pass over X for both
+        loss, predicted = both(params, X, target)
+        loss = float(loss)
+    else:
+        loss = float(model.loss(params, X, target))
+        predicted = model.predict(params, X) if wanted else None
     correct = int(np.sum(predicted == target)) if model.task != "regression" else 0
     if not with_predictions:
         return loss, correct, len(y), None, None

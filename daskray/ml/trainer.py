@@ -1,40 +1,69 @@
-"""Data-parallel training where every step is a task graph.
+"""Data-parallel training: one task per group of shards and epoch, exchanging
+gradient sums directly, or a task graph when that cannot be.
 
 The shards are cut into at most ``num_workers`` groups by the worker holding
 them (found by a task per shard before training, see :func:`local_groups`), so
-a step's task reads its shards in place instead of having them copied from
-another worker for every step.  One epoch of ``Trainer.fit``::
+a group's task reads its shards in place instead of having them copied from
+another worker.  Every step of an epoch is the same arithmetic whichever way it
+runs: each group takes the gradient SUM of each of its shards' slice of the
+step's global batch, then every group's per-shard sums are added in a fixed
+pairwise tree in shard order, divided by the batch's rows, L2 added, and the
+optimizer stepped.  The close of an epoch evaluates each group's training (and
+validation) shards at the new parameters; the driver reads the metrics.
 
-    step 0:      one task per group: the gradient SUM of each of its shards'
-                 slice of the step's global batch, at the epoch's parameters
-    step t > 0:  one task per group: first the update of step t-1 -- every
-                 group's per-shard sums added in a fixed pairwise tree in shard
-                 order, divided by the batch's rows, plus L2, the optimizer
-                 step -- then its gradient sums at the new parameters
-    close:       one task per group: the last step's update, then the group's
-                 training (and validation) shards evaluated; the next epoch's
-                 step 0 starts from its output, the driver reads the metrics
+**The direct exchange** (several groups on daskray's own runtime, one host):
+one task per group runs the whole epoch (:func:`_mesh_epoch_task`).  After each
+step's gradient sums it sends them to the other groups' tasks and receives
+theirs over a :class:`~daskray.ml.collective.Mesh` -- authenticated Unix-domain
+sockets set up for that epoch, raw float64 bytes, no head in between -- so a
+step costs one message hop, not a task hop through the head.  Every task
+applies the same update to the same sums, so all hold the same parameters
+without sending them.  Sums a task has not received within as long as its own
+took (the other process is waiting for a CPU on a loaded machine), it computes
+itself from the other group's shards and sends on, so the step goes on at the
+pace of the tasks that run.  Groups are evened out first as far as each keeps
+most of its own shards (:func:`balance_groups`).  These tasks must run at the
+same time:
 
-Every group task repeats the same update on the same inputs, so they all hold the
-same parameters without sending them to each other: a step costs one task hop,
-not two (update, then gradients), and only gradient sums travel.  With one group
-there is nothing to exchange, so one task runs a whole epoch, close included.
+* A worker that dies mid-epoch ends its task (its peers finish the epoch
+  computing its sums, but its shards' metrics are lost), and the driver redoes
+  the epoch from the last closed state (at most ``FailureConfig.max_failures``
+  times), on the task graph until the dead worker's replacement is up, then
+  directly again.
+* Tasks that cannot all run at once (a worker busy with a long task, fewer
+  workers than groups) time out waiting for each other
+  (``collective.RENDEZVOUS_SECONDS``); the driver then trains the rest of the
+  fit on the task graph and says why (``Trainer.fallback_reason``, a warning).
+* On the dask.distributed backend, inside a task, across hosts or off Linux,
+  the task graph trains.
+
+**The task graph**: step 0 is one task per group (its gradient sums at the
+epoch's parameters); step t > 0 one task per group that first applies step t-1's
+update from every group's outputs, then takes its gradient sums; the close, one
+task per group, applies the last update and evaluates.  A step costs a task hop
+(report, schedule, dispatch, fetch); only gradient sums travel, and the cluster
+retries the tasks of a dead worker.  With one group there is nothing to
+exchange: one task runs a whole epoch, close included, whatever the backend.
+
 What every task of a run shares (model, optimizer, classes, ...) is put in the
-object store once.
-
-The driver submits each epoch without waiting for it and reads the previous
-epoch's metrics meanwhile; when a ``stop`` condition is met, the epoch already
-submitted is cancelled.  Which rows a step reads depends only on the seed, the
-epoch, the step and the shard, and the reduction order only on the shards --
-never on the workers or the grouping -- so training on one worker, on two, or
-in one process with :func:`reference_fit` gives bit-identical parameters.
+object store once.  The driver submits each epoch without waiting for it and
+reads the previous epoch's metrics meanwhile; when a ``stop`` condition is met,
+the epoch already submitted is cancelled.  Which rows a step reads depends only
+on the seed, the epoch, the step and the shard, and the reduction order only on
+the shards -- never on the workers, the grouping or the path -- so training on
+one worker, on two, or in one process with :func:`reference_fit` gives
+bit-identical parameters.  ``Trainer.epoch_paths`` tells which path trained each
+epoch ("mesh" or "graph"), ``Trainer.redone`` the epochs redone and why.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import struct
 import threading
-from collections import Counter, OrderedDict
+import time
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -42,6 +71,7 @@ import numpy as np
 
 import daskray
 
+from . import collective
 from .checkpoints import Checkpoint, Result
 from .dataset import Dataset
 from .models import Model
@@ -58,7 +88,8 @@ from .steps import DEFAULT_TRAIN_CONFIG, tree_sum  # noqa: F401 - their old home
 @dataclass
 class ScalingConfig:
     """How many workers may share the training: the shards are cut into at most
-    ``num_workers`` groups, one task per group and step.  Groups follow where
+    ``num_workers`` groups, one task per group and epoch (exchanging gradient
+    sums directly) or per group and step (the task graph).  Groups follow where
     the shards are held, so there may be fewer (one, if a single worker holds
     every shard).  Placement only: the results do not depend on it."""
 
@@ -84,9 +115,10 @@ class RunConfig:
 
 @dataclass
 class FailureConfig:
-    """``max_failures``: times a step's task is re-run after its worker died; the
-    run then resumes from the last completed step (its parameters are an object
-    the head keeps)."""
+    """``max_failures``: on the task graph, times a step's task is re-run after its
+    worker died (the run resumes from the last completed step, whose parameters
+    are an object the head keeps); with the direct exchange, times an epoch is
+    redone from the last completed epoch after a worker died mid-epoch."""
 
     max_failures: int = 3
 
@@ -148,7 +180,9 @@ def numbered_shard_gradients(params: dict, model: Model, classes: Any, epoch: in
     for shard, (X, y) in zip(shard_ids, shards):
         rows = batch_rows(len(y), epoch, step, steps, seed, shard)
         target = model_targets(model, y[rows], classes)
-        out.append((model.gradient(params, X[rows], target), len(rows)))
+        # np.take copies the same rows as X[rows], faster
+        batch = np.take(X, rows, axis=0) if isinstance(X, np.ndarray) else X[rows]
+        out.append((model.gradient(params, batch, target), len(rows)))
     return out
 
 
@@ -256,11 +290,116 @@ def _epoch_task(plan: tuple, closed: tuple, epoch: int, n_train: int, judge_trai
                        judge_train, judge_valid)
 
 
-def _where() -> tuple[str, int]:
-    """The process a task runs in (host, pid)."""
+#: a step's message between training tasks: the step, then how many shards' sums
+_STEP = struct.Struct("<qI")
+
+
+def _pack_step(step: int, shard_ids: Sequence[int], sums: Sequence[tuple]) -> bytes:
+    """The gradient sums of shards ``shard_ids`` at ``step``, as bytes."""
+    ids = np.asarray(shard_ids, dtype=np.int64)
+    return b"".join([_STEP.pack(step, len(ids)), ids.data, collective.pack_sums(sums)])
+
+
+def _take_steps(messages: list, known: dict, step: int) -> None:
+    """Add the sums of step ``step`` or later from ``messages`` to ``known``,
+    ``{(step, shard): (grads, rows)}``; older ones are not needed any more."""
+    for _, payload in messages:
+        at, count = _STEP.unpack_from(payload, 0)
+        if at < step:
+            continue
+        ids = np.frombuffer(payload, dtype=np.int64, count=count, offset=_STEP.size).tolist()
+        sums = collective.unpack_sums(memoryview(payload)[_STEP.size + 8 * count:])
+        for shard, item in zip(ids, sums):
+            known.setdefault((at, shard), item)
+
+
+#: the least a task waits for another group's sums before computing them itself
+PATIENCE_SECONDS = 0.001
+
+
+def _mesh_epoch_task(plan: tuple, closed: tuple, epoch: int, spec: tuple, tag: str, rank: int,
+                     shard_ids: list, all_shards: list, n_train: int, judge_train: bool,
+                     judge_valid: bool, *shards: Any) -> tuple[tuple, list, list]:
+    """A whole epoch of one group, its gradient sums exchanged with the other
+    groups' tasks over a :class:`~daskray.ml.collective.Mesh` (joined as ``rank``
+    under ``tag``); then the group's shards evaluated, as :func:`close_epoch` does.
+    ``shards``: the group's ``n_train`` training shards (numbered ``shard_ids``),
+    then its validation shards; ``all_shards``: the refs of every training shard.
+    (A message to a task that has not read a great deal already is dropped: it
+    will compute those sums itself when it runs again.)
+
+    Each step the task sends its shards' sums to the others and waits for
+    theirs.  Sums that have not come within as long as its own took (at least
+    ``PATIENCE_SECONDS``) -- the other group's process is waiting for a CPU, or
+    is gone -- it computes itself, from ``all_shards`` (read in place from the
+    store the first time), and sends them on: a step never waits for a process
+    that does not run, and a task that fell behind catches up on the sums
+    already there.  Whoever computes a shard's sums, they are the same bits,
+    added in shard order: every task applies the same updates as
+    :func:`reference_fit`."""
+    model, optimizer, l2, classes, steps, seed, order = plan
+    held = dict(zip(shard_ids, shards[:n_train]))
+    everyone = sorted(order)
+    params, state = closed[0]
+    known: dict = {}
+    # A worker loads the public API (and dask) on first use, ~0.2 s: here, before
+    # the steps, rather than at the first read of another group's shards.
+    daskray.get  # noqa: B018 - the attribute's first lookup is the load
+    with collective.Mesh.join(spec, tag, rank) as mesh:
+        for step in range(steps):
+            _take_steps(mesh.receive(0), known, step)
+            mine = [s for s in shard_ids if (step, s) not in known]
+            began = time.perf_counter()
+            if mine:
+                sums = numbered_shard_gradients(params, model, classes, epoch, step, steps,
+                                                seed, mine, [held[s] for s in mine])
+                mesh.send(_pack_step(step, mine, sums), droppable=True)
+                known.update(zip(((step, s) for s in mine), sums))
+            deadline = time.perf_counter() + max(time.perf_counter() - began, PATIENCE_SECONDS)
+            while True:
+                missing = [s for s in everyone if (step, s) not in known]
+                if not missing:
+                    break
+                left = deadline - time.perf_counter()
+                if left > 0 and len(mesh.ended) < len(mesh.peers):
+                    _take_steps(mesh.receive(left), known, step)
+                    continue
+                absent = [s for s in missing if s not in held]
+                if absent:  # the first time: the other groups' shards, read in place
+                    held.update(zip(absent, daskray.get([all_shards[s] for s in absent])))
+                sums = numbered_shard_gradients(params, model, classes, epoch, step, steps,
+                                                seed, missing, [held[s] for s in missing])
+                mesh.send(_pack_step(step, missing, sums), droppable=True)
+                known.update(zip(((step, s) for s in missing), sums))
+            params, state = update(params, state, model, optimizer, l2,
+                                   [known.pop((step, s)) for s in everyone])
+            for key in [k for k in known if k[0] <= step]:
+                del known[key]
+    train, valid = shards[:n_train], shards[n_train:]
+    return ((params, state),
+            [evaluate_shard(params, model, classes, s, judge_train) for s in train],
+            [evaluate_shard(params, model, classes, s, judge_valid) for s in valid])
+
+
+def _error_of(ref: Any) -> BaseException | None:
+    """What ``get(ref)`` raises, or None."""
+    try:
+        daskray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - the caller sorts them
+        return exc
+    return None
+
+
+def _where() -> tuple[str, int, int]:
+    """The process a task runs in: (host, network namespace, pid).  Tasks whose
+    processes share the first two can reach each other's abstract Unix sockets."""
     import socket
 
-    return socket.gethostname(), os.getpid()
+    try:
+        netns = os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        netns = 0
+    return socket.gethostname(), netns, os.getpid()
 
 
 def _locate(shard: Any) -> tuple[str, int]:
@@ -292,6 +431,28 @@ def local_groups(owners: Sequence[Any], n_groups: int) -> list[list[int]]:
         smallest = min(range(len(groups)), key=lambda i: (len(groups[i]), groups[i][0]))
         groups[smallest] += shards
     return sorted((sorted(g) for g in groups), key=lambda g: g[0])
+
+
+def balance_groups(groups: Sequence[list[int]]) -> list[list[int]]:
+    """``groups`` (each held by one process, as :func:`local_groups` makes them)
+    made more even for tasks that run side by side a whole epoch, whose steps
+    last as long as the largest group's: the largest group gives its last shard
+    to the smallest while that evens them out and the smallest still holds
+    strictly more of its own shards than it was given.  The latter keeps each
+    group's task placed next to most of its shards (the scheduler follows the
+    bytes), so two groups' tasks never end up queued on one worker.  Groups
+    come back sorted, in order of their first shard."""
+    own = [len(g) for g in groups]
+    out = [sorted(g) for g in groups]
+    given = [0] * len(out)
+    while len(out) > 1:
+        big = max(range(len(out)), key=lambda i: (len(out[i]), -i))
+        small = min(range(len(out)), key=lambda i: (len(out[i]), i))
+        if len(out[big]) - len(out[small]) < 2 or given[small] + 1 >= own[small]:
+            break
+        out[small].append(out[big].pop())
+        given[small] += 1
+    return sorted((sorted(g) for g in out), key=lambda g: g[0])
 
 
 def pair_groups(owners: Sequence[Any], other_groups: Sequence[list],
@@ -343,6 +504,40 @@ def reference_fit(model: Model, shards: Sequence[tuple], train_config: dict | No
 
 # ---------------------------------------------------------------------- the trainer
 
+_log = logging.getLogger(__name__)
+
+
+class _Layout:
+    """Where a fit's shards are: their groups (see :func:`local_groups`), the
+    processes holding them, the validation groups paired with them, and the
+    plan every task of the fit shares (put in the store once)."""
+
+    def __init__(self, trainer: "Trainer", train: Dataset, valid: Dataset | None,
+                 shared: tuple) -> None:
+        self.train, self.shared = train, shared
+        self.all_shards = list(train.shards)
+        self.groups, self.owners = trainer._groups(train, trainer.scaling.num_workers)
+        self.n_groups = len(self.groups)
+        self.valid_groups = (pair_groups(self.owners, *trainer._groups(valid, self.n_groups))
+                             if valid is not None else [[] for _ in self.groups])
+        self.valid_order = [i for g in self.valid_groups for i in g]
+        self.valid_shards = [[valid.shards[j] for j in g] for g in self.valid_groups]
+        self.steps = shared[4]
+        self._set_groups(self.groups)
+
+    def _set_groups(self, groups: list[list[int]]) -> None:
+        self.groups = groups
+        self.order = [i for g in groups for i in g]
+        self.plan = daskray.put((*self.shared, self.order))
+        self.shards = [[self.train.shards[j] for j in g] for g in groups]
+
+    def balance(self) -> None:
+        """Even the training groups out for tasks that run side by side (see
+        :func:`balance_groups`); each keeps its place (and validation shards)."""
+        balanced = balance_groups(self.groups)
+        if balanced != self.groups:
+            self._set_groups(balanced)
+
 
 class Trainer:
     """``Trainer(model=..., train_config=..., scaling_config=...).fit(train, valid=...)``."""
@@ -391,53 +586,78 @@ class Trainer:
                                        np.random.default_rng(config["seed"]))
             state, start = optimizer.init_state(params), 0
         steps = steps_per_epoch(train.num_rows, config["batch_size"])
-        groups, owners = self._groups(train, self.scaling.num_workers)
-        n_groups = len(groups)
-        order = [i for g in groups for i in g]
-        valid_groups = (pair_groups(owners, *self._groups(valid, n_groups))
-                        if valid is not None else [[] for _ in groups])
-        valid_order = [i for g in valid_groups for i in g]
         retries = self.failure.max_failures
-        plan = daskray.put((model, optimizer, config["l2"], classes, steps, config["seed"], order))
         judged = self.evaluator is not None
         judge_train, judge_valid = judged and valid is None, judged
-        closed = [daskray.put(((params, state), [], []))] * n_groups
+        shared = (model, optimizer, config["l2"], classes, steps, config["seed"])
+        layout = _Layout(self, train, valid, shared)
+        spec, reason = self._mesh_spec(layout)
+        if spec is not None:
+            layout.balance()
+        self.fallback_reason, self.epoch_paths, self.redone = reason, {}, []
+        closed = [daskray.put(((params, state), [], []))] * layout.n_groups
         history: list[dict] = []
-        pending: list[tuple] = []  # epochs submitted, metrics not read yet
+        pending: deque = deque()  # epochs submitted, metrics not read yet
         final, stopped = (params, state), False
-        for epoch in range(start, config["epochs"]):
-            shards = [[train.shards[j] for j in g] for g in groups]
-            valid_shards = [[valid.shards[j] for j in g] for g in valid_groups]
-            if n_groups == 1:  # nothing to exchange between steps: one task per epoch
-                closed = [daskray.remote(max_retries=retries)(_epoch_task).remote(
-                    plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
-                    *shards[0], *valid_shards[0])]
-                submitted = list(closed)
-            else:
-                step_task = daskray.remote(max_retries=retries)(_step_task)
-                outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
-                           for i, g in enumerate(groups)]
-                submitted = list(outputs)
-                for step in range(1, steps):
-                    outputs = [step_task.remote(plan, None, epoch, step, step + 1, g, i,
-                                                *shards[i], *outputs)
-                               for i, g in enumerate(groups)]
-                    submitted += outputs
-                close_task = daskray.remote(max_retries=retries)(_close_task)
-                closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
-                                            judge_train, judge_valid, *shards[i],
-                                            *valid_shards[i], *outputs)
-                          for i in range(n_groups)]
-                submitted += closed
-            pending.append((epoch, closed, submitted))
-            # read the previous epoch's metrics while this one computes
-            stopped = len(pending) > 1 and self._record(pending.pop(0), order, valid_order,
-                                                        history)
-            if stopped:
+        epoch, failures, attempt = start, 0, 0
+        recovering = False  # a worker died: the task graph trains until it is replaced
+        while True:
+            # keep one epoch computing while the previous one's metrics are read
+            while not stopped and epoch < config["epochs"] and len(pending) < 2:
+                if recovering and spec is not None and self._workers_back(layout):
+                    # the dead workers' replacements are up: the groups follow where
+                    # the shards are now, and their tasks can run together again
+                    recovering = False
+                    layout = _Layout(self, train, valid, shared)
+                    spec, self.fallback_reason = self._mesh_spec(layout)
+                    if spec is not None:
+                        layout.balance()
+                    closed = closed if len(closed) == layout.n_groups else [closed[0]] * \
+                        layout.n_groups
+                use_mesh = spec is not None and layout.n_groups > 1 and not recovering
+                closed, submitted = (
+                    self._submit_mesh(layout, spec, f"{epoch}-{attempt}", closed, epoch,
+                                      judge_train, judge_valid) if use_mesh else
+                    self._submit_graph(layout, closed, epoch, retries, judge_train,
+                                       judge_valid))
+                self.epoch_paths[epoch] = "mesh" if use_mesh else "graph"
+                pending.append((epoch, closed, submitted, use_mesh, layout))
+                epoch += 1
+            if stopped or not pending:
                 break
-        while pending and not stopped:
-            stopped = self._record(pending.pop(0), order, valid_order, history)
-        for _, _, submitted in pending:  # stopped early: later epochs are not wanted
+            entry = pending.popleft()
+            try:
+                stopped = self._record(entry[:3], entry[4].order, entry[4].valid_order,
+                                       history)
+            except Exception:
+                if not entry[3]:
+                    raise
+                failure = self._mesh_failure(entry[1])  # raises what the model raised
+                if failure is None:
+                    raise
+                for _, _, submitted, _, _ in (entry, *pending):
+                    for ref in reversed(submitted):
+                        daskray.cancel(ref)
+                pending.clear()
+                self.redone.append((entry[0], f"{type(failure).__name__}: {failure}"))
+                if isinstance(failure, collective.RendezvousTimeout):
+                    spec = None
+                    self.fallback_reason = (
+                        f"the tasks of epoch {entry[0]} did not all run at once ({failure}); "
+                        "the task-graph path trains the rest of this fit")
+                    _log.warning("Trainer.fit: %s", self.fallback_reason)
+                else:
+                    failures += 1
+                    if failures > retries:
+                        raise failure
+                    # Workers are being replaced: the task graph trains meanwhile (its
+                    # tasks need not run together, and the cluster retries them).
+                    recovering = True
+                attempt += 1
+                epoch = entry[0]
+                carry = history[-1]["_carry"] if history else (params, state)
+                closed = [daskray.put((carry, [], []))] * layout.n_groups
+        for _, _, submitted, _, _ in pending:  # stopped early: later epochs are not wanted
             for ref in reversed(submitted):
                 daskray.cancel(ref)
         if history:
@@ -452,6 +672,103 @@ class Trainer:
             checkpoint.to_directory(self.run_config.storage_path)
         return Result(history[-1] if history else {}, frame, checkpoint, None, [checkpoint],
                       dict(config))
+
+    def _submit_graph(self, layout: "_Layout", closed: list, epoch: int, retries: int,
+                      judge_train: bool, judge_valid: bool) -> tuple[list, list]:
+        """One epoch as a task graph (a task per group and step; one task in all
+        with one group): the refs of its close, and every ref submitted."""
+        plan, groups, shards, valid_shards = (layout.plan, layout.groups, layout.shards,
+                                              layout.valid_shards)
+        if layout.n_groups == 1:  # nothing to exchange between steps: one task per epoch
+            closed = [daskray.remote(max_retries=retries)(_epoch_task).remote(
+                plan, closed[0], epoch, len(shards[0]), judge_train, judge_valid,
+                *shards[0], *valid_shards[0])]
+            return closed, list(closed)
+        steps = layout.steps
+        step_task = daskray.remote(max_retries=retries)(_step_task)
+        outputs = [step_task.remote(plan, closed[i], epoch, 0, 1, g, i, *shards[i])
+                   for i, g in enumerate(groups)]
+        submitted = list(outputs)
+        for step in range(1, steps):
+            outputs = [step_task.remote(plan, None, epoch, step, step + 1, g, i,
+                                        *shards[i], *outputs)
+                       for i, g in enumerate(groups)]
+            submitted += outputs
+        close_task = daskray.remote(max_retries=retries)(_close_task)
+        closed = [close_task.remote(plan, i, len(shards[i]), len(valid_shards[i]),
+                                    judge_train, judge_valid, *shards[i],
+                                    *valid_shards[i], *outputs)
+                  for i in range(layout.n_groups)]
+        return closed, submitted + closed
+
+    @staticmethod
+    def _submit_mesh(layout: "_Layout", spec: tuple, tag: str, closed: list, epoch: int,
+                     judge_train: bool, judge_valid: bool) -> tuple[list, list]:
+        """One epoch as one task per group, exchanging gradient sums over a mesh
+        joined under ``tag``.  Not retried by the cluster: a rank that ran again
+        alone would wait for peers that are gone, so the driver redoes the whole
+        epoch instead (see :meth:`fit`)."""
+        task = daskray.remote(max_retries=0)(_mesh_epoch_task)
+        # every training shard's ref, inside a list: not an input the task waits
+        # for (nor one that draws it to a worker), read only if it is needed
+        everyone = layout.all_shards
+        closed = [task.remote(layout.plan, closed[i], epoch, spec, tag, i, g, everyone,
+                              len(layout.shards[i]), judge_train, judge_valid,
+                              *layout.shards[i], *layout.valid_shards[i])
+                  for i, g in enumerate(layout.groups)]
+        return closed, list(closed)
+
+    @staticmethod
+    def _mesh_spec(layout: "_Layout") -> tuple[tuple | None, str | None]:
+        """The mesh the groups' tasks join (see :mod:`daskray.ml.collective`), or
+        None and why the task-graph path trains instead."""
+        if layout.n_groups < 2:
+            return None, None
+        if not collective.available():
+            return None, "the tasks' direct exchange needs Linux's abstract Unix sockets"
+        if not daskray.is_initialized():  # e.g. a fit inside a task
+            return None, "Trainer.fit runs outside a driver (in a task)"
+        backend = daskray.init(ignore_reinit_error=True).backend
+        if backend != "local":
+            return None, f"the {backend!r} backend runs the task graph"
+        if not all(isinstance(owner, tuple) for owner in layout.owners):
+            return None, "where the groups' shards are held is not known"
+        if len({owner[:2] for owner in layout.owners}) > 1:
+            return None, "the groups' workers are on more than one host"
+        if not Trainer._workers_back(layout):
+            return None, f"fewer workers than the {layout.n_groups} groups"
+        return collective.new_spec(layout.n_groups), None
+
+    @staticmethod
+    def _workers_back(layout: "_Layout") -> bool:
+        """Whether the cluster has a worker for every group again (after one died)."""
+        return daskray.cluster_resources().get("CPU", 0) >= layout.n_groups
+
+    @staticmethod
+    def _mesh_failure(closed: list) -> BaseException | None:
+        """Why an epoch on the mesh failed, when a redo can mend it: a worker died
+        or the tasks did not run together
+        (a rank timed out waiting: the ranks not finished yet are cancelled, they
+        may be queued behind it).  What a task raised otherwise (the model's own
+        error, say) is raised here; None if no task failed."""
+        done, waiting = daskray.wait(closed, num_returns=len(closed), timeout=0)
+        errors = [_error_of(ref) for ref in done]
+        if any(isinstance(e, collective.RendezvousTimeout) for e in errors):
+            for ref in waiting:
+                daskray.cancel(ref)
+            errors += [e for e in map(_error_of, waiting)
+                       if not isinstance(e, daskray.TaskCancelledError)]
+        else:
+            errors += [_error_of(ref) for ref in waiting]
+        transient = (daskray.WorkerCrashedError, daskray.ObjectLostError,
+                     collective.CollectiveError)
+        for error in errors:
+            if error is not None and not isinstance(error, transient):
+                raise error
+        crashed = [e for e in errors if isinstance(e, transient[:2])]
+        lost = [e for e in errors if isinstance(e, collective.PeerLost)]
+        timeouts = [e for e in errors if isinstance(e, collective.CollectiveError)]
+        return (crashed or lost or timeouts or [None])[0]
 
     @staticmethod
     def _groups(data: Dataset, n_groups: int) -> tuple[list[list[int]], list[Any]]:
