@@ -33,6 +33,8 @@ Spaces: :func:`uniform`, :func:`loguniform`, :func:`choice`, :func:`randint`,
 from __future__ import annotations
 
 import copy
+import functools
+import heapq
 import inspect
 import itertools
 import math
@@ -445,8 +447,16 @@ def build_model(model: Any, config: dict) -> Any:
     """A model instance: ``model`` itself, or the class built from matching config keys."""
     if not isinstance(model, type):
         return model
-    params = inspect.signature(model.__init__).parameters
+    params = _init_arguments(model)
     return model(**{k: v for k, v in config.items() if k in params})
+
+
+@functools.lru_cache(maxsize=64)
+def _init_arguments(model: type) -> frozenset:
+    """The names ``model.__init__`` takes, looked up once per class: a search
+    builds its model for every segment, and ``inspect.signature`` of a builtin
+    ``__init__`` parses its text signature each time."""
+    return frozenset(inspect.signature(model.__init__).parameters)
 
 
 def check_space(model: Any, space: dict) -> None:
@@ -738,49 +748,77 @@ def _run_segments(jobs: list, spec: _SearchSpec, shards: list) -> list:
 
 # ---------------------------------------------------------------------- running segments
 
-#: a pack of first segments holds about this many optimizer steps (a few ms of work)
-_PACK_STEPS = 256
-_PACK_MAX = 16
+#: what evaluating an epoch (loss on the training and validation rows) costs, in optimizer steps
+_EVAL_STEPS = 6
+#: a task holds segments worth at least / at most this many optimizer steps: about 5 ms and
+#: 100 ms of work here -- the cost of a task (its messages, the head's bookkeeping, about
+#: 2 ms of CPU across the processes) stays a few percent of what it runs
+_PACK_MIN_STEPS = 64
+_PACK_MAX_STEPS = 1024
 
 
 class _SegmentRunner:
-    """Runs segments as tasks and hands back each one's outcome by key ``(trial, start)``.
+    """Runs segments as tasks, several to a task, and hands back each one's
+    outcome by key ``(trial, start)``.
 
-    ``need`` submits a segment the search will wait for, on its own task; while
-    fewer than ``tasks_in_flight`` tasks run, the runner also submits segments
-    from ``ahead`` (every trial's first segment, in trial order: work every order
-    of decisions needs), several per task.
+    Two kinds of segments wait to run: continuations the search decided
+    (:meth:`need`), the longest first -- those started at a later rung go
+    further, so they go first and the search does not end on one long
+    segment --, then every trial's first segment (``ahead``, in trial order:
+    work every order of decisions needs).  While fewer than
+    ``tasks_in_flight`` tasks run, the runner submits a task holding a share
+    of that work: ``1/tasks_in_flight`` of what waits, between
+    ``_PACK_MIN_STEPS`` and ``_PACK_MAX_STEPS`` optimizer steps.  Big tasks
+    while much waits, small ones at the end, when the cluster would otherwise
+    wait on one late task.  Which task runs a segment changes no result.
     """
 
     def __init__(self, spec: _SearchSpec, shards: list, tasks_in_flight: int,
-                 ahead: Iterator[tuple], steps_of: Callable[[tuple], int]) -> None:
+                 ahead: list[tuple], steps_of: Callable[[tuple], int]) -> None:
         self._task = daskray.remote(max_retries=1)(_run_segments)
         self._spec, self._shards = spec, shards
-        self._limit, self._ahead, self._steps_of = tasks_in_flight, ahead, steps_of
+        self._limit, self._steps_of = tasks_in_flight, steps_of
+        self._ahead = deque(ahead)
+        self._ahead_steps = sum(map(steps_of, ahead))
+        self._pending: list = []  # heap of (-start, trial, job): decided, not submitted
+        self._pending_steps = 0
         self._inflight: dict[daskray.ObjectRef, list] = {}
         self._submitted: set = set()
         self._done: dict = {}
 
     def need(self, job: tuple) -> None:
+        """The search will want ``job``'s outcome: run it in one of the next tasks."""
         if job[0] not in self._submitted:
-            self._submit([job])
+            heapq.heappush(self._pending, (-job[0][1], job[0][0], job))
+            self._pending_steps += self._steps_of(job)
 
     def retry(self, job: tuple) -> None:
+        """Run ``job`` again (its last run raised), on a task of its own, now."""
         self._submitted.discard(job[0])
         self._done.pop(job[0], None)
-        self.need(job)
+        self._submit([job])
 
     def result(self, job: tuple) -> Any:
-        """The outcome of ``job``, submitting it (with the next first segments)
-        unless it was, and waiting for it if need be."""
-        key = job[0]
-        if key not in self._submitted:
-            self._submit(self._pack(job))
-        while key not in self._done:
-            self._run_ahead()
+        """The outcome of ``job``, waiting for it if need be."""
+        return self.take(self.first_done([job]))
+
+    def take(self, job: tuple) -> Any:
+        """The outcome of ``job``, which :meth:`first_done` said is in."""
+        return self._done.pop(job[0])
+
+    def first_done(self, jobs: list[tuple]) -> tuple:
+        """One of ``jobs`` whose outcome is in (the first in ``jobs`` order),
+        waiting for tasks to end until one is.  Meanwhile the cluster is kept
+        busy; if no task holds any of ``jobs``, one is submitted at once."""
+        while True:
+            for job in jobs:
+                if job[0] in self._done:
+                    return job
+            if not any(job[0] in self._submitted for job in jobs):
+                self._submit(self._pack(jobs[0]))
+            self._fill()
             ready, _ = daskray.wait(list(self._inflight), num_returns=1)
             self._collect(ready[0])
-        return self._done.pop(key)
 
     def cancel(self) -> None:
         for ref in self._inflight:
@@ -792,28 +830,43 @@ class _SegmentRunner:
         self._inflight[ref] = [job[0] for job in jobs]
         self._submitted.update(job[0] for job in jobs)
 
-    def _pack(self, first: tuple | None = None) -> list:
-        """``first`` and the next first segments not submitted yet, up to
-        ``_PACK_STEPS`` optimizer steps or ``_PACK_MAX`` segments."""
-        pack = [first] if first is not None else []
-        keys = {job[0] for job in pack}
-        steps = sum(map(self._steps_of, pack))
-        while steps < _PACK_STEPS and len(pack) < _PACK_MAX:
-            job = next(self._ahead, None)
-            if job is None:
-                break
-            if job[0] not in self._submitted and job[0] not in keys:
-                pack.append(job)
-                keys.add(job[0])
-                steps += self._steps_of(job)
-        return pack
-
-    def _run_ahead(self) -> None:
+    def _fill(self) -> None:
         while len(self._inflight) < self._limit:
             pack = self._pack()
             if not pack:
                 return
             self._submit(pack)
+
+    def _next(self) -> tuple | None:
+        """The next waiting segment not submitted yet: continuations first."""
+        while self._pending:
+            job = heapq.heappop(self._pending)[2]
+            self._pending_steps -= self._steps_of(job)
+            if job[0] not in self._submitted:
+                return job
+        while self._ahead:
+            job = self._ahead.popleft()
+            self._ahead_steps -= self._steps_of(job)
+            if job[0] not in self._submitted:
+                return job
+        return None
+
+    def _pack(self, first: tuple | None = None) -> list:
+        """``first`` (if given) and the next waiting segments, up to a task's share."""
+        target = min(_PACK_MAX_STEPS, max(_PACK_MIN_STEPS, (
+            self._pending_steps + self._ahead_steps) // self._limit))
+        pack = [first] if first is not None else []
+        keys = {job[0] for job in pack}
+        steps = sum(map(self._steps_of, pack))
+        while steps < target:
+            job = self._next()
+            if job is None:
+                break
+            if job[0] not in keys:
+                pack.append(job)
+                keys.add(job[0])
+                steps += self._steps_of(job)
+        return pack
 
     def _collect(self, ref: daskray.ObjectRef) -> None:
         keys = self._inflight.pop(ref)
@@ -852,9 +905,14 @@ def run_search(model: Any, base_config: dict, space: dict, tune_config: TuneConf
                        tune_config.metric, tune_config.mode)
     search = _Search(configs, scheduler, tune_config, max_failures)
     shards = list(train.shards) + list(valid.shards if valid is not None else [])
-    runner = _SegmentRunner(spec, shards, 2 * num_workers(), search.first_segments(),
-                            lambda job: (job[3] - job[0][1]) * steps_per_epoch(
-                                train.num_rows, job[1].get("batch_size", 1024)))
+    rows = train.num_rows
+
+    def steps_of(job: tuple) -> int:
+        """A segment's cost: its optimizer steps and each epoch's evaluation."""
+        per_epoch = steps_per_epoch(rows, job[1].get("batch_size", 1024)) + _EVAL_STEPS
+        return (job[3] - job[0][1]) * per_epoch
+
+    runner = _SegmentRunner(spec, shards, 2 * num_workers(), search.first_segments(), steps_of)
     try:
         search.run(runner)
     finally:
@@ -885,25 +943,37 @@ class _Search:
             stop = min(self.scheduler.max_t or self.epochs(trial), self.epochs(trial))
         return (trial, start), self.configs[trial], self.states.get(trial), stop
 
-    def first_segments(self) -> Iterator[tuple]:
-        return (self.job(i, 0) for i in range(len(self.configs)))
+    def first_segments(self) -> list[tuple]:
+        return [self.job(i, 0) for i in range(len(self.configs))]
 
     def run(self, runner: _SegmentRunner) -> None:
-        """Take segments in the order of decisions (see the module docstring).
-        Within a rung, that order is the trials' order whatever the window size,
-        so ``max_concurrent_trials`` changes no decision: it only bounds how
-        many trials are in progress."""
-        window: deque = deque()
+        """Take segments in the order of decisions (see the module docstring):
+        one queue of trials per rung (segments that start at the same epoch end
+        at the same rung), each in trial order; the search takes the first
+        outcome that is in among the queues' heads.  Within a rung, that order
+        is the trials' order whatever the timing or the window size, so
+        ``max_concurrent_trials`` changes no decision: it only bounds how many
+        trials are in progress."""
+        queues: dict[int, deque] = {}
         new = iter(range(len(self.configs)))
         limit = self.tune_config.max_concurrent_trials or len(self.configs)
+        in_progress = 0
         while True:
-            window.extend((trial, 0) for trial in itertools.islice(new, limit - len(window)))
-            if not window:
+            for trial in itertools.islice(new, limit - in_progress):
+                queues.setdefault(0, deque()).append(trial)
+                in_progress += 1
+            heads = [self.job(queue[0], start) for start, queue in sorted(queues.items()) if queue]
+            if not heads:
                 return
-            trial, start = window.popleft()
-            if self._process(trial, runner.result(self.job(trial, start)), runner):
-                window.append((trial, self.states[trial][2]))
-                runner.need(self.job(trial, self.states[trial][2]))
+            job = runner.first_done(heads)
+            trial, start = job[0]
+            queues[start].popleft()
+            if self._process(trial, runner.take(job), runner):
+                resume = self.states[trial][2]
+                queues.setdefault(resume, deque()).append(trial)
+                runner.need(self.job(trial, resume))
+            else:
+                in_progress -= 1
 
     def _process(self, trial: int, outcome: Any, runner: _SegmentRunner) -> bool:
         """Record a segment's outcome; whether the trial goes on."""
@@ -928,18 +998,39 @@ class _Search:
         return self.scheduler.decide(state[2], rows[-1][metric], self.tune_config.mode)
 
     def grid(self) -> ResultGrid:
-        import pandas as pd
-
         results = []
         for i, config in enumerate(self.configs):
             rows, checkpoint = self.history[i], None
             if i in self.states:
                 params, opt_state, epochs, _ = self.states[i]
                 checkpoint = Checkpoint(params, epochs - 1, opt_state, config)
-            results.append(Result(rows[-1] if rows else {}, pd.DataFrame(rows), checkpoint,
-                                  self.errors.get(i), [checkpoint] if checkpoint else [],
-                                  config))
+            results.append(_TrialResult(rows[-1] if rows else {}, rows, checkpoint,
+                                        self.errors.get(i), [checkpoint] if checkpoint else [],
+                                        config))
         return ResultGrid(results, self.tune_config.metric, self.tune_config.mode)
+
+
+class _TrialResult(Result):
+    """A trial's :class:`Result` whose ``metrics_dataframe`` is made from its rows
+    when first read: a search of a thousand trials would otherwise spend a
+    quarter of a second, after its last segment, on DataFrames few are read."""
+
+    @property
+    def metrics_dataframe(self) -> Any:
+        frame = self.__dict__.get("_frame")
+        if frame is None:
+            import pandas as pd
+
+            frame = self.__dict__["_frame"] = pd.DataFrame(self.__dict__.pop("_rows", []))
+        return frame
+
+    @metrics_dataframe.setter
+    def metrics_dataframe(self, value: Any) -> None:
+        if isinstance(value, list):
+            self.__dict__["_rows"] = value
+            self.__dict__.pop("_frame", None)
+        else:
+            self.__dict__["_frame"] = value
 
 
 def num_workers() -> int:
