@@ -18,12 +18,15 @@ Decisions follow a fixed order, so a search gives the same trials -- and the
 same parameters, bit for bit -- in one process and on any number of workers: at
 every rung the scheduler sees the trials in trial order, each one judged against
 the trials before it that reached that rung (as if trials ran one after another).
-The driver takes segments first-in first-out -- the oldest, then the one its
-decision starts -- which keeps each rung in trial order.  The cluster does not
-wait for that order: a continuation is submitted as soon as it is decided, and
-every trial's first segment, needed whatever the scheduler says, runs ahead,
-several per task.  So the cluster stays busy while the decisions stay those of
-one process.
+The driver keeps one queue of trials per rung, each in trial order, and takes
+whichever queue's next outcome comes in first: rungs do not wait for each
+other, and each rung still decides in trial order.  The cluster does not wait
+for that order either: a continuation runs in one of the next tasks once it is
+decided, and every trial's first segment, needed whatever the scheduler says,
+runs ahead.  A task holds several segments (about 100 ms of work, less at the
+end of the search), as a task's messages and bookkeeping cost about as much as
+an epoch of a small model.  So the cluster stays busy while the decisions stay
+those of one process.
 
 Spaces: :func:`uniform`, :func:`loguniform`, :func:`choice`, :func:`randint`,
 :func:`grid_search` (every combination of grid values, ``num_samples`` times).
