@@ -581,19 +581,22 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
     those per-shard calls in one go."""
     index, cuts = data.epoch_order(epoch, steps, seed)
     X, t = data.X[index], targets[index]
-    cuts = cuts.tolist()  # python ints: cheaper to slice with than numpy's
     n_shards, n_features = len(data.sizes), X.shape[1]
+    # per step: where its rows begin and end, and whether every shard gives it as many
+    counts = np.diff(cuts).reshape(steps, n_shards)
+    equal_shares = (counts == counts[:, :1]).all(axis=1).tolist()
+    cuts = cuts.tolist()  # python ints: cheaper to slice with than numpy's
     softmax = _is_softmax(model)
     l2_w = l2 and "w" in model.weight_keys()
     l2_b = l2 and "b" in model.weight_keys()
-    arange = np.arange(max(b - a for a, b in zip(cuts[::n_shards], cuts[n_shards::n_shards])))
+    arange = np.arange(int(counts.sum(axis=1).max()))
     for step in range(steps):
         bounds = cuts[step * n_shards:(step + 1) * n_shards + 1]
         lo, hi = bounds[0], bounds[-1]
         rows, share = hi - lo, (hi - lo) // n_shards
         w, b = params["w"], params["b"]
         logits = np.empty((rows, w.shape[1]))
-        equal = all(z - a == share for a, z in zip(bounds[:-1], bounds[1:]))
+        equal = equal_shares[step]
         if equal:
             Xs = X[lo:hi].reshape(n_shards, share, n_features)
             np.matmul(Xs, w, out=logits.reshape(n_shards, share, -1))
@@ -602,19 +605,42 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
             for i, j in pieces:
                 np.matmul(X[lo + i:lo + j], w, out=logits[i:j])
         logits += b
-        delta = (_softmax_delta(logits, t[lo:hi], arange[:rows]) if softmax
+        delta = (_softmax_delta_in_place(logits, t[lo:hi], arange[:rows]) if softmax
                  else model._loss_and_delta(logits, t[lo:hi])[1])
         if equal:
             stacked = delta.reshape(n_shards, share, -1)
-            gw = list(np.matmul(Xs.transpose(0, 2, 1), stacked))
-            gb = list(np.add.reduce(stacked, axis=1))
+            gw = _pairwise_sum_stacked(np.matmul(Xs.transpose(0, 2, 1), stacked))
+            gb = _pairwise_sum_stacked(np.add.reduce(stacked, axis=1))
         else:
-            gw = [X[lo + i:lo + j].T @ delta[i:j] for i, j in pieces]
-            gb = [np.add.reduce(delta[i:j], axis=0) for i, j in pieces]
-        grads = {"w": _pairwise_sum(gw) / rows + (l2 * w if l2_w else 0.0),
-                 "b": _pairwise_sum(gb) / rows + (l2 * b if l2_b else 0.0)}
+            gw = _pairwise_sum([X[lo + i:lo + j].T @ delta[i:j] for i, j in pieces])
+            gb = _pairwise_sum([np.add.reduce(delta[i:j], axis=0) for i, j in pieces])
+        grads = {"w": gw / rows + (l2 * w if l2_w else 0.0),
+                 "b": gb / rows + (l2 * b if l2_b else 0.0)}
         params, opt_state = optimizer.step(params, grads, opt_state)
     return params, opt_state
+
+
+def _pairwise_sum_stacked(stacked: np.ndarray) -> np.ndarray:
+    """:func:`_pairwise_sum` of ``list(stacked)``: each level's pairs are added in
+    one call (an elementwise sum gives the same bits whether made one pair at a
+    time or all at once)."""
+    while len(stacked) > 1:
+        paired = stacked[0:len(stacked) - 1:2] + stacked[1::2]
+        if len(stacked) % 2:
+            paired = np.concatenate([paired, stacked[-1:]])
+        stacked = paired
+    return stacked[0]
+
+
+def _softmax_delta_in_place(logits: np.ndarray, labels: np.ndarray,
+                            rows: np.ndarray) -> np.ndarray:
+    """:func:`_softmax_delta`, the same operations on the same values, written
+    into ``logits`` (which the caller no longer needs) instead of new arrays."""
+    np.subtract(logits, np.maximum.reduce(logits, axis=1, keepdims=True), out=logits)
+    logits -= np.log(np.add.reduce(np.exp(logits), axis=1, keepdims=True))
+    np.exp(logits, out=logits)
+    logits[rows, labels] -= 1.0
+    return logits
 
 
 def _epoch_generic(model: Any, optimizer: Any, l2: float, params: dict, opt_state: dict,
