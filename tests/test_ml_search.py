@@ -163,3 +163,42 @@ def test_fifo_search_takes_each_trial_in_one_segment():
     found.run(runner)
     assert runner.taken == [(i, 0) for i in range(10)] and runner.needed == []
     assert all(found.states[i][2] == 5 for i in range(10))
+
+
+class _FlakyRunner(_InstantRunner):
+    """Segment (3, 1) raises once, trial 5's first segment always."""
+
+    def __init__(self) -> None:
+        super().__init__(lambda jobs: jobs[-1])
+        self.retried: list = []
+
+    def retry(self, job: tuple) -> None:
+        self.retried.append(job[0])
+
+    def take(self, job: tuple):
+        outcome = super().take(job)
+        if job[0] == (5, 0) or (job[0] == (3, 1) and (3, 1) not in self.retried):
+            return RuntimeError(f"segment {job[0]} failed")
+        return outcome
+
+
+@pytest.mark.parametrize("window", [None, 2])
+def test_a_failed_segment_is_retried_and_a_trial_failing_for_good_has_its_error(window):
+    configs = [{"epochs": 27} for _ in range(40)]
+    found = _Search(configs, ASHAScheduler(max_t=27), TuneConfig(max_concurrent_trials=window), 1)
+    runner = _FlakyRunner()
+    found.run(runner)
+    assert runner.retried == [(3, 1), (5, 0)]
+    assert set(found.errors) == {5} and "segment (5, 0) failed" in str(found.errors[5])
+    # trial 5 reached no rung, so the others are judged as if it did not exist
+    scheduler, expected = ASHAScheduler(max_t=27), []
+    for trial in range(40):
+        done = 0
+        while trial != 5:
+            done = scheduler.next_stop(done)
+            if done >= 27 or not scheduler.decide(done, _loss(trial, done), "min"):
+                break
+        expected.append(done)
+    assert [found.states.get(i, (None, None, 0))[2] for i in range(40)] == expected
+    grid = found.grid()
+    assert grid.num_errors == 1 and grid[5].error is found.errors[5] and grid[5].checkpoint is None
