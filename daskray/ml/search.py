@@ -488,6 +488,7 @@ class _Shards:
         self.n_features = train[0][0].shape[1]
         self._targets: dict = {}  # values or class indices -> stacked training targets
         self._labels: dict = {}
+        self._layouts: dict = {}  # steps per epoch -> (gather, cuts): see _step_layout
 
     def targets(self, model: Any) -> np.ndarray:
         """The stacked training rows' targets for ``model``: values or class indices."""
@@ -511,16 +512,28 @@ class _Shards:
         """The rows every step of ``epoch`` reads (as in ``batch_rows``), step after
         step and shard after shard within a step, as indices into the stacked
         rows; and ``cuts[step, shard]``, where each shard's part of a step begins."""
-        keys, rows, counts = [], [], []
-        for s, n in enumerate(self.sizes):
-            order = np.random.default_rng([seed, epoch, s]).permutation(n)
-            per_step = np.diff(np.arange(steps + 1) * n // steps)
-            keys.append(np.repeat(np.arange(steps) * len(self.sizes) + s, per_step))
-            rows.append(order + self.offsets[s])
-            counts.append(per_step)
-        index = np.concatenate(rows)[np.argsort(np.concatenate(keys), kind="stable")]
-        cuts = np.concatenate([[0], np.cumsum(np.stack(counts, axis=1).ravel())])
-        return index, cuts.reshape(-1)
+        rows = [np.random.default_rng([seed, epoch, s]).permutation(n) + self.offsets[s]
+                for s, n in enumerate(self.sizes)]
+        gather, cuts = self._step_layout(steps)
+        return np.concatenate(rows)[gather], cuts
+
+    def _step_layout(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """For epochs of ``steps`` steps: where each position of the step-by-step
+        order takes its row from (in the shards' permutations laid end to end),
+        and the cuts.  The same for every epoch and seed, so made once."""
+        layout = self._layouts.get(steps)
+        if layout is None:
+            keys, counts = [], []
+            for s, n in enumerate(self.sizes):
+                per_step = np.diff(np.arange(steps + 1) * n // steps)
+                keys.append(np.repeat(np.arange(steps) * len(self.sizes) + s, per_step))
+                counts.append(per_step)
+            gather = np.argsort(np.concatenate(keys), kind="stable")
+            cuts = np.concatenate([[0], np.cumsum(np.stack(counts, axis=1).ravel())])
+            cuts = cuts.reshape(-1)
+            gather.flags.writeable = cuts.flags.writeable = False  # shared by every epoch
+            layout = self._layouts[steps] = (gather, cuts)
+        return layout
 
 
 def _linear_fast_path(model: Any) -> bool:
