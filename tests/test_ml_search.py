@@ -202,3 +202,17 @@ def test_a_failed_segment_is_retried_and_a_trial_failing_for_good_has_its_error(
     assert [found.states.get(i, (None, None, 0))[2] for i in range(40)] == expected
     grid = found.grid()
     assert grid.num_errors == 1 and grid[5].error is found.errors[5] and grid[5].checkpoint is None
+
+
+@pytest.mark.parametrize("mode", ["min", "max"])
+def test_asha_keeps_the_best_third_of_the_trials_so_far_at_each_rung(mode):
+    scheduler, seen = ASHAScheduler(max_t=27), {1: [], 3: []}
+    rng = np.random.default_rng(0)
+    for rung, value in zip(rng.choice([1, 3], 300), rng.random(300)):
+        seen[rung].append(value)
+        ranked = sorted(seen[rung], reverse=mode == "max")
+        expected = ranked.index(value) < max(1, len(ranked) // 3)
+        assert scheduler.decide(int(rung), float(value), mode) == expected
+    assert not scheduler.decide(1, float("nan"), mode)  # a NaN stops its trial...
+    assert scheduler._rungs[1] == sorted(v if mode == "min" else -v for v in seen[1])  # ...unrecorded
+    assert not scheduler.decide(27, 0.0, mode)  # max_t: every trial stops

@@ -35,6 +35,7 @@ Spaces: :func:`uniform`, :func:`loguniform`, :func:`choice`, :func:`randint`,
 
 from __future__ import annotations
 
+import bisect
 import copy
 import functools
 import heapq
@@ -227,13 +228,14 @@ class ASHAScheduler:
         return next(m for m in self.milestones() if m > epochs_done)
 
     def decide(self, epochs_done: int, value: float, mode: str) -> bool:
-        """Record ``value`` at this rung; whether the trial continues."""
-        if epochs_done >= self.max_t:
+        """Record ``value`` at this rung; whether the trial continues (a NaN
+        does not, and is not recorded: it ranks nowhere)."""
+        if epochs_done >= self.max_t or math.isnan(value):
             return False
-        seen = self._rungs.setdefault(epochs_done, [])
-        seen.append(value if mode == "min" else -value)
+        seen = self._rungs.setdefault(epochs_done, [])  # kept sorted
+        bisect.insort(seen, value if mode == "min" else -value)
         keep = max(1, len(seen) // self.reduction_factor)
-        return (value if mode == "min" else -value) <= sorted(seen)[keep - 1]
+        return (value if mode == "min" else -value) <= seen[keep - 1]
 
 
 @dataclass
