@@ -54,6 +54,7 @@ import daskray
 
 from . import models
 from .checkpoints import Checkpoint, Result
+from .optimizers import SGD
 from .steps import (
     apply_evaluator, evaluate_shard, full_config, make_optimizer, model_targets, output_count,
     steps_per_epoch, summarize, update,
@@ -605,6 +606,8 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
     l2_w = l2 and "w" in model.weight_keys()
     l2_b = l2 and "b" in model.weight_keys()
     arange = np.arange(int(counts.sum(axis=1).max()))
+    plain_sgd = type(optimizer) is SGD and optimizer.momentum == 0.0 and list(params) == ["w", "b"]
+    lr = optimizer.lr
     for step in range(steps):
         bounds = cuts[step * n_shards:(step + 1) * n_shards + 1]
         lo, hi = bounds[0], bounds[-1]
@@ -629,9 +632,12 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
         else:
             gw = _pairwise_sum([X[lo + i:lo + j].T @ delta[i:j] for i, j in pieces])
             gb = _pairwise_sum([np.add.reduce(delta[i:j], axis=0) for i, j in pieces])
-        grads = {"w": gw / rows + (l2 * w if l2_w else 0.0),
-                 "b": gb / rows + (l2 * b if l2_b else 0.0)}
-        params, opt_state = optimizer.step(params, grads, opt_state)
+        gw = gw / rows + (l2 * w if l2_w else 0.0)
+        gb = gb / rows + (l2 * b if l2_b else 0.0)
+        if plain_sgd:  # SGD.step's own arithmetic, without its dicts and checks
+            params = {"w": w - lr * gw, "b": b - lr * gb}
+        else:
+            params, opt_state = optimizer.step(params, {"w": gw, "b": gb}, opt_state)
     return params, opt_state
 
 
