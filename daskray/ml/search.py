@@ -566,15 +566,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.add.reduce(np.exp(shifted), axis=1, keepdims=True))
 
 
-def _softmax_delta(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """d loss / d logits of the softmax cross-entropy, as ``models._softmax_xent``
-    computes it (the labels are class indices already, so no check; no loss);
-    ``rows`` is ``arange(len(labels))``."""
-    delta = np.exp(_log_softmax(logits))
-    delta[rows, labels] -= 1.0
-    return delta
-
-
 def _pairwise_sum(items: list) -> Any:
     """``tree_sum``'s fixed pairing ((g0+g1)+(g2+g3))+..., on arrays."""
     while len(items) > 1:
@@ -655,8 +646,11 @@ def _pairwise_sum_stacked(stacked: np.ndarray) -> np.ndarray:
 
 def _softmax_delta_in_place(logits: np.ndarray, labels: np.ndarray,
                             rows: np.ndarray) -> np.ndarray:
-    """:func:`_softmax_delta`, the same operations on the same values, written
-    into ``logits`` (which the caller no longer needs) instead of new arrays."""
+    """d loss / d logits of the softmax cross-entropy, as ``models._softmax_xent``
+    computes it (the labels are class indices already, so no check; no loss),
+    written into ``logits``, which the caller no longer needs: the same
+    operations on the same values, without new arrays.  ``rows`` is
+    ``arange(len(labels))``."""
     np.subtract(logits, np.maximum.reduce(logits, axis=1, keepdims=True), out=logits)
     logits -= np.log(np.add.reduce(np.exp(logits), axis=1, keepdims=True))
     np.exp(logits, out=logits)
