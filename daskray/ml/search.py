@@ -23,7 +23,7 @@ whichever queue's next outcome comes in first: rungs do not wait for each
 other, and each rung still decides in trial order.  The cluster does not wait
 for that order either: a continuation runs in one of the next tasks once it is
 decided, and every trial's first segment, needed whatever the scheduler says,
-runs ahead.  A task holds several segments (about 100 ms of work, less at the
+runs ahead.  A task holds many segments (about 100 ms of work, less at the
 end of the search), as a task's messages and bookkeeping cost about as much as
 an epoch of a small model.  So the cluster stays busy while the decisions stay
 those of one process.
