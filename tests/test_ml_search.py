@@ -216,3 +216,53 @@ def test_asha_keeps_the_best_third_of_the_trials_so_far_at_each_rung(mode):
     assert not scheduler.decide(1, float("nan"), mode)  # a NaN stops its trial...
     assert scheduler._rungs[1] == sorted(v if mode == "min" else -v for v in seen[1])  # ...unrecorded
     assert not scheduler.decide(27, 0.0, mode)  # max_t: every trial stops
+
+
+def _blob_shards(cuts):
+    rng = np.random.default_rng(4)
+    centers = rng.normal(0, 3, (3, 5))
+    y = rng.integers(0, 3, 200)
+    X = centers[y] + rng.normal(0, 1, (200, 5))
+    return [(X[r], y[r]) for r in np.split(np.random.default_rng(1).permutation(200), cuts)]
+
+
+@pytest.mark.parametrize("cuts", [(61, 98, 178), (50, 100, 150)], ids=["unequal", "equal"])
+@pytest.mark.parametrize("batch", [5, 32, 200])
+def test_trials_trained_side_by_side_are_bit_for_bit_those_trained_alone(cuts, batch):
+    from daskray.ml.search import _SearchSpec, _Shards, _side_by_side_key, train_side_by_side
+    from daskray.ml.search import train_trial
+
+    shards = _blob_shards(cuts)
+    classes = np.unique(np.concatenate([y for _, y in shards]))
+    data = _Shards(shards, shards[:1], classes)
+    rng = np.random.default_rng(batch)
+    lrs = [float(v) for v in np.exp(rng.uniform(np.log(1e-3), np.log(3.0), 5))] + [1e4]
+    for stop in (None, {"loss": 0.3}):
+        spec = _SearchSpec(models.SoftmaxRegression, classes, None, len(shards), stop, "loss", "min")
+        for l2 in (1e-3, 0.0):
+            configs = [{"optimizer": "sgd", "epochs": 9, "batch_size": batch, "seed": 11 + i,
+                        "lr": lr, "l2": l2} for i, lr in enumerate(lrs)]
+            with np.errstate(all="ignore"):  # lr 1e4 goes non-finite and stops early
+                for start in (0, 2):
+                    states = [None if not start else train_trial(spec, data, i, c, None, start)[0]
+                              for i, c in enumerate(configs)]
+                    jobs = [((i, start), c, s, 5) for i, (c, s) in enumerate(zip(configs, states))
+                            if s is None or s[2] == start]  # not those stopped before start
+                    assert len({_side_by_side_key(spec, c, s, 5) for _, c, s, _ in jobs}) == 1
+                    together = train_side_by_side(spec, data, jobs)
+                    for (key, config, state, _), got in zip(jobs, together):
+                        alone = train_trial(spec, data, key[0], config, state, 5)
+                        assert got[0][2] == alone[0][2] and got[2] == alone[2]
+                        for name in ("w", "b"):
+                            assert got[0][0][name].tobytes() == alone[0][0][name].tobytes()
+                        drop = [{k: v for k, v in r.items() if k != "time_total_s"}
+                                for r in got[1]]
+                        assert repr(drop) == repr([{k: v for k, v in r.items()
+                                                    if k != "time_total_s"} for r in alone[1]])
+    # what it does not take: other models, optimizers, momentum
+    spec = _SearchSpec(models.MLP, classes, None, len(shards), None, "loss", "min")
+    assert _side_by_side_key(spec, {"optimizer": "sgd"}, None, 3) is None
+    spec = _SearchSpec(models.SoftmaxRegression, classes, None, len(shards), None, "loss", "min")
+    assert _side_by_side_key(spec, {"optimizer": "adam"}, None, 3) is None
+    assert _side_by_side_key(spec, {"optimizer": "momentum"}, None, 3) is None
+    assert _side_by_side_key(spec, {"optimizer": "sgd", "momentum": 0.5}, None, 3) is None

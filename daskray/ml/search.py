@@ -26,7 +26,10 @@ decided, and every trial's first segment, needed whatever the scheduler says,
 runs ahead.  A task holds many segments (about 100 ms of work, less at the
 end of the search), as a task's messages and bookkeeping cost about as much as
 an epoch of a small model.  So the cluster stays busy while the decisions stay
-those of one process.
+those of one process.  Within a task, softmax trials trained with plain SGD
+that share a batch size and a segment train side by side
+(:func:`train_side_by_side`): one numpy call per operation for all of them,
+each trial's arithmetic unchanged.
 
 Spaces: :func:`uniform`, :func:`loguniform`, :func:`choice`, :func:`randint`,
 :func:`grid_search` (every combination of grid values, ``num_samples`` times).
@@ -756,6 +759,142 @@ def train_trial(spec: _SearchSpec, data: _Shards, trial_id: int, config: dict,
     return (params, opt_state, epoch, seconds), rows, stopped
 
 
+def _side_by_side_key(spec: _SearchSpec, config: dict, state: tuple | None,
+                      stop_epoch: int) -> tuple | None:
+    """Which segments :func:`train_side_by_side` may train together (equal keys),
+    or None for a segment it does not take: a built-in softmax model (no
+    constructor arguments) trained with plain SGD."""
+    if not isinstance(spec.model, type) or not issubclass(spec.model, models.SoftmaxRegression):
+        return None
+    if _init_arguments(spec.model) - {"self", "args", "kwargs"}:
+        return None
+    train_config = full_config({k: v for k, v in config.items() if k in _TRAIN_KEYS})
+    if train_config["optimizer"] != "sgd" or train_config.get("momentum", 0.0) != 0.0:
+        return None
+    start = state[2] if state is not None else 0
+    return (train_config["batch_size"], start, stop_epoch, bool(train_config["l2"]))
+
+
+def train_side_by_side(spec: _SearchSpec, data: _Shards, jobs: list) -> list:
+    """:func:`train_trial` of several softmax / plain-SGD segments with the same
+    batch size, start and stop, side by side: each step is one call per numpy
+    operation for all the trials instead of one per trial.  Every trial's own
+    arithmetic is unchanged (a stacked matmul is a matmul per trial and shard;
+    the rest works row by row or elementwise), so its parameters and metrics
+    are those of :func:`train_trial`, bit for bit."""
+    model = build_model(spec.model, jobs[0][1])
+    if not _is_softmax(model):
+        return [train_trial(spec, data, key[0], config, state, stop)
+                for key, config, state, stop in jobs]
+    configs = [full_config({k: v for k, v in c.items() if k in _TRAIN_KEYS}) for _, c, _, _ in jobs]
+    states = []
+    for config, (_, _, state, _) in zip(configs, jobs):
+        if state is None:
+            params = model.init_params(data.n_features, output_count(model, data.classes),
+                                       np.random.default_rng(config["seed"]))
+            state = (params, make_optimizer(config).init_state(params), 0, 0.0)
+        states.append(state)
+    W = np.stack([state[0]["w"] for state in states])
+    B = np.stack([state[0]["b"] for state in states])
+    seconds = [state[3] for state in states]
+    epoch, stop_epoch = states[0][2], jobs[0][3]
+    targets = data.targets(model)
+    steps = steps_per_epoch(len(targets), configs[0]["batch_size"])
+    alive = list(range(len(jobs)))  # trials still training, in the order of W's rows
+    rows: list = [[] for _ in jobs]
+    stopped = [False] * len(jobs)
+    params_of = [state[0] for state in states]
+    while epoch < stop_epoch and alive:
+        started = time.perf_counter()
+        W, B = _epoch_softmax_side_by_side(
+            W, B, [configs[i]["lr"] for i in alive], [configs[i]["l2"] for i in alive],
+            [configs[i]["seed"] for i in alive], data, targets, epoch, steps)
+        done = []
+        for k, i in enumerate(alive):
+            params_of[i] = {"w": W[k], "b": B[k]}
+        for k, i in enumerate(alive):
+            metrics = _epoch_metrics(model, params_of[i], data, spec.evaluator)
+            seconds[i] += (time.perf_counter() - started) / len(alive)
+            row = {"epoch": epoch, "training_iteration": epoch + 1, **metrics,
+                   "time_total_s": seconds[i]}
+            rows[i].append(row)
+            if not np.isfinite(row["loss"]):
+                done.append(k)
+            elif spec.stop is not None and stop_reached(spec.stop, jobs[i][0][0], row,
+                                                         spec.metric, spec.mode):
+                stopped[i] = True
+                done.append(k)
+        epoch += 1
+        for i, state in enumerate(states):
+            if i in alive:
+                states[i] = (None, state[1], epoch, 0.0)
+        if done:
+            keep = [k for k in range(len(alive)) if k not in done]
+            for k in done:
+                params_of[alive[k]] = {"w": W[k].copy(), "b": B[k].copy()}
+            alive = [alive[k] for k in keep]
+            W, B = W[keep], B[keep]
+    out = []
+    for i, state in enumerate(states):
+        params = params_of[i]
+        if i in alive:
+            k = alive.index(i)
+            params = {"w": W[k].copy(), "b": B[k].copy()}
+        out.append(((params, state[1], state[2], seconds[i]), rows[i], stopped[i]))
+    return out
+
+
+def _epoch_softmax_side_by_side(W: np.ndarray, B: np.ndarray, lrs: list, l2s: list,
+                                seeds: list, data: _Shards, targets: np.ndarray, epoch: int,
+                                steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_epoch_linear` of a softmax model with plain SGD for several trials
+    at once: ``W`` (trials, features, classes) and ``B`` (trials, classes)."""
+    K = len(seeds)
+    orders = [data.epoch_order(epoch, steps, seed) for seed in seeds]
+    cuts = orders[0][1]
+    index = np.stack([order[0] for order in orders])
+    X, t = data.X[index], targets[index]
+    n_shards, n_features, n_classes = len(data.sizes), X.shape[2], W.shape[2]
+    counts = np.diff(cuts).reshape(steps, n_shards)
+    equal_shares = (counts == counts[:, :1]).all(axis=1).tolist()
+    cuts = cuts.tolist()
+    arange = np.arange(K * int(counts.sum(axis=1).max()))
+    lr = np.array(lrs).reshape(K, 1, 1)
+    lr_b = lr.reshape(K, 1)
+    l2 = np.array(l2s).reshape(K, 1, 1) if l2s[0] else None
+    for step in range(steps):
+        bounds = cuts[step * n_shards:(step + 1) * n_shards + 1]
+        lo, hi = bounds[0], bounds[-1]
+        rows, share = hi - lo, (hi - lo) // n_shards
+        logits = np.empty((K, rows, n_classes))
+        equal = equal_shares[step]
+        if equal:
+            Xs = X[:, lo:hi].reshape(K, n_shards, share, n_features)
+            np.matmul(Xs, W[:, None], out=logits.reshape(K, n_shards, share, n_classes))
+        else:
+            pieces = [(a - lo, z - lo) for a, z in zip(bounds[:-1], bounds[1:])]
+            for i, j in pieces:
+                np.matmul(X[:, lo + i:lo + j], W, out=logits[:, i:j])
+        logits += B[:, None, :]
+        delta = _softmax_delta_in_place(logits.reshape(K * rows, n_classes),
+                                        t[:, lo:hi].reshape(-1), arange[:K * rows])
+        delta = delta.reshape(K, rows, n_classes)
+        if equal:
+            stacked = delta.reshape(K, n_shards, share, n_classes)
+            gw = _pairwise_sum_stacked(
+                np.matmul(Xs.transpose(0, 1, 3, 2), stacked).transpose(1, 0, 2, 3))
+            gb = _pairwise_sum_stacked(np.add.reduce(stacked, axis=2).transpose(1, 0, 2))
+        else:
+            gw = _pairwise_sum([np.matmul(X[:, lo + i:lo + j].transpose(0, 2, 1), delta[:, i:j])
+                                for i, j in pieces])
+            gb = _pairwise_sum([np.add.reduce(delta[:, i:j], axis=1) for i, j in pieces])
+        gw = gw / rows + (l2 * W if l2 is not None else 0.0)
+        gb = gb / rows + 0.0
+        W = W - lr * gw
+        B = B - lr_b * gb
+    return W, B
+
+
 #: the shards of the latest search this process ran segments of (one entry)
 _shards_cache: dict = {}
 
@@ -780,13 +919,30 @@ def _run_segments(jobs: list, spec: _SearchSpec, shards: list) -> list:
     job -- ``(state, rows, stopped)``, or the exception a job raised (with the
     worker's traceback as a note), so one bad trial does not fail the others."""
     data = _shards_of(spec, shards)
-    out: list = []
-    for (trial_id, _), config, state, stop_epoch in jobs:
+    out: list = [None] * len(jobs)
+    groups: dict = {}
+    for n, (key, config, state, stop_epoch) in enumerate(jobs):
         try:
-            out.append(train_trial(spec, data, trial_id, config, state, stop_epoch))
-        except Exception as exc:
-            exc.add_note(f"in trial {trial_id} ({config}):\n{traceback.format_exc()}")
-            out.append(exc)
+            group = _side_by_side_key(spec, config, state, stop_epoch)
+        except Exception:  # a bad config: train_trial below says what is wrong
+            group = None
+        groups.setdefault(("alone", n) if group is None else group, []).append(n)
+    for members in groups.values():
+        if len(members) > 1:
+            try:
+                outcomes = train_side_by_side(spec, data, [jobs[n] for n in members])
+            except Exception:  # let each trial raise (or not) on its own
+                outcomes = [None] * len(members)
+            for n, outcome in zip(members, outcomes):
+                out[n] = outcome
+        for n in members:
+            if out[n] is None:
+                (trial_id, _), config, state, stop_epoch = jobs[n]
+                try:
+                    out[n] = train_trial(spec, data, trial_id, config, state, stop_epoch)
+                except Exception as exc:
+                    exc.add_note(f"in trial {trial_id} ({config}):\n{traceback.format_exc()}")
+                    out[n] = exc
     return out
 
 
