@@ -812,8 +812,11 @@ def train_side_by_side(spec: _SearchSpec, data: _Shards, jobs: list) -> list:
         done = []
         for k, i in enumerate(alive):
             params_of[i] = {"w": W[k], "b": B[k]}
+        together = (_softmax_metrics_side_by_side(model, W, B, data) if spec.evaluator is None
+                    else None)
         for k, i in enumerate(alive):
-            metrics = _epoch_metrics(model, params_of[i], data, spec.evaluator)
+            metrics = (together[k] if together is not None
+                       else _epoch_metrics(model, params_of[i], data, spec.evaluator))
             seconds[i] += (time.perf_counter() - started) / len(alive)
             row = {"epoch": epoch, "training_iteration": epoch + 1, **metrics,
                    "time_total_s": seconds[i]}
@@ -842,6 +845,33 @@ def train_side_by_side(spec: _SearchSpec, data: _Shards, jobs: list) -> list:
             params = {"w": W[k].copy(), "b": B[k].copy()}
         out.append(((params, state[1], state[2], seconds[i]), rows[i], stopped[i]))
     return out
+
+
+def _softmax_metrics_side_by_side(model: Any, W: np.ndarray, B: np.ndarray,
+                                  data: _Shards) -> list[dict]:
+    """:func:`_epoch_metrics` (no evaluator) of a softmax model for several trials
+    at once, the same operations per trial and shard as
+    :func:`_softmax_evaluation`."""
+    K = len(W)
+    rows: list = [{} for _ in range(K)]
+    for name, shards in (("train", data.train), ("valid", data.valid)):
+        if not shards:
+            continue
+        labels, cuts = data.labels(model, name)
+        logits = np.empty((K, len(labels), W.shape[2]))
+        for (X, _), a, b in zip(shards, cuts[:-1], cuts[1:]):
+            np.matmul(X, W, out=logits[:, a:b])
+        logits += B[:, None, :]
+        picked = _log_softmax(logits.reshape(-1, W.shape[2])).reshape(logits.shape)[
+            :, np.arange(len(labels)), labels]
+        right = np.argmax(logits, axis=2) == labels
+        for k in range(K):
+            judged = [(-float(np.add.reduce(picked[k, a:b])), int(np.add.reduce(right[k, a:b])),
+                       b - a, None, None) for a, b in zip(cuts[:-1], cuts[1:])]
+            rows[k].update(summarize(judged, name, model.task))
+    for row in rows:
+        row["loss"] = row.get("valid_loss", row["train_loss"])
+    return rows
 
 
 def _epoch_softmax_side_by_side(W: np.ndarray, B: np.ndarray, lrs: list, l2s: list,
@@ -964,7 +994,7 @@ class _SegmentRunner:
     Two kinds of segments wait to run: continuations the search decided
     (:meth:`need`), the longest first -- those started at a later rung go
     further, so they go first and the search does not end on one long
-    segment --, then every trial's first segment (``ahead``, in trial order:
+    segment --, those of a batch size together (see :func:`train_side_by_side`), then every trial's first segment (``ahead``, in trial order:
     work every order of decisions needs).  While fewer than
     ``tasks_in_flight`` tasks run, the runner submits a task holding a share
     of that work: ``1/tasks_in_flight`` of what waits, between
@@ -980,7 +1010,7 @@ class _SegmentRunner:
         self._limit, self._steps_of = tasks_in_flight, steps_of
         self._ahead = deque(ahead)
         self._ahead_steps = sum(map(steps_of, ahead))
-        self._pending: list = []  # heap of (-start, trial, job): decided, not submitted
+        self._pending: list = []  # heap of (-start, batch size, trial, job): decided, not submitted
         self._pending_steps = 0
         self._inflight: dict[daskray.ObjectRef, list] = {}
         self._submitted: set = set()
@@ -989,7 +1019,9 @@ class _SegmentRunner:
     def need(self, job: tuple) -> None:
         """The search will want ``job``'s outcome: run it in one of the next tasks."""
         if job[0] not in self._submitted:
-            heapq.heappush(self._pending, (-job[0][1], job[0][0], job))
+            size = job[1].get("batch_size")  # those of a size together: they train side by side
+            heapq.heappush(self._pending, (-job[0][1], size if isinstance(size, int) else 0,
+                                           job[0][0], job))
             self._pending_steps += self._steps_of(job)
 
     def retry(self, job: tuple) -> None:
@@ -1040,7 +1072,7 @@ class _SegmentRunner:
     def _next(self) -> tuple | None:
         """The next waiting segment not submitted yet: continuations first."""
         while self._pending:
-            job = heapq.heappop(self._pending)[2]
+            job = heapq.heappop(self._pending)[-1]
             self._pending_steps -= self._steps_of(job)
             if job[0] not in self._submitted:
                 return job
