@@ -89,7 +89,7 @@ def _runner(first_steps: list[int], tasks_in_flight: int = 4) -> _SegmentRunner:
 
 
 def test_a_task_takes_continuations_longest_first_then_first_segments_in_trial_order():
-    runner = _runner([40] * 200)
+    runner = _runner([40] * 800)
     for trial, start, stop in ((7, 1, 3), (2, 3, 9), (5, 1, 3), (4, 9, 27)):
         runner.need(((trial, start), {"steps": 10}, "state", stop))
     pack = runner._pack()
@@ -106,7 +106,7 @@ def test_a_task_takes_continuations_longest_first_then_first_segments_in_trial_o
 
 
 def test_tasks_get_smaller_as_the_work_left_shrinks():
-    runner = _runner([10] * 60)  # 600 steps: a quarter each for 4 tasks in flight
+    runner = _runner([10] * 600)  # 6,000 steps: a quarter each for 4 tasks in flight
     sizes = []
     while True:
         pack = runner._pack()
@@ -114,8 +114,8 @@ def test_tasks_get_smaller_as_the_work_left_shrinks():
             break
         runner._submitted.update(job[0] for job in pack)
         sizes.append(sum(runner._steps_of(job) for job in pack))
-    assert sizes[0] == 150 and sizes == sorted(sizes, reverse=True)
-    assert min(sizes[:-1]) >= _PACK_MIN_STEPS and sum(sizes) == 600
+    assert sizes[0] == 1500 and sizes == sorted(sizes, reverse=True)
+    assert min(sizes[:-1]) >= _PACK_MIN_STEPS and sum(sizes) == 6000
 
 
 def test_a_trials_dataframe_is_made_when_read_and_pickles_either_way():

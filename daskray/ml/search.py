@@ -23,7 +23,7 @@ whichever queue's next outcome comes in first: rungs do not wait for each
 other, and each rung still decides in trial order.  The cluster does not wait
 for that order either: a continuation runs in one of the next tasks once it is
 decided, and every trial's first segment, needed whatever the scheduler says,
-runs ahead.  A task holds many segments (about 100 ms of work, less at the
+runs ahead.  A task holds many segments (about 150 ms of work, less at the
 end of the search), as a task's messages and bookkeeping cost about as much as
 an epoch of a small model.  So the cluster stays busy while the decisions stay
 those of one process.  Within a task, softmax trials trained with plain SGD
@@ -980,11 +980,12 @@ def _run_segments(jobs: list, spec: _SearchSpec, shards: list) -> list:
 
 #: what evaluating an epoch (loss on the training and validation rows) costs, in optimizer steps
 _EVAL_STEPS = 6
-#: a task holds segments worth at least / at most this many optimizer steps: about 5 ms and
-#: 100 ms of work here -- the cost of a task (its messages, the head's bookkeeping, about
-#: 2 ms of CPU across the processes) stays a few percent of what it runs
-_PACK_MIN_STEPS = 64
-_PACK_MAX_STEPS = 1024
+#: a task holds segments worth at least / at most this many optimizer steps: about 10 ms and
+#: 150 ms of work for the digits search -- the cost of a task (its messages, the head's
+#: bookkeeping, about 2 ms of CPU across the processes) stays a few percent of what it
+#: runs, and trials that train side by side come in large groups
+_PACK_MIN_STEPS = 256
+_PACK_MAX_STEPS = 4096
 
 
 class _SegmentRunner:
