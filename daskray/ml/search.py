@@ -18,12 +18,18 @@ Decisions follow a fixed order, so a search gives the same trials -- and the
 same parameters, bit for bit -- in one process and on any number of workers: at
 every rung the scheduler sees the trials in trial order, each one judged against
 the trials before it that reached that rung (as if trials ran one after another).
-The driver takes segments first-in first-out -- the oldest, then the one its
-decision starts -- which keeps each rung in trial order.  The cluster does not
-wait for that order: a continuation is submitted as soon as it is decided, and
-every trial's first segment, needed whatever the scheduler says, runs ahead,
-several per task.  So the cluster stays busy while the decisions stay those of
-one process.
+The driver keeps one queue of trials per rung, each in trial order, and takes
+whichever queue's next outcome comes in first: rungs do not wait for each
+other, and each rung still decides in trial order.  The cluster does not wait
+for that order either: a continuation runs in one of the next tasks once it is
+decided, and every trial's first segment, needed whatever the scheduler says,
+runs ahead.  A task holds many segments (about 150 ms of work, less at the
+end of the search), as a task's messages and bookkeeping cost about as much as
+an epoch of a small model.  So the cluster stays busy while the decisions stay
+those of one process.  Within a task, softmax trials trained with plain SGD
+that share a batch size and a segment train side by side
+(:func:`train_side_by_side`): one numpy call per operation for all of them,
+each trial's arithmetic unchanged.
 
 Spaces: :func:`uniform`, :func:`loguniform`, :func:`choice`, :func:`randint`,
 :func:`grid_search` (every combination of grid values, ``num_samples`` times).
@@ -32,7 +38,10 @@ Spaces: :func:`uniform`, :func:`loguniform`, :func:`choice`, :func:`randint`,
 
 from __future__ import annotations
 
+import bisect
 import copy
+import functools
+import heapq
 import inspect
 import itertools
 import math
@@ -48,6 +57,7 @@ import daskray
 
 from . import models
 from .checkpoints import Checkpoint, Result
+from .optimizers import SGD
 from .steps import (
     apply_evaluator, evaluate_shard, full_config, make_optimizer, model_targets, output_count,
     steps_per_epoch, summarize, update,
@@ -222,13 +232,14 @@ class ASHAScheduler:
         return next(m for m in self.milestones() if m > epochs_done)
 
     def decide(self, epochs_done: int, value: float, mode: str) -> bool:
-        """Record ``value`` at this rung; whether the trial continues."""
-        if epochs_done >= self.max_t:
+        """Record ``value`` at this rung; whether the trial continues (a NaN
+        does not, and is not recorded: it ranks nowhere)."""
+        if epochs_done >= self.max_t or math.isnan(value):
             return False
-        seen = self._rungs.setdefault(epochs_done, [])
-        seen.append(value if mode == "min" else -value)
+        seen = self._rungs.setdefault(epochs_done, [])  # kept sorted
+        bisect.insort(seen, value if mode == "min" else -value)
         keep = max(1, len(seen) // self.reduction_factor)
-        return (value if mode == "min" else -value) <= sorted(seen)[keep - 1]
+        return (value if mode == "min" else -value) <= seen[keep - 1]
 
 
 @dataclass
@@ -445,8 +456,16 @@ def build_model(model: Any, config: dict) -> Any:
     """A model instance: ``model`` itself, or the class built from matching config keys."""
     if not isinstance(model, type):
         return model
-    params = inspect.signature(model.__init__).parameters
+    params = _init_arguments(model)
     return model(**{k: v for k, v in config.items() if k in params})
+
+
+@functools.lru_cache(maxsize=64)
+def _init_arguments(model: type) -> frozenset:
+    """The names ``model.__init__`` takes, looked up once per class: a search
+    builds its model for every segment, and ``inspect.signature`` of a builtin
+    ``__init__`` parses its text signature each time."""
+    return frozenset(inspect.signature(model.__init__).parameters)
 
 
 def check_space(model: Any, space: dict) -> None:
@@ -475,6 +494,7 @@ class _Shards:
         self.n_features = train[0][0].shape[1]
         self._targets: dict = {}  # values or class indices -> stacked training targets
         self._labels: dict = {}
+        self._layouts: dict = {}  # steps per epoch -> (gather, cuts): see _step_layout
 
     def targets(self, model: Any) -> np.ndarray:
         """The stacked training rows' targets for ``model``: values or class indices."""
@@ -498,16 +518,28 @@ class _Shards:
         """The rows every step of ``epoch`` reads (as in ``batch_rows``), step after
         step and shard after shard within a step, as indices into the stacked
         rows; and ``cuts[step, shard]``, where each shard's part of a step begins."""
-        keys, rows, counts = [], [], []
-        for s, n in enumerate(self.sizes):
-            order = np.random.default_rng([seed, epoch, s]).permutation(n)
-            per_step = np.diff(np.arange(steps + 1) * n // steps)
-            keys.append(np.repeat(np.arange(steps) * len(self.sizes) + s, per_step))
-            rows.append(order + self.offsets[s])
-            counts.append(per_step)
-        index = np.concatenate(rows)[np.argsort(np.concatenate(keys), kind="stable")]
-        cuts = np.concatenate([[0], np.cumsum(np.stack(counts, axis=1).ravel())])
-        return index, cuts.reshape(-1)
+        rows = [np.random.default_rng([seed, epoch, s]).permutation(n) + self.offsets[s]
+                for s, n in enumerate(self.sizes)]
+        gather, cuts = self._step_layout(steps)
+        return np.concatenate(rows)[gather], cuts
+
+    def _step_layout(self, steps: int) -> tuple[np.ndarray, np.ndarray]:
+        """For epochs of ``steps`` steps: where each position of the step-by-step
+        order takes its row from (in the shards' permutations laid end to end),
+        and the cuts.  The same for every epoch and seed, so made once."""
+        layout = self._layouts.get(steps)
+        if layout is None:
+            keys, counts = [], []
+            for s, n in enumerate(self.sizes):
+                per_step = np.diff(np.arange(steps + 1) * n // steps)
+                keys.append(np.repeat(np.arange(steps) * len(self.sizes) + s, per_step))
+                counts.append(per_step)
+            gather = np.argsort(np.concatenate(keys), kind="stable")
+            cuts = np.concatenate([[0], np.cumsum(np.stack(counts, axis=1).ravel())])
+            cuts = cuts.reshape(-1)
+            gather.flags.writeable = cuts.flags.writeable = False  # shared by every epoch
+            layout = self._layouts[steps] = (gather, cuts)
+        return layout
 
 
 def _linear_fast_path(model: Any) -> bool:
@@ -537,15 +569,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.add.reduce(np.exp(shifted), axis=1, keepdims=True))
 
 
-def _softmax_delta(logits: np.ndarray, labels: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """d loss / d logits of the softmax cross-entropy, as ``models._softmax_xent``
-    computes it (the labels are class indices already, so no check; no loss);
-    ``rows`` is ``arange(len(labels))``."""
-    delta = np.exp(_log_softmax(logits))
-    delta[rows, labels] -= 1.0
-    return delta
-
-
 def _pairwise_sum(items: list) -> Any:
     """``tree_sum``'s fixed pairing ((g0+g1)+(g2+g3))+..., on arrays."""
     while len(items) > 1:
@@ -568,19 +591,24 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
     those per-shard calls in one go."""
     index, cuts = data.epoch_order(epoch, steps, seed)
     X, t = data.X[index], targets[index]
-    cuts = cuts.tolist()  # python ints: cheaper to slice with than numpy's
     n_shards, n_features = len(data.sizes), X.shape[1]
+    # per step: where its rows begin and end, and whether every shard gives it as many
+    counts = np.diff(cuts).reshape(steps, n_shards)
+    equal_shares = (counts == counts[:, :1]).all(axis=1).tolist()
+    cuts = cuts.tolist()  # python ints: cheaper to slice with than numpy's
     softmax = _is_softmax(model)
     l2_w = l2 and "w" in model.weight_keys()
     l2_b = l2 and "b" in model.weight_keys()
-    arange = np.arange(max(b - a for a, b in zip(cuts[::n_shards], cuts[n_shards::n_shards])))
+    arange = np.arange(int(counts.sum(axis=1).max()))
+    plain_sgd = type(optimizer) is SGD and optimizer.momentum == 0.0 and list(params) == ["w", "b"]
+    lr = optimizer.lr
     for step in range(steps):
         bounds = cuts[step * n_shards:(step + 1) * n_shards + 1]
         lo, hi = bounds[0], bounds[-1]
         rows, share = hi - lo, (hi - lo) // n_shards
         w, b = params["w"], params["b"]
         logits = np.empty((rows, w.shape[1]))
-        equal = all(z - a == share for a, z in zip(bounds[:-1], bounds[1:]))
+        equal = equal_shares[step]
         if equal:
             Xs = X[lo:hi].reshape(n_shards, share, n_features)
             np.matmul(Xs, w, out=logits.reshape(n_shards, share, -1))
@@ -589,19 +617,48 @@ def _epoch_linear(model: Any, optimizer: Any, l2: float, params: dict, opt_state
             for i, j in pieces:
                 np.matmul(X[lo + i:lo + j], w, out=logits[i:j])
         logits += b
-        delta = (_softmax_delta(logits, t[lo:hi], arange[:rows]) if softmax
+        delta = (_softmax_delta_in_place(logits, t[lo:hi], arange[:rows]) if softmax
                  else model._loss_and_delta(logits, t[lo:hi])[1])
         if equal:
             stacked = delta.reshape(n_shards, share, -1)
-            gw = list(np.matmul(Xs.transpose(0, 2, 1), stacked))
-            gb = list(np.add.reduce(stacked, axis=1))
+            gw = _pairwise_sum_stacked(np.matmul(Xs.transpose(0, 2, 1), stacked))
+            gb = _pairwise_sum_stacked(np.add.reduce(stacked, axis=1))
         else:
-            gw = [X[lo + i:lo + j].T @ delta[i:j] for i, j in pieces]
-            gb = [np.add.reduce(delta[i:j], axis=0) for i, j in pieces]
-        grads = {"w": _pairwise_sum(gw) / rows + (l2 * w if l2_w else 0.0),
-                 "b": _pairwise_sum(gb) / rows + (l2 * b if l2_b else 0.0)}
-        params, opt_state = optimizer.step(params, grads, opt_state)
+            gw = _pairwise_sum([X[lo + i:lo + j].T @ delta[i:j] for i, j in pieces])
+            gb = _pairwise_sum([np.add.reduce(delta[i:j], axis=0) for i, j in pieces])
+        gw = gw / rows + (l2 * w if l2_w else 0.0)
+        gb = gb / rows + (l2 * b if l2_b else 0.0)
+        if plain_sgd:  # SGD.step's own arithmetic, without its dicts and checks
+            params = {"w": w - lr * gw, "b": b - lr * gb}
+        else:
+            params, opt_state = optimizer.step(params, {"w": gw, "b": gb}, opt_state)
     return params, opt_state
+
+
+def _pairwise_sum_stacked(stacked: np.ndarray) -> np.ndarray:
+    """:func:`_pairwise_sum` of ``list(stacked)``: each level's pairs are added in
+    one call (an elementwise sum gives the same bits whether made one pair at a
+    time or all at once)."""
+    while len(stacked) > 1:
+        paired = stacked[0:len(stacked) - 1:2] + stacked[1::2]
+        if len(stacked) % 2:
+            paired = np.concatenate([paired, stacked[-1:]])
+        stacked = paired
+    return stacked[0]
+
+
+def _softmax_delta_in_place(logits: np.ndarray, labels: np.ndarray,
+                            rows: np.ndarray) -> np.ndarray:
+    """d loss / d logits of the softmax cross-entropy, as ``models._softmax_xent``
+    computes it (the labels are class indices already, so no check; no loss),
+    written into ``logits``, which the caller no longer needs: the same
+    operations on the same values, without new arrays.  ``rows`` is
+    ``arange(len(labels))``."""
+    np.subtract(logits, np.maximum.reduce(logits, axis=1, keepdims=True), out=logits)
+    logits -= np.log(np.add.reduce(np.exp(logits), axis=1, keepdims=True))
+    np.exp(logits, out=logits)
+    logits[rows, labels] -= 1.0
+    return logits
 
 
 def _epoch_generic(model: Any, optimizer: Any, l2: float, params: dict, opt_state: dict,
@@ -702,6 +759,172 @@ def train_trial(spec: _SearchSpec, data: _Shards, trial_id: int, config: dict,
     return (params, opt_state, epoch, seconds), rows, stopped
 
 
+def _side_by_side_key(spec: _SearchSpec, config: dict, state: tuple | None,
+                      stop_epoch: int) -> tuple | None:
+    """Which segments :func:`train_side_by_side` may train together (equal keys),
+    or None for a segment it does not take: a built-in softmax model (no
+    constructor arguments) trained with plain SGD."""
+    if not isinstance(spec.model, type) or not issubclass(spec.model, models.SoftmaxRegression):
+        return None
+    if _init_arguments(spec.model) - {"self", "args", "kwargs"}:
+        return None
+    train_config = full_config({k: v for k, v in config.items() if k in _TRAIN_KEYS})
+    if train_config["optimizer"] != "sgd" or train_config.get("momentum", 0.0) != 0.0:
+        return None
+    start = state[2] if state is not None else 0
+    return (train_config["batch_size"], start, stop_epoch, bool(train_config["l2"]))
+
+
+def train_side_by_side(spec: _SearchSpec, data: _Shards, jobs: list) -> list:
+    """:func:`train_trial` of several softmax / plain-SGD segments with the same
+    batch size, start and stop, side by side: each step is one call per numpy
+    operation for all the trials instead of one per trial.  Every trial's own
+    arithmetic is unchanged (a stacked matmul is a matmul per trial and shard;
+    the rest works row by row or elementwise), so its parameters and metrics
+    are those of :func:`train_trial`, bit for bit."""
+    model = build_model(spec.model, jobs[0][1])
+    if not _is_softmax(model):
+        return [train_trial(spec, data, key[0], config, state, stop)
+                for key, config, state, stop in jobs]
+    configs = [full_config({k: v for k, v in c.items() if k in _TRAIN_KEYS}) for _, c, _, _ in jobs]
+    states = []
+    for config, (_, _, state, _) in zip(configs, jobs):
+        if state is None:
+            params = model.init_params(data.n_features, output_count(model, data.classes),
+                                       np.random.default_rng(config["seed"]))
+            state = (params, make_optimizer(config).init_state(params), 0, 0.0)
+        states.append(state)
+    W = np.stack([state[0]["w"] for state in states])
+    B = np.stack([state[0]["b"] for state in states])
+    seconds = [state[3] for state in states]
+    epoch, stop_epoch = states[0][2], jobs[0][3]
+    targets = data.targets(model)
+    steps = steps_per_epoch(len(targets), configs[0]["batch_size"])
+    alive = list(range(len(jobs)))  # trials still training, in the order of W's rows
+    rows: list = [[] for _ in jobs]
+    stopped = [False] * len(jobs)
+    params_of = [state[0] for state in states]
+    while epoch < stop_epoch and alive:
+        started = time.perf_counter()
+        W, B = _epoch_softmax_side_by_side(
+            W, B, [configs[i]["lr"] for i in alive], [configs[i]["l2"] for i in alive],
+            [configs[i]["seed"] for i in alive], data, targets, epoch, steps)
+        done = []
+        for k, i in enumerate(alive):
+            params_of[i] = {"w": W[k], "b": B[k]}
+        together = (_softmax_metrics_side_by_side(model, W, B, data) if spec.evaluator is None
+                    else None)
+        for k, i in enumerate(alive):
+            metrics = (together[k] if together is not None
+                       else _epoch_metrics(model, params_of[i], data, spec.evaluator))
+            seconds[i] += (time.perf_counter() - started) / len(alive)
+            row = {"epoch": epoch, "training_iteration": epoch + 1, **metrics,
+                   "time_total_s": seconds[i]}
+            rows[i].append(row)
+            if not np.isfinite(row["loss"]):
+                done.append(k)
+            elif spec.stop is not None and stop_reached(spec.stop, jobs[i][0][0], row,
+                                                         spec.metric, spec.mode):
+                stopped[i] = True
+                done.append(k)
+        epoch += 1
+        for i, state in enumerate(states):
+            if i in alive:
+                states[i] = (None, state[1], epoch, 0.0)
+        if done:
+            keep = [k for k in range(len(alive)) if k not in done]
+            for k in done:
+                params_of[alive[k]] = {"w": W[k].copy(), "b": B[k].copy()}
+            alive = [alive[k] for k in keep]
+            W, B = W[keep], B[keep]
+    out = []
+    for i, state in enumerate(states):
+        params = params_of[i]
+        if i in alive:
+            k = alive.index(i)
+            params = {"w": W[k].copy(), "b": B[k].copy()}
+        out.append(((params, state[1], state[2], seconds[i]), rows[i], stopped[i]))
+    return out
+
+
+def _softmax_metrics_side_by_side(model: Any, W: np.ndarray, B: np.ndarray,
+                                  data: _Shards) -> list[dict]:
+    """:func:`_epoch_metrics` (no evaluator) of a softmax model for several trials
+    at once, the same operations per trial and shard as
+    :func:`_softmax_evaluation`."""
+    K = len(W)
+    rows: list = [{} for _ in range(K)]
+    for name, shards in (("train", data.train), ("valid", data.valid)):
+        if not shards:
+            continue
+        labels, cuts = data.labels(model, name)
+        logits = np.empty((K, len(labels), W.shape[2]))
+        for (X, _), a, b in zip(shards, cuts[:-1], cuts[1:]):
+            np.matmul(X, W, out=logits[:, a:b])
+        logits += B[:, None, :]
+        picked = _log_softmax(logits.reshape(-1, W.shape[2])).reshape(logits.shape)[
+            :, np.arange(len(labels)), labels]
+        right = np.argmax(logits, axis=2) == labels
+        for k in range(K):
+            judged = [(-float(np.add.reduce(picked[k, a:b])), int(np.add.reduce(right[k, a:b])),
+                       b - a, None, None) for a, b in zip(cuts[:-1], cuts[1:])]
+            rows[k].update(summarize(judged, name, model.task))
+    for row in rows:
+        row["loss"] = row.get("valid_loss", row["train_loss"])
+    return rows
+
+
+def _epoch_softmax_side_by_side(W: np.ndarray, B: np.ndarray, lrs: list, l2s: list,
+                                seeds: list, data: _Shards, targets: np.ndarray, epoch: int,
+                                steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_epoch_linear` of a softmax model with plain SGD for several trials
+    at once: ``W`` (trials, features, classes) and ``B`` (trials, classes)."""
+    K = len(seeds)
+    orders = [data.epoch_order(epoch, steps, seed) for seed in seeds]
+    cuts = orders[0][1]
+    index = np.stack([order[0] for order in orders])
+    X, t = data.X[index], targets[index]
+    n_shards, n_features, n_classes = len(data.sizes), X.shape[2], W.shape[2]
+    counts = np.diff(cuts).reshape(steps, n_shards)
+    equal_shares = (counts == counts[:, :1]).all(axis=1).tolist()
+    cuts = cuts.tolist()
+    arange = np.arange(K * int(counts.sum(axis=1).max()))
+    lr = np.array(lrs).reshape(K, 1, 1)
+    lr_b = lr.reshape(K, 1)
+    l2 = np.array(l2s).reshape(K, 1, 1) if l2s[0] else None
+    for step in range(steps):
+        bounds = cuts[step * n_shards:(step + 1) * n_shards + 1]
+        lo, hi = bounds[0], bounds[-1]
+        rows, share = hi - lo, (hi - lo) // n_shards
+        logits = np.empty((K, rows, n_classes))
+        equal = equal_shares[step]
+        if equal:
+            Xs = X[:, lo:hi].reshape(K, n_shards, share, n_features)
+            np.matmul(Xs, W[:, None], out=logits.reshape(K, n_shards, share, n_classes))
+        else:
+            pieces = [(a - lo, z - lo) for a, z in zip(bounds[:-1], bounds[1:])]
+            for i, j in pieces:
+                np.matmul(X[:, lo + i:lo + j], W, out=logits[:, i:j])
+        logits += B[:, None, :]
+        delta = _softmax_delta_in_place(logits.reshape(K * rows, n_classes),
+                                        t[:, lo:hi].reshape(-1), arange[:K * rows])
+        delta = delta.reshape(K, rows, n_classes)
+        if equal:
+            stacked = delta.reshape(K, n_shards, share, n_classes)
+            gw = _pairwise_sum_stacked(
+                np.matmul(Xs.transpose(0, 1, 3, 2), stacked).transpose(1, 0, 2, 3))
+            gb = _pairwise_sum_stacked(np.add.reduce(stacked, axis=2).transpose(1, 0, 2))
+        else:
+            gw = _pairwise_sum([np.matmul(X[:, lo + i:lo + j].transpose(0, 2, 1), delta[:, i:j])
+                                for i, j in pieces])
+            gb = _pairwise_sum([np.add.reduce(delta[:, i:j], axis=1) for i, j in pieces])
+        gw = gw / rows + (l2 * W if l2 is not None else 0.0)
+        gb = gb / rows + 0.0
+        W = W - lr * gw
+        B = B - lr_b * gb
+    return W, B
+
+
 #: the shards of the latest search this process ran segments of (one entry)
 _shards_cache: dict = {}
 
@@ -726,61 +949,109 @@ def _run_segments(jobs: list, spec: _SearchSpec, shards: list) -> list:
     job -- ``(state, rows, stopped)``, or the exception a job raised (with the
     worker's traceback as a note), so one bad trial does not fail the others."""
     data = _shards_of(spec, shards)
-    out: list = []
-    for (trial_id, _), config, state, stop_epoch in jobs:
+    out: list = [None] * len(jobs)
+    groups: dict = {}
+    for n, (key, config, state, stop_epoch) in enumerate(jobs):
         try:
-            out.append(train_trial(spec, data, trial_id, config, state, stop_epoch))
-        except Exception as exc:
-            exc.add_note(f"in trial {trial_id} ({config}):\n{traceback.format_exc()}")
-            out.append(exc)
+            group = _side_by_side_key(spec, config, state, stop_epoch)
+        except Exception:  # a bad config: train_trial below says what is wrong
+            group = None
+        groups.setdefault(("alone", n) if group is None else group, []).append(n)
+    for members in groups.values():
+        if len(members) > 1:
+            try:
+                outcomes = train_side_by_side(spec, data, [jobs[n] for n in members])
+            except Exception:  # let each trial raise (or not) on its own
+                outcomes = [None] * len(members)
+            for n, outcome in zip(members, outcomes):
+                out[n] = outcome
+        for n in members:
+            if out[n] is None:
+                (trial_id, _), config, state, stop_epoch = jobs[n]
+                try:
+                    out[n] = train_trial(spec, data, trial_id, config, state, stop_epoch)
+                except Exception as exc:
+                    exc.add_note(f"in trial {trial_id} ({config}):\n{traceback.format_exc()}")
+                    out[n] = exc
     return out
 
 
 # ---------------------------------------------------------------------- running segments
 
-#: a pack of first segments holds about this many optimizer steps (a few ms of work)
-_PACK_STEPS = 256
-_PACK_MAX = 16
+#: what evaluating an epoch (loss on the training and validation rows) costs, in optimizer steps
+_EVAL_STEPS = 6
+#: a task holds segments worth at least / at most this many optimizer steps: about 10 ms and
+#: 150 ms of work for the digits search -- the cost of a task (its messages, the head's
+#: bookkeeping, about 2 ms of CPU across the processes) stays a few percent of what it
+#: runs, and trials that train side by side come in large groups
+_PACK_MIN_STEPS = 256
+_PACK_MAX_STEPS = 4096
 
 
 class _SegmentRunner:
-    """Runs segments as tasks and hands back each one's outcome by key ``(trial, start)``.
+    """Runs segments as tasks, several to a task, and hands back each one's
+    outcome by key ``(trial, start)``.
 
-    ``need`` submits a segment the search will wait for, on its own task; while
-    fewer than ``tasks_in_flight`` tasks run, the runner also submits segments
-    from ``ahead`` (every trial's first segment, in trial order: work every order
-    of decisions needs), several per task.
+    Two kinds of segments wait to run: continuations the search decided
+    (:meth:`need`), the longest first -- those started at a later rung go
+    further, so they go first and the search does not end on one long
+    segment --, those of a batch size together (see :func:`train_side_by_side`), then every trial's first segment (``ahead``, in trial order:
+    work every order of decisions needs).  While fewer than
+    ``tasks_in_flight`` tasks run, the runner submits a task holding a share
+    of that work: ``1/tasks_in_flight`` of what waits, between
+    ``_PACK_MIN_STEPS`` and ``_PACK_MAX_STEPS`` optimizer steps.  Big tasks
+    while much waits, small ones at the end, when the cluster would otherwise
+    wait on one late task.  Which task runs a segment changes no result.
     """
 
     def __init__(self, spec: _SearchSpec, shards: list, tasks_in_flight: int,
-                 ahead: Iterator[tuple], steps_of: Callable[[tuple], int]) -> None:
+                 ahead: list[tuple], steps_of: Callable[[tuple], int]) -> None:
         self._task = daskray.remote(max_retries=1)(_run_segments)
         self._spec, self._shards = spec, shards
-        self._limit, self._ahead, self._steps_of = tasks_in_flight, ahead, steps_of
+        self._limit, self._steps_of = tasks_in_flight, steps_of
+        self._ahead = deque(ahead)
+        self._ahead_steps = sum(map(steps_of, ahead))
+        self._pending: list = []  # heap of (-start, batch size, trial, job): decided, not submitted
+        self._pending_steps = 0
         self._inflight: dict[daskray.ObjectRef, list] = {}
         self._submitted: set = set()
         self._done: dict = {}
 
     def need(self, job: tuple) -> None:
+        """The search will want ``job``'s outcome: run it in one of the next tasks."""
         if job[0] not in self._submitted:
-            self._submit([job])
+            size = job[1].get("batch_size")  # those of a size together: they train side by side
+            heapq.heappush(self._pending, (-job[0][1], size if isinstance(size, int) else 0,
+                                           job[0][0], job))
+            self._pending_steps += self._steps_of(job)
 
     def retry(self, job: tuple) -> None:
+        """Run ``job`` again (its last run raised), on a task of its own, now."""
         self._submitted.discard(job[0])
         self._done.pop(job[0], None)
-        self.need(job)
+        self._submit([job])
 
     def result(self, job: tuple) -> Any:
-        """The outcome of ``job``, submitting it (with the next first segments)
-        unless it was, and waiting for it if need be."""
-        key = job[0]
-        if key not in self._submitted:
-            self._submit(self._pack(job))
-        while key not in self._done:
-            self._run_ahead()
+        """The outcome of ``job``, waiting for it if need be."""
+        return self.take(self.first_done([job]))
+
+    def take(self, job: tuple) -> Any:
+        """The outcome of ``job``, which :meth:`first_done` said is in."""
+        return self._done.pop(job[0])
+
+    def first_done(self, jobs: list[tuple]) -> tuple:
+        """One of ``jobs`` whose outcome is in (the first in ``jobs`` order),
+        waiting for tasks to end until one is.  Meanwhile the cluster is kept
+        busy; if no task holds any of ``jobs``, one is submitted at once."""
+        while True:
+            for job in jobs:
+                if job[0] in self._done:
+                    return job
+            if not any(job[0] in self._submitted for job in jobs):
+                self._submit(self._pack(jobs[0]))
+            self._fill()
             ready, _ = daskray.wait(list(self._inflight), num_returns=1)
             self._collect(ready[0])
-        return self._done.pop(key)
 
     def cancel(self) -> None:
         for ref in self._inflight:
@@ -792,28 +1063,43 @@ class _SegmentRunner:
         self._inflight[ref] = [job[0] for job in jobs]
         self._submitted.update(job[0] for job in jobs)
 
-    def _pack(self, first: tuple | None = None) -> list:
-        """``first`` and the next first segments not submitted yet, up to
-        ``_PACK_STEPS`` optimizer steps or ``_PACK_MAX`` segments."""
-        pack = [first] if first is not None else []
-        keys = {job[0] for job in pack}
-        steps = sum(map(self._steps_of, pack))
-        while steps < _PACK_STEPS and len(pack) < _PACK_MAX:
-            job = next(self._ahead, None)
-            if job is None:
-                break
-            if job[0] not in self._submitted and job[0] not in keys:
-                pack.append(job)
-                keys.add(job[0])
-                steps += self._steps_of(job)
-        return pack
-
-    def _run_ahead(self) -> None:
+    def _fill(self) -> None:
         while len(self._inflight) < self._limit:
             pack = self._pack()
             if not pack:
                 return
             self._submit(pack)
+
+    def _next(self) -> tuple | None:
+        """The next waiting segment not submitted yet: continuations first."""
+        while self._pending:
+            job = heapq.heappop(self._pending)[-1]
+            self._pending_steps -= self._steps_of(job)
+            if job[0] not in self._submitted:
+                return job
+        while self._ahead:
+            job = self._ahead.popleft()
+            self._ahead_steps -= self._steps_of(job)
+            if job[0] not in self._submitted:
+                return job
+        return None
+
+    def _pack(self, first: tuple | None = None) -> list:
+        """``first`` (if given) and the next waiting segments, up to a task's share."""
+        target = min(_PACK_MAX_STEPS, max(_PACK_MIN_STEPS, (
+            self._pending_steps + self._ahead_steps) // self._limit))
+        pack = [first] if first is not None else []
+        keys = {job[0] for job in pack}
+        steps = sum(map(self._steps_of, pack))
+        while steps < target:
+            job = self._next()
+            if job is None:
+                break
+            if job[0] not in keys:
+                pack.append(job)
+                keys.add(job[0])
+                steps += self._steps_of(job)
+        return pack
 
     def _collect(self, ref: daskray.ObjectRef) -> None:
         keys = self._inflight.pop(ref)
@@ -852,9 +1138,14 @@ def run_search(model: Any, base_config: dict, space: dict, tune_config: TuneConf
                        tune_config.metric, tune_config.mode)
     search = _Search(configs, scheduler, tune_config, max_failures)
     shards = list(train.shards) + list(valid.shards if valid is not None else [])
-    runner = _SegmentRunner(spec, shards, 2 * num_workers(), search.first_segments(),
-                            lambda job: (job[3] - job[0][1]) * steps_per_epoch(
-                                train.num_rows, job[1].get("batch_size", 1024)))
+    rows = train.num_rows
+
+    def steps_of(job: tuple) -> int:
+        """A segment's cost: its optimizer steps and each epoch's evaluation."""
+        per_epoch = steps_per_epoch(rows, job[1].get("batch_size", 1024)) + _EVAL_STEPS
+        return (job[3] - job[0][1]) * per_epoch
+
+    runner = _SegmentRunner(spec, shards, 2 * num_workers(), search.first_segments(), steps_of)
     try:
         search.run(runner)
     finally:
@@ -885,25 +1176,37 @@ class _Search:
             stop = min(self.scheduler.max_t or self.epochs(trial), self.epochs(trial))
         return (trial, start), self.configs[trial], self.states.get(trial), stop
 
-    def first_segments(self) -> Iterator[tuple]:
-        return (self.job(i, 0) for i in range(len(self.configs)))
+    def first_segments(self) -> list[tuple]:
+        return [self.job(i, 0) for i in range(len(self.configs))]
 
     def run(self, runner: _SegmentRunner) -> None:
-        """Take segments in the order of decisions (see the module docstring).
-        Within a rung, that order is the trials' order whatever the window size,
-        so ``max_concurrent_trials`` changes no decision: it only bounds how
-        many trials are in progress."""
-        window: deque = deque()
+        """Take segments in the order of decisions (see the module docstring):
+        one queue of trials per rung (segments that start at the same epoch end
+        at the same rung), each in trial order; the search takes the first
+        outcome that is in among the queues' heads.  Within a rung, that order
+        is the trials' order whatever the timing or the window size, so
+        ``max_concurrent_trials`` changes no decision: it only bounds how many
+        trials are in progress."""
+        queues: dict[int, deque] = {}
         new = iter(range(len(self.configs)))
         limit = self.tune_config.max_concurrent_trials or len(self.configs)
+        in_progress = 0
         while True:
-            window.extend((trial, 0) for trial in itertools.islice(new, limit - len(window)))
-            if not window:
+            for trial in itertools.islice(new, limit - in_progress):
+                queues.setdefault(0, deque()).append(trial)
+                in_progress += 1
+            heads = [self.job(queue[0], start) for start, queue in sorted(queues.items()) if queue]
+            if not heads:
                 return
-            trial, start = window.popleft()
-            if self._process(trial, runner.result(self.job(trial, start)), runner):
-                window.append((trial, self.states[trial][2]))
-                runner.need(self.job(trial, self.states[trial][2]))
+            job = runner.first_done(heads)
+            trial, start = job[0]
+            queues[start].popleft()
+            if self._process(trial, runner.take(job), runner):
+                resume = self.states[trial][2]
+                queues.setdefault(resume, deque()).append(trial)
+                runner.need(self.job(trial, resume))
+            else:
+                in_progress -= 1
 
     def _process(self, trial: int, outcome: Any, runner: _SegmentRunner) -> bool:
         """Record a segment's outcome; whether the trial goes on."""
@@ -928,18 +1231,39 @@ class _Search:
         return self.scheduler.decide(state[2], rows[-1][metric], self.tune_config.mode)
 
     def grid(self) -> ResultGrid:
-        import pandas as pd
-
         results = []
         for i, config in enumerate(self.configs):
             rows, checkpoint = self.history[i], None
             if i in self.states:
                 params, opt_state, epochs, _ = self.states[i]
                 checkpoint = Checkpoint(params, epochs - 1, opt_state, config)
-            results.append(Result(rows[-1] if rows else {}, pd.DataFrame(rows), checkpoint,
-                                  self.errors.get(i), [checkpoint] if checkpoint else [],
-                                  config))
+            results.append(_TrialResult(rows[-1] if rows else {}, rows, checkpoint,
+                                        self.errors.get(i), [checkpoint] if checkpoint else [],
+                                        config))
         return ResultGrid(results, self.tune_config.metric, self.tune_config.mode)
+
+
+class _TrialResult(Result):
+    """A trial's :class:`Result` whose ``metrics_dataframe`` is made from its rows
+    when first read: a search of a thousand trials would otherwise spend a
+    quarter of a second, after its last segment, on DataFrames few are read."""
+
+    @property
+    def metrics_dataframe(self) -> Any:
+        frame = self.__dict__.get("_frame")
+        if frame is None:
+            import pandas as pd
+
+            frame = self.__dict__["_frame"] = pd.DataFrame(self.__dict__.pop("_rows", []))
+        return frame
+
+    @metrics_dataframe.setter
+    def metrics_dataframe(self, value: Any) -> None:
+        if isinstance(value, list):
+            self.__dict__["_rows"] = value
+            self.__dict__.pop("_frame", None)
+        else:
+            self.__dict__["_frame"] = value
 
 
 def num_workers() -> int:
