@@ -528,26 +528,11 @@ class DirectResults:
     results: list
 
 
-#: a DirectCalls / DirectResults message holds about this many bytes at most
-DIRECT_BATCH_BYTES = 1 << 20
-
-
 def direct_batches(items: list, size_of: Any) -> list[list]:
-    """``items`` in order, as lists of about :data:`DIRECT_BATCH_BYTES` at most
-    (``size_of(item)``: its bytes); an item larger than that goes alone."""
-    out: list[list] = []
-    group: list = []
-    size = 0
-    for item in items:
-        n = size_of(item)
-        if group and size + n > DIRECT_BATCH_BYTES:
-            out.append(group)
-            group, size = [], 0
-        group.append(item)
-        size += n
-    if group:
-        out.append(group)
-    return out
+    """``items`` (direct calls or their replies) in order, as lists for one
+    ``DirectCalls`` / ``DirectResults`` message each, of about :data:`BATCH_BYTES`
+    at most (``size_of(item)``: its bytes); an item larger than that goes alone."""
+    return _grouped(items, size_of)
 
 
 @message(72)
@@ -587,18 +572,24 @@ BATCH_BYTES = 1 << 20
 def batches(encoded: list) -> list:
     """``encoded`` messages as few frames as :data:`BATCH_BYTES` allows, in order: a
     message alone stays as it is, larger ones travel on their own."""
-    out: list = []
+    return [_batch_frame(group) for group in _grouped(encoded, len)]
+
+
+def _grouped(items: list, size_of: Any) -> list[list]:
+    """``items`` in order, cut into lists of at most :data:`BATCH_BYTES` by
+    ``size_of``; an item larger than that is a list of its own."""
+    out: list[list] = []
     group: list = []
     size = 0
-    for data in encoded:
-        n = len(data)
+    for item in items:
+        n = size_of(item)
         if group and size + n > BATCH_BYTES:
-            out.append(_batch_frame(group))
+            out.append(group)
             group, size = [], 0
-        group.append(data)
+        group.append(item)
         size += n
     if group:
-        out.append(_batch_frame(group))
+        out.append(group)
     return out
 
 
