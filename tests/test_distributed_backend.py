@@ -418,8 +418,13 @@ def test_graph_task_runs_again_when_its_worker_dies(backend, dask_cluster, tmp_p
 
 @ON_DASK
 def test_graph_task_that_kills_its_workers_is_a_workercrashederror(backend, dask_cluster):
+    # distributed gives up after allowed-failures + 1 deaths: 2 here rather than the
+    # default 4, as each death waits for a nanny to start a new worker process
+    scheduler = dask_cluster.scheduler
+    allowed, scheduler.allowed_failures = scheduler.allowed_failures, 1
     try:
         with pytest.raises(daskray.WorkerCrashedError, match="allowed-failures"):
             daskray.get({"x": (_exit_always,), "y": (inc, "x")}, "y")
     finally:
+        scheduler.allowed_failures = allowed
         _wait_for_workers(dask_cluster)

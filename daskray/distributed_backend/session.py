@@ -260,8 +260,26 @@ class DistributedSession:
             try:
                 return self.client.gather(futures)
             except BaseException as exc:
+                exc = self._earliest_failure(exc, futures)
                 error = self._error(_unshared(exc, futures))
                 raise error from _cause(exc, error)
+
+    def _earliest_failure(self, exc: BaseException, futures: list) -> BaseException:
+        """What ``gather`` raises for the first failed Future in ``futures``' order,
+        when ``exc`` is a failed Future's: gather checks its Futures in the order of a
+        set, and ``get`` of a list raises the failure of its earliest ref, as Ray does."""
+        from distributed.client import FutureCancelledError
+
+        failed = [f for f in futures if f.status in ("error", "cancelled")]
+        a_failure = isinstance(exc, FutureCancelledError) or any(
+            f.status == "error" and f.exception() is exc for f in failed)
+        if len(failed) < 2 or not a_failure:  # an interrupt, a lost connection: itself
+            return exc
+        try:
+            self.client.gather([failed[0]])
+        except BaseException as earliest:  # noqa: BLE001 - it is what is raised, instead
+            return earliest
+        return exc
 
     def wait(self, refs: Sequence[ObjectRef], num_returns: int = 1,
              timeout: float | None = None) -> tuple[list, list]:
