@@ -44,6 +44,9 @@ FETCH_TIMEOUT_MS = 60_000
 LAZY_SECONDS = 0.005
 #: ... and at most this many of them
 LAZY_COUNT = 256
+#: the I/O thread looks for ref changes every 50 ms until this long after its last
+#: wake-up, and is woken for them after that
+ACTIVE_SECONDS = 1.0
 
 
 class _Lazy(bytes):
@@ -95,6 +98,8 @@ class Client:
         self._ref_wake_r, self._ref_wake_w = os.pipe()
         os.set_blocking(self._ref_wake_r, False)
         os.set_blocking(self._ref_wake_w, False)
+        #: whether the I/O thread may sleep long (see ``wake_for_refs``)
+        self._sleeping_long = False
         #: ms to keep sending queued messages after close (see AttachedCluster)
         self.linger_ms = 0
         #: sockets to actors' processes taking calls straight, by address (I/O thread's)
@@ -276,12 +281,18 @@ class Client:
             poller.register(head_fd, zmq.POLLIN)
         watched_fd = head_fd  # closed when the loop ends, watched or not
         try:
+            active_at = 0.0
             while True:
-                timeout = 50 if tracker.has_changes() else 1000
+                # set before looking for ref changes: one recorded after the look
+                # then sees it and wakes this thread (see ``wake_for_refs``)
+                self._sleeping_long = time.monotonic() - active_at > ACTIVE_SECONDS
+                timeout = 50 if tracker.has_changes() or not self._sleeping_long else 1000
                 if self._held_since is not None:
                     left = self._held_since + LAZY_SECONDS - time.monotonic()
                     timeout = max(0, min(timeout, int(left * 1000) + 1))
                 ready = dict(poller.poll(timeout))
+                if ready:
+                    active_at = time.monotonic()
                 if self._ref_wake_r in ready:
                     transport.drain_pipe(self._ref_wake_r)
                 hold = self._hold_lazy()
@@ -311,7 +322,9 @@ class Client:
                 if closing:
                     return
                 if self._head in ready:
-                    while True:
+                    # asking first: a recv that finds nothing raises zmq.Again, which
+                    # costs five times as much
+                    while self._head.get(zmq.EVENTS) & zmq.POLLIN:
                         try:
                             frame = self._head.recv(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
@@ -379,7 +392,7 @@ class Client:
         wait at once: the waiting threads are woken once."""
         filed = []
         counts = tracker.counts
-        while True:
+        while sock.get(zmq.EVENTS) & zmq.POLLIN:
             try:
                 frame = sock.recv(zmq.NOBLOCK, copy=False)
             except zmq.Again:
@@ -467,5 +480,9 @@ class Client:
             self._results_changed.notify_all()
 
     def wake_for_refs(self) -> None:
-        """Have the I/O thread send the ref changes now (any thread, any context)."""
-        transport.poke(self._ref_wake_w)  # a closed pipe (-1) fails quietly too
+        """Have the I/O thread send the ref changes soon (any thread, any context):
+        a poke only if it may be sleeping long.  While the process keeps it busy it
+        looks every 50 ms anyway, and a wake-up per dropped ref would cost each
+        call a thread switch."""
+        if self._sleeping_long:
+            transport.poke(self._ref_wake_w)  # a closed pipe (-1) fails quietly too

@@ -23,6 +23,10 @@ from typing import Callable
 
 #: how old the oldest pending report may grow while a task runs
 LATE_SECONDS = 0.01
+#: how often the thread looks at the deadline while tasks keep arming it
+TICK_SECONDS = 0.005
+#: the thread sleeps until woken after this long without an arm
+IDLE_AFTER_SECONDS = 1.0
 
 
 class LateReports:
@@ -56,16 +60,25 @@ class LateReports:
             self._lock.notify()
 
     def _run(self) -> None:
+        """While tasks keep arming it, look every ``TICK_SECONDS`` (a wake-up per
+        task would cost the worker a thread switch per task, on a call's critical
+        path); after ``IDLE_AFTER_SECONDS`` without an arm, sleep until the next."""
         with self._lock:
+            last_armed = time.perf_counter()
             while not self._stopped:
+                now = time.perf_counter()
                 if self._deadline is None:
-                    self._idle = True
-                    self._lock.wait()
-                    self._idle = False
+                    if now - last_armed > IDLE_AFTER_SECONDS:
+                        self._idle = True
+                        self._lock.wait()
+                        self._idle = False
+                    else:
+                        self._lock.wait(TICK_SECONDS)
                     continue
-                delay = self._deadline - time.perf_counter()
+                last_armed = now
+                delay = self._deadline - now
                 if delay > 0:
-                    self._lock.wait(delay)
+                    self._lock.wait(min(delay, TICK_SECONDS))
                     continue
                 self._deadline = None
                 try:

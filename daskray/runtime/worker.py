@@ -304,9 +304,10 @@ class Worker:
 
     def drain_direct(self) -> None:
         """Queue the calls callers sent straight to this actor's process."""
-        while True:
+        direct = self.direct
+        while direct.get(_EVENTS) & _POLLIN:  # see drain
             try:
-                frames = self.direct.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = direct.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
             self._on_direct(frames)
