@@ -650,10 +650,12 @@ class Worker:
         self.head.close(0)
 
 
-def main(make_session: Callable[[InTaskConnection], Any]) -> None:
+def main(make_session: Callable[[InTaskConnection], Any],
+         after_start: Callable[[], None] | None = None) -> None:
     """Run a worker process; ``make_session(connection)`` gives the session its
     tasks' Ray-style calls go through (passed in: sessions build on the runtime,
-    not the other way round)."""
+    not the other way round).  ``after_start`` is called once the worker has
+    registered, before it takes tasks."""
     sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
@@ -664,6 +666,8 @@ def main(make_session: Callable[[InTaskConnection], Any]) -> None:
     backend.install(session, in_task=True)
     tracker.on_drop = session.forget
     tracker.reporting = True
+    if after_start is not None:
+        after_start()
     try:
         worker.run()
     finally:
