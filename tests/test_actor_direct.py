@@ -7,15 +7,14 @@ from __future__ import annotations
 import os
 import pickle
 import signal
+import socket
 import time
 import zlib
 
 import pytest
-import zmq
-
 import daskray
 from daskray.runtime import protocol as P
-from daskray.runtime import transport
+from daskray.runtime.direct_link import frame
 from helpers import mark_started, start_cluster, wait_for_path, wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -175,7 +174,7 @@ def test_a_sigkilled_actor_fails_its_pending_direct_calls(counted, tmp_path):
             daskray.get(ref, timeout=30)
     with pytest.raises(daskray.ActorDiedError):
         daskray.get(log.add.remote(0), timeout=30)
-    assert channel.address is None or not os.path.exists(channel.address[len("ipc://"):])
+    assert channel.address is None or not os.path.exists(channel.address)
 
 
 def test_direct_calls_run_again_on_the_restarted_actor_where_retries_allow(counted, tmp_path):
@@ -218,29 +217,50 @@ def test_calls_from_a_task_and_from_another_actor(counted):
     assert daskray.get(caller.call.remote(log, 20)) == list(range(20))
 
 
+def _connect(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket, within: float) -> bool:
+    """Whether the other end closed ``sock`` within ``within`` seconds (it sent nothing)."""
+    sock.settimeout(within)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
 def test_the_direct_socket_drops_what_is_malformed_or_unauthenticated(cluster, tmp_path):
     log = Log.remote()
     address = open_channel(log).address
     token = session().conn.token
     marker = tmp_path / "unpickled"
-    ctx = zmq.Context()
-    try:
-        # a stranger without the session token: refused in the handshake
-        stranger = transport.dealer(ctx, address, os.urandom(len(token)))
-        stranger.send(P.encode(P.DirectCall((b"x" * 8, 1, 0), b"t", b"", b"")))
-        # with the token, but a pickle that would run code: refused by the decoder
-        payload = pickle.dumps(_Trap(str(marker)))
-        insider = transport.dealer(ctx, address, token)
-        insider.send(zlib.crc32(payload).to_bytes(4, "little") + payload)
-        insider.send(b"garbage")  # a bad checksum
-        insider.send(P.encode(P.DirectCall("not a ref", b"t", None, b"")))  # wrong fields
-        insider.send(P.encode(P.DirectCalls([("a", "b"), 3])))  # not calls
-        insider.send(P.encode(P.Welcome({}, "")))  # not a direct call
-        assert not insider.poll(500) and not stranger.poll(10)
-        stranger.close(0)
-        insider.close(0)
-    finally:
-        ctx.term()
+    call = P.encode(P.DirectCall((b"x" * 8, 1, 0), b"t", b"", b""))
+    # a stranger without the session token: closed, nothing of it decoded
+    stranger = _connect(address)
+    stranger.sendall(frame(os.urandom(len(token))) + frame(call))
+    assert _closed_by_peer(stranger, 10)
+    # a first message longer than the token: closed at its length header
+    greedy = _connect(address)
+    greedy.sendall((1 << 30).to_bytes(4, "little") + b"x" * 1000)
+    assert _closed_by_peer(greedy, 10)
+    # with the token, but a pickle that would run code: refused by the decoder;
+    # then garbage, wrong fields, not calls, not a direct call: each dropped
+    payload = pickle.dumps(_Trap(str(marker)))
+    insider = _connect(address)
+    insider.sendall(frame(token) + frame(zlib.crc32(payload).to_bytes(4, "little") + payload)
+                    + frame(b"garbage")
+                    + frame(P.encode(P.DirectCall("not a ref", b"t", None, b"")))
+                    + frame(P.encode(P.DirectCalls([("a", "b"), 3])))
+                    + frame(P.encode(P.Welcome({}, ""))))
+    assert not _closed_by_peer(insider, 0.5)  # nothing came back, and it is still open
+    for sock in (stranger, greedy, insider):
+        sock.close()
     assert not marker.exists()
     assert daskray.get(log.add.remote(1), timeout=30) == 1  # the process took no harm
 
@@ -279,7 +299,7 @@ def test_nothing_is_left_after_shutdown(restart_cluster):
     channel = open_channel(log)
     pid = daskray.get(log.pid.remote())
     assert daskray.get([log.add.remote(i) for i in range(50)]) == list(range(50))
-    socket_path = channel.address[len("ipc://"):]
+    socket_path = channel.address
     assert os.path.exists(socket_path)
     session_dir = os.path.dirname(socket_path)
     daskray.shutdown()

@@ -10,8 +10,9 @@ any number of user threads may run graphs at once, each waiting on its own
 queue.  What the user threads queue while the I/O thread is busy leaves as one
 :class:`~.protocol.Batch`, and the head answers a loop turn's results in one:
 a burst of calls costs a few wake-ups of each process, not one per call.  The
-I/O thread also owns the sockets to actors' processes that take calls straight
-(``send_direct``, see :mod:`.session`): their replies are filed like the head's.  Large
+I/O thread also owns the links to actors' processes that take calls straight
+(``send_direct``, see :mod:`.session`; plain Unix sockets, :mod:`.direct_link`):
+their replies are filed like the head's.  Large
 results are fetched by the waiting thread straight from the worker that holds
 them.  If the head process dies, every waiting graph fails with
 :class:`~daskray.errors.ClusterError` instead of hanging.
@@ -31,6 +32,7 @@ import zmq
 from ..errors import ClusterError
 from ..refs import tracker
 from . import protocol as P
+from .direct_link import DirectLink
 from . import transport
 from .process import pidfd
 from .serialization import frames_nbytes
@@ -103,7 +105,7 @@ class Client:
         #: ms to keep sending queued messages after close (see AttachedCluster)
         self.linger_ms = 0
         #: sockets to actors' processes taking calls straight, by address (I/O thread's)
-        self._direct: dict[str, zmq.Socket] = {}
+        self._direct: dict[str, DirectLink] = {}
         #: addresses whose sockets the I/O thread is to close
         self._direct_closing: list[str] = []
         #: actors whose process the head said is gone (see ActorMoved): read by the session
@@ -283,10 +285,13 @@ class Client:
         try:
             active_at = 0.0
             while True:
+                connecting = self._connect_links(poller)
                 # set before looking for ref changes: one recorded after the look
                 # then sees it and wakes this thread (see ``wake_for_refs``)
                 self._sleeping_long = time.monotonic() - active_at > ACTIVE_SECONDS
                 timeout = 50 if tracker.has_changes() or not self._sleeping_long else 1000
+                if connecting:  # a link waits for room in its actor's listen queue
+                    timeout = min(timeout, 10)
                 if self._held_since is not None:
                     left = self._held_since + LAZY_SECONDS - time.monotonic()
                     timeout = max(0, min(timeout, int(left * 1000) + 1))
@@ -331,17 +336,18 @@ class Client:
                             break
                         self._deliver(frame)
                 if len(ready) > 1 or self._head not in ready:
-                    for sock in self._direct.values():
-                        if sock in ready:
-                            self._take_direct(sock)
+                    for link in list(self._direct.values()):
+                        events = ready.get(link.fileno())
+                        if events:
+                            self._serve_link(link, events, poller)
                 if head_fd is not None and head_fd in ready:
                     self.fail_waiters("the daskray head process died; the cluster is gone. "
                                    "Call daskray.shutdown() and daskray.init() to start a new one.")
                     poller.unregister(head_fd)
                     head_fd = None
         finally:
-            for sock in self._direct.values():
-                sock.close(0)
+            for link in self._direct.values():
+                link.close()
             self._direct.clear()
             self._head.close(self.linger_ms)
             os.close(self._ref_wake_r)
@@ -372,33 +378,55 @@ class Client:
             else:
                 to_head.append(item)
         for address, calls in direct.items():
-            sock = self._direct.get(address)
-            if sock is None:
-                sock = self._direct[address] = transport.dealer(self.ctx, address, self.token)
-                poller.register(sock, zmq.POLLIN)
+            link = self._direct.get(address)
+            if link is None:
+                link = self._direct[address] = DirectLink(address, self.token)
+                if link.dead:  # the process is gone: the head says what became of the calls
+                    del self._direct[address]
+                    link.close()
+                    continue
+                poller.register(link.fileno(), zmq.POLLIN)
             for group in P.direct_batches(calls, _call_bytes):
-                transport.send_message(sock, P.encode(P.DirectCalls(group)))
+                link.send(P.encode(P.DirectCalls(group)))
+            self._after_io(address, link, poller)
         return to_head
+
+    def _connect_links(self, poller: zmq.Poller) -> bool:
+        """Try again to connect the links a full listen queue turned away; whether
+        any still waits."""
+        waiting = False
+        for address, link in list(self._direct.items()):
+            if not link.connected:
+                link.connect()
+                self._after_io(address, link, poller)
+                waiting = waiting or not (link.connected or link.dead)
+        return waiting
+
+    def _after_io(self, address: str, link: DirectLink, poller: zmq.Poller) -> None:
+        """Drop a link that died; watch it for room to write while it holds unsent bytes."""
+        if link.dead:
+            self._close_direct([address], poller)
+        else:
+            poller.modify(link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write() else 0))
 
     def _close_direct(self, addresses: list, poller: zmq.Poller) -> None:
         for address in addresses:
-            sock = self._direct.pop(address, None)
-            if sock is not None:
-                poller.unregister(sock)
-                sock.close(0)
+            link = self._direct.pop(address, None)
+            if link is not None:
+                poller.unregister(link.fileno())
+                link.close()
 
-    def _take_direct(self, sock: zmq.Socket) -> None:
-        """File the replies an actor's process sent (RefResults only), all that
-        wait at once: the waiting threads are woken once."""
+    def _serve_link(self, link: DirectLink, events: int, poller: zmq.Poller) -> None:
+        """Write what waited on ``link``; file the replies its process sent
+        (RefResults only), all that came at once: the waiting threads are woken once."""
+        address = link.address
+        if events & zmq.POLLOUT:
+            link.flush()
         filed = []
         counts = tracker.counts
-        while sock.get(zmq.EVENTS) & zmq.POLLIN:
+        for data in link.receive() if events & (zmq.POLLIN | zmq.POLLERR) else ():
             try:
-                frame = sock.recv(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            try:
-                msg = P.decode(frame.buffer)
+                msg = P.decode(data)
                 if type(msg) is not P.DirectResults or type(msg.results) is not list:
                     continue
                 items = [P.RefResult(*r) for r in msg.results
@@ -406,6 +434,7 @@ class Client:
             except (P.ProtocolError, TypeError):
                 continue
             filed.extend(m for m in items if m.ref in counts)
+        self._after_io(address, link, poller)
         if filed:
             with self._results_changed:
                 results = self.results

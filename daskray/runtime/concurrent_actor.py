@@ -54,7 +54,7 @@ class ConcurrentCalls:
         poller = zmq.Poller()
         poller.register(worker.head, zmq.POLLIN)
         if worker.direct is not None:  # calls callers send straight (see worker)
-            poller.register(worker.direct, zmq.POLLIN)
+            poller.register(worker.direct.fileno(), zmq.POLLIN)
         poller.register(self.wake_pull, zmq.POLLIN)
         # refs the calls' threads drop wake this loop through a pipe: safe from any
         # thread and from a finalizer, where a zmq socket or a lock is not

@@ -18,9 +18,10 @@ task's own calls go through, with nested tasks while it waits in ``get()``
 (:mod:`.in_task`), and the loop of an actor whose calls run concurrently
 (:mod:`.concurrent_actor`).
 
-An actor's process also binds a *direct* socket (authenticated like every bound
-socket): callers that know where it is send calls there (``DirectCall``), not
-through the head.  Such a call queues with the head's, runs under its
+An actor's process also listens on a *direct* Unix socket (:mod:`.direct_link`:
+plain framed messages after the session token, no ZeroMQ on this hop where each
+call may wait on the one before): callers that know where it is send calls there
+(``DirectCall``), not through the head.  Such a call queues with the head's, runs under its
 ``direct_key``, and its outcome goes straight back to the caller (a
 ``RefResult``) and, in the next batch of reports, to the head.
 """
@@ -48,6 +49,7 @@ from . import protocol as P
 from . import allocator, context, host_transfer, shared_memory, transport
 from .concurrent_actor import ConcurrentCalls
 from .data_server import DataServer, PeerReader
+from .direct_link import DirectServer
 from .in_task import RECURSION_LIMIT, InTaskConnection
 from .late_reports import LateReports
 from .object_store import ObjectStore
@@ -136,13 +138,13 @@ class Worker:
         self.resources: dict = config.get("resources") or {}
         self.actor: str | None = config.get("actor")
         #: an actor's socket for calls sent straight by their callers (see the module)
-        self.direct: zmq.Socket | None = None
-        #: direct calls queued or running: {direct key: (caller's identity, ref key)}
-        self.direct_calls: dict[str, tuple[bytes, tuple]] = {}
+        self.direct: DirectServer | None = None
+        #: direct calls queued or running: {direct key: (caller's connection, ref key)}
+        self.direct_calls: dict[str, tuple[int, tuple]] = {}
         #: function tables callers sent with direct calls (kept: callers send each once)
         self.direct_tables: dict[bytes, bytes] = {}
-        #: replies to direct calls' callers, sent with the next reports: {identity: [frame]}
-        self.direct_replies: dict[bytes, list] = {}
+        #: replies to direct calls' callers, sent with the next reports: {connection: [reply]}
+        self.direct_replies: dict[int, list] = {}
         #: when the oldest of them was made (``perf_counter``)
         self.first_reply_at = 0.0
         #: pending reports that may not wait (see ``flush``)
@@ -152,13 +154,13 @@ class Worker:
         self.direct_done: dict[str, None] = {}
         self.log = transport.ThrottledLog(prefix=f"daskray worker {self.id}")
         if self.actor is not None:
-            direct_address = transport.ipc_address(config["session_dir"], f"a-{self.id}.sock")
-            self.direct = transport.router(self.ctx, direct_address, self.token)
-            context.direct_channel = (direct_address, self.id)
+            direct_path = os.path.join(config["session_dir"], f"a-{self.id}.sock")
+            self.direct = DirectServer(direct_path, self.token, self.log)
+            context.direct_channel = (direct_path, self.id)
         self.poller = zmq.Poller()
         self.poller.register(self.head, zmq.POLLIN)
         if self.direct is not None:
-            self.poller.register(self.direct, zmq.POLLIN)
+            self.poller.register(self.direct.fileno(), zmq.POLLIN)
         self.running = True
         #: an actor with max_concurrency > 1 or async methods runs calls on a thread pool
         self.concurrent: ConcurrentCalls | None = None
@@ -281,6 +283,8 @@ class Worker:
                 timeout = max(0, min(timeout, int(left * 1000) + 1))
             if self.poller.poll(timeout):
                 return
+            if self.direct is not None:  # callers that never authenticate
+                self.direct.expire()
             if tracker.has_changes() or self.reports:
                 self.flush()
             if trim_at is not None and time.monotonic() >= trim_at:
@@ -304,22 +308,16 @@ class Worker:
 
     def drain_direct(self) -> None:
         """Queue the calls callers sent straight to this actor's process."""
-        direct = self.direct
-        while direct.get(_EVENTS) & _POLLIN:  # see drain
-            try:
-                frames = direct.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self._on_direct(frames)
+        for peer, data in self.direct.receive():
+            self._on_direct(peer, data)
 
-    def _on_direct(self, frames: list) -> None:
-        """One message on the direct socket (``DirectCalls``, or one ``DirectCall``):
-        each call joins the queue.  The peer passed the session token in the
-        handshake; a message that is not such a call is dropped before a byte of
-        the task inside is unpickled."""
-        ident = frames[0].bytes
+    def _on_direct(self, peer: int, data: bytes) -> None:
+        """One message from caller connection ``peer`` (``DirectCalls``, or one
+        ``DirectCall``): each call joins the queue.  The peer presented the session
+        token first (see direct_link); a message that is not such a call is dropped
+        before a byte of the task inside is unpickled."""
         try:
-            msg = P.decode(transport.join_frames(frames[1:]))
+            msg = P.decode(data)
             if type(msg) is P.DirectCalls and type(msg.calls) is list:
                 calls = msg.calls
             elif type(msg) is P.DirectCall:
@@ -338,7 +336,7 @@ class Worker:
             if table is not None:
                 self.direct_tables[table_id] = table
             key = direct_key(ref)
-            self.direct_calls[key] = (ident, ref)
+            self.direct_calls[key] = (peer, ref)
             if key in self.dropped:  # cancelled (through the head) before it came
                 self.dropped.discard(key)
                 self.report(ReleasedReport(key))
@@ -457,7 +455,7 @@ class Worker:
         """Reply to the caller of a direct call; the report for the head.  A result
         holding ObjectRefs is not sent straight: the head must learn what it holds
         before the caller can use those refs, so the head tells the caller."""
-        ident, ref = self.direct_calls.pop(item.task)
+        peer, ref = self.direct_calls.pop(item.task)
         self.direct_done[item.task] = None
         if len(self.direct_done) > DIRECT_DONE_KEPT:
             del self.direct_done[next(iter(self.direct_done))]
@@ -477,7 +475,7 @@ class Worker:
         if reply is not None:  # sent with the reports (see _send_reports)
             if not self.direct_replies:
                 self.first_reply_at = time.perf_counter()
-            self.direct_replies.setdefault(ident, []).append(reply)
+            self.direct_replies.setdefault(peer, []).append(reply)
         return report
 
     def flush(self, changes: tuple | None = None, lazy: bool = False) -> None:
@@ -511,13 +509,10 @@ class Worker:
     def _send_replies(self) -> None:
         """Send the replies to direct calls' callers, a batch per caller."""
         replies, self.direct_replies = self.direct_replies, {}
-        for ident, results in replies.items():
+        for peer, results in replies.items():
             for group in P.direct_batches(results, _reply_bytes):
-                try:
-                    transport.send_message(self.direct, P.encode(P.DirectResults(group)),
-                                           prefix=(ident,))
-                except zmq.ZMQError:  # the caller is gone: the head has the outcomes
-                    break
+                if not self.direct.send(peer, P.encode(P.DirectResults(group))):
+                    break  # the caller is gone: the head has the outcomes
 
     # -------------------------------------------------------------- running a task
 
@@ -646,7 +641,7 @@ class Worker:
             self.output.close()
         self.peers.close()
         if self.direct is not None:
-            self.direct.close(0)
+            self.direct.close()
         self.head.close(0)
 
 
