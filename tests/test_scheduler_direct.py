@@ -91,10 +91,18 @@ def test_an_outcome_that_comes_before_its_registration_waits_for_it():
     assert ts.state == MEMORY and ts.inline == b"7"
     assert s.sizes()["early direct outcomes"] == 0
     assert not of(Dispatch, out)
+    assert not of(NotifyRef, out)  # the caller had the reply from the process
     # an error that comes first is kept the same way
     s.handle(done(3, inline=None, error=b"boom"))
     s.handle(call(3, direct="a1"))
     assert task_of(s, 3).state == ERRED and task_of(s, 3).failure[0] == b"boom"
+
+
+def test_an_outcome_the_process_could_not_reply_reaches_the_caller_at_registration():
+    s = placed_actor()
+    s.handle(done(2, inline=b"7", replied=False))  # say, a value holding refs
+    out = s.handle(call(2, direct="a1"))
+    assert [(n.to, n.inline) for n in of(NotifyRef, out)] == [(C, b"7")]
 
 
 def test_an_outcome_of_a_call_registered_and_forgotten_is_freed_not_kept():

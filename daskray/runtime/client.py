@@ -106,6 +106,10 @@ class Client:
         self.linger_ms = 0
         #: sockets to actors' processes taking calls straight, by address (I/O thread's)
         self._direct: dict[str, DirectLink] = {}
+        #: addresses with calls queued for the I/O thread (a user thread then queues too)
+        self._direct_queued: set[str] = set()
+        #: links a user thread wrote to that hold unsent bytes or died (the I/O thread's)
+        self._links_to_check: set[str] = set()
         #: addresses whose sockets the I/O thread is to close
         self._direct_closing: list[str] = []
         #: actors whose process the head said is gone (see ActorMoved): read by the session
@@ -216,18 +220,38 @@ class Client:
             transport.poke(self._ref_wake_w)
 
     def send_direct(self, address: str, msg: Any, then: Any = None) -> None:
-        """Queue ``msg`` for the actor's process at ``address`` (its direct socket),
-        and ``then`` (if given) for the head; the I/O thread sends what is for
-        actors' processes first, each destination's messages in order."""
+        """Send ``msg`` to the actor's process at ``address`` (its direct socket),
+        and queue ``then`` (if given) for the head.  The calling thread writes the
+        call itself when the I/O thread has connected to that process and holds
+        nothing more for it, and the process has answered since the last call
+        (one call waiting on the one before skips a thread hand-off); else the I/O
+        thread sends it, after what it holds for that process (each destination's
+        messages stay in order)."""
         after = None if then is None else P.encode(then)
         call = (msg.ref, msg.table_id, msg.table, msg.body)  # encoded with the others
         with self._lock:
             if self.closed:
                 raise ClusterError("the daskray client is closed; call daskray.init() first")
-            self._outgoing.append((address, call))
+            link = self._direct.get(address)
+            # straight only while the process has answered since the last call: a
+            # burst of calls goes through the I/O thread, a few messages, not one each
+            straight = link is not None and link.connected and link.answered \
+                and address not in self._direct_queued
+            if link is not None:
+                link.answered = False
+            if not straight:
+                self._outgoing.append((address, call))
+                self._direct_queued.add(address)
             if after is not None:
                 self._outgoing.append(_Lazy(after))
-            first = len(self._outgoing) - self._held <= (1 if after is None else 2)
+            added = (not straight) + (after is not None)
+            first = added and len(self._outgoing) - self._held <= added
+        if straight:
+            link.send(P.encode(P.DirectCalls([call])))
+            if link.dead or link.wants_write():  # the I/O thread watches or drops it
+                with self._lock:
+                    self._links_to_check.add(address)
+                first = True
         if first:
             transport.poke(self._ref_wake_w)
 
@@ -309,10 +333,18 @@ class Client:
                     self._held = 0
                     closing = self.closed
                     gone, self._direct_closing = self._direct_closing, []
+                    check, self._links_to_check = self._links_to_check, set()
                 if gone:
                     self._close_direct(gone, poller)
+                for address in check:
+                    link = self._direct.get(address)
+                    if link is not None:
+                        self._after_io(address, link, poller)
                 if any(type(item) is tuple for item in outgoing):
                     outgoing = self._send_direct(outgoing, poller)
+                    with self._lock:  # written: user threads may write to them now
+                        self._direct_queued = {item[0] for item in self._outgoing
+                                               if type(item) is tuple}
                 if hold and not closing:
                     with self._lock:  # back in front of what came meanwhile, in order
                         self._outgoing[:0] = outgoing
@@ -434,6 +466,7 @@ class Client:
             except (P.ProtocolError, TypeError):
                 continue
             filed.extend(m for m in items if m.ref in counts)
+            link.answered = True
         self._after_io(address, link, poller)
         if filed:
             with self._results_changed:

@@ -22,7 +22,8 @@ half as much here).  What ZeroMQ gave these sockets is done here:
 :class:`DirectServer` is the actor's side: a listening socket and its
 connections behind one epoll descriptor, which the worker's poll loop watches
 with its other sockets.  :class:`DirectLink` is a caller's connection to one
-actor process, used by one thread (the driver's I/O thread).
+actor process: the driver's I/O thread owns it, and the thread making a call
+writes it there itself.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from typing import Any
 
@@ -256,14 +258,16 @@ class DirectServer:
 
 
 class DirectLink:
-    """A caller's connection to one actor process (one thread uses it).
+    """A caller's connection to one actor process.
 
-    :meth:`send` never blocks: a message the socket does not take waits in
-    :attr:`unsent` (the owner polls :meth:`fileno` for writing while
-    :meth:`wants_write`).  If the process is gone (nothing listens, the
-    connection breaks) the link is *dead*: what it held and what is sent to it
-    later is dropped, as a message to a dead process would be -- the head tells
-    the caller what became of those calls."""
+    Any thread may :meth:`send` (a user thread writes its call itself, saving a
+    hand-off to the I/O thread); one thread (the owner, the driver's I/O thread)
+    receives, connects, flushes and closes.  :meth:`send` never blocks: a message
+    the socket does not take waits in ``unsent`` (the owner polls :meth:`fileno`
+    for writing while :meth:`wants_write`).  If the process is gone (nothing
+    listens, the connection breaks) the link is *dead*: what it held and what is
+    sent to it later is dropped, as a message to a dead process would be -- the
+    head tells the caller what became of those calls."""
 
     def __init__(self, path: str, token: bytes) -> None:
         self.address = path
@@ -273,6 +277,10 @@ class DirectLink:
         self.unsent = bytearray(frame(token))
         self.connected = False
         self.dead = False
+        #: guards ``unsent``, the state and writes to the socket
+        self.lock = threading.Lock()
+        #: whether the process answered since the last call sent (the owner's flag)
+        self.answered = True
         self.connect()
 
     def fileno(self) -> int:
@@ -280,32 +288,32 @@ class DirectLink:
 
     def connect(self) -> None:
         """Try to connect (again): a full listen queue leaves it for later."""
-        if self.connected or self.dead:
-            return
-        try:
-            self.sock.connect(self.address)
-        except (BlockingIOError, InterruptedError):
-            return  # the listen queue is full: the owner tries again soon
-        except OSError:
-            self._die()
-            return
-        self.connected = True
-        self.flush()
+        with self.lock:
+            if self.connected or self.dead:
+                return
+            try:
+                self.sock.connect(self.address)
+            except (BlockingIOError, InterruptedError):
+                return  # the listen queue is full: the owner tries again soon
+            except OSError:
+                self._die()
+                return
+            self.connected = True
+            self._write()
 
     def send(self, payload: bytes) -> None:
-        if self.dead:
-            return
-        self.unsent += frame(payload)
-        if self.connected:
-            self.flush()
+        data = frame(payload)
+        with self.lock:
+            if self.dead:
+                return
+            self.unsent += data
+            if self.connected:
+                self._write()
 
     def flush(self) -> None:
-        if not self.connected or self.dead:
-            return
-        try:
-            _write_some(self.sock, self.unsent)
-        except OSError:
-            self._die()
+        with self.lock:
+            if self.connected and not self.dead:
+                self._write()
 
     def wants_write(self) -> bool:
         return self.connected and bool(self.unsent)
@@ -319,23 +327,27 @@ class DirectLink:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError:
-                self._die()
-                break
-            if not data:
-                self._die()
-                break
+                data = b""
             try:
+                if not data:
+                    raise ValueError("closed")
                 out.extend(self.reader.feed(data))
             except ValueError:
-                self._die()
+                with self.lock:
+                    self._die()
         return out
 
     def close(self) -> None:
-        self.dead = True
-        self.sock.close()
+        with self.lock:
+            self.dead = True
+            self.sock.close()
+
+    def _write(self) -> None:
+        try:
+            _write_some(self.sock, self.unsent)
+        except OSError:
+            self._die()
 
     def _die(self) -> None:
-        if self.dead:
-            return
         self.dead = True  # nothing listens (ENOENT, ECONNREFUSED) or it broke (EPIPE)
         self.unsent = bytearray()

@@ -119,6 +119,7 @@ class ActorLifecycle:
                 actor.in_flight.append(call.id)
                 actor.direct_callers.add(client)
             if early is not None:
+                call.outcome_early = True
                 self._direct_call_done(early)
             return
         # the process it was sent to is gone: the caller sends through the head now

@@ -122,7 +122,7 @@ class GraphIntake:
                 self._fail(ts, failed.failure)
         for i in ev.wanted:
             ts = tasks.get(base + i)
-            if ts is not None and ts.state == MEMORY:
+            if ts is not None and ts.state == MEMORY and not ts.outcome_early:
                 self._report_result(ts) if gs.fail_fast else self._notify(ts)
         if not gs.fail_fast and gs.unfinished == 0:
             self._unpin(gs)

@@ -77,6 +77,9 @@ class TaskState:
     #: an actor's call its caller sent straight to the actor's process: the
     #: process keeps it (and its result) under ``store_key``, not under the task id
     direct: bool = False
+    #: a direct call whose outcome came before its registration: the caller has
+    #: been told it (by the actor's process, or when it was applied), not again
+    outcome_early: bool = False
 
 
 @dataclass(slots=True, eq=False)
