@@ -245,7 +245,10 @@ class Client:
             if after is not None:
                 self._outgoing.append(_Lazy(after))
             added = (not straight) + (after is not None)
-            first = added and len(self._outgoing) - self._held <= added
+            # a lazy registration alone wakes the I/O thread only if it holds nothing
+            # yet: else its clock is running, and it sends it with the others
+            first = len(self._outgoing) == 1 if straight else \
+                len(self._outgoing) - self._held <= added
         if straight:
             link.send(P.encode(P.DirectCalls([call])))
             if link.dead or link.wants_write():  # the I/O thread watches or drops it
