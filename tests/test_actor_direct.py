@@ -209,6 +209,23 @@ def test_cancel_of_direct_calls_queued_and_running(counted, tmp_path):
     assert daskray.get(log.add.remote(3), timeout=30) == 3
 
 
+def test_calls_more_than_the_socket_holds_wait_in_the_caller_and_all_arrive(counted, tmp_path):
+    # the actor is busy: the calls' bytes (about 25 MB, far more than a socket
+    # buffer) wait in the driver, .remote() does not block, and all arrive in order
+    log = Log.remote()
+    open_channel(log)
+    before = len(counted)
+    running = log.slow.remote(-1, str(tmp_path / "started"), 1.0)
+    wait_for_path(tmp_path / "started")
+    start = time.monotonic()
+    refs = [log.add.remote(i, b"p" * 100_000) for i in range(250)]
+    assert time.monotonic() - start < 5  # sending did not wait for the actor
+    assert len(counted) - before == 251
+    assert daskray.get(refs, timeout=60) == list(range(250))
+    assert daskray.get(running, timeout=30) == -1
+    assert daskray.get(log.seen_list.remote(), timeout=30)[-250:] == list(range(250))
+
+
 def test_calls_from_a_task_and_from_another_actor(counted):
     log = Log.remote()
     open_channel(log)

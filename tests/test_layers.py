@@ -42,7 +42,7 @@ EXCEPTIONS = {
         "the public API, through the package's lazy loader (a worker must not import dask "
         "at start)",
     ("daskray.runtime.start_worker", "daskray.api"):
-        "a worker loads the public API in a background thread once it has registered, "
+        "a worker loads the public API the first time it waits for work in vain, "
         "so that its first task calling daskray.get or .remote() does not pay the import",
     ("daskray.api", "daskray.distributed_backend.joining"):
         "init loads the dask.distributed backend on first use: a program on daskray's own "

@@ -4,12 +4,12 @@ It picks the in-task session (a :class:`~daskray.runtime.session.Session` over t
 worker) so that ``worker`` itself need not import the session layer above it.
 
 The worker registers without importing dask or the public API (a cluster starts
-in well under a second), then loads the public API in a background thread: a
-task calling ``daskray.get`` or ``.remote()`` would otherwise pay that import
-(about 0.3 s of CPU, dask's modules included) inside the first such task.
+in well under a second), then loads the public API the first time it waits for
+work in vain: a task calling ``daskray.get`` or ``.remote()`` would otherwise pay
+that import (about 0.3 s of CPU, dask's modules included) inside the first such
+task.  It is loaded in the main thread, between tasks: an import in another
+thread could race the imports a task's own unpickling makes.
 """
-
-import threading
 
 from daskray.runtime.session import Session
 from daskray.runtime.worker import main
@@ -22,8 +22,4 @@ def _load_public_api() -> None:
         pass
 
 
-def _preload_soon() -> None:
-    threading.Thread(target=_load_public_api, name="daskray-preload", daemon=True).start()
-
-
-main(Session, after_start=_preload_soon)
+main(Session, after_start=_load_public_api)

@@ -68,6 +68,8 @@ FLUSH_SECONDS = 0.001
 #: as plain ints: zmq.POLLIN is an enum.Flag, whose "&" runs Python code
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 FLUSH_COUNT = 256
+#: see ``Worker.when_idle``
+IDLE_CALL_SECONDS = 0.05
 #: how many ended direct calls a worker remembers (see Worker.direct_done)
 DIRECT_DONE_KEPT = 4096
 #: reports of direct calls whose callers have the outcome already wait at most
@@ -196,6 +198,8 @@ class Worker:
         self.last_task_end = 0.0
         #: forwards what tasks print to the drivers (see start_output)
         self.output: OutputCapture | None = None
+        #: called once, the first time the worker waits ``IDLE_CALL_SECONDS`` for work
+        self.when_idle: Callable[[], None] | None = None
 
     # -------------------------------------------------------------- setup
 
@@ -272,8 +276,9 @@ class Worker:
         ``allocator.IDLE_SECONDS`` have passed since the last task ended (if
         ``trim``; other messages do not count) return free heap memory, once."""
         trim_at = self.last_task_end + allocator.IDLE_SECONDS if trim and self.heap_used else None
+        idle_since = time.monotonic()
         while True:
-            timeout = 1000
+            timeout = 1000 if self.when_idle is None else int(IDLE_CALL_SECONDS * 1000)
             if trim_at is not None:
                 timeout = max(1, min(timeout, int((trim_at - time.monotonic()) * 1000) + 1))
             if tracker.has_changes():
@@ -287,6 +292,9 @@ class Worker:
                 self.direct.expire()
             if tracker.has_changes() or self.reports:
                 self.flush()
+            if self.when_idle is not None and time.monotonic() - idle_since >= IDLE_CALL_SECONDS:
+                call, self.when_idle = self.when_idle, None
+                call()
             if trim_at is not None and time.monotonic() >= trim_at:
                 allocator.release_free_memory()
                 trim_at = None
@@ -650,7 +658,8 @@ def main(make_session: Callable[[InTaskConnection], Any],
     """Run a worker process; ``make_session(connection)`` gives the session its
     tasks' Ray-style calls go through (passed in: sessions build on the runtime,
     not the other way round).  ``after_start`` is called once the worker has
-    registered, before it takes tasks."""
+    registered and then waited ``IDLE_CALL_SECONDS`` for a task in vain (in the
+    main thread: an import there races no task's imports)."""
     sys.setrecursionlimit(RECURSION_LIMIT)
     config = child_setup()
     worker = Worker(config)
@@ -661,8 +670,7 @@ def main(make_session: Callable[[InTaskConnection], Any],
     backend.install(session, in_task=True)
     tracker.on_drop = session.forget
     tracker.reporting = True
-    if after_start is not None:
-        after_start()
+    worker.when_idle = after_start
     try:
         worker.run()
     finally:
