@@ -62,7 +62,12 @@ def getpid():
 
 @daskray.remote
 def sleep_then(seconds, value=None):
-    time.sleep(seconds)
+    # in short sleeps: a cancel on the dask.distributed backend stops a task between
+    # Python steps, not inside one long C call, and a 30 s sleep left running would
+    # hold a dask worker's only thread into the next tests
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(min(0.01, max(0.0, deadline - time.monotonic())))
     return value
 
 
