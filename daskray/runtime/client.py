@@ -49,6 +49,8 @@ LAZY_COUNT = 256
 #: the I/O thread looks for ref changes every 50 ms until this long after its last
 #: wake-up, and is woken for them after that
 ACTIVE_SECONDS = 1.0
+#: poll flags as plain ints (operators on pyzmq's flag enums cost microseconds)
+_POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
 
 
 class _Lazy(bytes):
@@ -441,8 +443,9 @@ class Client:
         """Drop a link that died; watch it for room to write while it holds unsent bytes."""
         if link.dead:
             self._close_direct([address], poller)
-        else:
-            poller.modify(link.fileno(), zmq.POLLIN | (zmq.POLLOUT if link.wants_write() else 0))
+        elif link.wants_write() != link.watched_for_writing:
+            link.watched_for_writing = not link.watched_for_writing
+            poller.modify(link.fileno(), _POLLIN | (_POLLOUT if link.watched_for_writing else 0))
 
     def _close_direct(self, addresses: list, poller: zmq.Poller) -> None:
         for address in addresses:
@@ -455,11 +458,11 @@ class Client:
         """Write what waited on ``link``; file the replies its process sent
         (RefResults only), all that came at once: the waiting threads are woken once."""
         address = link.address
-        if events & zmq.POLLOUT:
+        if events & _POLLOUT:
             link.flush()
         filed = []
         counts = tracker.counts
-        for data in link.receive() if events & (zmq.POLLIN | zmq.POLLERR) else ():
+        for data in link.receive() if events & (_POLLIN | _POLLERR) else ():
             try:
                 msg = P.decode(data)
                 if type(msg) is not P.DirectResults or type(msg.results) is not list:

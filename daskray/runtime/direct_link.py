@@ -281,6 +281,8 @@ class DirectLink:
         self.lock = threading.Lock()
         #: whether the process answered since the last call sent (the owner's flag)
         self.answered = True
+        #: whether the owner polls it for room to write (the owner's flag)
+        self.watched_for_writing = False
         self.connect()
 
     def fileno(self) -> int:
