@@ -4,8 +4,8 @@ It picks the in-task session (a :class:`~daskray.runtime.session.Session` over t
 worker) so that ``worker`` itself need not import the session layer above it.
 
 The worker registers without importing dask or the public API (a cluster starts
-in well under a second), then loads the public API the first time it waits half a
-second for work in vain: a task calling ``daskray.get`` or ``.remote()`` would otherwise pay
+in well under a second), then loads the public API the first time it waits 0.2 s
+for work in vain: a task calling ``daskray.get`` or ``.remote()`` would otherwise pay
 that import (about 0.3 s of CPU, dask's modules included) inside the first such
 task.  It is loaded in the main thread, between tasks: an import in another
 thread could race the imports a task's own unpickling makes.

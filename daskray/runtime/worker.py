@@ -68,9 +68,9 @@ FLUSH_SECONDS = 0.001
 #: as plain ints: zmq.POLLIN is an enum.Flag, whose "&" runs Python code
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 FLUSH_COUNT = 256
-#: see ``Worker.when_idle``: long enough that a cluster's start (init() returns as
-#: soon as its workers have registered) is over before the worker spends CPU on it
-IDLE_CALL_SECONDS = 0.5
+#: see ``Worker.when_idle``: long enough that a cluster's start is over before the
+#: worker spends CPU on it (after 50 ms, init() took 0.2 s longer)
+IDLE_CALL_SECONDS = 0.2
 #: how many ended direct calls a worker remembers (see Worker.direct_done)
 DIRECT_DONE_KEPT = 4096
 #: reports of direct calls whose callers have the outcome already wait at most
