@@ -49,6 +49,8 @@ LAZY_COUNT = 256
 #: the I/O thread looks for ref changes every 50 ms until this long after its last
 #: wake-up, and is woken for them after that
 ACTIVE_SECONDS = 1.0
+#: calls remembered per actor process before those already answered are let go
+SENT_KEPT = 10_000
 #: poll flags as plain ints (operators on pyzmq's flag enums cost microseconds)
 _POLLIN, _POLLOUT, _POLLERR = int(zmq.POLLIN), int(zmq.POLLOUT), int(zmq.POLLERR)
 
@@ -112,6 +114,8 @@ class Client:
         self._direct_queued: set[str] = set()
         #: links a user thread wrote to that hold unsent bytes or died (the I/O thread's)
         self._links_to_check: set[str] = set()
+        #: calls sent to each address whose reply has not come: {address: {ref key: None}}
+        self._direct_sent: dict[str, dict] = {}
         #: addresses whose sockets the I/O thread is to close
         self._direct_closing: list[str] = []
         #: actors whose process the head said is gone (see ActorMoved): read by the session
@@ -241,6 +245,11 @@ class Client:
                 and address not in self._direct_queued
             if link is not None:
                 link.answered = False
+            sent = self._direct_sent.setdefault(address, {})
+            sent[msg.ref] = None
+            if len(sent) > SENT_KEPT:  # calls whose outcome the head told (not a reply)
+                self._direct_sent[address] = sent = {
+                    k: None for k in sent if k in tracker.counts and k not in self.results}
             if not straight:
                 self._outgoing.append((address, call))
                 self._direct_queued.add(address)
@@ -327,6 +336,10 @@ class Client:
                 ready = dict(poller.poll(timeout))
                 if ready:
                     active_at = time.monotonic()
+                # the links polled (by fd) before this turn closes or makes any: a
+                # new link may take a closed one's fd, never its events
+                polled = [(link, ready.get(link.fileno())) for link in self._direct.values()
+                          if link.registered]
                 if self._ref_wake_r in ready:
                     transport.drain_pipe(self._ref_wake_r)
                 hold = self._hold_lazy()
@@ -373,9 +386,8 @@ class Client:
                             break
                         self._deliver(frame)
                 if len(ready) > 1 or self._head not in ready:
-                    for link in list(self._direct.values()):
-                        events = ready.get(link.fileno())
-                        if events:
+                    for link, events in polled:
+                        if events and not link.dead:
                             self._serve_link(link, events, poller)
                 if head_fd is not None and head_fd in ready:
                     self.fail_waiters("the daskray head process died; the cluster is gone. "
@@ -383,9 +395,7 @@ class Client:
                     poller.unregister(head_fd)
                     head_fd = None
         finally:
-            for link in self._direct.values():
-                link.close()
-            self._direct.clear()
+            self._close_direct(list(self._direct), poller, ending=True)
             self._head.close(self.linger_ms)
             os.close(self._ref_wake_r)
             if watched_fd is not None:
@@ -422,7 +432,6 @@ class Client:
                     del self._direct[address]
                     link.close()
                     continue
-                poller.register(link.fileno(), zmq.POLLIN)
             for group in P.direct_batches(calls, _call_bytes):
                 link.send(P.encode(P.DirectCalls(group)))
             self._after_io(address, link, poller)
@@ -440,19 +449,44 @@ class Client:
         return waiting
 
     def _after_io(self, address: str, link: DirectLink, poller: zmq.Poller) -> None:
-        """Drop a link that died; watch it for room to write while it holds unsent bytes."""
+        """Drop a link that died; watch a connected one (an unconnected socket polls as
+        hung up), for room to write too while it holds unsent bytes."""
         if link.dead:
             self._close_direct([address], poller)
-        elif link.wants_write() != link.watched_for_writing:
+            return
+        if not link.connected:
+            return
+        if not link.registered:
+            link.registered = True
+            poller.register(link.fileno(), _POLLIN)
+        if link.wants_write() != link.watched_for_writing:
             link.watched_for_writing = not link.watched_for_writing
             poller.modify(link.fileno(), _POLLIN | (_POLLOUT if link.watched_for_writing else 0))
 
-    def _close_direct(self, addresses: list, poller: zmq.Poller) -> None:
+    def _close_direct(self, addresses: list, poller: zmq.Poller, ending: bool = False) -> None:
+        """Close the links to ``addresses`` (their processes are gone, or the session
+        stopped using them).  Replies already in are filed first; the head is asked for
+        the outcomes of the calls sent there that no reply told: a reply still on its
+        way is lost with the link, and the head, told the process replied, would not
+        tell the caller unasked."""
         for address in addresses:
             link = self._direct.pop(address, None)
-            if link is not None:
+            if link is None:
+                continue
+            if link.registered and not link.dead:
+                self._file_replies(link)
+            if link.registered:
                 poller.unregister(link.fileno())
-                link.close()
+            link.close()
+            with self._lock:  # user threads add to it under the lock
+                sent = self._direct_sent.pop(address, None)
+            if sent and not ending:
+                counts, results = tracker.counts, self.results
+                ask = [k for k in sent if k in counts and k not in results]
+                if ask:  # after the registrations queued before it
+                    with self._lock:
+                        self._outgoing.append(P.encode(P.SubscribeRefs(ask)))
+                    transport.poke(self._ref_wake_w)
 
     def _serve_link(self, link: DirectLink, events: int, poller: zmq.Poller) -> None:
         """Write what waited on ``link``; file the replies its process sent
@@ -460,9 +494,14 @@ class Client:
         address = link.address
         if events & _POLLOUT:
             link.flush()
+        if events & (_POLLIN | _POLLERR):
+            self._file_replies(link)
+        self._after_io(address, link, poller)
+
+    def _file_replies(self, link: DirectLink) -> None:
         filed = []
         counts = tracker.counts
-        for data in link.receive() if events & (_POLLIN | _POLLERR) else ():
+        for data in link.receive():
             try:
                 msg = P.decode(data)
                 if type(msg) is not P.DirectResults or type(msg.results) is not list:
@@ -471,9 +510,12 @@ class Client:
                          if type(r) is tuple and len(r) == 7]
             except (P.ProtocolError, TypeError):
                 continue
+            with self._lock:  # user threads add to it under the lock
+                sent = self._direct_sent.get(link.address, {})
+                for m in items:
+                    sent.pop(m.ref, None)
             filed.extend(m for m in items if m.ref in counts)
             link.answered = True
-        self._after_io(address, link, poller)
         if filed:
             with self._results_changed:
                 results = self.results

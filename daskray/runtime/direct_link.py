@@ -281,7 +281,8 @@ class DirectLink:
         self.lock = threading.Lock()
         #: whether the process answered since the last call sent (the owner's flag)
         self.answered = True
-        #: whether the owner polls it for room to write (the owner's flag)
+        #: whether the owner polls it, and for room to write (the owner's flags)
+        self.registered = False
         self.watched_for_writing = False
         self.connect()
 
@@ -323,7 +324,7 @@ class DirectLink:
     def receive(self) -> list[bytes]:
         """The messages the process sent that have come in (none once dead)."""
         out: list[bytes] = []
-        while not self.dead:
+        while self.connected and not self.dead:
             try:
                 data = self.sock.recv(_READ_BYTES)
             except (BlockingIOError, InterruptedError):
@@ -352,4 +353,5 @@ class DirectLink:
 
     def _die(self) -> None:
         self.dead = True  # nothing listens (ENOENT, ECONNREFUSED) or it broke (EPIPE)
+        self.connected = False  # no thread writes to it straight any more
         self.unsent = bytearray()
