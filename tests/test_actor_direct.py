@@ -276,7 +276,10 @@ def test_the_direct_socket_drops_what_is_malformed_or_unauthenticated(cluster, t
                     + frame(P.encode(P.DirectCalls([("a", "b"), 3])))
                     + frame(P.encode(P.Welcome({}, ""))))
     assert not _closed_by_peer(insider, 0.5)  # nothing came back, and it is still open
-    for sock in (stranger, greedy, insider):
+    # many that connect and never speak: the oldest are closed, calls still come in
+    silent = [_connect(address) for _ in range(100)]
+    assert _closed_by_peer(silent[0], 10)
+    for sock in (stranger, greedy, insider, *silent):
         sock.close()
     assert not marker.exists()
     assert daskray.get(log.add.remote(1), timeout=30) == 1  # the process took no harm

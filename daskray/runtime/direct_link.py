@@ -13,7 +13,9 @@ half as much here).  What ZeroMQ gave these sockets is done here:
   process reads no more than the token's length from a peer before the token
   matched (a longer first message closes the connection at its length header),
   decodes nothing from it, sends it nothing, and closes a connection whose token
-  does not match or does not come within ``HANDSHAKE_SECONDS``.
+  does not match or does not come within ``HANDSHAKE_SECONDS`` (and the oldest
+  such connection beyond ``MAX_UNAUTHENTICATED``).  An accept that fails (out of
+  descriptors) pauses accepting for a second rather than polling ready without end.
 * **Writes that never block.**  Both ends write without blocking; what a full
   socket does not take waits in the connection's buffer and goes when the socket
   is writable again.  The actor's process closes a connection whose peer lets
@@ -45,6 +47,10 @@ HANDSHAKE_SECONDS = 10.0
 MAX_UNSENT_BYTES = 64 << 20
 #: the largest message a connection takes (a length header above it closes it)
 MAX_MESSAGE_BYTES = (1 << 32) - 1
+#: connections still to present the token beyond this close the oldest of them
+MAX_UNAUTHENTICATED = 64
+#: after an accept fails (out of descriptors), new callers wait this long in the queue
+ACCEPT_PAUSE_SECONDS = 1.0
 _READ_BYTES = 1 << 18
 
 
@@ -124,6 +130,9 @@ class DirectServer:
         self._peers: dict[int, _Peer] = {}  # by peer id
         self._by_fd: dict[int, int] = {}  # fd -> peer id
         self._ids = itertools.count(1)
+        #: while set (a monotonic time), the listener is not watched: an accept that
+        #: fails leaves the caller queued, and the socket would poll ready without end
+        self._accept_paused_until: float | None = None
 
     def fileno(self) -> int:
         """Readable when anything waits (a new caller, a message, room to write)."""
@@ -171,8 +180,12 @@ class DirectServer:
         return True
 
     def expire(self) -> None:
-        """Close connections that did not present the token in time."""
+        """Close connections that did not present the token in time; watch the
+        listener again after a pause."""
         now = time.monotonic()
+        if self._accept_paused_until is not None and now >= self._accept_paused_until:
+            self._accept_paused_until = None
+            self._epoll.modify(self._listener.fileno(), select.EPOLLIN)
         for pid, peer in list(self._peers.items()):
             if not peer.authenticated and now - peer.since > HANDSHAKE_SECONDS:
                 self._log.write("closed a direct-call connection that never authenticated")
@@ -194,10 +207,17 @@ class DirectServer:
                 sock, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # out of descriptors, for one: the caller retries
+            except OSError as exc:  # out of descriptors, for one: the caller waits
                 self._log.write("could not accept a direct-call connection", str(exc))
+                self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE_SECONDS
+                self._epoll.modify(self._listener.fileno(), 0)
                 return
             sock.setblocking(False)
+            waiting = [p for p, peer in self._peers.items() if not peer.authenticated]
+            if len(waiting) >= MAX_UNAUTHENTICATED:
+                self._log.write("closed a direct-call connection that never authenticated "
+                                "(too many waiting)")
+                self._close(waiting[0])
             pid = next(self._ids)
             self._peers[pid] = _Peer(sock, len(self._token))
             self._by_fd[sock.fileno()] = pid
